@@ -1,0 +1,54 @@
+# prefixserve — one-command setup, demo, tests, benchmarks.
+# The virtualenv lives in .venv; every target creates and fills it when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch is installed first and pinned here (not in pyproject) so that pip never pulls a multi-GB CUDA
+# build on a CPU machine. Any torch >= 2.11 works: override with `make TORCH_SPEC='torch==2.12.*' ...`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: venv install demo test lint serve bench bench-quick bench-gpu soak models clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev,train,bench]"
+	$(PIP) install -q --no-deps "text-generation==0.7.0"
+	touch $(STAMP)
+
+venv install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m prefixserve.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy prefix_store server prefixserve
+	$(VENV)/bin/lint-imports
+
+serve: $(STAMP)
+	$(VENV)/bin/prefixserve serve
+
+bench: $(STAMP)
+	$(VENV)/bin/prefixserve bench --profile default
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/prefixserve bench --profile quick
+
+bench-gpu: $(STAMP)
+	$(VENV)/bin/prefixserve bench --profile gpu
+
+soak: $(STAMP)
+	$(PY) -m pytest -q -m soak tests/reliability
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

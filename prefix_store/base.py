@@ -1,0 +1,212 @@
+"""The `PrefixStore` protocol: where prefix artifacts live, by tenant, task and version.
+
+A store holds opaque artifact bytes (a safetensors file, validated elsewhere, in `artifact.py`) under
+`(tenant, task, version)`. Every `put` creates a new immutable version and moves the task's
+"current" pointer to it; `rollback` moves the pointer back to a version that still exists. Versions
+are numbered per task from 1 and are never reused, not even after `delete`, so a cache keyed by
+`(tenant, task, version)` can never serve the bytes of an older incarnation of a task.
+
+The tenant is a parameter of every call and every key/path is built from it: there is no call that
+reaches across tenants. Names are checked by `validate_name` before they touch a key or a path.
+
+Backends: `RedisPrefixStore` (shared by all server replicas, the source of truth in a deployment)
+and `LocalPrefixStore` (a directory; the embedded default for one process). Both report changes to
+`subscribe`d callbacks as `ChangeEvent`s, which is how server replicas evict stale cached prefixes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "ChangeCallback",
+    "ChangeEvent",
+    "InvalidName",
+    "PrefixStore",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredPrefix",
+    "TaskInfo",
+    "TaskNotFound",
+    "TaskPage",
+    "VersionInfo",
+    "VersionNotFound",
+    "validate_name",
+]
+
+MAX_NAME_LENGTH = 64
+# Letters, digits, '.', '_' and '-', starting with a letter or digit. This excludes path separators,
+# ':' (our Redis key separator), whitespace and control characters, and names such as "." and "..".
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class StoreError(Exception):
+    """Base class of every error a prefix store raises."""
+
+
+class InvalidName(StoreError, ValueError):
+    """A tenant or task name that may not be used as a key or a path component."""
+
+
+class TaskNotFound(StoreError):
+    """The tenant has no task of that name (or it was deleted)."""
+
+
+class VersionNotFound(StoreError):
+    """The task exists but that version does not (never created, or pruned by `keep_versions`)."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend could not be reached in time (connection refused, timeout, server loading...).
+
+    Callers treat this as transient: serve what is cached, report the store as down, retry later.
+    """
+
+
+def validate_name(name: object, kind: str = "name") -> str:
+    """Return `name` if it is a valid tenant or task name, else raise `InvalidName`.
+
+    Valid: 1-64 characters from `[A-Za-z0-9._-]`, the first a letter or digit. `kind` ("tenant",
+    "task") only makes the error message name what was wrong.
+    """
+    if not isinstance(name, str):
+        raise InvalidName(f"{kind} must be a string, got {type(name).__name__}")
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise InvalidName(f"{kind} must be 1-{MAX_NAME_LENGTH} characters long, got {len(name)}")
+    if _NAME_RE.fullmatch(name) is None:
+        raise InvalidName(
+            f"invalid {kind} {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One immutable version of a task's prefix artifact."""
+
+    tenant: str
+    task: str
+    version: int  # 1, 2, ... per task; never reused
+    sha256: str  # hex digest of the stored bytes
+    size_bytes: int
+    created_at: float  # unix time of the put
+    metadata: dict[str, Any] = field(default_factory=dict)  # caller's JSON-serialisable metadata
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The JSON object both backends store next to the blob."""
+        return {
+            "tenant": self.tenant,
+            "task": self.task,
+            "version": self.version,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "created_at": self.created_at,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_json_dict(cls, obj: dict[str, Any]) -> VersionInfo:
+        """Inverse of `to_json_dict`."""
+        return cls(
+            tenant=str(obj["tenant"]),
+            task=str(obj["task"]),
+            version=int(obj["version"]),
+            sha256=str(obj["sha256"]),
+            size_bytes=int(obj["size_bytes"]),
+            created_at=float(obj["created_at"]),
+            metadata=dict(obj.get("metadata") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class StoredPrefix:
+    """A version's info and its bytes; `len(data) == info.size_bytes`, sha256 matches."""
+
+    info: VersionInfo
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task's current version and every version still kept (ascending by version)."""
+
+    current: VersionInfo
+    versions: list[VersionInfo]
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """One page of `list_tasks`: the current version of each task, ordered by task name.
+
+    `next_cursor` is None on the last page; otherwise pass it back to get the next page.
+    """
+
+    items: list[VersionInfo]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """A task's current version changed (put or rollback), or the task was deleted (version None)."""
+
+    tenant: str
+    task: str
+    version: int | None
+
+
+# Callbacks may be plain functions or coroutine functions; exceptions they raise are logged, not
+# propagated, so one bad subscriber cannot stop notifications for the others.
+ChangeCallback = Callable[[ChangeEvent], None] | Callable[[ChangeEvent], Awaitable[None]]
+
+
+@runtime_checkable
+class PrefixStore(Protocol):
+    """Versioned, per-tenant storage of prefix artifacts. All methods are coroutines except `subscribe`.
+
+    Every method that talks to a backend raises `StoreUnavailable` when the backend cannot be
+    reached, and `InvalidName` for a bad tenant or task name, before touching the backend.
+    """
+
+    async def put(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
+        """Store `data` as a new version of the task and make it current. Returns the new version."""
+        ...
+
+    async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
+        """Return the current version (or `version`). Raises `TaskNotFound` / `VersionNotFound`."""
+        ...
+
+    async def current_version(self, tenant: str, task: str) -> int | None:
+        """The task's current version number, or None if there is no such task."""
+        ...
+
+    async def describe(self, tenant: str, task: str) -> TaskInfo:
+        """The current version and all kept versions. Raises `TaskNotFound`."""
+        ...
+
+    async def list_tasks(self, tenant: str, cursor: str | None = None, limit: int = 100) -> TaskPage:
+        """One page of the tenant's tasks in name order, starting after `cursor` (a task name)."""
+        ...
+
+    async def delete(self, tenant: str, task: str) -> None:
+        """Delete the task and all its versions. Raises `TaskNotFound`."""
+        ...
+
+    async def rollback(self, tenant: str, task: str, version: int) -> VersionInfo:
+        """Make an existing (kept) version current again. Raises `TaskNotFound` / `VersionNotFound`."""
+        ...
+
+    def subscribe(self, callback: ChangeCallback) -> None:
+        """Call `callback(ChangeEvent)` on every change of any task's current version."""
+        ...
+
+    async def start(self) -> None:
+        """Start background work (change listener). Does not fail when the backend is down."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work and release connections. Idempotent."""
+        ...

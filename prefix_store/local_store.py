@@ -1,0 +1,337 @@
+"""`LocalPrefixStore`: the `PrefixStore` on a directory, the embedded default for a single process.
+
+Layout (names are validated, so they are plain path components, never "..", "/" or hidden files):
+
+    {root}/{tenant}/{task}/v{N}.safetensors   the artifact bytes of version N
+    {root}/{tenant}/{task}/v{N}.json          JSON of `VersionInfo` (written after the blob)
+    {root}/{tenant}/{task}/current            the current version number
+    {root}/{tenant}/{task}/seq                the last version number handed out (kept after delete)
+
+Every file is written atomically: a temp file in the same directory, fsync, `os.replace`, fsync of
+the directory. The order blob -> metadata -> current pointer means a pointer never names a version
+whose files are incomplete. Pruning removes metadata before the blob, and readers re-read the
+pointer if a version vanishes under them, so reads need no lock.
+
+Writers of one task serialise on an `asyncio.Lock`; file I/O runs in `asyncio.to_thread`. Safe for
+one process only: two processes sharing a directory are not coordinated (use Redis for that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefix_store.base import (
+    ChangeCallback,
+    ChangeEvent,
+    StoredPrefix,
+    StoreError,
+    TaskInfo,
+    TaskNotFound,
+    TaskPage,
+    VersionInfo,
+    VersionNotFound,
+    validate_name,
+)
+
+__all__ = ["LocalPrefixStore"]
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE_LIMIT = 1000
+_VERSION_META_RE = re.compile(r"v([0-9]+)\.json")
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 3600  # temp files older than this are leftovers of a crashed writer
+_READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except FileNotFoundError:
+        return None
+
+
+class LocalPrefixStore:
+    """`PrefixStore` on a local directory (see the module docstring). Same semantics as Redis."""
+
+    def __init__(self, root: Path, keep_versions: int = 5) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        self.root = Path(root)
+        self._keep_versions = keep_versions
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._callbacks: list[ChangeCallback] = []
+
+    # ---- paths ------------------------------------------------------------------------------
+
+    def _tenant_dir(self, tenant: str) -> Path:
+        return self.root / validate_name(tenant, "tenant")
+
+    def _task_dir(self, tenant: str, task: str) -> Path:
+        return self._tenant_dir(tenant) / validate_name(task, "task")
+
+    def _lock(self, tenant: str, task: str) -> asyncio.Lock:
+        return self._locks.setdefault((tenant, task), asyncio.Lock())
+
+    @contextlib.contextmanager
+    def _errors(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:  # disk full, permissions...: not transient like a network error
+            raise StoreError(f"local prefix store {op} failed: {e}") from e
+
+    # ---- sync helpers (run in a worker thread) ----------------------------------------------
+
+    @staticmethod
+    def _versions_on_disk(task_dir: Path) -> list[int]:
+        try:
+            names = os.listdir(task_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for n in names if (m := _VERSION_META_RE.fullmatch(n)))
+
+    @staticmethod
+    def _read_info(task_dir: Path, version: int) -> VersionInfo:
+        return VersionInfo.from_json_dict(json.loads((task_dir / f"v{version}.json").read_bytes()))
+
+    def _put_sync(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
+        task_dir = self._task_dir(tenant, task)
+        task_dir.mkdir(parents=True, exist_ok=True)
+        # The counter survives delete; max() with what is on disk guards against a lost seq file.
+        on_disk = self._versions_on_disk(task_dir)
+        version = max(_read_int(task_dir / "seq") or 0, on_disk[-1] if on_disk else 0) + 1
+        _atomic_write(task_dir / "seq", f"{version}\n".encode())
+        info = VersionInfo(
+            tenant, task, version, hashlib.sha256(data).hexdigest(), len(data), time.time(), metadata
+        )
+        _atomic_write(task_dir / f"v{version}.safetensors", data)
+        _atomic_write(task_dir / f"v{version}.json", json.dumps(info.to_json_dict()).encode())
+        _atomic_write(task_dir / "current", f"{version}\n".encode())
+        self._prune_sync(task_dir, current=version)
+        return info
+
+    def _prune_sync(self, task_dir: Path, current: int) -> None:
+        versions = self._versions_on_disk(task_dir)
+        for old in versions[: max(0, len(versions) - self._keep_versions)]:
+            if old != current:
+                # Metadata first: a version without metadata is invisible, a blob without it harmless.
+                (task_dir / f"v{old}.json").unlink(missing_ok=True)
+                (task_dir / f"v{old}.safetensors").unlink(missing_ok=True)
+        now = time.time()
+        for p in task_dir.glob(f"{_TMP_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > _STALE_TMP_S:
+                    p.unlink()
+
+    def _get_sync(self, tenant: str, task: str, version: int | None) -> StoredPrefix:
+        task_dir = self._task_dir(tenant, task)
+        for _ in range(_READ_ATTEMPTS):
+            current = _read_int(task_dir / "current")
+            if current is None:
+                raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+            wanted = current if version is None else version
+            try:
+                info = self._read_info(task_dir, wanted)
+                data = (task_dir / f"v{wanted}.safetensors").read_bytes()
+            except FileNotFoundError:
+                if version is not None:
+                    raise VersionNotFound(
+                        f"{tenant}/{task} has no version {version} (never created or pruned)"
+                    ) from None
+                continue  # pruned between reading the pointer and the files: read the pointer again
+            if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+                raise StoreError(f"{tenant}/{task} v{wanted}: stored bytes do not match their sha256/size")
+            return StoredPrefix(info=info, data=data)
+        raise StoreError(f"{tenant}/{task}: current version kept changing; gave up reading")
+
+    def _describe_sync(self, tenant: str, task: str) -> TaskInfo:
+        task_dir = self._task_dir(tenant, task)
+        current = _read_int(task_dir / "current")
+        if current is None:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        versions = []
+        for v in self._versions_on_disk(task_dir):
+            with contextlib.suppress(FileNotFoundError):  # pruned meanwhile
+                versions.append(self._read_info(task_dir, v))
+        by_version = {v.version: v for v in versions}
+        if current not in by_version:
+            raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
+        return TaskInfo(current=by_version[current], versions=versions)
+
+    def _list_sync(self, tenant: str, cursor: str | None, limit: int) -> TaskPage:
+        tenant_dir = self._tenant_dir(tenant)
+        try:
+            names = sorted(n for n in os.listdir(tenant_dir) if (cursor is None or n > cursor))
+        except FileNotFoundError:
+            names = []
+        items: list[VersionInfo] = []
+        last_name: str | None = None
+        for name in names:
+            if len(items) == limit:
+                # Another name follows; it may be a deleted task, which only costs an empty last page.
+                return TaskPage(items=items, next_cursor=last_name)
+            try:
+                validate_name(name, "task")
+            except StoreError:
+                continue  # not ours (e.g. a temp file or a stray directory)
+            task_dir = tenant_dir / name
+            for _ in range(_READ_ATTEMPTS):
+                current = _read_int(task_dir / "current") if task_dir.is_dir() else None
+                if current is None:
+                    break  # deleted (only the counter is left)
+                try:
+                    items.append(self._read_info(task_dir, current))
+                    last_name = name
+                    break
+                except FileNotFoundError:
+                    continue
+        return TaskPage(items=items, next_cursor=None)
+
+    def _rollback_sync(self, tenant: str, task: str, version: int) -> VersionInfo:
+        task_dir = self._task_dir(tenant, task)
+        if _read_int(task_dir / "current") is None:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        try:
+            info = self._read_info(task_dir, version)
+        except FileNotFoundError:
+            raise VersionNotFound(
+                f"{tenant}/{task} has no version {version} (never created or pruned)"
+            ) from None
+        if not (task_dir / f"v{version}.safetensors").exists():
+            raise VersionNotFound(f"{tenant}/{task} v{version}: blob missing")
+        _atomic_write(task_dir / "current", f"{version}\n".encode())
+        return info
+
+    def _delete_sync(self, tenant: str, task: str) -> None:
+        task_dir = self._task_dir(tenant, task)
+        current = task_dir / "current"
+        if _read_int(current) is None:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        current.unlink()  # the task is gone for readers from here on
+        _fsync_dir(task_dir)
+        for v in self._versions_on_disk(task_dir):
+            (task_dir / f"v{v}.json").unlink(missing_ok=True)
+            (task_dir / f"v{v}.safetensors").unlink(missing_ok=True)
+        for p in task_dir.glob(f"{_TMP_PREFIX}*"):
+            p.unlink(missing_ok=True)
+
+    # ---- PrefixStore ------------------------------------------------------------------------
+
+    async def put(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
+        """Store `data` as a new version and make it current; notifies subscribers."""
+        self._task_dir(tenant, task)  # validate names before anything else
+        try:
+            metadata = json.loads(json.dumps(metadata or {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
+        async with self._lock(tenant, task):
+            with self._errors("put"):
+                info = await asyncio.to_thread(self._put_sync, tenant, task, bytes(data), metadata)
+        logger.info("stored prefix %s/%s v%d (%d bytes)", tenant, task, info.version, info.size_bytes)
+        await self._emit(ChangeEvent(tenant, task, info.version))
+        return info
+
+    async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
+        """The current version's (or `version`'s) info and bytes."""
+        self._task_dir(tenant, task)
+        with self._errors("get"):
+            return await asyncio.to_thread(
+                self._get_sync, tenant, task, None if version is None else int(version)
+            )
+
+    async def current_version(self, tenant: str, task: str) -> int | None:
+        """The current version number, or None if the tenant has no such task."""
+        task_dir = self._task_dir(tenant, task)
+        with self._errors("current_version"):
+            return await asyncio.to_thread(_read_int, task_dir / "current")
+
+    async def describe(self, tenant: str, task: str) -> TaskInfo:
+        """The current version and every kept version, ascending."""
+        self._task_dir(tenant, task)
+        with self._errors("describe"):
+            return await asyncio.to_thread(self._describe_sync, tenant, task)
+
+    async def list_tasks(self, tenant: str, cursor: str | None = None, limit: int = 100) -> TaskPage:
+        """One page of the tenant's tasks (current version each) in name order, after `cursor`."""
+        self._tenant_dir(tenant)
+        if not 1 <= limit <= MAX_PAGE_LIMIT:
+            raise ValueError(f"limit must be 1-{MAX_PAGE_LIMIT}, got {limit}")
+        if cursor is not None:
+            validate_name(cursor, "cursor")
+        with self._errors("list_tasks"):
+            return await asyncio.to_thread(self._list_sync, tenant, cursor, limit)
+
+    async def rollback(self, tenant: str, task: str, version: int) -> VersionInfo:
+        """Make `version` (still kept) current again; notifies subscribers."""
+        self._task_dir(tenant, task)
+        async with self._lock(tenant, task):
+            with self._errors("rollback"):
+                info = await asyncio.to_thread(self._rollback_sync, tenant, task, int(version))
+        logger.info("rolled back prefix %s/%s to v%d", tenant, task, info.version)
+        await self._emit(ChangeEvent(tenant, task, info.version))
+        return info
+
+    async def delete(self, tenant: str, task: str) -> None:
+        """Delete the task and all its versions; notifies subscribers (version None)."""
+        self._task_dir(tenant, task)
+        async with self._lock(tenant, task):
+            with self._errors("delete"):
+                await asyncio.to_thread(self._delete_sync, tenant, task)
+        logger.info("deleted prefix %s/%s", tenant, task)
+        await self._emit(ChangeEvent(tenant, task, None))
+
+    def subscribe(self, callback: ChangeCallback) -> None:
+        """Call `callback(event)` after every change made through this store object."""
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        """Nothing to start: changes are reported synchronously by the call that makes them."""
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def _emit(self, event: ChangeEvent) -> None:
+        for cb in list(self._callbacks):
+            try:
+                res = cb(event)
+                if inspect.isawaitable(res):
+                    await res
+            except Exception:
+                logger.exception("prefix store change callback %r failed for %s", cb, event)

@@ -1,0 +1,539 @@
+"""`RedisPrefixStore`: Redis as the shared source of truth for prefix artifacts.
+
+Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they never contain ':'):
+
+    P:t:T:tasks                 sorted set of T's task names (all scores 0, ordered by name: pagination)
+    P:t:T:task:K:seq            version counter (INCR); kept after delete so versions are never reused
+    P:t:T:task:K:current        the current version number
+    P:t:T:task:K:versions       sorted set of committed versions (score = version)
+    P:t:T:task:K:v:N:blob       the artifact bytes of version N
+    P:t:T:task:K:v:N:meta       JSON of `VersionInfo` for version N
+    P:changes                   pub/sub channel; message = JSON {"tenant", "task", "version"}
+
+Every key is derived from the tenant passed to the call, so no call can reach another tenant's keys.
+
+Publishing a version (`put`): INCR the counter, SET the blob with a staging TTL (a writer that dies
+here leaves nothing behind for long), then one Lua script that atomically persists the blob, writes
+its metadata, adds it to the versions set, moves "current", prunes versions beyond `keep_versions`
+(never the current one) and PUBLISHes the change. Reads of the pointer plus metadata plus blob are one
+Lua script too, so a reader never sees a pointer to a missing blob or a blob without metadata, even
+while versions are being pruned. The scripts build version keys from their arguments, which is fine
+on a single Redis (and its replicas / Sentinel) but not on Redis Cluster.
+
+Pub/sub is fire-and-forget: a message published while a replica's listener is disconnected is lost.
+So the listener, after every (re)subscribe, resyncs: it compares the version it last reported or
+fetched for every task it knows with Redis and emits a `ChangeEvent` for each difference. A periodic
+resync every `resync_interval_s` is the backstop for anything else (e.g. a half-open TCP connection).
+
+Every connection error or timeout surfaces as `StoreUnavailable`; no raw redis exception escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from prefix_store.base import (
+    ChangeCallback,
+    ChangeEvent,
+    StoredPrefix,
+    StoreError,
+    StoreUnavailable,
+    TaskInfo,
+    TaskNotFound,
+    TaskPage,
+    VersionInfo,
+    VersionNotFound,
+    validate_name,
+)
+
+__all__ = ["RedisPrefixStore"]
+
+logger = logging.getLogger(__name__)
+
+# A staged blob (written, not yet committed) expires after this long, so a writer that crashes
+# between SET and commit leaks nothing permanently. A commit later than this fails cleanly.
+STAGING_TTL_S = 3600
+MAX_BLOB_BYTES = 512 * 1024 * 1024  # Redis' string limit
+MAX_PAGE_LIMIT = 1000
+_RESYNC_CHUNK = 500  # keys per MGET when resyncing
+
+# KEYS: tasks, current, versions. ARGV: task_base, version, meta_json, keep, task, channel, message.
+_COMMIT_LUA = """
+local base, v, keep = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local blob = base .. ':v:' .. v .. ':blob'
+if redis.call('EXISTS', blob) == 0 then
+  return redis.error_reply('STAGED staged blob ' .. blob .. ' is missing (expired before commit?)')
+end
+redis.call('PERSIST', blob)
+redis.call('SET', base .. ':v:' .. v .. ':meta', ARGV[3])
+redis.call('ZADD', KEYS[3], v, v)
+redis.call('SET', KEYS[2], v)
+redis.call('ZADD', KEYS[1], 0, ARGV[5])
+local n = redis.call('ZCARD', KEYS[3])
+if n > keep then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - keep - 1)) do
+    if old ~= v then
+      redis.call('DEL', base .. ':v:' .. old .. ':blob', base .. ':v:' .. old .. ':meta')
+      redis.call('ZREM', KEYS[3], old)
+    end
+  end
+end
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
+"""
+
+# KEYS: current. ARGV: task_base, version ('' = current). Returns {0} no task, {1} no version,
+# {2, meta, blob}.
+_GET_LUA = """
+local v = ARGV[2]
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {0} end
+if v == '' then v = cur end
+local meta = redis.call('GET', ARGV[1] .. ':v:' .. v .. ':meta')
+if not meta then return {1} end
+local blob = redis.call('GET', ARGV[1] .. ':v:' .. v .. ':blob')
+if not blob then return {1} end
+return {2, meta, blob}
+"""
+
+# KEYS: current, versions. ARGV: task_base. Returns {} or {current, meta...} (ascending versions).
+_DESCRIBE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {} end
+local out = {cur}
+for _, v in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local m = redis.call('GET', ARGV[1] .. ':v:' .. v .. ':meta')
+  if m then table.insert(out, m) end
+end
+return out
+"""
+
+# KEYS: tasks. ARGV: tenant_base, lex_min, count. Returns {name1, meta1, name2, meta2, ...}.
+_LIST_LUA = """
+local out = {}
+for _, name in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[2], '+', 'BYLEX', 'LIMIT', 0, ARGV[3])) do
+  local b = ARGV[1] .. ':task:' .. name
+  local cur = redis.call('GET', b .. ':current')
+  local m = false
+  if cur then m = redis.call('GET', b .. ':v:' .. cur .. ':meta') end
+  table.insert(out, name)
+  table.insert(out, m or '')
+end
+return out
+"""
+
+# KEYS: current, versions. ARGV: task_base, version, channel, message. Returns {0} no task,
+# {1} no version, {2, meta}.
+_ROLLBACK_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then return {1} end
+local m = redis.call('GET', ARGV[1] .. ':v:' .. ARGV[2] .. ':meta')
+if not m then return {1} end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {2, m}
+"""
+
+# KEYS: tasks, current, versions. ARGV: task_base, task, channel, message. Returns 0 no task, 1 done.
+_DELETE_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+for _, v in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  redis.call('DEL', ARGV[1] .. ':v:' .. v .. ':blob', ARGV[1] .. ':v:' .. v .. ':meta')
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return "<unparseable redis url>"
+
+
+class RedisPrefixStore:
+    """`PrefixStore` on Redis, shared by every server replica. See the module docstring for the layout.
+
+    Args:
+        url: e.g. "redis://host:6379/0" (rediss:// for TLS; credentials in the URL).
+        key_prefix: namespace of every key and of the change channel; one per deployment.
+        keep_versions: versions kept per task (older ones are pruned on put; the current never is).
+        socket_timeout: seconds for connecting and for each reply; a dead server fails fast.
+        retries: retries of a failed command (exponential backoff with jitter) before
+            `StoreUnavailable`.
+        resync_interval_s: period of the backstop resync of known tasks' versions.
+        reconnect_backoff_s: (first, max) delay between listener reconnect attempts.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str = "prefixserve",
+        keep_versions: int = 5,
+        socket_timeout: float = 2.0,
+        retries: int = 3,
+        resync_interval_s: float = 5.0,
+        reconnect_backoff_s: tuple[float, float] = (0.2, 2.0),
+    ) -> None:
+        if not key_prefix or any(c.isspace() for c in key_prefix):
+            raise ValueError(f"key_prefix must be non-empty without whitespace, got {key_prefix!r}")
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        self._url = _redact(url)
+        self._prefix = key_prefix
+        self._keep_versions = keep_versions
+        self._socket_timeout = socket_timeout
+        self._resync_interval_s = resync_interval_s
+        self._reconnect_backoff_s = reconnect_backoff_s
+        self._channel = f"{key_prefix}:changes"
+        # Distinguishes this replica's connections in CLIENT LIST (ops can see who is listening).
+        self.instance_id = uuid.uuid4().hex[:12]
+        # redis-py's defaults for timeouts and retries have changed across versions: set them all.
+        self._redis: Redis = Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+            client_name=f"{key_prefix}:store:{self.instance_id}",
+        )
+        # The listener's connection must not reconnect silently inside redis-py: we need to see
+        # every disconnect to resync afterwards, so it gets no retries and we reconnect ourselves.
+        self._listener_redis: Redis = Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=max(1, int(resync_interval_s)),
+            client_name=self.listener_client_name,
+        )
+        self._commit = self._redis.register_script(_COMMIT_LUA)
+        self._get = self._redis.register_script(_GET_LUA)
+        self._describe = self._redis.register_script(_DESCRIBE_LUA)
+        self._list = self._redis.register_script(_LIST_LUA)
+        self._rollback = self._redis.register_script(_ROLLBACK_LUA)
+        self._delete = self._redis.register_script(_DELETE_LUA)
+
+        self._callbacks: list[ChangeCallback] = []
+        # (tenant, task) -> the version subscribers were last told about, or that was last fetched
+        # as current. Resync compares this with Redis.
+        self._seen: dict[tuple[str, str], int] = {}
+        self._subscribed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.num_reconnects = 0  # listener re-subscriptions after a lost connection (for tests/metrics)
+
+    # ---- keys -------------------------------------------------------------------------------
+
+    @property
+    def listener_client_name(self) -> str:
+        """CLIENT SETNAME of this instance's pub/sub connection."""
+        return f"{self._prefix}:listener:{self.instance_id}"
+
+    @property
+    def is_listening(self) -> bool:
+        """True while the change listener is subscribed (and has resynced since it last connected)."""
+        return self._subscribed.is_set()
+
+    def _tenant_base(self, tenant: str) -> str:
+        return f"{self._prefix}:t:{validate_name(tenant, 'tenant')}"
+
+    def _task_base(self, tenant: str, task: str) -> str:
+        return f"{self._tenant_base(tenant)}:task:{validate_name(task, 'task')}"
+
+    @staticmethod
+    def _message(tenant: str, task: str, version: int | None) -> str:
+        return json.dumps({"tenant": tenant, "task": task, "version": version})
+
+    @contextlib.contextmanager
+    def _errors(self, op: str) -> Iterator[None]:
+        """Map redis exceptions to `StoreError`s that name the operation."""
+        if self._closed:
+            raise StoreUnavailable(f"prefix store {op}: the store is closed")
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, asyncio.TimeoutError) as e:
+            # ConnectionError covers refused/reset and BusyLoadingError; ReadOnlyError a failover.
+            raise StoreUnavailable(
+                f"prefix store unavailable: redis at {self._url} failed during {op} ({type(e).__name__}: {e})"
+            ) from e
+        except RedisError as e:
+            raise StoreError(f"prefix store {op}: redis error: {e}") from e
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    async def put(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
+        """Store `data` as a new version and make it current (see the module docstring for how)."""
+        base = self._task_base(tenant, task)
+        data = bytes(data)
+        if len(data) > MAX_BLOB_BYTES:
+            raise ValueError(f"artifact is {len(data)} bytes; Redis strings are limited to {MAX_BLOB_BYTES}")
+        try:  # round-trip so the caller's dict can't alias ours, and non-JSON fails here, not later
+            metadata = json.loads(json.dumps(metadata or {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
+        sha256 = hashlib.sha256(data).hexdigest()
+        with self._errors("put"):
+            version = int(await self._redis.incr(f"{base}:seq"))
+            info = VersionInfo(tenant, task, version, sha256, len(data), time.time(), metadata)
+            await self._redis.set(f"{base}:v:{version}:blob", data, ex=STAGING_TTL_S)
+            await self._commit(
+                keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
+                args=[
+                    base,
+                    str(version),
+                    json.dumps(info.to_json_dict()),
+                    self._keep_versions,
+                    task,
+                    self._channel,
+                    self._message(tenant, task, version),
+                ],
+            )
+        logger.info("stored prefix %s/%s v%d (%d bytes)", tenant, task, version, len(data))
+        return info
+
+    async def rollback(self, tenant: str, task: str, version: int) -> VersionInfo:
+        """Make `version` (still kept) current again and notify subscribers."""
+        base = self._task_base(tenant, task)
+        version = int(version)
+        if version < 1:
+            raise VersionNotFound(f"{tenant}/{task} has no version {version}")
+        with self._errors("rollback"):
+            res = await self._rollback(
+                keys=[f"{base}:current", f"{base}:versions"],
+                args=[base, str(version), self._channel, self._message(tenant, task, version)],
+            )
+        if res[0] == 0:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        if res[0] == 1:
+            raise VersionNotFound(f"{tenant}/{task} has no version {version} (never created or pruned)")
+        logger.info("rolled back prefix %s/%s to v%d", tenant, task, version)
+        return VersionInfo.from_json_dict(json.loads(res[1]))
+
+    async def delete(self, tenant: str, task: str) -> None:
+        """Delete the task and all its versions and notify subscribers (version None)."""
+        base = self._task_base(tenant, task)
+        with self._errors("delete"):
+            done = await self._delete(
+                keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
+                args=[base, task, self._channel, self._message(tenant, task, None)],
+            )
+        if not done:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        logger.info("deleted prefix %s/%s", tenant, task)
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
+        """The current version's (or `version`'s) info and bytes, read atomically."""
+        base = self._task_base(tenant, task)
+        with self._errors("get"):
+            res = await self._get(
+                keys=[f"{base}:current"], args=[base, "" if version is None else int(version)]
+            )
+        if res[0] == 0:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        if res[0] == 1:
+            raise VersionNotFound(f"{tenant}/{task} has no version {version} (never created or pruned)")
+        info = VersionInfo.from_json_dict(json.loads(res[1]))
+        if version is None:
+            # The caller now holds this version: a resync need not report it again.
+            self._seen[(tenant, task)] = info.version
+        return StoredPrefix(info=info, data=res[2])
+
+    async def current_version(self, tenant: str, task: str) -> int | None:
+        """The current version number, or None if the tenant has no such task."""
+        base = self._task_base(tenant, task)
+        with self._errors("current_version"):
+            raw = await self._redis.get(f"{base}:current")
+        return None if raw is None else int(raw)
+
+    async def describe(self, tenant: str, task: str) -> TaskInfo:
+        """The current version and every kept version, ascending."""
+        base = self._task_base(tenant, task)
+        with self._errors("describe"):
+            res = await self._describe(keys=[f"{base}:current", f"{base}:versions"], args=[base])
+        if not res:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        current = int(res[0])
+        versions = [VersionInfo.from_json_dict(json.loads(m)) for m in res[1:]]
+        by_version = {v.version: v for v in versions}
+        if current not in by_version:  # cannot happen: commit/prune never drop the current version
+            raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
+        return TaskInfo(current=by_version[current], versions=versions)
+
+    async def list_tasks(self, tenant: str, cursor: str | None = None, limit: int = 100) -> TaskPage:
+        """One page of the tenant's tasks (current version each) in name order, after `cursor`."""
+        tenant_base = self._tenant_base(tenant)
+        if not 1 <= limit <= MAX_PAGE_LIMIT:
+            raise ValueError(f"limit must be 1-{MAX_PAGE_LIMIT}, got {limit}")
+        lex_min = "-" if cursor is None else "(" + validate_name(cursor, "cursor")
+        with self._errors("list_tasks"):
+            # One extra name tells us whether there is a next page.
+            res = await self._list(keys=[f"{tenant_base}:tasks"], args=[tenant_base, lex_min, limit + 1])
+        names = [res[i].decode() for i in range(0, len(res), 2)]
+        metas = [res[i] for i in range(1, len(res), 2)]
+        items = [VersionInfo.from_json_dict(json.loads(m)) for m in metas[:limit] if m]
+        next_cursor = names[limit - 1] if len(names) > limit else None
+        return TaskPage(items=items, next_cursor=next_cursor)
+
+    # ---- change notifications ---------------------------------------------------------------
+
+    def subscribe(self, callback: ChangeCallback) -> None:
+        """Call `callback(event)` for every change seen (own and other replicas' changes alike)."""
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        """Start the change listener and the periodic resync.
+
+        Waits (up to about `socket_timeout`) for the first subscription so that changes made right
+        after `start()` are seen, but never fails: with Redis down the listener keeps retrying.
+        """
+        if self._tasks or self._closed:
+            return
+        self._tasks = [
+            asyncio.create_task(self._listen_forever(), name=f"prefix-store-listener-{self.instance_id}"),
+            asyncio.create_task(self._resync_forever(), name=f"prefix-store-resync-{self.instance_id}"),
+        ]
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), timeout=self._socket_timeout + 1.0)
+        except asyncio.TimeoutError:
+            logger.warning("prefix store: change listener not subscribed yet (redis at %s down?)", self._url)
+
+    async def close(self) -> None:
+        """Stop the listener and the resync task and close all connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        for client in (self._listener_redis, self._redis):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def resync(self) -> list[ChangeEvent]:
+        """Compare the versions known to subscribers with Redis; emit and return the differences."""
+        snapshot = list(self._seen.items())
+        events: list[ChangeEvent] = []
+        for start in range(0, len(snapshot), _RESYNC_CHUNK):
+            chunk = snapshot[start : start + _RESYNC_CHUNK]
+            with self._errors("resync"):
+                raw = await self._redis.mget([f"{self._task_base(t, k)}:current" for (t, k), _ in chunk])
+            for ((tenant, task), old), cur in zip(chunk, raw, strict=True):
+                new = None if cur is None else int(cur)
+                # Skip if a notification updated this task while we were reading (ours is older).
+                if new != old and self._seen.get((tenant, task)) == old:
+                    event = ChangeEvent(tenant, task, new)
+                    events.append(event)
+                    await self._emit(event)
+        if events:
+            logger.info("prefix store resync: %d task(s) changed while unobserved", len(events))
+        return events
+
+    async def _emit(self, event: ChangeEvent) -> None:
+        """Record what subscribers are told, then tell them. Callback errors are logged."""
+        key = (event.tenant, event.task)
+        if event.version is None:
+            self._seen.pop(key, None)
+        else:
+            self._seen[key] = event.version
+        for cb in list(self._callbacks):
+            try:
+                res = cb(event)
+                if inspect.isawaitable(res):
+                    await res
+            except Exception:
+                logger.exception("prefix store change callback %r failed for %s", cb, event)
+
+    async def _on_message(self, data: bytes) -> None:
+        try:
+            obj = json.loads(data)
+            version = obj["version"]
+            event = ChangeEvent(
+                validate_name(obj["tenant"], "tenant"),
+                validate_name(obj["task"], "task"),
+                None if version is None else int(version),
+            )
+        except (ValueError, KeyError, TypeError, StoreError) as e:
+            logger.warning("prefix store: ignoring malformed change message %r: %s", data[:200], e)
+            return
+        await self._emit(event)
+
+    def _backoff(self, failures: int) -> float:
+        first, cap = self._reconnect_backoff_s
+        delay = min(cap, first * 2 ** (failures - 1))
+        return delay / 2 + random.random() * delay / 2  # "equal jitter": never near zero
+
+    async def _listen_forever(self) -> None:
+        """Subscribe, resync, forward messages; on any failure back off, reconnect and repeat."""
+        failures = 0
+        while not self._closed:
+            pubsub: PubSub | None = None
+            try:
+                pubsub = self._listener_redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self._channel)
+                if failures:
+                    self.num_reconnects += 1
+                    logger.info("prefix store: change listener reconnected to %s", self._url)
+                # Subscribed first, then resync: a change after this point arrives as a message,
+                # one before it (while we were away) is found by the resync.
+                await self.resync()
+                self._subscribed.set()
+                failures = 0
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        await self._on_message(msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._subscribed.clear()
+                failures += 1
+                log = logger.warning if failures == 1 else logger.debug
+                log("prefix store: change listener lost redis at %s (%s: %s)", self._url, type(e).__name__, e)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+            if not self._closed:
+                await asyncio.sleep(self._backoff(failures))
+
+    async def _resync_forever(self) -> None:
+        """Backstop: resync periodically even when the listener thinks it is connected."""
+        while not self._closed:
+            await asyncio.sleep(self._resync_interval_s)
+            try:
+                await self.resync()
+            except StoreError as e:
+                logger.debug("prefix store: periodic resync failed: %s", e)

@@ -1,0 +1,5 @@
+import sys
+
+from prefixserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""prefixserve server: the engine (server.engine) and the HTTP API (server.api)."""

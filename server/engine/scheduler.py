@@ -1,0 +1,177 @@
+"""The scheduler: which requests run in the next step. Pure bookkeeping over ids and token counts.
+
+vLLM v1 style: the engine loop is `plan = schedule()` -> run the model -> `update(outputs)`. No
+tensors here, so tests drive it with hand-made outputs.
+
+Admission (`schedule`) takes waiting requests strictly first-come-first-served while all of these hold:
+- running requests stay within `max_running` (rows of the batch);
+- the prompt tokens admitted in this step stay within `max_prefill_tokens`. The first request of a
+  step is always admitted when the other limits allow, so a prompt longer than the per-step limit
+  still runs (alone) instead of waiting forever;
+- the KV budget: each running request reserves `reserved_tokens` (prefix + prompt + max_new_tokens)
+  for its whole life, so a running request can never run out of cache mid-generation.
+When the head of the queue does not fit, admission stops: a later, smaller request is never admitted
+ahead of it (no starvation of long prompts).
+
+Waiting requests older than `queue_timeout_s` are dropped and reported in `timed_out_ids`. Aborted
+running requests are reported once in `aborted_ids` so the engine frees their rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from server.engine.errors import InvalidRequest, QueueFull
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of the scheduler; see the module docstring."""
+
+    max_running: int = 32
+    max_prefill_tokens: int = 4096
+    kv_budget_tokens: int = 32 * 1024
+    max_waiting: int = 256
+    queue_timeout_s: float = 60.0
+
+
+@dataclass
+class ScheduledRequest:
+    """What the scheduler knows about a request: ids and counts only."""
+
+    request_id: str
+    num_prompt_tokens: int
+    reserved_tokens: int  # prefix + prompt + max_new_tokens: KV positions held while running
+    arrival_time: float = 0.0
+    num_generated_tokens: int = 0
+
+
+@dataclass
+class SchedulerPlan:
+    """One step: rows to prefill (newly admitted, FCFS order) and rows to decode (already running)."""
+
+    prefill_ids: list[str] = field(default_factory=list)
+    decode_ids: list[str] = field(default_factory=list)
+    timed_out_ids: list[str] = field(default_factory=list)
+    aborted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.prefill_ids or self.decode_ids)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A request's result of one step: how many tokens it produced and whether it is done."""
+
+    request_id: str
+    num_new_tokens: int = 1
+    finished: bool = False
+
+
+class Scheduler:
+    """FCFS continuous-batching scheduler over request ids (not thread-safe: one owner, the engine loop)."""
+
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._waiting: OrderedDict[str, ScheduledRequest] = OrderedDict()
+        self._running: dict[str, ScheduledRequest] = {}  # insertion order = admission order
+        self._pending_aborts: list[str] = []
+        self.reserved_tokens = 0  # sum over running requests
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting_ids(self) -> list[str]:
+        return list(self._waiting)
+
+    @property
+    def running_ids(self) -> list[str]:
+        return list(self._running)
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        return self.reserved_tokens / self.config.kv_budget_tokens
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._pending_aborts)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._waiting or request_id in self._running
+
+    # ---- changes -------------------------------------------------------------------------------
+    def add(self, request: ScheduledRequest) -> None:
+        """Queue a request. Raises `QueueFull` at `max_waiting`, `InvalidRequest` if it can never fit."""
+        if request.request_id in self:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        if request.reserved_tokens > self.config.kv_budget_tokens:
+            raise InvalidRequest(
+                f"request needs {request.reserved_tokens} KV positions (prefix + prompt + max_new_tokens), "
+                f"more than the whole KV budget of {self.config.kv_budget_tokens}"
+            )
+        if len(self._waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self._waiting)} requests are waiting (max_waiting); retry later")
+        if not request.arrival_time:
+            request.arrival_time = self._clock()
+        self._waiting[request.request_id] = request
+
+    def abort(self, request_id: str) -> bool:
+        """Remove a request. A running one is reported in the next plan's `aborted_ids`. False if unknown."""
+        if self._waiting.pop(request_id, None) is not None:
+            return True
+        req = self._running.pop(request_id, None)
+        if req is None:
+            return False
+        self.reserved_tokens -= req.reserved_tokens
+        self._pending_aborts.append(request_id)
+        return True
+
+    def schedule(self) -> SchedulerPlan:
+        """Plan the next step: expire old waiting requests, then admit FCFS within the limits."""
+        plan = SchedulerPlan(decode_ids=list(self._running), aborted_ids=self._pending_aborts)
+        self._pending_aborts = []
+        now = self._clock()
+        for rid, req in list(self._waiting.items()):
+            if now - req.arrival_time > self.config.queue_timeout_s:
+                del self._waiting[rid]
+                plan.timed_out_ids.append(rid)
+        prefill_tokens = 0
+        while self._waiting:
+            rid, req = next(iter(self._waiting.items()))
+            if len(self._running) >= self.config.max_running:
+                break
+            if self.reserved_tokens + req.reserved_tokens > self.config.kv_budget_tokens:
+                break
+            if plan.prefill_ids and prefill_tokens + req.num_prompt_tokens > self.config.max_prefill_tokens:
+                break
+            del self._waiting[rid]
+            self._running[rid] = req
+            self.reserved_tokens += req.reserved_tokens
+            prefill_tokens += req.num_prompt_tokens
+            plan.prefill_ids.append(rid)
+        return plan
+
+    def update(self, outputs: Iterable[StepOutput]) -> list[str]:
+        """Record a step's results; finished requests leave the running set. Returns their ids."""
+        finished = []
+        for out in outputs:
+            req = self._running.get(out.request_id)
+            if req is None:  # aborted while the step ran
+                continue
+            req.num_generated_tokens += out.num_new_tokens
+            if out.finished:
+                del self._running[out.request_id]
+                self.reserved_tokens -= req.reserved_tokens
+                finished.append(out.request_id)
+        return finished

@@ -1,0 +1,85 @@
+"""Plain request/output types shared by the engine and its callers (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from server.engine.errors import InvalidRequest
+
+FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. Defaults are greedy decoding of at most 20 tokens.
+
+    Semantics follow HF `generate`: repetition_penalty divides positive / multiplies negative logits
+    of every token already in prompt + output; then temperature, top-k and top-p (nucleus) filter the
+    distribution when `do_sample` is set. `seed` makes sampling reproducible per request, independent
+    of what else is in the batch; when None the engine picks one and reports it in every event.
+    """
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise `InvalidRequest` naming the first out-of-range field."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature > 0 or self.temperature > 100:
+            raise InvalidRequest(f"temperature must be in (0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 < self.repetition_penalty <= 100:
+            raise InvalidRequest(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_LENGTH:
+                raise InvalidRequest(f"stop sequences must be 1-{MAX_STOP_LENGTH} characters, got {s!r}")
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: a prompt (text or token ids) for a task's prefix (`task=None`: the bare model)."""
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str = "default"
+    task: str | None = None
+
+
+@dataclass
+class StreamEvent:
+    """One generated token. The last event of a request has `finish_reason` and the full `generated_text`.
+
+    `text` is the decoded delta: the concatenation of all events' `text` equals `generated_text`
+    (text is held back while it could still be the start of a stop sequence, and a stop sequence is
+    never included).
+    """
+
+    request_id: str
+    token_id: int | None  # None only on a final event that carries no token (cancelled)
+    text: str
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    seed: int
+    prefix_version: int | None
+    generated_text: str | None = None
+    token_logprob: float | None = None  # log-probability of the token under the model (before sampling filters)

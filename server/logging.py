@@ -1,0 +1,120 @@
+"""Structured logs: one JSON object per line (or plain text), with the request id on every line.
+
+`configure_logging(format, level)` is called once by `server.main`. The request id of the request
+being served lives in a context variable (`request_context`), set by the API's request middleware,
+so every log line emitted while serving a request carries it without passing it around.
+`log_request` writes the one access line per request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+ACCESS_LOGGER = "prefixserve.access"
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+@dataclass
+class RequestContext:
+    """What one request's access log line reports; routes fill in what they learn while serving."""
+
+    request_id: str
+    method: str = ""
+    endpoint: str = ""
+    tenant: str | None = None
+    task: str | None = None
+    status: int | None = None
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    finish_reason: str | None = None
+    prefix_version: int | None = None
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    error_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "prefixserve_request_context", default=None
+)
+
+
+def current_request_id() -> str | None:
+    ctx = request_context.get()
+    return ctx.request_id if ctx is not None else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, request_id, and any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = current_request_id()
+        if request_id is not None:
+            out["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            # Tracebacks go to the log (for operators), never into a response.
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for local runs: time level logger [request id] message key=value..."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = current_request_id()
+        extras = " ".join(
+            f"{k}={v}" for k, v in record.__dict__.items() if k not in _RECORD_ATTRS and not k.startswith("_")
+        )
+        prefix = f"[{request_id}] " if request_id else ""
+        return f"{prefix}{line} {extras}".rstrip()
+
+
+def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
+    """Route the root logger (and uvicorn's) to stderr in the chosen format. Idempotent."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # uvicorn's own handlers would print a second, unstructured line; let its records reach ours.
+    # Its access log is replaced by ours (`log_request`), which knows tenant, task and tokens.
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def log_request(ctx: RequestContext) -> None:
+    """The access line for a finished request (status >= 500 at ERROR, 4xx at WARNING...)."""
+    status = ctx.status or 0
+    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+    logging.getLogger(ACCESS_LOGGER).log(level, "request", extra=ctx.fields())

@@ -1,0 +1,147 @@
+"""Server configuration: one pydantic-settings class, read once at the edge (`server.main`).
+
+Every field can be set from the environment with the `PREFIXSERVE_` prefix (`PREFIXSERVE_PORT=9000`)
+or from a `.env` file in the working directory. Nothing else in the server reads the environment:
+`server.main` builds a `Settings`, and the app, the engine config and the rate limiter get plain
+values from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from prefix_store.base import InvalidName, validate_name
+
+Role = Literal["generate", "manage"]
+
+
+class ApiKeyEntry(BaseModel):
+    """What one API key grants: the tenant it acts as and its role."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant: str
+    # "generate": generate and list models/prefixes; "manage": also upload, delete and roll back prefixes.
+    role: Role = "generate"
+
+    @field_validator("tenant")
+    @classmethod
+    def _valid_tenant(cls, value: str) -> str:
+        # Tenants become store keys and path components: the same rule as task names.
+        try:
+            return validate_name(value, "tenant")
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+
+
+class Settings(BaseSettings):
+    """All server settings (env prefix `PREFIXSERVE_`). See README "Configuration" for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", env_file=".env", extra="ignore")
+
+    # --- model -------------------------------------------------------------------------------
+    model: str | None = Field(
+        default=None, description="Local HF model directory (or cached HF id) to serve; required to serve."
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Model id in /v1/models and `model` of completions; default: dir name."
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    # --- HTTP --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 << 20, ge=1024, description="Request bodies above this get 413.")
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight generations may take to finish."
+    )
+
+    # --- prefix store --------------------------------------------------------------------------
+    redis_url: str | None = Field(default=None, description="Redis URL; unset: a local directory store.")
+    local_store_dir: Path = Path("./prefix-store")
+    redis_key_prefix: str = "prefixserve"
+    keep_versions: int = Field(default=5, ge=1)
+    max_artifact_bytes: int = Field(default=64 << 20, ge=1024)
+    max_prefix_length: int = Field(default=512, ge=1)
+
+    # --- engine --------------------------------------------------------------------------------
+    max_batch_size: int = Field(default=32, ge=1)
+    max_waiting: int = Field(default=256, ge=0, description="Queue bound; beyond it requests get 429.")
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+
+    # --- tenants and limits --------------------------------------------------------------------
+    api_keys_file: Path | None = Field(
+        default=None, description='JSON file: {"<key>": {"tenant": "acme", "role": "generate"|"manage"}}'
+    )
+    api_keys: str | None = Field(default=None, description="The same JSON as api_keys_file, inline.")
+    tenant_max_concurrent: int = Field(default=0, ge=0, description="Per tenant; 0 = unlimited.")
+    tenant_rps: float = Field(default=0.0, ge=0, description="Requests/second per tenant; 0 = unlimited.")
+
+    # --- observability ------------------------------------------------------------------------
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # NoDecode: our validator parses the env value (JSON list or comma list) instead of pydantic-settings.
+    metrics_task_labels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Tasks that get their own metrics label (JSON list or comma list)."
+    )
+    metrics_top_tasks: int = Field(
+        default=20, ge=0, description="Without an allow-list: the first N busy tasks get labels."
+    )
+
+    @field_validator("metrics_task_labels", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # pydantic-settings decodes JSON for list fields from the env; also accept "a,b,c".
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def resolve_api_keys(self) -> dict[str, ApiKeyEntry]:
+        """The configured keys (file, then inline; inline wins on a duplicate key); {} = single-tenant.
+
+        Raises `ValueError` naming the source and the problem for unreadable or malformed JSON.
+        """
+        keys: dict[str, ApiKeyEntry] = {}
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"PREFIXSERVE_API_KEYS_FILE {self.api_keys_file}: {exc}") from None
+            keys.update(_parse_keys(text, f"PREFIXSERVE_API_KEYS_FILE ({self.api_keys_file})"))
+        if self.api_keys:
+            keys.update(_parse_keys(self.api_keys, "PREFIXSERVE_API_KEYS"))
+        return keys
+
+
+def _parse_keys(text: str, source: str) -> dict[str, ApiKeyEntry]:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f'{source}: expected an object {{"<key>": {{"tenant": ..., "role": ...}}}}')
+    keys: dict[str, ApiKeyEntry] = {}
+    for key, entry in raw.items():
+        if not isinstance(key, str) or len(key) < 8:
+            raise ValueError(f"{source}: API keys must be strings of at least 8 characters")
+        try:
+            keys[key] = ApiKeyEntry.model_validate(entry)
+        except ValidationError as exc:
+            # Never echo the key itself into logs: name the tenant/position instead.
+            detail = "; ".join(e["msg"] for e in exc.errors())
+            raise ValueError(f"{source}: entry #{len(keys) + 1}: {detail}") from None
+    return keys

@@ -1,0 +1,493 @@
+"""Checks on deploy/: Kubernetes manifests, the Grafana dashboard and the Prometheus alert rules.
+
+Each overlay is rendered with `kubectl kustomize` (offline, no cluster) and validated against the
+Kubernetes OpenAPI schemas shipped in `kubernetes-validate` (strict: unknown fields are errors). The
+rendered objects are then checked for the behaviour operators rely on: probes, graceful shutdown, GPU
+requests, Secret-mounted API keys, Redis isolation. Every PromQL expression in the dashboard, the
+alerts and the autoscalers must name only metrics from the contract table in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("gpu", "cpu", "external-redis")
+# The oldest Kubernetes minor we support; the schemas ship inside kubernetes-validate.
+KUBERNETES_VERSION = "1.32.0"
+# CRDs have no schema in kubernetes-validate (it only warns on them). Only these API groups may be
+# schema-less; any other missing schema is a typo'd apiVersion/kind and fails the test.
+CRD_GROUPS = {"monitoring.coreos.com", "keda.sh"}
+SERVER = {"app.kubernetes.io/name": "prefixserve", "app.kubernetes.io/component": "server"}
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering and validation helpers
+
+
+def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
+    """The objects `kubectl kustomize <directory>` produces."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not found on PATH: cannot render the kustomize overlays")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    return kustomize(DEPLOY / "k8s" / "overlays" / overlay)
+
+
+def schema_problems(objects: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> list[str]:
+    """What `kubernetes-validate --strict` rejects, plus kinds it has no schema for outside CRD_GROUPS.
+
+    The CLI exits 0 when it finds no schema (it only warns), which would let `apiVersion: apps/v2`
+    through; the library API tells the two cases apart.
+    """
+    problems = []
+    for obj in objects:
+        name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            problems.append(f"{name}: {path}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
+            if group not in CRD_GROUPS:
+                problems.append(f"{name}: no schema for apiVersion {obj['apiVersion']}")
+    return problems
+
+
+def find(objects, kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objects, kind: str, name: str) -> dict[str, Any]:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def server_container(objects) -> dict[str, Any]:
+    pod = one(objects, "Deployment", "prefixserve")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "server")
+
+
+def server_config(objects) -> dict[str, str]:
+    """The server's settings: the ConfigMap(s) it loads via envFrom (kustomize adds a hash suffix)."""
+    config: dict[str, str] = {}
+    for source in server_container(objects).get("envFrom", []):
+        if "configMapRef" in source:
+            config.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    return config
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def prestop_sleep_seconds(container: dict[str, Any]) -> int:
+    pre_stop = container["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:  # the native sleep action (Kubernetes >= 1.30)
+        return int(pre_stop["sleep"]["seconds"])
+    command = pre_stop["exec"]["command"]
+    match = re.search(r"\bsleep\s+(\d+)", " ".join(command))
+    assert match, f"preStop is not a sleep: {command}"
+    return int(match.group(1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifests
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_passes_strict_schema_validation(overlay):
+    objects = render(overlay)
+    assert objects, f"{overlay} rendered nothing"
+    assert schema_problems(objects) == []
+
+
+def test_schema_validation_rejects_broken_manifests():
+    # Guards the guard: an unknown field, a wrong type and an apiVersion with no schema all fail.
+    deployment = json.loads(json.dumps(one(render("gpu"), "Deployment", "prefixserve")))
+    typo = json.loads(json.dumps(deployment))
+    typo["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 90
+    wrong_type = json.loads(json.dumps(deployment))
+    wrong_type["spec"]["replicas"] = "two"
+    bad_api = json.loads(json.dumps(deployment))
+    bad_api["apiVersion"] = "apps/v2"
+    assert schema_problems([deployment]) == []
+    for broken in (typo, wrong_type, bad_api):
+        assert len(schema_problems([broken])) == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_is_labelled_and_namespaced(overlay):
+    for obj in render(overlay):
+        labels = obj["metadata"].get("labels", {})
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert labels.get("app.kubernetes.io/name") == "prefixserve", name
+        assert labels.get("app.kubernetes.io/component"), name
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "prefixserve", name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_follow_model_loading_and_readiness(overlay):
+    container = server_container(render(overlay))
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # Liveness never depends on Redis or the model: /health only.
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health"
+    # Weight loading (and a first download) must not be cut short by a restart loop.
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 300
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == int(server_config(render(overlay))["PREFIXSERVE_PORT"]) == 8000
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graceful_shutdown_outlasts_presleep_and_drain(overlay):
+    objects = render(overlay)
+    pod = one(objects, "Deployment", "prefixserve")["spec"]["template"]["spec"]
+    sleep_s = prestop_sleep_seconds(server_container(objects))
+    drain_s = float(server_config(objects)["PREFIXSERVE_SHUTDOWN_GRACE_S"])
+    assert sleep_s >= 5, "endpoint removal needs a few seconds before SIGTERM"
+    assert pod["terminationGracePeriodSeconds"] >= sleep_s + 60
+    # Otherwise the kubelet SIGKILLs generations the server is still allowed to finish.
+    assert pod["terminationGracePeriodSeconds"] > sleep_s + drain_s
+
+
+def test_gpu_overlay_requests_one_gpu_in_bfloat16():
+    objects = render("gpu")
+    resources = server_container(objects)["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == "1"
+    assert resources["limits"]["nvidia.com/gpu"] == "1"
+    config = server_config(objects)
+    assert config["PREFIXSERVE_DTYPE"] == "bfloat16"
+    assert config["PREFIXSERVE_DEVICE"] == "cuda"
+
+
+def test_cpu_overlay_requests_no_gpu_and_runs_one_replica():
+    objects = render("cpu")
+    deployment = one(objects, "Deployment", "prefixserve")
+    assert "nvidia.com/gpu" not in yaml.safe_dump(deployment)
+    assert deployment["spec"]["replicas"] == 1
+    assert server_config(objects)["PREFIXSERVE_DTYPE"] == "float32"
+    assert server_config(objects)["PREFIXSERVE_DEVICE"] == "cpu"
+    # An autoscaler would override replicas: 1.
+    assert find(objects, "HorizontalPodAutoscaler") == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_keys_file_is_mounted_from_a_secret(overlay):
+    objects = render(overlay)
+    keys_file = Path(server_config(objects)["PREFIXSERVE_API_KEYS_FILE"])
+    pod = one(objects, "Deployment", "prefixserve")["spec"]["template"]["spec"]
+    container = server_container(objects)
+    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == keys_file.parent)
+    assert mount.get("readOnly") is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    secret = one(objects, "Secret", volume["secret"]["secretName"])
+    assert keys_file.name in secret.get("stringData", {}) | secret.get("data", {})
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_referenced_secrets_and_configmaps_exist(overlay):
+    # A dangling reference leaves the pod in CreateContainerConfigError.
+    objects = render(overlay)
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    text = json.dumps([o for o in objects if o["kind"] in ("Deployment", "StatefulSet")])
+    for kind, key in (("Secret", "secretKeyRef"), ("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
+        for ref in re.findall(rf'"{key}": \{{[^{{}}]*?"name": "([^"]+)"', text):
+            assert (kind, ref) in names, f"{overlay}: {key} to missing {kind} {ref}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_pdb_and_autoscaler_target_the_server(overlay):
+    objects = render(overlay)
+    pod_labels = one(objects, "Deployment", "prefixserve")["spec"]["template"]["metadata"]["labels"]
+    service = one(objects, "Service", "prefixserve")
+    assert selects(service["spec"]["selector"], pod_labels)
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert selects(
+        one(objects, "PodDisruptionBudget", "prefixserve")["spec"]["selector"]["matchLabels"], pod_labels
+    )
+    for hpa in find(objects, "HorizontalPodAutoscaler"):
+        assert hpa["spec"]["scaleTargetRef"]["name"] == "prefixserve"
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_only_server_pods_reach_redis(overlay):
+    objects = render(overlay)
+    redis = one(objects, "StatefulSet", "prefixserve-redis")
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    server_labels = one(objects, "Deployment", "prefixserve")["spec"]["template"]["metadata"]["labels"]
+    assert "appendonly" in " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert redis["spec"]["volumeClaimTemplates"], "Redis holds the prefixes: it needs a persistent volume"
+
+    policies = [
+        p
+        for p in find(objects, "NetworkPolicy")
+        if selects(p["spec"]["podSelector"]["matchLabels"], redis_labels)
+    ]
+    assert len(policies) == 1
+    spec = policies[0]["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    for rule in spec["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == [6379]
+        for peer in rule["from"]:
+            # No namespaceSelector / ipBlock: nothing outside this namespace's server pods.
+            assert set(peer) == {"podSelector"}
+            selector = peer["podSelector"]["matchLabels"]
+            assert selects(selector, server_labels)
+            assert not selects(selector, redis_labels)
+
+    server_policy = next(
+        p
+        for p in find(objects, "NetworkPolicy")
+        if selects(p["spec"]["podSelector"]["matchLabels"], server_labels)
+    )
+    assert [p["port"] for r in server_policy["spec"]["ingress"] for p in r["ports"]] == [8000]
+
+
+def test_external_redis_overlay_uses_the_url_secret_and_no_in_cluster_redis():
+    objects = render("external-redis")
+    assert find(objects, "StatefulSet") == []
+    env = {e["name"]: e for e in server_container(objects)["env"]}
+    url = env["PREFIXSERVE_REDIS_URL"]
+    assert "value" not in url
+    assert one(objects, "Secret", url["valueFrom"]["secretKeyRef"]["name"])
+
+
+def test_keda_component_replaces_the_hpa(tmp_path):
+    # What deploy/README.md tells users to do: add the keda component to the gpu overlay.
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namespace": "prefixserve",
+                # kustomize refuses absolute paths here.
+                "resources": [os.path.relpath(DEPLOY / "k8s" / "overlays" / "gpu", tmp_path)],
+                "components": [os.path.relpath(DEPLOY / "k8s" / "components" / "keda", tmp_path)],
+            }
+        )
+    )
+    objects = kustomize(tmp_path)
+    assert schema_problems(objects) == []
+    # Two autoscalers on one Deployment fight; KEDA brings its own HPA.
+    assert find(objects, "HorizontalPodAutoscaler") == []
+    scaled = one(objects, "ScaledObject", "prefixserve")
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "prefixserve",
+    }
+    assert scaled["metadata"]["namespace"] == "prefixserve"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics contract: dashboard, alerts and autoscalers name only metrics from docs/architecture.md
+
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+_PROMQL_KEYWORDS = {
+    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "bool", "offset", "inf", "nan",
+}  # fmt: skip
+
+
+@functools.cache
+def contract_metrics() -> dict[str, str]:
+    """name -> type from the table under '## Metrics' in docs/architecture.md."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    metrics = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 2 and cells[0].startswith("`prefixserve_"):
+            metrics[cells[0].strip("`")] = cells[1]
+    assert len(metrics) >= 20, "could not parse the Metrics table in docs/architecture.md"
+    return metrics
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (or a Grafana `label_values(...)` variable query).
+
+    Removes what cannot be a metric name (strings, label matchers, ranges, grouping clauses, numbers,
+    Grafana variables); the identifiers left that are not functions or keywords are metrics.
+    """
+    match = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", expr, re.S)
+    if match:
+        expr = match.group(1)
+    elif re.fullmatch(r"\s*label_values\(\s*\w+\s*\)\s*", expr):
+        return set()
+    expr = re.sub(r"\$\{?\w+\}?", " ", expr)
+    expr = re.sub(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`', " ", expr)
+    expr = re.sub(r"\{[^{}]*\}", " ", expr)
+    expr = re.sub(r"\[[^\[\]]*\]", " ", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", expr)
+    expr = re.sub(r"(?<![\w:])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?[smhdwy]?\b", " ", expr)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][\w:]*", expr):
+        is_call = re.match(r"\s*\(", expr[m.end() :])
+        if not is_call and m.group().lower() not in _PROMQL_KEYWORDS:
+            names.add(m.group())
+    return names
+
+
+def base_metric_name(name: str, metrics: dict[str, str]) -> str:
+    """Strip the _bucket/_sum/_count series suffix of a histogram named in the contract."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix) and metrics.get(name.removesuffix(suffix)) == "histogram":
+            return name.removesuffix(suffix)
+    return name
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana" / "prefixserve-dashboard.json").read_text())
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+def dashboard_expressions() -> dict[str, str]:
+    """'where' -> PromQL for every panel target and templating query in the dashboard."""
+    exprs = {}
+
+    def walk(panels):
+        for panel in panels:
+            for target in panel.get("targets", []):
+                exprs[f"panel {panel['title']!r} {target['refId']}"] = target["expr"]
+            walk(panel.get("panels", []))
+
+    walk(dashboard()["panels"])
+    for var in dashboard()["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]
+            exprs[f"variable {var['name']}"] = query["query"] if isinstance(query, dict) else query
+    return exprs
+
+
+def all_expressions() -> dict[str, str]:
+    exprs = dashboard_expressions()
+    exprs.update({f"alert {r['alert']}": r["expr"] for r in alert_rules()})
+    keda = DEPLOY / "k8s" / "components" / "keda" / "scaledobject.yaml"
+    for trigger in yaml.safe_load(keda.read_text())["spec"]["triggers"]:
+        exprs[f"KEDA trigger {trigger['type']}"] = trigger["metadata"]["query"]
+    return exprs
+
+
+def exported_metric_names() -> set[str]:
+    """Names of the prefixserve_ metrics server.metrics registers, spelled as in the contract table.
+
+    Uses the CollectorRegistry objects defined in the module, or the global registry if it defines
+    none. prometheus_client reports counters without `_total` (and Info without `_info`); add them.
+    """
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    module = importlib.import_module("server.metrics")
+    registries = [v for v in vars(module).values() if isinstance(v, CollectorRegistry)] or [REGISTRY]
+    names = set()
+    for registry in registries:
+        for family in registry.collect():
+            if family.name.startswith("prefixserve_"):
+                suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+                names.add(family.name if family.name.endswith(suffix) else family.name + suffix)
+    return names
+
+
+def test_promql_metric_names_extracts_only_metrics():
+    expr = (
+        'histogram_quantile(0.99, sum by(le, pod)(rate(prefixserve_x_seconds_bucket{namespace="$ns", '
+        'status=~"5.*"}[$__rate_interval]))) / on(pod) group_left up offset 5m > 1e-3 and bool x_total'
+    )
+    assert promql_metric_names(expr) == {"prefixserve_x_seconds_bucket", "up", "x_total"}
+    assert promql_metric_names('label_values(prefixserve_engine_up{namespace="$namespace"}, pod)') == {
+        "prefixserve_engine_up"
+    }
+    assert base_metric_name("prefixserve_batch_size_bucket", contract_metrics()) == "prefixserve_batch_size"
+    assert base_metric_name("prefixserve_requests_total", contract_metrics()) == "prefixserve_requests_total"
+
+
+def test_dashboard_alerts_and_autoscalers_use_only_contract_metrics():
+    metrics = contract_metrics()
+    used: dict[str, set[str]] = {}
+    for where, expr in all_expressions().items():
+        names = promql_metric_names(expr)
+        assert names, f"{where}: no metric in {expr!r}"
+        for name in names:
+            used.setdefault(base_metric_name(name, metrics), set()).add(where)
+    hpa = yaml.safe_load((DEPLOY / "k8s" / "base" / "hpa.yaml").read_text())
+    for metric in hpa["spec"]["metrics"]:
+        used.setdefault(metric["pods"]["metric"]["name"], set()).add("HPA")
+
+    unknown = {name: sorted(where) for name, where in used.items() if name not in metrics}
+    assert unknown == {}, "names not in the docs/architecture.md Metrics table"
+    # _bucket/_sum/_count exist only for histograms.
+    for name in {n for e in all_expressions().values() for n in promql_metric_names(e)}:
+        if name.endswith(HISTOGRAM_SUFFIXES) and name not in metrics:
+            assert metrics[base_metric_name(name, metrics)] == "histogram", name
+
+    # The lead makes this unconditional once server/metrics.py lands.
+    if importlib.util.find_spec("server.metrics") is not None:
+        missing = sorted(set(used) - exported_metric_names())
+        assert missing == [], "used by deploy/ but not registered by server.metrics"
+
+
+def test_dashboard_is_portable_across_prometheus_datasources():
+    dash = dashboard()
+    assert dash["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+            # A fixed window breaks at scrape intervals other than the author's.
+            without_strings = re.sub(r'"(?:\\.|[^"\\])*"', '""', target["expr"])
+            for window in re.findall(r"\[([^\]]+)\]", without_strings):
+                assert window == "$__rate_interval", f"{panel['title']}: [{window}]"
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("time to first token", "inter-token", "end-to-end", "queue time", "tokens per second",
+                  "batch size", "finish reasons", "kv-cache", "hit ratio", "per tenant", "uploads"):  # fmt: skip
+        assert topic in titles, f"no panel about {topic}"
+
+
+def test_alert_rules_are_complete():
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names))
+    for rule in rules:
+        assert rule["expr"].strip(), rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"].strip(), rule["alert"]
+        assert rule["annotations"]["description"].strip(), rule["alert"]
+    exprs = " ".join(r["expr"] for r in rules)
+    for metric in ("prefixserve_requests_total", "prefixserve_requests_waiting", "prefixserve_store_up",
+                   "prefixserve_store_errors_total", "prefixserve_engine_up",
+                   "prefixserve_time_to_first_token_seconds_bucket"):  # fmt: skip
+        assert metric in exprs, f"no alert on {metric}"

@@ -4,7 +4,8 @@ PEFT saves one tensor, `prompt_embeddings`, of shape `[L, num_layers * 2 * token
 output when `prefix_projection` was used, so the MLP never needs to be loaded). For decoder-only models
 `prompt_embeddings.view(L, 2 * num_layers, H, D).permute(1, 2, 0, 3)` is `[2 * num_layers, H, L, D]`
 with layer i's key at row 2i and value at row 2i + 1 — which is our `[num_layers, 2, H, L, D]` after a
-view. Seq2seq adapters (`num_transformer_submodules == 2`) are handled by `seq2seq_from_peft`.
+view. Seq2seq adapters (`num_transformer_submodules == 2`) cover decoder self-attention only and are
+mapped by `seq2seq_decoder_prefix` (see docs/encoder-decoder.md).
 
 Only safetensors weights are read; `adapter_model.bin` (pickle) is refused, never loaded.
 """
@@ -101,6 +102,16 @@ def peft_to_artifact(
             raise ArtifactError(
                 "this PEFT adapter is for an encoder-decoder model; the server runs a decoder-only one"
             )
+        if submodules != 2:
+            raise ArtifactError(
+                "PEFT adapter for an encoder-decoder model has num_transformer_submodules="
+                f"{submodules}; only the SEQ_2_SEQ_LM layout (2) is supported"
+            )
+        if layers < spec.num_layers:
+            raise ArtifactError(
+                f"PEFT adapter has num_layers={layers}, fewer than the model's {spec.num_layers} decoder "
+                "layers; PEFT itself cannot run such an adapter"
+            )
         decoder = seq2seq_decoder_prefix(natural, spec.num_layers)
     else:
         decoder = natural.view(layers, 2, heads, length, head_dim)
@@ -114,11 +125,17 @@ def peft_to_artifact(
 
 
 def seq2seq_decoder_prefix(natural: torch.Tensor, num_decoder_layers: int) -> torch.Tensor:
-    """PEFT seq2seq layout -> decoder self-attention prefix `[num_layers, 2, H, L, D]`.
+    """PEFT seq2seq layout -> decoder self-attention prefix `[num_decoder_layers, 2, H, L, D]`.
 
-    PEFT concatenates the `[2*layers, ...]` entries with themselves and splits them in groups of four
-    (self key, self value, cross key, cross value) per decoder layer, then resets the cross-attention
-    cache. So decoder layer j reads entries `4j mod 2*layers` (key) and `4j + 1 mod 2*layers` (value).
+    natural: `[2 * num_layers, H, L, D]` (PEFT's `num_layers` is the config's `num_hidden_layers`,
+    which for BART is `encoder_layers`). PEFT 0.21's `get_prompt` concatenates these entries with
+    themselves (`[4 * num_layers, ...]`), splits them in groups of four per decoder layer (self key,
+    self value, cross key, cross value) into an `EncoderDecoderCache`, then replaces the cross-attention
+    cache with an empty one, so the cross entries are never used. Decoder layer j therefore reads
+    entries `4j mod 2*num_layers` (key) and `4j + 1 mod 2*num_layers` (value): with equal encoder and
+    decoder depth, the upper half of the layers reuses the lower half's prefixes. Checked against PEFT
+    0.21.2 forward logits (exact match) for 2/2, 3/2 and 4/4 encoder/decoder layers
+    (tests/prefix_store/test_peft_seq2seq.py).
     """
     entries = natural.shape[0]
     keys = [natural[(4 * j) % entries] for j in range(num_decoder_layers)]

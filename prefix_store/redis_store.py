@@ -15,9 +15,10 @@ Every key is derived from the tenant passed to the call, so no call can reach an
 Publishing a version (`put`): INCR the counter, SET the blob with a staging TTL (a writer that dies
 here leaves nothing behind for long), then one Lua script that atomically persists the blob, writes
 its metadata, adds it to the versions set, moves "current", prunes versions beyond `keep_versions`
-(never the current one) and PUBLISHes the change. Reads of the pointer plus metadata plus blob are one
-Lua script too, so a reader never sees a pointer to a missing blob or a blob without metadata, even
-while versions are being pruned. The scripts build version keys from their arguments, which is fine
+(never the current one) and PUBLISHes the change. A read gets the pointer, then the metadata and
+blob of that version in one MULTI/EXEC; if a concurrent prune removed that version in between, it
+reads the pointer again. So a reader never sees a pointer to a missing blob or a blob without
+metadata, even while versions are being pruned. The scripts build version keys from their arguments, which is fine
 on a single Redis (and its replicas / Sentinel) but not on Redis Cluster.
 
 Pub/sub is fire-and-forget: a message published while a replica's listener is disconnected is lost.
@@ -75,6 +76,7 @@ STAGING_TTL_S = 3600
 MAX_BLOB_BYTES = 512 * 1024 * 1024  # Redis' string limit
 MAX_PAGE_LIMIT = 1000
 _RESYNC_CHUNK = 500  # keys per MGET when resyncing
+_READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
 
 # KEYS: tasks, current, versions. ARGV: task_base, version, meta_json, keep, task, channel, message.
 _COMMIT_LUA = """
@@ -99,20 +101,6 @@ if n > keep then
 end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
-"""
-
-# KEYS: current. ARGV: task_base, version ('' = current). Returns {0} no task, {1} no version,
-# {2, meta, blob}.
-_GET_LUA = """
-local v = ARGV[2]
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {0} end
-if v == '' then v = cur end
-local meta = redis.call('GET', ARGV[1] .. ':v:' .. v .. ':meta')
-if not meta then return {1} end
-local blob = redis.call('GET', ARGV[1] .. ':v:' .. v .. ':blob')
-if not blob then return {1} end
-return {2, meta, blob}
 """
 
 # KEYS: current, versions. ARGV: task_base. Returns {} or {current, meta...} (ascending versions).
@@ -235,7 +223,6 @@ class RedisPrefixStore:
             client_name=self.listener_client_name,
         )
         self._commit = self._redis.register_script(_COMMIT_LUA)
-        self._get = self._redis.register_script(_GET_LUA)
         self._describe = self._redis.register_script(_DESCRIBE_LUA)
         self._list = self._redis.register_script(_LIST_LUA)
         self._rollback = self._redis.register_script(_ROLLBACK_LUA)
@@ -352,21 +339,39 @@ class RedisPrefixStore:
     # ---- reads ------------------------------------------------------------------------------
 
     async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
-        """The current version's (or `version`'s) info and bytes, read atomically."""
+        """The current version's (or `version`'s) info and bytes; metadata and blob read atomically."""
         base = self._task_base(tenant, task)
         with self._errors("get"):
-            res = await self._get(
-                keys=[f"{base}:current"], args=[base, "" if version is None else int(version)]
-            )
-        if res[0] == 0:
-            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
-        if res[0] == 1:
-            raise VersionNotFound(f"{tenant}/{task} has no version {version} (never created or pruned)")
-        info = VersionInfo.from_json_dict(json.loads(res[1]))
+            for _ in range(_READ_ATTEMPTS):
+                wanted = version
+                if wanted is None:
+                    raw = await self._redis.get(f"{base}:current")
+                    if raw is None:
+                        raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+                    wanted = int(raw)
+                # One MULTI/EXEC: metadata and blob come from the same instant (a prune deletes
+                # both in one script). Not a Lua script: copying a blob through Lua costs 2x a GET.
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.get(f"{base}:current")
+                pipe.get(f"{base}:v:{wanted}:meta")
+                pipe.get(f"{base}:v:{wanted}:blob")
+                current, meta, data = await pipe.execute()
+                if current is None:
+                    raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+                if meta is not None and data is not None:
+                    break
+                if version is not None:
+                    raise VersionNotFound(
+                        f"{tenant}/{task} has no version {version} (never created or pruned)"
+                    )
+                # The version we read as current was pruned before the transaction ran: read again.
+            else:
+                raise StoreError(f"{tenant}/{task}: current version kept changing; gave up reading")
+        info = VersionInfo.from_json_dict(json.loads(meta))
         if version is None:
             # The caller now holds this version: a resync need not report it again.
             self._seen[(tenant, task)] = info.version
-        return StoredPrefix(info=info, data=res[2])
+        return StoredPrefix(info=info, data=data)
 
     async def current_version(self, tenant: str, task: str) -> int | None:
         """The current version number, or None if the tenant has no such task."""

@@ -63,7 +63,9 @@ def expand_prefix(prefix: Tensor | None, batch: int, dtype: torch.dtype) -> Tens
     if prefix.dim() == 5:
         prefix = prefix.unsqueeze(2).expand(-1, -1, batch, -1, -1, -1)
     if prefix.dim() != 6 or prefix.shape[1] != 2 or prefix.shape[2] != batch:
-        raise ValueError(f"prefix must be [layers, 2, B={batch}, H, L, D] or [layers, 2, H, L, D], got {list(prefix.shape)}")
+        raise ValueError(
+            f"prefix must be [layers, 2, B={batch}, H, L, D] or [layers, 2, H, L, D], got {list(prefix.shape)}"
+        )
     return prefix.to(dtype)
 
 
@@ -73,7 +75,9 @@ def attend(attn: nn.Module, query: Tensor, keys: Tensor, values: Tensor, mask: T
     query: [B, H, T, D]; keys/values: [B, H, K, D]; mask: bool, True = may attend, broadcastable to
     [B, H, T, K]. Returns [B, T, d_model].
     """
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=attn.scaling)  # [B, H, T, D]
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=attn.scaling
+    )  # [B, H, T, D]
     return attn.out_proj(_merge_heads(out))  # [B, T, d]
 
 
@@ -88,11 +92,13 @@ def encode(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     encoder_prefix: Tensor | None = None,
+    encoder_prefix_mask: Tensor | None = None,
 ) -> Tensor:
     """Run the encoder with an optional encoder self-attention prefix.
 
     input_ids: [B, S] (already wrapped in bos/eos); attention_mask: [B, S] (1 = token, 0 = padding);
-    encoder_prefix: [layers_enc, 2, (B,) H, L, D]. Returns the encoder outputs [B, S, d].
+    encoder_prefix: [layers_enc, 2, (B,) H, L, D]; encoder_prefix_mask: [B, L] bool, for rows whose
+    prefixes are shorter than L (padded; False entries are ignored). Returns the outputs [B, S, d].
     """
     encoder = model.get_encoder()
     batch, seq = input_ids.shape
@@ -105,8 +111,11 @@ def encode(
         token_mask = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)  # [B, S]
     else:
         token_mask = attention_mask.to(torch.bool)
-    ones = torch.ones(batch, prefix_len, dtype=torch.bool, device=input_ids.device)  # [B, L]
-    mask = torch.cat([ones, token_mask], dim=1)[:, None, None, :]  # [B, 1, 1, L + S]
+    if encoder_prefix_mask is None:
+        prefix_mask = torch.ones(batch, prefix_len, dtype=torch.bool, device=input_ids.device)  # [B, L]
+    else:
+        prefix_mask = encoder_prefix_mask.to(torch.bool)
+    mask = torch.cat([prefix_mask, token_mask], dim=1)[:, None, None, :]  # [B, 1, 1, L + S]
     for i, layer in enumerate(encoder.layers):
         attn = layer.self_attn
         query = _heads(attn.q_proj(hidden), attn.head_dim)  # [B, H, S, D]
@@ -129,7 +138,9 @@ def cross_keys_values(
     each [B, H, L + S, D]. Computed once per request: they do not depend on the decoder tokens.
     """
     decoder = model.get_decoder()
-    prefix = expand_prefix(cross_prefix, enc_hidden.shape[0], enc_hidden.dtype)  # [layers, 2, B, H, L, D] | None
+    prefix = expand_prefix(
+        cross_prefix, enc_hidden.shape[0], enc_hidden.dtype
+    )  # [layers, 2, B, H, L, D] | None
     out = []
     for i, layer in enumerate(decoder.layers):
         attn = layer.encoder_attn
@@ -142,7 +153,9 @@ def cross_keys_values(
     return out
 
 
-def cross_mask(enc_mask: Tensor | None, batch: int, seq: int, prefix_len: int, device: torch.device) -> Tensor:
+def cross_mask(
+    enc_mask: Tensor | None, batch: int, seq: int, prefix_len: int, device: torch.device
+) -> Tensor:
     """Cross-attention key mask [B, 1, 1, L + S]: prefix entries always visible, encoder padding masked."""
     if enc_mask is None:
         enc_mask = torch.ones(batch, seq, dtype=torch.bool, device=device)  # [B, S]
@@ -229,7 +242,9 @@ def greedy_generate(
     generated: list[int] = []
     for _ in range(max_new_tokens):
         tgt = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, T]
-        logits = decode(model, tgt, enc_hidden, None, prefixes.get("decoder"), prefixes.get("cross"))  # [1, T, V]
+        logits = decode(
+            model, tgt, enc_hidden, None, prefixes.get("decoder"), prefixes.get("cross")
+        )  # [1, T, V]
         next_id = int(logits[0, -1].argmax())
         generated.append(next_id)
         tokens.append(next_id)

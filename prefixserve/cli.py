@@ -15,11 +15,19 @@ from collections.abc import Callable
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("server.main", "main", "run the inference server (settings from PREFIXSERVE_* env vars)"),
-    "make-model": ("prefixserve.cli", "make_model_main", "write a random-weight model directory (gpt2, bart-base, ...)"),
+    "make-model": (
+        "prefixserve.cli",
+        "make_model_main",
+        "write a random-weight model directory (gpt2, bart-base, ...)",
+    ),
     "train": ("training.cli", "train_main", "train a prefix for a task and export its artifact"),
     "eval": ("training.cli", "eval_main", "generate on a dev/test file and score BLEU/ROUGE"),
     "upload": ("training.cli", "upload_main", "upload an artifact to a running server"),
-    "import-peft": ("prefixserve.cli", "import_peft_main", "convert a PEFT prefix-tuning adapter to an artifact"),
+    "import-peft": (
+        "prefixserve.cli",
+        "import_peft_main",
+        "convert a PEFT prefix-tuning adapter to an artifact",
+    ),
     "bench": ("loadtest.bench", "main", "run the benchmark harness (profiles: quick, default, gpu)"),
 }
 
@@ -53,7 +61,9 @@ def import_peft_main(argv: list[str] | None = None) -> int:
         description="Convert a PEFT prefix-tuning adapter (save_pretrained folder) into a prefixserve artifact.",
     )
     parser.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
-    parser.add_argument("--model", required=True, help="the base model (HF id or local dir) it was trained on")
+    parser.add_argument(
+        "--model", required=True, help="the base model (HF id or local dir) it was trained on"
+    )
     parser.add_argument("--task", required=True)
     parser.add_argument("--out", required=True, help="artifact path to write (.safetensors)")
     args = parser.parse_args(argv)

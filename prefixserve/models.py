@@ -108,7 +108,7 @@ def build_config(preset: str, **overrides: Any) -> GPT2Config | BartConfig:
             vocab_size=GPT2_VOCAB, bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1, **fields
         )
     tok = bundled_tokenizer("bart")
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in BART_SPECIAL_TOKENS.items()}
+    ids: dict[str, int] = {name: int(tok.convert_tokens_to_ids(t)) for name, t in BART_SPECIAL_TOKENS.items()}
     return BartConfig(
         vocab_size=50265,  # bart-base/large's vocabulary size; covers GPT-2's 50257 + 5 specials
         bos_token_id=ids["bos_token"],
@@ -144,7 +144,8 @@ def make_model_dir(preset: str, out_dir: str | Path, seed: int = 0, **overrides:
 
 def weights_digest(model: PreTrainedModel) -> str:
     """A short digest of the input embedding that survives dtype casts (rounded to bfloat16 first)."""
-    emb = model.get_input_embeddings().weight.detach()[:16, :256]
+    weight: torch.Tensor = model.get_input_embeddings().weight
+    emb = weight.detach()[:16, :256]
     rounded = emb.to(torch.bfloat16).to(torch.float32).cpu().contiguous()
     return hashlib.sha256(rounded.numpy().tobytes()).hexdigest()[:16]
 
@@ -195,7 +196,7 @@ def load_model(
     digest = weights_digest(model)
     spec = ModelSpec.from_config(model.config, weights_digest=digest)
     torch_device = resolve_device(device)
-    model = model.to(device=torch_device, dtype=DTYPES[dtype])
+    model.to(device=torch_device, dtype=DTYPES[dtype])
     model.eval()
     model.requires_grad_(trainable)
     tokenizer = load_tokenizer(name_or_path, spec.model_type)

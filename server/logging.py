@@ -12,7 +12,9 @@ import contextvars
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,7 +28,8 @@ _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asc
 class RequestContext:
     """What one request's access log line reports; routes fill in what they learn while serving."""
 
-    request_id: str
+    request_id: str  # the client's X-Request-Id if it sent a sane one, else `internal_id`
+    internal_id: str = ""  # always server-made and unique: what the engine knows the request by
     method: str = ""
     endpoint: str = ""
     tenant: str | None = None
@@ -41,9 +44,19 @@ class RequestContext:
     e2e_s: float | None = None
     error_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Run by the request middleware when the response is done, whatever happened (e.g. release a
+    # rate-limit lease of a stream whose client vanished before the first byte). Not logged.
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
 
     def fields(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("extra", "cleanups") or value is None:
+                continue
+            if f.name == "internal_id" and value == self.request_id:
+                continue
+            out[f.name] = value
         out.update(self.extra)
         return out
 
@@ -56,6 +69,12 @@ request_context: contextvars.ContextVar[RequestContext | None] = contextvars.Con
 def current_request_id() -> str | None:
     ctx = request_context.get()
     return ctx.request_id if ctx is not None else None
+
+
+def engine_request_id() -> str:
+    """A unique id for the engine: the request's internal id (a fresh one outside a request)."""
+    ctx = request_context.get()
+    return ctx.internal_id if ctx is not None and ctx.internal_id else uuid.uuid4().hex
 
 
 class JsonFormatter(logging.Formatter):

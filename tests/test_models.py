@@ -55,7 +55,11 @@ def test_bart_spec_and_tokenizer_special_tokens(tiny_bart_dir):
     spec = loaded.spec
     assert spec.kind == "encoder-decoder" and spec.allowed_prefix_kinds() == ("decoder", "encoder", "cross")
     tok = loaded.tokenizer
-    assert tok.convert_ids_to_tokens([tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]) == ["<s>", "</s>", "<pad>"]
+    assert tok.convert_ids_to_tokens([tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]) == [
+        "<s>",
+        "</s>",
+        "<pad>",
+    ]
     assert tok("Hello world").input_ids == [15496, 995]  # the same BPE as GPT-2
 
 

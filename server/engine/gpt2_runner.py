@@ -48,7 +48,9 @@ class GPT2Runner:
         self.vocab_size = int(config.vocab_size)
         self.eos_token_id: int | None = config.eos_token_id
         # Each layer's softmax scale, exactly as HF computes it (includes 1/(layer_idx+1) when set).
-        self.scales = [float(getattr(b.attn, "scaling", self._scale(config, i))) for i, b in enumerate(self.blocks)]
+        self.scales = [
+            float(getattr(b.attn, "scaling", self._scale(config, i))) for i, b in enumerate(self.blocks)
+        ]
         self.upcast_attention = bool(config.reorder_and_upcast_attn) and self.dtype != torch.float32
         self.cache = SlotKVCache(
             num_layers=len(self.blocks),
@@ -117,7 +119,6 @@ class GPT2Runner:
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
         """Append rows for `items`, write prefixes, run the right-padded prompts. -> logits [n, V] float32."""
-        n = len(items)
         prefix_lens = [self.prefix_positions(it.prefix) for it in items]
         prompt_lens = [len(it.input_ids) for it in items]
         if min(prompt_lens) < 1:
@@ -131,7 +132,12 @@ class GPT2Runner:
             raise
 
     def _prefill(
-        self, items: list[PrefillItem], rows: list[int], prefix_lens: list[int], prompt_lens: list[int], S: int
+        self,
+        items: list[PrefillItem],
+        rows: list[int],
+        prefix_lens: list[int],
+        prompt_lens: list[int],
+        S: int,
     ) -> torch.Tensor:
         n, P, E, H, D = len(items), max(prompt_lens), self.hidden_size, self.num_heads, self.head_dim
         dev = self.device
@@ -173,7 +179,9 @@ class GPT2Runner:
         """token_ids: [N] for rows 0..N-1 (row order = `request_ids`). -> logits [N, V] float32."""
         n, E, H, D = self.cache.num_active, self.hidden_size, self.num_heads, self.head_dim
         if token_ids.shape != (n,):
-            raise ValueError(f"decode expects {n} token ids (one per active row), got {tuple(token_ids.shape)}")
+            raise ValueError(
+                f"decode expects {n} token ids (one per active row), got {tuple(token_ids.shape)}"
+            )
         lengths = self.cache.lengths
         S = max(lengths) + 1
         self.cache.reserve(n, S)

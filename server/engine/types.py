@@ -82,4 +82,6 @@ class StreamEvent:
     seed: int
     prefix_version: int | None
     generated_text: str | None = None
-    token_logprob: float | None = None  # log-probability of the token under the model (before sampling filters)
+    token_logprob: float | None = (
+        None  # log-probability of the token under the model (before sampling filters)
+    )

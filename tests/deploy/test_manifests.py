@@ -9,6 +9,7 @@ alerts and the autoscalers must name only metrics from the contract table in doc
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib
 import importlib.util
@@ -32,7 +33,6 @@ KUBERNETES_VERSION = "1.32.0"
 # CRDs have no schema in kubernetes-validate (it only warns on them). Only these API groups may be
 # schema-less; any other missing schema is a typo'd apiVersion/kind and fails the test.
 CRD_GROUPS = {"monitoring.coreos.com", "keda.sh"}
-SERVER = {"app.kubernetes.io/name": "prefixserve", "app.kubernetes.io/component": "server"}
 
 # ---------------------------------------------------------------------------------------------------
 # Rendering and validation helpers
@@ -184,6 +184,7 @@ def test_gpu_overlay_requests_one_gpu_in_bfloat16():
     config = server_config(objects)
     assert config["PREFIXSERVE_DTYPE"] == "bfloat16"
     assert config["PREFIXSERVE_DEVICE"] == "cuda"
+    assert server_container(objects)["image"].endswith("-cuda")
 
 
 def test_cpu_overlay_requests_no_gpu_and_runs_one_replica():
@@ -193,6 +194,8 @@ def test_cpu_overlay_requests_no_gpu_and_runs_one_replica():
     assert deployment["spec"]["replicas"] == 1
     assert server_config(objects)["PREFIXSERVE_DTYPE"] == "float32"
     assert server_config(objects)["PREFIXSERVE_DEVICE"] == "cpu"
+    # The CUDA image would pull gigabytes of CUDA libraries onto CPU nodes.
+    assert server_container(objects)["image"].endswith("-cpu")
     # An autoscaler would override replicas: 1.
     assert find(objects, "HorizontalPodAutoscaler") == []
 
@@ -278,21 +281,25 @@ def test_external_redis_overlay_uses_the_url_secret_and_no_in_cluster_redis():
     assert one(objects, "Secret", url["valueFrom"]["secretKeyRef"]["name"])
 
 
+def render_own_overlay(tmp_path: Path, files: dict[str, str] | None = None, **kustomization) -> tuple:
+    """Render an overlay of the gpu overlay, as deploy/README.md tells users to write one."""
+    for name, content in (files or {}).items():
+        (tmp_path / name).write_text(content)
+    # kustomize refuses absolute paths to other kustomizations.
+    spec = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "prefixserve",
+        "resources": [os.path.relpath(DEPLOY / "k8s" / "overlays" / "gpu", tmp_path)],
+    }
+    for key, value in kustomization.items():
+        spec[key] = [os.path.relpath(DEPLOY / v, tmp_path) for v in value] if key == "components" else value
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    return kustomize(tmp_path)
+
+
 def test_keda_component_replaces_the_hpa(tmp_path):
-    # What deploy/README.md tells users to do: add the keda component to the gpu overlay.
-    (tmp_path / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "namespace": "prefixserve",
-                # kustomize refuses absolute paths here.
-                "resources": [os.path.relpath(DEPLOY / "k8s" / "overlays" / "gpu", tmp_path)],
-                "components": [os.path.relpath(DEPLOY / "k8s" / "components" / "keda", tmp_path)],
-            }
-        )
-    )
-    objects = kustomize(tmp_path)
+    objects = render_own_overlay(tmp_path, components=["k8s/components/keda"])
     assert schema_problems(objects) == []
     # Two autoscalers on one Deployment fight; KEDA brings its own HPA.
     assert find(objects, "HorizontalPodAutoscaler") == []
@@ -303,6 +310,52 @@ def test_keda_component_replaces_the_hpa(tmp_path):
         "name": "prefixserve",
     }
     assert scaled["metadata"]["namespace"] == "prefixserve"
+
+
+def test_placeholder_api_keys_are_refused_by_the_server(tmp_path):
+    # An empty key map would mean single-tenant without authentication, a working example key would be
+    # public: the placeholder must make the server refuse to start (fail closed).
+    from server.settings import Settings
+
+    placeholder = one(render("gpu"), "Secret", "prefixserve-api-keys")["stringData"]["api-keys.json"]
+    assert json.loads(placeholder) != {}
+    (tmp_path / "api-keys.json").write_text(placeholder)
+    with pytest.raises(ValueError, match="API_KEYS_FILE"):
+        Settings(api_keys=None, api_keys_file=tmp_path / "api-keys.json").resolve_api_keys()
+
+
+def test_secrets_are_replaced_from_local_files(tmp_path):
+    keys = {"k-1234567890": {"tenant": "acme", "role": "manage"}}
+    objects = render_own_overlay(
+        tmp_path,
+        files={"api-keys.json": json.dumps(keys), "redis-password": "s3cret"},
+        secretGenerator=[
+            {"name": "prefixserve-api-keys", "behavior": "replace", "files": ["api-keys.json"]},
+            {"name": "prefixserve-redis", "behavior": "replace", "files": ["password=redis-password"]},
+        ],
+    )
+    assert schema_problems(objects) == []
+    secret = one(objects, "Secret", "prefixserve-api-keys")
+    assert json.loads(base64.b64decode(secret["data"]["api-keys.json"])) == keys
+    assert base64.b64decode(one(objects, "Secret", "prefixserve-redis")["data"]["password"]) == b"s3cret"
+    # Still what the pods mount and read.
+    volumes = one(objects, "Deployment", "prefixserve")["spec"]["template"]["spec"]["volumes"]
+    assert {"secretName": "prefixserve-api-keys", "defaultMode": 0o440} in [v.get("secret") for v in volumes]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_configured_setting_is_one_the_server_reads(overlay):
+    # Settings ignore unknown PREFIXSERVE_* variables, so a misspelt key would silently do nothing.
+    from server.settings import Settings
+
+    known = {f"PREFIXSERVE_{name.upper()}" for name in Settings.model_fields}
+    objects = render(overlay)
+    configured = set(server_config(objects)) | {e["name"] for e in server_container(objects)["env"]}
+    assert sorted(k for k in configured if k.startswith("PREFIXSERVE_") and k not in known) == []
+    # And they parse: the values the pods get are valid settings.
+    env = {k: v for k, v in server_config(objects).items() if k.startswith("PREFIXSERVE_")}
+    settings = Settings(**{k.removeprefix("PREFIXSERVE_").lower(): v for k, v in env.items()})
+    assert settings.host == "0.0.0.0" and settings.port == 8000
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,6 +445,9 @@ def dashboard_expressions() -> dict[str, str]:
 def all_expressions() -> dict[str, str]:
     exprs = dashboard_expressions()
     exprs.update({f"alert {r['alert']}": r["expr"] for r in alert_rules()})
+    adapter = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-adapter-values.yaml").read_text())
+    for i, rule in enumerate(adapter["rules"]["custom"]):
+        exprs[f"prometheus-adapter rule {i}"] = rule["seriesQuery"]
     keda = DEPLOY / "k8s" / "components" / "keda" / "scaledobject.yaml"
     for trigger in yaml.safe_load(keda.read_text())["spec"]["triggers"]:
         exprs[f"KEDA trigger {trigger['type']}"] = trigger["metadata"]["query"]
@@ -401,13 +457,17 @@ def all_expressions() -> dict[str, str]:
 def exported_metric_names() -> set[str]:
     """Names of the prefixserve_ metrics server.metrics registers, spelled as in the contract table.
 
-    Uses the CollectorRegistry objects defined in the module, or the global registry if it defines
-    none. prometheus_client reports counters without `_total` (and Info without `_info`); add them.
+    server.metrics keeps its metrics on the CollectorRegistry of a `Metrics` object (not the global
+    one); module-level registries, then the global one, are fallbacks. prometheus_client reports
+    counters without `_total` (and Info without `_info`); they are added back here.
     """
     from prometheus_client import REGISTRY, CollectorRegistry
 
     module = importlib.import_module("server.metrics")
-    registries = [v for v in vars(module).values() if isinstance(v, CollectorRegistry)] or [REGISTRY]
+    if hasattr(module, "Metrics"):
+        registries = [module.Metrics().registry]
+    else:
+        registries = [v for v in vars(module).values() if isinstance(v, CollectorRegistry)] or [REGISTRY]
     names = set()
     for registry in registries:
         for family in registry.collect():

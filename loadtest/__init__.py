@@ -1,0 +1,1 @@
+"""prefixserve loadtest package."""

@@ -1,0 +1,142 @@
+"""`make demo`: the main job end to end on the embedded default, with no model hub and no Redis.
+
+1. writes a small random-weight GPT-2 model directory (real GPT-2 tokenizer) if missing;
+2. makes prefixes for two demo tasks (trained for a few seconds on a toy task each, so each task visibly
+   steers the same frozen model its own way);
+3. starts the server (`python -m server.main`) on a free loopback port with the local directory store;
+4. uploads both prefixes with `POST /v1/prefixes`, sends `POST /v1/generate` for both tasks and for the
+   bare model, concurrently so they share batches, and prints the answers;
+5. stops the server (SIGTERM, graceful drain) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from prefix_store.artifact import dump_artifact
+from prefixserve.models import load_model, make_model_dir
+
+DEMO_DIR = Path(os.environ.get("PREFIXSERVE_DEMO_DIR", "demo-data"))
+# Two toy tasks: same inputs, different targets. After training, each prefix makes the frozen model
+# answer in its task's way.
+TASKS = {
+    "greeting": [
+        ("Alice", " Hello Alice, welcome!"),
+        ("Bob", " Hello Bob, welcome!"),
+        ("Carol", " Hello Carol, welcome!"),
+    ],
+    "farewell": [
+        ("Alice", " Goodbye Alice, see you."),
+        ("Bob", " Goodbye Bob, see you."),
+        ("Carol", " Goodbye Carol, see you."),
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _make_prefixes(model_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Train one small prefix per demo task with the training module (a few seconds each on CPU)."""
+    from training.quick import train_toy_prefix
+
+    paths = {}
+    loaded = load_model(str(model_dir), device="cpu")
+    for task, pairs in TASKS.items():
+        path = out_dir / f"{task}.safetensors"
+        if not path.exists():
+            print(f"[demo] training a prefix for task {task!r} ...", flush=True)
+            artifact = train_toy_prefix(loaded, pairs, task=task, prefix_length=5, steps=150)
+            path.write_bytes(dump_artifact(artifact))
+        paths[task] = path
+    return paths
+
+
+async def _generate(client: httpx.AsyncClient, task: str | None, text: str) -> tuple[str | None, str, dict]:
+    body: dict[str, object] = {"inputs": text, "parameters": {"max_new_tokens": 8, "details": True}}
+    if task:
+        body["task"] = task
+    r = await client.post("/v1/generate", json=body)
+    r.raise_for_status()
+    data = r.json()
+    return task, data["generated_text"], data.get("details") or {}
+
+
+async def _talk_to_server(base_url: str, prefixes: dict[str, Path]) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        for task, path in prefixes.items():
+            r = await client.post(
+                "/v1/prefixes", data={"task": task}, files={"artifact": (path.name, path.read_bytes())}
+            )
+            r.raise_for_status()
+            info = r.json()
+            print(f"[demo] uploaded {task!r}: version {info['version']}, {info['num_parameters']} parameters")
+        calls = [_generate(client, task, name) for name in ("Alice", "Bob") for task in (*prefixes, None)]
+        for answered_task, text, details in await asyncio.gather(*calls):
+            label = answered_task or "(base model)"
+            print(f"[demo] {label:>14}: {text!r}  finish={details.get('finish_reason')}")
+
+
+def main() -> int:
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    model_dir = DEMO_DIR / "model"
+    if not (model_dir / "config.json").exists():
+        print("[demo] writing a random-weight GPT-2 model (real GPT-2 tokenizer) ...", flush=True)
+        make_model_dir("tiny-gpt2", model_dir, seed=0)
+    prefixes = _make_prefixes(model_dir, DEMO_DIR)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFIXSERVE_MODEL": str(model_dir),
+        "PREFIXSERVE_PORT": str(port),
+        "PREFIXSERVE_HOST": "127.0.0.1",
+        "PREFIXSERVE_LOCAL_STORE_DIR": tempfile.mkdtemp(prefix="prefixserve-demo-store-"),
+        "PREFIXSERVE_LOG_FORMAT": "text",
+        "PREFIXSERVE_LOG_LEVEL": "WARNING",
+    }
+    env.pop("PREFIXSERVE_REDIS_URL", None)  # the embedded default: local store, no Redis
+    print(f"[demo] starting the server on 127.0.0.1:{port} ...", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "server.main"], env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                print("[demo] the server exited during start-up", file=sys.stderr)
+                return 1
+            try:
+                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                print("[demo] the server did not become ready in 120 s", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        asyncio.run(_talk_to_server(base_url, prefixes))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = -9
+    print(f"[demo] server stopped (exit code {code})")
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

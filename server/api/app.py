@@ -1,0 +1,163 @@
+"""The app factory: `create_app(settings, engine=..., store=..., spec=...)`.
+
+The caller (`server.main`, or a test) builds the engine and the store; the app's lifespan starts and
+stops them: store first up and last down, so the engine can load prefixes while it runs and drain
+while the store is still there. Two background tasks run alongside: an engine watchdog (the engine
+loop died → readiness false and `on_fatal()` so the process exits non-zero and is restarted) and a
+store probe that keeps `prefixserve_store_up` true to the store's state when no traffic touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from prefix_store.base import PrefixStore, StoreUnavailable
+from prefix_store.model_spec import ModelSpec
+from server.api.auth import Authenticator
+from server.api.deps import ApiConfig, AppState, EngineLike
+from server.api.errors import install_error_handlers
+from server.api.middleware import BodySizeLimitMiddleware, RequestMiddleware
+from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
+from server.api.routes import generate, health, openai, prefixes
+from server.api.version import __version__
+from server.metrics import Metrics, TaskLabeler
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+WATCHDOG_INTERVAL_S = 0.5
+STORE_PROBE_INTERVAL_S = 10.0
+
+
+def model_id_for(settings: Settings) -> str:
+    """The base model's id in /v1/models: `served_model_name`, else the model directory's name."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.model:
+        return Path(settings.model.rstrip("/")).name or settings.model
+    return "base"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: EngineLike,
+    store: PrefixStore,
+    spec: ModelSpec,
+    device_type: str = "cpu",
+    metrics: Metrics | None = None,
+    limiter: TenantLimiter | None = None,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the FastAPI app serving `engine` and `store` with `settings`.
+
+    `metrics` should be the engine's observer (so engine and HTTP metrics share a registry); one is
+    made if not given. `on_fatal` is called once if the engine loop dies (main: exit non-zero).
+    """
+    auth = Authenticator(settings.resolve_api_keys())
+    if metrics is None:
+        metrics = Metrics(settings.metrics_task_labels, settings.metrics_top_tasks, auth.tenants)
+    metrics.labeler = TaskLabeler(settings.metrics_task_labels, settings.metrics_top_tasks, auth.tenants)
+    metrics.task_info.max_tasks = settings.max_batch_size
+    metrics.bind_engine(engine)
+    if limiter is None:
+        limiter = make_limiter(
+            LimitConfig(settings.tenant_max_concurrent, settings.tenant_rps),
+            settings.redis_url,
+            settings.redis_key_prefix,
+        )
+    state = AppState(
+        config=ApiConfig(
+            model_id=model_id_for(settings),
+            model_dtype=settings.dtype,
+            device_type=device_type,
+            max_artifact_bytes=settings.max_artifact_bytes,
+            max_prefix_length=settings.max_prefix_length,
+            max_batch_size=settings.max_batch_size,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        ),
+        engine=engine,
+        store=store,
+        spec=spec,
+        metrics=metrics,
+        auth=auth,
+        limiter=limiter,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if auth.single_tenant:
+            logger.warning("no API keys configured: single-tenant mode, every request is tenant 'default'")
+        await store.start()
+        await engine.start()
+        state.started = True
+        state.background = [
+            asyncio.create_task(_watchdog(state, on_fatal), name="prefixserve-watchdog"),
+            asyncio.create_task(_probe_store(state), name="prefixserve-store-probe"),
+        ]
+        logger.info("ready", extra={"model_id": state.config.model_id})
+        try:
+            yield
+        finally:
+            state.draining = True
+            for task in state.background:
+                task.cancel()
+            await asyncio.gather(*state.background, return_exceptions=True)
+            await engine.stop(drain_timeout_s=settings.shutdown_grace_s)
+            await store.close()
+            await limiter.close()
+            logger.info("stopped")
+
+    app = FastAPI(
+        title="prefixserve",
+        version=__version__,
+        description="Many prefix-tuned tasks over one frozen model, in shared batches. "
+        "TGI- and OpenAI-compatible generation, prefix management, metrics.",
+        lifespan=lifespan,
+    )
+    app.state.prefixserve = state
+    install_error_handlers(app)
+    for module in (generate, openai, prefixes, health):
+        app.include_router(module.router)
+    # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
+    # (including 413s) to stamp the request id and log.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+    return app
+
+
+def start_draining(app: FastAPI) -> None:
+    """SIGTERM: readiness false now, new generations get 503; in-flight ones continue."""
+    app.state.prefixserve.draining = True
+
+
+async def _watchdog(state: AppState, on_fatal: Callable[[], None] | None) -> None:
+    while True:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        if not state.engine.healthy and not state.draining:
+            failure = getattr(state.engine, "failure", None)
+            logger.error(
+                "engine loop died; exiting so the orchestrator restarts us", extra={"failure": repr(failure)}
+            )
+            state.draining = True
+            if on_fatal is not None:
+                on_fatal()
+            return
+
+
+async def _probe_store(state: AppState) -> None:
+    while True:
+        try:
+            await state.store.list_tasks("default", None, 1)
+            state.metrics.observe_store("probe", ok=True)
+        except StoreUnavailable:
+            state.metrics.observe_store("probe", ok=False)
+        except Exception:
+            logger.exception("store probe failed")
+        await asyncio.sleep(STORE_PROBE_INTERVAL_S)

@@ -1,0 +1,177 @@
+"""Admission and one generation's life, shared by the TGI, native and OpenAI routes.
+
+`start_generation` checks draining, takes a tenant rate-limit lease, submits to the engine and waits
+for the *first* event before returning. Waiting for it means every error the engine raises at
+admission (unknown task, prompt too long, queue full, store down...) becomes a proper HTTP status,
+even on streaming routes, instead of a broken 200 stream. The returned `Generation` yields the events
+(first one included), releases the lease exactly once, closes the engine stream if the client goes
+away (so the engine drops the request), and records timings for the access log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from server.api.auth import Principal
+from server.api.deps import AppState
+from server.api.errors import ApiError, Draining
+from server.api.ratelimit import Lease
+from server.engine.errors import RequestFailed
+from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
+from server.logging import RequestContext, request_context
+
+# Engine finish reasons that are not a completed generation (engine stopping, or a failure).
+_ABORTED = {"cancelled", "error"}
+
+
+class IncompleteGeneration(ApiError):
+    """The engine ended the request without finishing it (cancelled on shutdown, or failed)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(424, f"generation ended early ({reason})", "incomplete_generation")
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+@dataclass
+class Completed:
+    """A whole generation, collected."""
+
+    text: str
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    seed: int | None
+    prefix_version: int | None
+    tokens: list[TokenInfo] = field(default_factory=list)
+
+
+def token_info(event: StreamEvent) -> TokenInfo:
+    """TGI's per-token object. EOS is the only special token we emit, and it ends the stream."""
+    return TokenInfo(
+        id=event.token_id if event.token_id is not None else -1,
+        text=event.text,
+        logprob=event.token_logprob,
+        special=event.finish_reason == "eos_token",
+    )
+
+
+class Generation:
+    """The events of one admitted generation; iterate once (`events()`) or `collect()`."""
+
+    def __init__(
+        self, first: StreamEvent, stream: Any, lease: Lease, ctx: RequestContext | None, start: float
+    ) -> None:
+        self._first: StreamEvent | None = first
+        self._stream = stream
+        self._lease = lease
+        self._ctx = ctx
+        self._start = start
+        self._closed = False
+        if ctx is not None:
+            ctx.cleanups.append(self.close)
+        self.first_token_at = time.perf_counter()
+        if ctx is not None:
+            ctx.ttft_s = round(self.first_token_at - start, 6)
+            ctx.prompt_tokens = first.num_prompt_tokens
+            ctx.prefix_version = first.prefix_version
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Every event, first included; raises `IncompleteGeneration` if the engine aborted it."""
+        last: StreamEvent | None = None
+        try:
+            if self._first is not None:
+                last, self._first = self._first, None
+                yield last
+            while last.finish_reason is None:
+                try:
+                    last = await anext(self._stream)
+                except StopAsyncIteration:
+                    raise RequestFailed("the engine ended the stream without a final event") from None
+                yield last
+            if last.finish_reason in _ABORTED:
+                raise IncompleteGeneration(last.finish_reason)
+        finally:
+            await self.close(last)
+
+    async def collect(self) -> Completed:
+        tokens: list[TokenInfo] = []
+        last: StreamEvent | None = None
+        async for event in self.events():
+            last = event
+            if event.token_id is not None:
+                tokens.append(token_info(event))
+        assert last is not None and last.finish_reason is not None
+        text = last.generated_text if last.generated_text is not None else "".join(t.text for t in tokens)
+        return Completed(
+            text=text,
+            finish_reason=last.finish_reason,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_generated_tokens=last.num_generated_tokens,
+            seed=last.seed,
+            prefix_version=last.prefix_version,
+            tokens=tokens,
+        )
+
+    async def close(self, last: StreamEvent | None = None) -> None:
+        """Release the lease and the engine stream (idempotent); called when iteration ends or stops."""
+        if self._closed:
+            return
+        self._closed = True
+        # Shielded: on a client disconnect this runs inside a cancelled scope, and the lease must
+        # still be released and the engine told to drop the request.
+        with anyio.CancelScope(shield=True):
+            await self._lease.release()
+            aclose = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                await aclose()  # the engine frees the request's batch row
+        if self._ctx is not None:
+            self._ctx.e2e_s = round(time.perf_counter() - self._start, 6)
+            if last is not None:
+                self._ctx.generated_tokens = last.num_generated_tokens
+                self._ctx.finish_reason = last.finish_reason
+
+
+async def start_generation(
+    state: AppState,
+    principal: Principal,
+    task: str | None,
+    prompt: str | list[int],
+    params: SamplingParams,
+    request_id: str,
+) -> Generation:
+    """Admit and submit one request; returns once its first event is there (see module docstring)."""
+    start = time.perf_counter()
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx.task = task
+    if state.draining:
+        raise Draining()
+    params.validate()  # out-of-range values → 422 before using a rate-limit slot
+    lease = await state.limiter.acquire(principal.tenant)
+    stream: Any = None
+    try:
+        state.metrics.observe_task_request(principal.tenant, task)
+        request = GenerationRequest(
+            request_id=request_id, prompt=prompt, params=params, tenant=principal.tenant, task=task
+        )
+        stream = state.engine.generate(request)
+        first = await anext(stream)
+    except BaseException:
+        await lease.release()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        raise
+    return Generation(first, stream, lease, ctx, start)

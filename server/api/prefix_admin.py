@@ -1,0 +1,144 @@
+"""Prefix management logic behind the `/v1/prefixes` routes: validate uploads, talk to the store.
+
+Uploads are validated *before* they are stored, with the same checks the engine applies when it
+loads a prefix (`load_artifact` against the served model's `ModelSpec`), so what is stored is always
+servable. PEFT adapters are converted to our artifact format (`peft_to_artifact`) and the converted
+artifact is stored. Nothing is ever unpickled: only safetensors bytes are parsed.
+
+Validation builds tensors, so it runs in a worker thread to keep the event loop serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+from fastapi import UploadFile
+
+from prefix_store.artifact import ArtifactError, ArtifactLimits, dump_artifact, load_artifact
+from prefix_store.base import StoreUnavailable, VersionInfo, validate_name
+from prefix_store.peft_format import peft_to_artifact
+from server.api.deps import AppState
+from server.api.errors import ApiError
+from server.api.schemas import PrefixDetail, PrefixVersion
+
+
+@contextlib.contextmanager
+def store_call(state: AppState, operation: str) -> Iterator[None]:
+    """Count store failures (`prefixserve_store_errors_total`) and track `prefixserve_store_up`."""
+    try:
+        yield
+    except StoreUnavailable:
+        state.metrics.observe_store(operation, ok=False)
+        raise
+    state.metrics.observe_store(operation, ok=True)
+
+
+async def read_upload(upload: UploadFile, field: str, limit: int) -> bytes:
+    """The bytes of one uploaded file, refusing (422) a file over `limit` without reading all of it."""
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ArtifactError(f"{field}: file exceeds the limit of {limit} bytes")
+    if not data:
+        raise ArtifactError(f"{field}: the file is empty")
+    return data
+
+
+async def validate_upload(
+    state: AppState,
+    task: str,
+    artifact: UploadFile | None,
+    adapter_config: UploadFile | None,
+    adapter_model: UploadFile | None,
+) -> tuple[bytes, dict[str, Any]]:
+    """Check one upload form and return (artifact bytes to store, metadata to store with them)."""
+    validate_name(task, "task")
+    limits = ArtifactLimits(
+        max_bytes=state.config.max_artifact_bytes, max_prefix_length=state.config.max_prefix_length
+    )
+    peft_parts = (adapter_config is not None, adapter_model is not None)
+    if artifact is not None and any(peft_parts):
+        raise ApiError(
+            422, "send either 'artifact' or 'adapter_config' + 'adapter_model', not both", "validation"
+        )
+    if artifact is not None:
+        data = await read_upload(artifact, "artifact", limits.max_bytes)
+        parsed = await anyio.to_thread.run_sync(lambda: load_artifact(data, state.spec, limits))
+        source = "artifact"
+    elif all(peft_parts):
+        assert adapter_config is not None and adapter_model is not None
+        config_bytes = await read_upload(adapter_config, "adapter_config", 1 << 20)
+        model_bytes = await read_upload(adapter_model, "adapter_model", limits.max_bytes)
+
+        def convert() -> tuple[Any, bytes]:
+            converted = peft_to_artifact(config_bytes, model_bytes, state.spec, task, limits)
+            return converted, dump_artifact(converted)
+
+        parsed, data = await anyio.to_thread.run_sync(convert)
+        source = "peft"
+    elif any(peft_parts):
+        missing = "adapter_model" if adapter_config is not None else "adapter_config"
+        raise ApiError(
+            422,
+            f"a PEFT upload needs both adapter_config and adapter_model; '{missing}' is missing",
+            "validation",
+        )
+    else:
+        raise ApiError(
+            422,
+            "no file: send 'artifact' (safetensors) or 'adapter_config' + 'adapter_model' (PEFT)",
+            "validation",
+        )
+    summary = parsed.summary()
+    metadata = {
+        "source": source,
+        "prefix_lengths": summary["prefix_lengths"],
+        "num_parameters": summary["num_parameters"],
+        "dtype": summary["dtype"],
+        "model_fingerprint": summary["model_fingerprint"],
+        "artifact_created_at": summary["created_at"],
+        "training": summary["training"],
+    }
+    return data, metadata
+
+
+def version_out(info: VersionInfo) -> PrefixVersion:
+    """A stored version as the API shows it."""
+    meta = info.metadata
+    lengths = {str(k): int(v) for k, v in (meta.get("prefix_lengths") or {}).items()}
+    return PrefixVersion(
+        task=info.task,
+        version=info.version,
+        prefix_lengths=lengths,
+        prefix_length=lengths.get("decoder", 0),
+        num_parameters=int(meta.get("num_parameters", 0)),
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        created_at=datetime.fromtimestamp(info.created_at, timezone.utc).isoformat(timespec="seconds"),
+        source=str(meta.get("source", "artifact")),
+    )
+
+
+def detail_out(current: VersionInfo, versions: list[VersionInfo]) -> PrefixDetail:
+    return PrefixDetail(
+        **version_out(current).model_dump(),
+        current_version=current.version,
+        versions=[version_out(v) for v in versions],
+    )
+
+
+async def list_all_tasks(state: AppState, tenant: str, max_items: int) -> list[VersionInfo]:
+    """Up to `max_items` of the tenant's tasks (current versions), following the store's pages."""
+    items: list[VersionInfo] = []
+    cursor: str | None = None
+    with store_call(state, "list_tasks"):
+        while len(items) < max_items:
+            page = await state.store.list_tasks(tenant, cursor, min(1000, max_items - len(items)))
+            items += page.items
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+    return items

@@ -1,0 +1,24 @@
+"""Server-sent events: framing and the streaming response used by the TGI and OpenAI stream routes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
+}
+
+
+def sse_data(payload: dict[str, Any] | str) -> bytes:
+    """One `data:` event. Dicts are compact JSON (one line, so no multi-line `data:` framing needed)."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data:{text}\n\n".encode()
+
+
+def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,290 @@
+"""BART (encoder-decoder) forward over slot caches: many tasks' three prefixes in one batch.
+
+Per request, `prefill` runs the encoder once (with the task's encoder prefix), stores the decoder's
+cross-attention keys/values for that row, writes the decoder prefix, and feeds the decoder start token.
+`decode` then runs one decoder token per row. The prompt is the *source*: the runner wraps it as
+`[bos] + prompt + [eos]` (the bundled tokenizer adds no specials), and decoding starts from
+`config.decoder_start_token_id`, as HF `generate` does.
+
+Two caches, both `SlotKVCache`s, kept in lockstep (same rows, same add/remove order, so the
+"last row moves into the freed slot" rule moves a request's self and cross state together):
+
+    self_cache.keys/values   [dec_layers, rows, H, self_capacity, D]
+        row r: [0, Ld_r)                       the task's decoder prefix
+               [Ld_r, Ld_r + T_r)              decoder tokens fed so far (start token first)
+        the token at index i has position id i: decoder positions start at Ld_r (HF/PEFT rule).
+
+    cross_cache.keys/values  [dec_layers, rows, H, cross_capacity, D]
+        row r: [0, Lc_r)                       the task's cross-attention prefix
+               [Lc_r, Lc_r + S_r)              k_proj/v_proj of the S_r encoder outputs (source + bos/eos)
+        written once at prefill, read by every decode step; indices >= Lc_r + S_r are padding (masked).
+
+The encoder keeps no state: its outputs only feed the cross cache. Its prefix (length Le_r, per row)
+takes no position; source positions start at 0. Rows of one prefill are right-padded and their
+encoder prefixes padded to the longest, with masks, so different tasks and lengths share one pass.
+
+Length rules (`validate_lengths`): the encoder input `P + 2` must fit `max_positions`; the decoder
+feeds the start token and all but the last generated token, so `Ld + max_new_tokens <= max_positions`.
+Encoder and cross prefix lengths take no positions (they are only bounded by the artifact limits).
+
+As in the GPT-2 runner: host-side lengths (Python ints), one host-to-device copy of index tensors per
+step, no `.item()` or other device reads in `decode`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefix_store.artifact import ArtifactLimits, PrefixArtifact
+from prefixserve.bart_prefix import encode, feed_forward, lm_logits, wrap_source
+from prefixserve.models import LoadedModel
+from server.engine.errors import PromptTooLong
+from server.engine.kv_cache import SlotKVCache
+from server.engine.runner import PrefillItem
+
+
+def _too_long(
+    num_prompt_tokens: int, prefix_length: int, max_new_tokens: int, limit: int, message: str
+) -> PromptTooLong:
+    """A `PromptTooLong` carrying the usual numbers but a message that states BART's own rule."""
+    err = PromptTooLong(num_prompt_tokens, prefix_length, max_new_tokens, limit)
+    err.args = (message,)
+    return err
+
+
+class BartRunner:
+    """`ModelRunner` for BART (`BartForConditionalGeneration`) with encoder, decoder and cross prefixes."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_rows: int,
+        position_chunk: int = 256,
+        max_prefix_length: int = ArtifactLimits().max_prefix_length,
+    ) -> None:
+        model = loaded.model
+        config = model.config
+        if config.model_type != "bart":
+            raise ValueError(f"BartRunner serves bart models, got model_type {config.model_type!r}")
+        self.model = model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.decoder = model.get_decoder()
+        self.layers = list(self.decoder.layers)
+        self.num_heads = int(config.decoder_attention_heads)
+        self.hidden_size = int(config.d_model)
+        self.head_dim = self.hidden_size // self.num_heads
+        self.max_positions = int(config.max_position_embeddings)
+        self.vocab_size = int(config.vocab_size)
+        self.eos_token_id: int | None = config.eos_token_id
+        self.config = config
+        self.decoder_start_token_id = int(config.decoder_start_token_id)
+        self.position_offset = int(self.decoder.embed_positions.offset)  # BART's learned positions start at 2
+        cache_args = dict(
+            num_layers=len(self.layers),
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            max_rows=max_rows,
+            dtype=self.dtype,
+            device=self.device,
+            position_chunk=position_chunk,
+        )
+        self.self_cache = SlotKVCache(max_positions=self.max_positions, **cache_args)  # type: ignore[arg-type]
+        # Cross rows hold a cross prefix (up to the artifact limit) plus the whole encoder input.
+        self.cross_cache = SlotKVCache(max_positions=self.max_positions + max_prefix_length, **cache_args)  # type: ignore[arg-type]
+        self._row_index = torch.arange(max_rows, device=self.device)  # [max_rows]
+        self._position_index = torch.arange(self.cross_cache.max_positions + 1, device=self.device)  # [C_max]
+
+    # ---- lengths ------------------------------------------------------------------------------
+    def prefix_positions(self, artifact: PrefixArtifact | None) -> int:
+        """Decoder self-attention positions the prefix takes: the decoder prefix length."""
+        return 0 if artifact is None else artifact.prefix_length("decoder")
+
+    def validate_lengths(
+        self, num_prompt_tokens: int, max_new_tokens: int, artifact: PrefixArtifact | None
+    ) -> None:
+        encoder_tokens = num_prompt_tokens + 2  # bos + source + eos
+        if encoder_tokens > self.max_positions:
+            raise _too_long(
+                num_prompt_tokens,
+                0,
+                max_new_tokens,
+                self.max_positions,
+                f"prompt has {num_prompt_tokens} tokens; with <s> and </s> the encoder needs {encoder_tokens} "
+                f"positions but the model's limit is {self.max_positions}",
+            )
+        prefix = self.prefix_positions(artifact)
+        if prefix + max_new_tokens > self.max_positions:
+            raise _too_long(
+                num_prompt_tokens,
+                prefix,
+                max_new_tokens,
+                self.max_positions,
+                f"decoder prefix length {prefix} + max_new_tokens {max_new_tokens} = {prefix + max_new_tokens} "
+                f"decoder positions, but the model's limit is {self.max_positions}",
+            )
+
+    def reserved_tokens(
+        self, num_prompt_tokens: int, max_new_tokens: int, artifact: PrefixArtifact | None
+    ) -> int:
+        """Self-cache positions (Ld + G) plus cross-cache positions (Lc + P + 2): both cost the same per position."""
+        cross = 0 if artifact is None else artifact.prefix_length("cross")
+        return self.prefix_positions(artifact) + max_new_tokens + cross + num_prompt_tokens + 2
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self.self_cache.request_ids)
+
+    def kv_stats(self) -> dict[str, int]:
+        return {
+            "rows": self.self_cache.num_active,
+            "row_capacity": self.self_cache.row_capacity,
+            "position_capacity": self.self_cache.position_capacity,
+            "cross_position_capacity": self.cross_cache.position_capacity,
+            "bytes": self.self_cache.nbytes + self.cross_cache.nbytes,
+        }
+
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            if rid in self.self_cache.row_by_request_id:
+                # Same remove on both caches: the same last row moves into the same slot.
+                self.self_cache.remove(rid)
+                self.cross_cache.remove(rid)
+
+    # ---- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
+        """Append rows for `items`: encoder, cross cache, decoder prefix, start token. -> logits [n, V] float32."""
+        sources = [wrap_source(it.input_ids, self.config) for it in items]  # bos + prompt + eos
+        ids = [it.request_id for it in items]
+        dec_lens = [self.prefix_positions(it.prefix) for it in items]
+        cross_lens = [_length(it.prefix, "cross") + len(src) for it, src in zip(items, sources, strict=True)]
+        rows = self.self_cache.add_rows(ids, dec_lens)
+        try:
+            cross_rows = self.cross_cache.add_rows(ids, cross_lens)
+            if cross_rows != rows:  # lockstep broken: a bug, never a user error
+                raise RuntimeError(f"self/cross cache rows diverged: {rows} vs {cross_rows}")
+            self._encode_into_cross_cache(items, sources, rows)
+            for row, it in zip(rows, items, strict=True):
+                if it.prefix is not None and "decoder" in it.prefix.prefixes:
+                    self.self_cache.write_prefix(row, it.prefix.prefixes["decoder"])
+            start = torch.full(
+                (len(items),), self.decoder_start_token_id, dtype=torch.long, device=self.device
+            )
+            return self._decoder_step(rows[0], start)  # [n, V]
+        except BaseException:
+            self.release(ids)
+            raise
+
+    def _encode_into_cross_cache(
+        self, items: list[PrefillItem], sources: list[list[int]], rows: list[int]
+    ) -> None:
+        """Run the encoder over the right-padded sources and write each row's cross prefix + encoder K/V."""
+        n, H, D, dev = len(items), self.num_heads, self.head_dim, self.device
+        src_lens = [len(s) for s in sources]
+        S = max(src_lens)
+        padded = [s + [int(self.config.pad_token_id)] * (S - len(s)) for s in sources]
+        input_ids = torch.tensor(padded, dtype=torch.long, device=dev)  # [n, S]
+        src_len_t = torch.tensor(src_lens, device=dev)  # [n]
+        steps = self._position_index[:S]  # [S]
+        src_mask = steps[None, :] < src_len_t[:, None]  # [n, S] real tokens
+        enc_prefix, enc_prefix_mask = self._padded_encoder_prefix(items)  # [Le, 2, n, H, Lmax, D], [n, Lmax]
+        enc_out = encode(self.model, input_ids, src_mask, enc_prefix, enc_prefix_mask)  # [n, S, d]
+
+        cross_prefix_lens = [_length(it.prefix, "cross") for it in items]
+        for row, it in zip(rows, items, strict=True):
+            if cross_prefix_lens[row - rows[0]]:
+                self.cross_cache.write_prefix(row, it.prefix.prefixes["cross"])  # type: ignore[union-attr]
+        # Encoder K/V go right after each row's cross prefix: row r, index Lc_r + j for source token j.
+        flat = src_mask.reshape(-1).nonzero().squeeze(1)  # [T] real tokens in n*S
+        write_rows = (self._row_index[:n] + rows[0]).repeat_interleave(S)[flat]  # [T]
+        offsets = torch.tensor(cross_prefix_lens, device=dev)  # [n]
+        write_pos = (offsets[:, None] + steps[None, :]).reshape(-1)[flat]  # [T]
+        for layer, block in enumerate(self.layers):
+            attn = block.encoder_attn
+            keys = attn.k_proj(enc_out).reshape(n * S, H, D)[flat]  # [T, H, D]
+            values = attn.v_proj(enc_out).reshape(n * S, H, D)[flat]  # [T, H, D]
+            self.cross_cache.keys[layer][write_rows, :, write_pos] = keys
+            self.cross_cache.values[layer][write_rows, :, write_pos] = values
+
+    def _padded_encoder_prefix(
+        self, items: list[PrefillItem]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Encoder prefixes padded to the longest: ([enc_layers, 2, n, H, Lmax, D], mask [n, Lmax]) or (None, None)."""
+        lens = [_length(it.prefix, "encoder") for it in items]
+        longest = max(lens)
+        if longest == 0:
+            return None, None
+        first = next(it.prefix.prefixes["encoder"] for it in items if _length(it.prefix, "encoder"))  # type: ignore[union-attr]
+        layers, _, heads, _, head_dim = first.shape
+        padded = torch.zeros(
+            layers, 2, len(items), heads, longest, head_dim, dtype=self.dtype, device=self.device
+        )
+        for i, (it, length) in enumerate(zip(items, lens, strict=True)):
+            if length:
+                padded[:, :, i, :, :length] = it.prefix.prefixes["encoder"]  # type: ignore[union-attr]
+        lens_t = torch.tensor(lens, device=self.device)  # [n]
+        mask = self._position_index[:longest][None, :] < lens_t[:, None]  # [n, Lmax]
+        return padded, mask
+
+    @torch.inference_mode()
+    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids: [N] for rows 0..N-1 (row order = `request_ids`). -> logits [N, V] float32."""
+        n = self.self_cache.num_active
+        if token_ids.shape != (n,):
+            raise ValueError(
+                f"decode expects {n} token ids (one per active row), got {tuple(token_ids.shape)}"
+            )
+        return self._decoder_step(0, token_ids.to(self.device))
+
+    def _decoder_step(self, first_row: int, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one decoder token to rows [first_row, first_row + n). token_ids: [n]. -> logits [n, V] float32."""
+        n, E, H, D = token_ids.shape[0], self.hidden_size, self.num_heads, self.head_dim
+        span = slice(first_row, first_row + n)
+        lengths = self.self_cache.lengths[span]  # host ints: Ld_r + tokens fed so far
+        cross_lens = self.cross_cache.lengths[span]  # host ints: Lc_r + S_r
+        S = max(lengths) + 1
+        C = max(cross_lens)
+        self.self_cache.reserve(first_row + n, S)
+        positions = torch.tensor(lengths, device=self.device)  # [n] the new token's cache index = position id
+        cross_len_t = torch.tensor(cross_lens, device=self.device)  # [n]
+        rows = self._row_index[span]  # [n]
+        self_mask = (self._position_index[:S][None, :] <= positions[:, None])[
+            :, None, None, :
+        ]  # [n, 1, 1, S]
+        cross_mask = (self._position_index[:C][None, :] < cross_len_t[:, None])[
+            :, None, None, :
+        ]  # [n, 1, 1, C]
+
+        dec = self.decoder
+        embeds = dec.embed_tokens(token_ids)  # [n, E], embed_scale applied inside
+        pos_embeds = F.embedding(positions + self.position_offset, dec.embed_positions.weight)  # [n, E]
+        x = dec.layernorm_embedding(embeds + pos_embeds)[:, None]  # [n, 1, E]
+        for layer, block in enumerate(self.layers):
+            attn = block.self_attn
+            q = attn.q_proj(x).view(n, 1, H, D).transpose(1, 2)  # [n, H, 1, D]
+            self.self_cache.keys[layer][rows, :, positions] = attn.k_proj(x).view(n, H, D)  # [n, H, D]
+            self.self_cache.values[layer][rows, :, positions] = attn.v_proj(x).view(n, H, D)
+            keys = self.self_cache.keys[layer, span, :, :S]  # [n, H, S, D] view, no copy
+            values = self.self_cache.values[layer, span, :, :S]  # [n, H, S, D]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask, scale=attn.scaling)
+            x = block.self_attn_layer_norm(
+                x + attn.out_proj(out.transpose(1, 2).reshape(n, 1, E))
+            )  # [n, 1, E]
+
+            xattn = block.encoder_attn
+            q = xattn.q_proj(x).view(n, 1, H, D).transpose(1, 2)  # [n, H, 1, D]
+            keys = self.cross_cache.keys[layer, span, :, :C]  # [n, H, C, D]
+            values = self.cross_cache.values[layer, span, :, :C]  # [n, H, C, D]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask, scale=xattn.scaling)
+            x = block.encoder_attn_layer_norm(
+                x + xattn.out_proj(out.transpose(1, 2).reshape(n, 1, E))
+            )  # [n, 1, E]
+            x = feed_forward(block, x)  # [n, 1, E]
+        self.self_cache.lengths[span] = [length + 1 for length in lengths]
+        return lm_logits(self.model, x[:, 0]).float()  # [n, V]
+
+
+def _length(artifact: PrefixArtifact | None, kind: str) -> int:
+    return 0 if artifact is None else artifact.prefix_length(kind)

@@ -1,0 +1,515 @@
+"""The engine: continuous batching of prefix-tuned generation over one frozen model.
+
+One asyncio task runs the loop `schedule() -> execute (model + sampling) -> update()`. Each step's
+tensor work (freeing rows, one decode of every running row, one prefill of the newly admitted rows,
+sampling) runs in a single worker thread via `run_in_executor`, so the event loop stays free to accept
+and stream requests. Scheduler, request states and detokenizers are touched only on the event loop.
+
+Rows of one batch carry different tasks' prefixes: a request's prefix is resolved through the tiered
+`PrefixCache` before it is queued and copied into its KV row at prefill (see `kv_cache`).
+
+Failure isolation: an error while preparing or prefilling one request fails that request alone (its
+iterator raises `RequestFailed`); an error that breaks the step itself (decode, sampling) marks the
+engine unhealthy (`healthy` False, `failure` set) and every pending iterator raises `EngineStopped`.
+
+Not supported: beam search (`num_beams > 1`); the API layer refuses it. Each request produces one
+sequence, sampled or greedy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prefix_store.base import InvalidName, PrefixStore
+from prefixserve.models import LoadedModel
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.errors import (
+    EngineError,
+    EngineStopped,
+    InvalidRequest,
+    QueueTimeout,
+    RequestFailed,
+    UnknownTask,
+)
+from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
+from server.engine.runner import ModelRunner, PrefillItem
+from server.engine.sampling import RowSampling, make_row, new_seed, sample
+from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from server.engine.types import FinishReason, GenerationRequest, StreamEvent
+
+logger = logging.getLogger(__name__)
+
+
+class EngineObserver:
+    """Callbacks for metrics; subclass and override what you need (all are no-ops here).
+
+    Called on the event loop thread; keep them cheap. The engine never imports a metrics library.
+    """
+
+    def on_step(self, batch_size: int, num_distinct_tasks: int, kv_usage_ratio: float) -> None: ...
+    def on_queue_time(self, seconds: float) -> None: ...
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_token(self, inter_token_seconds: float) -> None: ...
+    def on_finish(
+        self,
+        reason: str,
+        prompt_tokens: int,
+        generated_tokens: int,
+        e2e_seconds: float,
+        tenant: str,
+        task: str | None,
+    ) -> None: ...
+    def on_prefix_load(self, seconds: float) -> None: ...
+    def on_cache_event(self, kind: str, tier: str) -> None: ...
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits. `kv_budget_tokens=None` means max_batch_size x the model's max positions."""
+
+    max_batch_size: int = 32  # rows of a step (running requests)
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per step
+    kv_budget_tokens: int | None = None  # sum of reserved positions (prefix + prompt + max_new_tokens)
+    max_waiting: int = 256
+    queue_timeout_s: float = 60.0
+    device_prefix_cache_bytes: int = 256 << 20
+    host_prefix_cache_bytes: int = 1 << 30
+    kv_position_chunk: int = 256  # KV cache grows/shrinks in chunks of this many positions
+
+
+@dataclass
+class _Request:
+    """Engine-side state of one request (event loop thread only)."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    prefix: ResolvedPrefix | None
+    seed: int
+    sampling: RowSampling
+    detok: IncrementalDetokenizer
+    arrival: float
+    events: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
+    next_token: int | None = None  # sampled, not yet fed to the model
+    last_token_time: float | None = None
+    done: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def task_label(self) -> str:
+        return f"{self.request.tenant}/{self.request.task}" if self.request.task else ""
+
+
+@dataclass
+class _StepWork:
+    release_ids: list[str]
+    decode_tokens: dict[str, int]
+    prefill: list[PrefillItem]
+    rows: dict[str, RowSampling]
+
+
+@dataclass
+class _StepResult:
+    request_ids: list[str]
+    token_ids: list[int]
+    logprobs: list[float]
+    failed: dict[str, BaseException]
+
+
+class Engine:
+    """Serves `generate` requests for many tasks over one model. See the module docstring."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: PrefixStore | None,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+        runner: ModelRunner | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.tokenizer = loaded.tokenizer
+        self.runner = runner or _default_runner(loaded, self.config)
+        kv_budget = self.config.kv_budget_tokens or self.config.max_batch_size * self.runner.max_positions
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_running=self.config.max_batch_size,
+                max_prefill_tokens=self.config.max_prefill_tokens,
+                kv_budget_tokens=kv_budget,
+                max_waiting=self.config.max_waiting,
+                queue_timeout_s=self.config.queue_timeout_s,
+            )
+        )
+        self.prefix_cache: PrefixCache | None = None
+        if store is not None:
+            self.prefix_cache = PrefixCache(
+                store,
+                loaded.spec,
+                loaded.device,
+                loaded.dtype,
+                self.config.device_prefix_cache_bytes,
+                self.config.host_prefix_cache_bytes,
+                listener=self.observer,
+            )
+        # Called in the worker thread with (request ids, logits [N, V]) of every step; tests use it.
+        self.debug_logits_hook: Any = None
+        self.healthy = True
+        self.failure: BaseException | None = None
+        self._requests: dict[str, _Request] = {}
+        self._to_release: list[str] = []
+        self._wake = asyncio.Event()
+        self._accepting = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the loop (and subscribe the prefix cache to store changes)."""
+        if self._loop_task is not None:
+            return
+        if self.prefix_cache is not None:
+            self.prefix_cache.start()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefixserve-engine")
+        self._wake = asyncio.Event()
+        self._accepting = True
+        self._loop_task = asyncio.create_task(self._run(), name="prefixserve-engine-loop")
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting; let queued and running requests finish for up to `drain_timeout_s`, then
+        end the rest with finish_reason "cancelled"."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._requests and self.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for state in list(self._requests.values()):
+            self._finish_outside(state, "cancelled")
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+            self._loop_task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)  # the step in flight (if any) completes first
+            self._executor = None
+
+    # ---- gauges -------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def running_tasks(self) -> list[str]:
+        """Distinct "tenant/task" of running requests (bare-model requests not listed)."""
+        return self._task_labels(self.scheduler.running_ids)
+
+    @property
+    def waiting_tasks(self) -> list[str]:
+        return self._task_labels(self.scheduler.waiting_ids)
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        return self.scheduler.kv_usage_ratio
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return None if self.prefix_cache is None else self.prefix_cache.stats
+
+    def _task_labels(self, ids: list[str]) -> list[str]:
+        labels = {self._requests[r].task_label for r in ids if r in self._requests}
+        return sorted(label for label in labels if label)
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Stream one `StreamEvent` per generated token; the last one has `finish_reason` set.
+
+        Admission errors (`InvalidRequest`, `PromptTooLong`, `UnknownTask`, `StoreUnavailable`,
+        `InvalidPrefix`, `QueueFull`, `EngineStopped`) are raised by the first `__anext__`, before any
+        event. Later: `QueueTimeout`, `RequestFailed`, `EngineStopped`. Closing the iterator early (or
+        cancelling the consuming task) aborts the request; its row is freed at the next step.
+        """
+        state = await self._admit(request)
+        try:
+            while True:
+                item = await state.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not state.done:
+                self._finish_outside(state, "cancelled", notify=False)
+
+    async def _admit(self, request: GenerationRequest) -> _Request:
+        if not self._accepting or not self.healthy:
+            raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
+        params = request.params
+        params.validate()
+        prompt_ids = self._tokenize(request.prompt)
+        prefix = await self._resolve_prefix(request)
+        artifact = None if prefix is None else prefix.artifact
+        self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, artifact)
+        seed = params.seed if params.seed is not None else new_seed()
+        eos = self.runner.eos_token_id
+        state = _Request(
+            request=request,
+            prompt_ids=prompt_ids,
+            prefix=prefix,
+            seed=seed,
+            sampling=make_row(params, seed, prompt_ids, self.loaded.device),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.max_new_tokens, params.stop, eos),
+            arrival=time.monotonic(),
+        )
+        if not self._accepting or not self.healthy:  # stopped while the prefix was loading
+            raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
+        self.scheduler.add(
+            ScheduledRequest(
+                request_id=request.request_id,
+                num_prompt_tokens=len(prompt_ids),
+                reserved_tokens=self.runner.reserved_tokens(len(prompt_ids), params.max_new_tokens, artifact),
+                arrival_time=state.arrival,
+            )
+        )
+        self._requests[request.request_id] = state
+        self._wake.set()
+        return state
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        else:
+            ids = list(prompt)
+            vocab = self.runner.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if not ids:
+            # Like HF generate without input: start from the BOS token.
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise InvalidRequest("the prompt is empty and the model has no BOS token")
+            ids = [int(bos)]
+        return ids
+
+    async def _resolve_prefix(self, request: GenerationRequest) -> ResolvedPrefix | None:
+        if request.task is None:
+            return None
+        if self.prefix_cache is None:
+            raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
+        try:
+            return await self.prefix_cache.resolve(request.tenant, request.task)
+        except InvalidName as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    def _finish_outside(self, state: _Request, reason: FinishReason, notify: bool = True) -> None:
+        """End a request for a reason outside the model (cancelled): abort it, free its row next step."""
+        if state.done:
+            return
+        state.done = True
+        self._requests.pop(state.request_id, None)
+        self.scheduler.abort(state.request_id)
+        self._wake.set()
+        text = state.detok.finish(reason)
+        if notify:
+            state.events.put_nowait(self._event(state, None, text, reason))
+        self._observe_finish(state, reason)
+
+    def _fail(self, state: _Request, exc: BaseException) -> None:
+        if state.done:
+            return
+        state.done = True
+        self._requests.pop(state.request_id, None)
+        self.scheduler.abort(state.request_id)
+        state.events.put_nowait(exc)
+        self._observe_finish(state, "error")
+
+    # ---- the loop -----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self.scheduler.has_work() and not self._to_release:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                plan = self.scheduler.schedule()
+                for rid in plan.timed_out_ids:
+                    state = self._requests.get(rid)
+                    if state is not None:
+                        timeout = self.config.queue_timeout_s
+                        self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
+                work = self._prepare(plan.prefill_ids, plan.decode_ids, plan.aborted_ids)
+                if not (work.release_ids or work.decode_tokens or work.prefill):
+                    continue
+                result = await loop.run_in_executor(self._executor, self._execute, work)
+                self._apply(result, num_prefilled=len(work.prefill))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            logger.exception("engine loop failed; failing all pending requests")
+            self.healthy = False
+            self.failure = exc
+            for state in list(self._requests.values()):
+                self._fail(state, EngineStopped(f"the engine failed: {exc!r}"))
+
+    def _prepare(self, prefill_ids: list[str], decode_ids: list[str], aborted_ids: list[str]) -> _StepWork:
+        release = self._to_release + aborted_ids
+        self._to_release = []
+        work = _StepWork(release_ids=release, decode_tokens={}, prefill=[], rows={})
+        now = time.monotonic()
+        for rid in decode_ids:
+            state = self._requests[rid]
+            assert state.next_token is not None
+            work.decode_tokens[rid] = state.next_token
+            work.rows[rid] = state.sampling
+        for rid in prefill_ids:
+            state = self._requests[rid]
+            artifact = None if state.prefix is None else state.prefix.artifact
+            work.prefill.append(PrefillItem(rid, state.prompt_ids, artifact))
+            work.rows[rid] = state.sampling
+            self.observer.on_queue_time(now - state.arrival)
+        return work
+
+    def _execute(self, work: _StepWork) -> _StepResult:
+        """Worker thread: all tensor work of one step."""
+        runner = self.runner
+        runner.release(work.release_ids)
+        ids: list[str] = []
+        logits: list[torch.Tensor] = []
+        failed: dict[str, BaseException] = {}
+        if work.decode_tokens:
+            order = runner.request_ids
+            if set(order) != set(work.decode_tokens):
+                raise RuntimeError(f"runner rows {sorted(order)} != running {sorted(work.decode_tokens)}")
+            tokens = torch.tensor([work.decode_tokens[r] for r in order], device=self.loaded.device)  # [N]
+            logits.append(runner.decode(tokens))
+            ids += order
+        if work.prefill:
+            try:
+                logits.append(runner.prefill(work.prefill))
+                ids += [item.request_id for item in work.prefill]
+            except Exception:
+                # Find the culprit(s): prefill one by one, so one bad request fails alone.
+                for item in work.prefill:
+                    try:
+                        logits.append(runner.prefill([item]))
+                        ids.append(item.request_id)
+                    except Exception as exc:
+                        logger.exception("prefill of request %s failed", item.request_id)
+                        failed[item.request_id] = exc
+        if not ids:
+            return _StepResult([], [], [], failed)
+        all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # [N, V]
+        if self.debug_logits_hook is not None:
+            self.debug_logits_hook(list(ids), all_logits)
+        token_ids, logprobs = sample(all_logits, [work.rows[r] for r in ids])
+        return _StepResult(ids, token_ids, logprobs, failed)
+
+    def _apply(self, result: _StepResult, num_prefilled: int) -> None:
+        """Event loop: turn sampled tokens into events, detect finishes, update the scheduler."""
+        now = time.monotonic()
+        for rid, exc in result.failed.items():
+            state = self._requests.get(rid)
+            if state is not None:
+                failure = RequestFailed(f"request {rid} failed: {exc!r}")
+                failure.__cause__ = exc
+                self._fail(state, failure)
+        outputs: list[StepOutput] = []
+        tasks: set[str] = set()
+        for rid, token, logprob in zip(result.request_ids, result.token_ids, result.logprobs, strict=True):
+            state = self._requests.get(rid)
+            if state is None or state.done:  # aborted while the step ran; its row is released next step
+                continue
+            tasks.add(state.task_label)
+            try:
+                state.sampling.seen_ids.append(token)
+                text = state.detok.add_token(token)
+            except Exception as exc:
+                logger.exception("detokenizing request %s failed", rid)
+                self._fail(state, RequestFailed(f"request {rid} failed: {exc!r}"))
+                continue
+            if state.last_token_time is None:
+                self.observer.on_first_token(now - state.arrival)
+            else:
+                self.observer.on_token(now - state.last_token_time)
+            state.last_token_time = now
+            state.next_token = token
+            reason = state.detok.finish_reason
+            state.events.put_nowait(self._event(state, token, text, reason, logprob))
+            outputs.append(StepOutput(rid, 1, reason is not None))
+            if reason is not None:
+                state.done = True
+                del self._requests[rid]
+                self._to_release.append(rid)
+                self._observe_finish(state, reason)
+        self.scheduler.update(outputs)
+        if result.request_ids:
+            self.observer.on_step(len(result.request_ids), len(tasks), self.scheduler.kv_usage_ratio)
+
+    # ---- events -------------------------------------------------------------------------------
+    def _event(
+        self,
+        state: _Request,
+        token: int | None,
+        text: str,
+        reason: FinishReason | None,
+        logprob: float | None = None,
+    ) -> StreamEvent:
+        return StreamEvent(
+            request_id=state.request_id,
+            token_id=token,
+            text=text,
+            finish_reason=reason,
+            num_prompt_tokens=len(state.prompt_ids),
+            num_generated_tokens=state.detok.num_generated,
+            seed=state.seed,
+            prefix_version=None if state.prefix is None else state.prefix.version,
+            generated_text=state.detok.text if reason is not None else None,
+            token_logprob=logprob,
+        )
+
+    def _observe_finish(self, state: _Request, reason: str) -> None:
+        self.observer.on_finish(
+            reason,
+            len(state.prompt_ids),
+            state.detok.num_generated,
+            time.monotonic() - state.arrival,
+            state.request.tenant,
+            state.request.task,
+        )
+
+
+def _failure_note(failure: BaseException | None) -> str:
+    return "" if failure is None else f" (engine failed: {failure!r})"
+
+
+def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
+    model_type = loaded.spec.model_type
+    if model_type == "gpt2":
+        from server.engine.gpt2_runner import GPT2Runner
+
+        return GPT2Runner(loaded, max_rows=config.max_batch_size, position_chunk=config.kv_position_chunk)
+    if model_type == "bart":
+        from server.engine import bart_runner  # type: ignore[attr-defined]
+
+        return bart_runner.BartRunner(  # type: ignore[no-any-return]
+            loaded, max_rows=config.max_batch_size, position_chunk=config.kv_position_chunk
+        )
+    raise EngineError(f"no model runner for model_type {model_type!r}")

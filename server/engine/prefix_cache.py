@@ -1,0 +1,231 @@
+"""Tiered prefix cache: device LRU -> host (CPU) LRU -> the prefix store.
+
+Entries are keyed by (tenant, task, version) and sit in exactly one tier. A device-tier eviction
+demotes the entry to the host tier (a device->host copy; none on a CPU-only server), a host hit
+promotes it back. Each tier is an LRU bounded in bytes; an entry larger than a tier's whole budget is
+still returned to its caller, just not kept in that tier.
+
+Versions: the cache tracks each task's current version, learned from `store.get` and from the store's
+change notifications (`store.subscribe`). A change drops the task's entries of other versions, so the
+next request loads the new one; requests already running hold their own reference to the tensors
+(and have already copied them into their KV rows), so they finish on the version they started with.
+
+Loads are single-flight: concurrent misses of one task await one load task, so one store read
+and one validation serve them all. Blobs are validated with `load_artifact(data, spec)` before use.
+With the store down, cached current versions keep serving and uncached tasks raise `StoreUnavailable`.
+
+Runs on the event loop (no threads): validation of a blob is done in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
+from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound
+from prefix_store.model_spec import ModelSpec
+from server.engine.errors import InvalidPrefix, UnknownTask
+
+logger = logging.getLogger(__name__)
+
+TIERS = ("device", "host")
+Key = tuple[str, str, int]  # (tenant, task, version)
+
+
+class CacheListener(Protocol):
+    def on_prefix_load(self, seconds: float) -> None: ...
+    def on_cache_event(self, kind: str, tier: str) -> None: ...
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters for metrics. `hits`/`evictions`/`bytes`/`entries` are per tier."""
+
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    misses: int = 0
+    evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    entries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    loads: int = 0
+    load_errors: int = 0
+
+
+class _LRU:
+    """An LRU of artifacts bounded in bytes."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.items: OrderedDict[Key, PrefixArtifact] = OrderedDict()
+        self.nbytes = 0
+
+    def pop(self, key: Key) -> PrefixArtifact | None:
+        artifact = self.items.pop(key, None)
+        if artifact is not None:
+            self.nbytes -= artifact.nbytes
+        return artifact
+
+    def put(self, key: Key, artifact: PrefixArtifact) -> list[tuple[Key, PrefixArtifact]]:
+        """Insert as most recent; returns what was evicted to make room (maybe `artifact` itself)."""
+        if artifact.nbytes > self.budget:
+            return [(key, artifact)]
+        self.items[key] = artifact
+        self.nbytes += artifact.nbytes
+        evicted = []
+        while self.nbytes > self.budget:
+            old_key, old = self.items.popitem(last=False)
+            self.nbytes -= old.nbytes
+            evicted.append((old_key, old))
+        return evicted
+
+
+@dataclass(frozen=True)
+class ResolvedPrefix:
+    version: int
+    artifact: PrefixArtifact  # on the serving device and dtype
+
+
+class PrefixCache:
+    """See the module docstring. `resolve(tenant, task)` is the one call the engine makes per request."""
+
+    def __init__(
+        self,
+        store: PrefixStore,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        device_budget_bytes: int = 256 << 20,
+        host_budget_bytes: int = 1 << 30,
+        listener: CacheListener | None = None,
+    ) -> None:
+        self.store = store
+        self.spec = spec
+        self.device, self.dtype = device, dtype
+        self.listener = listener
+        self.stats = PrefixCacheStats()
+        self._tiers = {"device": _LRU(device_budget_bytes), "host": _LRU(host_budget_bytes)}
+        self._current: dict[tuple[str, str], int] = {}  # task -> current version, as last heard
+        self._loading: dict[tuple[str, str], asyncio.Future[ResolvedPrefix]] = {}  # single-flight loads
+        self._subscribed = False
+
+    def start(self) -> None:
+        """Subscribe to the store's change notifications (idempotent)."""
+        if not self._subscribed:
+            self.store.subscribe(self.on_change)
+            self._subscribed = True
+
+    # ---- change notifications -----------------------------------------------------------------
+    def on_change(self, event: ChangeEvent) -> None:
+        """A task's current version moved (or it was deleted): drop its entries of other versions."""
+        task = (event.tenant, event.task)
+        if event.version is None:
+            self._current.pop(task, None)
+        else:
+            self._current[task] = event.version
+        for tier in self._tiers.values():
+            for key in [k for k in tier.items if k[:2] == task and k[2] != event.version]:
+                tier.pop(key)
+        self._update_gauges()
+
+    # ---- lookups ------------------------------------------------------------------------------
+    async def resolve(self, tenant: str, task: str) -> ResolvedPrefix:
+        """The task's current version and its artifact on the device.
+
+        Raises `UnknownTask`, `StoreUnavailable` (store down and not cached), `InvalidPrefix`.
+        """
+        version = self._current.get((tenant, task))
+        if version is not None:
+            hit = self._lookup((tenant, task, version))
+            if hit is not None:
+                return ResolvedPrefix(version, hit)
+        key = (tenant, task)
+        load = self._loading.get(key)
+        if load is None:
+            self.stats.misses += 1
+            self._notify("miss", "store")
+            # The load runs as its own task: a waiter that is cancelled does not cancel it for the others.
+            load = asyncio.ensure_future(self._load(tenant, task))
+            self._loading[key] = load
+            load.add_done_callback(lambda done: self._load_done(key, done))
+        return await asyncio.shield(load)
+
+    def _load_done(self, key: tuple[str, str], done: asyncio.Future[ResolvedPrefix]) -> None:
+        self._loading.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here, so an error nobody awaited any more is not logged as lost
+
+    def _lookup(self, key: Key) -> PrefixArtifact | None:
+        device_tier, host_tier = self._tiers["device"], self._tiers["host"]
+        artifact = device_tier.items.get(key)
+        if artifact is not None:
+            device_tier.items.move_to_end(key)
+            self.stats.hits["device"] += 1
+            self._notify("hit", "device")
+            return artifact
+        artifact = host_tier.pop(key)
+        if artifact is None:
+            return None
+        self.stats.hits["host"] += 1
+        self._notify("hit", "host")
+        on_device = artifact.to(self.device, self.dtype)
+        self._insert(key, on_device)
+        return on_device
+
+    async def _load(self, tenant: str, task: str) -> ResolvedPrefix:
+        started = time.perf_counter()
+        try:
+            stored = await self.store.get(tenant, task)
+        except TaskNotFound:
+            raise UnknownTask(f"tenant {tenant!r} has no task {task!r}") from None
+        except StoreUnavailable:
+            self.stats.load_errors += 1
+            raise
+        try:
+            artifact = await asyncio.to_thread(load_artifact, stored.data, self.spec)
+        except ArtifactError as exc:
+            self.stats.load_errors += 1
+            raise InvalidPrefix(
+                f"prefix {tenant}/{task} v{stored.info.version} does not fit this model: {exc}"
+            ) from None
+        artifact = artifact.to(self.device, self.dtype)
+        version = stored.info.version
+        self.stats.loads += 1
+        if self.listener is not None:
+            self.listener.on_prefix_load(time.perf_counter() - started)
+        known = self._current.get((tenant, task))
+        # A change notification may have raced ahead of this read: never go back to an older version.
+        if known is None or version >= known:
+            self._current[(tenant, task)] = version
+            self._insert((tenant, task, version), artifact)
+        return ResolvedPrefix(version, artifact)
+
+    def _insert(self, key: Key, artifact: PrefixArtifact) -> None:
+        for old_key, old in self._tiers["device"].put(key, artifact):
+            self.stats.evictions["device"] += 1
+            self._notify("eviction", "device")
+            # Demote, unless a newer version replaced it meanwhile (then it is garbage).
+            if self._current.get(old_key[:2]) == old_key[2]:
+                for _ in self._tiers["host"].put(old_key, old.to("cpu")):
+                    self.stats.evictions["host"] += 1
+                    self._notify("eviction", "host")
+        self._update_gauges()
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _notify(self, kind: str, tier: str) -> None:
+        if self.listener is not None:
+            self.listener.on_cache_event(kind, tier)
+
+    def _update_gauges(self) -> None:
+        for name, tier in self._tiers.items():
+            self.stats.bytes[name] = tier.nbytes
+            self.stats.entries[name] = len(tier.items)
+
+    def cached_versions(self, tier: str) -> list[Key]:
+        """Keys held in a tier, least recently used first (for tests and debugging)."""
+        return list(self._tiers[tier].items)

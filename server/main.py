@@ -1,0 +1,141 @@
+"""`python -m server.main` / `prefixserve serve`: load the model, build store + engine + app, run uvicorn.
+
+Settings come from the environment (`PREFIXSERVE_*`, see `server.settings`); a few common ones can be
+overridden on the command line. Shutdown:
+
+- SIGTERM / SIGINT: readiness turns false at once and new generation requests get 503; uvicorn stops
+  accepting connections and waits up to `shutdown_grace_s` for in-flight requests; the lifespan then
+  stops the engine (cancelling what is still running) and closes the store. Exit status 0.
+- The engine loop dies: readiness false, then the same shutdown, exit status 1 (so the orchestrator
+  restarts the pod).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.logging import configure_logging
+from server.settings import Settings
+
+logger = logging.getLogger("prefixserve.main")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_ENGINE_FAILED = 1
+
+
+def parse_args(argv: list[str] | None) -> dict[str, object]:
+    """Command-line overrides of settings (only the ones given)."""
+    parser = argparse.ArgumentParser(
+        prog="prefixserve serve",
+        description="Serve prefix-tuned tasks over HTTP (settings: PREFIXSERVE_* env).",
+    )
+    parser.add_argument("--model", help="local HF model directory (PREFIXSERVE_MODEL)")
+    parser.add_argument("--host", help="bind address (PREFIXSERVE_HOST)")
+    parser.add_argument("--port", type=int, help="port (PREFIXSERVE_PORT)")
+    parser.add_argument("--device", help="auto | cpu | cuda (PREFIXSERVE_DEVICE)")
+    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (PREFIXSERVE_DTYPE)")
+    parser.add_argument("--redis-url", dest="redis_url", help="Redis URL (PREFIXSERVE_REDIS_URL)")
+    parser.add_argument("--log-level", dest="log_level", help="PREFIXSERVE_LOG_LEVEL")
+    args = parser.parse_args(argv)
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: drain on the first signal, and exit 0 after a graceful SIGTERM.
+
+    uvicorn re-raises a captured signal after shutting down (so the process dies *by* SIGTERM, status
+    143). A completed graceful shutdown is a success, so we record the signal but do not re-raise it.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_signal: object) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if callable(self._on_signal):
+            self._on_signal()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the process exit status."""
+    try:
+        settings = Settings(**parse_args(argv))  # type: ignore[arg-type]
+        api_keys = settings.resolve_api_keys()
+    except (ValidationError, ValueError) as exc:
+        print(f"prefixserve: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_format, settings.log_level)
+    if not settings.model:
+        logger.error("no model: set PREFIXSERVE_MODEL (or --model) to a local HF model directory")
+        return EXIT_CONFIG
+    del api_keys  # validated here for a clear start-up error; the app resolves them again
+
+    # Imported here: torch and transformers take seconds to import, and `--help` should not wait.
+    from prefix_store.factory import make_store
+    from prefixserve.models import load_model
+    from server.api import create_app, start_draining
+    from server.engine import Engine, EngineConfig
+    from server.metrics import Metrics
+
+    logger.info("loading model", extra={"model": settings.model, "device": settings.device})
+    try:
+        loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    except Exception as exc:
+        logger.error("could not load the model %r: %s", settings.model, exc)
+        return EXIT_CONFIG
+    store = make_store(
+        settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.keep_versions
+    )
+    metrics = Metrics(settings.metrics_task_labels, settings.metrics_top_tasks)
+    engine = Engine(
+        loaded,
+        store,
+        EngineConfig(
+            max_batch_size=settings.max_batch_size,
+            max_waiting=settings.max_waiting,
+            queue_timeout_s=settings.queue_timeout_s,
+        ),
+        observer=metrics,
+    )
+    exit_code = EXIT_OK
+    server: _Server | None = None
+
+    def on_fatal() -> None:
+        nonlocal exit_code
+        exit_code = EXIT_ENGINE_FAILED
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(
+        settings, engine=engine, store=store, spec=loaded.spec, device_type=loaded.device.type,
+        metrics=metrics, on_fatal=on_fatal,
+    )  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep our structured logging
+        access_log=False,  # our RequestMiddleware writes the access line
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        lifespan="on",
+    )
+    server = _Server(config, on_signal=lambda: start_draining(app))
+    server.run()
+    if not server.started and exit_code == EXIT_OK:
+        return EXIT_ENGINE_FAILED  # start-up failed (e.g. port in use); uvicorn logged why
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

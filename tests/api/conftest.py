@@ -1,0 +1,146 @@
+"""API test fixtures: a real tiny GPT-2, a real engine, real stores (local dir; Redis where named).
+
+`make_api(...)` builds an app with the given setting overrides, runs its lifespan (store + engine
+start/stop) and returns an httpx client bound to it in-process (ASGI transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from prefix_store.artifact import dump_artifact, new_artifact
+from prefix_store.base import PrefixStore
+from prefix_store.factory import make_store
+from prefix_store.model_spec import ModelSpec
+from prefixserve.models import LoadedModel, load_model
+from server.api import create_app
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.settings import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+KEYS = {
+    "acme-manage-key": {"tenant": "acme", "role": "manage"},
+    "acme-generate-key": {"tenant": "acme", "role": "generate"},
+    "globex-manage-key": {"tenant": "globex", "role": "manage"},
+}
+ACME = {"Authorization": "Bearer acme-manage-key"}
+ACME_GEN = {"Authorization": "Bearer acme-generate-key"}
+GLOBEX = {"Authorization": "Bearer globex-manage-key"}
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_gpt2_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_gpt2_dir), device="cpu", dtype="float32")
+
+
+def artifact_bytes(spec: ModelSpec, seed: int, length: int = 4, scale: float = 3.0) -> bytes:
+    """A valid decoder prefix for `spec`; large values so different seeds steer output differently."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randn(spec.num_layers, 2, spec.num_heads, length, spec.head_dim, generator=g) * scale
+    return dump_artifact(new_artifact({"decoder": prefix}, spec, task=f"t{seed}"))
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    app: Any
+    engine: Engine
+    store: PrefixStore
+    metrics: Metrics
+    settings: Settings
+
+    async def upload(self, task: str, data: bytes, headers: dict[str, str] = ACME) -> httpx.Response:
+        files = {"artifact": ("prefix.safetensors", data, "application/octet-stream")}
+        return await self.client.post("/v1/prefixes", data={"task": task}, files=files, headers=headers)
+
+    async def generate(self, inputs: str = "Hello world", task: str | None = None, headers=ACME, **params: Any):
+        body = {"task": task, "inputs": inputs, "parameters": {"max_new_tokens": 8, "details": True, **params}}
+        return await self.client.post("/v1/generate", json=body, headers=headers)
+
+
+MakeApi = Callable[..., Awaitable[Api]]
+
+
+@pytest.fixture
+async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi]:
+    """Factory of running apps; everything is stopped (and Redis keys removed) at teardown."""
+    async with AsyncExitStack() as stack:
+        prefixes: list[str] = []
+
+        async def make(
+            store: PrefixStore | None = None,
+            engine_config: EngineConfig | None = None,
+            keys: dict[str, Any] | None = KEYS,
+            redis: bool = False,
+            **overrides: Any,
+        ) -> Api:
+            key_prefix = f"pstest-{uuid.uuid4().hex[:10]}"
+            prefixes.append(key_prefix)
+            fields: dict[str, Any] = {
+                "model": "tiny-gpt2",
+                "local_store_dir": tmp_path / f"store-{len(prefixes)}",
+                "redis_key_prefix": key_prefix,
+                "api_keys": json.dumps(keys) if keys else None,
+                "log_format": "text",
+                "shutdown_grace_s": 5.0,
+                **overrides,
+            }
+            if redis:
+                fields.setdefault("redis_url", REDIS_URL)
+            settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+            if store is None:
+                store = make_store(settings.redis_url, settings.local_store_dir, key_prefix, settings.keep_versions)
+            metrics = Metrics()
+            engine = Engine(
+                loaded,
+                store,
+                engine_config
+                or EngineConfig(max_batch_size=8, max_waiting=16, queue_timeout_s=30, kv_position_chunk=64),
+                observer=metrics,
+            )
+            app = create_app(settings, engine=engine, store=store, spec=loaded.spec, metrics=metrics)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+            await stack.enter_async_context(client)
+            return Api(client, app, engine, store, metrics, settings)
+
+        yield make
+    await _cleanup_redis(prefixes)
+
+
+async def _cleanup_redis(prefixes: list[str]) -> None:
+    from redis.asyncio import Redis
+
+    try:
+        redis = Redis.from_url(REDIS_URL, socket_timeout=2)
+        for prefix in prefixes:
+            keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=500)]
+            if keys:
+                await redis.delete(*keys)
+        await redis.aclose()
+    except Exception:
+        pass
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll until `predicate()` is true, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)

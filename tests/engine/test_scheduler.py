@@ -1,0 +1,125 @@
+"""The pure scheduler, driven with hand-made outputs (no model, no tensors)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.errors import InvalidRequest, QueueFull
+from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def req(rid: str, prompt: int = 10, reserved: int | None = None) -> ScheduledRequest:
+    return ScheduledRequest(rid, num_prompt_tokens=prompt, reserved_tokens=reserved or prompt + 10)
+
+
+def make(**kw: float) -> tuple[Scheduler, Clock]:
+    clock = Clock()
+    return Scheduler(SchedulerConfig(**kw), clock=clock), clock  # type: ignore[arg-type]
+
+
+def test_admits_fcfs_up_to_max_running_then_decodes() -> None:
+    s, _ = make(max_running=2)
+    for rid in "abc":
+        s.add(req(rid))
+    plan = s.schedule()
+    assert plan.prefill_ids == ["a", "b"] and plan.decode_ids == []
+    plan = s.schedule()
+    assert plan.prefill_ids == [] and plan.decode_ids == ["a", "b"]
+    assert s.update([StepOutput("a", 1, finished=True), StepOutput("b", 1)]) == ["a"]
+    plan = s.schedule()
+    assert plan.prefill_ids == ["c"] and plan.decode_ids == ["b"]
+
+
+def test_prefill_token_limit_but_a_long_prompt_still_runs_alone() -> None:
+    s, _ = make(max_prefill_tokens=100)
+    s.add(req("a", prompt=60))
+    s.add(req("b", prompt=60))
+    s.add(req("huge", prompt=500))
+    assert s.schedule().prefill_ids == ["a"]
+    assert s.schedule().prefill_ids == ["b"]
+    assert s.schedule().prefill_ids == ["huge"]  # over the per-step limit, admitted as the step's first
+
+
+def test_kv_budget_blocks_head_and_never_lets_a_smaller_later_request_jump_ahead() -> None:
+    s, _ = make(kv_budget_tokens=100)
+    s.add(req("a", reserved=60))
+    s.add(req("big", reserved=60))
+    s.add(req("small", reserved=10))
+    assert s.schedule().prefill_ids == ["a"]  # "big" does not fit; "small" would, but must wait
+    assert s.kv_usage_ratio == pytest.approx(0.6)
+    assert s.schedule().prefill_ids == []
+    s.update([StepOutput("a", 1, finished=True)])
+    assert s.schedule().prefill_ids == ["big", "small"]
+    assert s.reserved_tokens == 70
+
+
+def test_request_larger_than_the_whole_budget_is_refused_at_add() -> None:
+    s, _ = make(kv_budget_tokens=50)
+    with pytest.raises(InvalidRequest, match="KV budget of 50"):
+        s.add(req("x", reserved=51))
+
+
+def test_queue_full() -> None:
+    s, _ = make(max_waiting=2)
+    s.add(req("a"))
+    s.add(req("b"))
+    with pytest.raises(QueueFull):
+        s.add(req("c"))
+    s.schedule()  # both admitted: room again
+    s.add(req("c"))
+
+
+def test_duplicate_request_id_refused() -> None:
+    s, _ = make()
+    s.add(req("a"))
+    with pytest.raises(InvalidRequest, match="already in use"):
+        s.add(req("a"))
+
+
+def test_queue_timeout_drops_only_old_waiting_requests() -> None:
+    s, clock = make(max_running=1, queue_timeout_s=5.0)
+    s.add(req("a"))
+    assert s.schedule().prefill_ids == ["a"]
+    s.add(req("old"))
+    clock.now += 4
+    s.add(req("new"))
+    clock.now += 2  # "old" waited 6 s, "new" 2 s
+    plan = s.schedule()
+    assert plan.timed_out_ids == ["old"] and plan.decode_ids == ["a"]
+    assert s.waiting_ids == ["new"]
+    clock.now += 100  # running requests never time out
+    plan = s.schedule()
+    assert plan.timed_out_ids == ["new"] and plan.decode_ids == ["a"]
+
+
+def test_abort_waiting_and_running() -> None:
+    s, _ = make(max_running=1)
+    s.add(req("a"))
+    s.add(req("b"))
+    s.schedule()
+    assert s.abort("b") and "b" not in s  # waiting: gone at once, nothing to free
+    assert s.abort("a")
+    assert s.reserved_tokens == 0
+    plan = s.schedule()
+    assert plan.aborted_ids == ["a"] and plan.decode_ids == []  # reported once so the row is freed
+    assert s.schedule().aborted_ids == []
+    assert not s.abort("a")
+    # A step's output for a request aborted meanwhile is ignored.
+    assert s.update([StepOutput("a", 1, finished=True)]) == []
+
+
+def test_generated_token_counts() -> None:
+    s, _ = make()
+    s.add(req("a"))
+    s.schedule()
+    s.update([StepOutput("a", 1)])
+    s.update([StepOutput("a", 2)])
+    assert s._running["a"].num_generated_tokens == 3

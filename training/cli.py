@@ -1,0 +1,225 @@
+"""`prefixserve train | eval | upload`: argument parsing at the edge, plain config objects below.
+
+Each `*_main(argv)` parses its own arguments (`--help` lists them with the paper's defaults) and
+returns a process exit code. The top-level `prefixserve` CLI dispatches to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from training.data import FORMATS, Truncation, encode_causal, encode_seq2seq, group_references, load_examples
+
+SUMMARY_NAME = "summary.json"
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prefixserve train",
+        description="Train a prefix for one task on a frozen GPT-2 or BART and export its artifact "
+        "(OUT/artifact.safetensors, OUT/peft/ for GPT-2, OUT/summary.json, OUT/checkpoints/).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="base model: local HF directory or HF id in the local cache")
+    p.add_argument("--data", required=True, help="training file")
+    p.add_argument("--format", required=True, choices=FORMATS, help="format of --data and --dev")
+    p.add_argument("--task", required=True, help="task name recorded in the artifact (and used for upload)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dev", help="dev file: dev loss each epoch, early stopping, export of the best state")
+    p.add_argument("--prefix-length", type=int, default=10, help="prefix length L (paper: 10; E2E best 5)")
+    p.add_argument("--mlp-hidden", type=int, default=512, help="MLP hidden size k (paper: 512; 800 for summarisation)")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (paper: 5e-5; E2E best 8e-5)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (paper: 10; E2E best 5)")
+    p.add_argument("--batch-size", type=int, default=5, help="micro-batch size (paper: 5; E2E best 10)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps of the linear schedule")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--init-text", help='initialise from the activations of real words, e.g. "table-to-text:"')
+    p.add_argument("--init-steps", type=int, default=300, help="Adam steps fitting the MLP to --init-text's KV")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prefix init and the batch order")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--resume", help="checkpoint dir, or a previous --out dir (its latest checkpoint)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (bf16 autocast on CUDA)")
+    p.add_argument(
+        "--placement",
+        default="paper",
+        choices=["paper", "peft"],
+        help="BART only: paper = encoder+decoder+cross prefixes; peft = decoder self-attention only",
+    )
+    p.add_argument("--max-source-tokens", type=int, default=512, help="sources keep their first N tokens")
+    p.add_argument("--max-target-tokens", type=int, default=128, help="targets keep their first N tokens")
+    p.add_argument("--patience", type=int, help="dev evaluations without improvement before stopping")
+    p.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")
+    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints (default: each epoch)")
+    p.add_argument("--limit", type=int, help="train on the first N examples only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def build_rows(loaded: Any, examples: list[Any], trunc: Truncation) -> list[dict[str, list[int]]]:
+    """Tokenised training rows for the model's architecture (see training.data)."""
+    tok = loaded.tokenizer
+    if loaded.spec.is_encoder_decoder:
+        c = loaded.model.config
+        return encode_seq2seq(tok, examples, c.bos_token_id, c.eos_token_id, c.decoder_start_token_id, trunc)
+    return encode_causal(tok, examples, tok.eos_token_id, tok.eos_token_id, trunc)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Train, export and summarise; returns 0 on success."""
+    args = _train_parser().parse_args(argv)
+    # Heavy imports here so `--help` stays fast.
+    from prefixserve.models import load_model
+    from training.export import export
+    from training.prefix import PrefixConfig, make_tuner
+    from training.trainer import TrainConfig, evaluate_loss, train
+
+    started = time.time()
+    trunc = Truncation(args.max_source_tokens, args.max_target_tokens)
+    train_examples = load_examples(args.data, args.format)[: args.limit]
+    dev_examples = load_examples(args.dev, args.format) if args.dev else []
+    loaded = load_model(args.model, device=args.device, dtype="float32")
+    prefix_cfg = PrefixConfig(
+        prefix_length=args.prefix_length,
+        mlp_hidden=args.mlp_hidden,
+        init_text=args.init_text,
+        init_steps=args.init_steps,
+        placement=args.placement,
+    )
+    loop_cfg = TrainConfig(
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        patience=args.patience,
+        progress=not args.no_progress,
+    )
+    import torch
+
+    torch.manual_seed(args.seed)  # the prefix MLPs' random init
+    tuner = make_tuner(loaded, prefix_cfg)
+    train_rows = build_rows(loaded, train_examples, trunc)
+    dev_rows = build_rows(loaded, dev_examples, trunc) if dev_examples else None
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    initial_dev = evaluate_loss(tuner, dev_rows, args.batch_size, pad_id) if dev_rows else None
+    result = train(tuner, train_rows, dev_rows, loop_cfg, args.out, pad_id, resume=args.resume)
+    state = result.state
+    training_meta: dict[str, Any] = {
+        "prefix": asdict(prefix_cfg) | {"kinds": list(tuner.kinds)},
+        "loop": asdict(loop_cfg),
+        "truncation": asdict(trunc),
+        "dataset": {"train": str(args.data), "dev": args.dev, "format": args.format, "num_train": len(train_rows)},
+        "base_model": args.model,
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "exported_step": result.exported_step,
+        "stopped_early": result.stopped_early,
+        "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
+        "final_dev_loss": state.dev_losses[-1][1] if state.dev_losses else None,
+        "best_dev_loss": state.best_dev_loss,
+        "train_seconds": round(state.train_seconds, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    written = export(tuner, args.out, args.task, training_meta)
+    summary = {
+        "task": args.task,
+        **training_meta,
+        "init_fit_relative_error": tuner.init_report,
+        "initial_dev_loss": initial_dev,
+        "num_trainable_parameters": sum(p.numel() for p in tuner.parameters() if p.requires_grad),
+        "tokens": state.num_tokens,
+        "tokens_per_second": state.num_tokens / max(state.train_seconds, 1e-9),
+        "train_losses": state.train_losses,
+        "dev_losses": state.dev_losses,
+        "wall_seconds": round(time.time() - started, 3),
+        "files": written,
+    }
+    Path(args.out, SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("task", "steps", "final_train_loss", "best_dev_loss", "files")}))
+    return 0
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prefixserve eval",
+        description="Generate with an exported prefix on a dev/test file and score BLEU and ROUGE-1/2/L.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="base model the artifact was trained on")
+    p.add_argument("--artifact", help="artifact.safetensors (omit to evaluate the bare model)")
+    p.add_argument("--data", required=True, help="evaluation file (references grouped per source)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="results JSON path")
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (paper: 5 table-to-text, 6 XSum)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam length penalty (paper XSum: 0.8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, help="evaluate only the first N distinct sources")
+    p.add_argument("--batch-size", type=int, default=16, help="greedy decoding batch size")
+    p.add_argument("--max-source-tokens", type=int, default=512, help="same truncation as training")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Evaluate and write the results JSON; returns 0 on success."""
+    args = _eval_parser().parse_args(argv)
+    from prefix_store.artifact import load_artifact
+    from prefixserve.models import load_model
+    from training.evaluate import EvalConfig, evaluate
+
+    loaded = load_model(args.model, device=args.device, dtype="float32")
+    artifact = load_artifact(Path(args.artifact).read_bytes(), loaded.spec) if args.artifact else None
+    items = group_references(load_examples(args.data, args.format))
+    cfg = EvalConfig(
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        max_source_tokens=args.max_source_tokens,
+    )
+    result = evaluate(loaded, artifact, items, cfg, args.out)
+    print(json.dumps(result["metrics"]))
+    return 0
+
+
+def _upload_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prefixserve upload",
+        description="Upload an artifact to a running server (POST /v1/prefixes).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--server", default="http://localhost:8000", help="server base URL")
+    p.add_argument("--task", required=True, help="task name to publish under")
+    p.add_argument("--artifact", required=True, help="artifact.safetensors")
+    p.add_argument("--api-key", help="bearer token (default: $PREFIXSERVE_API_KEY)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    return p
+
+
+def upload_main(argv: list[str] | None = None) -> int:
+    """Upload; prints the server's answer, or its error and returns 1."""
+    args = _upload_parser().parse_args(argv)
+    from training.upload import UploadError, upload_artifact
+
+    key = args.api_key or os.environ.get("PREFIXSERVE_API_KEY")
+    try:
+        answer = upload_artifact(args.server, args.task, args.artifact, key, args.timeout)
+    except (UploadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer))
+    return 0

@@ -1,0 +1,46 @@
+"""Export a trained prefix: compute P once (the MLPs' outputs), drop the MLPs, write the artifact.
+
+`OUT/artifact.safetensors` is the product's artifact (`prefix_store.artifact`), float32, holding every
+prefix kind the tuner trained, with the run's metadata under `training`. For GPT-2, `OUT/peft/` is the
+same prefix as a HF PEFT adapter written by PEFT's own `save_pretrained` (`prompt_embeddings` is the
+MLP's output, so PEFT loads it without the MLP). PEFT cannot express BART's encoder/cross prefixes, so
+BART runs get the artifact only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefix_store.artifact import PrefixArtifact, dump_artifact, new_artifact
+from training.prefix import GPT2PrefixTuner, PrefixTuner
+
+ARTIFACT_NAME = "artifact.safetensors"
+PEFT_DIR = "peft"
+
+
+@torch.no_grad()
+def build_artifact(tuner: PrefixTuner, task: str, training: dict[str, Any]) -> PrefixArtifact:
+    """The artifact for the tuner's current prefixes (float32, validated against the model's spec)."""
+    was_training = tuner.training
+    tuner.eval()
+    # No autocast here: P is computed once in float32, whatever the training precision was.
+    prefixes = {kind: p.float() for kind, p in tuner.prefixes().items()}  # kind -> [layers, 2, H, L, D]
+    tuner.train(was_training)
+    return new_artifact(prefixes, tuner.loaded.spec, task=task, training=training)
+
+
+def export(tuner: PrefixTuner, out_dir: str | Path, task: str, training: dict[str, Any]) -> dict[str, str]:
+    """Write `artifact.safetensors` (and `peft/` for GPT-2) under `out_dir`; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = build_artifact(tuner, task, training)
+    path = out / ARTIFACT_NAME
+    path.write_bytes(dump_artifact(artifact))
+    written = {"artifact": str(path)}
+    if isinstance(tuner, GPT2PrefixTuner):
+        tuner.peft.save_pretrained(str(out / PEFT_DIR), safe_serialization=True)
+        written["peft"] = str(out / PEFT_DIR)
+    return written

@@ -1,0 +1,186 @@
+"""Generation from an exported prefix (the artifact's tensors), as the server computes it.
+
+GPT-2 (`generate_causal`): a plain HF model whose KV cache starts holding the artifact's prefix. The
+layout rule is the server's: rows are left-padded, the cache is `[prefix (L) | padding | prompt |
+generated]`, the attention mask is ones over the prefix and zeros over padding, and the position of a
+row's j-th real token is `L + j` (positions of real tokens start at L, whatever the padding).
+
+BART (`generate_seq2seq`): `prefixserve.bart_prefix` with the artifact's encoder/decoder/cross
+prefixes.
+
+Greedy decoding is batched and cached. Beam search (`num_beams > 1`) runs one source at a time over
+its beams, re-running the full sequence each step (simple, and fast enough for evaluation); beams are
+ranked by sum of log-probabilities / (generated length ** length_penalty), as HF does, and the search
+stops once `num_beams` hypotheses have ended (HF's `early_stopping=True`) or at `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from prefixserve import bart_prefix
+
+
+def prefix_cache(prefix: Tensor | None, batch: int, dtype: torch.dtype, device: torch.device) -> DynamicCache:
+    """A DynamicCache holding `prefix` `[layers, 2, H, L, D]` for each of `batch` rows (empty if None)."""
+    cache = DynamicCache()
+    if prefix is not None:
+        p = prefix.to(device=device, dtype=dtype)
+        for i in range(p.shape[0]):
+            keys = p[i, 0].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, H, L, D]
+            values = p[i, 1].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, H, L, D]
+            cache.update(keys, values, i)
+    return cache
+
+
+@torch.no_grad()
+def causal_logits(model: torch.nn.Module, prefix: Tensor | None, seqs: Sequence[Sequence[int]]) -> Tensor:
+    """Next-token logits `[N, V]` after each full sequence (left-padded, no reuse of a cache)."""
+    logits, _ = _causal_prefill(model, prefix, seqs)
+    return logits
+
+
+def _causal_prefill(
+    model: torch.nn.Module, prefix: Tensor | None, seqs: Sequence[Sequence[int]]
+) -> tuple[Tensor, tuple[DynamicCache, Tensor, Tensor]]:
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    batch, width = len(seqs), max(len(s) for s in seqs)
+    prefix_len = 0 if prefix is None else prefix.shape[3]
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, S], left-padded
+    mask = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, S]
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq, device=device)
+        mask[row, width - len(seq) :] = 1
+    positions = (prefix_len + mask.cumsum(1) - 1).clamp_min(prefix_len)  # [B, S]: j-th real token at L + j
+    full_mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long, device=device), mask], 1)  # [B, L+S]
+    cache = prefix_cache(prefix, batch, dtype, device)
+    out = model(input_ids=ids, cache=cache, attention_mask=full_mask, position_ids=positions, use_cache=True)
+    return out.logits[:, -1].float(), (out.past_key_values, full_mask, positions[:, -1])  # [B, V]
+
+
+@torch.no_grad()
+def greedy_causal(
+    model: torch.nn.Module,
+    prefix: Tensor | None,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int | None,
+) -> list[list[int]]:
+    """Batched cached greedy decoding; each output stops after eos (kept) or `max_new_tokens`."""
+    logits, (cache, mask, last_pos) = _causal_prefill(model, prefix, prompts)
+    batch = len(prompts)
+    device = logits.device
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        next_ids = logits.argmax(-1)  # [B]
+        finished = done.tolist()
+        for row, token in enumerate(next_ids.tolist()):  # the one host read per step
+            if not finished[row]:
+                outputs[row].append(token)
+        if eos_id is not None:
+            done |= next_ids == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], 1)  # [B, L+S+t]
+        last_pos = last_pos + 1  # [B]
+        out = model(
+            input_ids=next_ids[:, None], cache=cache, attention_mask=mask, position_ids=last_pos[:, None], use_cache=True
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    return outputs
+
+
+def beam_search(
+    step_logits: Callable[[list[list[int]]], Tensor],
+    num_beams: int,
+    max_new_tokens: int,
+    eos_id: int | None,
+    length_penalty: float = 1.0,
+) -> list[int]:
+    """Beam search for one source. `step_logits(generated_so_far)` gives `[N, V]` next-token logits for
+    N partial outputs (the caller closes over the source). Returns the best hypothesis' ids."""
+    beams: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    for _ in range(max_new_tokens):
+        logprobs = torch.log_softmax(step_logits([b for b, _ in beams]), dim=-1)  # [N, V]
+        scores = logprobs + torch.tensor([s for _, s in beams], device=logprobs.device)[:, None]
+        top = scores.view(-1).topk(2 * num_beams)  # room for eos candidates
+        vocab = logprobs.shape[-1]
+        new_beams: list[tuple[list[int], float]] = []
+        for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            seq = [*beams[flat // vocab][0], flat % vocab]
+            if eos_id is not None and seq[-1] == eos_id:
+                finished.append((seq, score))
+            else:
+                new_beams.append((seq, score))
+            if len(new_beams) == num_beams:
+                break
+        beams = new_beams
+        if len(finished) >= num_beams or not beams:
+            break
+    candidates = finished or beams
+    return max(candidates, key=lambda c: c[1] / (max(len(c[0]), 1) ** length_penalty))[0]
+
+
+def generate_causal(
+    model: torch.nn.Module,
+    prefix: Tensor | None,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int | None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """GPT-2 generation for many prompts with a `[layers, 2, H, L, D]` prefix (or None)."""
+    if num_beams <= 1:
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            out.extend(greedy_causal(model, prefix, prompts[start : start + batch_size], max_new_tokens, eos_id))
+        return out
+    results = []
+    for prompt in prompts:
+
+        def step(gens: list[list[int]], prompt: Sequence[int] = prompt) -> Tensor:
+            return causal_logits(model, prefix, [[*prompt, *g] for g in gens])
+
+        results.append(beam_search(step, num_beams, max_new_tokens, eos_id, length_penalty))
+    return results
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: torch.nn.Module,
+    prefixes: dict[str, Tensor],
+    sources: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int | None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """BART generation, one source at a time; `sources` are encoder inputs (already bos/eos-wrapped)."""
+    device = model.get_input_embeddings().weight.device
+    prefixes = {k: v.to(device=device, dtype=model.dtype) for k, v in prefixes.items()}
+    start = int(model.config.decoder_start_token_id)
+    results = []
+    for src in sources:
+        if num_beams <= 1:
+            results.append(bart_prefix.greedy_generate(model, list(src), prefixes, max_new_tokens, eos_id))
+            continue
+        src_ids = torch.tensor([list(src)], device=device)  # [1, S]
+        enc = bart_prefix.encode(model, src_ids, None, prefixes.get("encoder"))  # [1, S, d]
+
+        def step(gens: list[list[int]], enc: Tensor = enc) -> Tensor:
+            tgt = torch.tensor([[start, *g] for g in gens], device=device)  # [N, T] (beams share a length)
+            hidden = enc.expand(len(gens), -1, -1)  # [N, S, d]
+            logits = bart_prefix.decode(model, tgt, hidden, None, prefixes.get("decoder"), prefixes.get("cross"))
+            return logits[:, -1].float()  # [N, V]
+
+        results.append(beam_search(step, num_beams, max_new_tokens, eos_id, length_penalty))
+    return results

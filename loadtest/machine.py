@@ -164,7 +164,9 @@ def _linear_params(module: torch.nn.Module) -> int:
     return total
 
 
-def gpt2_flops(model: torch.nn.Module, prompt_lens: list[int], output_lens: list[int], prefix_lens: list[int]) -> float:
+def gpt2_flops(
+    model: torch.nn.Module, prompt_lens: list[int], output_lens: list[int], prefix_lens: list[int]
+) -> float:
     """Forward FLOPs of greedy generation with a KV cache, per request summed.
 
     A request feeds prompt + n_out - 1 tokens through the blocks (the last sampled token is never fed
@@ -184,7 +186,9 @@ def gpt2_flops(model: torch.nn.Module, prompt_lens: list[int], output_lens: list
     return total
 
 
-def bart_flops(model: torch.nn.Module, source_lens: list[int], output_lens: list[int], prefix_lens: list[int]) -> float:
+def bart_flops(
+    model: torch.nn.Module, source_lens: list[int], output_lens: list[int], prefix_lens: list[int]
+) -> float:
     """Forward FLOPs of greedy BART generation: encoder over the source once, decoder per token.
 
     Cross-attention keys/values are projected once per source token; each decoder token runs its

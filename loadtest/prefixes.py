@@ -51,7 +51,9 @@ def make_task_prefixes(
     gen = torch.Generator().manual_seed(seed)
     wrapper = None
     for task in tasks:
-        config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=lengths[task], inference_mode=True)
+        config = peft.PrefixTuningConfig(
+            task_type=task_type, num_virtual_tokens=lengths[task], inference_mode=True
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if wrapper is None:
@@ -74,7 +76,10 @@ def make_task_prefixes(
         config_json["base_model_name_or_path"] = loaded.name
         config_path.write_text(json.dumps(config_json, indent=2))
         artifact = peft_to_artifact(
-            config_path.read_bytes(), (folder / "adapter_model.safetensors").read_bytes(), loaded.spec, task=task
+            config_path.read_bytes(),
+            (folder / "adapter_model.safetensors").read_bytes(),
+            loaded.spec,
+            task=task,
         )
         peft_dirs[task] = folder
         artifacts[task] = dump_artifact(artifact)

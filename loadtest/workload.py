@@ -108,7 +108,9 @@ def task_name(k: int) -> str:
 
 def task_weights(num_tasks: int, popularity: str, zipf_s: float) -> list[float]:
     """Normalised popularity of tasks 0..K-1 (task 0 the most popular under Zipf)."""
-    raw = [1.0] * num_tasks if popularity == "uniform" else [1.0 / (k + 1) ** zipf_s for k in range(num_tasks)]
+    raw = (
+        [1.0] * num_tasks if popularity == "uniform" else [1.0 / (k + 1) ** zipf_s for k in range(num_tasks)]
+    )
     total = sum(raw)
     return [w / total for w in raw]
 

@@ -169,16 +169,16 @@ def read_header(
         raise ArtifactError(f"artifact is {len(data)} bytes; the limit is {limits.max_bytes}")
     if len(data) < 8:
         raise ArtifactError("not a safetensors file: shorter than its 8-byte header length")
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise ArtifactError("looks like a pickle/torch checkpoint; only safetensors artifacts are accepted")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8:
+        _refuse_if_pickle(data)
         raise ArtifactError(
             f"not a safetensors file: header claims {header_len} bytes but the file has {len(data) - 8}"
         )
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _refuse_if_pickle(data)
         raise ArtifactError(f"not a safetensors file: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ArtifactError("not a safetensors file: header is not a JSON object")
@@ -212,6 +212,13 @@ def read_header(
         if start < prev_end:
             raise ArtifactError("tensor data regions overlap")
     return header, metadata
+
+
+def _refuse_if_pickle(data: bytes) -> None:
+    """Name the usual mistake. Only called once the bytes failed as safetensors: a valid header length
+    can start with 0x80 or "PK" too, so sniffing first would refuse good files."""
+    if data[:2] == b"PK" or data[:1] == b"\x80":
+        raise ArtifactError("looks like a pickle/torch checkpoint; only safetensors artifacts are accepted")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

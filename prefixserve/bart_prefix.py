@@ -36,12 +36,12 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import BartForConditionalGeneration
+from transformers import BartForConditionalGeneration, PretrainedConfig
 
 
-def wrap_source(ids: Sequence[int], config: object) -> list[int]:
+def wrap_source(ids: Sequence[int], config: PretrainedConfig) -> list[int]:
     """The encoder input for source token ids: `[bos] + ids + [eos]` (what HF's BART tokenizer adds)."""
-    return [int(config.bos_token_id), *(int(i) for i in ids), int(config.eos_token_id)]  # type: ignore[attr-defined]
+    return [int(config.bos_token_id), *(int(i) for i in ids), int(config.eos_token_id)]
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:
@@ -57,14 +57,15 @@ def _merge_heads(x: Tensor) -> Tensor:
 
 
 def expand_prefix(prefix: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor | None:
-    """A prefix as `[num_layers, 2, B, H, L, D]` in `dtype` (broadcasting a `[num_layers, 2, H, L, D]` one)."""
+    """A prefix as `[num_layers, 2, B, H, L, D]` in `dtype`; a `[num_layers, 2, H, L, D]` one is broadcast."""
     if prefix is None:
         return None
     if prefix.dim() == 5:
         prefix = prefix.unsqueeze(2).expand(-1, -1, batch, -1, -1, -1)
     if prefix.dim() != 6 or prefix.shape[1] != 2 or prefix.shape[2] != batch:
         raise ValueError(
-            f"prefix must be [layers, 2, B={batch}, H, L, D] or [layers, 2, H, L, D], got {list(prefix.shape)}"
+            f"prefix must be [layers, 2, B={batch}, H, L, D] or [layers, 2, H, L, D], "
+            f"got {list(prefix.shape)}"
         )
     return prefix.to(dtype)
 
@@ -222,7 +223,7 @@ def greedy_generate(
     max_new_tokens: int = 20,
     eos_token_id: int | None = -1,
 ) -> list[int]:
-    """Greedy generation for one request; the obviously-correct reference (re-runs the whole decoder per step).
+    """Greedy generation for one request: the plain reference (re-runs the whole decoder every step).
 
     input_ids: the encoder input [S] exactly as fed (use `wrap_source` for bos/eos); prefixes: kind ->
     `[layers, 2, H, L, D]` for any subset of "encoder", "decoder", "cross" (e.g. `artifact.prefixes`).

@@ -27,14 +27,18 @@ def _train_parser() -> argparse.ArgumentParser:
         "(OUT/artifact.safetensors, OUT/peft/ for GPT-2, OUT/summary.json, OUT/checkpoints/).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="base model: local HF directory or HF id in the local cache")
+    p.add_argument(
+        "--model", required=True, help="base model: local HF directory or HF id in the local cache"
+    )
     p.add_argument("--data", required=True, help="training file")
     p.add_argument("--format", required=True, choices=FORMATS, help="format of --data and --dev")
     p.add_argument("--task", required=True, help="task name recorded in the artifact (and used for upload)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dev", help="dev file: dev loss each epoch, early stopping, export of the best state")
     p.add_argument("--prefix-length", type=int, default=10, help="prefix length L (paper: 10; E2E best 5)")
-    p.add_argument("--mlp-hidden", type=int, default=512, help="MLP hidden size k (paper: 512; 800 for summarisation)")
+    p.add_argument(
+        "--mlp-hidden", type=int, default=512, help="MLP hidden size k (paper: 512; 800 for summarisation)"
+    )
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (paper: 5e-5; E2E best 8e-5)")
     p.add_argument("--epochs", type=int, default=10, help="epochs (paper: 10; E2E best 5)")
     p.add_argument("--batch-size", type=int, default=5, help="micro-batch size (paper: 5; E2E best 10)")
@@ -42,7 +46,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps of the linear schedule")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--init-text", help='initialise from the activations of real words, e.g. "table-to-text:"')
-    p.add_argument("--init-steps", type=int, default=300, help="Adam steps fitting the MLP to --init-text's KV")
+    p.add_argument(
+        "--init-steps", type=int, default=300, help="Adam steps fitting the MLP to --init-text's KV"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the prefix init and the batch order")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     p.add_argument("--resume", help="checkpoint dir, or a previous --out dir (its latest checkpoint)")
@@ -56,8 +62,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-source-tokens", type=int, default=512, help="sources keep their first N tokens")
     p.add_argument("--max-target-tokens", type=int, default=128, help="targets keep their first N tokens")
     p.add_argument("--patience", type=int, help="dev evaluations without improvement before stopping")
-    p.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")
-    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints (default: each epoch)")
+    p.add_argument(
+        "--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)"
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, help="optimizer steps between checkpoints (default: each epoch)"
+    )
     p.add_argument("--limit", type=int, help="train on the first N examples only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -121,7 +131,12 @@ def train_main(argv: list[str] | None = None) -> int:
         "prefix": asdict(prefix_cfg) | {"kinds": list(tuner.kinds)},
         "loop": asdict(loop_cfg),
         "truncation": asdict(trunc),
-        "dataset": {"train": str(args.data), "dev": args.dev, "format": args.format, "num_train": len(train_rows)},
+        "dataset": {
+            "train": str(args.data),
+            "dev": args.dev,
+            "format": args.format,
+            "num_train": len(train_rows),
+        },
         "base_model": args.model,
         "steps": state.step,
         "epochs_completed": state.epoch,
@@ -148,7 +163,9 @@ def train_main(argv: list[str] | None = None) -> int:
         "files": written,
     }
     Path(args.out, SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("task", "steps", "final_train_loss", "best_dev_loss", "files")}))
+    print(
+        json.dumps({k: summary[k] for k in ("task", "steps", "final_train_loss", "best_dev_loss", "files")})
+    )
     return 0
 
 

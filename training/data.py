@@ -171,7 +171,9 @@ def encode_causal(
     rows = []
     for ex in examples:
         src = tokenizer(ex.source, add_special_tokens=False)["input_ids"][: truncation.max_source_tokens]
-        tgt = tokenizer(" " + ex.target, add_special_tokens=False)["input_ids"][: truncation.max_target_tokens]
+        tgt = tokenizer(" " + ex.target, add_special_tokens=False)["input_ids"][
+            : truncation.max_target_tokens
+        ]
         input_ids = [*src, sep_id, *tgt, eos_id]
         # The loss is on what follows the separator: HF shifts labels, so label[t] is predicted at t-1.
         labels = [IGNORE_INDEX] * (len(src) + 1) + [*tgt, eos_id]
@@ -198,12 +200,18 @@ def encode_seq2seq(
     rows = []
     for ex in examples:
         src = seq2seq_source(tokenizer, ex.source, bos_id, eos_id, truncation)
-        tgt = tokenizer(" " + ex.target, add_special_tokens=False)["input_ids"][: truncation.max_target_tokens]
-        rows.append({"input_ids": src, "decoder_input_ids": [decoder_start_id, *tgt], "labels": [*tgt, eos_id]})
+        tgt = tokenizer(" " + ex.target, add_special_tokens=False)["input_ids"][
+            : truncation.max_target_tokens
+        ]
+        rows.append(
+            {"input_ids": src, "decoder_input_ids": [decoder_start_id, *tgt], "labels": [*tgt, eos_id]}
+        )
     return rows
 
 
-def seq2seq_source(tokenizer: Any, source: str, bos_id: int, eos_id: int, truncation: Truncation) -> list[int]:
+def seq2seq_source(
+    tokenizer: Any, source: str, bos_id: int, eos_id: int, truncation: Truncation
+) -> list[int]:
     """The encoder input for a source: `[bos] source [eos]`, source truncated to its first tokens."""
     src = tokenizer(" " + source, add_special_tokens=False)["input_ids"][: truncation.max_source_tokens]
     return [bos_id, *src, eos_id]

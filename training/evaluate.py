@@ -64,7 +64,14 @@ def generate_texts(
         prefix = prefixes.get("decoder")
         prefix = None if prefix is None else prefix.to(device=loaded.device, dtype=loaded.dtype)
         outputs = generate_causal(
-            loaded.model, prefix, prompts, cfg.max_new_tokens, eos, cfg.num_beams, cfg.length_penalty, cfg.batch_size
+            loaded.model,
+            prefix,
+            prompts,
+            cfg.max_new_tokens,
+            eos,
+            cfg.num_beams,
+            cfg.length_penalty,
+            cfg.batch_size,
         )
     return [tok.decode([t for t in ids if t != eos], skip_special_tokens=True).strip() for ids in outputs]
 
@@ -120,4 +127,3 @@ def evaluate(
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(result, indent=2))
     return result
-

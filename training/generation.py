@@ -57,7 +57,9 @@ def _causal_prefill(
         ids[row, width - len(seq) :] = torch.tensor(seq, device=device)
         mask[row, width - len(seq) :] = 1
     positions = (prefix_len + mask.cumsum(1) - 1).clamp_min(prefix_len)  # [B, S]: j-th real token at L + j
-    full_mask = torch.cat([torch.ones(batch, prefix_len, dtype=torch.long, device=device), mask], 1)  # [B, L+S]
+    full_mask = torch.cat(
+        [torch.ones(batch, prefix_len, dtype=torch.long, device=device), mask], 1
+    )  # [B, L+S]
     cache = prefix_cache(prefix, batch, dtype, device)
     out = model(input_ids=ids, cache=cache, attention_mask=full_mask, position_ids=positions, use_cache=True)
     return out.logits[:, -1].float(), (out.past_key_values, full_mask, positions[:, -1])  # [B, V]
@@ -90,7 +92,11 @@ def greedy_causal(
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], 1)  # [B, L+S+t]
         last_pos = last_pos + 1  # [B]
         out = model(
-            input_ids=next_ids[:, None], cache=cache, attention_mask=mask, position_ids=last_pos[:, None], use_cache=True
+            input_ids=next_ids[:, None],
+            cache=cache,
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            use_cache=True,
         )
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     return outputs
@@ -142,7 +148,9 @@ def generate_causal(
     if num_beams <= 1:
         out: list[list[int]] = []
         for start in range(0, len(prompts), batch_size):
-            out.extend(greedy_causal(model, prefix, prompts[start : start + batch_size], max_new_tokens, eos_id))
+            out.extend(
+                greedy_causal(model, prefix, prompts[start : start + batch_size], max_new_tokens, eos_id)
+            )
         return out
     results = []
     for prompt in prompts:
@@ -179,7 +187,9 @@ def generate_seq2seq(
         def step(gens: list[list[int]], enc: Tensor = enc) -> Tensor:
             tgt = torch.tensor([[start, *g] for g in gens], device=device)  # [N, T] (beams share a length)
             hidden = enc.expand(len(gens), -1, -1)  # [N, S, d]
-            logits = bart_prefix.decode(model, tgt, hidden, None, prefixes.get("decoder"), prefixes.get("cross"))
+            logits = bart_prefix.decode(
+                model, tgt, hidden, None, prefixes.get("decoder"), prefixes.get("cross")
+            )
             return logits[:, -1].float()  # [N, V]
 
         results.append(beam_search(step, num_beams, max_new_tokens, eos_id, length_penalty))

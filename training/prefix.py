@@ -50,7 +50,9 @@ class PrefixConfig:
     placement: str = "paper"  # BART only: "paper" (encoder+decoder+cross) or "peft" (decoder)
 
 
-def peft_prefix_config(cfg: PrefixConfig, num_layers: int, num_heads: int, hidden: int, task: TaskType) -> Any:
+def peft_prefix_config(
+    cfg: PrefixConfig, num_layers: int, num_heads: int, hidden: int, task: TaskType
+) -> Any:
     """The PEFT config whose `PrefixEncoder` is the paper's embedding + MLP for one prefix kind."""
     return PrefixTuningConfig(
         task_type=task,
@@ -68,7 +70,9 @@ def mlp_output_to_prefix(flat: Tensor, num_layers: int, num_heads: int) -> Tenso
     """PEFT's `[L, num_layers * 2 * H * D]` -> `[num_layers, 2, H, L, D]` (key = row 2i, value = 2i + 1)."""
     length = flat.shape[0]
     head_dim = flat.shape[1] // (2 * num_layers * num_heads)
-    natural = flat.view(length, 2 * num_layers, num_heads, head_dim).permute(1, 2, 0, 3)  # [2*layers, H, L, D]
+    natural = flat.view(length, 2 * num_layers, num_heads, head_dim).permute(
+        1, 2, 0, 3
+    )  # [2*layers, H, L, D]
     return natural.reshape(num_layers, 2, num_heads, length, head_dim)
 
 
@@ -149,7 +153,9 @@ class GPT2PrefixTuner(PrefixTuner):
     def __init__(self, loaded: LoadedModel, cfg: PrefixConfig) -> None:
         super().__init__(loaded, cfg)
         spec = loaded.spec
-        peft_cfg = peft_prefix_config(cfg, spec.num_layers, spec.num_heads, spec.hidden_size, TaskType.CAUSAL_LM)
+        peft_cfg = peft_prefix_config(
+            cfg, spec.num_layers, spec.num_heads, spec.hidden_size, TaskType.CAUSAL_LM
+        )
         peft_cfg.base_model_name_or_path = loaded.name
         self.peft = get_peft_model(loaded.model, peft_cfg)
         # get_peft_model freezes the base; say so explicitly, and keep it in eval mode (no dropout).
@@ -174,7 +180,9 @@ class GPT2PrefixTuner(PrefixTuner):
         return {"decoder": mlp_output_to_prefix(flat, spec.num_layers, spec.num_heads)}
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = self.peft(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         return out.loss
 
     @torch.no_grad()
@@ -208,7 +216,9 @@ class GPT2PrefixTuner(PrefixTuner):
             wte = self.loaded.model.get_input_embeddings().weight  # [V, d_model]
             self.encoder.embedding.weight.copy_(wte[torch.tensor(ids, device=wte.device)].float())
         spec = self.loaded.spec
-        err = fit_encoder(self.encoder, target, spec.num_layers, spec.num_heads, self.cfg.init_steps, self.cfg.init_lr)
+        err = fit_encoder(
+            self.encoder, target, spec.num_layers, spec.num_heads, self.cfg.init_steps, self.cfg.init_lr
+        )
         self.init_report = {"decoder": err}
 
 
@@ -241,7 +251,9 @@ class BartPrefixTuner(PrefixTuner):
         out = {}
         for kind in self.kinds:
             layers, heads, _ = self.loaded.spec.layout(kind)
-            out[kind] = mlp_output_to_prefix(self.encoders[kind](tokens), layers, heads)  # [layers, 2, H, L, D]
+            out[kind] = mlp_output_to_prefix(
+                self.encoders[kind](tokens), layers, heads
+            )  # [layers, 2, H, L, D]
         return out
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
@@ -249,7 +261,12 @@ class BartPrefixTuner(PrefixTuner):
         prefixes = self.prefixes()
         enc = bart_prefix.encode(model, batch["input_ids"], batch["attention_mask"], prefixes.get("encoder"))
         logits = bart_prefix.decode(
-            model, batch["decoder_input_ids"], enc, batch["attention_mask"], prefixes.get("decoder"), prefixes.get("cross")
+            model,
+            batch["decoder_input_ids"],
+            enc,
+            batch["attention_mask"],
+            prefixes.get("decoder"),
+            prefixes.get("cross"),
         )  # [B, T, V]
         return torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100
@@ -257,7 +274,9 @@ class BartPrefixTuner(PrefixTuner):
 
     @torch.no_grad()
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        return bart_prefix.greedy_generate(self.loaded.model, list(prompt_ids), self.prefixes(), max_new_tokens)
+        return bart_prefix.greedy_generate(
+            self.loaded.model, list(prompt_ids), self.prefixes(), max_new_tokens
+        )
 
     @torch.no_grad()
     def _text_keys_values(self, ids: list[int]) -> dict[str, Tensor]:
@@ -277,7 +296,9 @@ class BartPrefixTuner(PrefixTuner):
         for kind, attns in modules.items():
             for attn in attns:
                 for proj in (attn.k_proj, attn.v_proj):
-                    hooks.append(proj.register_forward_hook(lambda _m, _i, out, k=kind: captured[k].append(out)))
+                    hooks.append(
+                        proj.register_forward_hook(lambda _m, _i, out, k=kind: captured[k].append(out))
+                    )
         try:
             x = torch.tensor([ids], device=self.loaded.device)  # [1, L]
             enc = bart_prefix.encode(model, x)  # [1, L, d]

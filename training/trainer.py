@@ -147,7 +147,9 @@ def save_checkpoint(
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous().cpu() for k, v in tuner.trainable_state().items()}, tmp / "trainable.safetensors")
+    save_file(
+        {k: v.contiguous().cpu() for k, v in tuner.trainable_state().items()}, tmp / "trainable.safetensors"
+    )
     if best_state is not None:  # early stopping needs the best state after a resume too
         save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, tmp / "best.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -165,7 +167,9 @@ def load_checkpoint(
 ) -> tuple[TrainState, dict[str, Tensor] | None]:
     """Restore the prefix, optimizer and scheduler from `ckpt`; returns (state, best dev state or None)."""
     device = tuner.loaded.device
-    tuner.load_trainable_state({k: v.to(device) for k, v in load_file(ckpt / "trainable.safetensors").items()})
+    tuner.load_trainable_state(
+        {k: v.to(device) for k, v in load_file(ckpt / "trainable.safetensors").items()}
+    )
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     best = ckpt / "best.safetensors"
@@ -245,7 +249,9 @@ def train(
         tuner.load_trainable_state(best_state)
         exported_step = state.best_step
     tuner.eval()
-    return TrainResult(state=state, stopped_early=stopped_early, exported_step=exported_step, total_steps=total_steps)
+    return TrainResult(
+        state=state, stopped_early=stopped_early, exported_step=exported_step, total_steps=total_steps
+    )
 
 
 def _dev_eval(

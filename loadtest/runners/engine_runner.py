@@ -85,7 +85,9 @@ class StepStats(EngineObserver):
         }
 
 
-async def _stream(engine: Engine, req: RequestSpec, task: str | None, arrival: float, clock: RunClock) -> RequestRecord:
+async def _stream(
+    engine: Engine, req: RequestSpec, task: str | None, arrival: float, clock: RunClock
+) -> RequestRecord:
     rec = RequestRecord(
         request_id=req.request_id,
         task=task,
@@ -132,7 +134,13 @@ async def run_engine_async(
         try:
             warm_tasks: list[str | None] = list(artifacts) if use_prefixes else [None]
             warm = [
-                GenerationRequest(f"warm-{i}", [warm_tokens] * WARMUP_PROMPT_LEN, exact_length_params(WARMUP_NEW_TOKENS), TENANT, t)
+                GenerationRequest(
+                    f"warm-{i}",
+                    [warm_tokens] * WARMUP_PROMPT_LEN,
+                    exact_length_params(WARMUP_NEW_TOKENS),
+                    TENANT,
+                    t,
+                )
                 for i, t in enumerate(warm_tasks)
             ]
             await asyncio.gather(*(_drain(engine, w) for w in warm))

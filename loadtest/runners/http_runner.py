@@ -12,6 +12,7 @@ The reported peak RSS is the server process's (reset after warm-up where Linux a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -86,10 +87,8 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {timeout_s:.0f} s; log: {self.log_path}")
 
     def reset_peak_rss(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # not allowed everywhere; then the peak includes warm-up
             Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-        except OSError:
-            pass
 
     def peak_rss_bytes(self) -> int:
         return process_peak_rss_bytes(self.proc.pid) or 0
@@ -116,7 +115,13 @@ async def _complete(
         num_prompt_tokens=len(req.prompt_ids),
         num_requested_tokens=req.max_new_tokens,
     )
-    body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.max_new_tokens, "temperature": 0, "stream": True}
+    body = {
+        "model": model,
+        "prompt": req.prompt_ids,
+        "max_tokens": req.max_new_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -167,7 +172,11 @@ async def _run_http(server: ServerProcess, workload: Workload, artifacts: dict[s
         records = await drive(workload, clock, send)
         wall = clock.now()
     return RunResult(
-        "http", records, wall, server.peak_rss_bytes(), extra={"server_log": str(server.log_path), "base_model_id": base_model}
+        "http",
+        records,
+        wall,
+        server.peak_rss_bytes(),
+        extra={"server_log": str(server.log_path), "base_model_id": base_model},
     )
 
 
@@ -180,7 +189,9 @@ def run_http(
     dtype: str,
     log_path: Path,
 ) -> RunResult:
-    server = ServerProcess(model_dir, max_batch_size, device, dtype, max(256, len(workload.requests)), log_path)
+    server = ServerProcess(
+        model_dir, max_batch_size, device, dtype, max(256, len(workload.requests)), log_path
+    )
     try:
         server.wait_ready()
         return asyncio.run(_run_http(server, workload, artifacts))

@@ -51,7 +51,9 @@ class PeftBaseline:
         tasks = list(peft_dirs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.model = PeftModel.from_pretrained(loaded.model, str(peft_dirs[tasks[0]]), adapter_name=tasks[0])
+            self.model = PeftModel.from_pretrained(
+                loaded.model, str(peft_dirs[tasks[0]]), adapter_name=tasks[0]
+            )
             for task in tasks[1:]:
                 self.model.load_adapter(str(peft_dirs[task]), adapter_name=task)
         self.model.to(loaded.device, loaded.dtype)
@@ -62,11 +64,18 @@ class PeftBaseline:
         del self.model
 
     @torch.inference_mode()
-    def generate(self, task: str, prompts: list[list[int]], num_new: int, streamer: StepTimer | None) -> None:
-        """Generate exactly `num_new` tokens for each prompt (one task), left-padded into one batch."""
+    def generate(
+        self, task: str, prompts: list[list[int]], num_new: int, streamer: StepTimer | None
+    ) -> torch.Tensor:
+        """Generate exactly `num_new` tokens for each prompt (one task), left-padded into one batch.
+
+        Returns the generated ids `[B, num_new]`.
+        """
         dev = self.loaded.device
         self.model.set_adapter(task)
-        sources = [wrap_source(p, self.loaded.model.config) for p in prompts] if self.encoder_decoder else prompts
+        sources = (
+            [wrap_source(p, self.loaded.model.config) for p in prompts] if self.encoder_decoder else prompts
+        )
         width = max(len(s) for s in sources)
         input_ids = torch.tensor([[self.pad] * (width - len(s)) + s for s in sources], device=dev)  # [B, S]
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sources], device=dev)  # [B, S]
@@ -83,11 +92,14 @@ class PeftBaseline:
             warnings.simplefilter("ignore")
             cache = self.model.get_prompt(batch_size=batch)  # the active adapter's prefix K/V
             if self.encoder_decoder:
-                self.model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, **kwargs)
+                out = self.model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, **kwargs)
             else:
                 length = int(self.model.peft_config[task].num_virtual_tokens)
                 full_mask = torch.cat([torch.ones(batch, length, dtype=mask.dtype, device=dev), mask], dim=1)
-                self.model.base_model.generate(input_ids=input_ids, attention_mask=full_mask, cache=cache, **kwargs)
+                out = self.model.base_model.generate(
+                    input_ids=input_ids, attention_mask=full_mask, cache=cache, **kwargs
+                )
+        return out[:, -num_new:]  # [B, num_new]
 
     def warm_up(self, task: str, vocab_token: int) -> None:
         self.generate(task, [[vocab_token] * WARMUP_PROMPT_LEN], WARMUP_NEW_TOKENS, None)

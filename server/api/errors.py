@@ -123,16 +123,45 @@ _HTTP_ERROR_TYPES = {
     503: "unavailable",
 }
 
-# Generation failures answer 424 like TGI on our and TGI's routes; OpenAI clients expect a 5xx.
-_OPENAI_PATH_PREFIX = "/v1/completions"
+# The OpenAI-compatible routes. On them a generation failure is a 500 (OpenAI clients expect a 5xx,
+# TGI's 424 elsewhere), and errors use OpenAI's body shape: the `openai` client raises the right
+# exception class from the status alone, but puts the reason into the exception's text only from
+# `{"error": {"message": ...}}`.
+OPENAI_PATHS = ("/v1/completions", "/v1/models")
 
 
-def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None):
-    """A JSON error response in our shape."""
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error body on the OpenAI-compatible routes."""
+
+    error: OpenAIErrorDetail
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PATHS)
+
+
+def error_body(status: int, message: str, error_type: str, path: str = "") -> dict[str, Any]:
+    """Our `{"error", "error_type"}`, or OpenAI's shape on the OpenAI routes."""
+    if is_openai_path(path):
+        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    return {"error": message, "error_type": error_type}
+
+
+def error_response(
+    status: int, message: str, error_type: str, headers: dict[str, str] | None = None, path: str = ""
+) -> JSONResponse:
+    """A JSON error response (see `error_body` for the shape)."""
     ctx = request_context.get()
     if ctx is not None:
         ctx.error_type = error_type
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, error_type, path), status_code=status, headers=headers)
 
 
 def describe_exception(exc: Exception, path: str = "") -> tuple[int, str, str, dict[str, str] | None]:
@@ -143,7 +172,7 @@ def describe_exception(exc: Exception, path: str = "") -> tuple[int, str, str, d
     for cls, mapping in _MAPPINGS:
         if isinstance(exc, cls):
             status = mapping.status
-            if isinstance(exc, RequestFailed) and path.startswith(_OPENAI_PATH_PREFIX):
+            if isinstance(exc, RequestFailed) and is_openai_path(path):
                 status = 500
             message = str(exc) or cls.__name__
             if isinstance(exc, RequestFailed):
@@ -173,13 +202,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def handle_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, validation_message(exc), "validation")
+        return error_response(422, validation_message(exc), "validation", path=request.url.path)
 
     async def handle_known(request: Request, exc: Exception) -> JSONResponse:
         status, message, error_type, headers = describe_exception(exc, request.url.path)
         if status >= 500 and error_type != "unavailable":
             logger.error("request failed: %s", message, exc_info=exc)
-        return error_response(status, message, error_type, headers)
+        return error_response(status, message, error_type, headers, path=request.url.path)
 
     app.add_exception_handler(RequestValidationError, handle_validation)
     app.add_exception_handler(StarletteHTTPException, handle_known)
@@ -187,8 +216,8 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(cls, handle_known)
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries declaring our error model for each status."""
+def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries declaring the error model for each status."""
     descriptions = {
         401: "Missing or invalid API key",
         403: "The key's role does not allow this",
@@ -200,7 +229,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         500: "Internal error",
         503: "Unavailable: store down, engine stopped or draining (see Retry-After)",
     }
-    return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}
+    model = OpenAIErrorResponse if openai else ErrorResponse
+    return {s: {"model": model, "description": descriptions.get(s, "Error")} for s in statuses}
 
 
 ExceptionDescriber = Callable[[Exception, str], tuple[int, str, str, dict[str, str] | None]]

@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import BodyTooLarge, describe_exception
+from server.api.errors import BodyTooLarge, describe_exception, error_body
 from server.logging import RequestContext, log_request, request_context
 from server.metrics import Metrics
 
@@ -90,7 +90,9 @@ class RequestMiddleware:
                 logger.error("unhandled error", exc_info=exc)
             ctx.error_type = error_type
             if not started:
-                await _send_json_error(send_wrapper, status, message, error_type, headers)
+                await _send_json_error(
+                    send_wrapper, status, message, error_type, headers, scope.get("path", "")
+                )
             else:
                 ctx.status = 500 if ctx.status is None else ctx.status
         finally:
@@ -104,9 +106,9 @@ class RequestMiddleware:
 
 
 async def _send_json_error(
-    send: Send, status: int, message: str, error_type: str, headers: dict[str, str] | None
+    send: Send, status: int, message: str, error_type: str, headers: dict[str, str] | None, path: str = ""
 ) -> None:
-    body = json.dumps({"error": message, "error_type": error_type}).encode()
+    body = json.dumps(error_body(status, message, error_type, path)).encode()
     raw: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -136,7 +138,9 @@ class BodySizeLimitMiddleware:
                 too_large = False  # h11/httptools reject a malformed Content-Length before us
             if too_large:
                 # Refuse before reading anything: the client may still be sending the body.
-                await _send_json_error(send, 413, BodyTooLarge(limit).detail, "payload_too_large", None)
+                await _send_json_error(
+                    send, 413, BodyTooLarge(limit).detail, "payload_too_large", None, scope.get("path", "")
+                )
                 return
         received = 0
 

@@ -81,18 +81,22 @@ class BartRunner:
         self.config = config
         self.decoder_start_token_id = int(config.decoder_start_token_id)
         self.position_offset = int(self.decoder.embed_positions.offset)  # BART's learned positions start at 2
-        cache_args = dict(
-            num_layers=len(self.layers),
-            num_heads=self.num_heads,
-            head_dim=self.head_dim,
-            max_rows=max_rows,
-            dtype=self.dtype,
-            device=self.device,
-            position_chunk=position_chunk,
-        )
-        self.self_cache = SlotKVCache(max_positions=self.max_positions, **cache_args)  # type: ignore[arg-type]
+
+        def slot_cache(max_positions: int) -> SlotKVCache:
+            return SlotKVCache(
+                num_layers=len(self.layers),
+                num_heads=self.num_heads,
+                head_dim=self.head_dim,
+                max_rows=max_rows,
+                max_positions=max_positions,
+                dtype=self.dtype,
+                device=self.device,
+                position_chunk=position_chunk,
+            )
+
+        self.self_cache = slot_cache(self.max_positions)
         # Cross rows hold a cross prefix (up to the artifact limit) plus the whole encoder input.
-        self.cross_cache = SlotKVCache(max_positions=self.max_positions + max_prefix_length, **cache_args)  # type: ignore[arg-type]
+        self.cross_cache = slot_cache(self.max_positions + max_prefix_length)
         self._row_index = torch.arange(max_rows, device=self.device)  # [max_rows]
         self._position_index = torch.arange(self.cross_cache.max_positions + 1, device=self.device)  # [C_max]
 
@@ -111,8 +115,8 @@ class BartRunner:
                 0,
                 max_new_tokens,
                 self.max_positions,
-                f"prompt has {num_prompt_tokens} tokens; with <s> and </s> the encoder needs {encoder_tokens} "
-                f"positions but the model's limit is {self.max_positions}",
+                f"prompt has {num_prompt_tokens} tokens; with <s> and </s> the encoder needs "
+                f"{encoder_tokens} positions but the model's limit is {self.max_positions}",
             )
         prefix = self.prefix_positions(artifact)
         if prefix + max_new_tokens > self.max_positions:
@@ -121,14 +125,14 @@ class BartRunner:
                 prefix,
                 max_new_tokens,
                 self.max_positions,
-                f"decoder prefix length {prefix} + max_new_tokens {max_new_tokens} = {prefix + max_new_tokens} "
-                f"decoder positions, but the model's limit is {self.max_positions}",
+                f"decoder prefix length {prefix} + max_new_tokens {max_new_tokens} = "
+                f"{prefix + max_new_tokens} decoder positions, but the model's limit is {self.max_positions}",
             )
 
     def reserved_tokens(
         self, num_prompt_tokens: int, max_new_tokens: int, artifact: PrefixArtifact | None
     ) -> int:
-        """Self-cache positions (Ld + G) plus cross-cache positions (Lc + P + 2): both cost the same per position."""
+        """Self-cache positions (Ld + G) plus cross-cache positions (Lc + P + 2); equal cost per position."""
         cross = 0 if artifact is None else artifact.prefix_length("cross")
         return self.prefix_positions(artifact) + max_new_tokens + cross + num_prompt_tokens + 2
 
@@ -155,7 +159,7 @@ class BartRunner:
     # ---- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
-        """Append rows for `items`: encoder, cross cache, decoder prefix, start token. -> logits [n, V] float32."""
+        """Add rows for `items` (encoder, cross cache, decoder prefix, start token); logits [n, V] float32."""
         sources = [wrap_source(it.input_ids, self.config) for it in items]  # bos + prompt + eos
         ids = [it.request_id for it in items]
         dec_lens = [self.prefix_positions(it.prefix) for it in items]
@@ -211,13 +215,18 @@ class BartRunner:
     def _padded_encoder_prefix(
         self, items: list[PrefillItem]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Encoder prefixes padded to the longest: ([enc_layers, 2, n, H, Lmax, D], mask [n, Lmax]) or (None, None)."""
+        """Encoder prefixes padded to the longest: `[enc_layers, 2, n, H, Lmax, D]` and mask `[n, Lmax]`.
+
+        (None, None) when no item has an encoder prefix.
+        """
         lens = [_length(it.prefix, "encoder") for it in items]
         longest = max(lens)
         if longest == 0:
             return None, None
-        first = next(it.prefix.prefixes["encoder"] for it in items if _length(it.prefix, "encoder"))  # type: ignore[union-attr]
-        layers, _, heads, _, head_dim = first.shape
+        present = [
+            it.prefix.prefixes["encoder"] for it in items if it.prefix and "encoder" in it.prefix.prefixes
+        ]
+        layers, _, heads, _, head_dim = present[0].shape
         padded = torch.zeros(
             layers, 2, len(items), heads, longest, head_dim, dtype=self.dtype, device=self.device
         )
@@ -239,7 +248,7 @@ class BartRunner:
         return self._decoder_step(0, token_ids.to(self.device))
 
     def _decoder_step(self, first_row: int, token_ids: torch.Tensor) -> torch.Tensor:
-        """Feed one decoder token to rows [first_row, first_row + n). token_ids: [n]. -> logits [n, V] float32."""
+        """Feed one decoder token to rows [first_row, first_row + n); token_ids [n] -> logits [n, V] float32."""
         n, E, H, D = token_ids.shape[0], self.hidden_size, self.num_heads, self.head_dim
         span = slice(first_row, first_row + n)
         lengths = self.self_cache.lengths[span]  # host ints: Ld_r + tokens fed so far

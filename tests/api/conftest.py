@@ -87,9 +87,11 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
             engine_config: EngineConfig | None = None,
             keys: dict[str, Any] | None = KEYS,
             redis: bool = False,
+            start: bool = True,
+            on_fatal: Callable[[], None] | None = None,
             **overrides: Any,
         ) -> Api:
-            key_prefix = f"pstest-{uuid.uuid4().hex[:10]}"
+            key_prefix = overrides.pop("redis_key_prefix", None) or f"pstest-{uuid.uuid4().hex[:10]}"
             prefixes.append(key_prefix)
             fields: dict[str, Any] = {
                 "model": "tiny-gpt2",
@@ -113,8 +115,11 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                 or EngineConfig(max_batch_size=8, max_waiting=16, queue_timeout_s=30, kv_position_chunk=64),
                 observer=metrics,
             )
-            app = create_app(settings, engine=engine, store=store, spec=loaded.spec, metrics=metrics)
-            await stack.enter_async_context(app.router.lifespan_context(app))
+            app = create_app(
+                settings, engine=engine, store=store, spec=loaded.spec, metrics=metrics, on_fatal=on_fatal
+            )
+            if start:  # else the caller runs the lifespan (e.g. a real uvicorn server)
+                await stack.enter_async_context(app.router.lifespan_context(app))
             client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
             await stack.enter_async_context(client)
             return Api(client, app, engine, store, metrics, settings)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from tests.api.conftest import ACME, ACME_GEN, GLOBEX, artifact_bytes, wait_for
+from tests.api.conftest import ACME, ACME_GEN, GLOBEX, artifact_bytes
 
 
 async def _text_and_version(api, task: str, headers=ACME) -> tuple[str, int | None]:
@@ -51,8 +51,6 @@ async def test_upload_generate_replace_rollback(make_api, loaded, backend):
     deleted = await api.client.delete("/v1/prefixes/summarize", headers=ACME)
     assert deleted.status_code == 204 and deleted.content == b""
     assert (await api.client.get("/v1/prefixes/summarize", headers=ACME)).status_code == 404
-    # The engine hears about the delete through the store's change notifications.
-    await wait_for(lambda: True)
     r = await api.generate("x", task="summarize")
     assert r.status_code == 404
 
@@ -157,7 +155,8 @@ async def test_tenants_never_see_each_others_tasks(make_api, loaded, backend):
     ]:
         r = await api.client.request(method, url, headers=GLOBEX, **kwargs)
         assert r.status_code == 404, (method, url, r.text)
-        assert r.json()["error_type"] == "not_found"
+        error = r.json()["error"]  # OpenAI's nested shape on /v1/completions, ours elsewhere
+        assert (error["type"] if isinstance(error, dict) else r.json()["error_type"]) == "not_found"
 
     # Globex may use the same name: it gets its own task; Acme's is untouched.
     mine = await api.upload("secret", artifact_bytes(loaded.spec, 2), headers=GLOBEX)

@@ -64,17 +64,24 @@ class PeftReference:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], artifact: PrefixArtifact | None, max_new_tokens: int) -> list[int]:
-        """Greedy tokens for this request alone (stops at EOS like HF generate)."""
+        """Greedy tokens for this request alone, stopping at EOS like HF generate.
+
+        Built on PEFT's *forward* (the whole sequence each step), not `PeftModel.generate`: with
+        transformers 5.24 + peft 0.21.2, `generate` on a prefix-tuned GPT-2 silently drops the prefix
+        (generate passes its own empty `cache`, which GPT-2's forward prefers over the deprecated
+        `past_key_values` PEFT fills) while still shifting positions by L, so it computes neither
+        model. PEFT's forward is correct (it matches the paper's computation to 1e-7).
+        """
         model = self.model_for(artifact)
-        ids = torch.tensor([prompt_ids])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.loaded.spec.vocab_size - 1,
-        )
-        return out[0, len(prompt_ids) :].tolist()
+        eos = self.loaded.model.config.eos_token_id
+        tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            ids = torch.tensor([prompt_ids + tokens])
+            token = int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+            tokens.append(token)
+            if token == eos:
+                break
+        return tokens
 
     @torch.no_grad()
     def step_logits(self, prompt_ids: list[int], artifact: PrefixArtifact | None, tokens: list[int]) -> torch.Tensor:

@@ -20,7 +20,13 @@ from server.engine.errors import PromptTooLong
 from server.engine.runner import PrefillItem
 
 # Task prefix lengths per kind (encoder, decoder, cross); 0 = the artifact lacks that kind.
-TASK_LENGTHS = {"a": (5, 3, 4), "b": (10, 10, 10), "c": (1, 7, 2), "dec-only": (0, 4, 0), "cross-only": (0, 0, 6)}
+TASK_LENGTHS = {
+    "a": (5, 3, 4),
+    "b": (10, 10, 10),
+    "c": (1, 7, 2),
+    "dec-only": (0, 4, 0),
+    "cross-only": (0, 0, 6),
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +65,13 @@ def test_no_prefix_logits_match_hf_with_padding(loaded: LoadedModel) -> None:
     width = max(map(len, sources))
     input_ids = torch.tensor([s + [config.pad_token_id] * (width - len(s)) for s in sources])  # [2, S]
     mask = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in sources])[:, None]).long()  # [2, S]
-    target = torch.tensor([[config.decoder_start_token_id, 5, 6, 7], [config.decoder_start_token_id, 8, 9, 10]])
+    target = torch.tensor(
+        [[config.decoder_start_token_id, 5, 6, 7], [config.decoder_start_token_id, 8, 9, 10]]
+    )
     with torch.no_grad():
-        expected = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=target).logits  # [2, T, V]
+        expected = model(
+            input_ids=input_ids, attention_mask=mask, decoder_input_ids=target
+        ).logits  # [2, T, V]
         enc = bart_prefix.encode(model, input_ids, mask)  # [2, S, d]
         got = bart_prefix.decode(model, target, enc, mask)  # [2, T, V]
     assert (got - expected).abs().max().item() < 1e-5
@@ -73,7 +83,9 @@ def test_no_prefix_greedy_matches_hf_generate(loaded: LoadedModel) -> None:
     for seed in (3, 4):
         source = bart_prefix.wrap_source(_prompt(seed, 8), model.config)
         with torch.no_grad():
-            hf = model.generate(input_ids=torch.tensor([source]), max_new_tokens=10, do_sample=False, num_beams=1)
+            hf = model.generate(
+                input_ids=torch.tensor([source]), max_new_tokens=10, do_sample=False, num_beams=1
+            )
         ours = bart_prefix.greedy_generate(model, source, None, 10)
         assert ours == hf[0, 1:].tolist()
         outputs.add(tuple(ours))
@@ -95,7 +107,9 @@ def test_prefixes_are_differentiable(loaded: LoadedModel, tasks: dict[str, Prefi
 
 
 # ---- the runner against the reference -----------------------------------------------------------
-def _run(runner: BartRunner, schedule: dict[int, list[tuple[str, list[int], PrefixArtifact | None, int]]]) -> dict[str, list[int]]:
+def _run(
+    runner: BartRunner, schedule: dict[int, list[tuple[str, list[int], PrefixArtifact | None, int]]]
+) -> dict[str, list[int]]:
     """Greedy-drive the runner: requests join at their step, leave when they have max_new tokens."""
     out: dict[str, list[int]] = {}
     budget: dict[str, int] = {}
@@ -162,10 +176,15 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
     model.eval()
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "tiny-bart"  # fixed: see test_peft_seq2seq's header-size note
-    artifact = peft_to_artifact(json.dumps(config).encode(), (tmp_path / "adapter_model.safetensors").read_bytes(), loaded.spec)
+    artifact = peft_to_artifact(
+        json.dumps(config).encode(), (tmp_path / "adapter_model.safetensors").read_bytes(), loaded.spec
+    )
 
     prompts = {"p0": _prompt(20, 6), "p1": _prompt(21, 10)}
-    schedule = {0: [("p0", prompts["p0"], artifact, 8), ("bare", prompts["p0"], None, 8)], 1: [("p1", prompts["p1"], artifact, 5)]}
+    schedule = {
+        0: [("p0", prompts["p0"], artifact, 8), ("bare", prompts["p0"], None, 8)],
+        1: [("p1", prompts["p1"], artifact, 5)],
+    }
     got = _run(BartRunner(loaded, max_rows=4, position_chunk=8), schedule)
     for rid in ("p0", "p1"):
         source = bart_prefix.wrap_source(prompts[rid], loaded.model.config)
@@ -186,7 +205,9 @@ def test_runner_length_rules(loaded: LoadedModel, tasks: dict[str, PrefixArtifac
     runner = BartRunner(loaded, max_rows=2)
     limit = runner.max_positions  # 512
     art = tasks["b"]  # decoder prefix 10, cross prefix 10, encoder prefix 10
-    runner.validate_lengths(limit - 2, limit - 10, art)  # source + bos/eos fills the encoder; Ld + G fills the decoder
+    runner.validate_lengths(
+        limit - 2, limit - 10, art
+    )  # source + bos/eos fills the encoder; Ld + G fills the decoder
     with pytest.raises(PromptTooLong, match="encoder needs 513 positions"):
         runner.validate_lengths(limit - 1, 1, art)
     with pytest.raises(PromptTooLong, match="decoder prefix length 10 \\+ max_new_tokens 503"):
@@ -199,7 +220,9 @@ def test_runner_length_rules(loaded: LoadedModel, tasks: dict[str, PrefixArtifac
 
 def test_runner_serves_the_longest_allowed_request(tmp_path: Path) -> None:
     """A request at both limits runs to completion and matches the reference (64 positions, to stay fast)."""
-    small = load_model(str(make_model_dir("tiny-bart", tmp_path, init_std=0.2, max_position_embeddings=64)), "cpu")
+    small = load_model(
+        str(make_model_dir("tiny-bart", tmp_path, init_std=0.2, max_position_embeddings=64)), "cpu"
+    )
     runner = BartRunner(small, max_rows=2, position_chunk=16)
     art = _artifact(small, (3, 7, 5), seed=9)
     limit = runner.max_positions
@@ -208,4 +231,48 @@ def test_runner_serves_the_longest_allowed_request(tmp_path: Path) -> None:
     runner.validate_lengths(len(ids), max_new, art)
     got = _run(runner, {0: [("long", ids, art, max_new)]})
     source = bart_prefix.wrap_source(ids, small.model.config)
-    assert got["long"] == bart_prefix.greedy_generate(small.model, source, art.prefixes, max_new, eos_token_id=None)
+    assert got["long"] == bart_prefix.greedy_generate(
+        small.model, source, art.prefixes, max_new, eos_token_id=None
+    )
+
+
+# ---- through the real Engine --------------------------------------------------------------------
+async def test_engine_serves_mixed_bart_tasks_like_the_reference(
+    loaded: LoadedModel, tasks: dict[str, PrefixArtifact | None], tmp_path: Path
+) -> None:
+    """Concurrent requests for different tasks (and none) through `Engine`: each equals its lone reference."""
+    import asyncio
+
+    from prefix_store.artifact import dump_artifact
+    from prefix_store.local_store import LocalPrefixStore
+    from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+
+    store = LocalPrefixStore(tmp_path / "store")
+    await store.start()
+    for name, art in tasks.items():
+        if art is not None:
+            await store.put("default", name, dump_artifact(art), {})
+    engine = Engine(loaded, store, EngineConfig(max_batch_size=4, kv_position_chunk=16))
+    await engine.start()
+    plan = [("a", 7, 6), ("b", 3, 9), ("none", 12, 4), ("c", 5, 8), ("dec-only", 9, 5), ("cross-only", 2, 7)]
+    try:
+
+        async def run(i: int, task: str, n: int, max_new: int) -> list[int]:
+            await asyncio.sleep(0.01 * i)  # staggered arrivals; max_batch_size 4 makes some wait
+            request = GenerationRequest(
+                request_id=f"q{i}",
+                prompt=_prompt(40 + i, n),
+                params=SamplingParams(max_new_tokens=max_new),
+                task=None if task == "none" else task,
+            )
+            return [event.token_id async for event in engine.generate(request)]
+
+        results = await asyncio.gather(*(run(i, *spec) for i, spec in enumerate(plan)))
+    finally:
+        await engine.stop(drain_timeout_s=0)
+        await store.close()
+    for i, ((task, n, max_new), got) in enumerate(zip(plan, results, strict=True)):
+        art = tasks[task]
+        source = bart_prefix.wrap_source(_prompt(40 + i, n), loaded.model.config)
+        expected = bart_prefix.greedy_generate(loaded.model, source, art and art.prefixes, max_new)
+        assert got == expected, task

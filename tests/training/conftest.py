@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-weight models built in-process, and a synthetic task.
 
-The tiny models use `initializer_range=0.5`: with GPT-2's default 0.02 a 64-wide random model's logits
+The tiny models use larger init scales (GPT-2 `initializer_range=0.5`, BART `init_std=0.2`): with GPT-2's default 0.02 a 64-wide random model's logits
 are nearly flat (std ~0.16), so no prefix could make any continuation likely and "the prefix learned
 the task" would be untestable.
 """
@@ -44,7 +44,7 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir("tiny-bart", tmp_path_factory.mktemp("tiny-bart"), seed=0, init_std=0.5)
+    return make_model_dir("tiny-bart", tmp_path_factory.mktemp("tiny-bart"), seed=0, init_std=0.2)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from prefixserve.models import bundled_tokenizer
+from tests.training.conftest import FIXTURES
 from training.data import (
     IGNORE_INDEX,
     Example,
@@ -18,7 +19,6 @@ from training.data import (
     group_references,
     load_examples,
 )
-from tests.training.conftest import FIXTURES
 
 EOS = 50256
 
@@ -38,7 +38,9 @@ def test_webnlg_dart_xsum_jsonl_loaders(tmp_path: Path) -> None:
         "entries": [
             {
                 "1": {
-                    "modifiedtripleset": [{"subject": "Alan_Bean", "property": "occupation", "object": "Test_pilot"}],
+                    "modifiedtripleset": [
+                        {"subject": "Alan_Bean", "property": "occupation", "object": "Test_pilot"}
+                    ],
                     "lexicalisations": [
                         {"lex": "Alan Bean was a test pilot.", "comment": "good"},
                         {"lex": "Bad one.", "comment": "bad"},
@@ -54,7 +56,12 @@ def test_webnlg_dart_xsum_jsonl_loaders(tmp_path: Path) -> None:
         Example("Alan Bean : occupation : Test pilot", "Alan Bean was a test pilot."),
         Example("Alan Bean : occupation : Test pilot", "Alan Bean served as a test pilot."),
     ]
-    dart = [{"tripleset": [["Mars", "ORBITS", "Sun"], ["Mars", "COLOR", "red"]], "annotations": [{"text": "Red Mars orbits the Sun."}]}]
+    dart = [
+        {
+            "tripleset": [["Mars", "ORBITS", "Sun"], ["Mars", "COLOR", "red"]],
+            "annotations": [{"text": "Red Mars orbits the Sun."}],
+        }
+    ]
     (tmp_path / "dart.json").write_text(json.dumps(dart))
     assert load_examples(tmp_path / "dart.json", "dart") == [
         Example("Mars : ORBITS : Sun | Mars : COLOR : red", "Red Mars orbits the Sun.")
@@ -72,7 +79,13 @@ def test_webnlg_dart_xsum_jsonl_loaders(tmp_path: Path) -> None:
 
 def test_causal_labels_mask_source_and_padding() -> None:
     tok = bundled_tokenizer("gpt2")
-    rows = encode_causal(tok, [Example("name[Foo], area[city]", "Foo is in the city."), Example("a", "b")], EOS, EOS, Truncation())
+    rows = encode_causal(
+        tok,
+        [Example("name[Foo], area[city]", "Foo is in the city."), Example("a", "b")],
+        EOS,
+        EOS,
+        Truncation(),
+    )
     row = rows[0]
     src = tok("name[Foo], area[city]", add_special_tokens=False)["input_ids"]
     tgt = tok(" Foo is in the city.", add_special_tokens=False)["input_ids"]
@@ -87,9 +100,15 @@ def test_causal_labels_mask_source_and_padding() -> None:
 
 def test_truncation_keeps_first_tokens_and_eos() -> None:
     tok = bundled_tokenizer("gpt2")
-    row = encode_causal(tok, [Example("one two three four five", "six seven eight nine")], EOS, EOS, Truncation(2, 3))[0]
-    assert row["input_ids"] == [*tok("one two", add_special_tokens=False)["input_ids"], EOS,
-                                *tok(" six seven eight", add_special_tokens=False)["input_ids"], EOS]
+    row = encode_causal(
+        tok, [Example("one two three four five", "six seven eight nine")], EOS, EOS, Truncation(2, 3)
+    )[0]
+    assert row["input_ids"] == [
+        *tok("one two", add_special_tokens=False)["input_ids"],
+        EOS,
+        *tok(" six seven eight", add_special_tokens=False)["input_ids"],
+        EOS,
+    ]
     bart = bundled_tokenizer("bart")
     s2s = encode_seq2seq(bart, [Example("one two three", "four five six")], 0, 2, 2, Truncation(2, 2))[0]
     assert s2s["input_ids"] == [0, *bart(" one two", add_special_tokens=False)["input_ids"], 2]

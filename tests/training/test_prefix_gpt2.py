@@ -13,12 +13,12 @@ from peft import PeftModel
 from prefix_store.artifact import load_artifact
 from prefix_store.peft_format import peft_to_artifact
 from prefixserve.models import load_model
+from tests.training.conftest import SYNTHETIC
 from training.data import Example, Truncation, causal_prompt, encode_causal
 from training.export import export
 from training.generation import generate_causal
 from training.prefix import PrefixConfig, make_tuner
 from training.trainer import TrainConfig, evaluate_loss, train
-from tests.training.conftest import SYNTHETIC
 
 EOS = 50256
 
@@ -39,8 +39,16 @@ def trained(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     final = evaluate_loss(tuner, rows, 8, EOS)
     written = export(tuner, out, "colors", {"steps": 200})
     prompts = [causal_prompt(loaded.tokenizer, s, EOS, Truncation()) for s, _ in SYNTHETIC]
-    return {"loaded": loaded, "tuner": tuner, "before": before, "initial": initial, "final": final,
-            "out": out, "written": written, "prompts": prompts}
+    return {
+        "loaded": loaded,
+        "tuner": tuner,
+        "before": before,
+        "initial": initial,
+        "final": final,
+        "out": out,
+        "written": written,
+        "prompts": prompts,
+    }
 
 
 def test_loss_falls_and_greedy_reproduces_targets(trained: dict[str, Any]) -> None:
@@ -75,15 +83,21 @@ def test_artifact_generation_equals_training_module(trained: dict[str, Any]) -> 
     logits_l = tuner.peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     from training.generation import prefix_cache
 
-    wrong = loaded.model(input_ids=ids, cache=prefix_cache(prefix, 1, torch.float32, torch.device("cpu")),
-                         attention_mask=torch.ones(1, 8 + ids.shape[1]), position_ids=torch.arange(ids.shape[1])[None])
+    wrong = loaded.model(
+        input_ids=ids,
+        cache=prefix_cache(prefix, 1, torch.float32, torch.device("cpu")),
+        attention_mask=torch.ones(1, 8 + ids.shape[1]),
+        position_ids=torch.arange(ids.shape[1])[None],
+    )
     assert not torch.allclose(logits_l, wrong.logits, atol=1e-3)
 
 
 def test_beam_search_runs_and_finds_targets(trained: dict[str, Any]) -> None:
     loaded = trained["loaded"]
     artifact = load_artifact(Path(trained["written"]["artifact"]).read_bytes(), loaded.spec)
-    outs = generate_causal(loaded.model, artifact.prefixes["decoder"], trained["prompts"][:2], 8, EOS, num_beams=3)
+    outs = generate_causal(
+        loaded.model, artifact.prefixes["decoder"], trained["prompts"][:2], 8, EOS, num_beams=3
+    )
     assert [loaded.tokenizer.decode(o[:-1]).strip() for o in outs] == [t for _, t in SYNTHETIC[:2]]
 
 
@@ -107,7 +121,9 @@ def test_peft_export_loads_in_peft_and_matches(trained: dict[str, Any], tiny_gpt
 def test_init_from_text_fits_the_words_activations(tiny_gpt2_dir: Path) -> None:
     loaded = load_model(str(tiny_gpt2_dir), device="cpu")
     torch.manual_seed(0)
-    tuner = make_tuner(loaded, PrefixConfig(prefix_length=4, mlp_hidden=512, init_text="table-to-text:", init_steps=300))
+    tuner = make_tuner(
+        loaded, PrefixConfig(prefix_length=4, mlp_hidden=512, init_text="table-to-text:", init_steps=300)
+    )
     assert tuner.init_report["decoder"] < 0.01
     ids = [loaded.tokenizer("table-to-text:")["input_ids"][i % 4] for i in range(4)]
     target = tuner._text_keys_values(ids)

@@ -1,8 +1,9 @@
 """OpenAI-compatible `POST /v1/completions` and `GET /v1/models`.
 
 `model` selects the prefix: a task name of the caller's tenant, or the base model's id for none.
-Errors keep our `{"error": str, "error_type": str}` body: the `openai` client raises the right
-`APIStatusError` subclass from the status code and shows the body, so it needs no other shape.
+Errors here use OpenAI's body `{"error": {"message", "type", "param", "code"}}` (see
+`server.api.errors.OPENAI_PATHS`): the `openai` client only puts the reason into its exception text
+from that shape. `type` carries the same value as `error_type` elsewhere.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _sampling(body: CompletionRequest) -> SamplingParams:
     response_model=CompletionResponse,
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        **error_responses(401, 404, 413, 422, 429, 500, 503),
+        **error_responses(401, 404, 413, 422, 429, 500, 503, openai=True),
     },
 )
 async def completions(state: State, caller: Caller, body: CompletionRequest) -> Any:
@@ -112,7 +113,7 @@ async def completions(state: State, caller: Caller, body: CompletionRequest) -> 
     return sse_response(chunks())
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503, openai=True))
 async def list_models(state: State, caller: Caller) -> ModelList:
     """The base model, then the caller's tasks (each usable as `model`)."""
     cards = [ModelCard(id=state.config.model_id, created=0, owned_by="prefixserve")]

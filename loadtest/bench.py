@@ -1,0 +1,422 @@
+"""`prefixserve bench`: run one workload through every runner, in one process run, and report.
+
+    prefixserve bench --profile quick|default|gpu [--out DIR] [--runners engine,naive_peft] ...
+
+Profiles (sizes chosen to fit their time budgets on the machines named):
+- `quick`   (< 3 min, 2 CPU cores): gpt2-shaped fp32, 16 requests over 4 tasks, short prompts and
+            outputs, all five runners, engine scaling at concurrency 1, 4, 16.
+- `default` (< 15 min, 2 CPU cores): gpt2-shaped fp32, 64 concurrent requests over 16 tasks, prompts
+            32-128, outputs 16-64 (the engine issue's workload), all five runners, engine scaling
+            1 -> 128; then bart-base-shaped: 512-token sources, 32-64 new tokens, 16 requests over 4
+            tasks, with engine / no_prefix / naive_peft / static_batch.
+- `gpu`     (CUDA, bfloat16): gpt2-medium and bart-large shapes, larger workloads.
+
+Model directories (random weights, exact shapes) are written once under `--models-dir` (default
+`models/`). Output: `results.json`, `report.md`, `throughput_vs_concurrency.png`, `latency_cdf.png`
+in `--out` (default `bench-results/<profile>/`). See docs/benchmarks.md for how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loadtest import report
+from loadtest.machine import bart_flops, gpt2_flops, machine_info, measure_matmul_peak
+from loadtest.metrics import SLO, RunResult, summarize
+from loadtest.prefixes import make_task_prefixes
+from loadtest.workload import Workload, WorkloadSpec, make_workload
+from prefixserve.models import DTYPES, LoadedModel, load_model, make_model_dir, resolve_device
+
+ALL_RUNNERS = ("engine", "no_prefix", "http", "naive_peft", "static_batch")
+GPT2_TEXT_VOCAB = 50257  # real-text token ids (BART's extra specials sit above)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One model's comparison: a workload, the runners that serve it, and the engine scaling sweep."""
+
+    preset: str
+    workload: WorkloadSpec
+    runners: tuple[str, ...] = ALL_RUNNERS
+    max_batch_size: int = 64  # engine rows; static batching's batch cap is the same
+    scaling: tuple[int, ...] = ()  # engine concurrency sweep
+    scaling_min_requests: int = 8  # requests per sweep point: max(concurrency, this)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    device: str
+    dtype: str
+    main: Section
+    bart: Section | None = None
+    slo: SLO = field(default_factory=SLO)
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick",
+        device="cpu",
+        dtype="float32",
+        main=Section(
+            preset="gpt2",
+            workload=WorkloadSpec(
+                num_requests=16, num_tasks=4, prompt_len=(16, 32), output_len=(8, 16), concurrency=16
+            ),
+            max_batch_size=16,
+            scaling=(1, 4, 16),
+            scaling_min_requests=4,
+        ),
+        slo=SLO(ttft_s=5.0, tpot_s=0.5),
+    ),
+    "default": Profile(
+        name="default",
+        device="cpu",
+        dtype="float32",
+        main=Section(
+            preset="gpt2",
+            workload=WorkloadSpec(
+                num_requests=64,
+                num_tasks=16,
+                prompt_len=(32, 128),
+                output_len=(16, 64),
+                concurrency=64,
+                prefix_lengths=(10, 10, 10, 5, 10, 10, 10, 20),
+            ),
+            max_batch_size=64,
+            scaling=(1, 2, 4, 8, 16, 32, 64, 128),
+            scaling_min_requests=4,
+        ),
+        bart=Section(
+            preset="bart-base",
+            workload=WorkloadSpec(
+                num_requests=16,
+                num_tasks=4,
+                prompt_len=(512, 512),
+                output_len=(32, 64),
+                concurrency=16,
+                seed=1,
+            ),
+            runners=("engine", "no_prefix", "naive_peft", "static_batch"),
+            max_batch_size=16,
+        ),
+        slo=SLO(ttft_s=10.0, tpot_s=0.5),
+    ),
+    "gpu": Profile(
+        name="gpu",
+        device="cuda",
+        dtype="bfloat16",
+        main=Section(
+            preset="gpt2-medium",
+            workload=WorkloadSpec(
+                num_requests=512,
+                num_tasks=64,
+                prompt_len=(32, 128),
+                output_len=(64, 256),
+                concurrency=128,
+                task_popularity="zipf",
+                prefix_lengths=(10, 10, 10, 5, 10, 10, 10, 20),
+            ),
+            max_batch_size=128,
+            scaling=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            scaling_min_requests=32,
+        ),
+        bart=Section(
+            preset="bart-large",
+            workload=WorkloadSpec(
+                num_requests=128,
+                num_tasks=16,
+                prompt_len=(512, 512),
+                output_len=(32, 64),
+                concurrency=64,
+                seed=1,
+            ),
+            runners=("engine", "no_prefix", "naive_peft", "static_batch"),
+            max_batch_size=64,
+        ),
+        slo=SLO(ttft_s=1.0, tpot_s=0.05),
+    ),
+}
+
+
+def ensure_model(preset: str, models_dir: Path) -> Path:
+    """The preset's random-weight model directory, written once (same preset, same weights)."""
+    path = models_dir / preset
+    if not (path / "config.json").exists():
+        print(f"[bench] writing {preset} model to {path}", flush=True)
+        make_model_dir(preset, path, seed=0)
+    return path
+
+
+def _flops(loaded: LoadedModel, workload: Workload, run: RunResult, with_prefix: bool) -> float:
+    ok = [r for r in run.records if r.ok]
+    prompts = [r.num_prompt_tokens for r in ok]
+    outs = [r.num_output_tokens for r in ok]
+    prefixes = [workload.prefix_length(r.task) if with_prefix and r.task else 0 for r in ok]
+    if loaded.spec.is_encoder_decoder:
+        return bart_flops(loaded.model, [p + 2 for p in prompts], outs, prefixes)  # + bos/eos
+    return gpt2_flops(loaded.model, prompts, outs, prefixes)
+
+
+class Bench:
+    """Runs a profile's sections and collects everything that goes into the report."""
+
+    def __init__(
+        self, profile: Profile, out_dir: Path, models_dir: Path, runners: tuple[str, ...] | None
+    ) -> None:
+        self.profile = profile
+        self.out_dir = out_dir
+        self.models_dir = models_dir
+        self.only = runners
+        self.device = resolve_device(profile.device)
+        self.notes: list[str] = []
+        self.peak: dict[str, Any] = {}
+
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def _runners(self, section: Section) -> list[str]:
+        return [r for r in section.runners if self.only is None or r in self.only]
+
+    def run_section(
+        self, section: Section, scratch: Path, do_scaling: bool
+    ) -> tuple[dict[str, Any], dict[str, RunResult], list[str]]:
+        from loadtest.runners.engine_runner import run_engine
+
+        model_dir = ensure_model(section.preset, self.models_dir)
+        loaded = load_model(str(model_dir), device=str(self.device), dtype=self.profile.dtype)
+        vocab = min(loaded.spec.vocab_size, GPT2_TEXT_VOCAB)
+        workload = make_workload(section.workload, vocab, loaded.model.config.eos_token_id)
+        lengths = {t: workload.prefix_length(t) for t in workload.tasks}
+        prefixes = make_task_prefixes(loaded, workload.tasks, lengths, scratch / section.preset / "peft")
+        notes: list[str] = []
+        runs: dict[str, RunResult] = {}
+        engine_config = self._engine_config(section.max_batch_size)
+        for name in self._runners(section):
+            self.log(f"{section.preset}: {name} ({len(workload.requests)} requests)")
+            gc.collect()
+            try:
+                if name in ("engine", "no_prefix"):
+                    runs[name] = run_engine(
+                        loaded, workload, prefixes.artifacts, engine_config, name == "engine", name
+                    )
+                elif name == "http":
+                    from loadtest.runners.http_runner import run_http
+
+                    log = self.out_dir / f"http-server-{section.preset}.log"
+                    runs[name] = run_http(
+                        str(model_dir),
+                        workload,
+                        prefixes.artifacts,
+                        section.max_batch_size,
+                        str(self.device),
+                        self.profile.dtype,
+                        log,
+                    )
+                else:
+                    runs[name] = self._run_peft(
+                        name, loaded, workload, prefixes.peft_dirs, section.max_batch_size
+                    )
+            except Exception as exc:  # report what ran; one broken runner must not hide the others
+                note = f"{section.preset}: runner `{name}` failed: {type(exc).__name__}: {exc}"
+                self.log(note)
+                notes.append(note)
+                continue
+            self.log(
+                f"  {name}: {runs[name].wall_s:.1f} s, {sum(r.num_output_tokens for r in runs[name].records)} tokens"
+            )
+        results = {}
+        for name, run in runs.items():
+            summary = summarize(run, self.profile.slo)
+            flops = _flops(loaded, workload, run, with_prefix=name != "no_prefix")
+            summary["model_flop_s"] = flops / run.wall_s if run.wall_s > 0 else None
+            summary["fraction_of_peak"] = (
+                summary["model_flop_s"] / self.peak["flop_s"] if summary["model_flop_s"] else None
+            )
+            results[name] = summary
+            short = summary["num_short_outputs"]
+            if short:
+                notes.append(
+                    f"{section.preset}: `{name}` stopped {short} request(s) before max_new_tokens (EOS)"
+                )
+        part: dict[str, Any] = {
+            "model": f"{section.preset} ({self.profile.dtype}, random weights)",
+            "workload": workload.summary(),
+            "results": results,
+            "ratios": report.ratios(results),
+        }
+        part["targets"] = report.targets(part["ratios"])
+        if do_scaling and section.scaling and "engine" in self._runners(section):
+            part["scaling"] = self._scaling(loaded, section, prefixes.artifacts, vocab)
+        del loaded
+        gc.collect()
+        return part, runs, notes
+
+    def _engine_config(self, max_batch_size: int) -> Any:
+        from server.engine import EngineConfig
+
+        # Long queue timeouts: a benchmark measures queueing, it must not drop requests to hide it.
+        return EngineConfig(max_batch_size=max_batch_size, max_waiting=4096, queue_timeout_s=3600.0)
+
+    def _run_peft(
+        self, name: str, loaded: LoadedModel, workload: Workload, peft_dirs: dict[str, Path], max_batch: int
+    ) -> RunResult:
+        from loadtest.runners.peft_runners import PeftBaseline, run_naive, run_static
+
+        baseline = PeftBaseline(loaded, peft_dirs)
+        try:
+            return (
+                run_naive(baseline, workload)
+                if name == "naive_peft"
+                else run_static(baseline, workload, max_batch)
+            )
+        finally:
+            baseline.unload()
+
+    def _scaling(
+        self, loaded: LoadedModel, section: Section, artifacts: dict[str, bytes], vocab: int
+    ) -> list[dict[str, Any]]:
+        from loadtest.runners.engine_runner import run_engine
+
+        points = []
+        config = self._engine_config(max(section.scaling))
+        for c in section.scaling:
+            n = max(c, section.scaling_min_requests)
+            spec = replace(section.workload, num_requests=n, concurrency=c, request_rate=0.0)
+            workload = make_workload(spec, vocab, loaded.model.config.eos_token_id)
+            self.log(f"{section.preset}: scaling, concurrency {c} ({n} requests)")
+            run = run_engine(loaded, workload, artifacts, config)
+            s = summarize(run, self.profile.slo)
+            points.append(
+                {
+                    "runner": "engine",
+                    "concurrency": c,
+                    "num_requests": n,
+                    "output_tok_s": s["output_tok_s"],
+                    "requests_s": s["requests_s"],
+                    "ttft_p50_s": s["ttft_p50_s"],
+                    "tpot_p50_s": s["tpot_p50_s"],
+                    "mean_batch_size": s.get("mean_batch_size"),
+                }
+            )
+        return points
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="prefixserve bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--out", type=Path, help="output directory (default bench-results/<profile>)")
+    parser.add_argument(
+        "--models-dir", type=Path, default=Path("models"), help="cache of generated model dirs"
+    )
+    parser.add_argument("--runners", help=f"comma list, a subset of {','.join(ALL_RUNNERS)}")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the engine concurrency sweep")
+    parser.add_argument("--no-bart", action="store_true", help="skip the BART section")
+    parser.add_argument("--num-requests", type=int, help="override the main workload's request count")
+    parser.add_argument(
+        "--request-rate", type=float, help="Poisson arrivals at this rate instead of a closed loop"
+    )
+    parser.add_argument("--ttft-slo", type=float, help="goodput SLO: max TTFT (s)")
+    parser.add_argument("--tpot-slo", type=float, help="goodput SLO: max TPOT (s)")
+    parser.add_argument(
+        "--profile-engine", action="store_true", help="also profile one engine run (see docs)"
+    )
+    return parser.parse_args(argv)
+
+
+def _customise(profile: Profile, args: argparse.Namespace) -> Profile:
+    main = profile.main
+    if args.num_requests:
+        main = replace(main, workload=replace(main.workload, num_requests=args.num_requests))
+    if args.request_rate:
+        main = replace(main, workload=replace(main.workload, request_rate=args.request_rate, concurrency=0))
+    slo = SLO(ttft_s=args.ttft_slo or profile.slo.ttft_s, tpot_s=args.tpot_slo or profile.slo.tpot_s)
+    return replace(profile, main=main, bart=None if args.no_bart else profile.bart, slo=slo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    profile = _customise(PROFILES[args.profile], args)
+    out_dir = args.out or Path("bench-results") / profile.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    only = tuple(r.strip() for r in args.runners.split(",")) if args.runners else None
+    if only and (unknown := set(only) - set(ALL_RUNNERS)):
+        print(f"unknown runner(s) {sorted(unknown)}; choose from {ALL_RUNNERS}", file=sys.stderr)
+        return 2
+    device = resolve_device(profile.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"profile {profile.name!r} needs CUDA, and torch sees no GPU", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    bench = Bench(profile, out_dir, args.models_dir, only)
+    command = "prefixserve bench " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    machine = machine_info(device)
+    bench.peak = measure_matmul_peak(device, DTYPES[profile.dtype])
+    bench.log(f"matmul peak {bench.peak['flop_s'] / 1e9:.1f} GFLOP/s ({bench.peak['dtype']})")
+    with tempfile.TemporaryDirectory(prefix="prefixserve-bench-") as scratch:
+        part, runs, notes = bench.run_section(profile.main, Path(scratch), not args.no_scaling)
+        doc: dict[str, Any] = {
+            "profile": profile.name,
+            "command": command,
+            "machine": machine,
+            "slo": dataclasses.asdict(profile.slo),
+            "flops": {
+                "matmul_peak_flop_s": bench.peak["flop_s"],
+                "matmul_dtype": bench.peak["dtype"],
+                "matmul_size": bench.peak["size"],
+                "formula": "forward matmul + attention FLOPs of the useful tokens (loadtest.machine)",
+            },
+            **{k: v for k, v in part.items() if k != "scaling"},
+            "scaling": part.get("scaling", []),
+            "notes": notes,
+        }
+        if profile.bart is not None:
+            bart_part, bart_runs, bart_notes = bench.run_section(profile.bart, Path(scratch), False)
+            if "engine" not in bart_runs:
+                bart_notes.append("the BART engine runner did not run, so the engine ratios are not measured")
+            bart_part["notes"] = bart_notes
+            doc["bart"] = bart_part
+        if args.profile_engine:
+            from loadtest.profiling import profile_engine
+
+            doc["engine_profile"] = profile_engine(
+                profile.main, profile.dtype, device, args.models_dir, out_dir, Path(scratch)
+            )
+    machine["load_average_at_end"] = list(__import__("os").getloadavg())
+    doc["total_wall_s"] = time.perf_counter() - started
+    report.write_json(out_dir / "results.json", doc)
+    (out_dir / "report.md").write_text(report.markdown_report(doc))
+    refs = {
+        f"{name} (concurrency {profile.main.workload.effective_concurrency})": doc["results"][name][
+            "output_tok_s"
+        ]
+        for name in ("naive_peft", "static_batch")
+        if name in doc["results"]
+    }
+    report.plot_scaling(
+        out_dir / "throughput_vs_concurrency.png",
+        doc["scaling"],
+        refs,
+        f"{profile.main.preset}: output tokens/s",
+    )
+    report.plot_latency_cdf(out_dir / "latency_cdf.png", runs, f"{profile.main.preset}: latency per runner")
+    bench.log(f"done in {doc['total_wall_s']:.0f} s; wrote {out_dir}/results.json, report.md and plots")
+    print((out_dir / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

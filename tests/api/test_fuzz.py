@@ -1,0 +1,96 @@
+"""Property-based fuzzing of the OpenAPI spec with schemathesis: no 5xx, responses match the spec.
+
+The app is served by uvicorn on a loopback port in a background thread (its engine loop needs one
+long-lived event loop; schemathesis' synchronous calls would otherwise run the app on a fresh loop
+per request). Bounded: ~30 examples per operation, no deadline, derandomized for reproducible CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from prefix_store.factory import make_store
+from server.api import create_app
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.settings import Settings
+from tests.api.conftest import KEYS, artifact_bytes
+
+AUTH = {"Authorization": "Bearer acme-manage-key"}
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running server with one task ("fuzz-task"); yields its base URL."""
+    root: Path = tmp_path_factory.mktemp("fuzz-store")
+    s = Settings(_env_file=None, model="tiny-gpt2", local_store_dir=root, api_keys=json.dumps(KEYS), log_level="ERROR")  # type: ignore[call-arg]
+    store = make_store(None, root)
+    metrics = Metrics()
+    engine = Engine(loaded, store, EngineConfig(max_batch_size=8, max_waiting=64, kv_position_chunk=64), observer=metrics)
+    app = create_app(s, engine=engine, store=store, spec=loaded.spec, metrics=metrics)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    files = {"artifact": ("p.safetensors", artifact_bytes(loaded.spec, 3), "application/octet-stream")}
+    r = httpx.post(f"{url}/v1/prefixes", data={"task": "fuzz-task"}, files=files, headers=AUTH)
+    assert r.status_code == 201, r.text
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+def _openapi() -> dict:
+    """The app's OpenAPI document. It does not depend on the engine, so a stand-in is enough here
+    (the schema is needed at collection time, before any fixture runs)."""
+    from types import SimpleNamespace
+
+    from prefix_store.model_spec import ModelSpec
+    from prefixserve.models import build_config
+
+    stand_in = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
+    app = create_app(
+        Settings(_env_file=None, model="tiny-gpt2"),  # type: ignore[call-arg]
+        engine=stand_in,  # type: ignore[arg-type]
+        store=make_store(None, Path("unused")),
+        spec=ModelSpec.from_config(build_config("tiny-gpt2")),
+    )
+    return app.openapi()
+
+
+schema = schemathesis.openapi.from_dict(_openapi())
+
+
+@schema.parametrize()
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+def test_api_conforms_to_its_openapi_spec(case, fuzz_server):
+    response = case.call(base_url=fuzz_server, headers=AUTH, timeout=60)
+    case.validate_response(
+        response,
+        checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance],
+    )

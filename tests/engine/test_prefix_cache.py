@@ -1,0 +1,100 @@
+"""The tiered prefix cache over a real LocalPrefixStore: single-flight loads, versions, LRU, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+
+from prefix_store.artifact import PrefixArtifact, dump_artifact
+from prefixserve.models import LoadedModel
+from server.engine import GenerationRequest, InvalidPrefix, StoreUnavailable, UnknownTask
+from server.engine.prefix_cache import PrefixCache
+from tests.engine.conftest import PeftReference, collect, greedy, random_artifact
+
+PROMPT = "Once upon a time, in a land far away,"
+
+
+def cache_for(store: Any, tiny: LoadedModel, device_bytes: int = 1 << 30, host_bytes: int = 1 << 30) -> PrefixCache:
+    cache = PrefixCache(store, tiny.spec, tiny.device, tiny.dtype, device_bytes, host_bytes)
+    cache.start()
+    return cache
+
+
+async def test_concurrent_requests_for_an_uncached_task_load_it_once(make_engine: Any, store: Any) -> None:
+    store.get_delay_s = 0.05  # a slow store, so all requests arrive while the load is in flight
+    async with make_engine(store) as engine:
+        results = await asyncio.gather(
+            *(collect(engine, GenerationRequest(f"r{i}", PROMPT, greedy(3), task="task-10")) for i in range(12))
+        )
+        assert store.get_calls == 1
+        assert len({tuple(e.token_id for e in events) for events in results}) == 1
+        stats = engine.prefix_cache_stats
+        assert stats is not None and stats.misses == 1 and stats.loads == 1
+        await collect(engine, GenerationRequest("later", PROMPT, greedy(2), task="task-10"))
+        assert store.get_calls == 1 and stats.hits["device"] == 1
+
+
+async def test_new_version_mid_generation(
+    make_engine: Any, store: Any, peft_ref: PeftReference, tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]
+) -> None:
+    old = artifacts[5]
+    new = random_artifact(tiny.spec, 7, seed=4242)
+    prompt_ids = tiny.tokenizer.encode(PROMPT)
+    async with make_engine(store) as engine:
+        running = engine.generate(GenerationRequest("old", PROMPT, greedy(12), task="task-5"))
+        events = [await running.__anext__()]
+        info = await store.inner.put("default", "task-5", dump_artifact(new), {})  # notifies the cache
+        assert info.version == 2
+        after = await collect(engine, GenerationRequest("new", PROMPT, greedy(12), task="task-5"))
+        events += [e async for e in running]
+        assert engine.prefix_cache is not None
+        assert engine.prefix_cache.cached_versions("device") == [("default", "task-5", 2)]
+    assert {e.prefix_version for e in events} == {1} and {e.prefix_version for e in after} == {2}
+    assert [e.token_id for e in events] == peft_ref.generate(prompt_ids, old, 12)
+    assert [e.token_id for e in after] == peft_ref.generate(prompt_ids, new, 12)
+    assert [e.token_id for e in events] != [e.token_id for e in after]
+
+
+async def test_lru_eviction_under_a_tiny_budget(store: Any, tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]) -> None:
+    one = artifacts[10].nbytes  # the device tier holds one 10-long prefix; the host tier two
+    cache = cache_for(store, tiny, device_bytes=one, host_bytes=2 * one)
+    a = await cache.resolve("default", "task-10")
+    b = await cache.resolve("default", "task-5")
+    assert cache.cached_versions("device") == [("default", "task-5", 1)]
+    assert cache.cached_versions("host") == [("default", "task-10", 1)]  # demoted, not dropped
+    assert cache.stats.evictions["device"] == 1
+    again = await cache.resolve("default", "task-10")  # host hit, promoted back; no store read
+    assert store.get_calls == 2 and cache.stats.hits["host"] == 1
+    assert torch.equal(again.artifact.prefixes["decoder"], a.artifact.prefixes["decoder"])
+    await cache.resolve("default", "task-1")
+    await cache.resolve("default", "task-200")  # bigger than both tiers: served, not kept
+    assert ("default", "task-200", 1) not in cache.cached_versions("device") + cache.cached_versions("host")
+    assert cache.stats.bytes["device"] <= one and cache.stats.bytes["host"] <= 2 * one
+    assert b.version == 1
+
+
+async def test_store_down_cached_tasks_serve_uncached_fail(make_engine: Any, store: Any) -> None:
+    async with make_engine(store) as engine:
+        warm = await collect(engine, GenerationRequest("warm", PROMPT, greedy(4), task="task-5"))
+        store.fail_with = StoreUnavailable("redis: connection refused")
+        cached = await collect(engine, GenerationRequest("cached", PROMPT, greedy(4), task="task-5"))
+        assert [e.token_id for e in cached] == [e.token_id for e in warm]
+        with pytest.raises(StoreUnavailable):
+            await collect(engine, GenerationRequest("cold", PROMPT, greedy(4), task="task-10"))
+        store.fail_with = None  # the store is back: the same task loads
+        assert len(await collect(engine, GenerationRequest("cold2", PROMPT, greedy(2), task="task-10"))) == 2
+
+
+async def test_invalid_blob_and_deleted_task(store: Any, tiny: LoadedModel) -> None:
+    cache = cache_for(store, tiny)
+    await store.inner.put("default", "broken", b"\x80\x04 this is a pickle, not safetensors", {})
+    with pytest.raises(InvalidPrefix, match="broken v1 does not fit this model: .*pickle"):
+        await cache.resolve("default", "broken")
+    await cache.resolve("default", "task-1")
+    await store.inner.delete("default", "task-1")  # change event: version None
+    assert cache.cached_versions("device") == []
+    with pytest.raises(UnknownTask):
+        await cache.resolve("default", "task-1")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import shlex
 import sys
 import tempfile
@@ -203,6 +204,12 @@ class Bench:
         notes: list[str] = []
         runs: dict[str, RunResult] = {}
         engine_config = self._engine_config(section.max_batch_size)
+        if {"engine", "no_prefix"} & set(self._runners(section)):
+            # One untimed pass first: the first engine of a process pays one-off costs (allocator
+            # growth, page faults on the first KV buffers, thread-pool start) that would otherwise land
+            # on whichever runner happens to go first.
+            warm = replace(workload, requests=workload.requests[: min(8, len(workload.requests))])
+            run_engine(loaded, warm, prefixes.artifacts, engine_config)
         for name in self._runners(section):
             self.log(f"{section.preset}: {name} ({len(workload.requests)} requests)")
             gc.collect()
@@ -364,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     machine = machine_info(device)
+    load = machine.get("load_average_at_start")
+    busy_note = None
+    if load and machine["cores"] and load[0] > 0.5 * machine["cores"]:
+        busy_note = (
+            f"the machine was busy at the start (1-minute load average {load[0]:.1f} on {machine['cores']} cores): "
+            "other processes competed for the CPU, so absolute numbers are low and noisy, and runners made of "
+            "many small operations (naive_peft, static_batch) suffer most from thread oversubscription. "
+            "Rerun on an idle machine before quoting these numbers."
+        )
     bench.peak = measure_matmul_peak(device, DTYPES[profile.dtype])
     bench.log(f"matmul peak {bench.peak['flop_s'] / 1e9:.1f} GFLOP/s ({bench.peak['dtype']})")
     with tempfile.TemporaryDirectory(prefix="prefixserve-bench-") as scratch:
@@ -381,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             **{k: v for k, v in part.items() if k != "scaling"},
             "scaling": part.get("scaling", []),
-            "notes": notes,
+            "notes": ([busy_note] if busy_note else []) + notes,
         }
         if profile.bart is not None:
             bart_part, bart_runs, bart_notes = bench.run_section(profile.bart, Path(scratch), False)
@@ -395,7 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             doc["engine_profile"] = profile_engine(
                 profile.main, profile.dtype, device, args.models_dir, out_dir, Path(scratch)
             )
-    machine["load_average_at_end"] = list(__import__("os").getloadavg())
+    machine["load_average_at_end"] = list(os.getloadavg())
+    if busy_note is None and machine["load_average_at_end"][0] > 0.5 * (machine["cores"] or 1):
+        doc["notes"].insert(
+            0,
+            f"the machine became busy during the run (load average at the end "
+            f"{machine['load_average_at_end'][0]:.1f} on {machine['cores']} cores): numbers are noisy",
+        )
     doc["total_wall_s"] = time.perf_counter() - started
     report.write_json(out_dir / "results.json", doc)
     (out_dir / "report.md").write_text(report.markdown_report(doc))

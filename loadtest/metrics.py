@@ -141,6 +141,8 @@ def summarize(result: RunResult, slo: SLO) -> dict[str, Any]:
         "e2e_p99_s": percentile(e2es, 99),
         "goodput_req_s": good / wall,
         "slo_attainment": good / len(result.records) if result.records else None,
+        # Tokens the model computed, padding and over-generation included (static batching); None: as useful.
+        "computed_tokens": result.computed_tokens,
         "peak_rss_bytes": result.peak_rss_bytes,
         "peak_device_bytes": result.peak_device_bytes,
         **result.extra,

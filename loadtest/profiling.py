@@ -1,14 +1,15 @@
-"""Where the engine's time goes: one extra engine run of the main workload under two profilers.
+"""Where the engine's time goes: one extra engine run of the main workload under `cProfile`.
 
-- `torch.profiler` (CPU, and CUDA when present): operator time across threads, so it sees the
-  engine's worker thread where the model runs. Written as `engine_ops.txt` (top operators by self
-  time).
-- `cProfile` for Python: the event-loop thread (scheduling, streaming, detokenising) and, via
-  `threading.setprofile`, every thread started during the run (the engine's worker). Written as
-  `engine_cprofile.txt` (top functions by cumulative time, per thread).
+The engine runs the model in a worker thread, which neither `cProfile` on the main thread nor
+`torch.profiler` (it records the thread that started it) sees. So a `threading.setprofile` hook
+starts a separate `cProfile.Profile` in every thread created during the run, the engine's worker
+included. Built-in torch calls (`torch.addmm`, `scaled_dot_product_attention`, `torch.zeros`...)
+appear as functions with their own time, which on CPU is operator time; on CUDA it is launch time
+only (kernels run asynchronously), so read GPU profiles with that in mind.
 
-The profiled run is slower than the timed ones (profilers add overhead), so only its proportions
-count; the benchmark numbers come from the unprofiled runs.
+Written: `engine_cprofile.txt` (per thread, top functions by cumulative time) and, in results.json,
+`engine_profile` with the worker thread's top functions by own time. The profiled run is slower
+than the timed ones; only its proportions count.
 """
 
 from __future__ import annotations
@@ -52,22 +53,14 @@ def profile_engine(
         thread_profiles.append((threading.current_thread().name, prof))
         prof.enable()
 
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     main_prof = cProfile.Profile()
     threading.setprofile(start_thread_profile)
     try:
-        with torch.profiler.profile(activities=activities) as tprof:
-            main_prof.enable()
-            run = run_engine(loaded, workload, prefixes.artifacts, config)
-            main_prof.disable()
+        main_prof.enable()
+        run = run_engine(loaded, workload, prefixes.artifacts, config)
+        main_prof.disable()
     finally:
         threading.setprofile(None)  # type: ignore[arg-type]
-
-    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    ops = tprof.key_averages().table(sort_by=sort_key, row_limit=30)
-    (out_dir / "engine_ops.txt").write_text(ops)
 
     text = io.StringIO()
     for name, prof in [("event loop (main thread)", main_prof), *thread_profiles]:
@@ -78,11 +71,20 @@ def profile_engine(
             continue
         stats.sort_stats("cumulative").print_stats(35)
     (out_dir / "engine_cprofile.txt").write_text(text.getvalue())
-    total_op_s = sum(e.self_cpu_time_total for e in tprof.key_averages()) / 1e6
-    top = sorted(tprof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    worker = [prof for name, prof in thread_profiles if name.startswith("prefixserve-engine")]
     return {
         "profiled_wall_s": run.wall_s,
-        "operator_self_cpu_s": total_op_s,
-        "top_ops_self_cpu_s": {e.key: e.self_cpu_time_total / 1e6 for e in top},
-        "files": ["engine_ops.txt", "engine_cprofile.txt"],
+        "worker_top_self_s": _top_self_time(worker[0]) if worker else {},
+        "files": ["engine_cprofile.txt"],
     }
+
+
+def _top_self_time(prof: cProfile.Profile, limit: int = 15) -> dict[str, float]:
+    """Function -> own time (s), the largest first: on CPU, built-in torch calls are operator time."""
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:limit]
+    out = {}
+    for (filename, line, func), (_, _, tottime, _, _) in rows:
+        where = func if filename == "~" else f"{Path(filename).name}:{line}({func})"
+        out[where] = round(tottime, 4)
+    return out

@@ -1,8 +1,8 @@
 """`make demo`: the main job end to end on the embedded default, with no model hub and no Redis.
 
 1. writes a small random-weight GPT-2 model directory (real GPT-2 tokenizer) if missing;
-2. makes prefixes for two demo tasks (trained for a few seconds on a toy task each, so each task visibly
-   steers the same frozen model its own way);
+2. trains prefixes for two demo tasks with the training module (a few seconds each on a toy task, so
+   each task visibly steers the same frozen model its own way);
 3. starts the server (`python -m server.main`) on a free loopback port with the local directory store;
 4. uploads both prefixes with `POST /v1/prefixes`, sends `POST /v1/generate` for both tasks and for the
    bare model, concurrently so they share batches, and prints the answers;
@@ -30,16 +30,8 @@ DEMO_DIR = Path(os.environ.get("PREFIXSERVE_DEMO_DIR", "demo-data"))
 # Two toy tasks: same inputs, different targets. After training, each prefix makes the frozen model
 # answer in its task's way.
 TASKS = {
-    "greeting": [
-        ("Alice", " Hello Alice, welcome!"),
-        ("Bob", " Hello Bob, welcome!"),
-        ("Carol", " Hello Carol, welcome!"),
-    ],
-    "farewell": [
-        ("Alice", " Goodbye Alice, see you."),
-        ("Bob", " Goodbye Bob, see you."),
-        ("Carol", " Goodbye Carol, see you."),
-    ],
+    "fruit": [("red", " a ripe apple"), ("yellow", " a sweet banana"), ("green", " a sour lime")],
+    "nature": [("red", " the evening sunset"), ("yellow", " the midday sun"), ("green", " the quiet forest")],
 }
 
 
@@ -51,28 +43,45 @@ def _free_port() -> int:
 
 def _make_prefixes(model_dir: Path, out_dir: Path) -> dict[str, Path]:
     """Train one small prefix per demo task with the training module (a few seconds each on CPU)."""
-    from training.quick import train_toy_prefix
+    import torch
+
+    from training.data import Example, Truncation, encode_causal
+    from training.export import build_artifact
+    from training.prefix import PrefixConfig, make_tuner
+    from training.trainer import TrainConfig, train
 
     paths = {}
-    loaded = load_model(str(model_dir), device="cpu")
+    loaded = load_model(str(model_dir), device="cpu", trainable=False)
+    eos = int(loaded.tokenizer.eos_token_id)
     for task, pairs in TASKS.items():
         path = out_dir / f"{task}.safetensors"
         if not path.exists():
-            print(f"[demo] training a prefix for task {task!r} ...", flush=True)
-            artifact = train_toy_prefix(loaded, pairs, task=task, prefix_length=5, steps=150)
+            print(f"[demo] training a prefix for task {task!r} (a few seconds) ...", flush=True)
+            rows = encode_causal(loaded.tokenizer, [Example(s, t) for s, t in pairs], eos, eos, Truncation())
+            torch.manual_seed(0)
+            tuner = make_tuner(loaded, PrefixConfig(prefix_length=8, mlp_hidden=128))
+            cfg = TrainConfig(lr=1e-2, batch_size=len(rows), max_steps=300, warmup_steps=10, progress=False)
+            train(tuner, rows, None, cfg, out_dir / f"{task}-run", eos)
+            artifact = build_artifact(tuner, task, {"demo": True, "steps": cfg.max_steps})
             path.write_bytes(dump_artifact(artifact))
         paths[task] = path
     return paths
 
 
-async def _generate(client: httpx.AsyncClient, task: str | None, text: str) -> tuple[str | None, str, dict]:
-    body: dict[str, object] = {"inputs": text, "parameters": {"max_new_tokens": 8, "details": True}}
+async def _generate(
+    client: httpx.AsyncClient, task: str | None, text: str
+) -> tuple[str | None, str, str, dict]:
+    # The training format is `source <|endoftext|> target`: the separator asks for the target.
+    body: dict[str, object] = {
+        "inputs": text + "<|endoftext|>",
+        "parameters": {"max_new_tokens": 12, "details": True},
+    }
     if task:
         body["task"] = task
     r = await client.post("/v1/generate", json=body)
     r.raise_for_status()
     data = r.json()
-    return task, data["generated_text"], data.get("details") or {}
+    return task, text, data["generated_text"], data.get("details") or {}
 
 
 async def _talk_to_server(base_url: str, prefixes: dict[str, Path]) -> None:
@@ -84,10 +93,11 @@ async def _talk_to_server(base_url: str, prefixes: dict[str, Path]) -> None:
             r.raise_for_status()
             info = r.json()
             print(f"[demo] uploaded {task!r}: version {info['version']}, {info['num_parameters']} parameters")
-        calls = [_generate(client, task, name) for name in ("Alice", "Bob") for task in (*prefixes, None)]
-        for answered_task, text, details in await asyncio.gather(*calls):
+        # All six requests are in flight together: rows for both tasks and the bare model share batches.
+        calls = [_generate(client, task, word) for word in ("red", "green") for task in (*prefixes, None)]
+        for answered_task, word, text, details in await asyncio.gather(*calls):
             label = answered_task or "(base model)"
-            print(f"[demo] {label:>14}: {text!r}  finish={details.get('finish_reason')}")
+            print(f"[demo] {label:>12} | {word!r:>7} -> {text!r}  (finish: {details.get('finish_reason')})")
 
 
 def main() -> int:
@@ -95,7 +105,9 @@ def main() -> int:
     model_dir = DEMO_DIR / "model"
     if not (model_dir / "config.json").exists():
         print("[demo] writing a random-weight GPT-2 model (real GPT-2 tokenizer) ...", flush=True)
-        make_model_dir("tiny-gpt2", model_dir, seed=0)
+        # A small GPT-2 with a wide weight init: at GPT-2's 0.02 a 64-wide random model's logits are
+        # nearly flat, and no prefix could visibly steer it.
+        make_model_dir("tiny-gpt2", model_dir, seed=0, initializer_range=0.5)
     prefixes = _make_prefixes(model_dir, DEMO_DIR)
     port = _free_port()
     env = {

@@ -219,6 +219,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries declaring the error model for each status."""
     descriptions = {
+        400: "Malformed request body (e.g. not UTF-8)",
         401: "Missing or invalid API key",
         403: "The key's role does not allow this",
         404: "No such task (or it belongs to another tenant)",

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_NEW_TOKENS = 1 << 20  # a sanity bound for the schema; the real limit is the model's positions
 MAX_SEED = 2**63 - 1
+# Temperatures below this sample like greedy decoding and are served as greedy (vLLM does the same):
+# dividing logits by a denormal temperature overflows to inf/NaN.
+GREEDY_TEMPERATURE_EPS = 1e-5
+MIN_REPETITION_PENALTY = 1e-2  # below this, dividing logits overflows; HF's meaningful range is ~1-2
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=16)]
 
 
@@ -33,7 +37,7 @@ class GenerateParameters(_Request):
     temperature: float | None = Field(None, gt=0, le=100)
     top_k: int | None = Field(None, ge=0, le=1_000_000)
     top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=100)
     stop: StopList = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     details: bool = False

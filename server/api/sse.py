@@ -22,3 +22,12 @@ def sse_data(payload: dict[str, Any] | str) -> bytes:
 
 def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# OpenAPI for an SSE response: the schema describes one event (what schemathesis validates per event).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+SSE_CONTENT = {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}

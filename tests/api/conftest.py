@@ -68,8 +68,14 @@ class Api:
         files = {"artifact": ("prefix.safetensors", data, "application/octet-stream")}
         return await self.client.post("/v1/prefixes", data={"task": task}, files=files, headers=headers)
 
-    async def generate(self, inputs: str = "Hello world", task: str | None = None, headers=ACME, **params: Any):
-        body = {"task": task, "inputs": inputs, "parameters": {"max_new_tokens": 8, "details": True, **params}}
+    async def generate(
+        self, inputs: str = "Hello world", task: str | None = None, headers=ACME, **params: Any
+    ):
+        body = {
+            "task": task,
+            "inputs": inputs,
+            "parameters": {"max_new_tokens": 8, "details": True, **params},
+        }
         return await self.client.post("/v1/generate", json=body, headers=headers)
 
 
@@ -106,7 +112,9 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                 fields.setdefault("redis_url", REDIS_URL)
             settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
             if store is None:
-                store = make_store(settings.redis_url, settings.local_store_dir, key_prefix, settings.keep_versions)
+                store = make_store(
+                    settings.redis_url, settings.local_store_dir, key_prefix, settings.keep_versions
+                )
             metrics = Metrics()
             engine = Engine(
                 loaded,
@@ -120,7 +128,9 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
             )
             if start:  # else the caller runs the lifespan (e.g. a real uvicorn server)
                 await stack.enter_async_context(app.router.lifespan_context(app))
-            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60
+            )
             await stack.enter_async_context(client)
             return Api(client, app, engine, store, metrics, settings)
 

@@ -32,7 +32,10 @@ async def served(make_api, loaded) -> AsyncIterator[tuple[Api, str]]:
     async with httpx.AsyncClient(base_url=url) as client:
         files = {"artifact": ("p.safetensors", artifact_bytes(loaded.spec, 7), "application/octet-stream")}
         r = await client.post(
-            "/v1/prefixes", data={"task": "poems"}, files=files, headers={"Authorization": "Bearer acme-manage-key"}
+            "/v1/prefixes",
+            data={"task": "poems"},
+            files=files,
+            headers={"Authorization": "Bearer acme-manage-key"},
         )
         assert r.status_code == 201, r.text
     try:
@@ -53,9 +56,13 @@ async def test_openai_client_completions_and_stream(served):
         models = [m.id for m in client.models.list()]
         done = client.completions.create(model="poems", prompt="Roses are red", max_tokens=6, temperature=0)
         chunks = list(
-            client.completions.create(model="poems", prompt="Roses are red", max_tokens=6, temperature=0, stream=True)
+            client.completions.create(
+                model="poems", prompt="Roses are red", max_tokens=6, temperature=0, stream=True
+            )
         )
-        base = client.completions.create(model=api.app.state.prefixserve.config.model_id, prompt="Hi", max_tokens=3)
+        base = client.completions.create(
+            model=api.app.state.prefixserve.config.model_id, prompt="Hi", max_tokens=3
+        )
         try:
             client.completions.create(model="no-such-task", prompt="x", max_tokens=2)
             not_found = None
@@ -66,7 +73,14 @@ async def test_openai_client_completions_and_stream(served):
             unauthorized = None
         except openai.AuthenticationError as exc:
             unauthorized = exc
-        return {"models": models, "done": done, "chunks": chunks, "base": base, "nf": not_found, "ua": unauthorized}
+        return {
+            "models": models,
+            "done": done,
+            "chunks": chunks,
+            "base": base,
+            "nf": not_found,
+            "ua": unauthorized,
+        }
 
     out = await asyncio.to_thread(run)
     assert out["models"][1:] == ["poems"]

@@ -30,7 +30,9 @@ async def test_generate_base_model_greedy_is_deterministic(make_api):
 
 async def test_details_only_when_asked_and_full_text(make_api):
     api = await make_api()
-    r = await api.client.post("/v1/generate", json={"inputs": "Hi there", "parameters": {"max_new_tokens": 3}}, headers=ACME)
+    r = await api.client.post(
+        "/v1/generate", json={"inputs": "Hi there", "parameters": {"max_new_tokens": 3}}, headers=ACME
+    )
     assert r.status_code == 200
     assert r.json()["details"] is None
     full = await api.client.post(
@@ -75,7 +77,10 @@ async def test_tgi_aliases_take_the_task_from_adapter_id(make_api, loaded):
     api = await make_api()
     assert (await api.upload("tgi-task", artifact_bytes(loaded.spec, 5))).status_code == 201
     native = (await api.generate("Same prompt", task="tgi-task")).json()
-    body = {"inputs": "Same prompt", "parameters": {"max_new_tokens": 8, "details": True, "adapter_id": "tgi-task"}}
+    body = {
+        "inputs": "Same prompt",
+        "parameters": {"max_new_tokens": 8, "details": True, "adapter_id": "tgi-task"},
+    }
     tgi = await api.client.post("/generate", json=body, headers=ACME)
     assert tgi.status_code == 200
     assert tgi.json()["generated_text"] == native["generated_text"]

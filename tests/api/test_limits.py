@@ -7,7 +7,7 @@ import asyncio
 from prefix_store.factory import make_store
 from server.api import start_draining
 from server.engine import EngineConfig
-from tests.api.conftest import ACME, DEAD_REDIS_URL, GLOBEX, artifact_bytes, wait_for
+from tests.api.conftest import ACME, DEAD_REDIS_URL, GLOBEX, wait_for
 
 LONG = {"max_new_tokens": 480}  # long enough to still be running while we probe
 
@@ -15,7 +15,9 @@ LONG = {"max_new_tokens": 480}  # long enough to still be running while we probe
 async def test_body_size_limit_413(make_api):
     api = await make_api(max_body_bytes=4096)
     big = b'{"inputs": "' + b"a" * 10_000 + b'"}'
-    r = await api.client.post("/v1/generate", content=big, headers={**ACME, "content-type": "application/json"})
+    r = await api.client.post(
+        "/v1/generate", content=big, headers={**ACME, "content-type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
     assert r.headers["x-request-id"]
 
@@ -25,7 +27,9 @@ async def test_body_size_limit_413(make_api):
             yield b"a" * 1000
         yield b'"}'
 
-    r = await api.client.post("/v1/generate", content=chunks(), headers={**ACME, "content-type": "application/json"})
+    r = await api.client.post(
+        "/v1/generate", content=chunks(), headers={**ACME, "content-type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
     r = await api.client.post("/v1/generate", json={"inputs": "small"}, headers=ACME)
     assert r.status_code == 200
@@ -79,7 +83,9 @@ async def test_tenant_concurrency_limit(make_api, loaded):
     assert (await api.generate("b", headers=GLOBEX, max_new_tokens=1)).status_code == 200
     assert (await first).status_code == 200
     # The slot was released: the tenant can generate again (streams and errors release it too).
-    assert (await api.client.post("/v1/generate_stream", json={"inputs": "s"}, headers=ACME)).status_code == 200
+    assert (
+        await api.client.post("/v1/generate_stream", json={"inputs": "s"}, headers=ACME)
+    ).status_code == 200
     assert (await api.generate("x", task="missing")).status_code == 404
     assert (await api.generate("c", max_new_tokens=1)).status_code == 200
 

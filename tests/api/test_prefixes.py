@@ -27,7 +27,10 @@ async def test_upload_generate_replace_rollback(make_api, loaded, backend):
     info = first.json()
     assert info["task"] == "summarize" and info["version"] == 1
     assert info["prefix_lengths"] == {"decoder": 4} and info["prefix_length"] == 4
-    assert info["num_parameters"] == loaded.spec.num_layers * 2 * loaded.spec.num_heads * 4 * loaded.spec.head_dim
+    assert (
+        info["num_parameters"]
+        == loaded.spec.num_layers * 2 * loaded.spec.num_heads * 4 * loaded.spec.head_dim
+    )
     assert len(info["sha256"]) == 64 and info["size_bytes"] > 0 and info["created_at"]
     text_v1, version = await _text_and_version(api, "summarize")
     assert version == 1 and text_v1 != base_text
@@ -130,7 +133,9 @@ async def test_pagination(make_api, loaded):
     page1 = (await api.client.get("/v1/prefixes", params={"limit": 2}, headers=ACME)).json()
     assert [i["task"] for i in page1["items"]] == ["alpha", "bravo"] and page1["next_cursor"]
     page2 = (
-        await api.client.get("/v1/prefixes", params={"limit": 2, "cursor": page1["next_cursor"]}, headers=ACME)
+        await api.client.get(
+            "/v1/prefixes", params={"limit": 2, "cursor": page1["next_cursor"]}, headers=ACME
+        )
     ).json()
     assert [i["task"] for i in page2["items"]] == ["charlie"] and page2["next_cursor"] is None
     assert (await api.client.get("/v1/prefixes", params={"limit": 0}, headers=ACME)).status_code == 422

@@ -63,7 +63,9 @@ class PeftReference:
         return self._peft[key][1]
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], artifact: PrefixArtifact | None, max_new_tokens: int) -> list[int]:
+    def generate(
+        self, prompt_ids: list[int], artifact: PrefixArtifact | None, max_new_tokens: int
+    ) -> list[int]:
         """Greedy tokens for this request alone, stopping at EOS like HF generate.
 
         Built on PEFT's *forward* (the whole sequence each step), not `PeftModel.generate`: with
@@ -84,7 +86,9 @@ class PeftReference:
         return tokens
 
     @torch.no_grad()
-    def step_logits(self, prompt_ids: list[int], artifact: PrefixArtifact | None, tokens: list[int]) -> torch.Tensor:
+    def step_logits(
+        self, prompt_ids: list[int], artifact: PrefixArtifact | None, tokens: list[int]
+    ) -> torch.Tensor:
         """Next-token logits after the prompt and each generated token: [len(tokens) + 1, V]."""
         model = self.model_for(artifact)
         ids = torch.tensor([prompt_ids + tokens])

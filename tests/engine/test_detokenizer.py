@@ -6,7 +6,9 @@ from prefixserve.models import LoadedModel
 from server.engine.detokenizer import IncrementalDetokenizer
 
 
-def stream(tiny: LoadedModel, text: str, stop: list[str], max_new: int = 100) -> tuple[list[str], IncrementalDetokenizer]:
+def stream(
+    tiny: LoadedModel, text: str, stop: list[str], max_new: int = 100
+) -> tuple[list[str], IncrementalDetokenizer]:
     tok = tiny.tokenizer
     detok = IncrementalDetokenizer(tok, tok.encode("Prompt:"), max_new, stop, eos_token_id=tok.eos_token_id)
     deltas = []

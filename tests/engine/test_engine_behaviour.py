@@ -42,7 +42,7 @@ async def test_seeded_sampling_is_the_same_alone_and_in_any_batch(make_engine: A
     async with make_engine(store) as engine:
         alone = await collect(engine, GenerationRequest("alone", PROMPT, sampled(1234), task="task-5"))
         others = [
-            GenerationRequest(f"o{i}", "Other prompt number %d" % i, sampled(i), task=t)
+            GenerationRequest(f"o{i}", f"Other prompt number {i}", sampled(i), task=t)
             for i, t in enumerate(["task-1", None, "task-200", "task-5"])
         ]
         batch = await asyncio.gather(
@@ -71,7 +71,9 @@ async def test_consumer_breaking_out_frees_the_row_and_others_are_unaffected(
     async with make_engine(store) as engine:
         reference = await collect(engine, GenerationRequest("ref", PROMPT, greedy(15), task="task-10"))
         leaver = engine.generate(GenerationRequest("leaver", "Bye", greedy(200), task="task-1"))
-        stayer = asyncio.create_task(collect(engine, GenerationRequest("stay", PROMPT, greedy(15), task="task-10")))
+        stayer = asyncio.create_task(
+            collect(engine, GenerationRequest("stay", PROMPT, greedy(15), task="task-10"))
+        )
         got = 0
         async for _ in leaver:
             got += 1
@@ -111,7 +113,8 @@ async def test_length_and_stop_sequence(make_engine: Any, store: Any) -> None:
         stop = text[len(text) // 2 : len(text) // 2 + 3]
         cut = text.index(stop)
         events = await collect(
-            engine, GenerationRequest("stop", PROMPT, greedy(20, stop=["zzzz-not-there", stop]), task="task-5")
+            engine,
+            GenerationRequest("stop", PROMPT, greedy(20, stop=["zzzz-not-there", stop]), task="task-5"),
         )
     last = events[-1]
     assert last.finish_reason == "stop_sequence"
@@ -198,7 +201,9 @@ async def test_one_failing_request_fails_alone(make_engine: Any, store: Any) -> 
         await wait_until(lambda: engine.runner.request_ids == [])  # rows freed at the next step
 
 
-async def test_a_broken_step_marks_the_engine_unhealthy_and_fails_everyone(make_engine: Any, store: Any) -> None:
+async def test_a_broken_step_marks_the_engine_unhealthy_and_fails_everyone(
+    make_engine: Any, store: Any
+) -> None:
     async with make_engine(store) as engine:
 
         def decode(token_ids: Any) -> Any:
@@ -248,14 +253,21 @@ class Recorder(EngineObserver):
     def on_token(self, inter_token_seconds: float) -> None:
         self.tokens += 1
 
-    def on_finish(self, reason: str, prompt_tokens: int, generated_tokens: int, e2e: float, tenant: str, task: Any) -> None:
+    def on_finish(
+        self, reason: str, prompt_tokens: int, generated_tokens: int, e2e: float, tenant: str, task: Any
+    ) -> None:
         self.finishes.append((reason, generated_tokens, task))
 
 
-async def test_observer_sees_mixed_batches(make_engine: Any, store: Any, artifacts: dict[int, PrefixArtifact]) -> None:
+async def test_observer_sees_mixed_batches(
+    make_engine: Any, store: Any, artifacts: dict[int, PrefixArtifact]
+) -> None:
     observer = Recorder()
     async with make_engine(store, observer=observer) as engine:
-        requests = [GenerationRequest(f"m{i}", PROMPT, greedy(4), task=t) for i, t in enumerate(["task-1", "task-5", None])]
+        requests = [
+            GenerationRequest(f"m{i}", PROMPT, greedy(4), task=t)
+            for i, t in enumerate(["task-1", "task-5", None])
+        ]
         await asyncio.gather(*(collect(engine, r) for r in requests))
         assert engine.num_running == 0 and engine.running_tasks == []
     assert max(s[0] for s in observer.steps) == 3

@@ -12,7 +12,7 @@ import torch
 from prefix_store.artifact import PrefixArtifact, dump_artifact
 from prefix_store.local_store import LocalPrefixStore
 from prefixserve.models import LoadedModel, load_model, make_model_dir
-from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, StreamEvent
+from server.engine import Engine, EngineConfig, EngineObserver, GenerationRequest, SamplingParams, StreamEvent
 from tests.engine.conftest import PeftReference, greedy, random_artifact
 
 PROMPTS = [
@@ -35,7 +35,19 @@ class LogitsRecorder:
             self.by_request[rid].append(row.clone())
 
 
-async def run_staggered(engine: Engine, requests: list[GenerationRequest], join_after: int) -> dict[str, list[StreamEvent]]:
+class StepSizes(EngineObserver):
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.num_tasks: list[int] = []
+
+    def on_step(self, batch_size: int, num_distinct_tasks: int, kv_usage_ratio: float) -> None:
+        self.batch_sizes.append(batch_size)
+        self.num_tasks.append(num_distinct_tasks)
+
+
+async def run_staggered(
+    engine: Engine, requests: list[GenerationRequest], join_after: int
+) -> dict[str, list[StreamEvent]]:
     """Start request i once request i-1 has streamed `join_after` tokens (so joins land mid-generation)."""
     results: dict[str, list[StreamEvent]] = {}
     gates = [asyncio.Event() for _ in requests]
@@ -93,10 +105,13 @@ async def test_greedy_equals_peft_alone_with_staggered_joins_and_finishes(
     by_task: dict[str | None, PrefixArtifact | None] = {f"task-{n}": a for n, a in artifacts.items()}
     by_task[None] = None
     recorder = LogitsRecorder()
-    async with make_engine(store, max_batch_size=6) as engine:
+    observer = StepSizes()
+    async with make_engine(store, observer=observer, max_batch_size=6) as engine:
         engine.debug_logits_hook = recorder
         results = await run_staggered(engine, requests, join_after=2)
     check_against_peft(engine, peft_ref, recorder, requests, by_task, results)
+    # The test only means something if rows really shared steps with other tasks' rows.
+    assert max(observer.batch_sizes) >= 4 and max(observer.num_tasks) >= 3
 
 
 async def test_tasks_change_outputs_and_bare_rows_match_plain_hf(

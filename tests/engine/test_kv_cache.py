@@ -92,7 +92,9 @@ def test_rows_match_requests_alone_after_joins_and_leaves(
 
 
 def test_capacity_grows_in_chunks_and_shrinks_when_rows_leave() -> None:
-    cache = SlotKVCache(2, 2, 4, max_rows=32, max_positions=1024, dtype=torch.float32, device=torch.device("cpu"))
+    cache = SlotKVCache(
+        2, 2, 4, max_rows=32, max_positions=1024, dtype=torch.float32, device=torch.device("cpu")
+    )
     cache.add_rows(["a"], [10])
     assert (cache.row_capacity, cache.position_capacity) == (8, 256)
     cache.add_rows([f"r{i}" for i in range(10)], [300] * 10)
@@ -105,7 +107,9 @@ def test_capacity_grows_in_chunks_and_shrinks_when_rows_leave() -> None:
 
 
 def test_remove_moves_the_last_row_only() -> None:
-    cache = SlotKVCache(1, 1, 2, max_rows=8, max_positions=64, dtype=torch.float32, device=torch.device("cpu"))
+    cache = SlotKVCache(
+        1, 1, 2, max_rows=8, max_positions=64, dtype=torch.float32, device=torch.device("cpu")
+    )
     cache.add_rows(["a", "b", "c"], [3, 4, 5])
     with torch.inference_mode():  # the cache's tensors are inference tensors
         for row in range(3):

@@ -17,7 +17,9 @@ from tests.engine.conftest import PeftReference, collect, greedy, random_artifac
 PROMPT = "Once upon a time, in a land far away,"
 
 
-def cache_for(store: Any, tiny: LoadedModel, device_bytes: int = 1 << 30, host_bytes: int = 1 << 30) -> PrefixCache:
+def cache_for(
+    store: Any, tiny: LoadedModel, device_bytes: int = 1 << 30, host_bytes: int = 1 << 30
+) -> PrefixCache:
     cache = PrefixCache(store, tiny.spec, tiny.device, tiny.dtype, device_bytes, host_bytes)
     cache.start()
     return cache
@@ -27,7 +29,10 @@ async def test_concurrent_requests_for_an_uncached_task_load_it_once(make_engine
     store.get_delay_s = 0.05  # a slow store, so all requests arrive while the load is in flight
     async with make_engine(store) as engine:
         results = await asyncio.gather(
-            *(collect(engine, GenerationRequest(f"r{i}", PROMPT, greedy(3), task="task-10")) for i in range(12))
+            *(
+                collect(engine, GenerationRequest(f"r{i}", PROMPT, greedy(3), task="task-10"))
+                for i in range(12)
+            )
         )
         assert store.get_calls == 1
         assert len({tuple(e.token_id for e in events) for events in results}) == 1
@@ -38,7 +43,11 @@ async def test_concurrent_requests_for_an_uncached_task_load_it_once(make_engine
 
 
 async def test_new_version_mid_generation(
-    make_engine: Any, store: Any, peft_ref: PeftReference, tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]
+    make_engine: Any,
+    store: Any,
+    peft_ref: PeftReference,
+    tiny: LoadedModel,
+    artifacts: dict[int, PrefixArtifact],
 ) -> None:
     old = artifacts[5]
     new = random_artifact(tiny.spec, 7, seed=4242)
@@ -58,7 +67,9 @@ async def test_new_version_mid_generation(
     assert [e.token_id for e in events] != [e.token_id for e in after]
 
 
-async def test_lru_eviction_under_a_tiny_budget(store: Any, tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]) -> None:
+async def test_lru_eviction_under_a_tiny_budget(
+    store: Any, tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]
+) -> None:
     one = artifacts[10].nbytes  # the device tier holds one 10-long prefix; the host tier two
     cache = cache_for(store, tiny, device_bytes=one, host_bytes=2 * one)
     a = await cache.resolve("default", "task-10")

@@ -15,6 +15,7 @@ from server.api.deps import Caller, State
 from server.api.errors import describe_exception, error_responses
 from server.api.generation import Generation, start_generation, token_info
 from server.api.schemas import (
+    GREEDY_TEMPERATURE_EPS,
     Details,
     GenerateParameters,
     GenerateRequest,
@@ -24,29 +25,30 @@ from server.api.schemas import (
     StreamResponse,
     Token,
 )
-from server.api.sse import sse_data, sse_response
+from server.api.sse import SSE_CONTENT, sse_data, sse_response
 from server.api.version import __version__
 from server.engine.types import SamplingParams
 from server.logging import engine_request_id
 
 router = APIRouter(tags=["generate"])
 
-_ERRORS = error_responses(401, 404, 413, 422, 424, 429, 503)
+_ERRORS = error_responses(400, 401, 404, 413, 422, 424, 429, 503)
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "Server-sent events: one `StreamResponse` JSON per token; the last carries "
         "`generated_text` and `details`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": SSE_CONTENT,
     }
 }
 
 
 def sampling_params(p: GenerateParameters) -> SamplingParams:
     """TGI parameters → engine parameters (None means the engine's "off" value)."""
+    near_greedy = p.temperature is not None and p.temperature < GREEDY_TEMPERATURE_EPS
     return SamplingParams(
         max_new_tokens=p.max_new_tokens,
-        do_sample=p.do_sample,
-        temperature=p.temperature if p.temperature is not None else 1.0,
+        do_sample=p.do_sample and not near_greedy,
+        temperature=p.temperature if p.temperature is not None and not near_greedy else 1.0,
         top_k=p.top_k or 0,
         top_p=p.top_p if p.top_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
@@ -147,7 +149,7 @@ async def tgi_generate_stream(state: State, caller: Caller, body: GenerateReques
     responses={
         200: {
             "description": "`[GenerateResponse]` (stream false) or server-sent events (stream true).",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": SSE_CONTENT,
         },
         **_ERRORS,
     },

@@ -20,6 +20,7 @@ from server.api.errors import describe_exception, error_responses
 from server.api.generation import start_generation
 from server.api.prefix_admin import list_all_tasks
 from server.api.schemas import (
+    GREEDY_TEMPERATURE_EPS,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -27,7 +28,7 @@ from server.api.schemas import (
     ModelList,
     Usage,
 )
-from server.api.sse import sse_data, sse_response
+from server.api.sse import SSE_CONTENT, sse_data, sse_response
 from server.engine.types import SamplingParams
 from server.logging import current_request_id, engine_request_id
 
@@ -45,6 +46,8 @@ def _finish_reason(reason: str | None) -> str | None:
 
 def _sampling(body: CompletionRequest) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < GREEDY_TEMPERATURE_EPS:
+        temperature = 0.0  # OpenAI: 0 is greedy; a denormal one would overflow the logits
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         max_new_tokens=body.max_tokens or 16,
@@ -60,8 +63,8 @@ def _sampling(body: CompletionRequest) -> SamplingParams:
     "/v1/completions",
     response_model=CompletionResponse,
     responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        **error_responses(401, 404, 413, 422, 429, 500, 503, openai=True),
+        200: {"content": SSE_CONTENT},
+        **error_responses(400, 401, 404, 413, 422, 429, 500, 503, openai=True),
     },
 )
 async def completions(state: State, caller: Caller, body: CompletionRequest) -> Any:

@@ -32,7 +32,7 @@ def _log_task(task: str) -> None:
     "",
     status_code=201,
     response_model=PrefixVersion,
-    responses=error_responses(401, 403, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 413, 422, 503),
 )
 async def upload_prefix(
     state: State,
@@ -97,7 +97,7 @@ async def delete_prefix(state: State, caller: Manager, task: TaskName) -> Respon
 
 
 @router.post(
-    "/{task}/rollback", response_model=PrefixVersion, responses=error_responses(401, 403, 404, 422, 503)
+    "/{task}/rollback", response_model=PrefixVersion, responses=error_responses(400, 401, 403, 404, 422, 503)
 )
 async def rollback_prefix(
     state: State, caller: Manager, task: TaskName, body: RollbackRequest

@@ -339,6 +339,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile-engine", action="store_true", help="also profile one engine run (see docs)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads for every runner (the server subprocess too); default: torch's choice",
+    )
     return parser.parse_args(argv)
 
 
@@ -361,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     if only and (unknown := set(only) - set(ALL_RUNNERS)):
         print(f"unknown runner(s) {sorted(unknown)}; choose from {ALL_RUNNERS}", file=sys.stderr)
         return 2
+    if args.threads:
+        # Same thread count everywhere: the HTTP server inherits it through OMP_NUM_THREADS.
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     device = resolve_device(profile.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"profile {profile.name!r} needs CUDA, and torch sees no GPU", file=sys.stderr)

@@ -178,8 +178,8 @@ def plot_scaling(path: Path, scaling: list[dict[str, Any]], references: dict[str
         ax.plot(xs, [p["output_tok_s"] for p in scaling], marker="o", label="engine (continuous batching)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
-    for name, value in references.items():
-        ax.axhline(value, linestyle="--", linewidth=1, label=name)
+    for i, (name, value) in enumerate(references.items()):
+        ax.axhline(value, linestyle="--", linewidth=1.2, color=f"C{i + 1}", label=name)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens/s")
     ax.set_title(title)

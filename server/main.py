@@ -3,9 +3,11 @@
 Settings come from the environment (`PREFIXSERVE_*`, see `server.settings`); a few common ones can be
 overridden on the command line. Shutdown:
 
-- SIGTERM / SIGINT: readiness turns false at once and new generation requests get 503; uvicorn stops
-  accepting connections and waits up to `shutdown_grace_s` for in-flight requests; the lifespan then
-  stops the engine (cancelling what is still running) and closes the store. Exit status 0.
+- SIGTERM / SIGINT: readiness turns false at once and new generation requests get 503, while the server
+  keeps listening (so probes and requests routed before the endpoint is removed get an answer, not a
+  refused connection). In-flight generations run until done or until `shutdown_grace_s` has passed; what
+  is still running then is cancelled (its stream ends early). Then uvicorn stops accepting connections,
+  the lifespan stops the engine and closes the store. Exit status 0. A second signal stops at once.
 - The engine loop dies: readiness false, then the same shutdown, exit status 1 (so the orchestrator
   restarts the pod).
 """
@@ -16,6 +18,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from types import FrameType
 
 import uvicorn
@@ -29,6 +32,8 @@ logger = logging.getLogger("prefixserve.main")
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_ENGINE_FAILED = 1
+# After the drain, only the last bytes of responses are left to send: uvicorn waits at most this long.
+FINAL_FLUSH_S = 5
 
 
 def parse_args(argv: list[str] | None) -> dict[str, object]:
@@ -49,22 +54,39 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, plus: drain on the first signal, and exit 0 after a graceful SIGTERM.
+    """uvicorn, plus: drain on the first signal (still listening), and exit 0 after a graceful SIGTERM.
 
     uvicorn re-raises a captured signal after shutting down (so the process dies *by* SIGTERM, status
     143). A completed graceful shutdown is a success, so we record the signal but do not re-raise it.
     """
 
-    def __init__(self, config: uvicorn.Config, on_signal: object) -> None:
+    def __init__(self, config: uvicorn.Config, on_signal: object, engine: object, grace_s: float) -> None:
         super().__init__(config)
         self._on_signal = on_signal
+        self._engine = engine
+        self._grace_s = grace_s
+        self._drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if callable(self._on_signal):
-            self._on_signal()
+        if self._drain_deadline is None:  # first signal: drain; main_loop's on_tick decides when to stop
+            if callable(self._on_signal):
+                self._on_signal()
+            self._drain_deadline = time.monotonic() + self._grace_s
+            return
         if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True  # a second Ctrl-C: stop waiting
-        self.should_exit = True
+            self.force_exit = True  # another Ctrl-C: stop waiting for connections
+        self.should_exit = True  # a second signal: stop draining now
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_deadline is not None and not self.should_exit:
+            engine = self._engine
+            idle = getattr(engine, "num_running", 0) == 0 and getattr(engine, "num_waiting", 0) == 0
+            if not idle and time.monotonic() >= self._drain_deadline:
+                logger.warning("shutdown grace of %ss spent; cancelling in-flight generations", self._grace_s)
+                await engine.stop(drain_timeout_s=0)  # type: ignore[attr-defined]
+            if idle or time.monotonic() >= self._drain_deadline:
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_config=None,  # keep our structured logging
         access_log=False,  # our RequestMiddleware writes the access line
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        timeout_graceful_shutdown=FINAL_FLUSH_S,  # the grace itself is spent draining (see _Server)
         lifespan="on",
     )
-    server = _Server(config, on_signal=lambda: start_draining(app))
+    server = _Server(
+        config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.shutdown_grace_s
+    )
     server.run()
     if not server.started and exit_code == EXIT_OK:
         return EXIT_ENGINE_FAILED  # start-up failed (e.g. port in use); uvicorn logged why

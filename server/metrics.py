@@ -8,9 +8,10 @@ is the contract with the Grafana dashboard and the alert rules in deploy/.
 callback is cheap (a dict lookup and a float add) and never raises.
 
 Label cardinality is bounded on purpose: task names come from the public, so `TaskLabeler` gives a
-task its own label only if it is on the allow-list (`metrics_task_labels`) or, without one, among the
-first `metrics_top_tasks` tasks to get `MIN_REQUESTS_FOR_LABEL` requests (sticky, so series do not
-flap); everything else is "other". Tenant labels come only from configured API keys.
+task its own label only if it is on the allow-list (`metrics_task_labels`) or, without one, if it is
+among the first `metrics_top_tasks` tasks served (sticky, so series do not flap; only tasks that
+exist are counted, the API records a request once the engine accepted it); everything else is
+"other". Requests without a task are "base". Tenant labels come only from configured API keys.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ disable_created_metrics()
 PREFIX = "prefixserve_"
 OTHER = "other"
 BASE_TASK = "base"  # label of requests without a task (the bare base model)
-MIN_REQUESTS_FOR_LABEL = 3  # a task must be asked for this often before it may take a label slot
-MAX_TRACKED_TASKS = 10_000  # bound on the counts kept for top-N selection
 
 # Latency buckets (seconds): ms-scale steps on a tiny model up to minutes for long generations.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -48,7 +47,6 @@ class TaskLabeler:
         self._allow = frozenset(allow)
         self._top_n = top_n
         self._tenants = frozenset(tenants)
-        self._counts: dict[tuple[str, str], int] = {}
         self._labelled: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -57,7 +55,7 @@ class TaskLabeler:
         return tenant if tenant is not None and tenant in self._tenants else OTHER
 
     def task(self, tenant: str | None, task: str | None) -> str:
-        """Count a request for `task` and return its label: the name, "base", or "other"."""
+        """The label of a served request for `task`: its name, "base" (no task), or "other"."""
         if task is None:
             return BASE_TASK
         if self._allow:
@@ -66,10 +64,7 @@ class TaskLabeler:
         with self._lock:
             if key in self._labelled:
                 return task
-            if key not in self._counts and len(self._counts) >= MAX_TRACKED_TASKS:
-                return OTHER
-            count = self._counts[key] = self._counts.get(key, 0) + 1
-            if count >= MIN_REQUESTS_FOR_LABEL and len(self._labelled) < self._top_n:
+            if len(self._labelled) < self._top_n:
                 self._labelled.add(key)
                 return task
         return OTHER

@@ -113,18 +113,29 @@ class Settings(BaseSettings):
     def resolve_api_keys(self) -> dict[str, ApiKeyEntry]:
         """The configured keys (file, then inline; inline wins on a duplicate key); {} = single-tenant.
 
+        Single-tenant only when neither source is set: a source that is set but holds no keys raises
+        (fail closed; an empty or broken Secret must not turn authentication off).
         Raises `ValueError` naming the source and the problem for unreadable or malformed JSON.
         """
         keys: dict[str, ApiKeyEntry] = {}
         if self.api_keys_file is not None:
+            source = f"PREFIXSERVE_API_KEYS_FILE ({self.api_keys_file})"
             try:
                 text = self.api_keys_file.read_text(encoding="utf-8")
             except OSError as exc:
                 raise ValueError(f"PREFIXSERVE_API_KEYS_FILE {self.api_keys_file}: {exc}") from None
-            keys.update(_parse_keys(text, f"PREFIXSERVE_API_KEYS_FILE ({self.api_keys_file})"))
-        if self.api_keys:
-            keys.update(_parse_keys(self.api_keys, "PREFIXSERVE_API_KEYS"))
+            keys.update(_require_keys(_parse_keys(text, source), source))
+        if self.api_keys is not None and self.api_keys.strip():
+            keys.update(
+                _require_keys(_parse_keys(self.api_keys, "PREFIXSERVE_API_KEYS"), "PREFIXSERVE_API_KEYS")
+            )
         return keys
+
+
+def _require_keys(keys: dict[str, ApiKeyEntry], source: str) -> dict[str, ApiKeyEntry]:
+    if not keys:
+        raise ValueError(f"{source}: is set but holds no API keys; refusing to run without authentication")
+    return keys
 
 
 def _parse_keys(text: str, source: str) -> dict[str, ApiKeyEntry]:

@@ -25,9 +25,14 @@ from server.metrics import Metrics
 class EngineLike(Protocol):
     """What the API uses of `server.engine.Engine` (kept structural so tests can read it at a glance)."""
 
-    healthy: bool
-    num_running: int
-    num_waiting: int
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
 
     def generate(self, request: Any) -> Any: ...
 

@@ -91,16 +91,18 @@ class Generation:
         """Every event, first included; raises `IncompleteGeneration` if the engine aborted it."""
         last: StreamEvent | None = None
         try:
-            if self._first is not None:
-                last, self._first = self._first, None
-                yield last
-            while last.finish_reason is None:
+            event = self._first
+            self._first = None
+            while event is not None:
+                last = event
+                yield event
+                if event.finish_reason is not None:
+                    break
                 try:
-                    last = await anext(self._stream)
+                    event = await anext(self._stream)
                 except StopAsyncIteration:
                     raise RequestFailed("the engine ended the stream without a final event") from None
-                yield last
-            if last.finish_reason in _ABORTED:
+            if last is not None and last.finish_reason in _ABORTED:
                 raise IncompleteGeneration(last.finish_reason)
         finally:
             await self.close(last)
@@ -162,7 +164,6 @@ async def start_generation(
     lease = await state.limiter.acquire(principal.tenant)
     stream: Any = None
     try:
-        state.metrics.observe_task_request(principal.tenant, task)
         request = GenerationRequest(
             request_id=request_id, prompt=prompt, params=params, tenant=principal.tenant, task=task
         )
@@ -174,4 +175,6 @@ async def start_generation(
         if aclose is not None:
             await aclose()
         raise
+    # Counted once accepted: unknown task names (typos, probes) never take a metrics label slot.
+    state.metrics.observe_task_request(principal.tenant, task)
     return Generation(first, stream, lease, ctx, start)

@@ -60,7 +60,7 @@ class GenerateRequest(_Request):
 
     task: str | None = Field(None, description="Task (prefix) name; null: the bare base model.")
     inputs: str = Field(min_length=1, description="The prompt.")
-    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters())
+    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters.model_validate({}))
     stream: bool = Field(False, description="Only on `POST /`: choose a stream (TGI's compat route).")
 
 

@@ -85,6 +85,12 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], li
         sub = apply_repetition_penalty(logits[index].clone(), [rows[i] for i in sampled])  # [M, V]
         sub = filter_logits(sub, [rows[i].params for i in sampled])
         probs = sub.softmax(dim=-1)  # [M, V]
+        # Defence in depth: a row whose distribution degenerated (NaN/inf logits) falls back to its
+        # argmax instead of making multinomial raise and take the whole batch down. No host sync.
+        probs = torch.where(torch.isfinite(probs), probs, torch.zeros_like(probs))
+        empty = probs.sum(dim=-1, keepdim=True) <= 0  # [M, 1]
+        fallback = torch.nn.functional.one_hot(chosen[index], probs.shape[-1]).to(probs.dtype)  # [M, V]
+        probs = torch.where(empty, fallback, probs)
         draws = [torch.multinomial(probs[j], 1, generator=rows[i].generator) for j, i in enumerate(sampled)]
         chosen[index] = torch.cat(draws)  # [M]
     greedy_penalised = [

@@ -13,6 +13,10 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 
 
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens. Defaults are greedy decoding of at most 20 tokens.
@@ -36,14 +40,20 @@ class SamplingParams:
         """Raise `InvalidRequest` naming the first out-of-range field."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature > 0 or self.temperature > 100:
-            raise InvalidRequest(f"temperature must be in (0, 100], got {self.temperature!r}")
+        # Below 1e-5 the scaled logits overflow float32 to inf/NaN; such temperatures mean "greedy".
+        if not MIN_TEMPERATURE <= self.temperature <= 100:
+            raise InvalidRequest(
+                f"temperature must be in [{MIN_TEMPERATURE}, 100] (use do_sample=false for greedy), "
+                f"got {self.temperature!r}"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 < self.repetition_penalty <= 100:
-            raise InvalidRequest(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty!r}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 100:
+            raise InvalidRequest(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 100], got {self.repetition_penalty!r}"
+            )
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if len(self.stop) > MAX_STOP_SEQUENCES:

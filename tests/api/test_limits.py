@@ -9,7 +9,7 @@ from server.api import start_draining
 from server.engine import EngineConfig
 from tests.api.conftest import ACME, DEAD_REDIS_URL, GLOBEX, wait_for
 
-LONG = {"max_new_tokens": 480}  # long enough to still be running while we probe
+LONG = {"max_new_tokens": 150}  # long enough to still be running while we probe
 
 
 async def test_body_size_limit_413(make_api):

@@ -31,3 +31,32 @@ def test_each_row_draws_from_its_own_generator() -> None:
     assert together[1] == alone[0]
     assert len(set(together)) == 3
     assert all(abs(lp - torch.log(torch.tensor(1e-3)).item()) < 1e-5 for lp in logprobs)
+
+
+def test_degenerate_distribution_falls_back_to_argmax_instead_of_raising():
+    # A NaN row (e.g. from an extreme parameter that slipped past validation) must not take the batch down.
+    from server.engine.sampling import make_row, sample
+    from server.engine.types import SamplingParams
+
+    logits = torch.randn(2, 50)
+    logits[0] = float("nan")
+    rows = [
+        make_row(SamplingParams(do_sample=True, seed=1), 1, [], torch.device("cpu")),
+        make_row(SamplingParams(do_sample=True, seed=2), 2, [], torch.device("cpu")),
+    ]
+    ids, _ = sample(logits, rows)
+    assert len(ids) == 2 and 0 <= ids[1] < 50
+
+
+def test_extreme_temperature_and_penalty_are_refused():
+    import pytest
+
+    from server.engine.errors import InvalidRequest
+    from server.engine.types import SamplingParams
+
+    for params in (
+        SamplingParams(do_sample=True, temperature=5e-324),
+        SamplingParams(repetition_penalty=1e-9),
+    ):
+        with pytest.raises(InvalidRequest):
+            params.validate()

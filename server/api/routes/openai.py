@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 
@@ -37,7 +37,7 @@ router = APIRouter(tags=["openai"])
 MAX_LISTED_TASKS = 1000
 
 
-def _finish_reason(reason: str | None) -> str | None:
+def _finish_reason(reason: str | None) -> Literal["length", "stop"] | None:
     """Engine finish reasons → OpenAI's: "length", or "stop" (EOS or a stop sequence)."""
     if reason is None:
         return None
@@ -87,7 +87,7 @@ async def completions(state: State, caller: Caller, body: CompletionRequest) -> 
             id=completion_id,
             created=created,
             model=body.model,
-            choices=[CompletionChoice(text=result.text, finish_reason=_finish_reason(result.finish_reason))],  # type: ignore[arg-type]
+            choices=[CompletionChoice(text=result.text, finish_reason=_finish_reason(result.finish_reason))],
             usage=Usage(
                 prompt_tokens=result.num_prompt_tokens,
                 completion_tokens=result.num_generated_tokens,
@@ -104,7 +104,7 @@ async def completions(state: State, caller: Caller, body: CompletionRequest) -> 
                     model=body.model,
                     choices=[
                         CompletionChoice(text=event.text, finish_reason=_finish_reason(event.finish_reason))
-                    ],  # type: ignore[arg-type]
+                    ],
                 )
                 yield sse_data(chunk.model_dump(exclude={"usage"}))
         except Exception as exc:  # headers are sent: report in-band (OpenAI's nested shape, which the

@@ -1,0 +1,98 @@
+"""`python -m server.main`: configuration errors, JSON access logs, graceful SIGTERM (exit 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
+    return {**env, **extra}
+
+
+def test_missing_model_is_a_clear_start_up_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.main"], cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "PREFIXSERVE_MODEL" in proc.stderr
+
+
+def test_bad_api_keys_json_is_a_clear_start_up_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.main"], cwd=tmp_path,
+        env=_env(PYTHONPATH=str(ROOT), PREFIXSERVE_API_KEYS="{not json"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "PREFIXSERVE_API_KEYS" in proc.stderr
+
+
+def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(
+        PYTHONPATH=str(ROOT),
+        PREFIXSERVE_MODEL=str(tiny_gpt2_dir),
+        PREFIXSERVE_PORT=str(port),
+        PREFIXSERVE_DEVICE="cpu",
+        PREFIXSERVE_LOCAL_STORE_DIR=str(tmp_path / "store"),
+        PREFIXSERVE_SHUTDOWN_GRACE_S="20",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.main"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "server did not become ready"
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        result: dict[str, httpx.Response] = {}
+        body = {"inputs": "Long story", "parameters": {"max_new_tokens": 400}}
+        worker = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{url}/v1/generate", json=body, timeout=60)),
+            daemon=True,
+        )
+        worker.start()
+        time.sleep(0.2)  # let the request reach the engine
+        proc.send_signal(signal.SIGTERM)
+        worker.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        assert result["r"].status_code == 200, result["r"].text
+        assert len(result["r"].json()["generated_text"]) > 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=5)
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    access = [
+        r for r in records if r.get("logger") == "prefixserve.access" and r.get("endpoint") == "/v1/generate"
+    ]
+    assert access, lines
+    line = access[0]
+    assert line["status"] == 200 and line["tenant"] == "default" and line["request_id"]
+    assert line["prompt_tokens"] > 0 and line["generated_tokens"] == 400
+    assert {"ttft_s", "e2e_s"} <= set(line)

@@ -1,0 +1,239 @@
+"""Reliability fixtures: real server processes and real redis-server processes on loopback ports.
+
+- `ServerProcess`: `python -m server.main` with a tiny random GPT-2, settings from `PREFIXSERVE_*` env,
+  on a free 127.0.0.1 port; `start()` waits for `/ready`. Its log goes to a file that failing
+  assertions print (`log_tail()`).
+- `RedisProcess`: a throwaway `redis-server --save "" --appendonly no` that a test stops and restarts
+  on the same port.
+- The in-process `make_api` / `loaded` fixtures of tests/api are re-exported here for tests that need
+  to reach inside (fault injection into the model runner).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from prefixserve.models import make_model_dir
+from tests.api.conftest import loaded, make_api  # noqa: F401  (fixtures re-exported for this package)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KEYS = {
+    "acme-manage-key": {"tenant": "acme", "role": "manage"},
+    "acme-generate-key": {"tenant": "acme", "role": "generate"},
+    "globex-manage-key": {"tenant": "globex", "role": "manage"},
+}
+ACME = {"Authorization": "Bearer acme-manage-key"}
+ACME_GEN = {"Authorization": "Bearer acme-generate-key"}
+GLOBEX = {"Authorization": "Bearer globex-manage-key"}
+START_TIMEOUT_S = 120.0  # importing torch + transformers on a loaded 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll `predicate` until true; returns the seconds it took, fails the test after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+class RedisProcess:
+    """A redis-server on a fixed loopback port, without persistence, that can be stopped and restarted."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server not on PATH (apt-get install redis-server)")
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.ping, 15.0, f"redis-server on port {self.port}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_process() -> Iterator[RedisProcess]:
+    server = RedisProcess(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+class ServerProcess:
+    """One `python -m server.main` process (see the module docstring)."""
+
+    def __init__(self, model_dir: Path, work_dir: Path, **settings: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = work_dir / f"server-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
+        env.update(
+            {
+                "PREFIXSERVE_MODEL": str(model_dir),
+                "PREFIXSERVE_HOST": "127.0.0.1",
+                "PREFIXSERVE_PORT": str(self.port),
+                "PREFIXSERVE_DEVICE": "cpu",
+                "PREFIXSERVE_LOCAL_STORE_DIR": str(work_dir / f"store-{self.port}"),
+                "PREFIXSERVE_LOG_FORMAT": "text",
+                "PREFIXSERVE_API_KEYS": json.dumps(KEYS),
+                "PREFIXSERVE_SHUTDOWN_GRACE_S": "30",
+                "OMP_NUM_THREADS": "1",  # several servers share a 2-core machine with other suites
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        )
+        for key, value in settings.items():
+            name = f"PREFIXSERVE_{key.upper()}"
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value if isinstance(value, str) else json.dumps(value)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def start(self, wait_ready: bool = True, argv: list[str] | None = None) -> ServerProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop())
+        cmd = argv or [sys.executable, "-m", "server.main"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.env, stdout=self._log, stderr=self._log)
+        if wait_ready:
+            wait_until(self._ready_or_dead, START_TIMEOUT_S, f"server /ready\n{self.log_tail()}", 0.2)
+            assert self.proc.poll() is None, f"server exited at start-up\n{self.log_tail()}"
+        return self
+
+    def _ready_or_dead(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS in /proc status")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"server did not exit within {timeout}s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+LONG_POSITIONS = 4096
+
+
+@pytest.fixture(scope="session")
+def long_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 with 4096 positions: a generation that lasts seconds even on a fast CPU."""
+    return make_model_dir(
+        "tiny-gpt2", tmp_path_factory.mktemp("long-gpt2"), seed=0, n_positions=LONG_POSITIONS
+    )
+
+
+@pytest.fixture
+def spawn_server(tiny_gpt2_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: `spawn_server(max_batch_size=1, ...)` starts a server and waits for /ready; all are
+    stopped at teardown. `model_dir=` serves another model than the tiny GPT-2."""
+    servers: list[ServerProcess] = []
+
+    def spawn(
+        wait_ready: bool = True, argv: list[str] | None = None, model_dir: Path | None = None, **settings: Any
+    ) -> ServerProcess:
+        server = ServerProcess(model_dir or tiny_gpt2_dir, tmp_path, **settings)
+        servers.append(server)
+        return server.start(wait_ready=wait_ready, argv=argv)
+
+    yield spawn
+    for server in servers:
+        server.stop()
+
+
+def upload(client: httpx.Client, task: str, data: bytes, headers: dict[str, str] = ACME) -> httpx.Response:
+    files = {"artifact": ("prefix.safetensors", data, "application/octet-stream")}
+    return client.post("/v1/prefixes", data={"task": task}, files=files, headers=headers)
+
+
+def generate(
+    client: httpx.Client, task: str | None = None, headers: dict[str, str] = ACME, **params: Any
+) -> httpx.Response:
+    body = {"task": task, "inputs": "Hello world", "parameters": {"max_new_tokens": 4, **params}}
+    return client.post("/v1/generate", json=body, headers=headers)
+
+
+def metric_value(text: str, sample: str) -> float | None:
+    """The value of one exposition line `sample value` (e.g. 'prefixserve_requests_running')."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return None

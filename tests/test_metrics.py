@@ -1,0 +1,95 @@
+"""`server.metrics`: the exposed names are the documented contract, labels stay bounded."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import Metrics, TaskLabeler
+
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+
+
+def documented_names() -> set[str]:
+    section = ARCHITECTURE.read_text().split("## Metrics", 1)[1]
+    return set(re.findall(r"^\| `(prefixserve_[a-z0-9_]+)`", section, flags=re.M))
+
+
+def scrape(metrics: Metrics) -> dict[str, list]:
+    text = generate_latest(metrics.registry).decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_exposed_names_are_exactly_the_documented_table():
+    assert set(Metrics().metric_names()) == documented_names()
+
+
+def test_each_metrics_has_its_own_registry():
+    a, b = Metrics(), Metrics()
+    a.observe_http("/health", 200)
+    assert a.requests_total.labels(endpoint="/health", status="200")._value.get() == 1
+    assert b.requests_total.labels(endpoint="/health", status="200")._value.get() == 0
+
+
+def test_task_labels_are_bounded_top_n_and_sticky():
+    labeler = TaskLabeler(top_n=2, tenants=["acme"])
+    assert [labeler.task("acme", t) for t in ["a", "b", "c", "a", "c"]] == ["a", "b", "other", "a", "other"]
+    assert labeler.task("acme", None) == "base"
+    assert labeler.tenant("acme") == "acme" and labeler.tenant("mallory") == "other"
+
+
+def test_task_allow_list_wins_over_top_n():
+    labeler = TaskLabeler(allow=["keep"], top_n=100)
+    assert labeler.task("t", "keep") == "keep" and labeler.task("t", "drop") == "other"
+
+
+def test_engine_observer_and_scrape_time_gauges():
+    m = Metrics(tenants=["acme"], max_tasks=8)
+    engine = SimpleNamespace(
+        num_running=3,
+        num_waiting=1,
+        healthy=True,
+        kv_usage_ratio=0.25,
+        running_tasks=["acme/sql", "acme/poems"],
+        waiting_tasks=["acme/sql"],
+        prefix_cache_stats=SimpleNamespace(bytes={"device": 1024, "host": 0}),
+    )
+    m.bind_engine(engine)
+    m.on_step(batch_size=3, num_distinct_tasks=2, kv_usage_ratio=0.25)
+    m.on_queue_time(0.01)
+    m.on_first_token(0.05)
+    m.on_token(0.002)
+    m.on_finish("length", 5, 7, 0.2, "acme", "sql")
+    m.on_cache_event("hit", "device")
+    m.on_cache_event("miss", "store")
+    m.on_cache_event("eviction", "host")
+    m.on_prefix_load(0.03)
+    for _ in range(3):
+        m.observe_task_request("acme", "sql")
+    m.observe_task_request("mallory", "x")
+    samples = scrape(m)
+
+    def value(name: str, **labels: str) -> float:
+        return next(s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("prefixserve_requests_running") == 3 and value("prefixserve_requests_waiting") == 1
+    assert value("prefixserve_engine_up") == 1 and value("prefixserve_kv_cache_usage_ratio") == 0.25
+    assert value("prefixserve_prefix_cache_bytes", tier="device") == 1024
+    assert value("prefixserve_request_finish", finish_reason="length") == 1
+    assert value("prefixserve_generation_tokens") == 7 and value("prefixserve_prompt_tokens") == 5
+    assert value("prefixserve_prefix_cache_hits", tier="device") == 1
+    assert value("prefixserve_prefix_cache_misses") == 1
+    assert value("prefixserve_task_requests", tenant="acme", task="sql") == 3
+    assert value("prefixserve_task_requests", tenant="other", task="x") == 1
+    info = samples["prefixserve_task_requests_info"][0]
+    assert info.labels == {
+        "running_tasks": "acme/poems,acme/sql",
+        "waiting_tasks": "acme/sql",
+        "max_tasks": "8",
+    }
+    engine.healthy = False
+    assert scrape(m)["prefixserve_engine_up"][0].value == 0

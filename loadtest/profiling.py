@@ -36,7 +36,7 @@ def profile_engine(
     from loadtest.runners.engine_runner import run_engine
     from server.engine import EngineConfig
 
-    model_dir = ensure_model(section.preset, models_dir)
+    model_dir = ensure_model(section.preset, models_dir, section.model_overrides)
     loaded = load_model(str(model_dir), device=str(device), dtype=dtype)
     workload = make_workload(
         section.workload, min(loaded.spec.vocab_size, GPT2_TEXT_VOCAB), loaded.model.config.eos_token_id

@@ -69,6 +69,16 @@ class TaskLabeler:
                 return task
         return OTHER
 
+    def engine_label(self, label: str) -> str:
+        """An engine "tenant/task" label with both parts bounded, without taking a label slot."""
+        tenant, _, task = label.partition("/")
+        if self._allow:
+            name = task if task in self._allow else OTHER
+        else:
+            with self._lock:
+                name = task if (tenant, task) in self._labelled else OTHER
+        return f"{self.tenant(tenant)}/{name}"
+
 
 class _TaskInfoCollector(Collector):
     """`prefixserve_task_requests_info`: one sample per scrape, labels listing running/waiting tasks.
@@ -211,7 +221,11 @@ class Metrics(EngineObserver):
         self.requests_waiting.set_function(lambda: float(engine.num_waiting))
         self.engine_up.set_function(lambda: 1.0 if engine.healthy else 0.0)
         self.kv_cache_usage.set_function(lambda: float(engine.kv_usage_ratio))
-        self.task_info.source = lambda: (engine.running_tasks, engine.waiting_tasks)
+        # /metrics needs no key: raw task names of any tenant stay inside the labeler's bounded set.
+        self.task_info.source = lambda: (
+            [self.labeler.engine_label(t) for t in engine.running_tasks],
+            [self.labeler.engine_label(t) for t in engine.waiting_tasks],
+        )
 
         def cache_bytes(tier: str) -> Callable[[], float]:
             def read() -> float:

@@ -71,6 +71,7 @@ def test_engine_observer_and_scrape_time_gauges():
     for _ in range(3):
         m.observe_task_request("acme", "sql")
     m.observe_task_request("mallory", "x")
+    m.observe_task_request("acme", "poems")  # served, so labelled: may be listed in task_requests_info
     samples = scrape(m)
 
     def value(name: str, **labels: str) -> float:

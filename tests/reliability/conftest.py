@@ -201,6 +201,14 @@ def long_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def long_spec(long_gpt2_dir: Path) -> Any:
+    """The `ModelSpec` (with fingerprint) of `long_gpt2_dir`, to build artifacts its servers accept."""
+    from prefixserve.models import load_model
+
+    return load_model(str(long_gpt2_dir), device="cpu", dtype="float32").spec
+
+
 @pytest.fixture
 def spawn_server(tiny_gpt2_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Factory: `spawn_server(max_batch_size=1, ...)` starts a server and waits for /ready; all are

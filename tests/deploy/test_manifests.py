@@ -509,10 +509,8 @@ def test_dashboard_alerts_and_autoscalers_use_only_contract_metrics():
         if name.endswith(HISTOGRAM_SUFFIXES) and name not in metrics:
             assert metrics[base_metric_name(name, metrics)] == "histogram", name
 
-    # The lead makes this unconditional once server/metrics.py lands.
-    if importlib.util.find_spec("server.metrics") is not None:
-        missing = sorted(set(used) - exported_metric_names())
-        assert missing == [], "used by deploy/ but not registered by server.metrics"
+    missing = sorted(set(used) - exported_metric_names())
+    assert missing == [], "used by deploy/ but not registered by server.metrics"
 
 
 def test_dashboard_is_portable_across_prometheus_datasources():

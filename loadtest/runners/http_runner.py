@@ -121,6 +121,7 @@ async def _complete(
         "max_tokens": req.max_new_tokens,
         "temperature": 0,
         "stream": True,
+        "ignore_eos": True,  # exact output lengths, like every other runner
     }
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:

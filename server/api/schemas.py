@@ -42,6 +42,7 @@ class GenerateParameters(_Request):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     details: bool = False
     return_full_text: bool = False
+    ignore_eos: bool = Field(False, description="Generate max_new_tokens even past EOS (vLLM extension).")
     adapter_id: str | None = Field(None, description="The task (LoRAX/TGI style); `task` takes precedence.")
     # Accepted only when off: the text-generation client always sends them.
     num_beams: int | None = Field(None, ge=1, le=1, description="Beam search is not supported (1 only).")
@@ -132,6 +133,7 @@ class CompletionRequest(_Request):
     stop: str | StopList | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
+    ignore_eos: bool = Field(False, description="Generate max_tokens even past EOS (vLLM extension).")
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     echo: Literal[False] = False
     logprobs: None = None

@@ -267,7 +267,7 @@ class Engine:
         artifact = None if prefix is None else prefix.artifact
         self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, artifact)
         seed = params.seed if params.seed is not None else new_seed()
-        eos = self.runner.eos_token_id
+        eos = None if params.ignore_eos else self.runner.eos_token_id
         state = _Request(
             request=request,
             prompt_ids=prompt_ids,

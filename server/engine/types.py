@@ -34,6 +34,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
     seed: int | None = None
+    # Keep generating past EOS until max_new_tokens (vLLM's `ignore_eos`): for benchmarks that need
+    # exact output lengths, and for callers that treat EOS as an ordinary token.
+    ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> None:

@@ -144,6 +144,25 @@ async def test_eos_token_ends_generation(tiny_dir: Any, store: Any, peft_ref: Pe
     assert not events[-1].generated_text.endswith(eos_text) or eos_text == ""
 
 
+async def test_ignore_eos_generates_exactly_max_new_tokens(
+    tiny_dir: Any, store: Any, peft_ref: PeftReference
+) -> None:
+    loaded: LoadedModel = load_model(str(tiny_dir), "cpu")
+    prompt_ids = loaded.tokenizer.encode(PROMPT)
+    natural = peft_ref.generate(prompt_ids, None, 8)
+    loaded.model.config.eos_token_id = natural[3]  # a token the model emits at step 3
+    engine = Engine(loaded, store, EngineConfig())
+    await engine.start()
+    try:
+        params = greedy(8)
+        params.ignore_eos = True
+        events = await collect(engine, GenerationRequest("e", PROMPT, params))
+    finally:
+        await engine.stop(0)
+    assert [e.token_id for e in events] == natural[:8]  # went on past the EOS at step 3
+    assert events[-1].finish_reason == "length"
+
+
 async def test_prompt_too_long_names_the_numbers(make_engine: Any, store: Any) -> None:
     prompt = list(range(1000, 1300))  # 300 tokens
     async with make_engine(store) as engine:

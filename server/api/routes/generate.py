@@ -54,6 +54,7 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         seed=p.seed,
         stop=list(p.stop),
+        ignore_eos=p.ignore_eos,
     )
 
 

@@ -56,6 +56,7 @@ def _sampling(body: CompletionRequest) -> SamplingParams:
         top_p=body.top_p if body.top_p is not None else 1.0,
         seed=body.seed,
         stop=stop,
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv install demo test lint serve bench bench-quick bench-gpu soak models clean
+.PHONY: venv install demo test test-gpu lint serve bench bench-quick bench-gpu soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# GPU-only tests (marker `gpu`), for a machine with CUDA; `make test` deselects them.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -196,7 +196,10 @@ def read_header(
         shape = entry["shape"]
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise ArtifactError(f"tensor {name!r}: bad shape {shape!r}")
-        start, end = entry["data_offsets"]
+        offsets = entry["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ArtifactError(f"tensor {name!r}: bad data_offsets {offsets!r} (want [start, end])")
+        start, end = offsets
         expected = math.prod(shape) * ITEM_SIZE[dtype]
         if not (0 <= start <= end <= body):
             raise ArtifactError(
@@ -253,7 +256,10 @@ def load_artifact(
     header, meta = read_header(data, limits)
     if meta.get("format") not in (None, FORMAT_NAME):
         raise ArtifactError(f"header format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    version = int(meta.get("format_version", FORMAT_VERSION))
+    try:
+        version = int(meta.get("format_version", FORMAT_VERSION))
+    except ValueError:
+        raise ArtifactError(f"metadata format_version {meta['format_version']!r} is not an integer") from None
     if version > FORMAT_VERSION:
         raise ArtifactError(f"artifact format_version {version} is newer than this server ({FORMAT_VERSION})")
     groups = _group_names(header)

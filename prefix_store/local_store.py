@@ -132,7 +132,11 @@ class LocalPrefixStore:
 
     def _put_sync(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
         task_dir = self._task_dir(tenant, task)
+        created = not task_dir.is_dir()
         task_dir.mkdir(parents=True, exist_ok=True)
+        if created:  # a new directory's entry survives a crash only once its parent is fsynced
+            _fsync_dir(task_dir.parent)
+            _fsync_dir(self.root)
         # The counter survives delete; max() with what is on disk guards against a lost seq file.
         on_disk = self._versions_on_disk(task_dir)
         version = max(_read_int(task_dir / "seq") or 0, on_disk[-1] if on_disk else 0) + 1

@@ -119,8 +119,12 @@ def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A `step-N.tmp` left by a crash mid-save is not one: it
+    must never be resumed from, nor count towards `keep_checkpoints`."""
     root = out_dir / CHECKPOINT_DIR
-    return sorted(root.glob("step-*")) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.name[len("step-") :].isdigit())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -177,6 +177,9 @@ def describe_exception(exc: Exception, path: str = "") -> tuple[int, str, str, d
             message = str(exc) or cls.__name__
             if isinstance(exc, RequestFailed):
                 message = f"generation failed: {message}"
+            if mapping.error_type == "store_error":
+                # Raw store failures name file paths / Redis details: for the log (handle_known), not clients.
+                message = "internal prefix store error"
             headers = {"Retry-After": str(mapping.retry_after)} if mapping.retry_after else None
             return status, message, mapping.error_type, headers
     return 500, "internal server error", "internal", None
@@ -207,7 +210,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def handle_known(request: Request, exc: Exception) -> JSONResponse:
         status, message, error_type, headers = describe_exception(exc, request.url.path)
         if status >= 500 and error_type != "unavailable":
-            logger.error("request failed: %s", message, exc_info=exc)
+            logger.error("request failed: %s", exc, exc_info=exc)
         return error_response(status, message, error_type, headers, path=request.url.path)
 
     app.add_exception_handler(RequestValidationError, handle_validation)

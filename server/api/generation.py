@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from starlette.types import Receive
 
 from server.api.auth import Principal
 from server.api.deps import AppState
@@ -27,6 +28,13 @@ from server.logging import RequestContext, request_context
 
 # Engine finish reasons that are not a completed generation (engine stopping, or a failure).
 _ABORTED = {"cancelled", "error"}
+
+
+class ClientDisconnected(ApiError):
+    """The client went away before a non-streamed generation finished (nginx's 499; nobody reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client disconnected before the generation finished", "client_disconnected")
 
 
 class IncompleteGeneration(ApiError):
@@ -125,6 +133,33 @@ class Generation:
             prefix_version=last.prefix_version,
             tokens=tokens,
         )
+
+    async def collect_unless_disconnected(self, receive: Receive) -> Completed:
+        """`collect()`, abandoned if the client disconnects first: the engine request is aborted and the
+        lease released at once, instead of generating every remaining token for nobody.
+
+        `receive` is the request's ASGI receive; its body has been read, so the next message it
+        returns is `http.disconnect` (when the client goes away, or once the response is sent).
+        """
+        outcome: list[Completed | Exception] = []
+        async with anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch_disconnect)
+            try:
+                outcome.append(await self.collect())
+            except Exception as exc:  # re-raised below, not wrapped in the task group's ExceptionGroup
+                outcome.append(exc)
+            group.cancel_scope.cancel()
+        if not outcome:
+            raise ClientDisconnected()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
 
     async def close(self, last: StreamEvent | None = None) -> None:
         """Release the lease and the engine stream (idempotent); called when iteration ends or stops."""

@@ -117,6 +117,9 @@ class _StepWork:
     decode_tokens: dict[str, int]
     prefill: list[PrefillItem]
     rows: dict[str, RowSampling]
+    # The states the step runs for: `_apply` must not hand a result to a newer request that reused
+    # the id of one aborted while the step ran.
+    states: dict[str, _Request] = field(default_factory=dict)
 
 
 @dataclass
@@ -359,7 +362,7 @@ class Engine:
                 if not (work.release_ids or work.decode_tokens or work.prefill):
                     continue
                 result = await loop.run_in_executor(self._executor, self._execute, work)
-                self._apply(result, num_prefilled=len(work.prefill))
+                self._apply(result, work.states)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -379,11 +382,13 @@ class Engine:
             assert state.next_token is not None
             work.decode_tokens[rid] = state.next_token
             work.rows[rid] = state.sampling
+            work.states[rid] = state
         for rid in prefill_ids:
             state = self._requests[rid]
             artifact = None if state.prefix is None else state.prefix.artifact
             work.prefill.append(PrefillItem(rid, state.prompt_ids, artifact))
             work.rows[rid] = state.sampling
+            work.states[rid] = state
             self.observer.on_queue_time(now - state.arrival)
         return work
 
@@ -422,11 +427,11 @@ class Engine:
         token_ids, logprobs = sample(all_logits, [work.rows[r] for r in ids])
         return _StepResult(ids, token_ids, logprobs, failed)
 
-    def _apply(self, result: _StepResult, num_prefilled: int) -> None:
+    def _apply(self, result: _StepResult, states: dict[str, _Request]) -> None:
         """Event loop: turn sampled tokens into events, detect finishes, update the scheduler."""
         now = time.monotonic()
         for rid, exc in result.failed.items():
-            state = self._requests.get(rid)
+            state = states.get(rid)
             if state is not None:
                 failure = RequestFailed(f"request {rid} failed: {exc!r}")
                 failure.__cause__ = exc
@@ -434,7 +439,7 @@ class Engine:
         outputs: list[StepOutput] = []
         tasks: set[str] = set()
         for rid, token, logprob in zip(result.request_ids, result.token_ids, result.logprobs, strict=True):
-            state = self._requests.get(rid)
+            state = states.get(rid)
             if state is None or state.done:  # aborted while the step ran; its row is released next step
                 continue
             tasks.add(state.task_label)

@@ -109,12 +109,19 @@ class SlotKVCache:
         self.num_reallocations += 1
 
     def _maybe_shrink(self) -> None:
-        # Hysteresis (shrink only to half or less) so a request joining and leaving cannot make every
-        # step reallocate.
-        want_rows = _round_up(self.num_active, self.row_chunk)
-        want_positions = _round_up(max(self.lengths, default=0) + 1, self.position_chunk)
-        if want_rows * 2 <= self.row_capacity or want_positions * 2 <= self.position_capacity:
-            self._reallocate(min(want_rows, self.row_capacity), min(want_positions, self.position_capacity))
+        # Hysteresis: shrink only when what is in use fits in half of (capacity - one chunk). Shrinking
+        # as soon as the use fits the next smaller chunk (e.g. 8 rows in a 16-row cache) would put
+        # the capacity exactly at the growth boundary, so one request joining and leaving there
+        # would reallocate (and copy) the whole cache at every join and every leave.
+        rows, positions = self.num_active, max(self.lengths, default=0) + 1
+        if (
+            2 * rows <= self.row_capacity - self.row_chunk
+            or 2 * positions <= self.position_capacity - self.position_chunk
+        ):
+            new_rows = min(_round_up(rows, self.row_chunk), self.row_capacity)
+            new_positions = min(_round_up(positions, self.position_chunk), self.position_capacity)
+            if (new_rows, new_positions) != (self.row_capacity, self.position_capacity):
+                self._reallocate(new_rows, new_positions)
 
     # ---- rows ---------------------------------------------------------------------------------
     def add_rows(self, request_ids: list[str], lengths: list[int]) -> list[int]:

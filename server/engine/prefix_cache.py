@@ -131,6 +131,10 @@ class PrefixCache:
         for tier in self._tiers.values():
             for key in [k for k in tier.items if k[:2] == task and k[2] != event.version]:
                 tier.pop(key)
+        # A load in flight may have read the old version (or the deleted task): it still answers the
+        # requests already waiting on it, but requests from now on start a new load, and the stale
+        # one must not put what it read into the cache (see `_load`).
+        self._loading.pop(task, None)
         self._update_gauges()
 
     # ---- lookups ------------------------------------------------------------------------------
@@ -156,7 +160,8 @@ class PrefixCache:
         return await asyncio.shield(load)
 
     def _load_done(self, key: tuple[str, str], done: asyncio.Future[ResolvedPrefix]) -> None:
-        self._loading.pop(key, None)
+        if self._loading.get(key) is done:  # not a newer load started after a change notification
+            del self._loading[key]
         if not done.cancelled():
             done.exception()  # retrieved here, so an error nobody awaited any more is not logged as lost
 
@@ -198,6 +203,8 @@ class PrefixCache:
         self.stats.loads += 1
         if self.listener is not None:
             self.listener.on_prefix_load(time.perf_counter() - started)
+        if self._loading.get((tenant, task)) is not asyncio.current_task():
+            return ResolvedPrefix(version, artifact)  # a change arrived meanwhile: do not cache this read
         known = self._current.get((tenant, task))
         # A change notification may have raced ahead of this read: never go back to an older version.
         if known is None or version >= known:

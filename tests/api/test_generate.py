@@ -160,3 +160,71 @@ async def test_request_id_is_echoed_or_made(make_api):
     a = await api.client.post("/v1/generate", json={"inputs": "a"}, headers=same)
     b = await api.client.post("/v1/generate", json={"inputs": "a"}, headers=same)
     assert a.status_code == b.status_code == 200
+
+
+async def _post_then_disconnect(app, path: str, body: dict, headers: dict, disconnect) -> list[dict]:
+    """Drive the ASGI app directly: send the body, then `http.disconnect` once `disconnect()` returns."""
+    import asyncio
+
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": raw_headers, "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }  # fmt: skip
+    sent: list[dict] = []
+    body_sent = False
+
+    async def receive() -> dict:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await disconnect()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), timeout=30)
+    return sent
+
+
+async def test_non_streamed_generation_is_aborted_when_the_client_disconnects(make_api, loaded):
+    """A client that hangs up on /v1/generate or /v1/completions frees its row and its tenant slot at
+    once; the engine does not generate the remaining tokens for nobody."""
+    import asyncio
+    import time
+
+    from tests.api.conftest import wait_for
+
+    api = await make_api(tenant_max_concurrent=1)
+    real_decode = api.engine.runner.decode
+
+    def slow_decode(tokens):  # ~20 ms a step: 400 tokens would take 8 s
+        time.sleep(0.02)
+        return real_decode(tokens)
+
+    api.engine.runner.decode = slow_decode
+
+    async def hang_up_once_running() -> None:
+        await wait_for(lambda: api.engine.num_running == 1, 10.0, "the request to run")
+        await asyncio.sleep(0.1)
+
+    cases = [
+        ("/v1/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 400}}),
+        ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 400}}),
+        ("/v1/completions", {"model": "tiny-gpt2", "prompt": "Hello", "max_tokens": 400}),
+    ]
+    for path, body in cases:
+        t0 = time.monotonic()
+        await _post_then_disconnect(api.app, path, body, ACME, hang_up_once_running)
+        assert time.monotonic() - t0 < 5.0, path  # not the whole 400-token generation
+        await wait_for(lambda: api.engine.num_running == 0, 5.0, "the row to be freed")
+        # The tenant's only concurrency slot was released: the next request is admitted.
+        r = await api.generate("Hello", max_new_tokens=2)
+        assert r.status_code == 200, (path, r.text)
+    finish = api.metrics.request_finish.labels(finish_reason="cancelled")._value.get()
+    assert finish == len(cases)

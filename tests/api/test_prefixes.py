@@ -197,3 +197,22 @@ async def test_single_tenant_mode_needs_no_key(make_api, loaded):
     assert (await api.upload("solo", artifact_bytes(loaded.spec, 1), headers={})).status_code == 201
     r = await api.client.post("/v1/generate", json={"task": "solo", "inputs": "x"})
     assert r.status_code == 200
+
+
+async def test_a_raw_store_failure_is_500_without_its_internal_details(make_api, loaded):
+    """A store failure that is not "unavailable" (disk full, corrupt blob) is logged in full, but the
+    client gets neither file paths nor Redis internals."""
+    from prefix_store.base import StoreError
+
+    api = await make_api()
+
+    async def put(*args, **kwargs):
+        raise StoreError(
+            "local prefix store put failed: [Errno 28] No space left: '/srv/store/acme/t/v1.json'"
+        )
+
+    api.store.put = put  # type: ignore[method-assign]
+    r = await api.upload("t", artifact_bytes(loaded.spec, 1))
+    assert r.status_code == 500, r.text
+    assert r.json()["error_type"] == "store_error"
+    assert "/srv/store" not in r.text and "Errno" not in r.text

@@ -294,3 +294,28 @@ async def test_observer_sees_mixed_batches(
     assert observer.first_tokens == 3 and observer.tokens == 9
     assert sorted(f[2] or "" for f in observer.finishes) == ["", "task-1", "task-5"]
     assert all(f[0] == "length" and f[1] == 4 for f in observer.finishes)
+
+
+async def test_a_reused_request_id_never_gets_the_aborted_requests_token(make_engine: Any) -> None:
+    import threading
+
+    async with make_engine(None) as engine:
+        want = [e.token_id for e in await collect(engine, GenerationRequest("ref", [5, 6, 7], greedy(3)))]
+        calls, entered, gate = [0], threading.Event(), threading.Event()
+
+        def hook(ids: list[str], logits: Any) -> None:  # worker thread
+            if "dup" in ids and not gate.is_set():
+                calls[0] += 1
+                if calls[0] == 2:  # the first decode step of the first "dup": hold it
+                    entered.set()
+                    gate.wait(5)
+
+        engine.debug_logits_hook = hook
+        first = engine.generate(GenerationRequest("dup", [1, 2, 3, 4], greedy(50)))
+        await first.__anext__()
+        assert await asyncio.to_thread(entered.wait, 5)
+        await first.aclose()  # aborted while its step runs; a new request takes the id at once
+        second = asyncio.ensure_future(collect(engine, GenerationRequest("dup", [5, 6, 7], greedy(3))))
+        await wait_until(lambda: engine.num_waiting == 1)
+        gate.set()
+        assert [e.token_id for e in await second] == want

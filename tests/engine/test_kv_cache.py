@@ -119,3 +119,18 @@ def test_remove_moves_the_last_row_only() -> None:
     assert torch.all(cache.keys[0, 0, :, :5] == 3.0)  # c's data moved to row 0
     assert torch.all(cache.keys[0, 1, :, :4] == 2.0)  # b untouched
     cache.check_invariants()
+
+
+def test_join_and_leave_at_a_chunk_boundary_does_not_reallocate_each_time() -> None:
+    cache = SlotKVCache(
+        1, 1, 2, max_rows=32, max_positions=1024, dtype=torch.float32, device=torch.device("cpu")
+    )
+    cache.add_rows([f"r{i}" for i in range(8)], [10] * 8)  # exactly one row chunk
+    cache.add_rows(["x0"], [10])  # the 9th row: grows to 16 rows
+    grown = cache.num_reallocations
+    for i in range(1, 6):  # requests keep joining and leaving around 8-9 rows
+        cache.remove(f"x{i - 1}")
+        cache.add_rows([f"x{i}"], [10])
+    cache.check_invariants()
+    assert cache.num_reallocations == grown  # no shrink/grow ping-pong
+    assert cache.row_capacity == 16

@@ -109,3 +109,53 @@ async def test_invalid_blob_and_deleted_task(store: Any, tiny: LoadedModel) -> N
     assert cache.cached_versions("device") == []
     with pytest.raises(UnknownTask):
         await cache.resolve("default", "task-1")
+
+
+async def test_load_in_flight_when_the_task_is_deleted_does_not_resurrect_it(
+    store: Any, tiny: LoadedModel
+) -> None:
+    cache = cache_for(store, tiny)
+    read_done, release = asyncio.Event(), asyncio.Event()
+    inner_get = store.inner.get
+
+    async def slow_get(tenant: str, task: str, version: int | None = None) -> Any:
+        stored = await inner_get(tenant, task, version)  # reads v1 ...
+        read_done.set()
+        await release.wait()  # ... and is slow to hand it back
+        return stored
+
+    store.inner.get = slow_get
+    early = asyncio.ensure_future(cache.resolve("default", "task-1"))
+    await read_done.wait()
+    await store.inner.delete("default", "task-1")  # change event (version None) while the load runs
+    store.inner.get = inner_get
+    release.set()
+    assert (await early).version == 1  # the request that was already waiting still gets its read
+    assert cache.cached_versions("device") == []  # ... but the stale read is not cached
+    with pytest.raises(UnknownTask):
+        await cache.resolve("default", "task-1")
+
+
+async def test_request_after_a_new_version_does_not_join_a_stale_load(
+    store: Any, tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]
+) -> None:
+    cache = cache_for(store, tiny)
+    read_done, release = asyncio.Event(), asyncio.Event()
+    inner_get = store.inner.get
+
+    async def slow_get(tenant: str, task: str, version: int | None = None) -> Any:
+        stored = await inner_get(tenant, task, version)
+        if stored.info.version == 1:
+            read_done.set()
+            await release.wait()
+        return stored
+
+    store.inner.get = slow_get
+    early = asyncio.ensure_future(cache.resolve("default", "task-5"))
+    await read_done.wait()
+    await store.inner.put("default", "task-5", dump_artifact(artifacts[10]), {})  # v2, notified
+    # Arrives after the notification: must not wait for (and get) the stale load of v1.
+    late = await asyncio.wait_for(cache.resolve("default", "task-5"), timeout=5)
+    release.set()
+    assert (await early).version == 1 and late.version == 2
+    assert cache.cached_versions("device") == [("default", "task-5", 2)]

@@ -182,3 +182,30 @@ def test_valid_artifacts_are_accepted_whatever_their_header_length(task_name_len
     artifact = new_artifact({"decoder": _prefix()}, SPEC, task="t" * task_name_length)
     data = dump_artifact(artifact)
     assert load_artifact(data, SPEC).metadata.task == "t" * task_name_length
+
+
+def _with_entry(field: str, value: object) -> bytes:
+    valid = _raw(_good_tensors())
+    (header_len,) = struct.unpack("<Q", valid[:8])
+    header = json.loads(valid[8 : 8 + header_len])
+    header["decoder.0.key"][field] = value
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + valid[8 + header_len :]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _with_entry("data_offsets", "ab"),
+        _with_entry("data_offsets", [0]),
+        _with_entry("data_offsets", [0, "64"]),
+        _with_entry("data_offsets", None),
+        _with_entry("shape", "4"),
+        _raw(_good_tensors(), format_version="one"),
+    ],
+    ids=["offsets string", "one offset", "offset string", "offsets null", "shape string", "format_version"],
+)
+def test_malformed_header_fields_raise_artifact_error_not_a_crash(data):
+    # A TypeError / plain ValueError here would be a 500 at upload instead of a 422 naming the field.
+    with pytest.raises(ArtifactError):
+        load_artifact(data, SPEC)

@@ -265,3 +265,21 @@ async def test_leftover_temp_files_are_invisible(store: LocalPrefixStore) -> Non
     assert [i.task for i in (await store.list_tasks("acme")).items] == ["sum"]
     assert [v.version for v in (await store.describe("acme", "sum")).versions] == [1]
     assert (await store.put("acme", "sum", blob(20), {})).version == 2
+
+
+async def test_put_of_a_new_task_makes_its_new_directories_durable(
+    store: LocalPrefixStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prefix_store.local_store as local_store
+
+    synced: list[Path] = []
+    real = local_store._fsync_dir
+
+    def record(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(local_store, "_fsync_dir", record)
+    await store.put("new-tenant", "new-task", b"blob", {})
+    # Without fsyncing the parents, a crash could lose the whole acknowledged task directory.
+    assert store.root / "new-tenant" in synced and store.root in synced

@@ -66,3 +66,18 @@ def test_early_stopping_stops_and_keeps_best_dev_state(tiny_gpt2_dir: Path, tmp_
     from training.trainer import evaluate_loss
 
     assert abs(evaluate_loss(tuner, rows[3:], 3, EOS) - best) < 1e-5  # the exported state is the best one
+
+
+def test_a_checkpoint_left_half_written_is_never_resumed_or_counted(tmp_path: Path) -> None:
+    """A crash in `save_checkpoint` leaves `step-N.tmp`; it sorts after `step-N` and must not be taken
+    as the latest checkpoint (it has no state.json) nor push a complete one out of `keep_checkpoints`."""
+    from training.trainer import resolve_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000010", "step-00000020"):
+        (root / name).mkdir(parents=True)
+        (root / name / "state.json").write_text("{}")
+    (root / "step-00000030.tmp").mkdir()
+    (root / "step-00000030.tmp" / "trainable.safetensors").write_bytes(b"partial")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010", "step-00000020"]
+    assert resolve_checkpoint(tmp_path).name == "step-00000020"

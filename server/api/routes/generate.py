@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from prefix_store.base import validate_name
@@ -75,8 +75,11 @@ async def _start(state: State, caller: Caller, body: GenerateRequest) -> Generat
     )
 
 
-async def _generate(state: State, caller: Caller, body: GenerateRequest) -> GenerateResponse:
-    result = await (await _start(state, caller, body)).collect()
+async def _generate(
+    request: Request, state: State, caller: Caller, body: GenerateRequest
+) -> GenerateResponse:
+    generation = await _start(state, caller, body)
+    result = await generation.collect_unless_disconnected(request.receive)
     text = body.inputs + result.text if body.parameters.return_full_text else result.text
     details = None
     if body.parameters.details:
@@ -121,9 +124,9 @@ async def _stream(state: State, caller: Caller, body: GenerateRequest) -> Stream
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses=_ERRORS)
-async def generate(state: State, caller: Caller, body: GenerateRequest) -> GenerateResponse:
+async def generate(request: Request, state: State, caller: Caller, body: GenerateRequest) -> GenerateResponse:
     """Generate text for `inputs` with the prefix of `task` (null: the bare base model)."""
-    return await _generate(state, caller, body)
+    return await _generate(request, state, caller, body)
 
 
 @router.post("/v1/generate_stream", responses={**_SSE_DOC, **_ERRORS}, response_class=StreamingResponse)
@@ -133,9 +136,11 @@ async def generate_stream(state: State, caller: Caller, body: GenerateRequest) -
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
-async def tgi_generate(state: State, caller: Caller, body: GenerateRequest) -> GenerateResponse:
+async def tgi_generate(
+    request: Request, state: State, caller: Caller, body: GenerateRequest
+) -> GenerateResponse:
     """TGI's route; the task is `parameters.adapter_id` (LoRAX style) or `task`."""
-    return await _generate(state, caller, body)
+    return await _generate(request, state, caller, body)
 
 
 @router.post("/generate_stream", responses={**_SSE_DOC, **_ERRORS}, response_class=StreamingResponse)
@@ -155,11 +160,11 @@ async def tgi_generate_stream(state: State, caller: Caller, body: GenerateReques
         **_ERRORS,
     },
 )
-async def tgi_compat(state: State, caller: Caller, body: GenerateRequest) -> Any:
+async def tgi_compat(request: Request, state: State, caller: Caller, body: GenerateRequest) -> Any:
     """TGI's compat route (what `text_generation.Client` posts to)."""
     if body.stream:
         return await _stream(state, caller, body)
-    result = await _generate(state, caller, body)
+    result = await _generate(request, state, caller, body)
     return JSONResponse([result.model_dump()])
 
 

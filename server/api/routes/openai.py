@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from prefix_store.base import validate_name
 from server.api.deps import Caller, State
@@ -68,7 +68,7 @@ def _sampling(body: CompletionRequest) -> SamplingParams:
         **error_responses(400, 401, 404, 413, 422, 429, 500, 503, openai=True),
     },
 )
-async def completions(state: State, caller: Caller, body: CompletionRequest) -> Any:
+async def completions(request: Request, state: State, caller: Caller, body: CompletionRequest) -> Any:
     """A text completion; `stream: true` for OpenAI-style SSE chunks ending with `data: [DONE]`."""
     task = None if body.model == state.config.model_id else validate_name(body.model, "model (task)")
     prompt: str | list[int]
@@ -83,7 +83,7 @@ async def completions(state: State, caller: Caller, body: CompletionRequest) -> 
     created = int(time.time())
 
     if not body.stream:
-        result = await generation.collect()
+        result = await generation.collect_unless_disconnected(request.receive)
         return CompletionResponse(
             id=completion_id,
             created=created,

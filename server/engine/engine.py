@@ -205,7 +205,8 @@ class Engine:
                 await self._loop_task
             self._loop_task = None
         if self._executor is not None:
-            self._executor.shutdown(wait=True)  # the step in flight (if any) completes first
+            # The step in flight (if any) completes first; wait for it off the event loop.
+            await asyncio.to_thread(self._executor.shutdown, True)
             self._executor = None
 
     # ---- gauges -------------------------------------------------------------------------------
@@ -433,7 +434,9 @@ class Engine:
         for rid, exc in result.failed.items():
             state = states.get(rid)
             if state is not None:
-                failure = RequestFailed(f"request {rid} failed: {exc!r}")
+                # The client gets the exception's type only; the details (device, memory) were logged
+                # where it was caught.
+                failure = RequestFailed(f"the model failed on this request ({type(exc).__name__})")
                 failure.__cause__ = exc
                 self._fail(state, failure)
         outputs: list[StepOutput] = []
@@ -448,7 +451,9 @@ class Engine:
                 text = state.detok.add_token(token)
             except Exception as exc:
                 logger.exception("detokenizing request %s failed", rid)
-                self._fail(state, RequestFailed(f"request {rid} failed: {exc!r}"))
+                self._fail(
+                    state, RequestFailed(f"detokenizing failed on this request ({type(exc).__name__})")
+                )
                 continue
             if state.last_token_time is None:
                 self.observer.on_first_token(now - state.arrival)

@@ -106,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: torch and transformers take seconds to import, and `--help` should not wait.
     from prefix_store.factory import make_store
     from prefixserve.models import load_model
-    from server.api import create_app, start_draining
+    from server.api import create_app, metrics_for, start_draining
     from server.engine import Engine, EngineConfig
-    from server.metrics import Metrics
 
     logger.info("loading model", extra={"model": settings.model, "device": settings.device})
     try:
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     store = make_store(
         settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.keep_versions
     )
-    metrics = Metrics(settings.metrics_task_labels, settings.metrics_top_tasks)
+    metrics = metrics_for(settings)  # the engine's observer, then the app's metrics
     engine = Engine(
         loaded,
         store,

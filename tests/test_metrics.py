@@ -94,3 +94,28 @@ def test_engine_observer_and_scrape_time_gauges():
     }
     engine.healthy = False
     assert scrape(m)["prefixserve_engine_up"][0].value == 0
+
+
+def test_metrics_for_settings_is_built_once_with_tenants_labels_and_batch_size():
+    import json
+
+    from prefix_store.factory import make_store
+    from server.api import create_app, metrics_for
+    from server.settings import Settings
+
+    keys = {"acme-manage-key": {"tenant": "acme", "role": "manage"}}
+    settings = Settings(
+        _env_file=None,
+        model="tiny-gpt2",
+        api_keys=json.dumps(keys),
+        metrics_task_labels="keep",
+        max_batch_size=4,
+    )  # type: ignore[call-arg]
+    m = metrics_for(settings)
+    labeler = m.labeler
+    assert labeler.tenant("acme") == "acme" and labeler.tenant("default") == "other"
+    assert labeler.task("acme", "keep") == "keep" and labeler.task("acme", "drop") == "other"
+    assert m.task_info.max_tasks == 4
+    engine = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
+    create_app(settings, engine=engine, store=make_store(None, Path("unused")), spec=None, metrics=m)  # type: ignore[arg-type]
+    assert m.labeler is labeler  # the app uses the metrics it is given as they are

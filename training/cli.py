@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from prefixserve.models import load_model
     from training.export import export
     from training.prefix import PrefixConfig, make_tuner
-    from training.trainer import TrainConfig, evaluate_loss, train
+    from training.trainer import TrainConfig, evaluate_loss, resolve_checkpoint, train
 
     started = time.time()
     trunc = Truncation(args.max_source_tokens, args.max_target_tokens)
@@ -120,11 +120,21 @@ def train_main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(args.seed)  # the prefix MLPs' random init
-    tuner = make_tuner(loaded, prefix_cfg)
+    # A resume loads the trained prefix from its checkpoint: no --init-text fit, no initial dev loss
+    # of fresh weights; both come from the interrupted run's summary when it wrote one.
+    previous: dict[str, Any] = {}
+    if args.resume:
+        previous_summary = resolve_checkpoint(args.resume).parent.parent / SUMMARY_NAME
+        previous = json.loads(previous_summary.read_text()) if previous_summary.is_file() else {}
+    tuner = make_tuner(loaded, replace(prefix_cfg, init_text=None) if args.resume else prefix_cfg)
     train_rows = build_rows(loaded, train_examples, trunc)
     dev_rows = build_rows(loaded, dev_examples, trunc) if dev_examples else None
     pad_id = int(loaded.tokenizer.pad_token_id)
-    initial_dev = evaluate_loss(tuner, dev_rows, args.batch_size, pad_id) if dev_rows else None
+    if args.resume:
+        initial_dev, init_report = previous.get("initial_dev_loss"), previous.get("init_fit_relative_error")
+    else:
+        initial_dev = evaluate_loss(tuner, dev_rows, args.batch_size, pad_id) if dev_rows else None
+        init_report = tuner.init_report
     result = train(tuner, train_rows, dev_rows, loop_cfg, args.out, pad_id, resume=args.resume)
     state = result.state
     training_meta: dict[str, Any] = {
@@ -152,7 +162,7 @@ def train_main(argv: list[str] | None = None) -> int:
     summary = {
         "task": args.task,
         **training_meta,
-        "init_fit_relative_error": tuner.init_report,
+        "init_fit_relative_error": init_report,
         "initial_dev_loss": initial_dev,
         "num_trainable_parameters": sum(p.numel() for p in tuner.parameters() if p.requires_grad),
         "tokens": state.num_tokens,

@@ -8,7 +8,8 @@ have made after step s (same loss curve, up to the nondeterminism of the device'
 
 Checkpoints live in `OUT/checkpoints/step-NNNNNNNN/`: `trainable.safetensors` (the prefix parameters),
 `optimizer.pt` and `scheduler.pt` (tensors and numbers only; loaded with `weights_only=True`) and
-`state.json` (step, epoch, position in the epoch, loss history, early-stopping state).
+`state.json` (step, epoch, position in the epoch, loss history, early-stopping state). Resuming from
+the checkpoint written when early stopping fired trains no further and returns the same result.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TrainState:
     best_dev_loss: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
+    stopped_early: bool = False  # patience ran out: a resume from here trains no further
     num_tokens: int = 0
     train_seconds: float = 0.0
 
@@ -207,7 +209,7 @@ def train(
         state, best_state = load_checkpoint(resolve_checkpoint(resume), tuner, optimizer, scheduler)
     eval_every = cfg.eval_every or steps_per_epoch
     ckpt_every = cfg.checkpoint_every or steps_per_epoch
-    stopped_early = False
+    stopped_early = state.stopped_early
     tuner.train()
     bar = tqdm(total=total_steps, initial=state.step, disable=not cfg.progress, desc="train", unit="step")
     started = time.perf_counter()
@@ -274,5 +276,5 @@ def _dev_eval(
         state.evals_without_improvement = 0
         return False, tuner.trainable_state()
     state.evals_without_improvement += 1
-    stop = cfg.patience is not None and state.evals_without_improvement >= cfg.patience
-    return stop, best_state
+    state.stopped_early = cfg.patience is not None and state.evals_without_improvement >= cfg.patience
+    return state.stopped_early, best_state

@@ -26,7 +26,7 @@ from server.api.middleware import BodySizeLimitMiddleware, RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
 from server.api.routes import generate, health, openai, prefixes
 from server.api.version import __version__
-from server.metrics import Metrics, TaskLabeler
+from server.metrics import Metrics
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,16 @@ def model_id_for(settings: Settings) -> str:
     return "base"
 
 
+def metrics_for(settings: Settings) -> Metrics:
+    """The metrics of a server with `settings`: its task labels, its tenants, its batch size."""
+    return Metrics(
+        settings.metrics_task_labels,
+        settings.metrics_top_tasks,
+        Authenticator(settings.resolve_api_keys()).tenants,
+        max_tasks=settings.max_batch_size,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -57,14 +67,13 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI app serving `engine` and `store` with `settings`.
 
-    `metrics` should be the engine's observer (so engine and HTTP metrics share a registry); one is
-    made if not given. `on_fatal` is called once if the engine loop dies (main: exit non-zero).
+    `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
+    `metrics_for(settings)`; one is made if not given. `on_fatal` is called once if the engine loop
+    dies (main: exit non-zero).
     """
     auth = Authenticator(settings.resolve_api_keys())
     if metrics is None:
-        metrics = Metrics(settings.metrics_task_labels, settings.metrics_top_tasks, auth.tenants)
-    metrics.labeler = TaskLabeler(settings.metrics_task_labels, settings.metrics_top_tasks, auth.tenants)
-    metrics.task_info.max_tasks = settings.max_batch_size
+        metrics = metrics_for(settings)
     metrics.bind_engine(engine)
     if limiter is None:
         limiter = make_limiter(

@@ -56,6 +56,13 @@ async def validate_upload(
 ) -> tuple[bytes, dict[str, Any]]:
     """Check one upload form and return (artifact bytes to store, metadata to store with them)."""
     validate_name(task, "task")
+    if task == state.config.model_id:  # `model` in /v1/completions would name the base model, not it
+        raise ApiError(
+            422,
+            f"task name '{task}' is the served model's id, which selects the base model in "
+            "/v1/completions: the task could not be reached there; choose another name",
+            "validation",
+        )
     limits = ArtifactLimits(
         max_bytes=state.config.max_artifact_bytes, max_prefix_length=state.config.max_prefix_length
     )

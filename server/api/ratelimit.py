@@ -28,9 +28,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from server.api.errors import RateLimited
 
 logger = logging.getLogger(__name__)
+
+# What "Redis is down" looks like; anything else (a bug, an unexpected reply) must surface, not
+# silently switch the limits to per-replica.
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 LEASE_TTL_S = 600.0  # longest a concurrency slot is held if its replica vanishes without releasing it
 
@@ -167,6 +174,7 @@ class RedisLimiter:
         self._rps = self._redis.register_script(_RPS_LUA)
         self._lease = self._redis.register_script(_LEASE_LUA)
         self._fallback = LocalLimiter(config)
+        self._releasing: set[asyncio.Future[None]] = set()  # releases of cancelled acquires, in flight
 
     async def acquire(self, tenant: str) -> Lease:
         if time.monotonic() < self._broken_until:
@@ -175,7 +183,7 @@ class RedisLimiter:
             return await self._acquire_redis(tenant)
         except RateLimited:
             raise
-        except (OSError, asyncio.TimeoutError, Exception) as exc:  # redis errors: fall back, don't fail
+        except _REDIS_DOWN as exc:  # Redis unreachable or slow: fall back, don't fail
             self._broken_until = time.monotonic() + self._breaker_s
             logger.warning(
                 "rate limiter: redis unavailable (%s); using per-replica limits", type(exc).__name__
@@ -195,9 +203,6 @@ class RedisLimiter:
             return Lease()
         key = f"{self._prefix}:conc:{tenant}"
         lease_id = uuid.uuid4().hex
-        admitted = int(await self._lease(keys=[key], args=[lease_id, cfg.max_concurrent, self._lease_ttl_s]))
-        if not admitted:
-            raise RateLimited(f"tenant concurrency limit of {cfg.max_concurrent} requests reached", 1)
 
         async def release() -> None:
             try:
@@ -205,9 +210,31 @@ class RedisLimiter:
             except Exception as exc:  # the lease expires on its own after lease_ttl_s
                 logger.warning("rate limiter: could not release a lease (%s)", type(exc).__name__)
 
+        # Shielded: a caller cancelled while the script runs must not leave its lease in the set until
+        # the TTL. The script runs to the end; if it admitted the request, the lease is released.
+        call = asyncio.ensure_future(
+            self._lease(keys=[key], args=[lease_id, cfg.max_concurrent, self._lease_ttl_s])
+        )
+        try:
+            admitted = int(await asyncio.shield(call))
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._release_if_admitted(done, release))
+            raise
+        if not admitted:
+            raise RateLimited(f"tenant concurrency limit of {cfg.max_concurrent} requests reached", 1)
         return Lease(release)
 
+    def _release_if_admitted(self, call: asyncio.Future[int], release: Callable[[], Awaitable[None]]) -> None:
+        """Done-callback of a lease script whose caller was cancelled: free the slot it took."""
+        if call.cancelled() or call.exception() is not None or not int(call.result()):
+            return
+        task = asyncio.ensure_future(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
     async def close(self) -> None:
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         await self._redis.aclose()
 
 

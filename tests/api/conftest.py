@@ -25,7 +25,7 @@ from prefix_store.base import PrefixStore
 from prefix_store.factory import make_store
 from prefix_store.model_spec import ModelSpec
 from prefixserve.models import LoadedModel, load_model
-from server.api import create_app
+from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.settings import Settings
@@ -115,7 +115,7 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                 store = make_store(
                     settings.redis_url, settings.local_store_dir, key_prefix, settings.keep_versions
                 )
-            metrics = Metrics()
+            metrics = metrics_for(settings)
             engine = Engine(
                 loaded,
                 store,

@@ -28,9 +28,8 @@ from schemathesis.checks import (
 )
 
 from prefix_store.factory import make_store
-from server.api import create_app
+from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
-from server.metrics import Metrics
 from server.settings import Settings
 from tests.api.conftest import KEYS, artifact_bytes
 
@@ -45,7 +44,7 @@ def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         _env_file=None, model="tiny-gpt2", local_store_dir=root, api_keys=json.dumps(KEYS), log_level="ERROR"
     )  # type: ignore[call-arg]
     store = make_store(None, root)
-    metrics = Metrics()
+    metrics = metrics_for(s)
     engine = Engine(
         loaded, store, EngineConfig(max_batch_size=8, max_waiting=64, kv_position_chunk=64), observer=metrics
     )

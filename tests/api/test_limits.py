@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+
+import pytest
 
 from prefix_store.factory import make_store
 from server.api import start_draining
+from server.api.errors import RateLimited
 from server.engine import EngineConfig
-from tests.api.conftest import ACME, DEAD_REDIS_URL, GLOBEX, wait_for
+from tests.api.conftest import ACME, DEAD_REDIS_URL, GLOBEX, REDIS_URL, wait_for
 
 LONG = {"max_new_tokens": 150}  # long enough to still be running while we probe
 
@@ -139,3 +143,73 @@ async def test_dead_engine_turns_readiness_off_and_calls_on_fatal(make_api):
     await asyncio.wait_for(fatal.wait(), timeout=5)
     assert (await api.client.get("/ready")).status_code == 503
     api.engine.healthy = True  # let teardown drain normally
+
+
+def _redis_limiter(**config):  # type: ignore[no-untyped-def]
+    from server.api.ratelimit import LimitConfig, RedisLimiter
+
+    prefix = f"pstest-{uuid.uuid4().hex[:10]}"
+    return RedisLimiter(REDIS_URL, LimitConfig(**config), key_prefix=prefix), prefix
+
+
+async def test_redis_limiter_falls_back_only_when_redis_is_down():
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+
+    limiter, _ = _redis_limiter(max_concurrent=1)
+    try:
+
+        async def fails(exc: BaseException):  # type: ignore[no-untyped-def]
+            raise exc
+
+        # A bug or an unexpected Redis reply surfaces instead of switching to per-replica limits.
+        for bug in (ValueError("bug"), ResponseError("WRONGTYPE")):
+            limiter._acquire_redis = lambda tenant, bug=bug: fails(bug)  # type: ignore[method-assign]
+            with pytest.raises(type(bug)):
+                await limiter.acquire("acme")
+            assert limiter._broken_until == 0.0
+        # An unreachable Redis falls back to the local counters (which still enforce the limit).
+        limiter._acquire_redis = lambda tenant: fails(RedisConnectionError("down"))  # type: ignore[method-assign]
+        lease = await limiter.acquire("acme")
+        assert limiter._broken_until > 0.0
+        with pytest.raises(RateLimited):
+            await limiter.acquire("acme")
+        await lease.release()
+    finally:
+        await limiter.close()
+
+
+async def test_redis_limiter_cancelled_acquire_does_not_leak_its_lease():
+    from redis.asyncio import Redis
+
+    limiter, prefix = _redis_limiter(max_concurrent=1)
+    key = f"{prefix}:rl:conc:acme"
+    redis = Redis.from_url(REDIS_URL, socket_timeout=2)
+    script, landed, reply = limiter._lease, asyncio.Event(), asyncio.Event()
+
+    async def slow_reply(**kwargs):  # type: ignore[no-untyped-def]
+        result = await script(**kwargs)  # the lease is in Redis...
+        landed.set()
+        await reply.wait()  # ...but the reply has not reached the caller yet
+        return result
+
+    limiter._lease = slow_reply  # type: ignore[method-assign]
+    try:
+        acquiring = asyncio.create_task(limiter.acquire("acme"))
+        await asyncio.wait_for(landed.wait(), timeout=5)
+        assert await redis.zcard(key) == 1
+        acquiring.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acquiring
+        reply.set()
+        deadline = asyncio.get_running_loop().time() + 5
+        while await redis.zcard(key) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert await redis.zcard(key) == 0, "the cancelled acquire leaked its concurrency slot"
+        limiter._lease = script  # type: ignore[method-assign]
+        lease = await limiter.acquire("acme")  # the slot is free again
+        await lease.release()
+    finally:
+        await limiter.close()
+        await redis.delete(key)
+        await redis.aclose()

@@ -141,6 +141,19 @@ async def test_pagination(make_api, loaded):
     assert (await api.client.get("/v1/prefixes", params={"limit": 0}, headers=ACME)).status_code == 422
 
 
+async def test_a_task_named_like_the_served_model_is_refused(make_api, loaded):
+    """`model` in /v1/completions names either the base model or a task: a task with the base model's
+    id could never be reached there, so its upload is refused."""
+    api = await make_api(served_model_name="house-model")
+    r = await api.upload("house-model", artifact_bytes(loaded.spec, 1))
+    assert r.status_code == 422, r.text
+    assert "served model" in r.json()["error"] and "/v1/completions" in r.json()["error"]
+    assert (await api.client.get("/v1/prefixes", headers=ACME)).json()["items"] == []
+    assert (await api.upload("tiny-gpt2", artifact_bytes(loaded.spec, 1))).status_code == 201
+    default_id = await make_api()  # without served_model_name the id is the model's name
+    assert (await default_id.upload("tiny-gpt2", artifact_bytes(loaded.spec, 1))).status_code == 422
+
+
 @pytest.mark.parametrize("backend", ["local", "redis"])
 async def test_tenants_never_see_each_others_tasks(make_api, loaded, backend):
     api = await make_api(redis=backend == "redis")

@@ -94,6 +94,54 @@ def test_train_then_eval_on_e2e_slice(tiny_gpt2_dir: Path, tmp_path: Path) -> No
     assert all(len(o["references"]) >= 1 and isinstance(o["generated"], str) for o in res["outputs"])
 
 
+def test_resume_neither_refits_init_text_nor_remeasures_initial_dev_loss(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.trainer
+    from training.prefix import GPT2PrefixTuner
+
+    def run(out: Path, max_steps: int, *extra: str) -> dict:  # type: ignore[type-arg]
+        argv = [
+            "--model", str(tiny_gpt2_dir), "--data", str(FIXTURES / "e2e" / "train.csv"),
+            "--format", "e2e", "--dev", str(FIXTURES / "e2e" / "test.csv"), "--task", "e2e",
+            "--out", str(out), "--prefix-length", "5", "--mlp-hidden", "32", "--batch-size", "10",
+            "--max-steps", str(max_steps), "--init-text", "table-to-text:", "--init-steps", "5",
+            "--device", "cpu", "--no-progress", *extra,
+        ]  # fmt: skip
+        assert train_main(argv) == 0
+        return json.loads((out / "summary.json").read_text())
+
+    first = run(tmp_path / "first", 2)
+    assert first["initial_dev_loss"] is not None and first["init_fit_relative_error"]
+
+    def no_fit(self: object, text: str) -> None:
+        raise AssertionError("--init-text was fitted again on resume")
+
+    in_train = False
+    real_train, real_eval = training.trainer.train, training.trainer.evaluate_loss
+
+    def train_spy(*args: object, **kwargs: object) -> object:
+        nonlocal in_train
+        in_train = True
+        try:
+            return real_train(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            in_train = False
+
+    def eval_spy(*args: object, **kwargs: object) -> float:
+        assert in_train, "a dev loss was measured on fresh weights before resuming"
+        return real_eval(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GPT2PrefixTuner, "init_from_text", no_fit)
+    monkeypatch.setattr(training.trainer, "train", train_spy)
+    monkeypatch.setattr(training.trainer, "evaluate_loss", eval_spy)
+    resumed = run(tmp_path / "resumed", 4, "--resume", str(tmp_path / "first"))
+    assert resumed["steps"] == 4 and resumed["train_losses"][:2] == first["train_losses"]
+    assert resumed["initial_dev_loss"] == first["initial_dev_loss"]
+    assert resumed["init_fit_relative_error"] == first["init_fit_relative_error"]
+    assert resumed["prefix"]["init_text"] == "table-to-text:"
+
+
 def test_scores_are_right_on_known_text() -> None:
     from training.evaluate import score
 

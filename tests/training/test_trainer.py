@@ -68,6 +68,23 @@ def test_early_stopping_stops_and_keeps_best_dev_state(tiny_gpt2_dir: Path, tmp_
     assert abs(evaluate_loss(tuner, rows[3:], 3, EOS) - best) < 1e-5  # the exported state is the best one
 
 
+def test_resume_from_the_early_stop_checkpoint_trains_no_further(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    tuner, rows = _setup(tiny_gpt2_dir)
+    cfg = TrainConfig(lr=0.3, batch_size=3, max_steps=60, eval_every=1, patience=2, progress=False)
+    first = train(tuner, rows[:3], rows[3:], cfg, tmp_path / "es", EOS)
+    assert first.stopped_early and first.state.step < 60
+    assert list_checkpoints(tmp_path / "es")[-1].name == f"step-{first.state.step:08d}"
+    tuner2, _ = _setup(tiny_gpt2_dir)
+    resumed = train(tuner2, rows[:3], rows[3:], cfg, tmp_path / "es", EOS, resume=tmp_path / "es")
+    assert resumed.stopped_early
+    assert (resumed.state.step, resumed.exported_step) == (first.state.step, first.exported_step)
+    assert resumed.state.train_losses == first.state.train_losses
+    assert resumed.state.dev_losses == first.state.dev_losses
+    exported, exported_again = tuner.trainable_state(), tuner2.trainable_state()
+    for name, value in exported.items():  # both export the best dev state
+        assert torch.allclose(value, exported_again[name]), name
+
+
 def test_a_checkpoint_left_half_written_is_never_resumed_or_counted(tmp_path: Path) -> None:
     """A crash in `save_checkpoint` leaves `step-N.tmp`; it sorts after `step-N` and must not be taken
     as the latest checkpoint (it has no state.json) nor push a complete one out of `keep_checkpoints`."""

@@ -20,12 +20,16 @@ import signal
 import sys
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
 
 from server.logging import configure_logging
 from server.settings import Settings
+
+if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config errors stay fast
+    from server.engine import EngineConfig
 
 logger = logging.getLogger("prefixserve.main")
 
@@ -89,6 +93,21 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's limits, from the settings (read once, at the edge)."""
+    from server.engine import EngineConfig
+
+    return EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        kv_budget_tokens=settings.kv_budget_tokens,
+        max_waiting=settings.max_waiting,
+        queue_timeout_s=settings.queue_timeout_s,
+        device_prefix_cache_bytes=settings.device_prefix_cache_bytes,
+        host_prefix_cache_bytes=settings.host_prefix_cache_bytes,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit status."""
     try:
@@ -107,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefix_store.factory import make_store
     from prefixserve.models import load_model
     from server.api import create_app, metrics_for, start_draining
-    from server.engine import Engine, EngineConfig
+    from server.engine import Engine
 
     logger.info("loading model", extra={"model": settings.model, "device": settings.device})
     try:
@@ -122,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(
         loaded,
         store,
-        EngineConfig(
-            max_batch_size=settings.max_batch_size,
-            max_waiting=settings.max_waiting,
-            queue_timeout_s=settings.queue_timeout_s,
-        ),
+        engine_config(settings),
         observer=metrics,
     )
     exit_code = EXIT_OK

@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1)
     max_waiting: int = Field(default=256, ge=0, description="Queue bound; beyond it requests get 429.")
     queue_timeout_s: float = Field(default=30.0, gt=0)
+    max_prefill_tokens: int = Field(
+        default=4096, ge=1, description="Prompt tokens admitted per step; lower = shorter decode stalls."
+    )
+    kv_budget_tokens: int | None = Field(
+        default=None, ge=1, description="KV positions reserved by running requests; unset: batch x positions."
+    )
+    device_prefix_cache_bytes: int = Field(default=256 << 20, ge=0, description="Prefix cache on the device.")
+    host_prefix_cache_bytes: int = Field(default=1 << 30, ge=0, description="Prefix cache in host memory.")
 
     # --- tenants and limits --------------------------------------------------------------------
     api_keys_file: Path | None = Field(

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,6 +25,7 @@ from prefix_store.base import (
 from prefix_store.factory import make_store
 from prefix_store.local_store import LocalPrefixStore
 from prefix_store.redis_store import RedisPrefixStore
+from tests.processes import RedisProcess, free_port
 
 REDIS_URL = os.environ.get("PREFIXSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -366,52 +364,15 @@ def test_make_store_picks_the_backend(tmp_path: Path) -> None:
 # ---- outage ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A throwaway redis-server on a fixed port that the test can stop and start again."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server not on PATH (apt-get install redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        pytest.fail(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
 @pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer(_free_port())
+def own_redis() -> Iterator[RedisProcess]:
+    server = RedisProcess(free_port())
     server.start()
     yield server
     server.stop()
 
 
-async def test_outage_fails_fast_and_the_same_store_recovers(own_redis: RedisServer) -> None:
+async def test_outage_fails_fast_and_the_same_store_recovers(own_redis: RedisProcess) -> None:
     url = f"redis://127.0.0.1:{own_redis.port}/0"
     # Default timeouts and retries: what a deployment gets.
     a = RedisPrefixStore(url, key_prefix="outage")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ import pytest
 
 from prefixserve.models import make_model_dir
 from tests.api.conftest import loaded, make_api  # noqa: F401  (fixtures re-exported for this package)
+from tests.processes import RedisProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEYS = {
@@ -41,12 +40,6 @@ GLOBEX = {"Authorization": "Bearer globex-manage-key"}
 START_TIMEOUT_S = 120.0  # importing torch + transformers on a loaded 2-core machine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
     """Poll `predicate` until true; returns the seconds it took, fails the test after `timeout`."""
     start = time.monotonic()
@@ -55,37 +48,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
     return time.monotonic() - start
-
-
-class RedisProcess:
-    """A redis-server on a fixed loopback port, without persistence, that can be stopped and restarted."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server not on PATH (apt-get install redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self.ping, 15.0, f"redis-server on port {self.port}")
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-            self.proc = None
 
 
 @pytest.fixture

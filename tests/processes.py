@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,19 +19,25 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """A redis-server on a fixed loopback port, without persistence, that a test can stop and restart
-    (the same port again, as after a real outage)."""
+    """A redis-server on a fixed loopback port that a test can stop and restart (the same port again, as
+    after a real outage). Without `data_dir` it keeps nothing; with one it keeps its data across restarts
+    (append-only file), like a production Redis."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, data_dir: Path | None = None) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server not on PATH (apt-get install redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        if self.data_dir is None:
+            args += ["--appendonly", "no"]
+        else:
+            args += ["--appendonly", "yes", "--dir", str(self.data_dir)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not self.ping():

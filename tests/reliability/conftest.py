@@ -51,8 +51,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 
 
 @pytest.fixture
-def redis_process() -> Iterator[RedisProcess]:
-    server = RedisProcess(free_port())
+def persistent_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server that keeps its data across a stop and start (append-only file in tmp_path)."""
+    data_dir = tmp_path / "redis-data"
+    data_dir.mkdir()
+    server = RedisProcess(free_port(), data_dir=data_dir)
     server.start()
     yield server
     server.stop()

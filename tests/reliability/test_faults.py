@@ -29,8 +29,11 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_redis_outage_keeps_cached_tasks_serving_and_recovers_without_restart(
-    spawn_server, redis_process, loaded
+    spawn_server, persistent_redis, loaded
 ):
+    # A Redis that keeps its data across the restart (AOF), as in production: one that comes back empty
+    # has lost every task, and the server then rightly answers 404 for the tasks it had cached.
+    redis_process = persistent_redis
     server = spawn_server(redis_url=redis_process.url, redis_key_prefix="rel-outage")
     spec = loaded.spec
     with server.client(timeout=30) as client:
@@ -70,7 +73,7 @@ def test_redis_outage_keeps_cached_tasks_serving_and_recovers_without_restart(
             n_during = len(statuses)
             assert "prefixserve_store_up 0.0" in client.get("/metrics").text
 
-            redis_process.start()  # same port, empty (no persistence): a fresh Redis
+            redis_process.start()  # same port, same data
 
             def upload_works() -> bool:
                 return upload(client, "after-restart", artifact_bytes(spec, 4)).status_code == 201

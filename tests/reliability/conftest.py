@@ -25,18 +25,17 @@ import httpx
 import pytest
 
 from prefixserve.models import make_model_dir
-from tests.api.conftest import loaded, make_api  # noqa: F401  (fixtures re-exported for this package)
+from tests.api.conftest import (  # noqa: F401  (fixtures and keys re-exported for this package)
+    ACME,
+    ACME_GEN,
+    GLOBEX,
+    KEYS,
+    loaded,
+    make_api,
+)
 from tests.processes import RedisProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KEYS = {
-    "acme-manage-key": {"tenant": "acme", "role": "manage"},
-    "acme-generate-key": {"tenant": "acme", "role": "generate"},
-    "globex-manage-key": {"tenant": "globex", "role": "manage"},
-}
-ACME = {"Authorization": "Bearer acme-manage-key"}
-ACME_GEN = {"Authorization": "Bearer acme-generate-key"}
-GLOBEX = {"Authorization": "Bearer globex-manage-key"}
 START_TIMEOUT_S = 120.0  # importing torch + transformers on a loaded 2-core machine
 
 

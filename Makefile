@@ -36,7 +36,7 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy prefix_store server prefixserve
+	$(VENV)/bin/mypy modeling prefix_store server prefixserve
 	$(VENV)/bin/lint-imports
 
 serve: $(STAMP)

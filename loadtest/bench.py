@@ -37,7 +37,7 @@ from loadtest.machine import bart_flops, gpt2_flops, machine_info, measure_matmu
 from loadtest.metrics import SLO, RunResult, summarize
 from loadtest.prefixes import make_task_prefixes
 from loadtest.workload import Workload, WorkloadSpec, make_workload
-from prefixserve.models import DTYPES, LoadedModel, load_model, make_model_dir, resolve_device
+from modeling.models import DTYPES, LoadedModel, load_model, make_model_dir, resolve_device
 
 ALL_RUNNERS = ("engine", "no_prefix", "http", "naive_peft", "static_batch")
 GPT2_TEXT_VOCAB = 50257  # real-text token ids (BART's extra specials sit above)

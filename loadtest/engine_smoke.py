@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from modeling.models import load_model, make_model_dir
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.local_store import LocalPrefixStore
-from prefixserve.models import load_model, make_model_dir
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from modeling.models import LoadedModel
 from prefix_store.artifact import dump_artifact
 from prefix_store.peft_format import peft_to_artifact
-from prefixserve.models import LoadedModel
 
 
 @dataclass

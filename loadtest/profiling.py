@@ -25,7 +25,7 @@ import torch
 
 from loadtest.prefixes import make_task_prefixes
 from loadtest.workload import make_workload
-from prefixserve.models import load_model
+from modeling.models import load_model
 
 
 def profile_engine(

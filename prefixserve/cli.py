@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def make_model_main(argv: list[str] | None = None) -> int:
-    from prefixserve.models import PRESETS, make_model_dir
+    from modeling.models import PRESETS, make_model_dir
 
     parser = argparse.ArgumentParser(
         prog="prefixserve make-model",
@@ -52,9 +52,9 @@ def make_model_main(argv: list[str] | None = None) -> int:
 def import_peft_main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
+    from modeling.models import load_model
     from prefix_store.artifact import dump_artifact
     from prefix_store.peft_format import peft_to_artifact
-    from prefixserve.models import load_model
 
     parser = argparse.ArgumentParser(
         prog="prefixserve import-peft",

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from modeling.models import load_model, make_model_dir
 from prefix_store.artifact import dump_artifact
-from prefixserve.models import load_model, make_model_dir
 
 DEMO_DIR = Path(os.environ.get("PREFIXSERVE_DEMO_DIR", "demo-data"))
 # Two toy tasks: same inputs, different targets. After training, each prefix makes the frozen model

@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     del api_keys  # validated here for a clear start-up error; the app resolves them again
 
     # Imported here: torch and transformers take seconds to import, and `--help` should not wait.
+    from modeling.models import load_model
     from prefix_store.factory import make_store
-    from prefixserve.models import load_model
     from server.api import create_app, metrics_for, start_draining
     from server.engine import Engine
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixserve.models import make_model_dir
+from modeling.models import make_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from modeling.models import build_config, load_model, make_model_dir
 from prefixserve.cli import main as cli_main
-from prefixserve.models import build_config, load_model, make_model_dir
 
 
 def _num_params(preset: str) -> int:

@@ -86,7 +86,7 @@ def train_main(argv: list[str] | None = None) -> int:
     """Train, export and summarise; returns 0 on success."""
     args = _train_parser().parse_args(argv)
     # Heavy imports here so `--help` stays fast.
-    from prefixserve.models import load_model
+    from modeling.models import load_model
     from training.export import export
     from training.prefix import PrefixConfig, make_tuner
     from training.trainer import TrainConfig, evaluate_loss, resolve_checkpoint, train
@@ -203,8 +203,8 @@ def _eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str] | None = None) -> int:
     """Evaluate and write the results JSON; returns 0 on success."""
     args = _eval_parser().parse_args(argv)
+    from modeling.models import load_model
     from prefix_store.artifact import load_artifact
-    from prefixserve.models import load_model
     from training.evaluate import EvalConfig, evaluate
 
     loaded = load_model(args.model, device=args.device, dtype="float32")

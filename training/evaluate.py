@@ -24,8 +24,8 @@ from typing import Any
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
-from prefixserve.models import LoadedModel
 from training.data import EvalItem, Truncation, causal_prompt, seq2seq_source
 from training.generation import generate_causal, generate_seq2seq
 

@@ -5,7 +5,7 @@ layout rule is the server's: rows are left-padded, the cache is `[prefix (L) | p
 generated]`, the attention mask is ones over the prefix and zeros over padding, and the position of a
 row's j-th real token is `L + j` (positions of real tokens start at L, whatever the padding).
 
-BART (`generate_seq2seq`): `prefixserve.bart_prefix` with the artifact's encoder/decoder/cross
+BART (`generate_seq2seq`): `modeling.bart_prefix` with the artifact's encoder/decoder/cross
 prefixes.
 
 Greedy decoding is batched and cached. Beam search (`num_beams > 1`) runs one source at a time over
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from prefixserve import bart_prefix
+from modeling import bart_prefix
 
 
 def prefix_cache(prefix: Tensor | None, batch: int, dtype: torch.dtype, device: torch.device) -> DynamicCache:

@@ -8,7 +8,7 @@ returned as our `[num_layers, 2, H, L, D]`.
 
 - `GPT2PrefixTuner` trains through PEFT's own `PeftModelForCausalLM` forward (prefix in the cache,
   ones prepended to the attention mask, positions of real tokens from L).
-- `BartPrefixTuner` trains through `prefixserve.bart_prefix` (PEFT covers only the decoder
+- `BartPrefixTuner` trains through `modeling.bart_prefix` (PEFT covers only the decoder
   self-attention of seq2seq models): placement "paper" has encoder, decoder and cross prefixes, each
   from its own embedding + MLP; placement "peft" only the decoder one.
 
@@ -32,8 +32,8 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model
 from peft.tuners.prefix_tuning import PrefixEncoder
 from torch import Tensor, nn
 
-from prefixserve import bart_prefix
-from prefixserve.models import LoadedModel
+from modeling import bart_prefix
+from modeling.models import LoadedModel
 
 PLACEMENTS = {"paper": ("encoder", "decoder", "cross"), "peft": ("decoder",)}
 
@@ -223,7 +223,7 @@ class GPT2PrefixTuner(PrefixTuner):
 
 
 class BartPrefixTuner(PrefixTuner):
-    """BART prefixes trained through `prefixserve.bart_prefix`: one embedding + MLP per kind."""
+    """BART prefixes trained through `modeling.bart_prefix`: one embedding + MLP per kind."""
 
     def __init__(self, loaded: LoadedModel, cfg: PrefixConfig) -> None:
         super().__init__(loaded, cfg)

@@ -18,8 +18,8 @@ from loadtest.machine import PeakMemory
 from loadtest.metrics import RequestRecord, RunResult
 from loadtest.runners.common import WARMUP_NEW_TOKENS, WARMUP_PROMPT_LEN, RunClock
 from loadtest.workload import RequestSpec, Workload
+from modeling.models import LoadedModel
 from prefix_store.local_store import LocalPrefixStore
-from prefixserve.models import LoadedModel
 from server.engine import Engine, EngineConfig, EngineObserver, GenerationRequest, SamplingParams
 
 TENANT = "bench"

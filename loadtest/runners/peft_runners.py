@@ -33,8 +33,8 @@ from loadtest.machine import PeakMemory
 from loadtest.metrics import RequestRecord, RunResult
 from loadtest.runners.common import WARMUP_NEW_TOKENS, WARMUP_PROMPT_LEN, RunClock, StepTimer
 from loadtest.workload import ClientPool, RequestSpec, Workload
-from prefixserve.bart_prefix import wrap_source
-from prefixserve.models import LoadedModel
+from modeling.bart_prefix import wrap_source
+from modeling.models import LoadedModel
 
 
 class PeftBaseline:

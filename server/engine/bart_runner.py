@@ -36,9 +36,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from modeling.bart_prefix import encode, feed_forward, lm_logits, wrap_source
+from modeling.models import LoadedModel
 from prefix_store.artifact import ArtifactLimits, PrefixArtifact
-from prefixserve.bart_prefix import encode, feed_forward, lm_logits, wrap_source
-from prefixserve.models import LoadedModel
 from server.engine.errors import PromptTooLong
 from server.engine.kv_cache import SlotKVCache
 from server.engine.runner import PrefillItem

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
+from modeling.models import LoadedModel
 from prefix_store.base import InvalidName, PrefixStore
-from prefixserve.models import LoadedModel
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import (
     EngineError,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
-from prefixserve.models import LoadedModel
 from server.engine.errors import PromptTooLong
 from server.engine.kv_cache import SlotKVCache
 from server.engine.runner import PrefillItem

@@ -20,11 +20,11 @@ import httpx
 import pytest
 import torch
 
+from modeling.models import LoadedModel, load_model
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.base import PrefixStore
 from prefix_store.factory import make_store
 from prefix_store.model_spec import ModelSpec
-from prefixserve.models import LoadedModel, load_model
 from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics

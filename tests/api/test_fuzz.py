@@ -73,8 +73,8 @@ def _openapi() -> dict:
     (the schema is needed at collection time, before any fixture runs)."""
     from types import SimpleNamespace
 
+    from modeling.models import build_config
     from prefix_store.model_spec import ModelSpec
-    from prefixserve.models import build_config
 
     stand_in = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
     app = create_app(

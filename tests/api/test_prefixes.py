@@ -62,7 +62,7 @@ async def test_upload_generate_replace_rollback(make_api, loaded, backend):
 def peft_files(tmp_path: Path, tiny_gpt2_dir: Path) -> tuple[bytes, bytes]:
     from peft import PrefixTuningConfig, get_peft_model
 
-    from prefixserve.models import load_model
+    from modeling.models import load_model
 
     base = load_model(str(tiny_gpt2_dir), device="cpu", trainable=True).model
     model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling import bart_prefix
+from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import PrefixArtifact, new_artifact
 from prefix_store.peft_format import peft_to_artifact
-from prefixserve import bart_prefix
-from prefixserve.models import LoadedModel, load_model, make_model_dir
 from server.engine.bart_runner import BartRunner
 from server.engine.errors import PromptTooLong
 from server.engine.runner import PrefillItem

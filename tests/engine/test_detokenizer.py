@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefixserve.models import LoadedModel
+from modeling.models import LoadedModel
 from server.engine.detokenizer import IncrementalDetokenizer
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from modeling.models import LoadedModel, load_model
 from prefix_store.artifact import PrefixArtifact
-from prefixserve.models import LoadedModel, load_model
 from server.engine import (
     Engine,
     EngineConfig,

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import PrefixArtifact, dump_artifact
 from prefix_store.local_store import LocalPrefixStore
-from prefixserve.models import LoadedModel, load_model, make_model_dir
 from server.engine import Engine, EngineConfig, EngineObserver, GenerationRequest, SamplingParams, StreamEvent
 from tests.engine.conftest import PeftReference, greedy, random_artifact
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
-from prefixserve.models import LoadedModel
 from server.engine.gpt2_runner import GPT2Runner
 from server.engine.kv_cache import SlotKVCache
 from server.engine.runner import PrefillItem

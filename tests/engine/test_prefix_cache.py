@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
+from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact, dump_artifact
-from prefixserve.models import LoadedModel
 from server.engine import GenerationRequest, InvalidPrefix, StoreUnavailable, UnknownTask
 from server.engine.prefix_cache import PrefixCache
 from tests.engine.conftest import PeftReference, collect, greedy, random_artifact

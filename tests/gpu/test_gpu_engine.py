@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling.models import load_model
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.local_store import LocalPrefixStore
-from prefixserve.models import load_model
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from training.generation import greedy_causal
 

@@ -115,8 +115,8 @@ def test_peft_baseline_generates_the_engines_tokens(tmp_path: Path) -> None:
     from loadtest.prefixes import make_task_prefixes
     from loadtest.runners.engine_runner import TENANT, exact_length_params
     from loadtest.runners.peft_runners import PeftBaseline
+    from modeling.models import load_model, make_model_dir
     from prefix_store.local_store import LocalPrefixStore
-    from prefixserve.models import load_model, make_model_dir
     from server.engine import Engine, EngineConfig, GenerationRequest
 
     # init_std 0.2: a random model whose greedy output depends on its input and prefix.
@@ -196,7 +196,7 @@ def test_cpu_model_flops_count_matmuls_of_useful_tokens() -> None:
     from transformers import AutoModelForCausalLM
 
     from loadtest.machine import gpt2_flops
-    from prefixserve.models import build_config
+    from modeling.models import build_config
 
     model = AutoModelForCausalLM.from_config(build_config("tiny-gpt2"))
     d, layers, vocab = 64, 2, model.config.vocab_size

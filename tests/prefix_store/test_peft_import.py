@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
+from modeling.models import load_model
 from prefix_store.artifact import ArtifactError, dump_artifact, load_artifact
 from prefix_store.peft_format import artifact_to_peft, peft_to_artifact
-from prefixserve.models import load_model
 
 
 def _cache_layers(past) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling import bart_prefix
+from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import ArtifactError
 from prefix_store.model_spec import ModelSpec
 from prefix_store.peft_format import peft_to_artifact
-from prefixserve import bart_prefix
-from prefixserve.models import LoadedModel, load_model, make_model_dir
 
 peft = pytest.importorskip("peft")
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from prefixserve.models import make_model_dir
+from modeling.models import make_model_dir
 from tests.api.conftest import (  # noqa: F401  (fixtures and keys re-exported for this package)
     ACME,
     ACME_GEN,
@@ -168,7 +168,7 @@ def long_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def long_spec(long_gpt2_dir: Path) -> Any:
     """The `ModelSpec` (with fingerprint) of `long_gpt2_dir`, to build artifacts its servers accept."""
-    from prefixserve.models import load_model
+    from modeling.models import load_model
 
     return load_model(str(long_gpt2_dir), device="cpu", dtype="float32").spec
 

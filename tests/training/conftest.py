@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixserve.models import make_model_dir
+from modeling.models import make_model_dir
 from training.data import Example
 
 SYNTHETIC = [

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from modeling.models import load_model
 from prefix_store.artifact import load_artifact
-from prefixserve.models import load_model
 from tests.training.conftest import SYNTHETIC
 from training.data import Example, Truncation, encode_seq2seq, seq2seq_source
 from training.export import export

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from modeling.models import load_model
 from prefix_store.artifact import dump_artifact
 from prefix_store.local_store import LocalPrefixStore
-from prefixserve.models import load_model
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from tests.training.conftest import SYNTHETIC
 from training.data import Example, Truncation, encode_seq2seq, seq2seq_source

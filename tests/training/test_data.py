@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixserve.models import bundled_tokenizer
+from modeling.models import bundled_tokenizer
 from tests.training.conftest import FIXTURES
 from training.data import (
     IGNORE_INDEX,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from modeling.models import load_model
 from prefix_store.artifact import load_artifact
-from prefixserve.models import load_model
 from tests.training.conftest import FIXTURES
 from training.cli import eval_main, train_main, upload_main
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import PeftModel
 
+from modeling.models import load_model
 from prefix_store.artifact import load_artifact
 from prefix_store.peft_format import peft_to_artifact
-from prefixserve.models import load_model
 from tests.training.conftest import SYNTHETIC
 from training.data import Example, Truncation, causal_prompt, encode_causal
 from training.export import export

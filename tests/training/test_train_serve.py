@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from prefixserve.models import load_model
+from modeling.models import load_model
 from tests.training.conftest import SYNTHETIC
 from training.data import Example, Truncation, causal_prompt, encode_causal
 from training.export import export

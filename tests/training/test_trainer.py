@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from prefixserve.models import load_model
+from modeling.models import load_model
 from tests.training.conftest import SYNTHETIC
 from training.data import Example, Truncation, encode_causal
 from training.prefix import PrefixConfig, make_tuner

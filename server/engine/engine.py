@@ -40,10 +40,11 @@ from server.engine.errors import (
     RequestFailed,
     UnknownTask,
 )
+from server.engine.paged_kv import PagedKVCache
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, make_row, new_seed, sample
-from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerPlan, StepOutput
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,19 @@ class EngineConfig:
     """Engine limits. `kv_budget_tokens=None` means max_batch_size x the model's max positions."""
 
     max_batch_size: int = 32  # rows of a step (running requests)
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per step
-    kv_budget_tokens: int | None = None  # sum of reserved positions (prefix + prompt + max_new_tokens)
+    # Prompt tokens computed per step (chunked prefill on GPT-2): bounds how long a step with a long
+    # prompt in it stalls the decoding rows.
+    max_prefill_tokens: int = 256
+    kv_budget_tokens: int | None = None  # BART: sum of reserved positions (prefix + prompt + max_new_tokens)
+    # GPT-2: bytes of the paged KV pool (rows' own tokens); None: kv_budget_tokens (or max_batch_size x
+    # the model's positions) worth of tokens. Prefixes are not in it: one copy per task, shared.
+    kv_budget_bytes: int | None = None
+    kv_block_size: int = 16  # tokens per KV block (GPT-2)
     max_waiting: int = 256
     queue_timeout_s: float = 60.0
     device_prefix_cache_bytes: int = 256 << 20
     host_prefix_cache_bytes: int = 1 << 30
-    kv_position_chunk: int = 256  # KV cache grows/shrinks in chunks of this many positions
+    kv_position_chunk: int = 256  # BART: its slot caches grow/shrink in chunks of this many positions
 
 
 @dataclass
@@ -146,7 +153,11 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.tokenizer = loaded.tokenizer
         self.runner = runner or _default_runner(loaded, self.config)
-        kv_budget = self.config.kv_budget_tokens or self.config.max_batch_size * self.runner.max_positions
+        kv_budget = (
+            self.runner.kv_capacity_tokens
+            or self.config.kv_budget_tokens
+            or self.config.max_batch_size * self.runner.max_positions
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_running=self.config.max_batch_size,
@@ -154,6 +165,7 @@ class Engine:
                 kv_budget_tokens=kv_budget,
                 max_waiting=self.config.max_waiting,
                 queue_timeout_s=self.config.queue_timeout_s,
+                chunked_prefill=self.runner.supports_chunked_prefill,
             )
         )
         self.prefix_cache: PrefixCache | None = None
@@ -359,7 +371,7 @@ class Engine:
                     if state is not None:
                         timeout = self.config.queue_timeout_s
                         self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
-                work = self._prepare(plan.prefill_ids, plan.decode_ids, plan.aborted_ids)
+                work = self._prepare(plan)
                 if not (work.release_ids or work.decode_tokens or work.prefill):
                     continue
                 result = await loop.run_in_executor(self._executor, self._execute, work)
@@ -373,56 +385,63 @@ class Engine:
             for state in list(self._requests.values()):
                 self._fail(state, EngineStopped(f"the engine failed: {exc!r}"))
 
-    def _prepare(self, prefill_ids: list[str], decode_ids: list[str], aborted_ids: list[str]) -> _StepWork:
-        release = self._to_release + aborted_ids
+    def _prepare(self, plan: SchedulerPlan) -> _StepWork:
+        release = self._to_release + plan.aborted_ids
         self._to_release = []
         work = _StepWork(release_ids=release, decode_tokens={}, prefill=[], rows={})
         now = time.monotonic()
-        for rid in decode_ids:
+        for rid in plan.decode_ids:
             state = self._requests[rid]
             assert state.next_token is not None
             work.decode_tokens[rid] = state.next_token
             work.rows[rid] = state.sampling
             work.states[rid] = state
-        for rid in prefill_ids:
+        for chunk in plan.prefill_chunks:
+            rid = chunk.request_id
             state = self._requests[rid]
-            artifact = None if state.prefix is None else state.prefix.artifact
-            work.prefill.append(PrefillItem(rid, state.prompt_ids, artifact))
+            prefix, key = state.prefix, None
+            if prefix is not None:  # rows of one (task, version) share one copy of its prefix
+                key = (state.request.tenant, state.request.task, prefix.version)
+            artifact = None if prefix is None else prefix.artifact
+            work.prefill.append(PrefillItem(rid, state.prompt_ids, artifact, key, chunk.start, chunk.end))
             work.rows[rid] = state.sampling
             work.states[rid] = state
-            self.observer.on_queue_time(now - state.arrival)
+            if chunk.start == 0:
+                self.observer.on_queue_time(now - state.arrival)
         return work
 
     def _execute(self, work: _StepWork) -> _StepResult:
-        """Worker thread: all tensor work of one step."""
+        """Worker thread: all tensor work of one step (one model pass, one sampling call)."""
         runner = self.runner
         runner.release(work.release_ids)
-        ids: list[str] = []
-        logits: list[torch.Tensor] = []
         failed: dict[str, BaseException] = {}
-        if work.decode_tokens:
-            order = runner.request_ids
-            if set(order) != set(work.decode_tokens):
-                raise RuntimeError(f"runner rows {sorted(order)} != running {sorted(work.decode_tokens)}")
-            tokens = torch.tensor([work.decode_tokens[r] for r in order], device=self.loaded.device)  # [N]
-            logits.append(runner.decode(tokens))
-            ids += order
-        if work.prefill:
-            try:
-                logits.append(runner.prefill(work.prefill))
-                ids += [item.request_id for item in work.prefill]
-            except Exception:
-                # Find the culprit(s): prefill one by one, so one bad request fails alone.
-                for item in work.prefill:
-                    try:
-                        logits.append(runner.prefill([item]))
-                        ids.append(item.request_id)
-                    except Exception as exc:
-                        logger.exception("prefill of request %s failed", item.request_id)
-                        failed[item.request_id] = exc
+        if set(runner.request_ids) != set(work.decode_tokens):
+            raise RuntimeError(
+                f"runner rows {sorted(runner.request_ids)} != decoding {sorted(work.decode_tokens)}"
+            )
+        if not (work.decode_tokens or work.prefill):
+            return _StepResult([], [], [], failed)
+        try:
+            ids, all_logits = runner.step(work.decode_tokens, work.prefill)
+        except Exception:
+            if not work.prefill:
+                raise  # the decode step itself broke: the engine fails
+            # A failed step changes nothing: find the culprit(s) by running decode, then each chunk alone.
+            ids, parts = [], []
+            if work.decode_tokens:
+                ids, logits = runner.step(work.decode_tokens, [])
+                parts.append(logits)
+            for item in work.prefill:
+                try:
+                    item_ids, logits = runner.step({}, [item])
+                    ids += item_ids
+                    parts.append(logits)
+                except Exception as exc:
+                    logger.exception("prefill of request %s failed", item.request_id)
+                    failed[item.request_id] = exc
+            all_logits = torch.cat(parts) if parts else torch.empty(0)
         if not ids:
             return _StepResult([], [], [], failed)
-        all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # [N, V]
         if self.debug_logits_hook is not None:
             self.debug_logits_hook(list(ids), all_logits)
         token_ids, logprobs = sample(all_logits, [work.rows[r] for r in ids])
@@ -515,7 +534,12 @@ def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
     if model_type == "gpt2":
         from server.engine.gpt2_runner import GPT2Runner
 
-        return GPT2Runner(loaded, max_rows=config.max_batch_size, position_chunk=config.kv_position_chunk)
+        budget = config.kv_budget_bytes
+        if budget is None and config.kv_budget_tokens is not None:
+            budget = config.kv_budget_tokens * PagedKVCache.bytes_per_token(
+                loaded.spec.num_layers, loaded.spec.num_heads, loaded.spec.head_dim, loaded.dtype
+            )
+        return GPT2Runner(loaded, config.max_batch_size, budget, config.kv_block_size)
     if model_type == "bart":
         from server.engine import bart_runner  # type: ignore[attr-defined]
 

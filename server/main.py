@@ -101,6 +101,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_size=settings.max_batch_size,
         max_prefill_tokens=settings.max_prefill_tokens,
         kv_budget_tokens=settings.kv_budget_tokens,
+        kv_budget_bytes=settings.kv_budget_bytes,
+        kv_block_size=settings.kv_block_size,
         max_waiting=settings.max_waiting,
         queue_timeout_s=settings.queue_timeout_s,
         device_prefix_cache_bytes=settings.device_prefix_cache_bytes,

@@ -75,13 +75,20 @@ class Settings(BaseSettings):
     max_waiting: int = Field(default=256, ge=0, description="Queue bound; beyond it requests get 429.")
     queue_timeout_s: float = Field(default=30.0, gt=0)
     max_prefill_tokens: int = Field(
-        default=4096, ge=1, description="Prompt tokens admitted per step; lower = shorter decode stalls."
+        default=256,
+        ge=1,
+        description="Prompt tokens computed per step (chunked); lower = shorter decode stalls.",
     )
     kv_budget_tokens: int | None = Field(
         default=None, ge=1, description="KV positions reserved by running requests; unset: batch x positions."
     )
     device_prefix_cache_bytes: int = Field(default=256 << 20, ge=0, description="Prefix cache on the device.")
     host_prefix_cache_bytes: int = Field(default=1 << 30, ge=0, description="Prefix cache in host memory.")
+    # issue 15 (engine v2): the GPT-2 paged KV pool in bytes and its block size.
+    kv_budget_bytes: int | None = Field(
+        default=None, ge=1, description="Paged KV pool (rows' own tokens); unset: from kv_budget_tokens."
+    )
+    kv_block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block.")
 
     # --- tenants and limits --------------------------------------------------------------------
     api_keys_file: Path | None = Field(

@@ -140,7 +140,8 @@ class BartRunner:
     def request_ids(self) -> list[str]:
         return list(self.self_cache.request_ids)
 
-    def kv_stats(self) -> dict[str, int]:
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        """Slot-cache occupancy (no peak tracking here: `reset_peaks` is accepted and ignored)."""
         return {
             "rows": self.self_cache.num_active,
             "row_capacity": self.self_cache.row_capacity,

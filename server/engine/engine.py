@@ -243,6 +243,10 @@ class Engine:
     def kv_usage_ratio(self) -> float:
         return self.scheduler.kv_usage_ratio
 
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        """The runner's KV memory (GPT-2: `used_bytes`, `peak_bytes`, `prefix_bytes`, ...)."""
+        return self.runner.kv_stats(reset_peaks)
+
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         return None if self.prefix_cache is None else self.prefix_cache.stats

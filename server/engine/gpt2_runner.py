@@ -115,13 +115,17 @@ class GPT2Runner:
         """Rows that finished prefill (they decode), in row order: grouped by prefix."""
         return self._grouped([r for r, row in self.cache.rows.items() if row.prefilled])
 
-    def kv_stats(self) -> dict[str, int]:
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        """Pool and prefix memory: in use now, peaks since start (or the last reset), capacity."""
+        if reset_peaks:
+            self.cache.reset_peaks()
         return {
             "rows": len(self.cache.rows),
             "used_bytes": self.cache.used_bytes,
             "peak_bytes": self.cache.peak_blocks * self.cache.block_bytes,
             "capacity_bytes": self.cache.capacity_bytes,
             "prefix_bytes": self.cache.prefixes.nbytes,
+            "peak_prefix_bytes": self.cache.prefixes.peak_bytes,
             "prefix_entries": len(self.cache.prefixes.keys),
             "bytes": self.cache.used_bytes + self.cache.prefixes.nbytes,
         }

@@ -69,11 +69,13 @@ class PrefixPool:
 
     def __init__(self) -> None:
         self._entries: dict[Hashable, _PrefixEntry] = {}
+        self.peak_bytes = 0
 
     def acquire(self, key: Hashable, kv: torch.Tensor) -> None:
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _PrefixEntry(kv)
+            self.peak_bytes = max(self.peak_bytes, self.nbytes)
         entry.refs += 1
 
     def release(self, key: Hashable) -> None:
@@ -147,6 +149,11 @@ class PagedKVCache:
     @property
     def capacity_bytes(self) -> int:
         return self.num_blocks * self.block_bytes
+
+    def reset_peaks(self) -> None:
+        """Start peak tracking over (benchmarks: after their warm-up)."""
+        self.peak_blocks = self.num_used_blocks
+        self.prefixes.peak_bytes = self.prefixes.nbytes
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

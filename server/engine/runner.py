@@ -99,6 +99,6 @@ class ModelRunner(Protocol):
         """Free the rows of requests that left (finished, aborted, failed). Unknown ids are ignored."""
         ...
 
-    def kv_stats(self) -> dict[str, int]:
-        """Cache occupancy for metrics: rows, capacity, bytes."""
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        """Cache occupancy for metrics: rows, capacity, bytes (and peaks where tracked)."""
         ...

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 import uvicorn
 from pydantic import ValidationError
 
+from server.http_protocol import with_header_timeout
 from server.logging import configure_logging
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config errors stay fast
+    from server.api.http_limits import HttpLimits
     from server.engine import EngineConfig
 
 logger = logging.getLogger("prefixserve.main")
@@ -108,6 +110,24 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
+def uvicorn_config(app: object, settings: Settings, limits: HttpLimits) -> uvicorn.Config:
+    """uvicorn with the connection limits of `limits`: idle keep-alive connections close, headers must
+    arrive in time (slowloris), header size and open connections are bounded."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep our structured logging
+        access_log=False,  # our RequestMiddleware writes the access line
+        timeout_graceful_shutdown=FINAL_FLUSH_S,  # the grace itself is spent draining (see _Server)
+        lifespan="on",
+        http=with_header_timeout(limits.timeout_request_header_s),
+        timeout_keep_alive=limits.timeout_keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=limits.max_request_header_bytes,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit status."""
     try:
@@ -157,15 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         settings, engine=engine, store=store, spec=loaded.spec, device_type=loaded.device.type,
         metrics=metrics, on_fatal=on_fatal,
     )  # fmt: skip
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep our structured logging
-        access_log=False,  # our RequestMiddleware writes the access line
-        timeout_graceful_shutdown=FINAL_FLUSH_S,  # the grace itself is spent draining (see _Server)
-        lifespan="on",
-    )
+    config = uvicorn_config(app, settings, app.state.prefixserve.http)
     server = _Server(
         config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.shutdown_grace_s
     )

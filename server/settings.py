@@ -91,6 +91,28 @@ class Settings(BaseSettings):
     tenant_max_concurrent: int = Field(default=0, ge=0, description="Per tenant; 0 = unlimited.")
     tenant_rps: float = Field(default=0.0, ge=0, description="Requests/second per tenant; 0 = unlimited.")
 
+    # --- issue 13: hostile HTTP clients (read once into `server.api.admission.HttpLimits`) ------
+    max_json_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Body limit of JSON routes (generate, completions, rollback); uploads: max_body_bytes.",
+    )
+    max_prompt_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longer prompts get 422 before tokenisation; unset: positions x longest token's bytes.",
+    )
+    timeout_keep_alive_s: int = Field(default=5, ge=1, description="Idle keep-alive connections close.")
+    timeout_request_header_s: float = Field(
+        default=10.0, gt=0, description="A connection without complete request headers by then is closed."
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections beyond this get 503 (uvicorn limit_concurrency)."
+    )
+    max_request_header_bytes: int = Field(
+        default=16384, ge=1024, description="Request line + headers beyond this get 400 (h11)."
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -133,7 +155,7 @@ class Settings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"PREFIXSERVE_API_KEYS_FILE {self.api_keys_file}: {exc}") from None
             keys.update(_require_keys(_parse_keys(text, source), source))
-        if self.api_keys is not None and self.api_keys.strip():
+        if self.api_keys is not None:  # set but empty ("") fails closed too (issue 13)
             keys.update(
                 _require_keys(_parse_keys(self.api_keys, "PREFIXSERVE_API_KEYS"), "PREFIXSERVE_API_KEYS")
             )
@@ -147,6 +169,8 @@ def _require_keys(keys: dict[str, ApiKeyEntry], source: str) -> dict[str, ApiKey
 
 
 def _parse_keys(text: str, source: str) -> dict[str, ApiKeyEntry]:
+    if not text.strip():
+        return {}  # set but blank: `_require_keys` refuses it with a clear message
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -17,6 +17,7 @@ from prefix_store.base import PrefixStore
 from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
+from server.api.http_limits import HttpLimits
 from server.api.ratelimit import TenantLimiter
 from server.logging import request_context
 from server.metrics import Metrics
@@ -33,6 +34,11 @@ class EngineLike(Protocol):
 
     @property
     def num_waiting(self) -> int: ...
+
+    @property
+    def queue_full(self) -> bool: ...
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]: ...
 
     def generate(self, request: Any) -> Any: ...
 
@@ -65,6 +71,7 @@ class AppState:
     metrics: Metrics
     auth: Authenticator
     limiter: TenantLimiter
+    http: HttpLimits
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)

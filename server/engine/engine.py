@@ -219,6 +219,11 @@ class Engine:
         return self.scheduler.num_waiting
 
     @property
+    def queue_full(self) -> bool:
+        """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
+        return self.scheduler.num_waiting >= self.config.max_waiting
+
+    @property
     def running_tasks(self) -> list[str]:
         """Distinct "tenant/task" of running requests (bare-model requests not listed)."""
         return self._task_labels(self.scheduler.running_ids)
@@ -266,7 +271,7 @@ class Engine:
             raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
         params = request.params
         params.validate()
-        prompt_ids = self._tokenize(request.prompt)
+        prompt_ids = self.tokenize(request.prompt)
         prefix = await self._resolve_prefix(request)
         artifact = None if prefix is None else prefix.artifact
         self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, artifact)
@@ -295,7 +300,9 @@ class Engine:
         self._wake.set()
         return state
 
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids (ids are checked against the vocabulary). Safe in worker threads: the
+        API tokenises long prompts off the event loop and submits the ids."""
         if isinstance(prompt, str):
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
         else:

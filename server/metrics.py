@@ -55,6 +55,8 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Prompt / generation lengths in tokens (1-2-5 steps up to the longest context we serve).
 LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+STORE_OPERATIONS = ("put", "list_tasks", "describe", "delete", "rollback", "probe")
+UPLOAD_OUTCOMES = ("created", "invalid", "error")
 # Probes and the scrape itself: counting them would let a draining pod's /ready 503s fire the 5xx
 # alert, and would make the request rate a function of the scrape and probe intervals.
 UNCOUNTED_ENDPOINTS = frozenset({"/health", "/ready", "/metrics"})
@@ -211,9 +213,14 @@ class Metrics(EngineObserver):
         # Only on Linux is there anything to collect; elsewhere the collector exports nothing.
         ProcessCollector(registry=r)
         self.vllm = VllmMetrics(r, model_name, max_lora=max_tasks, adapter_names=adapter_names)
-        for tier in ("device", "host"):  # so dashboards see 0 rather than "no data"
+        # Known label values start at 0, so dashboards and alerts see 0 rather than "no data".
+        for tier in ("device", "host"):
             self.prefix_cache_hits.labels(tier=tier)
             self.prefix_cache_evictions.labels(tier=tier)
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation=operation)
+        for outcome in UPLOAD_OUTCOMES:
+            self.prefix_uploads.labels(outcome=outcome)
 
     # --- introspection ----------------------------------------------------------------------
 

@@ -121,7 +121,15 @@ class Settings(BaseSettings):
         default_factory=list, description="Tasks that get their own metrics label (JSON list or comma list)."
     )
     metrics_top_tasks: int = Field(
-        default=20, ge=0, description="Without an allow-list: the first N busy tasks get labels."
+        default=0,
+        ge=0,
+        description="Without an allow-list: the first N busy tasks get labels (0: none; /metrics is public).",
+    )
+
+    # --- issue 16: metrics for routers (vLLM names) --------------------------------------------
+    metrics_adapter_names: Literal["off", "task", "tenant_task"] = Field(
+        default="off",
+        description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
     )
 
     @field_validator("metrics_task_labels", mode="before")

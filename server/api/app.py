@@ -53,6 +53,9 @@ def metrics_for(settings: Settings) -> Metrics:
         settings.metrics_top_tasks,
         Authenticator(settings.resolve_api_keys()).tenants,
         max_tasks=settings.max_batch_size,
+        model_name=model_id_for(settings),
+        adapter_names=settings.metrics_adapter_names,
+        version=__version__,
     )
 
 

@@ -132,6 +132,13 @@ class Settings(BaseSettings):
         description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
     )
 
+    # --- API compatibility (issue 16, clients) --------------------------------------------------
+    chat_template: Path | None = Field(
+        default=None,
+        description="Jinja chat template file for /v1/chat/completions (vLLM's --chat-template); "
+        "a task's artifact metadata `chat_template` wins.",
+    )
+
     @field_validator("metrics_task_labels", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -147,6 +154,15 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    def read_chat_template(self) -> str | None:
+        """The chat template's text (read once at start-up; an unreadable file is a config error)."""
+        if self.chat_template is None:
+            return None
+        try:
+            return self.chat_template.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"PREFIXSERVE_CHAT_TEMPLATE {self.chat_template}: {exc}") from None
 
     def resolve_api_keys(self) -> dict[str, ApiKeyEntry]:
         """The configured keys (file, then inline; inline wins on a duplicate key); {} = single-tenant.

@@ -42,6 +42,9 @@ class EngineLike(Protocol):
 
     def generate(self, request: Any) -> Any: ...
 
+    @property
+    def tokenizer(self) -> Any: ...
+
     async def start(self) -> None: ...
 
     async def stop(self, drain_timeout_s: float = ...) -> None: ...
@@ -58,6 +61,7 @@ class ApiConfig:
     max_prefix_length: int = 512
     max_batch_size: int = 32
     shutdown_grace_s: float = 30.0
+    chat_template: str | None = None  # issue 16: Jinja text of PREFIXSERVE_CHAT_TEMPLATE
 
 
 @dataclass

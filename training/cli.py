@@ -190,8 +190,25 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="evaluation file (references grouped per source)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="results JSON path")
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (paper: 5 table-to-text, 6 XSum)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam length penalty (paper XSum: 0.8)")
+    p.add_argument(
+        "--num-beams", type=int, help="1 = greedy; default: the paper's (5 e2e/webnlg/dart, 6 xsum, else 1)"
+    )
+    p.add_argument(
+        "--length-penalty", type=float, help="beam length penalty; default: the paper's (xsum 0.8, else 1)"
+    )
+    p.add_argument("--min-new-tokens", type=int, default=0, help="eos is not allowed before this many tokens")
+    p.add_argument(
+        "--ban-newlines",
+        action=argparse.BooleanOptionalAction,
+        help="never generate newline tokens; default: the paper's (on for e2e/webnlg/dart)",
+    )
+    p.add_argument(
+        "--early-stopping",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="beam search stops once num-beams hypotheses ended (HF early_stopping=True); "
+        "--no-early-stopping is HF's default heuristic (the paper's code)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, help="evaluate only the first N distinct sources")
     p.add_argument("--batch-size", type=int, default=16, help="greedy decoding batch size")
@@ -205,14 +222,18 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = _eval_parser().parse_args(argv)
     from modeling.models import load_model
     from prefix_store.artifact import load_artifact
-    from training.evaluate import EvalConfig, evaluate
+    from training.evaluate import EvalConfig, evaluate, paper_decoding
 
     loaded = load_model(args.model, device=args.device, dtype="float32")
     artifact = load_artifact(Path(args.artifact).read_bytes(), loaded.spec) if args.artifact else None
     items = group_references(load_examples(args.data, args.format))
+    paper = paper_decoding(args.format)
     cfg = EvalConfig(
-        num_beams=args.num_beams,
-        length_penalty=args.length_penalty,
+        num_beams=paper["num_beams"] if args.num_beams is None else args.num_beams,
+        length_penalty=paper["length_penalty"] if args.length_penalty is None else args.length_penalty,
+        min_new_tokens=args.min_new_tokens,
+        ban_newlines=paper["ban_newlines"] if args.ban_newlines is None else args.ban_newlines,
+        early_stopping=args.early_stopping,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         limit=args.limit,

@@ -48,6 +48,7 @@ class EvalConfig:
     min_new_tokens: int = 0
     ban_newlines: bool = False  # never generate "\n" / "\n\n" tokens (one reference per line in the paper)
     early_stopping: bool = True
+    leading_space: bool = False  # GPT-2 source tokenised as " " + source (the paper's form; CLI default)
 
 
 def paper_decoding(fmt: str) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def generate_texts(
         )
     else:
         eos = int(tok.eos_token_id)
-        prompts = [causal_prompt(tok, s, eos, trunc) for s in sources]
+        prompts = [causal_prompt(tok, s, eos, trunc, cfg.leading_space) for s in sources]
         prefix = prefixes.get("decoder")
         prefix = None if prefix is None else prefix.to(device=loaded.device, dtype=loaded.dtype)
         outputs = generate_causal(

@@ -28,6 +28,12 @@ class ApiKeyEntry(BaseModel):
     tenant: str
     # "generate": generate and list models/prefixes; "manage": also upload, delete and roll back prefixes.
     role: Role = "generate"
+    # Issue 18: the tenant's share of the batch under contention (relative to other tenants' weights;
+    # every key of a tenant must agree), the class of its requests unless they send `X-Priority`, and
+    # its own queue bound (None: `tenant_max_waiting`).
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    priority: Literal["interactive", "batch"] = "interactive"
+    max_waiting: int | None = Field(default=None, ge=0)
 
     @field_validator("tenant")
     @classmethod
@@ -113,6 +119,14 @@ class Settings(BaseSettings):
         default=16384, ge=1024, description="Request line + headers beyond this get 400 (h11)."
     )
 
+    # --- issue 18: fair scheduling across tenants ----------------------------------------------
+    fair_scheduling: bool = Field(
+        default=True, description="Weighted fair admission across tenants; false: one FCFS queue."
+    )
+    tenant_max_waiting: int = Field(
+        default=0, ge=0, description="Queued requests per tenant (a key's max_waiting wins); 0 = global only."
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -184,6 +198,23 @@ class Settings(BaseSettings):
                 _require_keys(_parse_keys(self.api_keys, "PREFIXSERVE_API_KEYS"), "PREFIXSERVE_API_KEYS")
             )
         return keys
+
+    def tenant_weights(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Per-tenant fair-queue weights and queue bounds from the API keys (issue 18).
+
+        Raises `ValueError` when two keys of one tenant disagree: a tenant has one share.
+        """
+        weights: dict[str, float] = {}
+        bounds: dict[str, int] = {}
+        for entry in self.resolve_api_keys().values():
+            for table, value in ((weights, entry.weight), (bounds, entry.max_waiting)):
+                if value is None:
+                    continue
+                if table.setdefault(entry.tenant, value) != value:  # type: ignore[arg-type]
+                    raise ValueError(
+                        f"tenant {entry.tenant!r}: its API keys set different weights/max_waiting"
+                    )
+        return weights, bounds
 
 
 def _require_keys(keys: dict[str, ApiKeyEntry], source: str) -> dict[str, ApiKeyEntry]:

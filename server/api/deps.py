@@ -19,6 +19,7 @@ from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
 from server.api.http_limits import HttpLimits
 from server.api.ratelimit import TenantLimiter
+from server.api.traffic import routing_headers
 from server.logging import request_context
 from server.metrics import Metrics
 
@@ -101,6 +102,7 @@ def authenticate(
         principal = state.auth.authenticate(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(401, str(exc), "unauthorized", headers={"WWW-Authenticate": "Bearer"}) from None
+    principal = routing_headers(request.headers, principal)  # issue 18: X-Priority, X-Route-Key
     ctx = request_context.get()
     if ctx is not None:
         ctx.tenant = principal.tenant

@@ -213,7 +213,14 @@ async def start_generation(
         if isinstance(prompt, str):  # tokenising takes time proportional to the prompt: not on the loop
             prompt = await anyio.to_thread.run_sync(state.engine.tokenize, prompt)
         request = GenerationRequest(
-            request_id=request_id, prompt=prompt, params=params, tenant=principal.tenant, task=task
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            tenant=principal.tenant,
+            task=task,
+            priority=principal.priority,
+            # Issue 18: a traffic split pins by the client's key, else by the (client-visible) request id.
+            route_key=principal.route_key or (ctx.request_id if ctx is not None else request_id),
         )
         stream = state.engine.generate(request)
         first = await anext(stream)

@@ -50,7 +50,7 @@ def metrics_for(settings: Settings) -> Metrics:
         settings.metrics_task_labels,
         settings.metrics_top_tasks,
         Authenticator(settings.resolve_api_keys()).tenants,
-        max_tasks=settings.max_batch_size,
+        max_tasks=settings.limits.max_batch_size,
     )
 
 
@@ -77,7 +77,7 @@ def create_app(
     metrics.bind_engine(engine)
     if limiter is None:
         limiter = make_limiter(
-            LimitConfig(settings.tenant_max_concurrent, settings.tenant_rps),
+            LimitConfig(settings.limits.tenant_max_concurrent, settings.limits.tenant_rps),
             settings.redis_url,
             settings.redis_key_prefix,
         )
@@ -86,10 +86,7 @@ def create_app(
             model_id=model_id_for(settings),
             model_dtype=settings.dtype,
             device_type=device_type,
-            max_artifact_bytes=settings.max_artifact_bytes,
-            max_prefix_length=settings.max_prefix_length,
-            max_batch_size=settings.max_batch_size,
-            shutdown_grace_s=settings.shutdown_grace_s,
+            limits=settings.limits,
         ),
         engine=engine,
         store=store,
@@ -118,7 +115,7 @@ def create_app(
             for task in state.background:
                 task.cancel()
             await asyncio.gather(*state.background, return_exceptions=True)
-            await engine.stop(drain_timeout_s=settings.shutdown_grace_s)
+            await engine.stop(drain_timeout_s=settings.limits.shutdown_grace_s)
             await store.close()
             await limiter.close()
             logger.info("stopped")
@@ -136,7 +133,7 @@ def create_app(
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
 

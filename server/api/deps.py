@@ -18,6 +18,7 @@ from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
 from server.api.ratelimit import TenantLimiter
+from server.limits import Limits
 from server.logging import request_context
 from server.metrics import Metrics
 
@@ -46,12 +47,9 @@ class ApiConfig:
     """Plain values the routes need, taken from `Settings` by `create_app`."""
 
     model_id: str
+    limits: Limits  # the one limits object (`Settings.limits`)
     model_dtype: str = "float32"
     device_type: str = "cpu"
-    max_artifact_bytes: int = 64 << 20
-    max_prefix_length: int = 512
-    max_batch_size: int = 32
-    shutdown_grace_s: float = 30.0
 
 
 @dataclass

@@ -178,6 +178,6 @@ async def info(state: State) -> InfoResponse:
         model_type=state.spec.model_type,
         max_total_tokens=state.spec.max_positions,
         max_input_tokens=state.spec.max_positions - 1,
-        max_concurrent_requests=state.config.max_batch_size,
+        max_concurrent_requests=state.config.limits.max_batch_size,
         version=__version__,
     )

@@ -27,6 +27,15 @@ from server.limits import Limits
 TINY_OVERRIDES = {"initializer_range": 0.3}
 PREFIX_LENGTHS = (1, 5, 10, 200)
 
+# The scheduler has no defaults of its own (the engine fills it from `Limits`): the pure scheduler tests'.
+SCHEDULER_LIMITS: dict[str, float] = {
+    "max_running": 32,
+    "max_prefill_tokens": 4096,
+    "kv_budget_tokens": 32 * 1024,
+    "max_waiting": 256,
+    "queue_timeout_s": 60.0,
+}
+
 
 def random_artifact(spec: ModelSpec, length: int, seed: int, task: str = "") -> PrefixArtifact:
     """A prefix of realistic scale (randn * 0.5): large enough to change the model's outputs."""

@@ -6,6 +6,7 @@ import pytest
 
 from server.engine.errors import InvalidRequest, QueueFull
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from tests.engine.conftest import SCHEDULER_LIMITS
 
 
 class Clock:
@@ -20,19 +21,9 @@ def req(rid: str, prompt: int = 10, reserved: int | None = None) -> ScheduledReq
     return ScheduledRequest(rid, num_prompt_tokens=prompt, reserved_tokens=reserved or prompt + 10)
 
 
-# The scheduler has no defaults of its own (the engine fills it from `Limits`): these are the tests'.
-BASE = {
-    "max_running": 32,
-    "max_prefill_tokens": 4096,
-    "kv_budget_tokens": 32 * 1024,
-    "max_waiting": 256,
-    "queue_timeout_s": 60.0,
-}
-
-
 def make(**kw: float) -> tuple[Scheduler, Clock]:
     clock = Clock()
-    return Scheduler(SchedulerConfig(**{**BASE, **kw}), clock=clock), clock  # type: ignore[arg-type]
+    return Scheduler(SchedulerConfig(**{**SCHEDULER_LIMITS, **kw}), clock=clock), clock  # type: ignore[arg-type]
 
 
 def test_admits_fcfs_up_to_max_running_then_decodes() -> None:

@@ -112,5 +112,5 @@ def test_engine_limits_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("PREFIXSERVE_DEVICE_PREFIX_CACHE_BYTES", "1000")
     monkeypatch.setenv("PREFIXSERVE_MAX_BATCH_SIZE", "7")
     config = engine_config(Settings())
-    assert (config.max_prefill_tokens, config.kv_budget_tokens) == (1024, 50000)
-    assert (config.device_prefix_cache_bytes, config.max_batch_size) == (1000, 7)
+    assert (config.limits.max_prefill_tokens, config.limits.kv_budget_tokens) == (1024, 50000)
+    assert (config.limits.device_prefix_cache_bytes, config.limits.max_batch_size) == (1000, 7)

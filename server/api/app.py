@@ -84,6 +84,11 @@ def create_app(
             settings.redis_url,
             settings.redis_key_prefix,
         )
+    upload_limiter = make_limiter(
+        LimitConfig(rps=settings.tenant_upload_rps),
+        settings.redis_url,
+        f"{settings.redis_key_prefix}:uploads",
+    )
     state = AppState(
         config=ApiConfig(
             model_id=model_id_for(settings),
@@ -100,6 +105,7 @@ def create_app(
         metrics=metrics,
         auth=auth,
         limiter=limiter,
+        upload_limiter=upload_limiter,
     )
 
     @contextlib.asynccontextmanager
@@ -124,6 +130,7 @@ def create_app(
             await engine.stop(drain_timeout_s=settings.shutdown_grace_s)
             await store.close()
             await limiter.close()
+            await upload_limiter.close()
             logger.info("stopped")
 
     app = FastAPI(

@@ -17,7 +17,7 @@ from prefix_store.base import PrefixStore
 from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
-from server.api.ratelimit import TenantLimiter
+from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.logging import request_context
 from server.metrics import Metrics
 
@@ -65,6 +65,7 @@ class AppState:
     metrics: Metrics
     auth: Authenticator
     limiter: TenantLimiter
+    upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)

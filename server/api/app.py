@@ -86,6 +86,11 @@ def create_app(
             settings.redis_url,
             settings.redis_key_prefix,
         )
+    upload_limiter = make_limiter(
+        LimitConfig(rps=settings.tenant_upload_rps),
+        settings.redis_url,
+        f"{settings.redis_key_prefix}:uploads",
+    )
     state = AppState(
         config=ApiConfig(
             model_id=model_id_for(settings),
@@ -100,6 +105,7 @@ def create_app(
         metrics=metrics,
         auth=auth,
         limiter=limiter,
+        upload_limiter=upload_limiter,
         http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
     )
 
@@ -125,6 +131,7 @@ def create_app(
             await engine.stop(drain_timeout_s=settings.limits.shutdown_grace_s)
             await store.close()
             await limiter.close()
+            await upload_limiter.close()
             logger.info("stopped")
 
     app = FastAPI(

@@ -284,6 +284,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N distinct sources")
     p.add_argument("--batch-size", type=int, default=16, help="greedy decoding batch size")
     p.add_argument("--max-source-tokens", type=int, help="same truncation as training (xsum 1024, else 512)")
+    p.add_argument(
+        "--official-metrics",
+        action="store_true",
+        help="also E2E's official NIST, METEOR, ROUGE-L (COCO) and CIDEr (pycocoevalcap; needs java)",
+    )
     _add_plain_format(p)
     p.add_argument("--device", default="auto")
     return p
@@ -315,6 +320,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         limit=args.limit,
         max_source_tokens=truncation_for(args).max_source_tokens,
         leading_space=not args.plain_format,
+        official_metrics=args.official_metrics,
     )
     result = evaluate(loaded, artifact, items, cfg, args.out)
     print(json.dumps(result["metrics"]))

@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev,train,bench]"
 	$(PIP) install -q --no-deps "text-generation==0.7.0"
+	$(PIP) install -q --no-deps "lorax-client==0.6.3"
 	touch $(STAMP)
 
 venv install: $(STAMP)

@@ -89,6 +89,18 @@ def _train_parser() -> argparse.ArgumentParser:
     _add_plain_format(p)
     p.add_argument("--patience", type=int, help="dev evaluations without improvement before stopping")
     p.add_argument(
+        "--select-on",
+        choices=["loss", "bleu"],
+        default="loss",
+        help="best dev state by dev loss, or by dev BLEU (greedy generation on --dev's sources; the paper's)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="CUDA autocast dtype (fp16 uses a GradScaler); CPU always trains in fp32",
+    )
+    p.add_argument(
         "--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)"
     )
     p.add_argument(
@@ -135,6 +147,24 @@ def build_rows(
             bos_in_target=paper,
         )
     return encode_causal(tok, examples, tok.eos_token_id, tok.eos_token_id, trunc, leading_space=paper)
+
+
+def dev_bleu_fn(loaded: Any, dev_examples: list[Any], trunc: Truncation, paper: bool) -> Any:
+    """Dev BLEU of the live prefix: greedy generation on the dev sources, as `prefixserve eval` does."""
+    import torch
+
+    from training.evaluate import EvalConfig, generate_texts, score
+
+    items = group_references(dev_examples)
+    cfg = EvalConfig(max_source_tokens=trunc.max_source_tokens, leading_space=paper)
+
+    def dev_bleu(tuner: Any) -> float:
+        with torch.no_grad():
+            prefixes = {k: v.detach() for k, v in tuner.prefixes().items()}
+        hyps = generate_texts(loaded, prefixes, [it.source for it in items], cfg)
+        return float(score(hyps, [it.references for it in items])["bleu"])
+
+    return dev_bleu
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -186,6 +216,8 @@ def train_main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every,
         patience=args.patience,
         progress=not args.no_progress,
+        precision=args.precision,
+        select_on=args.select_on,
     )
     import torch
 
@@ -205,7 +237,12 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         initial_dev = evaluate_loss(tuner, dev_rows, args.batch_size, pad_id) if dev_rows else None
         init_report = tuner.init_report
-    result = train(tuner, train_rows, dev_rows, loop_cfg, args.out, pad_id, resume=args.resume)
+    dev_bleu = (
+        dev_bleu_fn(loaded, dev_examples, trunc, paper) if args.select_on == "bleu" and dev_rows else None
+    )
+    result = train(
+        tuner, train_rows, dev_rows, loop_cfg, args.out, pad_id, resume=args.resume, dev_bleu=dev_bleu
+    )
     state = result.state
     training_meta: dict[str, Any] = {
         "prefix": asdict(prefix_cfg) | {"kinds": list(tuner.kinds), "init": init, "source_prepend": prepend},
@@ -226,6 +263,7 @@ def train_main(argv: list[str] | None = None) -> int:
         "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
         "final_dev_loss": state.dev_losses[-1][1] if state.dev_losses else None,
         "best_dev_loss": state.best_dev_loss,
+        "best_dev_bleu": state.best_dev_bleu,
         "train_seconds": round(state.train_seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -240,6 +278,7 @@ def train_main(argv: list[str] | None = None) -> int:
         "tokens_per_second": state.num_tokens / max(state.train_seconds, 1e-9),
         "train_losses": state.train_losses,
         "dev_losses": state.dev_losses,
+        "dev_bleus": state.dev_bleus,
         "wall_seconds": round(time.time() - started, 3),
         "files": written,
     }

@@ -18,6 +18,7 @@ from server.api.generation import (
     TokenInfo,
     collect_all_unless_disconnected,
     interleave,
+    sequence_ids,
     start_generations,
     token_info,
 )
@@ -39,7 +40,6 @@ from server.api.sse import SSE_CONTENT, sse_data, sse_response
 from server.api.tokens import check_fields, prefix_positions, token_text, truncate_prompt
 from server.api.version import __version__
 from server.engine.types import SamplingParams
-from server.logging import engine_request_id
 
 router = APIRouter(tags=["generate"])
 
@@ -144,7 +144,7 @@ async def _start(state: State, caller: Caller, body: GenerateRequest, route: str
         resolve_task(body),
         truncate_prompt(state, body.inputs, p.truncate),
         runs,
-        [engine_request_id() for _ in range(count)],
+        sequence_ids(count),
     )
 
 

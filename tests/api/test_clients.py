@@ -12,7 +12,6 @@ import uvicorn
 
 from tests.api.conftest import Api, artifact_bytes
 
-
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -225,11 +224,8 @@ async def test_openai_client_with_wrapper_defaults_n_logprobs_usage_and_chat(ser
     assert lp.logprobs.token_logprobs[0] is None and all(x <= 0 for x in lp.logprobs.token_logprobs[1:])
     assert all(len(top) == 3 for top in lp.logprobs.top_logprobs[num_prompt:])
     # Greedy: each generated token is its step's most likely one.
-    for token, logprob, top in zip(
-        lp.logprobs.tokens[num_prompt:],
-        lp.logprobs.token_logprobs[num_prompt:],
-        lp.logprobs.top_logprobs[num_prompt:],
-        strict=True,
+    for logprob, top in zip(
+        lp.logprobs.token_logprobs[num_prompt:], lp.logprobs.top_logprobs[num_prompt:], strict=True
     ):
         assert abs(max(top.values()) - logprob) < 1e-5
     # Chat: the template's rendering, then the completion of it.

@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv install demo test test-gpu lint serve bench bench-quick bench-gpu soak clean
+.PHONY: venv install demo test test-gpu lint serve bench bench-quick bench-gpu soak replicate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench-gpu: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -m soak tests/reliability
+
+# Miniature replication of the paper's claims (issue 17): pretrains a small LM here, trains prefixes and
+# fine-tunes, evaluates, checks served output; rewrites docs/replication.md and docs/replication.png.
+# About 30 min on a loaded 2-core machine; not part of `make test`.
+replicate: $(STAMP)
+	nice $(PY) -m training.replicate.run --out runs/replicate
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -28,6 +28,12 @@ class ApiKeyEntry(BaseModel):
     tenant: str
     # "generate": generate and list models/prefixes; "manage": also upload, delete and roll back prefixes.
     role: Role = "generate"
+    # Issue 18: the tenant's share of the batch under contention (relative to other tenants' weights;
+    # every key of a tenant must agree), the class of its requests unless they send `X-Priority`, and
+    # its own queue bound (None: `tenant_max_waiting`).
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    priority: Literal["interactive", "batch"] = "interactive"
+    max_waiting: int | None = Field(default=None, ge=0)
 
     @field_validator("tenant")
     @classmethod
@@ -91,6 +97,36 @@ class Settings(BaseSettings):
     tenant_max_concurrent: int = Field(default=0, ge=0, description="Per tenant; 0 = unlimited.")
     tenant_rps: float = Field(default=0.0, ge=0, description="Requests/second per tenant; 0 = unlimited.")
 
+    # --- issue 13: hostile HTTP clients (read once into `server.api.admission.HttpLimits`) ------
+    max_json_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Body limit of JSON routes (generate, completions, rollback); uploads: max_body_bytes.",
+    )
+    max_prompt_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longer prompts get 422 before tokenisation; unset: positions x longest token's bytes.",
+    )
+    timeout_keep_alive_s: int = Field(default=5, ge=1, description="Idle keep-alive connections close.")
+    timeout_request_header_s: float = Field(
+        default=10.0, gt=0, description="A connection without complete request headers by then is closed."
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections beyond this get 503 (uvicorn limit_concurrency)."
+    )
+    max_request_header_bytes: int = Field(
+        default=16384, ge=1024, description="Request line + headers beyond this get 400 (h11)."
+    )
+
+    # --- issue 18: fair scheduling across tenants ----------------------------------------------
+    fair_scheduling: bool = Field(
+        default=True, description="Weighted fair admission across tenants; false: one FCFS queue."
+    )
+    tenant_max_waiting: int = Field(
+        default=0, ge=0, description="Queued requests per tenant (a key's max_waiting wins); 0 = global only."
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -99,7 +135,15 @@ class Settings(BaseSettings):
         default_factory=list, description="Tasks that get their own metrics label (JSON list or comma list)."
     )
     metrics_top_tasks: int = Field(
-        default=20, ge=0, description="Without an allow-list: the first N busy tasks get labels."
+        default=0,
+        ge=0,
+        description="Without an allow-list: the first N busy tasks get labels (0: none; /metrics is public).",
+    )
+
+    # --- issue 16: metrics for routers (vLLM names) --------------------------------------------
+    metrics_adapter_names: Literal["off", "task", "tenant_task"] = Field(
+        default="off",
+        description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
     )
 
     # --- API compatibility (issue 16, clients) --------------------------------------------------
@@ -149,11 +193,28 @@ class Settings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"PREFIXSERVE_API_KEYS_FILE {self.api_keys_file}: {exc}") from None
             keys.update(_require_keys(_parse_keys(text, source), source))
-        if self.api_keys is not None and self.api_keys.strip():
+        if self.api_keys is not None:  # set but empty ("") fails closed too (issue 13)
             keys.update(
                 _require_keys(_parse_keys(self.api_keys, "PREFIXSERVE_API_KEYS"), "PREFIXSERVE_API_KEYS")
             )
         return keys
+
+    def tenant_weights(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Per-tenant fair-queue weights and queue bounds from the API keys (issue 18).
+
+        Raises `ValueError` when two keys of one tenant disagree: a tenant has one share.
+        """
+        weights: dict[str, float] = {}
+        bounds: dict[str, int] = {}
+        for entry in self.resolve_api_keys().values():
+            for table, value in ((weights, entry.weight), (bounds, entry.max_waiting)):
+                if value is None:
+                    continue
+                if table.setdefault(entry.tenant, value) != value:  # type: ignore[arg-type]
+                    raise ValueError(
+                        f"tenant {entry.tenant!r}: its API keys set different weights/max_waiting"
+                    )
+        return weights, bounds
 
 
 def _require_keys(keys: dict[str, ApiKeyEntry], source: str) -> dict[str, ApiKeyEntry]:
@@ -163,6 +224,8 @@ def _require_keys(keys: dict[str, ApiKeyEntry], source: str) -> dict[str, ApiKey
 
 
 def _parse_keys(text: str, source: str) -> dict[str, ApiKeyEntry]:
+    if not text.strip():
+        return {}  # set but blank: `_require_keys` refuses it with a clear message
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

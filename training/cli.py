@@ -15,7 +15,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from training.data import FORMATS, Truncation, encode_causal, encode_seq2seq, group_references, load_examples
+from training.data import (
+    FORMATS,
+    Truncation,
+    default_truncation,
+    encode_causal,
+    encode_seq2seq,
+    group_references,
+    load_examples,
+)
 
 SUMMARY_NAME = "summary.json"
 
@@ -59,8 +67,15 @@ def _train_parser() -> argparse.ArgumentParser:
         choices=["paper", "peft"],
         help="BART only: paper = encoder+decoder+cross prefixes; peft = decoder self-attention only",
     )
-    p.add_argument("--max-source-tokens", type=int, default=512, help="sources keep their first N tokens")
-    p.add_argument("--max-target-tokens", type=int, default=128, help="targets keep their first N tokens")
+    p.add_argument(
+        "--max-source-tokens",
+        type=int,
+        help="sources keep their first N tokens (default: xsum 1024, else 512)",
+    )
+    p.add_argument(
+        "--max-target-tokens", type=int, help="targets keep their first N tokens (default: xsum 60, else 128)"
+    )
+    _add_plain_format(p)
     p.add_argument("--patience", type=int, help="dev evaluations without improvement before stopping")
     p.add_argument(
         "--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)"
@@ -73,13 +88,42 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_rows(loaded: Any, examples: list[Any], trunc: Truncation) -> list[dict[str, list[int]]]:
-    """Tokenised training rows for the model's architecture (see training.data)."""
+def _add_plain_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plain-format",
+        action="store_true",
+        help="the plain data form instead of the paper's: E2E MRs verbatim, triples with underscores as "
+        "spaces and relations as written, no leading space before a GPT-2 source, no <s> in BART targets",
+    )
+
+
+def truncation_for(args: argparse.Namespace) -> Truncation:
+    """The format's default truncation with the flags that were given."""
+    default = default_truncation(args.format)
+    return Truncation(
+        args.max_source_tokens or default.max_source_tokens,
+        getattr(args, "max_target_tokens", None) or default.max_target_tokens,
+    )
+
+
+def build_rows(
+    loaded: Any, examples: list[Any], trunc: Truncation, paper: bool = True
+) -> list[dict[str, list[int]]]:
+    """Tokenised training rows for the model's architecture (see training.data); `paper`: the paper's
+    form (leading space before a GPT-2 source, `<s>` opening a BART target)."""
     tok = loaded.tokenizer
     if loaded.spec.is_encoder_decoder:
         c = loaded.model.config
-        return encode_seq2seq(tok, examples, c.bos_token_id, c.eos_token_id, c.decoder_start_token_id, trunc)
-    return encode_causal(tok, examples, tok.eos_token_id, tok.eos_token_id, trunc)
+        return encode_seq2seq(
+            tok,
+            examples,
+            c.bos_token_id,
+            c.eos_token_id,
+            c.decoder_start_token_id,
+            trunc,
+            bos_in_target=paper,
+        )
+    return encode_causal(tok, examples, tok.eos_token_id, tok.eos_token_id, trunc, leading_space=paper)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -92,9 +136,10 @@ def train_main(argv: list[str] | None = None) -> int:
     from training.trainer import TrainConfig, evaluate_loss, resolve_checkpoint, train
 
     started = time.time()
-    trunc = Truncation(args.max_source_tokens, args.max_target_tokens)
-    train_examples = load_examples(args.data, args.format)[: args.limit]
-    dev_examples = load_examples(args.dev, args.format) if args.dev else []
+    trunc = truncation_for(args)
+    paper = not args.plain_format
+    train_examples = load_examples(args.data, args.format, paper)[: args.limit]
+    dev_examples = load_examples(args.dev, args.format, paper) if args.dev else []
     loaded = load_model(args.model, device=args.device, dtype="float32")
     prefix_cfg = PrefixConfig(
         prefix_length=args.prefix_length,
@@ -127,8 +172,8 @@ def train_main(argv: list[str] | None = None) -> int:
         previous_summary = resolve_checkpoint(args.resume).parent.parent / SUMMARY_NAME
         previous = json.loads(previous_summary.read_text()) if previous_summary.is_file() else {}
     tuner = make_tuner(loaded, replace(prefix_cfg, init_text=None) if args.resume else prefix_cfg)
-    train_rows = build_rows(loaded, train_examples, trunc)
-    dev_rows = build_rows(loaded, dev_examples, trunc) if dev_examples else None
+    train_rows = build_rows(loaded, train_examples, trunc, paper)
+    dev_rows = build_rows(loaded, dev_examples, trunc, paper) if dev_examples else None
     pad_id = int(loaded.tokenizer.pad_token_id)
     if args.resume:
         initial_dev, init_report = previous.get("initial_dev_loss"), previous.get("init_fit_relative_error")
@@ -145,6 +190,7 @@ def train_main(argv: list[str] | None = None) -> int:
             "train": str(args.data),
             "dev": args.dev,
             "format": args.format,
+            "source_form": "paper" if paper else "plain",
             "num_train": len(train_rows),
         },
         "base_model": args.model,
@@ -190,12 +236,30 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="evaluation file (references grouped per source)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="results JSON path")
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (paper: 5 table-to-text, 6 XSum)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam length penalty (paper XSum: 0.8)")
+    p.add_argument(
+        "--num-beams", type=int, help="1 = greedy; default: the paper's (5 e2e/webnlg/dart, 6 xsum, else 1)"
+    )
+    p.add_argument(
+        "--length-penalty", type=float, help="beam length penalty; default: the paper's (xsum 0.8, else 1)"
+    )
+    p.add_argument("--min-new-tokens", type=int, default=0, help="eos is not allowed before this many tokens")
+    p.add_argument(
+        "--ban-newlines",
+        action=argparse.BooleanOptionalAction,
+        help="never generate newline tokens; default: the paper's (on for e2e/webnlg/dart)",
+    )
+    p.add_argument(
+        "--early-stopping",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="beam search stops once num-beams hypotheses ended (HF early_stopping=True); "
+        "--no-early-stopping is HF's default heuristic (the paper's code)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, help="evaluate only the first N distinct sources")
     p.add_argument("--batch-size", type=int, default=16, help="greedy decoding batch size")
-    p.add_argument("--max-source-tokens", type=int, default=512, help="same truncation as training")
+    p.add_argument("--max-source-tokens", type=int, help="same truncation as training (xsum 1024, else 512)")
+    _add_plain_format(p)
     p.add_argument("--device", default="auto")
     return p
 
@@ -205,18 +269,23 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = _eval_parser().parse_args(argv)
     from modeling.models import load_model
     from prefix_store.artifact import load_artifact
-    from training.evaluate import EvalConfig, evaluate
+    from training.evaluate import EvalConfig, evaluate, paper_decoding
 
     loaded = load_model(args.model, device=args.device, dtype="float32")
     artifact = load_artifact(Path(args.artifact).read_bytes(), loaded.spec) if args.artifact else None
-    items = group_references(load_examples(args.data, args.format))
+    items = group_references(load_examples(args.data, args.format, not args.plain_format))
+    paper = paper_decoding(args.format)
     cfg = EvalConfig(
-        num_beams=args.num_beams,
-        length_penalty=args.length_penalty,
+        num_beams=paper["num_beams"] if args.num_beams is None else args.num_beams,
+        length_penalty=paper["length_penalty"] if args.length_penalty is None else args.length_penalty,
+        min_new_tokens=args.min_new_tokens,
+        ban_newlines=paper["ban_newlines"] if args.ban_newlines is None else args.ban_newlines,
+        early_stopping=args.early_stopping,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         limit=args.limit,
-        max_source_tokens=args.max_source_tokens,
+        max_source_tokens=truncation_for(args).max_source_tokens,
+        leading_space=not args.plain_format,
     )
     result = evaluate(loaded, artifact, items, cfg, args.out)
     print(json.dumps(result["metrics"]))

@@ -72,15 +72,18 @@ def greedy_causal(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     eos_id: int | None,
+    min_new_tokens: int = 0,
+    banned_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Batched cached greedy decoding; each output stops after eos (kept) or `max_new_tokens`."""
+    """Batched cached greedy decoding; each output stops after eos (kept) or `max_new_tokens`. Banned
+    ids, and eos before `min_new_tokens`, are never chosen (as in `beam_search`)."""
     logits, (cache, mask, last_pos) = _causal_prefill(model, prefix, prompts)
     batch = len(prompts)
     device = logits.device
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        next_ids = logits.argmax(-1)  # [B]
+        next_ids = suppress_tokens(logits, step, eos_id, min_new_tokens, banned_ids).argmax(-1)  # [B]
         finished = done.tolist()
         for row, token in enumerate(next_ids.tolist()):  # the one host read per step
             if not finished[row]:
@@ -102,36 +105,71 @@ def greedy_causal(
     return outputs
 
 
+def suppress_tokens(
+    logits: Tensor, num_generated: int, eos_id: int | None, min_new_tokens: int, banned_ids: Sequence[int]
+) -> Tensor:
+    """`logits` `[N, V]` with banned ids, and eos before `min_new_tokens` generated tokens, set to -inf
+    (HF's `NoBadWordsLogitsProcessor` for one-token words and `MinNewTokensLengthLogitsProcessor`)."""
+    blocked = list(banned_ids)
+    if eos_id is not None and num_generated < min_new_tokens:
+        blocked.append(eos_id)
+    if not blocked:
+        return logits
+    logits = logits.clone()
+    logits[:, blocked] = float("-inf")
+    return logits
+
+
 def beam_search(
     step_logits: Callable[[list[list[int]]], Tensor],
     num_beams: int,
     max_new_tokens: int,
     eos_id: int | None,
     length_penalty: float = 1.0,
+    min_new_tokens: int = 0,
+    banned_ids: Sequence[int] = (),
+    early_stopping: bool = True,
 ) -> list[int]:
-    """Beam search for one source. `step_logits(generated_so_far)` gives `[N, V]` next-token logits for
-    N partial outputs (the caller closes over the source). Returns the best hypothesis' ids."""
+    """Beam search for one source, step for step HF `generate(num_beams=..., early_stopping=...)`.
+
+    `step_logits(generated_so_far)` gives `[N, V]` next-token logits for N partial outputs (the caller
+    closes over the source). Returns the best hypothesis' ids (ending in eos unless cut at
+    `max_new_tokens`). HF's rules, kept exactly (transformers 5.24 `_beam_search`):
+    - each step ranks `2 * num_beams` (beam, token) candidates by summed log-probability (log-softmax,
+      then -inf for suppressed tokens); the best `num_beams` that do not end carry on;
+    - a candidate that ends (eos, or any candidate at the last step) becomes a hypothesis only if it
+      ranks among the first `num_beams`, scored sum / (generated length incl. eos) ** length_penalty;
+      the best `num_beams` hypotheses are kept;
+    - the search stops once `num_beams` hypotheses exist and either `early_stopping` or no live beam
+      can still beat the worst of them (HF's heuristic: best live sum / current length ** penalty).
+    """
     beams: list[tuple[list[int], float]] = [([], 0.0)]
-    finished: list[tuple[list[int], float]] = []
-    for _ in range(max_new_tokens):
-        logprobs = torch.log_softmax(step_logits([b for b, _ in beams]), dim=-1)  # [N, V]
-        scores = logprobs + torch.tensor([s for _, s in beams], device=logprobs.device)[:, None]
-        top = scores.view(-1).topk(2 * num_beams)  # room for eos candidates
-        vocab = logprobs.shape[-1]
-        new_beams: list[tuple[list[int], float]] = []
-        for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+    finished: list[tuple[float, list[int]]] = []  # (normalised score, ids), best first, <= num_beams
+    for step in range(max_new_tokens):
+        logits = step_logits([b for b, _ in beams]).float()  # [N, V]
+        logprobs = suppress_tokens(
+            torch.log_softmax(logits, dim=-1), step, eos_id, min_new_tokens, banned_ids
+        )
+        scores = logprobs + torch.tensor([s for _, s in beams], device=logprobs.device)[:, None]  # [N, V]
+        top = scores.view(-1).topk(min(2 * num_beams, scores.numel()))
+        vocab, last, length = logprobs.shape[-1], step == max_new_tokens - 1, step + 1
+        live: list[tuple[list[int], float]] = []
+        for rank, (score, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
             seq = [*beams[flat // vocab][0], flat % vocab]
-            if eos_id is not None and seq[-1] == eos_id:
-                finished.append((seq, score))
-            else:
-                new_beams.append((seq, score))
-            if len(new_beams) == num_beams:
-                break
-        beams = new_beams
-        if len(finished) >= num_beams or not beams:
+            if last or (eos_id is not None and seq[-1] == eos_id):
+                if rank < num_beams:  # HF drops enders ranked below the first num_beams
+                    finished.append((score / length**length_penalty, seq))
+            elif len(live) < num_beams:
+                live.append((seq, score))
+        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:num_beams]
+        beams = live
+        if last or not beams:
             break
-    candidates = finished or beams
-    return max(candidates, key=lambda c: c[1] / (max(len(c[0]), 1) ** length_penalty))[0]
+        if len(finished) == num_beams and (
+            early_stopping or beams[0][1] / length**length_penalty <= finished[-1][0]
+        ):
+            break
+    return finished[0][1] if finished else []
 
 
 def generate_causal(
@@ -143,13 +181,17 @@ def generate_causal(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     batch_size: int = 16,
+    min_new_tokens: int = 0,
+    banned_ids: Sequence[int] = (),
+    early_stopping: bool = True,
 ) -> list[list[int]]:
     """GPT-2 generation for many prompts with a `[layers, 2, H, L, D]` prefix (or None)."""
     if num_beams <= 1:
         out: list[list[int]] = []
         for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
             out.extend(
-                greedy_causal(model, prefix, prompts[start : start + batch_size], max_new_tokens, eos_id)
+                greedy_causal(model, prefix, chunk, max_new_tokens, eos_id, min_new_tokens, banned_ids)
             )
         return out
     results = []
@@ -158,7 +200,18 @@ def generate_causal(
         def step(gens: list[list[int]], prompt: Sequence[int] = prompt) -> Tensor:
             return causal_logits(model, prefix, [[*prompt, *g] for g in gens])
 
-        results.append(beam_search(step, num_beams, max_new_tokens, eos_id, length_penalty))
+        results.append(
+            beam_search(
+                step,
+                num_beams,
+                max_new_tokens,
+                eos_id,
+                length_penalty,
+                min_new_tokens,
+                banned_ids,
+                early_stopping,
+            )
+        )
     return results
 
 
@@ -171,14 +224,18 @@ def generate_seq2seq(
     eos_id: int | None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    min_new_tokens: int = 0,
+    banned_ids: Sequence[int] = (),
+    early_stopping: bool = True,
 ) -> list[list[int]]:
-    """BART generation, one source at a time; `sources` are encoder inputs (already bos/eos-wrapped)."""
+    """BART generation, one source at a time; `sources` are encoder inputs (already bos/eos-wrapped).
+    Greedy with suppressed tokens runs as a one-beam search (the same choices as greedy)."""
     device = model.get_input_embeddings().weight.device
     prefixes = {k: v.to(device=device, dtype=model.dtype) for k, v in prefixes.items()}
     start = int(model.config.decoder_start_token_id)
     results = []
     for src in sources:
-        if num_beams <= 1:
+        if num_beams <= 1 and min_new_tokens == 0 and not banned_ids:
             results.append(bart_prefix.greedy_generate(model, list(src), prefixes, max_new_tokens, eos_id))
             continue
         src_ids = torch.tensor([list(src)], device=device)  # [1, S]
@@ -192,5 +249,16 @@ def generate_seq2seq(
             )
             return logits[:, -1].float()  # [N, V]
 
-        results.append(beam_search(step, num_beams, max_new_tokens, eos_id, length_penalty))
+        results.append(
+            beam_search(
+                step,
+                num_beams,
+                max_new_tokens,
+                eos_id,
+                length_penalty,
+                min_new_tokens,
+                banned_ids,
+                early_stopping,
+            )
+        )
     return results

@@ -19,10 +19,12 @@ from fastapi import FastAPI
 
 from prefix_store.base import PrefixStore, StoreUnavailable
 from prefix_store.model_spec import ModelSpec
+from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState, EngineLike
 from server.api.errors import install_error_handlers
-from server.api.middleware import BodySizeLimitMiddleware, RequestMiddleware
+from server.api.http_limits import HttpLimits
+from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
 from server.api.routes import chat, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
@@ -51,6 +53,9 @@ def metrics_for(settings: Settings) -> Metrics:
         settings.metrics_top_tasks,
         Authenticator(settings.resolve_api_keys()).tenants,
         max_tasks=settings.max_batch_size,
+        model_name=model_id_for(settings),
+        adapter_names=settings.metrics_adapter_names,
+        version=__version__,
     )
 
 
@@ -98,6 +103,7 @@ def create_app(
         metrics=metrics,
         auth=auth,
         limiter=limiter,
+        http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
     )
 
     @contextlib.asynccontextmanager
@@ -137,7 +143,7 @@ def create_app(
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionMiddleware, state=state, limits=state.http)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
 

@@ -17,7 +17,9 @@ from prefix_store.base import PrefixStore
 from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
+from server.api.http_limits import HttpLimits
 from server.api.ratelimit import TenantLimiter
+from server.api.traffic import routing_headers
 from server.logging import request_context
 from server.metrics import Metrics
 
@@ -33,6 +35,11 @@ class EngineLike(Protocol):
 
     @property
     def num_waiting(self) -> int: ...
+
+    @property
+    def queue_full(self) -> bool: ...
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]: ...
 
     def generate(self, request: Any) -> Any: ...
 
@@ -69,6 +76,7 @@ class AppState:
     metrics: Metrics
     auth: Authenticator
     limiter: TenantLimiter
+    http: HttpLimits
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -94,6 +102,7 @@ def authenticate(
         principal = state.auth.authenticate(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(401, str(exc), "unauthorized", headers={"WWW-Authenticate": "Bearer"}) from None
+    principal = routing_headers(request.headers, principal)  # issue 18: X-Priority, X-Route-Key
     ctx = request_context.get()
     if ctx is not None:
         ctx.tenant = principal.tenant

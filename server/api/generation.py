@@ -1,6 +1,8 @@
 """Admission and one generation's life, shared by the TGI, native and OpenAI routes.
 
-`start_generation` checks draining, takes a tenant rate-limit lease, submits to the engine and waits
+`start_generation` checks draining and the prompt's size (O(1), before any work proportional to it),
+takes a tenant rate-limit lease, tokenises the prompt in a worker thread (never on the event loop: a
+long prompt would stall every other request), submits the ids to the engine and waits
 for the *first* event before returning. Waiting for it means every error the engine raises at
 admission (unknown task, prompt too long, queue full, store down...) becomes a proper HTTP status,
 even on streaming routes, instead of a broken 200 stream. The returned `Generation` yields the events
@@ -23,7 +25,7 @@ from server.api.auth import Principal
 from server.api.deps import AppState
 from server.api.errors import ApiError, Draining
 from server.api.ratelimit import Lease
-from server.engine.errors import RequestFailed
+from server.engine.errors import InvalidRequest, RequestFailed
 from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
 from server.logging import RequestContext, engine_request_id, request_context
 
@@ -172,6 +174,22 @@ class Generation:
                 self._ctx.finish_reason = last.finish_reason
 
 
+def check_prompt_size(state: AppState, prompt: str | list[int]) -> None:
+    """422 for a prompt that cannot fit the model, decided in O(1) before any work proportional to it.
+
+    A prompt of more characters than `max_prompt_chars` (positions x the longest token, see
+    `HttpLimits`) has more tokens than the model has positions; a list of more ids does too.
+    """
+    max_positions = state.spec.max_positions
+    if isinstance(prompt, str) and len(prompt) > state.http.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt has {len(prompt)} characters; at most {state.http.max_prompt_chars} can fit the "
+            f"model's {max_positions} positions"
+        )
+    if isinstance(prompt, list) and len(prompt) > max_positions:
+        raise InvalidRequest(f"prompt has {len(prompt)} tokens; the model has {max_positions} positions")
+
+
 async def start_generation(
     state: AppState,
     principal: Principal,
@@ -188,11 +206,21 @@ async def start_generation(
     if state.draining:
         raise Draining()
     params.validate()  # out-of-range values → 422 before using a rate-limit slot
+    check_prompt_size(state, prompt)
     lease = await state.limiter.acquire(principal.tenant)
     stream: Any = None
     try:
+        if isinstance(prompt, str):  # tokenising takes time proportional to the prompt: not on the loop
+            prompt = await anyio.to_thread.run_sync(state.engine.tokenize, prompt)
         request = GenerationRequest(
-            request_id=request_id, prompt=prompt, params=params, tenant=principal.tenant, task=task
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            tenant=principal.tenant,
+            task=task,
+            priority=principal.priority,
+            # Issue 18: a traffic split pins by the client's key, else by the (client-visible) request id.
+            route_key=principal.route_key or (ctx.request_id if ctx is not None else request_id),
         )
         stream = state.engine.generate(request)
         first = await anext(stream)

@@ -36,10 +36,12 @@ from server.engine.errors import (
     EngineError,
     EngineStopped,
     InvalidRequest,
+    QueueFull,
     QueueTimeout,
     RequestFailed,
     UnknownTask,
 )
+from server.engine.fair_queue import FairQueueConfig
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
@@ -84,6 +86,7 @@ class EngineConfig:
     device_prefix_cache_bytes: int = 256 << 20
     host_prefix_cache_bytes: int = 1 << 30
     kv_position_chunk: int = 256  # KV cache grows/shrinks in chunks of this many positions
+    fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
 
 
 @dataclass
@@ -155,6 +158,7 @@ class Engine:
                 kv_budget_tokens=kv_budget,
                 max_waiting=self.config.max_waiting,
                 queue_timeout_s=self.config.queue_timeout_s,
+                fair_queue=self.config.fair_queue,
             )
         )
         self.prefix_cache: PrefixCache | None = None
@@ -220,6 +224,11 @@ class Engine:
         return self.scheduler.num_waiting
 
     @property
+    def queue_full(self) -> bool:
+        """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
+        return self.scheduler.num_waiting >= self.config.max_waiting
+
+    @property
     def running_tasks(self) -> list[str]:
         """Distinct "tenant/task" of running requests (bare-model requests not listed)."""
         return self._task_labels(self.scheduler.running_ids)
@@ -267,7 +276,7 @@ class Engine:
             raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
         params = request.params
         params.validate()
-        prompt_ids = self._tokenize(request.prompt)
+        prompt_ids = self.tokenize(request.prompt)
         prefix = await self._resolve_prefix(request)
         artifact = None if prefix is None else prefix.artifact
         self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, artifact)
@@ -289,19 +298,26 @@ class Engine:
         )
         if not self._accepting or not self.healthy:  # stopped while the prefix was loading
             raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
-        self.scheduler.add(
+        pushed_out = self.scheduler.add(
             ScheduledRequest(
                 request_id=request.request_id,
                 num_prompt_tokens=len(prompt_ids),
                 reserved_tokens=self.runner.reserved_tokens(len(prompt_ids), params.max_new_tokens, artifact),
                 arrival_time=state.arrival,
+                tenant=request.tenant,
+                priority=request.priority,
+                cost=params.max_new_tokens,
             )
         )
+        for rid in pushed_out:  # the fair queue made room for a tenant under its share (fair_queue)
+            self._fail(self._requests[rid], QueueFull("the queue is full and this tenant is over its share"))
         self._requests[request.request_id] = state
         self._wake.set()
         return state
 
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids (ids are checked against the vocabulary). Safe in worker threads: the
+        API tokenises long prompts off the event loop and submits the ids."""
         if isinstance(prompt, str):
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
         else:

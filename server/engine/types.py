@@ -105,6 +105,10 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     tenant: str = "default"
     task: str | None = None
+    # Issue 18: the request's class in its tenant's fair-queue share ("interactive" | "batch"), and
+    # the key that pins it to one version of a task under a traffic split (default: request_id).
+    priority: str = "interactive"
+    route_key: str | None = None
 
 
 @dataclass

@@ -129,6 +129,7 @@ def _details(state: State, result: Completed, p: GenerateParameters) -> Details:
         prefill=_prefill(state, result),
         tokens=tokens,
         top_tokens=top if p.top_n_tokens else None,
+        best_of_sequences=None,
     )
 
 
@@ -142,7 +143,7 @@ async def _start(state: State, caller: Caller, body: GenerateRequest, route: str
         state,
         caller,
         resolve_task(body),
-        truncate_prompt(state, body.inputs, p.truncate),
+        await truncate_prompt(state, body.inputs, p.truncate),
         runs,
         sequence_ids(count),
     )

@@ -3,6 +3,7 @@ limits, how unknown and neutral-only fields are treated, chat templates, prompt 
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -100,6 +101,16 @@ async def test_unknown_fields_warned_and_ignored_on_compat_routes_refused_on_nat
         headers=ACME,
     )
     assert completion.status_code == 200, completion.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        chat = await api.client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny-gpt2", "messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+            headers=ACME,
+        )
+    assert chat.status_code == 400  # no template here; the unknown message field was still reported
+    warned = [r for r in caplog.records if r.getMessage() == "ignoring unknown request fields"]
+    assert warned and warned[0].fields == ["messages[0].tool_calls"]  # type: ignore[attr-defined]
 
 
 async def test_neutral_values_accepted_others_refused_with_the_reason(make_api):
@@ -191,3 +202,26 @@ async def test_logit_bias_steers_greedy_output_and_bad_ids_are_refused(make_api)
     assert plain != forced.json()["choices"][0]["text"]
     bad = await api.client.post("/v1/completions", json=body | {"logit_bias": {"999999": 1}}, headers=ACME)
     assert bad.status_code == 422 and "logit_bias" in bad.json()["error"]["message"]
+
+
+async def test_streamed_n_sequences_arrive_by_index_and_equal_the_unstreamed(make_api):
+    api = await make_api()
+    body = {"model": "tiny-gpt2", "prompt": "Once upon", "max_tokens": 5, "n": 2, "seed": 9}
+    whole = (await api.client.post("/v1/completions", json=body, headers=ACME)).json()
+    stream = await api.client.post(
+        "/v1/completions",
+        json=body | {"stream": True, "stream_options": {"include_usage": True}},
+        headers=ACME,
+    )
+    chunks = [
+        json.loads(line[5:])
+        for line in stream.text.splitlines()
+        if line.startswith("data:") and "[DONE]" not in line
+    ]
+    texts = ["", ""]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in whole["choices"]]
+    assert texts[0] != texts[1]  # seeds 9 and 10
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]

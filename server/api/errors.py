@@ -134,7 +134,7 @@ _HTTP_ERROR_TYPES = {
 # TGI's 424 elsewhere), and errors use OpenAI's body shape: the `openai` client raises the right
 # exception class from the status alone, but puts the reason into the exception's text only from
 # `{"error": {"message": ...}}`.
-OPENAI_PATHS = ("/v1/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
 class OpenAIErrorDetail(BaseModel):

@@ -24,7 +24,7 @@ from server.api.deps import ApiConfig, AppState, EngineLike
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodySizeLimitMiddleware, RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
-from server.api.routes import generate, health, openai, prefixes
+from server.api.routes import canary, generate, health, openai, prefixes
 from server.api.version import __version__
 from server.metrics import Metrics
 from server.settings import Settings
@@ -132,7 +132,7 @@ def create_app(
     )
     app.state.prefixserve = state
     install_error_handlers(app)
-    for module in (generate, openai, prefixes, health):
+    for module in (generate, openai, prefixes, canary, health):  # canary: issue 18
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.

@@ -102,3 +102,5 @@ class StreamEvent:
     token_logprob: float | None = (
         None  # log-probability of the token under the model (before sampling filters)
     )
+    # Issue 18: "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
+    prefix_variant: str | None = None

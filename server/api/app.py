@@ -26,7 +26,7 @@ from server.api.errors import install_error_handlers
 from server.api.http_limits import HttpLimits
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
-from server.api.routes import chat, generate, health, openai, prefixes, tokenize
+from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
 from server.metrics import Metrics
 from server.settings import Settings
@@ -143,7 +143,7 @@ def create_app(
     )
     app.state.prefixserve = state
     install_error_handlers(app)
-    for module in (generate, openai, chat, tokenize, prefixes, health):
+    for module in (generate, openai, chat, tokenize, prefixes, canary, health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.

@@ -169,7 +169,9 @@ class Settings(BaseSettings):
         description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
     )
     tenant_upload_rps: float = Field(
-        default=0.0, ge=0, description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited."
+        default=_L.tenant_upload_rps,
+        ge=0,
+        description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited.",
     )
 
     # --- API compatibility (issue 16, clients) --------------------------------------------------

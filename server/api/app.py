@@ -87,7 +87,7 @@ def create_app(
             settings.redis_key_prefix,
         )
     upload_limiter = make_limiter(
-        LimitConfig(rps=settings.tenant_upload_rps),
+        LimitConfig(max_concurrent=0, rps=settings.limits.tenant_upload_rps),
         settings.redis_url,
         f"{settings.redis_key_prefix}:uploads",
     )

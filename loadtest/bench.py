@@ -393,12 +393,13 @@ class Bench:
 
     def _engine_config(self, max_batch_size: int, device_prefix_cache_bytes: int | None = None) -> Any:
         from server.engine import EngineConfig
+        from server.limits import Limits
 
         # Long queue timeouts: a benchmark measures queueing, it must not drop requests to hide it.
-        config = EngineConfig(max_batch_size=max_batch_size, max_waiting=4096, queue_timeout_s=3600.0)
+        limits = Limits(max_batch_size=max_batch_size, max_waiting=4096, queue_timeout_s=3600.0)
         if device_prefix_cache_bytes is not None:
-            config.device_prefix_cache_bytes = device_prefix_cache_bytes
-        return config
+            limits = replace(limits, device_prefix_cache_bytes=device_prefix_cache_bytes)
+        return EngineConfig(limits)
 
     def _run_peft(
         self, name: str, loaded: LoadedModel, workload: Workload, peft_dirs: dict[str, Path], max_batch: int

@@ -159,7 +159,7 @@ async def run_engine_async(
             kv = engine.kv_stats()
             cache = engine.prefix_cache_stats
             extra: dict[str, Any] = {
-                "max_batch_size": engine_config.max_batch_size,
+                "max_batch_size": engine_config.limits.max_batch_size,
                 **stats.summary(),
                 "peak_kv_bytes": kv.get("peak_bytes"),
                 "peak_prefix_bytes": kv.get("peak_prefix_bytes"),

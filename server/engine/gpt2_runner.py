@@ -83,6 +83,8 @@ class GPT2Runner:
             device=self.device,
         )
         self._arange = torch.arange(self.max_positions, device=self.device)  # [max_positions]
+        # request id -> prompt logits of its chunks so far ([chunk, V] each), until taken
+        self._prompt_logits: dict[str, list[torch.Tensor]] = {}
 
     def _scale(self, config, layer_idx: int) -> float:  # type: ignore[no-untyped-def]
         scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
@@ -132,6 +134,7 @@ class GPT2Runner:
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
+            self._prompt_logits.pop(rid, None)
             if rid in self.cache.rows:
                 self.cache.remove(rid)
 
@@ -220,6 +223,8 @@ class GPT2Runner:
             attn = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)  # [T, E]
             x = x + block.attn.c_proj(attn)  # [T, E]
             x = x + self._mlp(block, block.ln_2(x))  # [T, E]
+        for rid, start, end in inp.prompt_spans:  # only requests that asked pay for the full-prompt LM head
+            self._prompt_logits.setdefault(rid, []).append(self.lm_head(self.ln_f(x[start:end])).float())
         return self.lm_head(self.ln_f(x[inp.sample_index])).float()  # [n_sample, V]
 
     def _attend(
@@ -251,3 +256,8 @@ class GPT2Runner:
         if not self.fused_gelu:
             return block.mlp(x)
         return block.mlp.c_proj(F.gelu(block.mlp.c_fc(x), approximate="tanh"))
+
+    def take_prompt_logits(self, request_id: str) -> torch.Tensor | None:
+        """The prompt logits `[P, V]` kept chunk by chunk for an item with `prompt_logprobs` (once)."""
+        chunks = self._prompt_logits.pop(request_id, None)
+        return None if chunks is None else torch.cat(chunks)

@@ -46,6 +46,9 @@ class PrefillItem:
     prefix_key: Hashable | None = None
     start: int = 0  # prompt tokens already computed (chunked prefill)
     end: int | None = None  # compute prompt tokens [start, end); None: to the end of the prompt
+    # Keep the logits of every prompt position for `take_prompt_logits` (prompt logprobs). Optional
+    # for runners: one without `take_prompt_logits` reports no prompt logprobs.
+    prompt_logprobs: bool = False
 
 
 @runtime_checkable

@@ -3,7 +3,9 @@
 vLLM v1 style: the engine loop is `plan = schedule()` -> run the model -> `update(outputs)`. No
 tensors here, so tests drive it with hand-made outputs.
 
-Admission (`schedule`) takes waiting requests strictly first-come-first-served while all of these hold:
+Admission (`schedule`) takes waiting requests in the order of the waiting-queue policy
+(`fair_queue`: weighted fair across tenants and priority classes, FCFS within a tenant's class; or
+plain FCFS when fairness is off) while all of these hold:
 - running requests stay within `max_running` (rows of the batch);
 - the prompt tokens computed in this step stay within `max_prefill_tokens`. With `chunked_prefill`
   (GPT-2) a prompt is split into chunks across steps: requests still prefilling get their next chunk
@@ -13,10 +15,10 @@ Admission (`schedule`) takes waiting requests strictly first-come-first-served w
   allow, so a prompt longer than the per-step limit still runs (alone) instead of waiting forever;
 - the KV budget: each running request reserves `reserved_tokens` (prefix + prompt + max_new_tokens)
   for its whole life, so a running request can never run out of cache mid-generation.
-When the head of the queue does not fit, admission stops: a later, smaller request is never admitted
-ahead of it (no starvation of long prompts).
+When the policy's next request does not fit, admission stops: a later, smaller request is never
+admitted ahead of it (no starvation of long prompts).
 
-Which waiting request is considered next is one call, `_next_waiting()` (the queue policy); the
+Which waiting request is considered next is one call, `self._waiting.peek()` (the queue policy); the
 plan lists decoding rows (prompt fully computed) and prefill chunks `[start, end)` separately.
 
 Waiting requests older than `queue_timeout_s` are dropped and reported in `timed_out_ids`. Aborted
@@ -26,22 +28,23 @@ running requests are reported once in `aborted_ids` so the engine frees their ro
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from server.engine.errors import InvalidRequest, QueueFull
+from server.engine.errors import InvalidRequest
+from server.engine.fair_queue import FairQueueConfig, WaitingQueue, make_waiting_queue
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Limits of the scheduler; see the module docstring."""
+    """Limits of the scheduler; see the module docstring. No defaults: the engine fills it from `Limits`."""
 
-    max_running: int = 32
-    max_prefill_tokens: int = 4096
-    kv_budget_tokens: int = 32 * 1024
-    max_waiting: int = 256
-    queue_timeout_s: float = 60.0
+    max_running: int
+    max_prefill_tokens: int
+    kv_budget_tokens: int
+    max_waiting: int
+    queue_timeout_s: float
+    fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: waiting-queue policy
     chunked_prefill: bool = False  # issue 15: split prompts into chunks under max_prefill_tokens
 
 
@@ -63,7 +66,11 @@ class ScheduledRequest:
     reserved_tokens: int  # prefix + prompt + max_new_tokens: KV positions held while running
     arrival_time: float = 0.0
     num_generated_tokens: int = 0
-    num_computed_tokens: int = 0  # prompt tokens scheduled for computation so far (chunked prefill)
+    # Issue 18: who waits in which fair-queue line, and how much of its tenant's share it takes.
+    tenant: str = "default"
+    priority: str = "interactive"
+    cost: int = 1  # decode steps it may take (max_new_tokens)
+    num_computed_tokens: int = 0  # issue 15: prompt tokens scheduled for computation so far (chunked)
 
     @property
     def prefilling(self) -> bool:
@@ -103,7 +110,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        self._waiting: OrderedDict[str, ScheduledRequest] = OrderedDict()
+        self._waiting: WaitingQueue[ScheduledRequest] = make_waiting_queue(
+            config.max_waiting, config.fair_queue
+        )
         self._running: dict[str, ScheduledRequest] = {}  # insertion order = admission order
         self._pending_aborts: list[str] = []
         self.reserved_tokens = 0  # sum over running requests
@@ -119,7 +128,7 @@ class Scheduler:
 
     @property
     def waiting_ids(self) -> list[str]:
-        return list(self._waiting)
+        return [req.request_id for req in self._waiting]
 
     @property
     def running_ids(self) -> list[str]:
@@ -136,8 +145,10 @@ class Scheduler:
         return request_id in self._waiting or request_id in self._running
 
     # ---- changes -------------------------------------------------------------------------------
-    def add(self, request: ScheduledRequest) -> None:
-        """Queue a request. Raises `QueueFull` at `max_waiting`, `InvalidRequest` if it can never fit."""
+    def add(self, request: ScheduledRequest) -> list[str]:
+        """Queue a request. Raises `QueueFull` when its tenant's or the global queue is full,
+        `InvalidRequest` if it can never fit. Returns the ids of waiting requests the policy pushed
+        out to make room (the caller answers them as if they had met a full queue)."""
         if request.request_id in self:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         if request.reserved_tokens > self.config.kv_budget_tokens:
@@ -145,39 +156,38 @@ class Scheduler:
                 f"request needs {request.reserved_tokens} KV positions (prefix + prompt + max_new_tokens), "
                 f"more than the whole KV budget of {self.config.kv_budget_tokens}"
             )
-        if len(self._waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self._waiting)} requests are waiting (max_waiting); retry later")
         if not request.arrival_time:
             request.arrival_time = self._clock()
-        self._waiting[request.request_id] = request
+        return [req.request_id for req in self._waiting.push(request)]
 
     def abort(self, request_id: str) -> bool:
         """Remove a request. A running one is reported in the next plan's `aborted_ids`. False if unknown."""
-        if self._waiting.pop(request_id, None) is not None:
+        if self._waiting.remove(request_id) is not None:
             return True
         req = self._running.pop(request_id, None)
         if req is None:
             return False
         self.reserved_tokens -= req.reserved_tokens
+        self._waiting.on_finished(req, req.num_generated_tokens)
         self._pending_aborts.append(request_id)
         return True
 
     def schedule(self) -> SchedulerPlan:
-        """Plan the next step: expire old waiting requests, then admit FCFS within the limits."""
+        """Plan the next step: expire old waiting requests, then admit in policy order within the limits."""
         decoding = [rid for rid, req in self._running.items() if not req.prefilling]
         plan = SchedulerPlan(decode_ids=decoding, aborted_ids=self._pending_aborts)
         self._pending_aborts = []
         now = self._clock()
-        for rid, req in list(self._waiting.items()):
-            if now - req.arrival_time > self.config.queue_timeout_s:
-                del self._waiting[rid]
-                plan.timed_out_ids.append(rid)
+        for old in self._waiting:
+            if now - old.arrival_time > self.config.queue_timeout_s:
+                self._waiting.remove(old.request_id)
+                plan.timed_out_ids.append(old.request_id)
         budget = self.config.max_prefill_tokens
-        for req in self._running.values():  # chunks of prompts already started come first
-            if req.prefilling and budget > 0:
-                budget -= self._chunk(plan, req, budget)
-        while self._waiting:
-            req = self._next_waiting()
+        for running in self._running.values():  # chunks of prompts already started come first
+            if running.prefilling and budget > 0:
+                budget -= self._chunk(plan, running, budget)
+        while (head := self._waiting.peek()) is not None:  # the queue policy's next request
+            req, rid = head, head.request_id
             if len(self._running) >= self.config.max_running:
                 break
             if self.reserved_tokens + req.reserved_tokens > self.config.kv_budget_tokens:
@@ -187,16 +197,12 @@ class Scheduler:
                     break
             elif plan.prefill_chunks and req.num_prompt_tokens > budget:
                 break
-            del self._waiting[req.request_id]
-            self._running[req.request_id] = req
+            self._waiting.pop_next()
+            self._running[rid] = req
             self.reserved_tokens += req.reserved_tokens
-            plan.prefill_ids.append(req.request_id)
+            plan.prefill_ids.append(rid)
             budget -= self._chunk(plan, req, budget)
         return plan
-
-    def _next_waiting(self) -> ScheduledRequest:
-        """The queue policy: which waiting request is considered next (FCFS: the oldest)."""
-        return next(iter(self._waiting.values()))
 
     def _chunk(self, plan: SchedulerPlan, req: ScheduledRequest, budget: int) -> int:
         """Schedule the request's next prompt chunk within `budget` (whole prompt without chunking)."""
@@ -218,5 +224,6 @@ class Scheduler:
             if out.finished:
                 del self._running[out.request_id]
                 self.reserved_tokens -= req.reserved_tokens
+                self._waiting.on_finished(req, req.num_generated_tokens)
                 finished.append(out.request_id)
         return finished

@@ -44,6 +44,7 @@ class StepInputs:
     sample_index: torch.Tensor  # [n_sample] packed index of each token whose logits are needed
     decode_groups: list[Group]
     prefill_groups: list[Group]
+    prompt_spans: list[tuple[str, int, int]]  # packed token range of each chunk whose prompt logits are kept
 
     @classmethod
     def build(cls, runner: GPT2Runner, decode_tokens: dict[str, int], items: list[PrefillItem]) -> StepInputs:
@@ -70,6 +71,7 @@ class StepInputs:
         flat: list[int] = []
         sample_index = list(range(len(decode_ids)))
         sample_ids = list(decode_ids)
+        prompt_spans: list[tuple[str, int, int]] = []
         q_max = max((_end(by_id[r]) - by_id[r].start for r in prefill_ids), default=0)
         for i, rid in enumerate(prefill_ids):
             it, row = by_id[rid], rows[rid]
@@ -78,6 +80,8 @@ class StepInputs:
                 raise ValueError(
                     f"request {rid!r}: chunk [{it.start}, {end}) does not follow its {row.length} tokens"
                 )
+            if it.prompt_logprobs:
+                prompt_spans.append((rid, len(tokens), len(tokens) + end - it.start))
             positions += range(row.prefix_length + it.start, row.prefix_length + end)
             tokens += it.input_ids[it.start : end]
             writes += cache.append_slots(rid, end - it.start)
@@ -113,6 +117,7 @@ class StepInputs:
             sample_index=s_index,
             decode_groups=_groups(cache, decode_ids),
             prefill_groups=_groups(cache, prefill_ids),
+            prompt_spans=prompt_spans,
         )
 
 

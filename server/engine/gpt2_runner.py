@@ -11,10 +11,10 @@ Host/device traffic per step: every index the step needs (token ids, positions, 
 slots, lengths) is built on the host and sent in one copy (from pinned memory, non-blocking, on CUDA);
 the only device->host read is the sampled ids, done by the engine. No `.item()` or `.tolist()` here.
 
-Numerics: the same modules and weights as HF's `GPT2LMHeadModel`; attention as softmax over
-[prefix | own tokens] (in float32 when the model runs in half precision). Config flags:
-`scale_attn_weights` / `scale_attn_by_inverse_layer_idx` through each layer's own `attn.scaling`.
-Cross-attention GPT-2 variants are refused.
+Numerics: the per-layer functions of `modeling.gpt2` (embed, qkv, block output, LM head: the one GPT-2
+forward that training and evaluation run too); this runner adds only its cache layout and attention
+as softmax over [prefix | own tokens] (in float32 when the model runs in half precision), each layer
+with its own `attn.scaling`. Cross-attention GPT-2 variants are refused.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import torch
-import torch.nn.functional as F
 
+from modeling import gpt2
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
 from server.engine.attention import PrefixGroup, cascade_attention
@@ -53,11 +53,8 @@ class GPT2Runner:
             raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported")
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.wte = model.transformer.wte
-        self.wpe = model.transformer.wpe
-        self.blocks = list(model.transformer.h)
-        self.ln_f = model.transformer.ln_f
-        self.lm_head = model.lm_head
+        self.model = model
+        self.blocks = gpt2.blocks(model)
         self.num_heads = int(config.n_head)
         self.hidden_size = int(config.n_embd)
         self.head_dim = self.hidden_size // self.num_heads
@@ -65,12 +62,10 @@ class GPT2Runner:
         self.vocab_size = int(config.vocab_size)
         self.eos_token_id: int | None = config.eos_token_id
         self.max_rows = max_rows
-        self.scales = [
-            float(getattr(b.attn, "scaling", self._scale(config, i))) for i, b in enumerate(self.blocks)
-        ]
+        self.scales = gpt2.layer_scales(model)
         # Half precision: attention (scores, softmax, merge) in float32, as HF's upcast path and SDPA do.
         self.attention_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
-        self.fused_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        self.fused_gelu = gpt2.tanh_gelu(model)  # one fused tanh-GELU kernel (modeling.gpt2.mlp)
         per_token = PagedKVCache.bytes_per_token(len(self.blocks), self.num_heads, self.head_dim, self.dtype)
         budget = kv_budget_bytes if kv_budget_bytes is not None else max_rows * self.max_positions * per_token
         self.cache = PagedKVCache(
@@ -85,10 +80,6 @@ class GPT2Runner:
         self._arange = torch.arange(self.max_positions, device=self.device)  # [max_positions]
         # request id -> prompt logits of its chunks so far ([chunk, V] each), until taken
         self._prompt_logits: dict[str, list[torch.Tensor]] = {}
-
-    def _scale(self, config, layer_idx: int) -> float:  # type: ignore[no-untyped-def]
-        scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        return scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
     # ---- lengths and budget ---------------------------------------------------------------------
     def prefix_positions(self, artifact: PrefixArtifact | None) -> int:
@@ -204,10 +195,9 @@ class GPT2Runner:
         E, H, D = self.hidden_size, self.num_heads, self.head_dim
         n_dec, n_pre, q_max = inp.num_decode, inp.num_prefill, inp.max_chunk
         adt = self.attention_dtype
-        x = self.wte(inp.token_ids) + self.wpe(inp.positions)  # [T, E]
+        x = gpt2.embed(self.model, inp.token_ids, inp.positions)  # [T, E]
         for layer, block in enumerate(self.blocks):
-            qkv = block.attn.c_attn(block.ln_1(x))  # [T, 3E]
-            q, k, v = qkv.split(E, dim=1)  # each [T, E]
+            q, k, v = gpt2.qkv(block, x)  # each [T, E]
             self.cache.keys[layer].index_copy_(0, inp.write_slots, k.reshape(-1, H, D))  # slots [T, H, D]
             self.cache.values[layer].index_copy_(0, inp.write_slots, v.reshape(-1, H, D))
             parts = []
@@ -221,11 +211,10 @@ class GPT2Runner:
                 out = self._attend(layer, qp, inp.prefill_gather, inp.prefill_mask, inp.prefill_groups)
                 parts.append(out.transpose(1, 2).reshape(n_pre * q_max, E)[inp.prefill_flat])  # [T_p, E]
             attn = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)  # [T, E]
-            x = x + block.attn.c_proj(attn)  # [T, E]
-            x = x + self._mlp(block, block.ln_2(x))  # [T, E]
+            x = gpt2.block_output(block, x, attn, self.fused_gelu)  # [T, E]
         for rid, start, end in inp.prompt_spans:  # only requests that asked pay for the full-prompt LM head
-            self._prompt_logits.setdefault(rid, []).append(self.lm_head(self.ln_f(x[start:end])).float())
-        return self.lm_head(self.ln_f(x[inp.sample_index])).float()  # [n_sample, V]
+            self._prompt_logits.setdefault(rid, []).append(gpt2.lm_logits(self.model, x[start:end]).float())
+        return gpt2.lm_logits(self.model, x[inp.sample_index]).float()  # [n_sample, V]
 
     def _attend(
         self,
@@ -245,17 +234,6 @@ class GPT2Runner:
         values = self.cache.values[layer].index_select(0, flat).view(R, S, H, D).transpose(1, 2).to(adt)
         prefix = [PrefixGroup(a, b, kv[layer, 0].to(adt), kv[layer, 1].to(adt)) for a, b, kv in groups]
         return cascade_attention(q, keys, values, mask, prefix, self.scales[layer])
-
-    def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The block's MLP; GPT-2's tanh GELU as one fused kernel instead of HF's five elementwise ops.
-
-        `F.gelu(approximate="tanh")` is the same formula as HF's `NewGELUActivation` (it differs only in
-        float rounding, ~1e-7); it cuts the MLP's elementwise time several-fold. Checked against PEFT/HF
-        logits (1e-4) and greedy tokens in tests/engine.
-        """
-        if not self.fused_gelu:
-            return block.mlp(x)
-        return block.mlp.c_proj(F.gelu(block.mlp.c_fc(x), approximate="tanh"))
 
     def take_prompt_logits(self, request_id: str) -> torch.Tensor | None:
         """The prompt logits `[P, V]` kept chunk by chunk for an item with `prompt_logprobs` (once)."""

@@ -49,6 +49,7 @@ ALL_RUNNERS = (
     "engine_16_tasks",
 )
 PEFT_RUNNERS = ("naive_peft", "static_batch")
+DEFAULT_RUNNERS = ("engine", "no_prefix", "http", "naive_peft", "static_batch", "transformers_cb")
 GPT2_TEXT_VOCAB = 50257  # real-text token ids (BART's extra specials sit above)
 # With the default init (std 0.02) and tied embeddings a random BART decoder copies its input token,
 # and its decoder starts from EOS: greedy decoding emits EOS at once. Every runner ignores EOS anyway
@@ -63,7 +64,7 @@ class Section:
 
     preset: str
     workload: WorkloadSpec
-    runners: tuple[str, ...] = ALL_RUNNERS
+    runners: tuple[str, ...] = DEFAULT_RUNNERS
     max_batch_size: int = 64  # engine rows; static batching's batch cap is the same
     scaling: tuple[int, ...] = ()  # engine concurrency sweep
     scaling_min_requests: int = 8  # requests per sweep point: max(concurrency, this)

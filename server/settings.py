@@ -91,6 +91,20 @@ class Settings(BaseSettings):
     tenant_max_concurrent: int = Field(default=0, ge=0, description="Per tenant; 0 = unlimited.")
     tenant_rps: float = Field(default=0.0, ge=0, description="Requests/second per tenant; 0 = unlimited.")
 
+    # --- upload quotas (issue 13) ------------------------------------------------------------
+    tenant_max_tasks: int = Field(default=1000, ge=0, description="Tasks per tenant; 0 = unlimited (429).")
+    tenant_max_stored_bytes: int = Field(
+        default=8 << 30,
+        ge=0,
+        description="Artifact bytes per tenant, all kept versions; 0 = unlimited (413).",
+    )
+    tenant_uploads_per_minute: float = Field(
+        default=0.0, ge=0, description="Upload attempts per tenant per minute; 0 = unlimited (429)."
+    )
+    max_training_metadata_bytes: int = Field(
+        default=16 << 10, ge=0, description="JSON size of an artifact's `training` metadata (422)."
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

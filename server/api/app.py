@@ -90,6 +90,10 @@ def create_app(
             max_prefix_length=settings.max_prefix_length,
             max_batch_size=settings.max_batch_size,
             shutdown_grace_s=settings.shutdown_grace_s,
+            tenant_max_tasks=settings.tenant_max_tasks,
+            tenant_max_stored_bytes=settings.tenant_max_stored_bytes,
+            tenant_uploads_per_minute=settings.tenant_uploads_per_minute,
+            max_training_metadata_bytes=settings.max_training_metadata_bytes,
         ),
         engine=engine,
         store=store,
@@ -97,6 +101,11 @@ def create_app(
         metrics=metrics,
         auth=auth,
         limiter=limiter,
+        upload_limiter=make_limiter(
+            LimitConfig(rps=settings.tenant_uploads_per_minute / 60),
+            settings.redis_url,
+            f"{settings.redis_key_prefix}:uploads",
+        ),
     )
 
     @contextlib.asynccontextmanager
@@ -121,6 +130,7 @@ def create_app(
             await engine.stop(drain_timeout_s=settings.shutdown_grace_s)
             await store.close()
             await limiter.close()
+            await state.upload_limiter.close()
             logger.info("stopped")
 
     app = FastAPI(

@@ -17,7 +17,7 @@ from prefix_store.base import PrefixStore
 from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
-from server.api.ratelimit import TenantLimiter
+from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.logging import request_context
 from server.metrics import Metrics
 
@@ -52,6 +52,11 @@ class ApiConfig:
     max_prefix_length: int = 512
     max_batch_size: int = 32
     shutdown_grace_s: float = 30.0
+    # Upload quotas (issue 13); 0 = unlimited.
+    tenant_max_tasks: int = 0
+    tenant_max_stored_bytes: int = 0
+    tenant_uploads_per_minute: float = 0.0  # enforced by `AppState.upload_limiter`; here for messages
+    max_training_metadata_bytes: int = 16 << 10
 
 
 @dataclass
@@ -65,6 +70,7 @@ class AppState:
     metrics: Metrics
     auth: Authenticator
     limiter: TenantLimiter
+    upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # upload attempts per tenant
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)

@@ -11,6 +11,7 @@ Validation builds tensors, so it runs in a worker thread to keep the event loop 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -100,6 +101,13 @@ async def validate_upload(
             "validation",
         )
     summary = parsed.summary()
+    # Stored with every version and returned by describe/list: bounded, so listing stays cheap.
+    training_bytes = len(json.dumps(summary["training"], separators=(",", ":")))
+    if training_bytes > state.config.max_training_metadata_bytes:
+        raise ArtifactError(
+            f"training metadata is {training_bytes} bytes of JSON; the limit is "
+            f"{state.config.max_training_metadata_bytes}"
+        )
     metadata = {
         "source": source,
         "prefix_lengths": summary["prefix_lengths"],

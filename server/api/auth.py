@@ -32,6 +32,10 @@ class Principal:
 
     tenant: str
     role: Role
+    # Issue 18: the fair-queue class of this caller's requests (the key's default or `X-Priority`)
+    # and the key pinning it to one version of a traffic-split task (`X-Route-Key`; None: request id).
+    priority: str = "interactive"
+    route_key: str | None = None
 
     @property
     def can_manage(self) -> bool:
@@ -47,7 +51,7 @@ class Authenticator:
 
     def __init__(self, keys: dict[str, ApiKeyEntry]) -> None:
         self._entries: list[tuple[bytes, Principal]] = [
-            (_digest(key), Principal(entry.tenant, entry.role)) for key, entry in keys.items()
+            (_digest(key), Principal(entry.tenant, entry.role, entry.priority)) for key, entry in keys.items()
         ]
         self.tenants: frozenset[str] = frozenset(p.tenant for _, p in self._entries) or frozenset(
             {DEFAULT_TENANT}

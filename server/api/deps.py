@@ -17,7 +17,10 @@ from prefix_store.base import PrefixStore
 from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
+from server.api.http_limits import HttpLimits
 from server.api.ratelimit import NoLimiter, TenantLimiter
+from server.api.traffic import routing_headers
+from server.limits import Limits
 from server.logging import request_context
 from server.metrics import Metrics
 
@@ -34,7 +37,15 @@ class EngineLike(Protocol):
     @property
     def num_waiting(self) -> int: ...
 
+    @property
+    def queue_full(self) -> bool: ...
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]: ...
+
     def generate(self, request: Any) -> Any: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
 
     async def start(self) -> None: ...
 
@@ -46,17 +57,10 @@ class ApiConfig:
     """Plain values the routes need, taken from `Settings` by `create_app`."""
 
     model_id: str
+    limits: Limits  # the one limits object (`Settings.limits`)
     model_dtype: str = "float32"
     device_type: str = "cpu"
-    max_artifact_bytes: int = 64 << 20
-    max_prefix_length: int = 512
-    max_batch_size: int = 32
-    shutdown_grace_s: float = 30.0
-    # Upload quotas (issue 13); 0 = unlimited.
-    tenant_max_tasks: int = 0
-    tenant_max_stored_bytes: int = 0
-    tenant_uploads_per_minute: float = 0.0  # enforced by `AppState.upload_limiter`; here for messages
-    max_training_metadata_bytes: int = 16 << 10
+    chat_template: str | None = None  # issue 16: Jinja text of PREFIXSERVE_CHAT_TEMPLATE
 
 
 @dataclass
@@ -70,7 +74,8 @@ class AppState:
     metrics: Metrics
     auth: Authenticator
     limiter: TenantLimiter
-    upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # upload attempts per tenant
+    http: HttpLimits
+    upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -96,6 +101,7 @@ def authenticate(
         principal = state.auth.authenticate(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(401, str(exc), "unauthorized", headers={"WWW-Authenticate": "Bearer"}) from None
+    principal = routing_headers(request.headers, principal)  # issue 18: X-Priority, X-Route-Key
     ctx = request_context.get()
     if ctx is not None:
         ctx.tenant = principal.tenant

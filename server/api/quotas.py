@@ -1,8 +1,8 @@
-"""Per-tenant upload quotas: upload attempts per minute, number of tasks, stored artifact bytes.
+"""Per-tenant upload quotas: number of tasks and stored artifact bytes (the upload rate is
+`AppState.upload_limiter`, `tenant_upload_rps`).
 
-Checked by the upload route, so one tenant cannot fill the shared store (or keep the validator busy)
-for everyone: the rate before any validation work, tasks and bytes after validation and before the
-store is written, so a refused upload changes nothing. Usage is read from the store on each upload
+Checked by the upload route after validation and before the store is written, so one tenant cannot
+fill the shared store for everyone and a refused upload changes nothing. Usage is read from the store on each upload
 (the tenant's task list; with a byte quota also each task's kept versions): uploads are rare next to
 generations, and the store stays the one source of truth. Two uploads racing past the check at the
 same moment can exceed a quota by one upload; the next one is refused.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prefix_store.base import TaskNotFound
 from server.api.deps import AppState
-from server.api.errors import ApiError, RateLimited
+from server.api.errors import ApiError
 from server.api.prefix_admin import list_all_tasks, store_call
 
 
@@ -23,19 +23,10 @@ class QuotaExceeded(ApiError):
         super().__init__(status_code, message, "quota_exceeded")
 
 
-async def admit_upload(state: AppState, tenant: str, uploads_per_minute: float) -> None:
-    """Count one upload attempt of `tenant`; 429 with Retry-After over the per-minute rate."""
-    try:
-        lease = await state.upload_limiter.acquire(tenant)
-    except RateLimited as exc:
-        retry = int((exc.headers or {}).get("Retry-After", "1"))
-        raise RateLimited(f"upload rate limit of {uploads_per_minute:g} per minute exceeded", retry) from None
-    await lease.release()  # a rate, not a concurrency limit: nothing to hold
-
-
 async def check_capacity(state: AppState, tenant: str, task: str, new_bytes: int) -> None:
     """Refuse a new version of `task` (`new_bytes` long) that would put `tenant` over a quota."""
-    max_tasks, max_bytes = state.config.tenant_max_tasks, state.config.tenant_max_stored_bytes
+    limits = state.config.limits
+    max_tasks, max_bytes = limits.tenant_max_tasks, limits.tenant_max_stored_bytes
     if max_tasks <= 0 and max_bytes <= 0:
         return
     # One more than the cap is enough to know the cap is reached.

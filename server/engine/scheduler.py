@@ -3,15 +3,17 @@
 vLLM v1 style: the engine loop is `plan = schedule()` -> run the model -> `update(outputs)`. No
 tensors here, so tests drive it with hand-made outputs.
 
-Admission (`schedule`) takes waiting requests strictly first-come-first-served while all of these hold:
+Admission (`schedule`) takes waiting requests in the order of the waiting-queue policy
+(`fair_queue`: weighted fair across tenants and priority classes, FCFS within a tenant's class; or
+plain FCFS when fairness is off) while all of these hold:
 - running requests stay within `max_running` (rows of the batch);
 - the prompt tokens admitted in this step stay within `max_prefill_tokens`. The first request of a
   step is always admitted when the other limits allow, so a prompt longer than the per-step limit
   still runs (alone) instead of waiting forever;
 - the KV budget: each running request reserves `reserved_tokens` (prefix + prompt + max_new_tokens)
   for its whole life, so a running request can never run out of cache mid-generation.
-When the head of the queue does not fit, admission stops: a later, smaller request is never admitted
-ahead of it (no starvation of long prompts).
+When the policy's next request does not fit, admission stops: a later, smaller request is never
+admitted ahead of it (no starvation of long prompts).
 
 Waiting requests older than `queue_timeout_s` are dropped and reported in `timed_out_ids`. Aborted
 running requests are reported once in `aborted_ids` so the engine frees their rows.
@@ -20,22 +22,23 @@ running requests are reported once in `aborted_ids` so the engine frees their ro
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from server.engine.errors import InvalidRequest, QueueFull
+from server.engine.errors import InvalidRequest
+from server.engine.fair_queue import FairQueueConfig, WaitingQueue, make_waiting_queue
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Limits of the scheduler; see the module docstring."""
+    """Limits of the scheduler; see the module docstring. No defaults: the engine fills it from `Limits`."""
 
-    max_running: int = 32
-    max_prefill_tokens: int = 4096
-    kv_budget_tokens: int = 32 * 1024
-    max_waiting: int = 256
-    queue_timeout_s: float = 60.0
+    max_running: int
+    max_prefill_tokens: int
+    kv_budget_tokens: int
+    max_waiting: int
+    queue_timeout_s: float
+    fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: waiting-queue policy
 
 
 @dataclass
@@ -47,6 +50,10 @@ class ScheduledRequest:
     reserved_tokens: int  # prefix + prompt + max_new_tokens: KV positions held while running
     arrival_time: float = 0.0
     num_generated_tokens: int = 0
+    # Issue 18: who waits in which fair-queue line, and how much of its tenant's share it takes.
+    tenant: str = "default"
+    priority: str = "interactive"
+    cost: int = 1  # decode steps it may take (max_new_tokens)
 
 
 @dataclass
@@ -78,7 +85,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        self._waiting: OrderedDict[str, ScheduledRequest] = OrderedDict()
+        self._waiting: WaitingQueue[ScheduledRequest] = make_waiting_queue(
+            config.max_waiting, config.fair_queue
+        )
         self._running: dict[str, ScheduledRequest] = {}  # insertion order = admission order
         self._pending_aborts: list[str] = []
         self.reserved_tokens = 0  # sum over running requests
@@ -94,7 +103,7 @@ class Scheduler:
 
     @property
     def waiting_ids(self) -> list[str]:
-        return list(self._waiting)
+        return [req.request_id for req in self._waiting]
 
     @property
     def running_ids(self) -> list[str]:
@@ -111,8 +120,10 @@ class Scheduler:
         return request_id in self._waiting or request_id in self._running
 
     # ---- changes -------------------------------------------------------------------------------
-    def add(self, request: ScheduledRequest) -> None:
-        """Queue a request. Raises `QueueFull` at `max_waiting`, `InvalidRequest` if it can never fit."""
+    def add(self, request: ScheduledRequest) -> list[str]:
+        """Queue a request. Raises `QueueFull` when its tenant's or the global queue is full,
+        `InvalidRequest` if it can never fit. Returns the ids of waiting requests the policy pushed
+        out to make room (the caller answers them as if they had met a full queue)."""
         if request.request_id in self:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         if request.reserved_tokens > self.config.kv_budget_tokens:
@@ -120,42 +131,41 @@ class Scheduler:
                 f"request needs {request.reserved_tokens} KV positions (prefix + prompt + max_new_tokens), "
                 f"more than the whole KV budget of {self.config.kv_budget_tokens}"
             )
-        if len(self._waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self._waiting)} requests are waiting (max_waiting); retry later")
         if not request.arrival_time:
             request.arrival_time = self._clock()
-        self._waiting[request.request_id] = request
+        return [req.request_id for req in self._waiting.push(request)]
 
     def abort(self, request_id: str) -> bool:
         """Remove a request. A running one is reported in the next plan's `aborted_ids`. False if unknown."""
-        if self._waiting.pop(request_id, None) is not None:
+        if self._waiting.remove(request_id) is not None:
             return True
         req = self._running.pop(request_id, None)
         if req is None:
             return False
         self.reserved_tokens -= req.reserved_tokens
+        self._waiting.on_finished(req, req.num_generated_tokens)
         self._pending_aborts.append(request_id)
         return True
 
     def schedule(self) -> SchedulerPlan:
-        """Plan the next step: expire old waiting requests, then admit FCFS within the limits."""
+        """Plan the next step: expire old waiting requests, then admit in policy order within the limits."""
         plan = SchedulerPlan(decode_ids=list(self._running), aborted_ids=self._pending_aborts)
         self._pending_aborts = []
         now = self._clock()
-        for rid, req in list(self._waiting.items()):
-            if now - req.arrival_time > self.config.queue_timeout_s:
-                del self._waiting[rid]
-                plan.timed_out_ids.append(rid)
+        for old in self._waiting:
+            if now - old.arrival_time > self.config.queue_timeout_s:
+                self._waiting.remove(old.request_id)
+                plan.timed_out_ids.append(old.request_id)
         prefill_tokens = 0
-        while self._waiting:
-            rid, req = next(iter(self._waiting.items()))
+        while (head := self._waiting.peek()) is not None:
+            req, rid = head, head.request_id
             if len(self._running) >= self.config.max_running:
                 break
             if self.reserved_tokens + req.reserved_tokens > self.config.kv_budget_tokens:
                 break
             if plan.prefill_ids and prefill_tokens + req.num_prompt_tokens > self.config.max_prefill_tokens:
                 break
-            del self._waiting[rid]
+            self._waiting.pop_next()
             self._running[rid] = req
             self.reserved_tokens += req.reserved_tokens
             prefill_tokens += req.num_prompt_tokens
@@ -173,5 +183,6 @@ class Scheduler:
             if out.finished:
                 del self._running[out.request_id]
                 self.reserved_tokens -= req.reserved_tokens
+                self._waiting.on_finished(req, req.num_generated_tokens)
                 finished.append(out.request_id)
         return finished

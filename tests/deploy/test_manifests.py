@@ -27,12 +27,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("gpu", "cpu", "external-redis")
+OVERLAYS = ("gpu", "cpu", "external-redis", "inference-pool")
 # The oldest Kubernetes minor we support; the schemas ship inside kubernetes-validate.
 KUBERNETES_VERSION = "1.32.0"
 # CRDs have no schema in kubernetes-validate (it only warns on them). Only these API groups may be
 # schema-less; any other missing schema is a typo'd apiVersion/kind and fails the test.
-CRD_GROUPS = {"monitoring.coreos.com", "keda.sh"}
+CRD_GROUPS = {"monitoring.coreos.com", "keda.sh", "inference.networking.k8s.io", "gateway.networking.k8s.io"}
 
 # ---------------------------------------------------------------------------------------------------
 # Rendering and validation helpers
@@ -281,6 +281,47 @@ def test_external_redis_overlay_uses_the_url_secret_and_no_in_cluster_redis():
     assert one(objects, "Secret", url["valueFrom"]["secretKeyRef"]["name"])
 
 
+def test_inference_pool_overlay_wires_the_endpoint_picker_to_the_servers():
+    objects = render("inference-pool")
+    pool = one(objects, "InferencePool", "prefixserve")
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    server_pods = one(objects, "Deployment", "prefixserve")["spec"]["template"]
+    # The pool is exactly the server pods, on their HTTP port.
+    assert selects(pool["spec"]["selector"]["matchLabels"], server_pods["metadata"]["labels"])
+    ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [ports["http"]]
+
+    # The picker: its Service, its pods, its flags naming this pool and series the server exports.
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_service = one(objects, "Service", ref["name"])
+    assert ref["port"]["number"] in [p["port"] for p in epp_service["spec"]["ports"]]
+    epp = one(objects, "Deployment", "prefixserve-epp")["spec"]["template"]
+    assert selects(epp_service["spec"]["selector"], epp["metadata"]["labels"])
+    assert not selects(pool["spec"]["selector"]["matchLabels"], epp["metadata"]["labels"])
+    flags = dict(a.removeprefix("--").split("=", 1) for a in epp["spec"]["containers"][0]["args"])
+    assert flags["pool-name"] == pool["metadata"]["name"]
+    assert flags["pool-namespace"] == pool["metadata"]["namespace"]
+    exported = exported_metric_names()
+    for flag in ("total-queued-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric"):
+        assert flags[flag] in exported, flag
+    # Its service account may read the pool and watch pods, in this namespace only.
+    account = epp["spec"]["serviceAccountName"]
+    binding = one(objects, "RoleBinding", "prefixserve-epp")
+    assert {"kind": "ServiceAccount", "name": account, "namespace": "prefixserve"} in binding["subjects"]
+    rules = one(objects, "Role", binding["roleRef"]["name"])["rules"]
+    granted = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("inference.networking.k8s.io", "inferencepools"), ("", "pods")} <= granted
+    assert find(objects, "ClusterRole") == [] and find(objects, "ClusterRoleBinding") == []
+
+    # Task names are listed for the picker (they are off by default), and the gateway routes to the pool.
+    assert server_config(objects)["PREFIXSERVE_METRICS_ADAPTER_NAMES"] == "task"
+    route = one(objects, "HTTPRoute", "prefixserve")
+    backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backends == [
+        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "prefixserve"}
+    ]
+
+
 def render_own_overlay(tmp_path: Path, files: dict[str, str] | None = None, **kustomization) -> tuple:
     """Render an overlay of the gpu overlay, as deploy/README.md tells users to write one."""
     for name, content in (files or {}).items():
@@ -368,6 +409,10 @@ _PROMQL_KEYWORDS = {
 }  # fmt: skip
 
 
+# Ours, the process collector's, and the vLLM names routers read (docs/architecture.md lists each).
+CONTRACT_PREFIXES = ("`prefixserve_", "`process_", "`vllm:")
+
+
 @functools.cache
 def contract_metrics() -> dict[str, str]:
     """name -> type from the table under '## Metrics' in docs/architecture.md."""
@@ -376,7 +421,7 @@ def contract_metrics() -> dict[str, str]:
     metrics = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) >= 2 and cells[0].startswith("`prefixserve_"):
+        if line.startswith("|") and len(cells) >= 2 and cells[0].startswith(CONTRACT_PREFIXES):
             metrics[cells[0].strip("`")] = cells[1]
     assert len(metrics) >= 20, "could not parse the Metrics table in docs/architecture.md"
     return metrics
@@ -471,7 +516,7 @@ def exported_metric_names() -> set[str]:
     names = set()
     for registry in registries:
         for family in registry.collect():
-            if family.name.startswith("prefixserve_"):
+            if family.name.startswith(tuple(p.strip("`") for p in CONTRACT_PREFIXES)):
                 suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
                 names.add(family.name if family.name.endswith(suffix) else family.name + suffix)
     return names
@@ -547,5 +592,51 @@ def test_alert_rules_are_complete():
     exprs = " ".join(r["expr"] for r in rules)
     for metric in ("prefixserve_requests_total", "prefixserve_requests_waiting", "prefixserve_store_up",
                    "prefixserve_store_errors_total", "prefixserve_engine_up",
-                   "prefixserve_time_to_first_token_seconds_bucket"):  # fmt: skip
+                   "prefixserve_time_to_first_token_seconds_bucket", "prefixserve_kv_cache_usage_ratio",
+                   "process_start_time_seconds", 'status="429"'):  # fmt: skip
         assert metric in exprs, f"no alert on {metric}"
+
+
+def test_every_alert_links_its_runbook_section():
+    runbook = (DEPLOY / "runbook.md").read_text()
+    # GitHub's heading anchors: lower case, for headings that are just the alert's name.
+    anchors = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, flags=re.M)}
+    for rule in alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith("https://") and "/deploy/runbook.md#" in url, rule["alert"]
+        assert url.rsplit("#", 1)[1] == rule["alert"].lower() in anchors, rule["alert"]
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("promtool")
+    if exe is None:  # .ci/run installs it; a silent skip would let broken rules through
+        pytest.fail("promtool not on PATH: apt-get install prometheus")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_promtool_checks_the_rules_and_their_unit_tests_pass():
+    checked = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = promtool("test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yaml"))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_every_alert_has_a_unit_test_where_it_fires():
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yaml").read_text())["tests"]
+    firing = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert sorted(r["alert"] for r in alert_rules() if r["alert"] not in firing) == []
+
+
+def test_promtool_unit_tests_catch_a_wrong_expectation(tmp_path):
+    # Guards the guard: the same tests against an alert whose threshold moved must fail.
+    rules = (DEPLOY / "prometheus" / "alerts.yaml").read_text()
+    assert "> 0.05" in rules
+    (tmp_path / "alerts.yaml").write_text(rules.replace("> 0.05", "> 0.5"))
+    shutil.copy(DEPLOY / "prometheus" / "alerts_test.yaml", tmp_path / "alerts_test.yaml")
+    tested = promtool("test", "rules", str(tmp_path / "alerts_test.yaml"))
+    assert tested.returncode != 0 and "PrefixserveHighErrorRate" in tested.stdout + tested.stderr

@@ -60,9 +60,9 @@ def test_task_byte_and_metadata_quotas(spawn_server, loaded):
 
 
 def test_upload_rate_quota(spawn_server, loaded):
-    # 1 per minute: a fixed 60-s window, so of three uploads made within a minute at most two (one at
+    # 1 per minute (`tenant_upload_rps`): a fixed 60-s window, so of three uploads made within a minute at most two (one at
     # each side of a window boundary) can pass, whatever the timing.
-    server = spawn_server(tenant_uploads_per_minute=1)
+    server = spawn_server(tenant_upload_rps=1 / 60)
     with server.client(timeout=120) as client:
         responses = [upload(client, "rated", artifact_bytes(loaded.spec, i)) for i in range(3)]
         statuses = [r.status_code for r in responses]

@@ -14,7 +14,7 @@ from prefix_store.base import MAX_NAME_LENGTH, validate_name
 from server.api.deps import Caller, Manager, State
 from server.api.errors import error_responses
 from server.api.prefix_admin import detail_out, store_call, validate_upload, version_out
-from server.api.quotas import admit_upload, check_capacity
+from server.api.quotas import check_capacity
 from server.api.schemas import PrefixDetail, PrefixPage, PrefixVersion, RollbackRequest
 from server.logging import request_context
 
@@ -45,7 +45,7 @@ async def upload_prefix(
 ) -> PrefixVersion:
     """Validate and store a new version of `task`'s prefix; it becomes current at once."""
     _log_task(task)
-    await admit_upload(state, caller.tenant, state.config.tenant_uploads_per_minute)
+    await (await state.upload_limiter.acquire(caller.tenant)).release()  # 429 + Retry-After over the rate
     try:
         data, metadata = await validate_upload(state, task, artifact, adapter_config, adapter_model)
     except Exception:

@@ -1,0 +1,132 @@
+"""Admission before the body: what a request may cost is decided from its route and headers alone.
+
+FastAPI reads and parses a request's body *before* it runs the route's dependencies, so a check made
+in a dependency comes after the work it should prevent: an unauthenticated 8 MB JSON body is parsed
+(and its memory kept) just to answer 401, and a full queue is reported only after the body has been
+parsed and the prompt tokenised. `AdmissionMiddleware` (pure ASGI, inside `RequestMiddleware`) makes
+these checks when the app asks for the first byte of the body, that is after routing (so the matched
+route, `scope["route"]`, says what applies) and before anything is read:
+
+1. Routes that need an API key (their dependencies include `deps.authenticate`): 401 without a valid
+   key. The dependency checks again afterwards (cheap); this copy keeps bodies of unknown callers out.
+2. Generation routes (POST routes tagged "generate" or "openai"): 503 while draining, and 429
+   `overloaded` with `Retry-After` while the engine's queue is full (what TGI's router does).
+3. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
+   smaller `max_json_body_bytes`. 413 at once from `Content-Length`, or by counting the bytes of a
+   chunked (or lying) body as they arrive.
+
+A refusal is raised from `receive()` as an `HTTPException`, which FastAPI's body reading passes on
+unchanged to our handlers. Routes without a body never read it, so nothing is refused here for them
+(their dependencies check the key). The policy is derived from each route, so new routes get the
+right one without being listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import params
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.auth import AuthError
+from server.api.deps import AppState, authenticate
+from server.api.errors import RETRY_AFTER_OVERLOADED_S, ApiError, BodyTooLarge, Draining
+from server.api.http_limits import HttpLimits
+
+GENERATION_TAGS = frozenset({"generate", "openai"})
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    needs_key: bool
+    generation: bool
+    max_body_bytes: int
+
+
+def _calls(dependant: Dependant, target: object) -> bool:
+    return dependant.call is target or any(_calls(d, target) for d in dependant.dependencies)
+
+
+def _is_form(route: APIRoute) -> bool:
+    return any(isinstance(p.field_info, params.Form) for p in route.dependant.body_params)
+
+
+def route_policy(route: APIRoute, limits: HttpLimits) -> RoutePolicy:
+    """What admission checks before `route`'s body (see the module docstring)."""
+    return RoutePolicy(
+        needs_key=_calls(route.dependant, authenticate),
+        generation="POST" in (route.methods or ()) and bool(GENERATION_TAGS & set(map(str, route.tags))),
+        max_body_bytes=limits.max_body_bytes if _is_form(route) else limits.max_json_body_bytes,
+    )
+
+
+class AdmissionMiddleware:
+    """401 / 503 / 429 / 413 decided from the route and headers, before the body (module docstring)."""
+
+    def __init__(self, app: ASGIApp, state: AppState, limits: HttpLimits) -> None:
+        self.app = app
+        self.state = state
+        self.limits = limits
+        self._policies: dict[int, RoutePolicy] = {}  # by id() of the (long-lived) route object
+        self._default = RoutePolicy(
+            needs_key=False, generation=False, max_body_bytes=limits.max_json_body_bytes
+        )
+
+    def policy(self, route: object) -> RoutePolicy:
+        if not isinstance(route, APIRoute):
+            return self._default
+        policy = self._policies.get(id(route))
+        if policy is None:
+            policy = self._policies[id(route)] = route_policy(route, self.limits)
+        return policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit: int | None = None
+        received = 0
+
+        async def admitted_receive() -> Message:
+            nonlocal limit, received
+            if limit is None:  # the first read: the router has matched, nothing is read yet
+                policy = self.policy(scope.get("route"))
+                self._admit(scope, policy)
+                limit = policy.max_body_bytes
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, admitted_receive, send)
+
+    def _admit(self, scope: Scope, policy: RoutePolicy) -> None:
+        """Raise (as an `HTTPException`) why the request is refused before its body is read."""
+        headers = dict(scope.get("headers") or [])
+        if policy.needs_key:
+            try:
+                self.state.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
+            except AuthError as exc:
+                raise ApiError(
+                    401, str(exc), "unauthorized", headers={"WWW-Authenticate": "Bearer"}
+                ) from None
+        if policy.generation:
+            if self.state.draining:
+                raise Draining()
+            if self.state.engine.queue_full:
+                raise ApiError(
+                    429, "the queue is full; retry later", "overloaded", retry_after=RETRY_AFTER_OVERLOADED_S
+                )
+        if _declared_length(headers.get(b"content-length")) > policy.max_body_bytes:
+            raise BodyTooLarge(policy.max_body_bytes)  # the client may still be sending it: not read
+
+
+def _declared_length(value: bytes | None) -> int:
+    """Content-Length as a number (0 if absent or malformed: the HTTP parser rejects those first)."""
+    if value is None or not value.isdigit():
+        return 0
+    return int(value) if len(value) <= 18 else 1 << 62  # no int() of a 5,000-digit header

@@ -29,9 +29,9 @@ from typing import Protocol
 
 import torch
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
 from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound
-from prefix_store.model_spec import ModelSpec
 from server.engine.errors import InvalidPrefix, UnknownTask
 from server.limits import Limits
 

@@ -36,6 +36,12 @@ def _upload(argv: list[str]) -> int | None:
     return upload_main(argv)
 
 
+def _prefixes(argv: list[str]) -> int | None:
+    from prefixserve.admin import main
+
+    return main(argv)
+
+
 def _bench(argv: list[str]) -> int | None:
     from loadtest.bench import main
 
@@ -53,6 +59,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
     "train": (_train, "train a prefix for a task and export its artifact"),
     "eval": (_eval, "generate on a dev/test file and score BLEU/ROUGE"),
     "upload": (_upload, "upload an artifact to a running server"),
+    "prefixes": (_prefixes, "manage a server's prefixes: list, show, upload, delete, rollback"),
     "import-peft": (
         lambda argv: import_peft_main(argv),
         "convert a PEFT prefix-tuning adapter to an artifact",

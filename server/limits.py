@@ -37,6 +37,7 @@ class Limits:
     # --- tenants (0 = off) ---------------------------------------------------------------------
     tenant_max_concurrent: int = 0
     tenant_rps: float = 0.0
+    tenant_upload_rps: float = 0.0  # prefix uploads per second per tenant
 
 
 DEFAULT_LIMITS = Limits()

@@ -163,10 +163,15 @@ class Settings(BaseSettings):
         description="Without an allow-list: the first N busy tasks get labels (0: none; /metrics is public).",
     )
 
-    # --- issue 16: metrics for routers (vLLM names) --------------------------------------------
+    # --- issue 16: metrics for routers (vLLM names), per-tenant upload rate (admin CLI) ---------
     metrics_adapter_names: Literal["off", "task", "tenant_task"] = Field(
         default="off",
         description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
+    )
+    tenant_upload_rps: float = Field(
+        default=_L.tenant_upload_rps,
+        ge=0,
+        description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited.",
     )
 
     # --- API compatibility (issue 16, clients) --------------------------------------------------

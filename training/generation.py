@@ -11,9 +11,9 @@ BART (`generate_seq2seq`): `modeling.bart_prefix` with the artifact's encoder/de
 prefixes.
 
 Greedy decoding is batched and cached. Beam search (`num_beams > 1`) runs one source at a time over
-its beams, re-running the full sequence each step (simple, and fast enough for evaluation); beams are
-ranked by sum of log-probabilities / (generated length ** length_penalty), as HF does, and the search
-stops once `num_beams` hypotheses have ended (HF's `early_stopping=True`) or at `max_new_tokens`.
+its beams, re-running the full sequence each step (simple, and fast enough for evaluation), and makes
+HF `generate`'s choices step for step (`beam_search`; tested against HF in
+tests/training/test_beam_search.py). Both can ban tokens and forbid eos before `min_new_tokens`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from server.api.errors import install_error_handlers
 from server.api.http_limits import HttpLimits
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
-from server.api.routes import chat, generate, health, openai, prefixes, tokenize
+from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
 from server.metrics import Metrics
 from server.settings import Settings
@@ -89,6 +89,11 @@ def create_app(
             settings.redis_url,
             settings.redis_key_prefix,
         )
+    upload_limiter = make_limiter(
+        LimitConfig(max_concurrent=0, rps=settings.limits.tenant_upload_rps),
+        settings.redis_url,
+        f"{settings.redis_key_prefix}:uploads",
+    )
     state = AppState(
         config=ApiConfig(
             model_id=model_id_for(settings),
@@ -104,6 +109,7 @@ def create_app(
         auth=auth,
         uploads=uploads,
         limiter=limiter,
+        upload_limiter=upload_limiter,
         http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
     )
 
@@ -129,6 +135,7 @@ def create_app(
             await engine.stop(drain_timeout_s=settings.limits.shutdown_grace_s)
             await store.close()
             await limiter.close()
+            await upload_limiter.close()
             logger.info("stopped")
 
     app = FastAPI(
@@ -140,7 +147,7 @@ def create_app(
     )
     app.state.prefixserve = state
     install_error_handlers(app)
-    for module in (generate, openai, chat, tokenize, prefixes, health):
+    for module in (generate, openai, chat, tokenize, prefixes, canary, health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.

@@ -19,7 +19,7 @@ from prefix_store.base import PrefixStore
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
 from server.api.http_limits import HttpLimits
-from server.api.ratelimit import TenantLimiter
+from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.api.traffic import routing_headers
 from server.limits import Limits
 from server.logging import request_context
@@ -77,6 +77,7 @@ class AppState:
     uploads: UploadChecks  # the artifact checks (torch code, injected: issue 14)
     limiter: TenantLimiter
     http: HttpLimits
+    upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)

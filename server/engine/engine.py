@@ -313,7 +313,8 @@ class Engine:
         if self.prefix_cache is None:
             raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
         try:
-            return await self.prefix_cache.resolve(request.tenant, request.task)
+            route_key = request.route_key or request.request_id  # issue 18: pins a traffic split
+            return await self.prefix_cache.resolve(request.tenant, request.task, route_key)
         except InvalidName as exc:
             raise InvalidRequest(str(exc)) from None
 
@@ -506,6 +507,7 @@ class Engine:
             num_generated_tokens=state.detok.num_generated,
             seed=state.seed,
             prefix_version=None if state.prefix is None else state.prefix.version,
+            prefix_variant=None if state.prefix is None else state.prefix.variant,
             generated_text=state.detok.text if reason is not None else None,
             token_logprob=logprob,
         )

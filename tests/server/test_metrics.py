@@ -122,7 +122,7 @@ def test_metrics_for_settings_is_built_once_with_tenants_labels_and_batch_size()
         settings,
         engine=engine,
         store=make_store(None, Path("unused")),
-        spec=None,
+        spec=SimpleNamespace(max_positions=64),
         uploads=ArtifactUploadChecks(),
         metrics=m,
     )  # type: ignore[arg-type]

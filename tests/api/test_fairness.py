@@ -20,6 +20,7 @@ import pytest
 
 from server.engine import EngineConfig
 from server.engine.fair_queue import FairQueueConfig
+from server.limits import Limits
 from server.settings import Settings
 from tests.api.conftest import serve_http
 
@@ -78,9 +79,7 @@ def engine_config(tenant_keys: dict[str, Any], max_waiting: int = 256, rows: int
     weights, bounds = settings.tenant_weights()
     fair = FairQueueConfig(tenant_weights=weights, tenant_max_waiting=bounds)
     return EngineConfig(
-        max_batch_size=rows,
-        max_waiting=max_waiting,
-        queue_timeout_s=600,
+        Limits(max_batch_size=rows, max_waiting=max_waiting, queue_timeout_s=600),
         kv_position_chunk=64,
         fair_queue=fair,
     )

@@ -52,7 +52,7 @@ def metrics_for(settings: Settings) -> Metrics:
         settings.metrics_task_labels,
         settings.metrics_top_tasks,
         Authenticator(settings.resolve_api_keys()).tenants,
-        max_tasks=settings.max_batch_size,
+        max_tasks=settings.limits.max_batch_size,
         model_name=model_id_for(settings),
         adapter_names=settings.metrics_adapter_names,
         version=__version__,
@@ -82,12 +82,12 @@ def create_app(
     metrics.bind_engine(engine)
     if limiter is None:
         limiter = make_limiter(
-            LimitConfig(settings.tenant_max_concurrent, settings.tenant_rps),
+            LimitConfig(settings.limits.tenant_max_concurrent, settings.limits.tenant_rps),
             settings.redis_url,
             settings.redis_key_prefix,
         )
     upload_limiter = make_limiter(
-        LimitConfig(rps=settings.tenant_upload_rps),
+        LimitConfig(max_concurrent=0, rps=settings.limits.tenant_upload_rps),
         settings.redis_url,
         f"{settings.redis_key_prefix}:uploads",
     )
@@ -96,10 +96,7 @@ def create_app(
             model_id=model_id_for(settings),
             model_dtype=settings.dtype,
             device_type=device_type,
-            max_artifact_bytes=settings.max_artifact_bytes,
-            max_prefix_length=settings.max_prefix_length,
-            max_batch_size=settings.max_batch_size,
-            shutdown_grace_s=settings.shutdown_grace_s,
+            limits=settings.limits,
             chat_template=settings.read_chat_template(),
         ),
         engine=engine,
@@ -131,7 +128,7 @@ def create_app(
             for task in state.background:
                 task.cancel()
             await asyncio.gather(*state.background, return_exceptions=True)
-            await engine.stop(drain_timeout_s=settings.shutdown_grace_s)
+            await engine.stop(drain_timeout_s=settings.limits.shutdown_grace_s)
             await store.close()
             await limiter.close()
             await upload_limiter.close()

@@ -11,7 +11,8 @@ next request loads the new one; requests already running hold their own referenc
 (and have already copied them into their KV rows), so they finish on the version they started with.
 
 Loads are single-flight: concurrent misses of one task await one load task, so one store read
-and one validation serve them all. Blobs are validated with `load_artifact(data, spec)` before use.
+and one validation serve them all. Blobs are validated with `load_artifact(data, spec, limits)` (the
+configured upload limits) before use.
 With the store down, cached current versions keep serving and uncached tasks raise `StoreUnavailable`.
 
 Runs on the event loop (no threads): validation of a blob is done in a worker thread.
@@ -32,6 +33,7 @@ from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
 from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound
 from prefix_store.model_spec import ModelSpec
 from server.engine.errors import InvalidPrefix, UnknownTask
+from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +102,19 @@ class PrefixCache:
         spec: ModelSpec,
         device: torch.device,
         dtype: torch.dtype,
-        device_budget_bytes: int = 256 << 20,
-        host_budget_bytes: int = 1 << 30,
+        limits: Limits,
         listener: CacheListener | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
+        self.limits = limits  # tier budgets here; the same upload limits as the API when loading blobs
         self.device, self.dtype = device, dtype
         self.listener = listener
         self.stats = PrefixCacheStats()
-        self._tiers = {"device": _LRU(device_budget_bytes), "host": _LRU(host_budget_bytes)}
+        self._tiers = {
+            "device": _LRU(limits.device_prefix_cache_bytes),
+            "host": _LRU(limits.host_prefix_cache_bytes),
+        }
         self._current: dict[tuple[str, str], int] = {}  # task -> current version, as last heard
         self._loading: dict[tuple[str, str], asyncio.Future[ResolvedPrefix]] = {}  # single-flight loads
         self._subscribed = False
@@ -192,7 +197,8 @@ class PrefixCache:
             self.stats.load_errors += 1
             raise
         try:
-            artifact = await asyncio.to_thread(load_artifact, stored.data, self.spec)
+            # The configured limits, not defaults: what an upload was allowed to store stays servable.
+            artifact = await asyncio.to_thread(load_artifact, stored.data, self.spec, self.limits)
         except ArtifactError as exc:
             self.stats.load_errors += 1
             raise InvalidPrefix(

@@ -136,6 +136,7 @@ class TaskInfo:
 
     current: VersionInfo
     versions: list[VersionInfo]
+    split: dict[int, int] = field(default_factory=dict)  # issue 18: version -> percent; {} = none
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,18 @@ class PrefixStore(Protocol):
         ...
 
     async def rollback(self, tenant: str, task: str, version: int) -> VersionInfo:
-        """Make an existing (kept) version current again. Raises `TaskNotFound` / `VersionNotFound`."""
+        """Make an existing (kept) version current again and end any traffic split (so it is also
+        "promote"). Raises `TaskNotFound` / `VersionNotFound`."""
+        ...
+
+    async def set_split(self, tenant: str, task: str, split: dict[int, int]) -> None:
+        """Spread the task's requests over kept versions by percent (`traffic.validate_split`), or end
+        the split (`{}`). Weighted versions are never pruned. Notifies subscribers. Raises
+        `TaskNotFound` / `VersionNotFound` / `traffic.InvalidSplit`."""
+        ...
+
+    async def get_split(self, tenant: str, task: str) -> dict[int, int]:
+        """The task's traffic split ({} when none, or no such task)."""
         ...
 
     def subscribe(self, callback: ChangeCallback) -> None:

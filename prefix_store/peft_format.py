@@ -81,7 +81,7 @@ def parse_peft_config(config_bytes: bytes) -> dict[str, Any]:
     return config
 
 
-def _read_prompt_embeddings(model_bytes: bytes, limits: ArtifactLimits) -> torch.Tensor:
+def _read_prompt_embeddings(model_bytes: bytes, limits: ArtifactLimits | None) -> torch.Tensor:
     header, _ = read_header(model_bytes, limits)
     names = set(header)
     if names != {PEFT_TENSOR}:
@@ -103,7 +103,7 @@ def peft_to_artifact(
     model_bytes: bytes,
     spec: ModelSpec,
     task: str = "",
-    limits: ArtifactLimits = ArtifactLimits(),
+    limits: ArtifactLimits | None = None,
 ) -> PrefixArtifact:
     """Convert a PEFT prefix-tuning adapter into a validated artifact for `spec`."""
     config = parse_peft_config(config_bytes)

@@ -8,6 +8,7 @@ Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they n
     P:t:T:task:K:versions       sorted set of committed versions (score = version)
     P:t:T:task:K:v:N:blob       the artifact bytes of version N
     P:t:T:task:K:v:N:meta       JSON of `VersionInfo` for version N
+    P:t:T:task:K:split          traffic split JSON {"<version>": percent} (issue 18; absent = none)
     P:changes                   pub/sub channel; message = JSON {"tenant", "task", "version"}
 
 Every key is derived from the tenant passed to the call, so no call can reach another tenant's keys.
@@ -65,6 +66,7 @@ from prefix_store.base import (
     VersionNotFound,
     validate_name,
 )
+from prefix_store.traffic import split_to_json, validate_split
 
 __all__ = ["RedisPrefixStore"]
 
@@ -91,9 +93,11 @@ redis.call('ZADD', KEYS[3], v, v)
 redis.call('SET', KEYS[2], v)
 redis.call('ZADD', KEYS[1], 0, ARGV[5])
 local n = redis.call('ZCARD', KEYS[3])
+local split = redis.call('GET', base .. ':split')
+local weighted = split and cjson.decode(split) or {}
 if n > keep then
   for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - keep - 1)) do
-    if old ~= v then
+    if old ~= v and not weighted[old] then
       redis.call('DEL', base .. ':v:' .. old .. ':blob', base .. ':v:' .. old .. ':meta')
       redis.call('ZREM', KEYS[3], old)
     end
@@ -137,8 +141,21 @@ if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then return {1} end
 local m = redis.call('GET', ARGV[1] .. ':v:' .. ARGV[2] .. ':meta')
 if not m then return {1} end
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('DEL', ARGV[1] .. ':split')
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {2, m}
+"""
+
+# KEYS: current, versions, split. ARGV: split_json ('' = end the split), channel, message, versions...
+# Returns {0} no task, {1, v} version v not kept, {2} done. (Issue 18: canary traffic splits.)
+_SPLIT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+for i = 4, #ARGV do
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then return {1, ARGV[i]} end
+end
+if ARGV[1] == '' then redis.call('DEL', KEYS[3]) else redis.call('SET', KEYS[3], ARGV[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return {2}
 """
 
 # KEYS: tasks, current, versions. ARGV: task_base, task, channel, message. Returns 0 no task, 1 done.
@@ -147,7 +164,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 for _, v in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   redis.call('DEL', ARGV[1] .. ':v:' .. v .. ':blob', ARGV[1] .. ':v:' .. v .. ':meta')
 end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], ARGV[1] .. ':split')
 redis.call('ZREM', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
@@ -227,6 +244,7 @@ class RedisPrefixStore:
         self._list = self._redis.register_script(_LIST_LUA)
         self._rollback = self._redis.register_script(_ROLLBACK_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
+        self._split = self._redis.register_script(_SPLIT_LUA)
 
         self._callbacks: list[ChangeCallback] = []
         # (tenant, task) -> the version subscribers were last told about, or that was last fetched
@@ -336,6 +354,35 @@ class RedisPrefixStore:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
         logger.info("deleted prefix %s/%s", tenant, task)
 
+    async def set_split(self, tenant: str, task: str, split: dict[int, int]) -> None:
+        """Set (or with `{}` end) the task's traffic split atomically with the check that every
+        weighted version is kept; notifies subscribers (issue 18)."""
+        base = self._task_base(tenant, task)
+        split = validate_split(split) if split else {}
+        current = await self.current_version(tenant, task)
+        with self._errors("set_split"):
+            res = await self._split(
+                keys=[f"{base}:current", f"{base}:versions", f"{base}:split"],
+                args=[
+                    json.dumps(split_to_json(split)) if split else "",
+                    self._channel,
+                    self._message(tenant, task, current),
+                    *[str(v) for v in sorted(split)],
+                ],
+            )
+        if res[0] == 0:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        if res[0] == 1:
+            raise VersionNotFound(f"{tenant}/{task} has no version {int(res[1])} (never created or pruned)")
+        logger.info("traffic split of %s/%s set to %s", tenant, task, split or "none")
+
+    async def get_split(self, tenant: str, task: str) -> dict[int, int]:
+        """The task's traffic split ({} when none)."""
+        base = self._task_base(tenant, task)
+        with self._errors("get_split"):
+            raw = await self._redis.get(f"{base}:split")
+        return {} if raw is None else {int(v): int(p) for v, p in json.loads(raw).items()}
+
     # ---- reads ------------------------------------------------------------------------------
 
     async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
@@ -392,7 +439,8 @@ class RedisPrefixStore:
         by_version = {v.version: v for v in versions}
         if current not in by_version:  # cannot happen: commit/prune never drop the current version
             raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
-        return TaskInfo(current=by_version[current], versions=versions)
+        split = await self.get_split(tenant, task)
+        return TaskInfo(current=by_version[current], versions=versions, split=split)
 
     async def list_tasks(self, tenant: str, cursor: str | None = None, limit: int = 100) -> TaskPage:
         """One page of the tenant's tasks (current version each) in name order, after `cursor`."""

@@ -117,7 +117,13 @@ def test_metrics_for_settings_is_built_once_with_tenants_labels_and_batch_size()
     assert labeler.task("acme", "keep") == "keep" and labeler.task("acme", "drop") == "other"
     assert m.task_info.max_value == 4
     engine = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
-    create_app(settings, engine=engine, store=make_store(None, Path("unused")), spec=None, metrics=m)  # type: ignore[arg-type]
+    create_app(
+        settings,
+        engine=engine,
+        store=make_store(None, Path("unused")),
+        spec=SimpleNamespace(max_positions=64),
+        metrics=m,
+    )  # type: ignore[arg-type]
     assert m.labeler is labeler  # the app uses the metrics it is given as they are
 
 

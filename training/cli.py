@@ -378,25 +378,31 @@ def eval_main(argv: list[str] | None = None) -> int:
 def _upload_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prefixserve upload",
+        allow_abbrev=False,  # `--api-key SECRET` must be refused, not taken for `--api-key-file`
         description="Upload an artifact to a running server (POST /v1/prefixes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--server", default="http://localhost:8000", help="server base URL")
     p.add_argument("--task", required=True, help="task name to publish under")
-    p.add_argument("--artifact", required=True, help="artifact.safetensors")
-    p.add_argument("--api-key", help="bearer token (default: $PREFIXSERVE_API_KEY)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--artifact", required=True, help="artifact.safetensors, or a PEFT adapter folder")
+    # Never the key itself on the command line (visible in `ps`): $PREFIXSERVE_API_KEY or a file.
+    p.add_argument(
+        "--api-key-file",
+        help="file holding the API key (default: $PREFIXSERVE_API_KEY, $PREFIXSERVE_API_KEY_FILE)",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt")
+    p.add_argument("--retries", type=int, default=5, help="retries on 429/503 (honouring Retry-After)")
     return p
 
 
 def upload_main(argv: list[str] | None = None) -> int:
     """Upload; prints the server's answer, or its error and returns 1."""
     args = _upload_parser().parse_args(argv)
-    from training.upload import UploadError, upload_artifact
+    from training.upload import UploadError, resolve_api_key, upload_artifact
 
-    key = args.api_key or os.environ.get("PREFIXSERVE_API_KEY")
     try:
-        answer = upload_artifact(args.server, args.task, args.artifact, key, args.timeout)
+        key = resolve_api_key(os.environ, args.api_key_file)
+        answer = upload_artifact(args.server, args.task, args.artifact, key, args.timeout, args.retries)
     except (UploadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -6,8 +6,10 @@ is exactly the paper's MLP. Its output `[L, num_layers * 2 * d_model]` is read i
 (`view(L, 2 * num_layers, H, D).permute(1, 2, 0, 3)`, layer i's key at row 2i, value at 2i + 1) and
 returned as our `[num_layers, 2, H, L, D]`.
 
-- `GPT2PrefixTuner` trains through PEFT's own `PeftModelForCausalLM` forward (prefix in the cache,
-  ones prepended to the attention mask, positions of real tokens from L).
+- `GPT2PrefixTuner` trains through `modeling.gpt2`, the one GPT-2 prefix forward (prefix keys/values
+  before the tokens, always visible, positions of real tokens from L), which equals PEFT's
+  `PeftModelForCausalLM` forward to float rounding. PEFT supplies only the `PrefixEncoder` module and
+  the import/export format; no PEFT model runs here.
 - `BartPrefixTuner` trains through `modeling.bart_prefix` (PEFT covers only the decoder
   self-attention of seq2seq models): placement "paper" has encoder, decoder and cross prefixes, each
   from its own embedding + MLP; placement "peft" only the decoder one.
@@ -32,11 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft import PrefixTuningConfig, TaskType, get_peft_model
+from peft import PrefixTuningConfig, TaskType
 from peft.tuners.prefix_tuning import PrefixEncoder
 from torch import Tensor, nn
 
-from modeling import bart_prefix
+from modeling import bart_prefix, gpt2
 from modeling.models import LoadedModel
 
 PLACEMENTS = {"paper": ("encoder", "decoder", "cross"), "peft": ("decoder",)}
@@ -196,21 +198,20 @@ class PrefixTuner(nn.Module):
 
 
 class GPT2PrefixTuner(PrefixTuner):
-    """A decoder-self-attention prefix for GPT-2, trained through PEFT's `PeftModelForCausalLM`."""
+    """A decoder-self-attention prefix for GPT-2, trained through `modeling.gpt2` (the one GPT-2 prefix
+    forward, which equals PEFT's `PeftModelForCausalLM` to float rounding: tests/modeling/test_gpt2.py)."""
 
     kinds = ("decoder",)
 
     def __init__(self, loaded: LoadedModel, cfg: PrefixConfig) -> None:
         super().__init__(loaded, cfg)
         spec = loaded.spec
+        loaded.model.requires_grad_(False)
+        loaded.model.eval()  # frozen, no dropout
         peft_cfg = peft_prefix_config(
             cfg, spec.num_layers, spec.num_heads, spec.hidden_size, TaskType.CAUSAL_LM
         )
-        peft_cfg.base_model_name_or_path = loaded.name
-        self.peft = get_peft_model(loaded.model, peft_cfg)
-        # get_peft_model freezes the base; say so explicitly, and keep it in eval mode (no dropout).
-        loaded.model.requires_grad_(False)
-        self.peft.prompt_encoder.to(device=loaded.device, dtype=torch.float32)
+        self.encoder = PrefixEncoder(peft_cfg).to(device=loaded.device, dtype=torch.float32)
         if cfg.init_text:
             self.init_from_text(cfg.init_text)
 
@@ -219,10 +220,6 @@ class GPT2PrefixTuner(PrefixTuner):
         self.loaded.model.eval()  # the frozen model never runs dropout
         return self
 
-    @property
-    def encoder(self) -> PrefixEncoder:
-        return self.peft.prompt_encoder["default"]
-
     def prefixes(self) -> dict[str, Tensor]:
         spec = self.loaded.spec
         tokens = torch.arange(self.cfg.prefix_length, device=self.loaded.device)
@@ -230,19 +227,25 @@ class GPT2PrefixTuner(PrefixTuner):
         return {"decoder": mlp_output_to_prefix(flat, spec.num_layers, spec.num_heads)}
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.peft(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        prefix = self.prefixes()["decoder"]  # [layers, 2, H, L, D] float32; the forward casts it
+        logits = gpt2.forward(
+            self.loaded.model, batch["input_ids"], batch["attention_mask"], prefix
+        )  # [B, S, V]
+        # Token t predicts token t + 1 (HF's causal LM loss): mean over the target tokens (labels != -100).
+        shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(S-1), V]
+        return torch.nn.functional.cross_entropy(
+            shifted, batch["labels"][:, 1:].reshape(-1), ignore_index=-100
         )
-        return out.loss
 
     @torch.no_grad()
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         eos = self.loaded.tokenizer.eos_token_id
+        prefix = self.prefixes()["decoder"]  # [layers, 2, H, L, D]
         seq = list(prompt_ids)
         generated: list[int] = []
         for _ in range(max_new_tokens):
             ids = torch.tensor([seq], device=self.loaded.device)  # [1, S]
-            logits = self.peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # [1, S, V]
+            logits = gpt2.forward(self.loaded.model, ids, None, prefix)  # [1, S, V]
             next_id = int(logits[0, -1].argmax())
             generated.append(next_id)
             seq.append(next_id)
@@ -254,10 +257,8 @@ class GPT2PrefixTuner(PrefixTuner):
     def _text_keys_values(self, ids: list[int]) -> Tensor:
         """Per-layer keys/values of the frozen model on `ids` (positions 0..L-1): `[layers, 2, H, L, D]`."""
         x = torch.tensor([ids], device=self.loaded.device)  # [1, L]
-        cache = self.loaded.model(input_ids=x, use_cache=True).past_key_values
-        return torch.stack(
-            [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
-        ).float()  # [layers, 2, H, L, D]
+        _, kv = gpt2.extend(self.loaded.model, x)  # [layers, 2, 1, H, L, D]
+        return kv[:, :, 0].float()  # [layers, 2, H, L, D]
 
     def init_from_text(self, text: str) -> None:
         ids = init_ids_for(self.loaded.tokenizer, text, self.cfg)

@@ -27,7 +27,7 @@ from server.api.errors import ApiError, Draining
 from server.api.ratelimit import Lease
 from server.engine.errors import InvalidRequest, RequestFailed
 from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
-from server.logging import RequestContext, request_context
+from server.logging import RequestContext, engine_request_id, request_context
 
 # Engine finish reasons that are not a completed generation (engine stopping, or a failure).
 _ABORTED = {"cancelled", "error"}
@@ -232,6 +232,9 @@ async def start_generation(
         raise
     # Counted once accepted: unknown task names (typos, probes) never take a metrics label slot.
     state.metrics.observe_task_request(principal.tenant, task)
+    state.metrics.observe_variant(principal.tenant, task, first.prefix_variant)  # issue 18
+    if ctx is not None and first.prefix_variant is not None:
+        ctx.extra["prefix_variant"] = first.prefix_variant
     return Generation(first, stream, lease, ctx, start)
 
 
@@ -265,6 +268,12 @@ async def collect_all_unless_disconnected(generations: list[Generation], receive
             await generation.close()
         raise outcome[0]
     return outcome[0]
+
+
+def sequence_ids(count: int) -> list[str]:
+    """Engine request ids for the `count` sequences of one HTTP request (the first is the request's)."""
+    base = engine_request_id()
+    return [base] + [f"{base}-{i}" for i in range(1, count)]
 
 
 async def start_generations(

@@ -58,8 +58,11 @@ def unknown_fields(model: BaseModel, path: str = "") -> list[str]:
     names = [f"{path}{name}" for name in (model.model_extra or {})]
     for name in type(model).model_fields:
         value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            names += unknown_fields(value, f"{path}{name}.")
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, BaseModel):
+                where = name if index is None else f"{name}[{index}]"
+                names += unknown_fields(item, f"{path}{where}.")
     return names
 
 

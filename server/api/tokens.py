@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 from pydantic import BaseModel
 
 from prefix_store.base import validate_name
@@ -31,11 +32,16 @@ def encode(state: AppState, text: str) -> list[int]:
     return list(tokenizer(state).encode(text, add_special_tokens=False))
 
 
-def truncate_prompt(state: AppState, text: str, keep: int | None) -> str | list[int]:
+async def in_thread(func: Any, *args: Any) -> Any:
+    """Tokenizer work takes time proportional to the text: never on the event loop."""
+    return await anyio.to_thread.run_sync(func, *args)
+
+
+async def truncate_prompt(state: AppState, text: str, keep: int | None) -> str | list[int]:
     """TGI's `truncate`: keep the last `keep` prompt tokens (token ids then go to the engine)."""
     if keep is None:
         return text
-    ids = encode(state, text)
+    ids: list[int] = await in_thread(encode, state, text)
     return ids[-keep:] if len(ids) > keep else text
 
 

@@ -43,7 +43,7 @@ from server.api.routes.openai import (
     usage,
 )
 from server.api.sse import SSE_CONTENT, sse_response
-from server.api.tokens import check_fields, token_text
+from server.api.tokens import check_fields, in_thread, token_text
 from server.engine.types import StreamEvent
 from server.logging import current_request_id
 
@@ -121,7 +121,7 @@ async def chat_completions(
     """A chat completion; `stream: true` for `chat.completion.chunk` SSE events ending with [DONE]."""
     check_fields(body, "/v1/chat/completions", strict=False)
     task = model_task(state, body.model)
-    prompt = render(state, await chat_template(state, caller.tenant, task), body)
+    prompt = await in_thread(render, state, await chat_template(state, caller.tenant, task), body)
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
     n = body.n or 1

@@ -18,6 +18,7 @@ from server.api.generation import (
     TokenInfo,
     collect_all_unless_disconnected,
     interleave,
+    sequence_ids,
     start_generations,
     token_info,
 )
@@ -39,7 +40,6 @@ from server.api.sse import SSE_CONTENT, sse_data, sse_response
 from server.api.tokens import check_fields, prefix_positions, token_text, truncate_prompt
 from server.api.version import __version__
 from server.engine.types import SamplingParams
-from server.logging import engine_request_id
 
 router = APIRouter(tags=["generate"])
 
@@ -129,6 +129,7 @@ def _details(state: State, result: Completed, p: GenerateParameters) -> Details:
         prefill=_prefill(state, result),
         tokens=tokens,
         top_tokens=top if p.top_n_tokens else None,
+        best_of_sequences=None,
     )
 
 
@@ -142,9 +143,9 @@ async def _start(state: State, caller: Caller, body: GenerateRequest, route: str
         state,
         caller,
         resolve_task(body),
-        truncate_prompt(state, body.inputs, p.truncate),
+        await truncate_prompt(state, body.inputs, p.truncate),
         runs,
-        [engine_request_id() for _ in range(count)],
+        sequence_ids(count),
     )
 
 
@@ -285,6 +286,6 @@ async def info(
         model_type=state.spec.model_type,
         max_total_tokens=total,
         max_input_tokens=total - 1,
-        max_concurrent_requests=state.config.max_batch_size,
+        max_concurrent_requests=state.config.limits.max_batch_size,
         version=__version__,
     )

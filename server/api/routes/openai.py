@@ -27,6 +27,7 @@ from server.api.generation import (
     Generation,
     collect_all_unless_disconnected,
     interleave,
+    sequence_ids,
     start_generations,
 )
 from server.api.openai_schemas import (
@@ -44,7 +45,7 @@ from server.api.schemas import GREEDY_TEMPERATURE_EPS
 from server.api.sse import SSE_CONTENT, sse_data, sse_response
 from server.api.tokens import check_fields, token_text
 from server.engine.types import SamplingParams, StreamEvent
-from server.logging import current_request_id, engine_request_id
+from server.logging import current_request_id
 
 router = APIRouter(tags=["openai"])
 
@@ -103,9 +104,7 @@ async def start_sequences(
         )
         for i in range(count)
     ]
-    return await start_generations(
-        state, caller, task, prompt, runs, [engine_request_id() for _ in range(count)]
-    )
+    return await start_generations(state, caller, task, prompt, runs, sequence_ids(count))
 
 
 def best(results: list[Completed], n: int) -> list[Completed]:

@@ -22,7 +22,7 @@ from server.api.openai_schemas import (
 )
 from server.api.routes.openai import model_task
 from server.api.schemas import TokenizeRequest, TokenSpan
-from server.api.tokens import check_fields, prefix_positions, tokenizer
+from server.api.tokens import check_fields, encode, in_thread, prefix_positions, tokenizer
 from server.api.version import __version__
 
 router = APIRouter(tags=["tokenize"])
@@ -37,12 +37,14 @@ async def tokenize(state: State, caller: Caller, body: TokenizeRequest | VllmTok
     """Tokens of a prompt as the engine sees it (TGI's or vLLM's shape, by the body's fields)."""
     check_fields(body, "/tokenize", strict=False)
     if isinstance(body, TokenizeRequest):
-        encoded = tokenizer(state)(body.inputs, return_offsets_mapping=True, add_special_tokens=False)
+        encoded = await in_thread(
+            lambda: tokenizer(state)(body.inputs, return_offsets_mapping=True, add_special_tokens=False)
+        )
         return [
             TokenSpan(id=i, text=body.inputs[start:stop], start=start, stop=stop)
             for i, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
         ]
-    ids = list(tokenizer(state).encode(body.prompt, add_special_tokens=False))
+    ids = await in_thread(encode, state, body.prompt)
     task = None if body.model is None else model_task(state, body.model)
     taken = await prefix_positions(state, caller.tenant, task)
     return VllmTokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.spec.max_positions - taken)
@@ -56,7 +58,7 @@ async def detokenize(state: State, caller: Caller, body: DetokenizeRequest) -> D
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise ApiError(422, f"token ids must be in [0, {vocab}), got {bad[:5]}", "validation")
-    return DetokenizeResponse(prompt=str(tokenizer(state).decode(body.tokens)))
+    return DetokenizeResponse(prompt=str(await in_thread(tokenizer(state).decode, body.tokens)))
 
 
 @router.get("/version", response_model=VersionResponse)

@@ -289,9 +289,10 @@ class Bench:
 
     def _engine_config(self, max_batch_size: int) -> Any:
         from server.engine import EngineConfig
+        from server.limits import Limits
 
         # Long queue timeouts: a benchmark measures queueing, it must not drop requests to hide it.
-        return EngineConfig(max_batch_size=max_batch_size, max_waiting=4096, queue_timeout_s=3600.0)
+        return EngineConfig(Limits(max_batch_size=max_batch_size, max_waiting=4096, queue_timeout_s=3600.0))
 
     def _run_peft(
         self, name: str, loaded: LoadedModel, workload: Workload, peft_dirs: dict[str, Path], max_batch: int

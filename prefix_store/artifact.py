@@ -25,7 +25,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load as st_load
@@ -39,18 +39,36 @@ PREFIX_KINDS = ("decoder", "encoder", "cross")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
-_NAME_RE = re.compile(r"^(decoder|encoder|cross)\.(\d+)\.(key|value)$")
+# Names are exact ASCII: `fullmatch` (a `$` would accept a trailing newline), layer numbers in ASCII
+# digits without leading zeros (so `decoder.00.key` cannot stand beside `decoder.0.key` unchecked).
+_NAME_RE = re.compile(r"(decoder|encoder|cross)\.(0|[1-9][0-9]{0,5})\.(key|value)", re.ASCII)
+_UINT_RE = re.compile(r"[0-9]{1,9}", re.ASCII)
 MAX_HEADER_BYTES = 1 << 20
+# Bounds checked on the raw header before any arithmetic on it: a crafted header of 50,000 dims of
+# 10**18 would otherwise hold the GIL in `math.prod` and produce numbers too long to print.
+MAX_RANK = 4
+MAX_DIM = 1 << 31
+MAX_INT_DIGITS = 20  # JSON integers longer than this are refused while parsing (2**64 has 20 digits)
+MAX_JSON_DEPTH = 32
+MAX_SHOWN_CHARS = 80  # names and values quoted in error messages are cut to this
 
 
 class ArtifactError(ValueError):
     """An artifact that cannot be served; the message names the problem."""
 
 
-@dataclass(frozen=True)
-class ArtifactLimits:
-    max_bytes: int = 256 << 20
-    max_prefix_length: int = 512
+class ArtifactLimits(Protocol):
+    """The upload policy the checks apply (`server.limits.Limits` is one); the defaults live there only.
+
+    `None` where a function takes limits means no policy (offline tools reading their own artifacts):
+    structure, the model's shape and finiteness are still checked.
+    """
+
+    @property
+    def max_artifact_bytes(self) -> int: ...
+
+    @property
+    def max_prefix_length(self) -> int: ...
 
 
 @dataclass
@@ -161,12 +179,10 @@ def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
 
 
-def read_header(
-    data: bytes, limits: ArtifactLimits = ArtifactLimits()
-) -> tuple[dict[str, Any], dict[str, str]]:
+def read_header(data: bytes, limits: ArtifactLimits | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Parse and check the safetensors header without building tensors: (entries, metadata)."""
-    if len(data) > limits.max_bytes:
-        raise ArtifactError(f"artifact is {len(data)} bytes; the limit is {limits.max_bytes}")
+    if limits is not None and len(data) > limits.max_artifact_bytes:
+        raise ArtifactError(f"artifact is {len(data)} bytes; the limit is {limits.max_artifact_bytes}")
     if len(data) < 8:
         raise ArtifactError("not a safetensors file: shorter than its 8-byte header length")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -176,10 +192,12 @@ def read_header(
             f"not a safetensors file: header claims {header_len} bytes but the file has {len(data) - 8}"
         )
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = parse_json(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
         _refuse_if_pickle(data)
-        raise ArtifactError(f"not a safetensors file: header is not valid JSON ({exc})") from None
+        raise ArtifactError(f"not a safetensors file: header is not valid JSON ({shorten(exc)})") from None
     if not isinstance(header, dict):
         raise ArtifactError("not a safetensors file: header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
@@ -188,27 +206,30 @@ def read_header(
     body = len(data) - 8 - header_len
     spans = []
     for name, entry in header.items():
+        shown = shorten(name)
         if not isinstance(entry, dict) or {"dtype", "shape", "data_offsets"} - entry.keys():
-            raise ArtifactError(f"tensor {name!r}: header entry lacks dtype/shape/data_offsets")
+            raise ArtifactError(f"tensor {shown}: header entry lacks dtype/shape/data_offsets")
         dtype = entry["dtype"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ArtifactError(f"tensor {name!r}: dtype {dtype} not supported (use F32, F16 or BF16)")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            plain = isinstance(dtype, str) and dtype.isascii() and dtype.isalnum() and len(dtype) <= 8
+            raise ArtifactError(
+                f"tensor {shown}: dtype {dtype if plain else shorten(dtype)} not supported (use F32, F16 or BF16)"
+            )
         shape = entry["shape"]
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise ArtifactError(f"tensor {name!r}: bad shape {shape!r}")
+        # Rank and each dim are bounded before anything multiplies them.
+        if not (isinstance(shape, list) and len(shape) <= MAX_RANK):
+            raise ArtifactError(f"tensor {shown}: shape must be a list of at most {MAX_RANK} dims")
+        if not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+            raise ArtifactError(f"tensor {shown}: shape dims must be integers in [0, {MAX_DIM}]")
         offsets = entry["data_offsets"]
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise ArtifactError(f"tensor {name!r}: bad data_offsets {offsets!r} (want [start, end])")
+            raise ArtifactError(f"tensor {shown}: bad data_offsets {shorten(offsets)} (want [start, end])")
         start, end = offsets
-        expected = math.prod(shape) * ITEM_SIZE[dtype]
+        expected = math.prod(shape) * ITEM_SIZE[dtype]  # <= (2**31)**4 * 4: cheap and printable
         if not (0 <= start <= end <= body):
-            raise ArtifactError(
-                f"tensor {name!r}: data offsets [{start}, {end}) run past the end of the file"
-            )
+            raise ArtifactError(f"tensor {shown}: data offsets [{start}, {end}) run past the end of the file")
         if end - start != expected:
-            raise ArtifactError(
-                f"tensor {name!r}: {end - start} bytes for shape {shape} {dtype} ({expected})"
-            )
+            raise ArtifactError(f"tensor {shown}: {end - start} bytes for shape {shape} {dtype} ({expected})")
         spans.append((start, end))
     spans.sort()
     for (_, prev_end), (start, _) in zip(spans, spans[1:], strict=False):
@@ -228,19 +249,66 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ArtifactError(f"duplicate tensor name {key!r} in header")
+            raise ArtifactError(f"duplicate tensor name {shorten(key)} in header")
         seen[key] = value
     return seen
+
+
+def _bounded_int(text: str) -> int:
+    # Python refuses ints over 4,300 digits with a plain ValueError; refuse far earlier and by name.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ArtifactError(f"JSON integer of {len(text)} digits; at most {MAX_INT_DIGITS} are accepted")
+    return int(text)
+
+
+def _no_constant(text: str) -> Any:
+    raise ArtifactError(f"JSON constant {text} is not allowed")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, refusing beyond `limit` (iterative: no recursion to exhaust)."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise ArtifactError(f"JSON nested deeper than {limit} levels")
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(text: str | bytes, object_pairs_hook: Any = None, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`json.loads` for untrusted text: integers of at most 20 digits, no NaN/Infinity, bounded depth.
+
+    Raises `ArtifactError` for what it refuses and `ValueError` (JSONDecodeError) for invalid JSON;
+    a nesting deep enough to exhaust the parser's recursion is a `ValueError` too, never a 500.
+    """
+    try:
+        value = json.loads(
+            text, object_pairs_hook=object_pairs_hook, parse_int=_bounded_int, parse_constant=_no_constant
+        )
+    except RecursionError:
+        raise ArtifactError(f"JSON nested deeper than {max_depth} levels") from None
+    _depth(value, max_depth)
+    return value
+
+
+def shorten(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages about untrusted input."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**MAX_INT_DIGITS else "<huge int>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _group_names(header: dict[str, Any]) -> dict[str, dict[int, set[str]]]:
     """kind -> layer -> {"key", "value"}; refuses names outside the format."""
     groups: dict[str, dict[int, set[str]]] = {}
     for name in header:
-        m = _NAME_RE.match(name)
+        m = _NAME_RE.fullmatch(name)
         if not m:
             raise ArtifactError(
-                f"unexpected tensor name {name!r}; expected '<decoder|encoder|cross>.<layer>.<key|value>'"
+                f"unexpected tensor name {shorten(name)}; expected '<decoder|encoder|cross>.<layer>.<key|value>'"
+                " (ASCII, layers numbered without leading zeros)"
             )
         kind, layer, part = m.group(1), int(m.group(2)), m.group(3)
         groups.setdefault(kind, {}).setdefault(layer, set()).add(part)
@@ -250,16 +318,16 @@ def _group_names(header: dict[str, Any]) -> dict[str, dict[int, set[str]]]:
 
 
 def load_artifact(
-    data: bytes, spec: ModelSpec | None = None, limits: ArtifactLimits = ArtifactLimits()
+    data: bytes, spec: ModelSpec | None = None, limits: ArtifactLimits | None = None
 ) -> PrefixArtifact:
     """Parse and validate artifact bytes; with `spec`, also check it fits that model."""
     header, meta = read_header(data, limits)
     if meta.get("format") not in (None, FORMAT_NAME):
-        raise ArtifactError(f"header format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    try:
-        version = int(meta.get("format_version", FORMAT_VERSION))
-    except ValueError:
-        raise ArtifactError(f"metadata format_version {meta['format_version']!r} is not an integer") from None
+        raise ArtifactError(f"header format is {shorten(meta.get('format'))}, expected {FORMAT_NAME!r}")
+    raw_version = meta.get("format_version", str(FORMAT_VERSION))
+    if not _UINT_RE.fullmatch(raw_version):  # int() would take "٣" or " 1\n"
+        raise ArtifactError(f"metadata format_version {shorten(raw_version)} is not an integer")
+    version = int(raw_version)
     if version > FORMAT_VERSION:
         raise ArtifactError(f"artifact format_version {version} is newer than this server ({FORMAT_VERSION})")
     groups = _group_names(header)
@@ -268,14 +336,16 @@ def load_artifact(
         raise ArtifactError(f"all tensors must share one dtype, found {sorted(dtypes)}")
     for kind, layers in groups.items():
         if sorted(layers) != list(range(len(layers))):
-            raise ArtifactError(f"{kind}: layers must be numbered 0..{len(layers) - 1}, got {sorted(layers)}")
+            raise ArtifactError(
+                f"{kind}: layers must be numbered 0..{len(layers) - 1}, got {shorten(sorted(layers))}"
+            )
         for layer, parts in layers.items():
             if parts != {"key", "value"}:
                 raise ArtifactError(f"{kind}.{layer}: needs both key and value")
         shapes = {tuple(header[f"{kind}.{i}.{p}"]["shape"]) for i in layers for p in ("key", "value")}
         if len(shapes) != 1:
             raise ArtifactError(
-                f"{kind}: all layers' keys/values must share one shape, found {sorted(shapes)}"
+                f"{kind}: all layers' keys/values must share one shape, found {shorten(sorted(shapes))}"
             )
         (shape,) = shapes
         if len(shape) != 3:
@@ -284,7 +354,7 @@ def load_artifact(
             )
         if shape[1] < 1:
             raise ArtifactError(f"{kind}: prefix length must be at least 1")
-        if shape[1] > limits.max_prefix_length:
+        if limits is not None and shape[1] > limits.max_prefix_length:
             raise ArtifactError(
                 f"{kind}: prefix length {shape[1]} exceeds the limit {limits.max_prefix_length}"
             )
@@ -311,8 +381,10 @@ def load_artifact(
             raise ArtifactError(f"{kind}: prefix holds NaN or Inf values")
         prefixes[kind] = stacked
     try:
-        training = json.loads(meta.get("training", "{}") or "{}")
-    except json.JSONDecodeError:
+        training = parse_json(meta.get("training", "{}") or "{}")
+    except ArtifactError as exc:
+        raise ArtifactError(f"metadata 'training': {exc}") from None
+    except ValueError:
         raise ArtifactError("metadata 'training' is not valid JSON") from None
     metadata = ArtifactMetadata(
         task=meta.get("task", ""),

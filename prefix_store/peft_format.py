@@ -25,37 +25,63 @@ from prefix_store.artifact import (
     PrefixArtifact,
     dump_artifact,
     load_artifact,
+    parse_json,
     read_header,
+    shorten,
 )
 from prefix_store.model_spec import ModelSpec
 
 PEFT_TENSOR = "prompt_embeddings"
+MAX_CONFIG_INT = 1 << 20  # far above any real model's layers, heads or width; keeps products small
+MAX_BASE_MODEL_CHARS = 256  # `base_model_name_or_path` is kept in the stored metadata
+
+
+def _positive_int(config: dict[str, Any], key: str) -> int:
+    value = config.get(key)
+    if type(value) is not int or not 0 < value <= MAX_CONFIG_INT:  # `type`: true/false are not counts
+        raise ArtifactError(
+            f"adapter_config.json: {key} must be an integer in [1, {MAX_CONFIG_INT}], got {shorten(value)}"
+        )
+    return value
 
 
 def parse_peft_config(config_bytes: bytes) -> dict[str, Any]:
     """Parse adapter_config.json and check it describes a prefix-tuning adapter."""
     try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"adapter_config.json is not valid JSON ({exc})") from None
+        config = parse_json(config_bytes.decode("utf-8"))
+    except ArtifactError as exc:
+        raise ArtifactError(f"adapter_config.json: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"adapter_config.json is not valid JSON ({shorten(exc)})") from None
     if not isinstance(config, dict):
         raise ArtifactError("adapter_config.json must be a JSON object")
     peft_type = config.get("peft_type")
     if peft_type != "PREFIX_TUNING":
         raise ArtifactError(
-            f"adapter_config.json has peft_type {peft_type!r}; only PREFIX_TUNING is supported"
+            f"adapter_config.json has peft_type {shorten(peft_type)}; only PREFIX_TUNING is supported"
         )
     for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
-        if not isinstance(config.get(key), int) or config[key] <= 0:
-            raise ArtifactError(
-                f"adapter_config.json: {key} must be a positive integer, got {config.get(key)!r}"
-            )
+        _positive_int(config, key)
     if config["token_dim"] % config["num_attention_heads"]:
         raise ArtifactError("adapter_config.json: token_dim is not divisible by num_attention_heads")
+    # Absent or null means PEFT's default (1); anything else must be the integer 1 or 2.
+    if config.get("num_transformer_submodules") is None:
+        config["num_transformer_submodules"] = 1
+    submodules = config["num_transformer_submodules"]
+    if type(submodules) is not int or submodules not in (1, 2):
+        raise ArtifactError(
+            f"adapter_config.json: num_transformer_submodules must be 1 or 2, got {shorten(submodules)}"
+        )
+    base = config.get("base_model_name_or_path")
+    if base is not None and not (isinstance(base, str) and len(base) <= MAX_BASE_MODEL_CHARS):
+        raise ArtifactError(
+            f"adapter_config.json: base_model_name_or_path must be a string of at most "
+            f"{MAX_BASE_MODEL_CHARS} characters"
+        )
     return config
 
 
-def _read_prompt_embeddings(model_bytes: bytes, limits: ArtifactLimits) -> torch.Tensor:
+def _read_prompt_embeddings(model_bytes: bytes, limits: ArtifactLimits | None) -> torch.Tensor:
     header, _ = read_header(model_bytes, limits)
     names = set(header)
     if names != {PEFT_TENSOR}:
@@ -77,7 +103,7 @@ def peft_to_artifact(
     model_bytes: bytes,
     spec: ModelSpec,
     task: str = "",
-    limits: ArtifactLimits = ArtifactLimits(),
+    limits: ArtifactLimits | None = None,
 ) -> PrefixArtifact:
     """Convert a PEFT prefix-tuning adapter into a validated artifact for `spec`."""
     config = parse_peft_config(config_bytes)
@@ -96,7 +122,7 @@ def peft_to_artifact(
     head_dim = token_dim // heads
     # [L, 2*layers*H*D] -> [2*layers, H, L, D]: PEFT's own view/permute (see method.md).
     natural = embeddings.view(length, 2 * layers, heads, head_dim).permute(1, 2, 0, 3).contiguous()
-    submodules = int(config.get("num_transformer_submodules") or 1)
+    submodules = config["num_transformer_submodules"]
     if spec.is_encoder_decoder or submodules == 2:
         if not spec.is_encoder_decoder:
             raise ArtifactError(

@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.cli", "train_main", "train a prefix for a task and export its artifact"),
     "eval": ("training.cli", "eval_main", "generate on a dev/test file and score BLEU/ROUGE"),
     "upload": ("training.cli", "upload_main", "upload an artifact to a running server"),
+    "prefixes": (
+        "prefixserve.admin",
+        "main",
+        "manage a server's prefixes: list, show, upload, delete, rollback",
+    ),
     "import-peft": (
         "prefixserve.cli",
         "import_peft_main",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
+import textwrap
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
@@ -100,19 +102,35 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """Human-readable lines for local runs: time level logger [request id] message key=value..."""
+    """Human-readable lines for local runs: time level logger [request id] message key=value...
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+    Messages and fields carry client-chosen text (task names, rejected values in error messages), so
+    control characters are escaped (`\\n`, `\\x1b`...): a client can never start a forged log line.
+    A traceback keeps its lines, each indented, under the line it belongs to.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        head = f"{self.formatTime(record)} {record.levelname} {record.name} {escape_control(record.getMessage())}"
         request_id = current_request_id()
         extras = " ".join(
-            f"{k}={v}" for k, v in record.__dict__.items() if k not in _RECORD_ATTRS and not k.startswith("_")
+            f"{k}={escape_control(str(v))}"
+            for k, v in record.__dict__.items()
+            if k not in _RECORD_ATTRS and not k.startswith("_")
         )
         prefix = f"[{request_id}] " if request_id else ""
-        return f"{prefix}{line} {extras}".rstrip()
+        line = f"{prefix}{head} {extras}".rstrip()
+        if record.exc_info:
+            line += "\n" + textwrap.indent(self.formatException(record.exc_info), "    ", lambda _: True)
+        return line
+
+
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators some viewers break lines at.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """`text` with every control character written as its Python escape (a newline becomes `\\n`)."""
+    return _CONTROL_RE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:

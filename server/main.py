@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 import uvicorn
 from pydantic import ValidationError
 
+from server.http_protocol import with_header_timeout
 from server.logging import configure_logging
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config errors stay fast
+    from server.api.http_limits import HttpLimits
     from server.engine import EngineConfig
 
 logger = logging.getLogger("prefixserve.main")
@@ -94,25 +96,37 @@ class _Server(uvicorn.Server):
 
 
 def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's limits, from the settings (read once, at the edge)."""
+    """The engine's config: the settings' one `Limits` object (read once, at the edge)."""
     from server.engine import EngineConfig
     from server.engine.fair_queue import FairQueueConfig
 
     weights, bounds = settings.tenant_weights()
     return EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_prefill_tokens=settings.max_prefill_tokens,
-        kv_budget_tokens=settings.kv_budget_tokens,
-        max_waiting=settings.max_waiting,
-        queue_timeout_s=settings.queue_timeout_s,
-        device_prefix_cache_bytes=settings.device_prefix_cache_bytes,
-        host_prefix_cache_bytes=settings.host_prefix_cache_bytes,
+        limits=settings.limits,
         fair_queue=FairQueueConfig(  # issue 18
             enabled=settings.fair_scheduling,
             tenant_weights=weights,
             tenant_max_waiting=bounds,
             default_max_waiting=settings.tenant_max_waiting,
         ),
+    )
+
+
+def uvicorn_config(app: object, settings: Settings, limits: HttpLimits) -> uvicorn.Config:
+    """uvicorn with the connection limits of `limits`: idle keep-alive connections close, headers must
+    arrive in time (slowloris), header size and open connections are bounded."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep our structured logging
+        access_log=False,  # our RequestMiddleware writes the access line
+        timeout_graceful_shutdown=FINAL_FLUSH_S,  # the grace itself is spent draining (see _Server)
+        lifespan="on",
+        http=with_header_timeout(limits.timeout_request_header_s),
+        timeout_keep_alive=limits.timeout_keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=limits.max_request_header_bytes,
     )
 
 
@@ -166,17 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         settings, engine=engine, store=store, spec=loaded.spec, device_type=loaded.device.type,
         metrics=metrics, on_fatal=on_fatal,
     )  # fmt: skip
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep our structured logging
-        access_log=False,  # our RequestMiddleware writes the access line
-        timeout_graceful_shutdown=FINAL_FLUSH_S,  # the grace itself is spent draining (see _Server)
-        lifespan="on",
-    )
+    config = uvicorn_config(app, settings, app.state.prefixserve.http)
     server = _Server(
-        config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.shutdown_grace_s
+        config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.limits.shutdown_grace_s
     )
     server.run()
     if not server.started and exit_code == EXIT_OK:

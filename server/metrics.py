@@ -7,24 +7,34 @@ is the contract with the Grafana dashboard and the alert rules in deploy/.
 `Metrics` is also the engine's `EngineObserver`: the engine calls `on_*` from its loop, so every
 callback is cheap (a dict lookup and a float add) and never raises.
 
-Label cardinality is bounded on purpose: task names come from the public, so `TaskLabeler` gives a
-task its own label only if it is on the allow-list (`metrics_task_labels`) or, without one, if it is
-among the first `metrics_top_tasks` tasks served (sticky, so series do not flap; only tasks that
-exist are counted, the API records a request once the engine accepted it); everything else is
-"other". Requests without a task are "base". Tenant labels come only from configured API keys.
+Label cardinality is bounded on purpose, and `/metrics` needs no key, so task names are private by
+default: `TaskLabeler` gives a task its own label only if it is on the allow-list
+(`metrics_task_labels`) or, when an operator opts in with `metrics_top_tasks` > 0, if it is among the
+first N tasks served (sticky, so series do not flap); everything else is "other". Requests without a
+task are "base". Tenant labels come only from configured API keys.
+
+Routers built for vLLM read vLLM's metric names (`server.vllm_metrics`): they are exported next to
+ours, from the same engine state.
 """
 
 from __future__ import annotations
 
+import platform
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from server.engine.engine import EngineObserver
+from server.vllm_metrics import TaskListsInfo, VllmMetrics
 
 # The `_created` series prometheus-client adds to every counter/histogram double the scrape size for
 # nothing our dashboards or rules use. (A process-wide switch of the library.)
@@ -34,16 +44,28 @@ PREFIX = "prefixserve_"
 OTHER = "other"
 BASE_TASK = "base"  # label of requests without a task (the bare base model)
 
-# Latency buckets (seconds): ms-scale steps on a tiny model up to minutes for long generations.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+# Buckets (seconds), one set per time scale: a set spanning milliseconds to minutes has too few
+# buckets at either end for a useful quantile.
+# - waits before work starts (queue time, time to first token, prefix loads): 1 ms .. 1 min
+FAST_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# - whole requests (a long generation on a busy GPU takes minutes): 50 ms .. 20 min
+REQUEST_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+# - one decode step: 1 ms .. 2.5 s
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Prompt / generation lengths in tokens (1-2-5 steps up to the longest context we serve).
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+STORE_OPERATIONS = ("put", "list_tasks", "describe", "delete", "rollback", "probe")
+UPLOAD_OUTCOMES = ("created", "invalid", "error")
+# Probes and the scrape itself: counting them would let a draining pod's /ready 503s fire the 5xx
+# alert, and would make the request rate a function of the scrape and probe intervals.
+UNCOUNTED_ENDPOINTS = frozenset({"/health", "/ready", "/metrics"})
 
 
 class TaskLabeler:
     """Maps (tenant, task) to bounded label values. Thread-safe (engine loop and HTTP handlers)."""
 
-    def __init__(self, allow: Iterable[str] = (), top_n: int = 20, tenants: Iterable[str] = ()) -> None:
+    def __init__(self, allow: Iterable[str] = (), top_n: int = 0, tenants: Iterable[str] = ()) -> None:
         self._allow = frozenset(allow)
         self._top_n = top_n
         self._tenants = frozenset(tenants)
@@ -80,54 +102,18 @@ class TaskLabeler:
         return f"{self.tenant(tenant)}/{name}"
 
 
-class _TaskInfoCollector(Collector):
-    """`prefixserve_task_requests_info`: one sample per scrape, labels listing running/waiting tasks.
-
-    Like vLLM's `lora_requests_info` (read by the Gateway API inference extension for adapter
-    affinity): value = scrape time, labels = comma lists. Built at scrape time from the engine so no
-    stale label combinations linger in the registry.
-    """
-
-    def __init__(self, source: Callable[[], tuple[Iterable[str], Iterable[str]]] | None, max_tasks: int):
-        self.source = source
-        self.max_tasks = max_tasks
-
-    def describe(self) -> Iterable[Metric]:
-        return [self._family()]
-
-    def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            f"{PREFIX}task_requests_info",
-            "Tasks with running / waiting requests on this replica (value: unix time of the scrape).",
-            labels=["running_tasks", "waiting_tasks", "max_tasks"],
-        )
-
-    def collect(self) -> Iterator[Metric]:
-        import time
-
-        family = self._family()
-        running: Iterable[str] = ()
-        waiting: Iterable[str] = ()
-        if self.source is not None:
-            try:
-                running, waiting = self.source()
-            except Exception:  # a scrape must never fail because the engine is mid-shutdown
-                running, waiting = (), ()
-        family.add_metric(
-            [",".join(sorted(set(running))), ",".join(sorted(set(waiting))), str(self.max_tasks)], time.time()
-        )
-        yield family
-
-
 class Metrics(EngineObserver):
     """Every prefixserve metric on one registry; also the engine's `EngineObserver`."""
 
     def __init__(
         self,
         task_labels: Iterable[str] = (),
-        top_tasks: int = 20,
+        top_tasks: int = 0,
         tenants: Iterable[str] = ("default",),
         max_tasks: int = 0,
+        model_name: str = "base",
+        adapter_names: str = "off",
+        version: str = "0.0.0+unknown",
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.labeler = TaskLabeler(task_labels, top_tasks, tenants)
@@ -141,23 +127,32 @@ class Metrics(EngineObserver):
         self.requests_waiting = Gauge(f"{p}requests_waiting", "Requests waiting in the queue.", registry=r)
         self.time_to_first_token = Histogram(
             f"{p}time_to_first_token_seconds", "Arrival to first generated token.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            buckets=FAST_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inter_token_latency = Histogram(
             f"{p}inter_token_latency_seconds", "Time between consecutive tokens of a request.",
             buckets=TOKEN_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.e2e_latency = Histogram(
-            f"{p}e2e_request_latency_seconds", "Arrival to last token.", buckets=LATENCY_BUCKETS, registry=r
-        )
+            f"{p}e2e_request_latency_seconds", "Arrival to last token.",
+            buckets=REQUEST_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.queue_time = Histogram(
             f"{p}request_queue_time_seconds",
             "Arrival to first scheduled.",
-            buckets=LATENCY_BUCKETS,
+            buckets=FAST_LATENCY_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter(f"{p}generation_tokens", "Tokens generated.", registry=r)
+        self.request_prompt_tokens = Histogram(
+            f"{p}request_prompt_tokens", "Prompt length of finished requests (tokens).",
+            buckets=LENGTH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_generation_tokens = Histogram(
+            f"{p}request_generation_tokens", "Tokens generated per finished request.",
+            buckets=LENGTH_BUCKETS, registry=r,
+        )  # fmt: skip
         self.request_finish = Counter(
             f"{p}request_finish", "Finished generations by reason.", ["finish_reason"], registry=r
         )
@@ -181,7 +176,7 @@ class Metrics(EngineObserver):
         )
         self.prefix_load = Histogram(
             f"{p}prefix_load_seconds", "Fetching + validating + placing a prefix on a cache miss.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            buckets=FAST_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.store_errors = Counter(
             f"{p}store_errors", "Prefix store failures by operation.", ["operation"], registry=r
@@ -204,11 +199,32 @@ class Metrics(EngineObserver):
         self.engine_up = Gauge(f"{p}engine_up", "1 while the engine loop runs.", registry=r)
         self.store_up = Gauge(f"{p}store_up", "1 while the prefix store answers.", registry=r)
         self.store_up.set(1)
-        self.task_info = _TaskInfoCollector(None, max_tasks)
+        # Like vLLM's `lora_requests_info`, with bounded "tenant/task" names (see TaskLabeler).
+        self.task_info = TaskListsInfo(
+            f"{p}task_requests_info",
+            "Tasks with running / waiting requests on this replica (value: unix time of the scrape).",
+            ("max_tasks", "running_tasks", "waiting_tasks"),
+            max_tasks,
+            self.labeler.engine_label,
+        )
         r.register(self.task_info)
-        for tier in ("device", "host"):  # so dashboards see 0 rather than "no data"
+        self.build_info = Gauge(
+            f"{p}build_info", "Always 1; labels: the server's version and Python version.",
+            ["version", "python_version"], registry=r,
+        )  # fmt: skip
+        self.build_info.labels(version=version, python_version=platform.python_version()).set(1)
+        # process_* (resident memory, CPU seconds, start time: restarts show as a new start time).
+        # Only on Linux is there anything to collect; elsewhere the collector exports nothing.
+        ProcessCollector(registry=r)
+        self.vllm = VllmMetrics(r, model_name, max_lora=max_tasks, adapter_names=adapter_names)
+        # Known label values start at 0, so dashboards and alerts see 0 rather than "no data".
+        for tier in ("device", "host"):
             self.prefix_cache_hits.labels(tier=tier)
             self.prefix_cache_evictions.labels(tier=tier)
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation=operation)
+        for outcome in UPLOAD_OUTCOMES:
+            self.prefix_uploads.labels(outcome=outcome)
 
     # --- introspection ----------------------------------------------------------------------
 
@@ -216,6 +232,8 @@ class Metrics(EngineObserver):
         """Sample family names as exposed (counters with `_total`), sorted: the dashboard contract."""
         names: set[str] = set()
         for family in self.registry.collect():
+            if not family.name.startswith(PREFIX):
+                continue  # process_* and vllm:* follow their own conventions (listed in the docs)
             names.add(family.name + "_total" if family.type == "counter" else family.name)
         return sorted(names)
 
@@ -226,10 +244,7 @@ class Metrics(EngineObserver):
         self.engine_up.set_function(lambda: 1.0 if engine.healthy else 0.0)
         self.kv_cache_usage.set_function(lambda: float(engine.kv_usage_ratio))
         # /metrics needs no key: raw task names of any tenant stay inside the labeler's bounded set.
-        self.task_info.source = lambda: (
-            [self.labeler.engine_label(t) for t in engine.running_tasks],
-            [self.labeler.engine_label(t) for t in engine.waiting_tasks],
-        )
+        self.task_info.source = lambda: (engine.running_tasks, engine.waiting_tasks)
 
         def cache_bytes(tier: str) -> Callable[[], float]:
             def read() -> float:
@@ -240,10 +255,13 @@ class Metrics(EngineObserver):
 
         for tier in ("device", "host"):
             self.prefix_cache_bytes.labels(tier=tier).set_function(cache_bytes(tier))
+        self.vllm.bind_engine(engine)
 
     # --- API-side events ----------------------------------------------------------------------
 
     def observe_http(self, endpoint: str, status: int) -> None:
+        if endpoint in UNCOUNTED_ENDPOINTS:
+            return
         self.requests_total.labels(endpoint=endpoint, status=str(status)).inc()
 
     def observe_task_request(self, tenant: str | None, task: str | None) -> None:
@@ -296,6 +314,8 @@ class Metrics(EngineObserver):
         self.request_finish.labels(finish_reason=reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generated_tokens)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generated_tokens)
         self.e2e_latency.observe(e2e_seconds)
 
     def on_prefix_load(self, seconds: float) -> None:

@@ -30,9 +30,9 @@ def test_exposed_names_are_exactly_the_documented_table():
 
 def test_each_metrics_has_its_own_registry():
     a, b = Metrics(), Metrics()
-    a.observe_http("/health", 200)
-    assert a.requests_total.labels(endpoint="/health", status="200")._value.get() == 1
-    assert b.requests_total.labels(endpoint="/health", status="200")._value.get() == 0
+    a.observe_http("/v1/generate", 200)
+    assert a.requests_total.labels(endpoint="/v1/generate", status="200")._value.get() == 1
+    assert b.requests_total.labels(endpoint="/v1/generate", status="200")._value.get() == 0
 
 
 def test_task_labels_are_bounded_top_n_and_sticky():
@@ -48,7 +48,7 @@ def test_task_allow_list_wins_over_top_n():
 
 
 def test_engine_observer_and_scrape_time_gauges():
-    m = Metrics(tenants=["acme"], max_tasks=8)
+    m = Metrics(tenants=["acme"], max_tasks=8, top_tasks=20)
     engine = SimpleNamespace(
         num_running=3,
         num_waiting=1,
@@ -115,7 +115,91 @@ def test_metrics_for_settings_is_built_once_with_tenants_labels_and_batch_size()
     labeler = m.labeler
     assert labeler.tenant("acme") == "acme" and labeler.tenant("default") == "other"
     assert labeler.task("acme", "keep") == "keep" and labeler.task("acme", "drop") == "other"
-    assert m.task_info.max_tasks == 4
+    assert m.task_info.max_value == 4
     engine = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
-    create_app(settings, engine=engine, store=make_store(None, Path("unused")), spec=None, metrics=m)  # type: ignore[arg-type]
+    create_app(
+        settings,
+        engine=engine,
+        store=make_store(None, Path("unused")),
+        spec=SimpleNamespace(max_positions=64),
+        metrics=m,
+    )  # type: ignore[arg-type]
     assert m.labeler is labeler  # the app uses the metrics it is given as they are
+
+
+def test_task_names_are_private_by_default():
+    # /metrics needs no key: without an allow-list or an explicit top-N, no task name is a label.
+    m = Metrics(tenants=["acme"])
+    m.observe_task_request("acme", "secret-task")
+    m.bind_engine(_engine(running_tasks=["acme/secret-task"], waiting_tasks=["acme/other-secret"]))
+    text = generate_latest(m.registry).decode()
+    assert "secret" not in text
+    assert scrape(m)["vllm:lora_requests_info"][0].labels["running_lora_adapters"] == ""
+
+
+def _engine(**overrides):
+    fields = dict(
+        num_running=0, num_waiting=0, healthy=True, kv_usage_ratio=0.0, running_tasks=[], waiting_tasks=[],
+        prefix_cache_stats=None,
+    )  # fmt: skip
+    return SimpleNamespace(**(fields | overrides))
+
+
+def test_vllm_named_gauges_follow_the_engine_with_adapter_names_by_mode():
+    engine = _engine(
+        num_running=2, num_waiting=3, kv_usage_ratio=0.5,
+        running_tasks=["acme/sql", "globex/sql"], waiting_tasks=["acme/poems"],
+    )  # fmt: skip
+    expected = {
+        "off": ("", ""),
+        "task": ("sql", "poems"),  # the request's `model`, what the endpoint picker matches
+        "tenant_task": ("acme/sql,globex/sql", "acme/poems"),  # never merged across tenants
+    }
+    for mode, (running, waiting) in expected.items():
+        m = Metrics(model_name="gpt2", max_tasks=16, adapter_names=mode)
+        m.bind_engine(engine)
+        samples = scrape(m)
+        assert samples["vllm:num_requests_running"][0].labels == {"model_name": "gpt2"}
+        assert samples["vllm:num_requests_running"][0].value == 2
+        assert samples["vllm:num_requests_waiting"][0].value == 3
+        assert samples["vllm:kv_cache_usage_perc"][0].value == 0.5
+        assert samples["vllm:gpu_cache_usage_perc"][0].value == 0.5
+        info = samples["vllm:lora_requests_info"][0]
+        assert info.labels == {
+            "max_lora": "16", "running_lora_adapters": running, "waiting_lora_adapters": waiting,
+        }, mode  # fmt: skip
+
+
+def test_unknown_adapter_name_mode_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="adapter_names"):
+        Metrics(adapter_names="everything")
+
+
+def test_probes_and_scrapes_are_not_counted_as_requests():
+    # A draining pod answers /ready with 503: counting it would fire the 5xx alert.
+    m = Metrics()
+    for endpoint, status in (("/health", 200), ("/ready", 503), ("/metrics", 200), ("/v1/generate", 200)):
+        m.observe_http(endpoint, status)
+    counted = {s.labels["endpoint"] for s in scrape(m)["prefixserve_requests"] if s.name.endswith("_total")}
+    assert counted == {"/v1/generate"}
+
+
+def test_process_build_and_length_metrics():
+    m = Metrics(version="1.2.3")
+    m.on_finish("length", prompt_tokens=30, generated_tokens=7, e2e_seconds=90.0, tenant="t", task=None)
+    samples = scrape(m)
+    assert samples["process_resident_memory_bytes"][0].value > 0
+    build = samples["prefixserve_build_info"][0]
+    assert build.labels["version"] == "1.2.3" and build.value == 1
+
+    def bucket(name: str, le: str) -> float:
+        return next(s.value for s in samples[name] if s.name.endswith("_bucket") and s.labels["le"] == le)
+
+    assert bucket("prefixserve_request_prompt_tokens", "20.0") == 0
+    assert bucket("prefixserve_request_prompt_tokens", "50.0") == 1
+    assert bucket("prefixserve_request_generation_tokens", "10.0") == 1
+    # A 90 s generation lands between minute-scale buckets, not in +Inf.
+    assert bucket("prefixserve_e2e_request_latency_seconds", "60.0") == 0
+    assert bucket("prefixserve_e2e_request_latency_seconds", "120.0") == 1

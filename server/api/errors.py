@@ -32,7 +32,7 @@ from server.engine.errors import (
     RequestFailed,
     UnknownTask,
 )
-from server.logging import request_context
+from server.logging import current_request_id, request_context
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,13 @@ _MAPPINGS: list[tuple[type[Exception], _Mapping]] = [
     (StoreError, _Mapping(500, "store_error")),
 ]
 
+# 5xx failures whose exception text describes our infrastructure: the message clients get instead.
+_CLIENT_MESSAGES: dict[type[Exception], str] = {
+    StoreUnavailable: "the prefix store is unavailable; retry later",
+    EngineStopped: "the engine is not accepting requests; retry later or on another replica",
+    StoreError: "internal prefix store error",
+}
+
 _HTTP_ERROR_TYPES = {
     400: "bad_request",
     401: "unauthorized",
@@ -127,7 +134,7 @@ _HTTP_ERROR_TYPES = {
 # TGI's 424 elsewhere), and errors use OpenAI's body shape: the `openai` client raises the right
 # exception class from the status alone, but puts the reason into the exception's text only from
 # `{"error": {"message": ...}}`.
-OPENAI_PATHS = ("/v1/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -177,12 +184,18 @@ def describe_exception(exc: Exception, path: str = "") -> tuple[int, str, str, d
             message = str(exc) or cls.__name__
             if isinstance(exc, RequestFailed):
                 message = f"generation failed: {message}"
-            if mapping.error_type == "store_error":
-                # Raw store failures name file paths / Redis details: for the log (handle_known), not clients.
-                message = "internal prefix store error"
+            if cls in _CLIENT_MESSAGES:
+                # The exception names Redis URLs, hosts, file paths or exception reprs: those are for
+                # the log (handle_known); the client gets what it can act on and the request id.
+                message = _with_request_id(_CLIENT_MESSAGES[cls])
             headers = {"Retry-After": str(mapping.retry_after)} if mapping.retry_after else None
             return status, message, mapping.error_type, headers
-    return 500, "internal server error", "internal", None
+    return 500, _with_request_id("internal server error"), "internal", None
+
+
+def _with_request_id(message: str) -> str:
+    request_id = current_request_id()
+    return message if request_id is None else f"{message} (request id {request_id})"
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -211,6 +224,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status, message, error_type, headers = describe_exception(exc, request.url.path)
         if status >= 500 and error_type != "unavailable":
             logger.error("request failed: %s", exc, exc_info=exc)
+        elif status >= 500:  # transient (store down, engine stopped): the reason, without a traceback
+            logger.warning("request failed: %s", exc)
         return error_response(status, message, error_type, headers, path=request.url.path)
 
     app.add_exception_handler(RequestValidationError, handle_validation)

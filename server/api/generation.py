@@ -1,6 +1,8 @@
 """Admission and one generation's life, shared by the TGI, native and OpenAI routes.
 
-`start_generation` checks draining, takes a tenant rate-limit lease, submits to the engine and waits
+`start_generation` checks draining and the prompt's size (O(1), before any work proportional to it),
+takes a tenant rate-limit lease, tokenises the prompt in a worker thread (never on the event loop: a
+long prompt would stall every other request), submits the ids to the engine and waits
 for the *first* event before returning. Waiting for it means every error the engine raises at
 admission (unknown task, prompt too long, queue full, store down...) becomes a proper HTTP status,
 even on streaming routes, instead of a broken 200 stream. The returned `Generation` yields the events
@@ -10,6 +12,7 @@ away (so the engine drops the request), and records timings for the access log.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,9 +25,9 @@ from server.api.auth import Principal
 from server.api.deps import AppState
 from server.api.errors import ApiError, Draining
 from server.api.ratelimit import Lease
-from server.engine.errors import RequestFailed
+from server.engine.errors import InvalidRequest, RequestFailed
 from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
-from server.logging import RequestContext, request_context
+from server.logging import RequestContext, engine_request_id, request_context
 
 # Engine finish reasons that are not a completed generation (engine stopping, or a failure).
 _ABORTED = {"cancelled", "error"}
@@ -50,6 +53,7 @@ class TokenInfo:
     text: str
     logprob: float | None
     special: bool
+    top: list[tuple[int, float]] = field(default_factory=list)  # alternatives (id, logprob), best first
 
 
 @dataclass
@@ -63,6 +67,13 @@ class Completed:
     seed: int | None
     prefix_version: int | None
     tokens: list[TokenInfo] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None  # with prompt logprobs asked
+    prompt_logprobs: list[float | None] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """Sum of the generated tokens' logprobs: how best_of ranks candidates (as vLLM and TGI do)."""
+        return sum(t.logprob or 0.0 for t in self.tokens)
 
 
 def token_info(event: StreamEvent) -> TokenInfo:
@@ -72,6 +83,7 @@ def token_info(event: StreamEvent) -> TokenInfo:
         text=event.text,
         logprob=event.token_logprob,
         special=event.finish_reason == "eos_token",
+        top=list(event.top_tokens),
     )
 
 
@@ -118,8 +130,11 @@ class Generation:
     async def collect(self) -> Completed:
         tokens: list[TokenInfo] = []
         last: StreamEvent | None = None
+        prompt: StreamEvent | None = None
         async for event in self.events():
             last = event
+            if event.prompt_logprobs is not None:
+                prompt = event
             if event.token_id is not None:
                 tokens.append(token_info(event))
         assert last is not None and last.finish_reason is not None
@@ -132,34 +147,13 @@ class Generation:
             seed=last.seed,
             prefix_version=last.prefix_version,
             tokens=tokens,
+            prompt_token_ids=None if prompt is None else prompt.prompt_token_ids,
+            prompt_logprobs=None if prompt is None else prompt.prompt_logprobs,
         )
 
     async def collect_unless_disconnected(self, receive: Receive) -> Completed:
-        """`collect()`, abandoned if the client disconnects first: the engine request is aborted and the
-        lease released at once, instead of generating every remaining token for nobody.
-
-        `receive` is the request's ASGI receive; its body has been read, so the next message it
-        returns is `http.disconnect` (when the client goes away, or once the response is sent).
-        """
-        outcome: list[Completed | Exception] = []
-        async with anyio.create_task_group() as group:
-
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
-
-            group.start_soon(watch_disconnect)
-            try:
-                outcome.append(await self.collect())
-            except Exception as exc:  # re-raised below, not wrapped in the task group's ExceptionGroup
-                outcome.append(exc)
-            group.cancel_scope.cancel()
-        if not outcome:
-            raise ClientDisconnected()
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
+        """`collect()`, abandoned if the client disconnects first (see `collect_all_unless_disconnected`)."""
+        return (await collect_all_unless_disconnected([self], receive))[0]
 
     async def close(self, last: StreamEvent | None = None) -> None:
         """Release the lease and the engine stream (idempotent); called when iteration ends or stops."""
@@ -180,6 +174,22 @@ class Generation:
                 self._ctx.finish_reason = last.finish_reason
 
 
+def check_prompt_size(state: AppState, prompt: str | list[int]) -> None:
+    """422 for a prompt that cannot fit the model, decided in O(1) before any work proportional to it.
+
+    A prompt of more characters than `max_prompt_chars` (positions x the longest token, see
+    `HttpLimits`) has more tokens than the model has positions; a list of more ids does too.
+    """
+    max_positions = state.spec.max_positions
+    if isinstance(prompt, str) and len(prompt) > state.http.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt has {len(prompt)} characters; at most {state.http.max_prompt_chars} can fit the "
+            f"model's {max_positions} positions"
+        )
+    if isinstance(prompt, list) and len(prompt) > max_positions:
+        raise InvalidRequest(f"prompt has {len(prompt)} tokens; the model has {max_positions} positions")
+
+
 async def start_generation(
     state: AppState,
     principal: Principal,
@@ -196,9 +206,12 @@ async def start_generation(
     if state.draining:
         raise Draining()
     params.validate()  # out-of-range values → 422 before using a rate-limit slot
+    check_prompt_size(state, prompt)
     lease = await state.limiter.acquire(principal.tenant)
     stream: Any = None
     try:
+        if isinstance(prompt, str):  # tokenising takes time proportional to the prompt: not on the loop
+            prompt = await anyio.to_thread.run_sync(state.engine.tokenize, prompt)
         request = GenerationRequest(
             request_id=request_id,
             prompt=prompt,
@@ -223,3 +236,101 @@ async def start_generation(
     if ctx is not None and first.prefix_variant is not None:
         ctx.extra["prefix_variant"] = first.prefix_variant
     return Generation(first, stream, lease, ctx, start)
+
+
+async def collect_all_unless_disconnected(generations: list[Generation], receive: Receive) -> list[Completed]:
+    """Every generation's `collect()`, abandoned if the client disconnects first: the engine requests
+    are aborted and the leases released at once, instead of generating tokens for nobody.
+
+    `receive` is the request's ASGI receive; its body has been read, so the next message it returns
+    is `http.disconnect` (when the client goes away, or once the response is sent).
+    """
+    outcome: list[list[Completed] | Exception] = []
+    async with anyio.create_task_group() as group:
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch_disconnect)
+        try:
+            outcome.append(list(await asyncio.gather(*(g.collect() for g in generations))))
+        except Exception as exc:  # re-raised below, not wrapped in the task group's ExceptionGroup
+            outcome.append(exc)
+        group.cancel_scope.cancel()
+    if not outcome:
+        for generation in generations:
+            await generation.close()
+        raise ClientDisconnected()
+    if isinstance(outcome[0], Exception):
+        for generation in generations:
+            await generation.close()
+        raise outcome[0]
+    return outcome[0]
+
+
+def sequence_ids(count: int) -> list[str]:
+    """Engine request ids for the `count` sequences of one HTTP request (the first is the request's)."""
+    base = engine_request_id()
+    return [base] + [f"{base}-{i}" for i in range(1, count)]
+
+
+async def start_generations(
+    state: AppState,
+    principal: Principal,
+    task: str | None,
+    prompt: str | list[int],
+    params: list[SamplingParams],
+    request_ids: list[str],
+) -> list[Generation]:
+    """`start_generation` for each of `params` concurrently (n / best_of: one engine request per
+    sequence, all sharing the task's prefix); if one is refused, the others are closed."""
+    results = await asyncio.gather(
+        *(
+            start_generation(state, principal, task, prompt, p, r)
+            for p, r in zip(params, request_ids, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    started = [r for r in results if isinstance(r, Generation)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        for generation in started:
+            await generation.close()
+        raise failures[0]
+    return started
+
+
+async def interleave(generations: list[Generation]) -> AsyncIterator[tuple[int, StreamEvent]]:
+    """The events of several generations as they come, each with its generation's index."""
+    if len(generations) == 1:  # the common case: no tasks, no queue
+        async for event in generations[0].events():
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for event in generation.events():
+                await queue.put((index, event))
+            await queue.put((index, None))
+        except Exception as exc:
+            await queue.put((index, exc))
+
+    pumps = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(generations)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        for generation in generations:
+            await generation.close()

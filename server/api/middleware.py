@@ -5,9 +5,8 @@
   `prefixserve_requests_total{endpoint,status}`, writes one access log line when the response is
   complete (after the last byte of a stream), and turns any exception that escaped the app into a
   500 `{"error", "error_type"}` with the traceback in the log only.
-- `BodySizeLimitMiddleware`: uvicorn has no body limit, so refuse bodies over `max_body_bytes` with
-  413: at once from Content-Length, and by counting bytes as they stream in (chunked uploads, lying
-  Content-Length).
+- `server.api.admission.AdmissionMiddleware` (next inside): key, queue and body-size checks made
+  before the body is read.
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import BodyTooLarge, describe_exception, error_body
+from server.api.errors import describe_exception, error_body
 from server.logging import RequestContext, log_request, request_context
 from server.metrics import Metrics
 
@@ -85,14 +83,12 @@ class RequestMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
-            status, message, error_type, headers = describe_exception(exc, scope.get("path", ""))
+            status, _, error_type, _ = describe_exception(exc, scope.get("path", ""))
             if status >= 500:
                 logger.error("unhandled error", exc_info=exc)
             ctx.error_type = error_type
             if not started:
-                await _send_json_error(
-                    send_wrapper, status, message, error_type, headers, scope.get("path", "")
-                )
+                await send_json_error(scope, send_wrapper, exc)
             else:
                 ctx.status = 500 if ctx.status is None else ctx.status
         finally:
@@ -105,9 +101,13 @@ class RequestMiddleware:
             request_context.reset(token)
 
 
-async def _send_json_error(
-    send: Send, status: int, message: str, error_type: str, headers: dict[str, str] | None, path: str = ""
-) -> None:
+async def send_json_error(scope: Scope, send: Send, exc: Exception) -> None:
+    """Answer `exc`, mapped as the app's handlers map it, without reading the request body."""
+    path = scope.get("path", "")
+    status, message, error_type, headers = describe_exception(exc, path)
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx.error_type = error_type
     body = json.dumps(error_body(status, message, error_type, path)).encode()
     raw: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
@@ -116,43 +116,3 @@ async def _send_json_error(
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
-
-
-class BodySizeLimitMiddleware:
-    """413 for request bodies over `max_body_bytes` (declared or streamed)."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_body_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                too_large = int(declared) > limit
-            except ValueError:
-                too_large = False  # h11/httptools reject a malformed Content-Length before us
-            if too_large:
-                # Refuse before reading anything: the client may still be sending the body.
-                await _send_json_error(
-                    send, 413, BodyTooLarge(limit).detail, "payload_too_large", None, scope.get("path", "")
-                )
-                return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message: dict[str, Any] = dict(await receive())
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    # An HTTPException subclass: FastAPI re-raises it from body parsing unchanged, and
-                    # our handlers answer 413.
-                    raise BodyTooLarge(limit)
-            return message
-
-        await self.app(scope, counting_receive, send)

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 from fastapi import UploadFile
 
-from prefix_store.artifact import ArtifactError, ArtifactLimits, dump_artifact, load_artifact
+from prefix_store.artifact import ArtifactError, dump_artifact, load_artifact
 from prefix_store.base import StoreUnavailable, VersionInfo, validate_name
 from prefix_store.peft_format import peft_to_artifact
 from server.api.deps import AppState
@@ -63,22 +63,20 @@ async def validate_upload(
             "/v1/completions: the task could not be reached there; choose another name",
             "validation",
         )
-    limits = ArtifactLimits(
-        max_bytes=state.config.max_artifact_bytes, max_prefix_length=state.config.max_prefix_length
-    )
+    limits = state.config.limits  # the engine loads what is stored with these same limits
     peft_parts = (adapter_config is not None, adapter_model is not None)
     if artifact is not None and any(peft_parts):
         raise ApiError(
             422, "send either 'artifact' or 'adapter_config' + 'adapter_model', not both", "validation"
         )
     if artifact is not None:
-        data = await read_upload(artifact, "artifact", limits.max_bytes)
+        data = await read_upload(artifact, "artifact", limits.max_artifact_bytes)
         parsed = await anyio.to_thread.run_sync(lambda: load_artifact(data, state.spec, limits))
         source = "artifact"
     elif all(peft_parts):
         assert adapter_config is not None and adapter_model is not None
         config_bytes = await read_upload(adapter_config, "adapter_config", 1 << 20)
-        model_bytes = await read_upload(adapter_model, "adapter_model", limits.max_bytes)
+        model_bytes = await read_upload(adapter_model, "adapter_model", limits.max_artifact_bytes)
 
         def convert() -> tuple[Any, bytes]:
             converted = peft_to_artifact(config_bytes, model_bytes, state.spec, task, limits)

@@ -1,59 +1,153 @@
-"""Request and response bodies (pydantic). Request models forbid unknown fields: a typo or an
-unsupported option (beam search, best_of > 1, watermarking, grammars...) is a 422 naming the field,
-never silently ignored.
+"""Request and response bodies (pydantic) of the native and TGI/LoRAX routes, and shared helpers.
 
-TGI's `Parameters` has fields we do not implement; the `text-generation` client sends all of them on
-every request (null/false), so they are declared here and accepted only at their "off" value.
+Compatibility (issue 16): a client written for TGI, LoRAX, vLLM or OpenAI works unchanged, so request
+models declare every field those APIs define. Each field is either supported, or accepted only at
+its neutral value (null/false/empty) with a 422 naming the reason otherwise (`neutral_only`). Fields
+no API defines are kept aside by pydantic (`extra="allow"`): the compatibility routes ignore them
+with a warning in the log, as vLLM does; the native `/v1/generate` routes refuse them (422), so a typo
+in our own API is never silently dropped. Either way an unknown field is never reinterpreted.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+
+from server.engine.types import MAX_TOP_N_TOKENS
 
 MAX_NEW_TOKENS = 1 << 20  # a sanity bound for the schema; the real limit is the model's positions
 MAX_SEED = 2**63 - 1
+MAX_SEQUENCES = 8  # n / best_of: each sequence is one more engine request
 # Temperatures below this sample like greedy decoding and are served as greedy (vLLM does the same):
 # dividing logits by a denormal temperature overflows to inf/NaN.
 GREEDY_TEMPERATURE_EPS = 1e-5
 MIN_REPETITION_PENALTY = 1e-2  # below this, dividing logits overflows; HF's meaningful range is ~1-2
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=16)]
+Penalty = Annotated[float | None, Field(None, ge=-2, le=2)]
+
+
+class _Out(BaseModel):
+    """A response body that leaves out its `_omit_none` fields when they are None, as TGI does
+    (serde's `skip_serializing_if`), so strict clients see exactly TGI's keys."""
+
+    _omit_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self._omit_none:
+            if isinstance(data, dict) and data.get(name, 0) is None:
+                del data[name]
+        return data
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
+
+
+def unknown_fields(model: BaseModel, path: str = "") -> list[str]:
+    """Dotted names of the fields no API defines, in `model` and the models nested in it."""
+    names = [f"{path}{name}" for name in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, BaseModel):
+                where = name if index is None else f"{name}[{index}]"
+                names += unknown_fields(item, f"{path}{where}.")
+    return names
+
+
+def neutral_only(value: Any, neutral: tuple[Any, ...], reason: str) -> Any:
+    """Accept `value` when it is one of the neutral values (the API's "off"), else refuse with `reason`."""
+    if value not in neutral:
+        raise ValueError(f"only {' or '.join(repr(n) for n in neutral)} is accepted: {reason}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
-# TGI / native generation
+# TGI / LoRAX / native generation
 
 
 class GenerateParameters(_Request):
-    """Sampling parameters (TGI's names and defaults: greedy, 20 new tokens)."""
+    """Sampling parameters: TGI's `GenerateParameters` and LoRAX's additions (names, defaults: greedy,
+    20 new tokens). LoRAX's client sends `max_new_tokens: null`, which means the default."""
 
-    max_new_tokens: int = Field(20, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int | None = Field(20, ge=1, le=MAX_NEW_TOKENS)
     do_sample: bool = False
     temperature: float | None = Field(None, gt=0, le=100)
     top_k: int | None = Field(None, ge=0, le=1_000_000)
     top_p: float | None = Field(None, gt=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1, description="Typical decoding mass (1: off).")
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=100)
+    frequency_penalty: Penalty = Field(None, description="OpenAI semantics over generated tokens (0: off).")
     stop: StopList = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     details: bool = False
+    decoder_input_details: bool = Field(False, description="details.prefill: prompt tokens with logprobs.")
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS, description="details.top_tokens.")
+    return_k_alternatives: int | None = Field(
+        None, ge=0, le=MAX_TOP_N_TOKENS, description="LoRAX's name: token.alternative_tokens."
+    )
     return_full_text: bool = False
+    truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_SEQUENCES, description="Sample this many, return the most likely (sampling only)."
+    )
     ignore_eos: bool = Field(False, description="Generate max_new_tokens even past EOS (vLLM extension).")
+    ignore_eos_token: bool = Field(False, description="LoRAX's name for ignore_eos.")
     adapter_id: str | None = Field(None, description="The task (LoRAX/TGI style); `task` takes precedence.")
-    # Accepted only when off: the text-generation client always sends them.
+    api_token: str | None = Field(None, description="LoRAX: hub credentials; ignored (tasks are local).")
+    # Accepted only when neutral (see `_neutral`).
+    adapter_source: str | None = None
+    merged_adapters: Any = None
+    response_format: Any = None
+    grammar: Any = None
+    watermark: bool = False
     num_beams: int | None = Field(None, ge=1, le=1, description="Beam search is not supported (1 only).")
-    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
-    watermark: Literal[False] = False
-    decoder_input_details: Literal[False] = False
-    truncate: None = None
-    typical_p: None = None
-    top_n_tokens: None = None
-    frequency_penalty: None = None
-    grammar: None = None
+
+    @model_validator(mode="after")
+    def _neutral(self) -> GenerateParameters:
+        neutral_only(
+            self.adapter_source,
+            (None,),
+            "adapters are this server's tasks (adapter_id = task name); "
+            "loading from hub, s3, local paths or pbase is not supported",
+        )
+        neutral_only(
+            self.merged_adapters, (None,), "merging adapters is not supported (one prefix per request)"
+        )
+        neutral_only(self.response_format, (None,), "structured output (response_format) is not supported")
+        neutral_only(self.grammar, (None,), "grammar-constrained decoding is not supported")
+        neutral_only(self.watermark, (False,), "watermarking is not supported")
+        if (self.best_of or 1) > 1:
+            # TGI's and LoRAX's own rules: best_of picks among *samples*, and one seed would make them equal.
+            if not self.sampling:
+                raise ValueError(
+                    "best_of > 1 needs sampling (do_sample, temperature, top_k, top_p or typical_p)"
+                )
+            if self.seed is not None:
+                raise ValueError("seed must not be set when best_of > 1")
+        return self
+
+    @property
+    def sampling(self) -> bool:
+        """TGI samples when asked to, or when any warper is set."""
+        return self.do_sample or any(
+            v is not None for v in (self.temperature, self.top_k, self.top_p, self.typical_p)
+        )
+
+    @property
+    def num_alternatives(self) -> int:
+        return max(self.top_n_tokens or 0, self.return_k_alternatives or 0)
 
 
 class GenerateRequest(_Request):
@@ -64,21 +158,57 @@ class GenerateRequest(_Request):
     parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters.model_validate({}))
     stream: bool = Field(False, description="Only on `POST /`: choose a stream (TGI's compat route).")
 
+    @model_validator(mode="after")
+    def _best_of_not_streamed(self) -> GenerateRequest:
+        if self.stream and (self.parameters.best_of or 1) > 1:
+            raise ValueError("best_of > 1 cannot be streamed (TGI's rule)")
+        return self
 
-class Token(BaseModel):
+
+class AlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class Token(_Out):
+    _omit_none = ("alternative_tokens",)
     id: int
     text: str
     logprob: float | None = None
     special: bool
+    alternative_tokens: list[AlternativeToken] | None = Field(
+        None, description="LoRAX: return_k_alternatives."
+    )
 
 
-class Details(BaseModel):
+class InputToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+class BestOfSequence(BaseModel):
+    generated_text: str
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None = None
-    prefix_version: int | None = Field(None, description="Version of the task's prefix that was used.")
-    prefill: list[Token] = Field(default_factory=list, description="Always empty (kept for TGI clients).")
+    prefill: list[InputToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = None
+
+
+class Details(_Out):
+    _omit_none = ("top_tokens", "best_of_sequences")
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    prompt_tokens: int = Field(description="Prompt tokens (LoRAX reads it).")
+    generated_tokens: int
+    seed: int | None = None
+    prefix_version: int | None = Field(None, description="Version of the task's prefix that was used.")
+    prefill: list[InputToken] = Field(default_factory=list, description="With decoder_input_details.")
+    tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = Field(None, description="With top_n_tokens: per generated token.")
+    best_of_sequences: list[BestOfSequence] | None = Field(None)
 
 
 class GenerateResponse(BaseModel):
@@ -88,21 +218,25 @@ class GenerateResponse(BaseModel):
 
 class StreamDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    prompt_tokens: int
     generated_tokens: int
     seed: int | None = None
     prefix_version: int | None = None
 
 
-class StreamResponse(BaseModel):
+class StreamResponse(_Out):
     """One SSE event of `/v1/generate_stream`; the last one carries `generated_text` and `details`."""
 
+    _omit_none = ("top_tokens",)
+
     token: Token
+    top_tokens: list[Token] | None = Field(None, description="With top_n_tokens.")
     generated_text: str | None = None
     details: StreamDetails | None = None
 
 
 class InfoResponse(BaseModel):
-    """`GET /info`: the subset of TGI's info that describes this server."""
+    """`GET /info`: the subset of TGI's info that describes this server (`?adapter_id=`: for a task)."""
 
     model_id: str
     model_dtype: str
@@ -112,83 +246,25 @@ class InfoResponse(BaseModel):
     max_input_tokens: int
     max_batch_total_tokens: int | None = None
     max_concurrent_requests: int
-    max_best_of: int = 1
+    max_best_of: int = MAX_SEQUENCES
     max_stop_sequences: int = 16
+    max_top_n_tokens: int = MAX_TOP_N_TOKENS
     router: str = "prefixserve"
     version: str
 
 
-# --------------------------------------------------------------------------------------------------
-# OpenAI completions
+class TokenizeRequest(_Request):
+    """TGI's `POST /tokenize` body (`parameters.adapter_id` is accepted and does not change the result)."""
+
+    inputs: str = Field(max_length=1 << 20)
+    parameters: GenerateParameters | None = None
 
 
-class CompletionRequest(_Request):
-    """`POST /v1/completions`: `model` is a task name, or the base model's id for no prefix."""
-
-    model: str = Field(min_length=1, max_length=256)
-    prompt: str | list[str] | list[int] = Field(description="A string, a list of one string, or token ids.")
-    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float | None = Field(1.0, ge=0, le=2, description="0: greedy.")
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    stop: str | StopList | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
-    ignore_eos: bool = Field(False, description="Generate max_tokens even past EOS (vLLM extension).")
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    echo: Literal[False] = False
-    logprobs: None = None
-    user: str | None = Field(None, max_length=256, description="Ignored.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("prompt must not be empty")
-        elif not value:
-            raise ValueError("prompt must not be empty")
-        elif isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("only one prompt per request is supported (a list of one string)")
-            if not value[0]:
-                raise ValueError("prompt must not be empty")
-        elif any(v < 0 for v in value):
-            raise ValueError("token ids must be >= 0")
-        return value
-
-
-class CompletionChoice(BaseModel):
+class TokenSpan(BaseModel):
+    id: int
     text: str
-    index: int = 0
-    logprobs: None = None
-    finish_reason: Literal["length", "stop"] | None = None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+    start: int = Field(description="Character offset of the token's text in `inputs`.")
+    stop: int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +297,9 @@ class PrefixPage(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")
 
 
-class RollbackRequest(_Request):
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     version: int = Field(ge=1)
 
 

@@ -44,9 +44,10 @@ from server.engine.errors import (
 from server.engine.fair_queue import FairQueueConfig
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.runner import ModelRunner, PrefillItem
-from server.engine.sampling import RowSampling, make_row, new_seed, sample
+from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
+from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +77,9 @@ class EngineObserver:
 
 @dataclass
 class EngineConfig:
-    """Engine limits. `kv_budget_tokens=None` means max_batch_size x the model's max positions."""
+    """The engine's limits (the one `Limits` object, built from the settings) plus internal tuning."""
 
-    max_batch_size: int = 32  # rows of a step (running requests)
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per step
-    kv_budget_tokens: int | None = None  # sum of reserved positions (prefix + prompt + max_new_tokens)
-    max_waiting: int = 256
-    queue_timeout_s: float = 60.0
-    device_prefix_cache_bytes: int = 256 << 20
-    host_prefix_cache_bytes: int = 1 << 30
+    limits: Limits = field(default_factory=Limits)
     kv_position_chunk: int = 256  # KV cache grows/shrinks in chunks of this many positions
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
 
@@ -128,9 +123,9 @@ class _StepWork:
 @dataclass
 class _StepResult:
     request_ids: list[str]
-    token_ids: list[int]
-    logprobs: list[float]
+    sampled: SampleOutput
     failed: dict[str, BaseException]
+    prompt_logprobs: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 class Engine:
@@ -149,14 +144,16 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.tokenizer = loaded.tokenizer
         self.runner = runner or _default_runner(loaded, self.config)
-        kv_budget = self.config.kv_budget_tokens or self.config.max_batch_size * self.runner.max_positions
+        self.sampler = Sampler()
+        limits = self.config.limits
+        kv_budget = limits.kv_budget_tokens or limits.max_batch_size * self.runner.max_positions
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_running=self.config.max_batch_size,
-                max_prefill_tokens=self.config.max_prefill_tokens,
+                max_running=limits.max_batch_size,
+                max_prefill_tokens=limits.max_prefill_tokens,
                 kv_budget_tokens=kv_budget,
-                max_waiting=self.config.max_waiting,
-                queue_timeout_s=self.config.queue_timeout_s,
+                max_waiting=limits.max_waiting,
+                queue_timeout_s=limits.queue_timeout_s,
                 fair_queue=self.config.fair_queue,
             )
         )
@@ -167,8 +164,7 @@ class Engine:
                 loaded.spec,
                 loaded.device,
                 loaded.dtype,
-                self.config.device_prefix_cache_bytes,
-                self.config.host_prefix_cache_bytes,
+                limits,
                 listener=self.observer,
             )
         # Called in the worker thread with (request ids, logits [N, V]) of every step; tests use it.
@@ -223,6 +219,11 @@ class Engine:
         return self.scheduler.num_waiting
 
     @property
+    def queue_full(self) -> bool:
+        """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
+        return self.scheduler.num_waiting >= self.config.limits.max_waiting
+
+    @property
     def running_tasks(self) -> list[str]:
         """Distinct "tenant/task" of running requests (bare-model requests not listed)."""
         return self._task_labels(self.scheduler.running_ids)
@@ -270,10 +271,15 @@ class Engine:
             raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
         params = request.params
         params.validate()
-        prompt_ids = self._tokenize(request.prompt)
+        prompt_ids = self.tokenize(request.prompt)
         prefix = await self._resolve_prefix(request)
         artifact = None if prefix is None else prefix.artifact
         self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, artifact)
+        bad_bias = [t for t in params.logit_bias if t >= self.runner.vocab_size]
+        if bad_bias:
+            raise InvalidRequest(
+                f"logit_bias token ids must be < {self.runner.vocab_size}, got {bad_bias[:5]}"
+            )
         seed = params.seed if params.seed is not None else new_seed()
         eos = None if params.ignore_eos else self.runner.eos_token_id
         state = _Request(
@@ -281,7 +287,7 @@ class Engine:
             prompt_ids=prompt_ids,
             prefix=prefix,
             seed=seed,
-            sampling=make_row(params, seed, prompt_ids, self.loaded.device),
+            sampling=make_row(params, seed, prompt_ids),
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.max_new_tokens, params.stop, eos),
             arrival=time.monotonic(),
         )
@@ -304,7 +310,9 @@ class Engine:
         self._wake.set()
         return state
 
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids (ids are checked against the vocabulary). Safe in worker threads: the
+        API tokenises long prompts off the event loop and submits the ids."""
         if isinstance(prompt, str):
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
         else:
@@ -367,7 +375,7 @@ class Engine:
                 for rid in plan.timed_out_ids:
                     state = self._requests.get(rid)
                     if state is not None:
-                        timeout = self.config.queue_timeout_s
+                        timeout = self.config.limits.queue_timeout_s
                         self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
                 work = self._prepare(plan.prefill_ids, plan.decode_ids, plan.aborted_ids)
                 if not (work.release_ids or work.decode_tokens or work.prefill):
@@ -397,7 +405,9 @@ class Engine:
         for rid in prefill_ids:
             state = self._requests[rid]
             artifact = None if state.prefix is None else state.prefix.artifact
-            work.prefill.append(PrefillItem(rid, state.prompt_ids, artifact))
+            work.prefill.append(
+                PrefillItem(rid, state.prompt_ids, artifact, state.request.params.prompt_logprobs)
+            )
             work.rows[rid] = state.sampling
             work.states[rid] = state
             self.observer.on_queue_time(now - state.arrival)
@@ -431,12 +441,23 @@ class Engine:
                         logger.exception("prefill of request %s failed", item.request_id)
                         failed[item.request_id] = exc
         if not ids:
-            return _StepResult([], [], [], failed)
+            return _StepResult([], SampleOutput([], [], []), failed)
         all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # [N, V]
         if self.debug_logits_hook is not None:
             self.debug_logits_hook(list(ids), all_logits)
-        token_ids, logprobs = sample(all_logits, [work.rows[r] for r in ids])
-        return _StepResult(ids, token_ids, logprobs, failed)
+        sampled = self.sampler.sample(all_logits, [work.rows[r] for r in ids])
+        prompt = {
+            item.request_id: self._prompt_logprobs(item) for item in work.prefill if item.prompt_logprobs
+        }
+        return _StepResult(ids, sampled, failed, prompt)
+
+    def _prompt_logprobs(self, item: PrefillItem) -> list[float | None]:
+        """The prompt's logprobs from the runner's prompt logits (all None if it keeps none)."""
+        take = getattr(self.runner, "take_prompt_logits", None)
+        logits = None if take is None else take(item.request_id)  # [P, V] or None
+        if logits is None:
+            return [None] * len(item.input_ids)
+        return prompt_logprobs(logits, item.input_ids)
 
     def _apply(self, result: _StepResult, states: dict[str, _Request]) -> None:
         """Event loop: turn sampled tokens into events, detect finishes, update the scheduler."""
@@ -451,7 +472,9 @@ class Engine:
                 self._fail(state, failure)
         outputs: list[StepOutput] = []
         tasks: set[str] = set()
-        for rid, token, logprob in zip(result.request_ids, result.token_ids, result.logprobs, strict=True):
+        sampled = result.sampled
+        for i, rid in enumerate(result.request_ids):
+            token, logprob = sampled.token_ids[i], sampled.logprobs[i]
             state = states.get(rid)
             if state is None or state.done:  # aborted while the step ran; its row is released next step
                 continue
@@ -472,7 +495,12 @@ class Engine:
             state.last_token_time = now
             state.next_token = token
             reason = state.detok.finish_reason
-            state.events.put_nowait(self._event(state, token, text, reason, logprob))
+            event = self._event(state, token, text, reason, logprob)
+            event.top_tokens = sampled.top_tokens[i]
+            if rid in result.prompt_logprobs:
+                event.prompt_token_ids = list(state.prompt_ids)
+                event.prompt_logprobs = result.prompt_logprobs[rid]
+            state.events.put_nowait(event)
             outputs.append(StepOutput(rid, 1, reason is not None))
             if reason is not None:
                 state.done = True
@@ -526,11 +554,16 @@ def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
     if model_type == "gpt2":
         from server.engine.gpt2_runner import GPT2Runner
 
-        return GPT2Runner(loaded, max_rows=config.max_batch_size, position_chunk=config.kv_position_chunk)
+        return GPT2Runner(
+            loaded, max_rows=config.limits.max_batch_size, position_chunk=config.kv_position_chunk
+        )
     if model_type == "bart":
         from server.engine import bart_runner  # type: ignore[attr-defined]
 
         return bart_runner.BartRunner(  # type: ignore[no-any-return]
-            loaded, max_rows=config.max_batch_size, position_chunk=config.kv_position_chunk
+            loaded,
+            max_rows=config.limits.max_batch_size,
+            position_chunk=config.kv_position_chunk,
+            max_prefix_length=config.limits.max_prefix_length,
         )
     raise EngineError(f"no model runner for model_type {model_type!r}")

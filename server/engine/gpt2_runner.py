@@ -66,6 +66,7 @@ class GPT2Runner:
         )
         self._row_index = torch.arange(max_rows, device=self.device)  # [max_rows]
         self._position_index = torch.arange(self.max_positions, device=self.device)  # [max_positions]
+        self._prompt_logits: dict[str, torch.Tensor] = {}  # request id -> [P, V], until taken
 
     def _scale(self, config, layer_idx: int) -> float:  # type: ignore[no-untyped-def]
         scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
@@ -101,6 +102,7 @@ class GPT2Runner:
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
+            self._prompt_logits.pop(rid, None)
             if rid in self.cache.row_by_request_id:
                 self.cache.remove(rid)
 
@@ -178,6 +180,12 @@ class GPT2Runner:
             x = x + block.attn.c_proj(attn)  # [T, E]
             x = x + self._mlp(block, block.ln_2(x))  # [T, E]
         last = torch.cumsum(prompt_t, dim=0) - 1  # [n] each row's last real token in the packed order
+        start = 0
+        for it, length in zip(items, prompt_lens, strict=True):  # host ints: no sync
+            if it.prompt_logprobs:  # only requests that asked pay for the full-prompt LM head
+                span = x[start : start + length]  # [P, E] this prompt's packed tokens
+                self._prompt_logits[it.request_id] = self.lm_head(self.ln_f(span)).float()  # [P, V]
+            start += length
         return self.lm_head(self.ln_f(x[last])).float()  # [n, V]
 
     def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +198,10 @@ class GPT2Runner:
         if not self.fused_gelu:
             return block.mlp(x)
         return block.mlp.c_proj(F.gelu(block.mlp.c_fc(x), approximate="tanh"))
+
+    def take_prompt_logits(self, request_id: str) -> torch.Tensor | None:
+        """The prompt logits `[P, V]` kept by `prefill` for an item with `prompt_logprobs` (once)."""
+        return self._prompt_logits.pop(request_id, None)
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:

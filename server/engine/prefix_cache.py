@@ -11,7 +11,8 @@ next request loads the new one; requests already running hold their own referenc
 (and have already copied them into their KV rows), so they finish on the version they started with.
 
 Loads are single-flight: concurrent misses of one task await one load task, so one store read
-and one validation serve them all. Blobs are validated with `load_artifact(data, spec)` before use.
+and one validation serve them all. Blobs are validated with `load_artifact(data, spec, limits)` (the
+configured upload limits) before use.
 With the store down, cached current versions keep serving and uncached tasks raise `StoreUnavailable`.
 
 Traffic splits (issue 18, canary rollouts): a task whose store keeps a split serves each request
@@ -38,6 +39,7 @@ from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNo
 from prefix_store.model_spec import ModelSpec
 from prefix_store.traffic import pick_version, primary_version
 from server.engine.errors import InvalidPrefix, UnknownTask
+from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +109,19 @@ class PrefixCache:
         spec: ModelSpec,
         device: torch.device,
         dtype: torch.dtype,
-        device_budget_bytes: int = 256 << 20,
-        host_budget_bytes: int = 1 << 30,
+        limits: Limits,
         listener: CacheListener | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
+        self.limits = limits  # tier budgets here; the same upload limits as the API when loading blobs
         self.device, self.dtype = device, dtype
         self.listener = listener
         self.stats = PrefixCacheStats()
-        self._tiers = {"device": _LRU(device_budget_bytes), "host": _LRU(host_budget_bytes)}
+        self._tiers = {
+            "device": _LRU(limits.device_prefix_cache_bytes),
+            "host": _LRU(limits.host_prefix_cache_bytes),
+        }
         self._current: dict[tuple[str, str], int] = {}  # task -> current version, as last heard
         self._loading: dict[tuple[str, str], asyncio.Future[ResolvedPrefix]] = {}  # single-flight loads
         # Issue 18: traffic splits as last read ({} = none), and a per-task change count so a read
@@ -213,7 +218,8 @@ class PrefixCache:
 
     async def _validated(self, data: bytes, tenant: str, task: str, version: int) -> PrefixArtifact:
         try:
-            artifact = await asyncio.to_thread(load_artifact, data, self.spec)
+            # The configured limits, not defaults: what an upload was allowed to store stays servable.
+            artifact = await asyncio.to_thread(load_artifact, data, self.spec, self.limits)
         except ArtifactError as exc:
             self.stats.load_errors += 1
             raise InvalidPrefix(f"prefix {tenant}/{task} v{version} does not fit this model: {exc}") from None

@@ -34,6 +34,9 @@ class PrefillItem:
     request_id: str
     input_ids: list[int]
     prefix: PrefixArtifact | None = None  # tensors already on the runner's device and dtype
+    # Keep the logits of every prompt position for `take_prompt_logits` (prompt logprobs). Optional
+    # for runners: one without `take_prompt_logits` reports no prompt logprobs.
+    prompt_logprobs: bool = False
 
 
 @runtime_checkable

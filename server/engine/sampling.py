@@ -1,20 +1,42 @@
-"""Token selection for a batch whose rows have different sampling parameters.
+"""Token selection for a batch whose rows each have their own sampling parameters.
 
-Greedy rows take one batched argmax. Sampled rows get repetition penalty, temperature, top-k and top-p
-applied as batched tensor ops (HF `generate` semantics and order), then draw with their *own*
-`torch.Generator`, seeded from the request's seed: a row's draw depends only on its own logits and
-its own generator, never on the other rows, so a seeded request samples the same tokens alone or in
-any batch. The only host-device synchronisation is the single `.tolist()` of the chosen ids.
+`Sampler.sample(logits [B, V], rows) -> SampleOutput` is the engine's one call per step. Every row's
+parameters become a column of a per-row tensor, so the device work is the same handful of batched
+ops whatever the mix of greedy, sampled, penalised or biased rows; there is no Python loop over rows
+on the device path, and the only device->host transfer is one `.tolist()` of the packed results.
+
+Order (vLLM's and HF `generate`'s): logit_bias -> repetition penalty (HF: prompt + output tokens,
+divide positive / multiply negative logits) -> presence and frequency penalties (OpenAI: output tokens
+only, `logit -= presence * [count > 0] + frequency * count`) -> greedy rows take the argmax here;
+sampled rows go on: temperature -> top-k -> top-p -> typical-p, then draw.
+
+Seeded draws without per-row generators: a row draws token `argmax(scores + g)` where `g[v]` is Gumbel
+noise (the "Gumbel-max"/exponential-race trick: equal in distribution to sampling from
+`softmax(scores)`). The uniform behind `g[v]` is an integer hash of (seed, step, v) computed with
+int64 tensor ops, so it is a pure function of the row's own seed and position: a seeded request
+draws the same tokens alone or in any batch, on any device (integer arithmetic is exact everywhere),
+and nothing has to be stored per row between steps. The hash keeps every product below 2**63, so no
+signed overflow is involved.
+
+Reported log-probabilities (chosen token and the top-n alternatives) are those of the model's own
+distribution, before bias, penalties and filters (vLLM's default "raw" logprobs).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from server.engine.types import SamplingParams
+
+_M32 = 0xFFFFFFFF
+# Odd multipliers below 2**31 (so a 32-bit value times one stays below 2**63), and a Weyl increment.
+_MUL_A = 0x7FEB352D
+_MUL_B = 0x2C1B3C6D
+_GOLDEN = 0x9E3779B1
+_UNIFORM_BITS = 24  # float32 represents (k + 0.5) / 2**24 exactly
 
 
 def new_seed() -> int:
@@ -24,82 +46,208 @@ def new_seed() -> int:
 
 @dataclass
 class RowSampling:
-    """One row's sampling state: its parameters, generator and the ids seen so far (for the penalty)."""
+    """One row's sampling state: its parameters, seed and the ids seen so far (for penalties)."""
 
     params: SamplingParams
-    generator: torch.Generator | None  # None for greedy rows
-    seen_ids: list[int]  # prompt + generated ids (repetition penalty); appended by the engine
+    seed: int
+    num_prompt_tokens: int
+    seen_ids: list[int] = field(default_factory=list)  # prompt + generated ids; the engine appends
+
+    @property
+    def step(self) -> int:
+        """How many tokens this row has generated (the draw's position in its random stream)."""
+        return len(self.seen_ids) - self.num_prompt_tokens
+
+    @property
+    def penalised(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def make_row(params: SamplingParams, seed: int, prompt_ids: list[int], device: torch.device) -> RowSampling:
-    generator = None
-    if params.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    return RowSampling(params=params, generator=generator, seen_ids=list(prompt_ids))
+def make_row(params: SamplingParams, seed: int, prompt_ids: list[int], device: object = None) -> RowSampling:
+    """A row's sampling state (`device` is accepted for old call sites; nothing is allocated per row)."""
+    return RowSampling(params=params, seed=seed, num_prompt_tokens=len(prompt_ids), seen_ids=list(prompt_ids))
 
 
-def apply_repetition_penalty(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-    """HF semantics: for every id in prompt + output, logit / p if positive else logit * p. -> [N, V]."""
-    for i, row in enumerate(rows):
-        penalty = row.params.repetition_penalty
-        if penalty == 1.0 or not row.seen_ids:
-            continue
-        ids = torch.tensor(row.seen_ids, device=logits.device).unique()  # [K]
-        picked = logits[i, ids]  # [K]
-        logits[i, ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+@dataclass
+class SampleOutput:
+    """One step's choices, on the host. `top_tokens[r]` has the row's `top_n_tokens` best alternatives
+    as (id, logprob), most likely first (empty when the row asked for none)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_tokens: list[list[tuple[int, float]]]
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL_A) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MUL_B) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise that depends only on each row's (seed, step). keys: [B, 3] int64 (seed low 32 bits,
+    seed high bits, step) -> [B, V] float32."""
+    row = _mix(_mix(keys[:, 0] ^ _mix(keys[:, 1])) ^ ((keys[:, 2] * _GOLDEN) & _M32))  # [B]
+    index = (torch.arange(vocab, device=keys.device, dtype=torch.int64) * _GOLDEN) & _M32  # [V]
+    bits = _mix(_mix(row[:, None] ^ index[None, :]) ^ row[:, None])  # [B, V] in [0, 2**32)
+    uniform = ((bits >> (32 - _UNIFORM_BITS)).float() + 0.5) / float(1 << _UNIFORM_BITS)  # [B, V] in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """Repetition (prompt + output), presence and frequency (output only) penalties. [B, V] -> [B, V]."""
+    index = [i for i, row in enumerate(rows) if row.penalised]
+    if not index:
+        return logits
+    dev, vocab = logits.device, logits.shape[-1]
+    width = max(len(rows[i].seen_ids) for i in index)
+    if width == 0:
+        return logits
+    padded = [rows[i].seen_ids + [vocab] * (width - len(rows[i].seen_ids)) for i in index]
+    ids = torch.tensor(padded, device=dev)  # [M, K]; `vocab` is a padding column dropped below
+    first_output = torch.tensor([rows[i].num_prompt_tokens for i in index], device=dev)  # [M]
+    is_output = torch.arange(width, device=dev)[None, :] >= first_output[:, None]  # [M, K]
+    ones = torch.ones(ids.shape, device=dev, dtype=logits.dtype)  # [M, K]
+    seen = torch.zeros(len(index), vocab + 1, device=dev, dtype=logits.dtype).scatter_add_(1, ids, ones)
+    counts = torch.zeros_like(seen).scatter_add_(1, ids, is_output.to(logits.dtype))  # [M, V+1] outputs
+    seen, counts = seen[:, :vocab] > 0, counts[:, :vocab]  # [M, V]
+    params = torch.tensor(
+        [
+            [
+                rows[i].params.repetition_penalty,
+                rows[i].params.presence_penalty,
+                rows[i].params.frequency_penalty,
+            ]
+            for i in index
+        ],
+        device=dev,
+        dtype=logits.dtype,
+    )  # [M, 3]
+    rows_t = torch.tensor(index, device=dev)  # [M]
+    sub = logits[rows_t]  # [M, V]
+    rep = params[:, 0:1]  # [M, 1]
+    penalised = torch.where(sub > 0, sub / rep, sub * rep)
+    sub = torch.where(seen, penalised, sub)
+    sub = sub - params[:, 1:2] * (counts > 0).to(sub.dtype) - params[:, 2:3] * counts
+    logits[rows_t] = sub
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """Add each row's `logit_bias` {token id: bias}. [B, V] -> [B, V]."""
+    index = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if not index:
+        return logits
+    dev, vocab = logits.device, logits.shape[-1]
+    width = max(len(rows[i].params.logit_bias) for i in index)
+    ids = [
+        list(rows[i].params.logit_bias) + [vocab] * (width - len(rows[i].params.logit_bias)) for i in index
+    ]
+    values = [
+        list(rows[i].params.logit_bias.values()) + [0.0] * (width - len(rows[i].params.logit_bias))
+        for i in index
+    ]
+    bias = torch.zeros(len(index), vocab + 1, device=dev, dtype=logits.dtype)  # [M, V+1]
+    bias.scatter_add_(1, torch.tensor(ids, device=dev), torch.tensor(values, device=dev, dtype=logits.dtype))
+    rows_t = torch.tensor(index, device=dev)  # [M]
+    logits[rows_t] = logits[rows_t] + bias[:, :vocab]
     return logits
 
 
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p for every row at once. logits: [N, V] -> [N, V] (-inf = removed)."""
-    dev = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)  # [N]
-    logits = logits / temperature[:, None]
-    top_k = [p.top_k for p in params]
-    top_p = [p.top_p for p in params]
-    if all(k == 0 for k in top_k) and all(p >= 1.0 for p in top_p):
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
-    vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=dev)[None, :]  # [1, V]
-    k = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev)  # [N]
-    remove = ranks >= k[:, None]  # [N, V] beyond top-k
-    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)  # [N, V]
-    # Nucleus: drop a token when the tokens ranked above it already reach top_p; the best one always stays.
-    cum_before = probs.cumsum(dim=-1) - probs  # [N, V]
-    p = torch.tensor(top_p, device=dev, dtype=probs.dtype)  # [N]
-    remove |= (cum_before >= p[:, None]) & (ranks > 0)
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)  # back to vocabulary order
+    """Temperature, then top-k, top-p and typical-p, each row with its own values (HF's warpers' order
+    and semantics). logits: [N, V] -> [N, V], removed tokens at -inf; the best token always stays."""
+    dev, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
+    values = torch.tensor(
+        [[p.temperature, p.top_k if p.top_k > 0 else vocab, p.top_p, p.typical_p] for p in params],
+        device=dev,
+        dtype=torch.float64,
+    )  # [N, 4]; float64 keeps top_k exact
+    logits = logits / values[:, 0:1].to(dtype)
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
+        ranks = torch.arange(vocab, device=dev)[None, :]  # [1, V]
+        remove = ranks >= values[:, 1:2].long()  # [N, V] beyond top-k
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)  # [N, V]
+        # Nucleus: drop a token when the tokens ranked above it already reach top_p.
+        cum_before = probs.cumsum(dim=-1) - probs  # [N, V]
+        remove |= (cum_before >= values[:, 2:3].to(probs.dtype)) & (ranks > 0)
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)  # back to vocabulary order
+    if any(p.typical_p < 1.0 for p in params):
+        logits = _typical(logits, values[:, 3].to(dtype))
+    return logits
 
 
-@torch.inference_mode()
+def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Typical decoding (Meister et al. 2022), HF's `TypicalLogitsWarper` with a per-row mass.
+    logits: [N, V], mass: [N] (1.0 = off) -> [N, V]."""
+    logp = logits.log_softmax(dim=-1)  # [N, V]
+    entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)  # [N, 1]
+    surprise_gap = (-logp - entropy).abs()  # [N, V] distance from the expected surprise
+    sorted_gap, order = surprise_gap.sort(dim=-1)  # [N, V] most typical first
+    cum = logits.gather(1, order).softmax(dim=-1).cumsum(dim=-1)  # [N, V]
+    last = (cum < mass[:, None]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)  # [N]
+    remove_sorted = sorted_gap > sorted_gap.gather(1, last[:, None])  # [N, V]
+    remove_sorted[:, 0] = False  # keep at least one token
+    remove_sorted &= (mass < 1.0)[:, None]
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float | None]:
+    """Log-probability of each prompt token given the ones before it (the first has none).
+    logits: [P, V], row i predicting token i + 1 -> P values."""
+    if len(prompt_ids) < 2:
+        return [None] * len(prompt_ids)
+    targets = torch.tensor(prompt_ids[1:], device=logits.device)  # [P-1]
+    logp = logits[:-1].float().log_softmax(dim=-1).gather(1, targets[:, None])[:, 0]  # [P-1]
+    return [None, *logp.tolist()]
+
+
+class Sampler:
+    """Picks one token per row; see the module docstring. Stateless between steps."""
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[RowSampling]) -> SampleOutput:
+        """logits: [B, V] float32 (not modified) -> the chosen ids, their logprobs, the top-n alternatives."""
+        dev, vocab = logits.device, logits.shape[-1]
+        clean = torch.nan_to_num(logits.float(), nan=float("-inf"))  # [B, V]
+        logprobs = clean.log_softmax(dim=-1)  # [B, V] the model's own distribution
+        scores = apply_penalties(apply_logit_bias(clean.clone(), rows), rows)  # [B, V]
+        chosen = scores.argmax(dim=-1)  # [B] greedy choice
+        sampled = [r.params.do_sample for r in rows]
+        if any(sampled):
+            filtered = filter_logits(scores, [r.params for r in rows])  # [B, V]
+            keys = torch.tensor(
+                [[r.seed & _M32, (r.seed >> 32) & _M32, r.step & _M32] for r in rows], device=dev
+            )  # [B, 3]
+            drawn = (filtered + gumbel_noise(keys, vocab)).argmax(dim=-1)  # [B]
+            chosen = torch.where(torch.tensor(sampled, device=dev), drawn, chosen)
+            scores = filtered
+        # A row whose distribution degenerated (all -inf/NaN) takes the raw argmax instead of a
+        # meaningless index; no host sync to find out.
+        usable = torch.isfinite(scores).any(dim=-1) & torch.isfinite(scores.gather(1, chosen[:, None]))[:, 0]
+        chosen = torch.where(usable, chosen, clean.argmax(dim=-1))  # [B]
+        token_logprobs = logprobs.gather(1, chosen[:, None])  # [B, 1]
+        num_top = min(max(r.params.top_n_tokens for r in rows), vocab)
+        packed = [chosen[:, None].double(), token_logprobs.double()]
+        if num_top:
+            top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [B, n] each
+            packed += [top_ids.double(), top_values.double()]
+        host = torch.cat(packed, dim=1).tolist()  # the one device->host transfer; [B, 2 + 2n]
+        top_tokens = [
+            [(int(h[2 + j]), h[2 + num_top + j]) for j in range(r.params.top_n_tokens)] if num_top else []
+            for h, r in zip(host, rows, strict=True)
+        ]
+        return SampleOutput([int(h[0]) for h in host], [h[1] for h in host], top_tokens)
+
+
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[float]]:
-    """Pick one token per row. logits: [N, V] float32. Returns (token ids, their model log-probs)."""
-    logprobs = logits.log_softmax(dim=-1)  # [N, V] of the unmodified model distribution
-    chosen = logits.argmax(dim=-1)  # [N] greedy choice for every row
-    sampled = [i for i, row in enumerate(rows) if row.params.do_sample]
-    if sampled:
-        index = torch.tensor(sampled, device=logits.device)  # [M]
-        sub = apply_repetition_penalty(logits[index].clone(), [rows[i] for i in sampled])  # [M, V]
-        sub = filter_logits(sub, [rows[i].params for i in sampled])
-        probs = sub.softmax(dim=-1)  # [M, V]
-        # Defence in depth: a row whose distribution degenerated (NaN/inf logits) falls back to its
-        # argmax instead of making multinomial raise and take the whole batch down. No host sync.
-        probs = torch.where(torch.isfinite(probs), probs, torch.zeros_like(probs))
-        empty = probs.sum(dim=-1, keepdim=True) <= 0  # [M, 1]
-        fallback = torch.nn.functional.one_hot(chosen[index], probs.shape[-1]).to(probs.dtype)  # [M, V]
-        probs = torch.where(empty, fallback, probs)
-        draws = [torch.multinomial(probs[j], 1, generator=rows[i].generator) for j, i in enumerate(sampled)]
-        chosen[index] = torch.cat(draws)  # [M]
-    greedy_penalised = [
-        i for i, row in enumerate(rows) if not row.params.do_sample and row.params.repetition_penalty != 1.0
-    ]
-    if greedy_penalised:
-        index = torch.tensor(greedy_penalised, device=logits.device)
-        sub = apply_repetition_penalty(logits[index].clone(), [rows[i] for i in greedy_penalised])
-        chosen[index] = sub.argmax(dim=-1)
-    token_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]  # [N]
-    both = torch.stack([chosen.to(logprobs.dtype), token_logprobs]).tolist()  # the one device->host read
-    return [int(t) for t in both[0]], both[1]
+    """Compatibility wrapper: (token ids, logprobs) of `Sampler().sample`."""
+    out = Sampler().sample(logits, rows)
+    return out.token_ids, out.logprobs

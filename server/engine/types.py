@@ -15,16 +15,22 @@ MAX_STOP_LENGTH = 256
 
 MIN_TEMPERATURE = 1e-5
 MIN_REPETITION_PENALTY = 0.01
+MAX_TOP_N_TOKENS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one bias
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit on logit_bias entries
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens. Defaults are greedy decoding of at most 20 tokens.
 
-    Semantics follow HF `generate`: repetition_penalty divides positive / multiplies negative logits
-    of every token already in prompt + output; then temperature, top-k and top-p (nucleus) filter the
-    distribution when `do_sample` is set. `seed` makes sampling reproducible per request, independent
-    of what else is in the batch; when None the engine picks one and reports it in every event.
+    Semantics follow HF `generate` and vLLM: `logit_bias` is added first; repetition_penalty divides
+    positive / multiplies negative logits of every token already in prompt + output; presence and
+    frequency penalties (OpenAI's) subtract from tokens already generated; greedy rows stop there.
+    With `do_sample`, temperature, top-k, top-p (nucleus) and typical-p filter the distribution.
+    `seed` makes sampling reproducible per request, independent of what else is in the batch; when
+    None the engine picks one and reports it in every event. `top_n_tokens` asks for that many
+    alternatives per generated token, `prompt_logprobs` for the prompt tokens' log-probabilities.
     """
 
     max_new_tokens: int = 20
@@ -33,6 +39,12 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
+    presence_penalty: float = 0.0  # 0 = off; OpenAI's range [-2, 2]
+    frequency_penalty: float = 0.0  # 0 = off; OpenAI's range [-2, 2]
+    typical_p: float = 1.0  # 1.0 = off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    top_n_tokens: int = 0  # alternatives reported per generated token
+    prompt_logprobs: bool = False  # report the prompt tokens' log-probabilities (first event)
     seed: int | None = None
     # Keep generating past EOS until max_new_tokens (vLLM's `ignore_eos`): for benchmarks that need
     # exact output lengths, and for callers that treat EOS as an ordinary token.
@@ -57,6 +69,24 @@ class SamplingParams:
             raise InvalidRequest(
                 f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 100], got {self.repetition_penalty!r}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0 < self.typical_p <= 1:
+            raise InvalidRequest(f"typical_p must be in (0, 1], got {self.typical_p!r}")
+        if not isinstance(self.top_n_tokens, int) or not 0 <= self.top_n_tokens <= MAX_TOP_N_TOKENS:
+            raise InvalidRequest(
+                f"top_n_tokens must be an integer in [0, {MAX_TOP_N_TOKENS}], got {self.top_n_tokens!r}"
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequest(
+                f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries, got {len(self.logit_bias)}"
+            )
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequest(
+                    f"logit_bias maps token ids >= 0 to values in [-100, 100], got {token!r}: {bias!r}"
+                )
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if len(self.stop) > MAX_STOP_SEQUENCES:
@@ -102,5 +132,11 @@ class StreamEvent:
     token_logprob: float | None = (
         None  # log-probability of the token under the model (before sampling filters)
     )
+    # The `top_n_tokens` most likely tokens at this step as (id, logprob), most likely first.
+    top_tokens: list[tuple[int, float]] = field(default_factory=list)
+    # First event only, when `prompt_logprobs` was asked: the prompt's token ids and each one's
+    # log-probability given those before it (None for the first).
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[float | None] | None = None
     # Issue 18: "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
     prefix_variant: str | None = None

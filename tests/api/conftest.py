@@ -29,6 +29,7 @@ from prefix_store.factory import make_store
 from prefix_store.model_spec import ModelSpec
 from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
+from server.limits import Limits
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -122,7 +123,9 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                 loaded,
                 store,
                 engine_config
-                or EngineConfig(max_batch_size=8, max_waiting=16, queue_timeout_s=30, kv_position_chunk=64),
+                or EngineConfig(
+                    Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30), kv_position_chunk=64
+                ),
                 observer=metrics,
             )
             app = create_app(

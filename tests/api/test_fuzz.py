@@ -30,6 +30,7 @@ from schemathesis.checks import (
 from prefix_store.factory import make_store
 from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
+from server.limits import Limits
 from server.settings import Settings
 from tests.api.conftest import KEYS, artifact_bytes
 
@@ -46,7 +47,10 @@ def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     store = make_store(None, root)
     metrics = metrics_for(s)
     engine = Engine(
-        loaded, store, EngineConfig(max_batch_size=8, max_waiting=64, kv_position_chunk=64), observer=metrics
+        loaded,
+        store,
+        EngineConfig(Limits(max_batch_size=8, max_waiting=64), kv_position_chunk=64),
+        observer=metrics,
     )
     app = create_app(s, engine=engine, store=store, spec=loaded.spec, metrics=metrics)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -50,7 +50,7 @@ def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_p
         PREFIXSERVE_PORT=str(port),
         PREFIXSERVE_DEVICE="cpu",
         PREFIXSERVE_LOCAL_STORE_DIR=str(tmp_path / "store"),
-        PREFIXSERVE_SHUTDOWN_GRACE_S="20",
+        PREFIXSERVE_SHUTDOWN_GRACE_S="300",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.main"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
@@ -60,7 +60,7 @@ def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_p
     reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         while True:
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "server did not become ready"
@@ -71,16 +71,21 @@ def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_p
                 pass
             time.sleep(0.1)
         result: dict[str, httpx.Response] = {}
-        body = {"inputs": "Long story", "parameters": {"max_new_tokens": 400}}
+        body = {"inputs": "Long story", "parameters": {"max_new_tokens": 60}}
         worker = threading.Thread(
-            target=lambda: result.update(r=httpx.post(f"{url}/v1/generate", json=body, timeout=60)),
+            target=lambda: result.update(r=httpx.post(f"{url}/v1/generate", json=body, timeout=300)),
             daemon=True,
         )
         worker.start()
-        time.sleep(0.2)  # let the request reach the engine
+        # SIGTERM only once the request is in the running batch: a fixed sleep loses that race on a busy
+        # machine, and a request still in flight before the engine saw it is rightly answered 503.
+        deadline = time.monotonic() + 300
+        while "prefixserve_requests_running 1.0" not in httpx.get(f"{url}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "the generation never started running"
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        worker.join(timeout=60)
-        assert proc.wait(timeout=60) == 0
+        worker.join(timeout=300)
+        assert proc.wait(timeout=300) == 0
         assert result["r"].status_code == 200, result["r"].text
         assert len(result["r"].json()["generated_text"]) > 0
     finally:
@@ -94,7 +99,7 @@ def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_p
     assert access, lines
     line = access[0]
     assert line["status"] == 200 and line["tenant"] == "default" and line["request_id"]
-    assert line["prompt_tokens"] > 0 and line["generated_tokens"] == 400
+    assert line["prompt_tokens"] > 0 and line["generated_tokens"] == 60
     assert {"ttft_s", "e2e_s"} <= set(line)
 
 
@@ -107,5 +112,5 @@ def test_engine_limits_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("PREFIXSERVE_DEVICE_PREFIX_CACHE_BYTES", "1000")
     monkeypatch.setenv("PREFIXSERVE_MAX_BATCH_SIZE", "7")
     config = engine_config(Settings())
-    assert (config.max_prefill_tokens, config.kv_budget_tokens) == (1024, 50000)
-    assert (config.device_prefix_cache_bytes, config.max_batch_size) == (1000, 7)
+    assert (config.limits.max_prefill_tokens, config.limits.kv_budget_tokens) == (1024, 50000)
+    assert (config.limits.device_prefix_cache_bytes, config.limits.max_batch_size) == (1000, 7)

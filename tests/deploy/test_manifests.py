@@ -368,6 +368,10 @@ _PROMQL_KEYWORDS = {
 }  # fmt: skip
 
 
+# Ours, the process collector's, and the vLLM names routers read (docs/architecture.md lists each).
+CONTRACT_PREFIXES = ("`prefixserve_", "`process_", "`vllm:")
+
+
 @functools.cache
 def contract_metrics() -> dict[str, str]:
     """name -> type from the table under '## Metrics' in docs/architecture.md."""
@@ -376,7 +380,7 @@ def contract_metrics() -> dict[str, str]:
     metrics = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) >= 2 and cells[0].startswith("`prefixserve_"):
+        if line.startswith("|") and len(cells) >= 2 and cells[0].startswith(CONTRACT_PREFIXES):
             metrics[cells[0].strip("`")] = cells[1]
     assert len(metrics) >= 20, "could not parse the Metrics table in docs/architecture.md"
     return metrics
@@ -471,7 +475,7 @@ def exported_metric_names() -> set[str]:
     names = set()
     for registry in registries:
         for family in registry.collect():
-            if family.name.startswith("prefixserve_"):
+            if family.name.startswith(tuple(p.strip("`") for p in CONTRACT_PREFIXES)):
                 suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
                 names.add(family.name if family.name.endswith(suffix) else family.name + suffix)
     return names
@@ -547,5 +551,51 @@ def test_alert_rules_are_complete():
     exprs = " ".join(r["expr"] for r in rules)
     for metric in ("prefixserve_requests_total", "prefixserve_requests_waiting", "prefixserve_store_up",
                    "prefixserve_store_errors_total", "prefixserve_engine_up",
-                   "prefixserve_time_to_first_token_seconds_bucket"):  # fmt: skip
+                   "prefixserve_time_to_first_token_seconds_bucket", "prefixserve_kv_cache_usage_ratio",
+                   "process_start_time_seconds", 'status="429"'):  # fmt: skip
         assert metric in exprs, f"no alert on {metric}"
+
+
+def test_every_alert_links_its_runbook_section():
+    runbook = (DEPLOY / "runbook.md").read_text()
+    # GitHub's heading anchors: lower case, for headings that are just the alert's name.
+    anchors = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, flags=re.M)}
+    for rule in alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith("https://") and "/deploy/runbook.md#" in url, rule["alert"]
+        assert url.rsplit("#", 1)[1] == rule["alert"].lower() in anchors, rule["alert"]
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("promtool")
+    if exe is None:  # .ci/run installs it; a silent skip would let broken rules through
+        pytest.fail("promtool not on PATH: apt-get install prometheus")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_promtool_checks_the_rules_and_their_unit_tests_pass():
+    checked = promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = promtool("test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yaml"))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_every_alert_has_a_unit_test_where_it_fires():
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yaml").read_text())["tests"]
+    firing = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert sorted(r["alert"] for r in alert_rules() if r["alert"] not in firing) == []
+
+
+def test_promtool_unit_tests_catch_a_wrong_expectation(tmp_path):
+    # Guards the guard: the same tests against an alert whose threshold moved must fail.
+    rules = (DEPLOY / "prometheus" / "alerts.yaml").read_text()
+    assert "> 0.05" in rules
+    (tmp_path / "alerts.yaml").write_text(rules.replace("> 0.05", "> 0.5"))
+    shutil.copy(DEPLOY / "prometheus" / "alerts_test.yaml", tmp_path / "alerts_test.yaml")
+    tested = promtool("test", "rules", str(tmp_path / "alerts_test.yaml"))
+    assert tested.returncode != 0 and "PrefixserveHighErrorRate" in tested.stdout + tested.stderr

@@ -12,9 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from modeling.models import make_model_dir
 from training.data import Example
+
+
+def hf_prefix_cache(prefix: torch.Tensor, batch: int) -> DynamicCache:
+    """HF's own cache holding `prefix` `[layers, 2, H, L, D]` for each of `batch` rows: how a plain HF
+    model (the reference in these tests) is given a prefix; our code runs `modeling.gpt2` instead."""
+    cache = DynamicCache()
+    for i in range(prefix.shape[0]):
+        keys = prefix[i, 0].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, H, L, D]
+        values = prefix[i, 1].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, H, L, D]
+        cache.update(keys, values, i)
+    return cache
+
 
 SYNTHETIC = [
     ("red", "apple pie"),

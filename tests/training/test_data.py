@@ -26,7 +26,7 @@ EOS = 50256
 def test_e2e_fixture_loads_and_groups_references() -> None:
     examples = load_examples(FIXTURES / "e2e" / "test.csv", "e2e")
     assert len(examples) == 30
-    assert examples[0].source.startswith("name[Blue Spice]")
+    assert examples[0].source.startswith("name : Blue Spice | ")
     items = group_references(examples)
     assert len(items) == 10
     assert sum(len(it.references) for it in items) == 30
@@ -51,7 +51,7 @@ def test_webnlg_dart_xsum_jsonl_loaders(tmp_path: Path) -> None:
         ]
     }
     (tmp_path / "webnlg.json").write_text(json.dumps(webnlg))
-    ex = load_examples(tmp_path / "webnlg.json", "webnlg")
+    ex = load_examples(tmp_path / "webnlg.json", "webnlg", paper=False)
     assert ex == [
         Example("Alan Bean : occupation : Test pilot", "Alan Bean was a test pilot."),
         Example("Alan Bean : occupation : Test pilot", "Alan Bean served as a test pilot."),
@@ -63,7 +63,7 @@ def test_webnlg_dart_xsum_jsonl_loaders(tmp_path: Path) -> None:
         }
     ]
     (tmp_path / "dart.json").write_text(json.dumps(dart))
-    assert load_examples(tmp_path / "dart.json", "dart") == [
+    assert load_examples(tmp_path / "dart.json", "dart", paper=False) == [
         Example("Mars : ORBITS : Sun | Mars : COLOR : red", "Red Mars orbits the Sun.")
     ]
     (tmp_path / "x.jsonl").write_text(json.dumps({"document": "Long news.", "summary": "Short."}) + "\n\n")

@@ -91,6 +91,9 @@ def test_train_then_eval_on_e2e_slice(tiny_gpt2_dir: Path, tmp_path: Path) -> No
     assert 0.0 <= res["metrics"]["bleu"] <= 100.0
     assert all(0.0 <= res["metrics"][k] <= 100.0 for k in ("rouge1", "rouge2", "rougeL"))
     assert res["num_sources"] == 4 and len(res["outputs"]) == 4
+    # The paper's table-to-text decoding is the default for e2e: beam 5, newline tokens banned.
+    assert res["config"]["num_beams"] == 5 and res["config"]["ban_newlines"] is True
+    assert not any("\n" in o["generated"] for o in res["outputs"])
     assert all(len(o["references"]) >= 1 and isinstance(o["generated"], str) for o in res["outputs"])
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from modeling import gpt2
 from modeling.models import load_model
 from prefix_store.artifact import load_artifact
 from prefix_store.peft_format import peft_to_artifact
@@ -80,16 +81,10 @@ def test_artifact_generation_equals_training_module(trained: dict[str, Any]) -> 
     assert [generate_causal(loaded.model, prefix, [p], 8, EOS)[0] for p in trained["prompts"]] == expected
     # Numbering real tokens from 0 instead of L is a different function: the check above is not vacuous.
     ids = torch.tensor([trained["prompts"][0]])
-    logits_l = tuner.peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    from training.generation import prefix_cache
-
-    wrong = loaded.model(
-        input_ids=ids,
-        cache=prefix_cache(prefix, 1, torch.float32, torch.device("cpu")),
-        attention_mask=torch.ones(1, 8 + ids.shape[1]),
-        position_ids=torch.arange(ids.shape[1])[None],
-    )
-    assert not torch.allclose(logits_l, wrong.logits, atol=1e-3)
+    with torch.no_grad():
+        logits_l = gpt2.forward(loaded.model, ids, None, tuner.prefixes()["decoder"])  # the training forward
+        wrong = gpt2.forward(loaded.model, ids, None, prefix, position_ids=torch.arange(ids.shape[1])[None])
+    assert not torch.allclose(logits_l, wrong, atol=1e-3)
 
 
 def test_beam_search_runs_and_finds_targets(trained: dict[str, Any]) -> None:
@@ -113,7 +108,7 @@ def test_peft_export_loads_in_peft_and_matches(trained: dict[str, Any], tiny_gpt
     peft_model = PeftModel.from_pretrained(fresh.model, str(peft_dir))
     ids = torch.tensor([trained["prompts"][1]])
     with torch.no_grad():
-        ours = trained["tuner"].peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        ours = gpt2.forward(loaded.model, ids, None, trained["tuner"].prefixes()["decoder"])
         theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
 

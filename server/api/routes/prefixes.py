@@ -32,7 +32,7 @@ def _log_task(task: str) -> None:
     "",
     status_code=201,
     response_model=PrefixVersion,
-    responses=error_responses(400, 401, 403, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 413, 422, 429, 503),
 )
 async def upload_prefix(
     state: State,
@@ -44,6 +44,7 @@ async def upload_prefix(
 ) -> PrefixVersion:
     """Validate and store a new version of `task`'s prefix; it becomes current at once."""
     _log_task(task)
+    await (await state.upload_limiter.acquire(caller.tenant)).release()  # 429 + Retry-After over the rate
     try:
         data, metadata = await validate_upload(state, task, artifact, adapter_config, adapter_model)
     except Exception:

@@ -1,0 +1,175 @@
+"""OpenAI `POST /v1/chat/completions` (streaming too) for models without a chat template of their own.
+
+GPT-2 and BART have no chat format, so `messages` are rendered with a Jinja chat template: the task's
+own (`chat_template` in its artifact's training metadata), else the server's (`PREFIXSERVE_CHAT_TEMPLATE`,
+a file, vLLM's `--chat-template` convention). The engine's tokenizer renders it with transformers'
+`apply_chat_template` (sandboxed Jinja, `bos_token`/`eos_token`, `add_generation_prompt`), so a
+template behaves here as it does in transformers and vLLM. With neither configured the answer is 400
+saying so, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from server.api.deps import AppState, Caller, State
+from server.api.errors import ApiError
+from server.api.generation import Completed, TokenInfo, collect_all_unless_disconnected
+from server.api.openai_schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from server.api.prefix_admin import store_call
+from server.api.routes.openai import (
+    OPENAI_ERRORS,
+    best,
+    finish_reason,
+    model_task,
+    sampling,
+    start_sequences,
+    stream_chunks,
+    usage,
+)
+from server.api.sse import SSE_CONTENT, sse_response
+from server.api.tokens import check_fields, in_thread, token_text
+from server.engine.types import StreamEvent
+from server.logging import current_request_id
+
+router = APIRouter(tags=["openai"])
+
+
+async def chat_template(state: AppState, tenant: str, task: str | None) -> str:
+    """The task's template, else the server's; 400 when there is none."""
+    if task is not None:
+        with store_call(state, "describe"):
+            info = await state.store.describe(tenant, task)
+        training = info.current.metadata.get("training") or {}
+        if isinstance(training, dict) and isinstance(training.get("chat_template"), str):
+            return str(training["chat_template"])
+    if state.config.chat_template is None:
+        raise ApiError(
+            400,
+            "this model has no chat template: set PREFIXSERVE_CHAT_TEMPLATE to a Jinja template file, or "
+            "store `chat_template` in the task's artifact metadata; or use /v1/completions",
+            "invalid_request_error",
+        )
+    return state.config.chat_template
+
+
+def render(state: AppState, template: str, body: ChatCompletionRequest) -> str:
+    """`messages` -> prompt text, exactly as transformers' `apply_chat_template` renders it."""
+    try:
+        return str(
+            state.engine.tokenizer.apply_chat_template(
+                [m.template_data() for m in body.messages],
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                **(body.chat_template_kwargs or {}),
+            )
+        )
+    except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, bad kwargs
+        raise ApiError(
+            400, f"the chat template failed on these messages: {exc}", "invalid_request_error"
+        ) from None
+
+
+def _logprobs(state: AppState, tokens: list[TokenInfo], top_n: int) -> ChatLogprobs:
+    content = []
+    for t in tokens:
+        alternatives = [(token_text(state, i), lp) for i, lp in t.top[:top_n]]
+        content.append(
+            TokenLogprob(
+                token=t.text,
+                logprob=t.logprob if t.logprob is not None else 0.0,
+                bytes=list(t.text.encode()),
+                top_logprobs=[
+                    TopLogprob(token=s, logprob=lp, bytes=list(s.encode())) for s, lp in alternatives
+                ],
+            )
+        )
+    return ChatLogprobs(content=content)
+
+
+def _event_token(event: StreamEvent) -> list[TokenInfo]:
+    if event.token_id is None:
+        return []
+    return [TokenInfo(event.token_id, event.text, event.token_logprob, False, list(event.top_tokens))]
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={200: {"content": SSE_CONTENT}, **OPENAI_ERRORS},
+)
+async def chat_completions(
+    request: Request, state: State, caller: Caller, body: ChatCompletionRequest
+) -> Any:
+    """A chat completion; `stream: true` for `chat.completion.chunk` SSE events ending with [DONE]."""
+    check_fields(body, "/v1/chat/completions", strict=False)
+    task = model_task(state, body.model)
+    prompt = await in_thread(render, state, await chat_template(state, caller.tenant, task), body)
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
+    n = body.n or 1
+    params = sampling(body, max_tokens, top_n, False)
+    if body.max_completion_tokens is None and body.max_tokens is None:
+        params.max_new_tokens = 16  # vLLM fills the context; a bounded default keeps GPT-2 sensible
+    generations = await start_sequences(state, caller, task, prompt, params, n)
+    chat_id = f"chatcmpl-{current_request_id()}"
+    created = int(time.time())
+
+    if not body.stream:
+        results: list[Completed] = best(
+            await collect_all_unless_disconnected(generations, request.receive), n
+        )
+        return ChatCompletionResponse(
+            id=chat_id,
+            created=created,
+            model=body.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatMessageOut(content=r.text),
+                    logprobs=_logprobs(state, r.tokens, top_n) if body.logprobs else None,
+                    finish_reason=finish_reason(r.finish_reason),
+                )
+                for i, r in enumerate(results)
+            ],
+            usage=usage(results),
+        )
+
+    def response(choices: list[ChatChunkChoice], use: Usage | None = None) -> dict[str, Any]:
+        out = ChatCompletionChunk(id=chat_id, created=created, model=body.model, choices=choices, usage=use)
+        return out.model_dump(exclude={"usage"} if use is None else set())
+
+    def head(i: int) -> dict[str, Any]:
+        return response([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+
+    def chunk(i: int, event: StreamEvent) -> dict[str, Any]:
+        logprobs = _logprobs(state, _event_token(event), top_n) if body.logprobs else None
+        choice = ChatChunkChoice(
+            index=i,
+            delta=ChatDelta(content=event.text),
+            logprobs=logprobs,
+            finish_reason=finish_reason(event.finish_reason),
+        )
+        return response([choice])
+
+    def usage_chunk(use: Usage) -> dict[str, Any]:
+        return response([], use)
+
+    return sse_response(stream_chunks(generations, body, chunk, head, usage_chunk, "/v1/chat/completions"))

@@ -1,0 +1,111 @@
+"""`/metrics` of a real server: what routers read (vLLM names) and what it must not show (task names).
+
+`/metrics` needs no key (Prometheus scrapes it), so anyone who can reach the port reads it. Task names
+are customers' data: by default none appear, neither as labels nor in the vLLM adapter lists; an
+operator opts in (`PREFIXSERVE_METRICS_TASK_LABELS`, `PREFIXSERVE_METRICS_ADAPTER_NAMES`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.conftest import artifact_bytes
+from tests.reliability.conftest import ACME, GLOBEX, generate, upload, wait_until
+
+LONG = 600  # tokens: about a second or more per request on the 4096-position tiny model
+
+
+def samples(client: httpx.Client) -> dict[str, list[Any]]:
+    text = client.get("/metrics").text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_show_no_task_names_by_default(spawn_server, long_gpt2_dir, long_spec):
+    server = spawn_server(model_dir=long_gpt2_dir, max_batch_size=1)
+    with server.client() as client:
+        assert upload(client, "acme-launch-plan", artifact_bytes(long_spec, 1)).status_code == 201
+        assert upload(client, "globex-merger", artifact_bytes(long_spec, 2), GLOBEX).status_code == 201
+        assert generate(client, "acme-launch-plan").status_code == 200
+        background = threading.Thread(
+            target=lambda: generate(server.client(), "globex-merger", GLOBEX, max_new_tokens=LONG)
+        )
+        background.start()
+        try:
+            scrapes = []
+
+            def scraped_a_running_request() -> bool:
+                scrapes.append(client.get("/metrics").text)
+                return "prefixserve_requests_running 1.0" in scrapes[-1]
+
+            wait_until(scraped_a_running_request, 60, "a running request")
+        finally:
+            background.join(timeout=120)
+        scrapes.append(client.get("/metrics").text)
+    text = "\n".join(scrapes)
+    assert "vllm:lora_requests_info" in text  # the series is there, its adapter lists are empty
+    for name in ("acme-launch-plan", "globex-merger", "launch", "merger"):
+        assert name not in text, [line for line in text.splitlines() if name in line][:3]
+
+
+def test_vllm_gauges_follow_requests_as_they_run_and_wait(spawn_server, long_gpt2_dir, long_spec):
+    # One row: of three concurrent requests one runs and two wait, which is what a router must see.
+    server = spawn_server(
+        model_dir=long_gpt2_dir, max_batch_size=1, metrics_adapter_names="task", served_model_name="gpt2-test"
+    )
+    with server.client() as client:
+        for seed, task in enumerate(("sql", "poems")):
+            assert upload(client, task, artifact_bytes(long_spec, seed)).status_code == 201
+        idle = samples(client)
+        assert idle["vllm:num_requests_running"][0].labels == {"model_name": "gpt2-test"}
+        assert idle["vllm:num_requests_running"][0].value == 0
+        assert idle["vllm:lora_requests_info"][0].labels == {
+            "max_lora": "1", "running_lora_adapters": "", "waiting_lora_adapters": "",
+        }  # fmt: skip
+
+        statuses: list[int] = []
+
+        def request(task: str) -> None:
+            with server.client(timeout=120) as c:
+                statuses.append(generate(c, task, ACME, max_new_tokens=LONG, ignore_eos=True).status_code)
+
+        threads = [threading.Thread(target=request, args=(t,)) for t in ("sql", "poems", "sql")]
+        for t in threads:
+            t.start()
+        seen: dict[str, Any] = {}
+
+        def one_running_two_waiting() -> bool:
+            now = samples(client)
+            running = now["vllm:num_requests_running"][0].value
+            waiting = now["vllm:num_requests_waiting"][0].value
+            if (running, waiting) == (1, 2):
+                seen.update(now)
+                return True
+            return False
+
+        try:
+            wait_until(one_running_two_waiting, 60, "1 running and 2 waiting requests", interval=0.02)
+        finally:
+            for t in threads:
+                t.join(timeout=180)
+        assert statuses == [200, 200, 200]
+        info = seen["vllm:lora_requests_info"][0].labels
+        running_names = set(filter(None, info["running_lora_adapters"].split(",")))
+        waiting_names = set(filter(None, info["waiting_lora_adapters"].split(",")))
+        assert len(running_names) == 1 and running_names | waiting_names == {"sql", "poems"}, info
+        assert seen["vllm:kv_cache_usage_perc"][0].value > 0
+        assert seen["vllm:gpu_cache_usage_perc"][0].value == seen["vllm:kv_cache_usage_perc"][0].value
+
+        def idle_again() -> bool:
+            now = samples(client)
+            return (
+                now["vllm:num_requests_running"][0].value == 0
+                and now["vllm:num_requests_waiting"][0].value == 0
+                and now["vllm:lora_requests_info"][0].labels["running_lora_adapters"] == ""
+                and now["vllm:kv_cache_usage_perc"][0].value == 0
+            )
+
+        wait_until(idle_again, 30, "the gauges to return to idle")

@@ -157,6 +157,21 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Queued requests per tenant (a key's max_waiting wins); 0 = global only."
     )
 
+    # --- upload quotas (issue 13); the upload rate is tenant_upload_rps ------------------------
+    tenant_max_tasks: int = Field(
+        default=_L.tenant_max_tasks, ge=0, description="Tasks per tenant; 0 = unlimited (429 beyond)."
+    )
+    tenant_max_stored_bytes: int = Field(
+        default=_L.tenant_max_stored_bytes,
+        ge=0,
+        description="Artifact bytes per tenant, all kept versions; 0 = unlimited (413 beyond).",
+    )
+    max_training_metadata_bytes: int = Field(
+        default=_L.max_training_metadata_bytes,
+        ge=0,
+        description="JSON size of an artifact's `training` metadata (422 beyond).",
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

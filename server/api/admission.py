@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.auth import AuthError
 from server.api.deps import AppState, authenticate
 from server.api.errors import RETRY_AFTER_OVERLOADED_S, ApiError, BodyTooLarge, Draining
-from server.api.http_limits import HttpLimits
+from server.limits import Limits
 
 GENERATION_TAGS = frozenset({"generate", "openai"})
 
@@ -53,25 +53,25 @@ def _is_form(route: APIRoute) -> bool:
     return any(isinstance(p.field_info, params.Form) for p in route.dependant.body_params)
 
 
-def route_policy(route: APIRoute, limits: HttpLimits) -> RoutePolicy:
+def route_policy(route: APIRoute, limits: Limits) -> RoutePolicy:
     """What admission checks before `route`'s body (see the module docstring)."""
     return RoutePolicy(
         needs_key=_calls(route.dependant, authenticate),
         generation="POST" in (route.methods or ()) and bool(GENERATION_TAGS & set(map(str, route.tags))),
-        max_body_bytes=limits.max_body_bytes if _is_form(route) else limits.max_json_body_bytes,
+        max_body_bytes=limits.max_body_bytes if _is_form(route) else _json_limit(limits),
     )
 
 
 class AdmissionMiddleware:
     """401 / 503 / 429 / 413 decided from the route and headers, before the body (module docstring)."""
 
-    def __init__(self, app: ASGIApp, state: AppState, limits: HttpLimits) -> None:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
         self.state = state
-        self.limits = limits
+        self.limits = state.config.limits
         self._policies: dict[int, RoutePolicy] = {}  # by id() of the (long-lived) route object
         self._default = RoutePolicy(
-            needs_key=False, generation=False, max_body_bytes=limits.max_json_body_bytes
+            needs_key=False, generation=False, max_body_bytes=_json_limit(self.limits)
         )
 
     def policy(self, route: object) -> RoutePolicy:
@@ -123,6 +123,10 @@ class AdmissionMiddleware:
                 )
         if _declared_length(headers.get(b"content-length")) > policy.max_body_bytes:
             raise BodyTooLarge(policy.max_body_bytes)  # the client may still be sending it: not read
+
+
+def _json_limit(limits: Limits) -> int:
+    return min(limits.max_json_body_bytes, limits.max_body_bytes)
 
 
 def _declared_length(value: bytes | None) -> int:

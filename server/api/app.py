@@ -23,7 +23,7 @@ from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState, EngineLike
 from server.api.errors import install_error_handlers
-from server.api.http_limits import HttpLimits
+from server.api.generation import prompt_char_limit
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
 from server.api.routes import chat, generate, health, openai, prefixes, tokenize
@@ -87,7 +87,7 @@ def create_app(
             settings.redis_key_prefix,
         )
     upload_limiter = make_limiter(
-        LimitConfig(rps=settings.tenant_upload_rps),
+        LimitConfig(max_concurrent=0, rps=settings.tenant_upload_rps),  # uploads: a rate only
         settings.redis_url,
         f"{settings.redis_key_prefix}:uploads",
     )
@@ -106,7 +106,9 @@ def create_app(
         auth=auth,
         limiter=limiter,
         upload_limiter=upload_limiter,
-        http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
+        max_prompt_chars=prompt_char_limit(
+            settings.limits, spec.max_positions, getattr(engine, "tokenizer", None)
+        ),
     )
 
     @contextlib.asynccontextmanager
@@ -147,7 +149,7 @@ def create_app(
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.
-    app.add_middleware(AdmissionMiddleware, state=state, limits=state.http)
+    app.add_middleware(AdmissionMiddleware, state=state)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
 

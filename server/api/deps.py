@@ -17,7 +17,6 @@ from prefix_store.base import PrefixStore
 from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
-from server.api.http_limits import HttpLimits
 from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.api.traffic import routing_headers
 from server.limits import Limits
@@ -74,7 +73,7 @@ class AppState:
     metrics: Metrics
     auth: Authenticator
     limiter: TenantLimiter
-    http: HttpLimits
+    max_prompt_chars: int  # longer prompts cannot fit the model (`generation.prompt_char_limit`)
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)

@@ -10,7 +10,8 @@ route, `scope["route"]`, says what applies) and before anything is read:
 1. Routes that need an API key (their dependencies include `deps.authenticate`): 401 without a valid
    key. The dependency checks again afterwards (cheap); this copy keeps bodies of unknown callers out.
 2. Generation routes (POST routes tagged "generate" or "openai"): 503 while draining, and 429
-   `overloaded` with `Retry-After` while the engine's queue is full (what TGI's router does).
+   `overloaded` with `Retry-After` when the engine's queue would refuse the caller's tenant now (full,
+   and with fair scheduling no other tenant's request to push out): what TGI's router does.
 3. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
    smaller `max_json_body_bytes`. 413 at once from `Content-Length`, or by counting the bytes of a
    chunked (or lying) body as they arrive.
@@ -30,7 +31,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.auth import AuthError
+from server.api.auth import DEFAULT_TENANT, AuthError
 from server.api.deps import AppState, authenticate
 from server.api.errors import RETRY_AFTER_OVERLOADED_S, ApiError, BodyTooLarge, Draining
 from server.limits import Limits
@@ -107,9 +108,11 @@ class AdmissionMiddleware:
     def _admit(self, scope: Scope, policy: RoutePolicy) -> None:
         """Raise (as an `HTTPException`) why the request is refused before its body is read."""
         headers = dict(scope.get("headers") or [])
+        tenant = DEFAULT_TENANT
         if policy.needs_key:
+            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
             try:
-                self.state.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
+                tenant = self.state.auth.authenticate(authorization).tenant
             except AuthError as exc:
                 raise ApiError(
                     401, str(exc), "unauthorized", headers={"WWW-Authenticate": "Bearer"}
@@ -117,7 +120,7 @@ class AdmissionMiddleware:
         if policy.generation:
             if self.state.draining:
                 raise Draining()
-            if self.state.engine.queue_full:
+            if self.state.engine.queue_full(tenant):  # fair scheduling: would *this tenant* be refused
                 raise ApiError(
                     429, "the queue is full; retry later", "overloaded", retry_after=RETRY_AFTER_OVERLOADED_S
                 )

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore, StoreUnavailable
-from prefix_store.model_spec import ModelSpec
 from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState, EngineLike
@@ -26,7 +27,7 @@ from server.api.errors import install_error_handlers
 from server.api.generation import prompt_char_limit
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
-from server.api.routes import chat, generate, health, openai, prefixes, tokenize
+from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
 from server.metrics import Metrics
 from server.settings import Settings
@@ -65,6 +66,7 @@ def create_app(
     engine: EngineLike,
     store: PrefixStore,
     spec: ModelSpec,
+    uploads: UploadChecks,
     device_type: str = "cpu",
     metrics: Metrics | None = None,
     limiter: TenantLimiter | None = None,
@@ -72,7 +74,8 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI app serving `engine` and `store` with `settings`.
 
-    `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
+    `uploads` checks uploaded files (`prefix_store.uploads.ArtifactUploadChecks()`: tensor code, so it is
+    passed in rather than imported; this layer imports no torch). `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
     `metrics_for(settings)`; one is made if not given. `on_fatal` is called once if the engine loop
     dies (main: exit non-zero).
     """
@@ -87,7 +90,7 @@ def create_app(
             settings.redis_key_prefix,
         )
     upload_limiter = make_limiter(
-        LimitConfig(max_concurrent=0, rps=settings.tenant_upload_rps),  # uploads: a rate only
+        LimitConfig(max_concurrent=0, rps=settings.limits.tenant_upload_rps),
         settings.redis_url,
         f"{settings.redis_key_prefix}:uploads",
     )
@@ -104,6 +107,7 @@ def create_app(
         spec=spec,
         metrics=metrics,
         auth=auth,
+        uploads=uploads,
         limiter=limiter,
         upload_limiter=upload_limiter,
         max_prompt_chars=prompt_char_limit(
@@ -145,7 +149,7 @@ def create_app(
     )
     app.state.prefixserve = state
     install_error_handlers(app)
-    for module in (generate, openai, chat, tokenize, prefixes, health):
+    for module in (generate, openai, chat, tokenize, prefixes, canary, health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.

@@ -13,8 +13,9 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore
-from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
 from server.api.ratelimit import NoLimiter, TenantLimiter
@@ -36,8 +37,7 @@ class EngineLike(Protocol):
     @property
     def num_waiting(self) -> int: ...
 
-    @property
-    def queue_full(self) -> bool: ...
+    def queue_full(self, tenant: str) -> bool: ...
 
     def tokenize(self, prompt: str | list[int]) -> list[int]: ...
 
@@ -72,6 +72,7 @@ class AppState:
     spec: ModelSpec
     metrics: Metrics
     auth: Authenticator
+    uploads: UploadChecks  # the artifact checks (torch code, injected: issue 14)
     limiter: TenantLimiter
     max_prompt_chars: int  # longer prompts cannot fit the model (`generation.prompt_char_limit`)
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate

@@ -42,6 +42,7 @@ from server.engine.errors import (
     UnknownTask,
 )
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.observer import EngineObserver
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
@@ -50,29 +51,6 @@ from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 from server.limits import Limits
 
 logger = logging.getLogger(__name__)
-
-
-class EngineObserver:
-    """Callbacks for metrics; subclass and override what you need (all are no-ops here).
-
-    Called on the event loop thread; keep them cheap. The engine never imports a metrics library.
-    """
-
-    def on_step(self, batch_size: int, num_distinct_tasks: int, kv_usage_ratio: float) -> None: ...
-    def on_queue_time(self, seconds: float) -> None: ...
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_token(self, inter_token_seconds: float) -> None: ...
-    def on_finish(
-        self,
-        reason: str,
-        prompt_tokens: int,
-        generated_tokens: int,
-        e2e_seconds: float,
-        tenant: str,
-        task: str | None,
-    ) -> None: ...
-    def on_prefix_load(self, seconds: float) -> None: ...
-    def on_cache_event(self, kind: str, tier: str) -> None: ...
 
 
 @dataclass
@@ -218,10 +196,9 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    @property
-    def queue_full(self) -> bool:
-        """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
-        return self.scheduler.num_waiting >= self.config.limits.max_waiting
+    def queue_full(self, tenant: str) -> bool:
+        """A request of `tenant` would get `QueueFull` now (the API answers 429 before reading its body)."""
+        return self.scheduler.would_refuse(tenant)
 
     @property
     def running_tasks(self) -> list[str]:
@@ -335,7 +312,8 @@ class Engine:
         if self.prefix_cache is None:
             raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
         try:
-            return await self.prefix_cache.resolve(request.tenant, request.task)
+            route_key = request.route_key or request.request_id  # issue 18: pins a traffic split
+            return await self.prefix_cache.resolve(request.tenant, request.task, route_key)
         except InvalidName as exc:
             raise InvalidRequest(str(exc)) from None
 
@@ -528,6 +506,7 @@ class Engine:
             num_generated_tokens=state.detok.num_generated,
             seed=state.seed,
             prefix_version=None if state.prefix is None else state.prefix.version,
+            prefix_variant=None if state.prefix is None else state.prefix.variant,
             generated_text=state.detok.text if reason is not None else None,
             token_logprob=logprob,
         )

@@ -23,6 +23,13 @@ class Limits:
     # --- HTTP ----------------------------------------------------------------------------------
     max_body_bytes: int = 64 << 20  # larger request bodies get 413
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long in-flight generations may finish
+    # issue 13: what one HTTP client may send (server.api.admission, server.http_protocol)
+    max_json_body_bytes: int = 1 << 20  # body limit of every route but uploads (capped by max_body_bytes)
+    max_prompt_chars: int | None = None  # longer prompts: 422 before tokenising; None: derived from the model
+    timeout_keep_alive_s: int = 5  # idle keep-alive connections are closed
+    timeout_request_header_s: float = 10.0  # request line + headers must arrive within this (slowloris)
+    max_connections: int = 1000  # open connections beyond this get 503 (uvicorn limit_concurrency)
+    max_request_header_bytes: int = 16384  # request line + headers beyond this get 400 (h11)
     # --- uploads (and every later load of what was uploaded) -----------------------------------
     max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
     max_prefix_length: int = 512  # longest prefix accepted; sizes BART's cross-attention cache

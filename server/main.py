@@ -30,7 +30,6 @@ from server.logging import configure_logging
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config errors stay fast
-    from server.api.http_limits import HttpLimits
     from server.engine import EngineConfig
 
 logger = logging.getLogger("prefixserve.main")
@@ -113,9 +112,10 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
-def uvicorn_config(app: object, settings: Settings, limits: HttpLimits) -> uvicorn.Config:
-    """uvicorn with the connection limits of `limits`: idle keep-alive connections close, headers must
-    arrive in time (slowloris), header size and open connections are bounded."""
+def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+    """uvicorn with the connection limits of `settings.limits`: idle keep-alive connections close,
+    headers must arrive in time (slowloris), header size and open connections are bounded."""
+    limits = settings.limits
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.host,
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         settings, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(),
         device_type=loaded.device.type, metrics=metrics, on_fatal=on_fatal,
     )  # fmt: skip
-    config = uvicorn_config(app, settings, app.state.prefixserve.http)
+    config = uvicorn_config(app, settings)
     server = _Server(
         config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.limits.shutdown_grace_s
     )

@@ -127,26 +127,30 @@ class Settings(BaseSettings):
         default=_L.tenant_rps, ge=0, description="Requests/second per tenant; 0 = unlimited."
     )
 
-    # --- issue 13: hostile HTTP clients (read once into `server.api.admission.HttpLimits`) ------
+    # --- issue 13: hostile HTTP clients (defaults in server.limits.Limits) -------------------
     max_json_body_bytes: int = Field(
-        default=1 << 20,
+        default=_L.max_json_body_bytes,
         ge=1024,
-        description="Body limit of JSON routes (generate, completions, rollback); uploads: max_body_bytes.",
+        description="Body limit of every route but uploads (those: max_body_bytes); 413 beyond it.",
     )
     max_prompt_chars: int | None = Field(
-        default=None,
+        default=_L.max_prompt_chars,
         ge=1,
         description="Longer prompts get 422 before tokenisation; unset: positions x longest token's bytes.",
     )
-    timeout_keep_alive_s: int = Field(default=5, ge=1, description="Idle keep-alive connections close.")
+    timeout_keep_alive_s: int = Field(
+        default=_L.timeout_keep_alive_s, ge=1, description="Idle keep-alive connections are closed."
+    )
     timeout_request_header_s: float = Field(
-        default=10.0, gt=0, description="A connection without complete request headers by then is closed."
+        default=_L.timeout_request_header_s,
+        gt=0,
+        description="A connection without complete request headers by then is closed (slowloris).",
     )
     max_connections: int = Field(
-        default=1000, ge=1, description="Open connections beyond this get 503 (uvicorn limit_concurrency)."
+        default=_L.max_connections, ge=1, description="Connections beyond this get 503 (limit_concurrency)."
     )
     max_request_header_bytes: int = Field(
-        default=16384, ge=1024, description="Request line + headers beyond this get 400 (h11)."
+        default=_L.max_request_header_bytes, ge=1024, description="Request line + headers beyond: 400."
     )
 
     # --- issue 18: fair scheduling across tenants ----------------------------------------------

@@ -24,7 +24,7 @@ from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState, EngineLike
 from server.api.errors import install_error_handlers
-from server.api.http_limits import HttpLimits
+from server.api.generation import prompt_char_limit
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
 from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
@@ -110,7 +110,9 @@ def create_app(
         uploads=uploads,
         limiter=limiter,
         upload_limiter=upload_limiter,
-        http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
+        max_prompt_chars=prompt_char_limit(
+            settings.limits, spec.max_positions, getattr(engine, "tokenizer", None)
+        ),
     )
 
     @contextlib.asynccontextmanager
@@ -151,7 +153,7 @@ def create_app(
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.
-    app.add_middleware(AdmissionMiddleware, state=state, limits=state.http)
+    app.add_middleware(AdmissionMiddleware, state=state)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
 

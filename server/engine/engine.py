@@ -204,10 +204,9 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    @property
-    def queue_full(self) -> bool:
-        """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
-        return self.scheduler.num_waiting >= self.config.limits.max_waiting
+    def queue_full(self, tenant: str) -> bool:
+        """A request of `tenant` would get `QueueFull` now (the API answers 429 before reading its body)."""
+        return self.scheduler.would_refuse(tenant)
 
     @property
     def running_tasks(self) -> list[str]:

@@ -138,6 +138,10 @@ class Scheduler:
     def kv_usage_ratio(self) -> float:
         return self.reserved_tokens / self.config.kv_budget_tokens
 
+    def would_refuse(self, tenant: str) -> bool:
+        """`add` of a request of `tenant` would raise `QueueFull` now (the queue policy decides)."""
+        return self._waiting.would_refuse(tenant)
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._pending_aborts)
 

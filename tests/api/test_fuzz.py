@@ -83,7 +83,9 @@ def _openapi() -> dict:
     from modeling.model_spec import ModelSpec
     from modeling.models import build_config
 
-    stand_in = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
+    stand_in = SimpleNamespace(
+        healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[], tokenizer=None
+    )
     app = create_app(
         Settings(_env_file=None, model="tiny-gpt2"),  # type: ignore[call-arg]
         engine=stand_in,  # type: ignore[arg-type]
@@ -128,3 +130,23 @@ def test_api_conforms_to_its_openapi_spec(case, fuzz_server):
             response_schema_conformance,
         ],
     )
+
+
+OTHER_CALLERS = {
+    "no key": {},
+    "unknown key": {"Authorization": "Bearer not-a-configured-key"},
+    "generate-only key": {"Authorization": "Bearer acme-generate-key"},
+}
+
+
+@schema.parametrize()
+@settings(
+    max_examples=5, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+)
+def test_every_route_answers_other_callers_without_a_5xx(case, fuzz_server):
+    """The same routes for callers without a key, with a wrong key and with a key that may not manage:
+    refusals (401/403, checked before the body is read) are never a 5xx."""
+    _bound_generation_length(case.body)
+    for name, headers in OTHER_CALLERS.items():
+        response = case.call(base_url=fuzz_server, headers=headers, timeout=60)
+        assert response.status_code < 500, (name, case.method, case.path, response.text[:300])

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from modeling import gpt2
 from modeling.models import make_model_dir
 from training.data import Example, Truncation, collate, encode_causal
 from training.prefix import PrefixConfig, PrefixTuner, make_tuner
@@ -133,8 +134,9 @@ def target_margins(tuner: PrefixTuner, rows: list[dict[str, list[int]]]) -> torc
     was_training = tuner.training
     tuner.eval()
     batch = collate(rows, EOS)
-    logits = tuner.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1]  # [B, S-1, V]: position t predicts token t+1
+    prefix = tuner.prefixes()["decoder"]  # [layers, 2, H, L, D]
+    logits = gpt2.forward(tuner.loaded.model, batch["input_ids"], batch["attention_mask"], prefix)
+    logits = logits[:, :-1].float()  # [B, S-1, V]: position t predicts token t+1
     labels = batch["labels"][:, 1:]  # [B, S-1]
     mask = labels != -100
     index = labels.clamp_min(0)[..., None]  # [B, S-1, 1]

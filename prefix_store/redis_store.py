@@ -254,6 +254,9 @@ class RedisPrefixStore:
         # (tenant, task) -> the version subscribers were last told about, or that was last fetched
         # as current. Resync compares this with Redis.
         self._seen: dict[tuple[str, str], int] = {}
+        self._seen_splits: dict[
+            tuple[str, str], bytes | str | None
+        ] = {}  # issue 18: last split read per task
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -385,6 +388,7 @@ class RedisPrefixStore:
         base = self._task_base(tenant, task)
         with self._errors("get_split"):
             raw = await self._redis.get(f"{base}:split")
+        self._seen_splits[(tenant, task)] = raw  # what subscribers now know; resync compares with it
         return {} if raw is None else {int(v): int(p) for v, p in json.loads(raw).items()}
 
     # ---- reads ------------------------------------------------------------------------------
@@ -521,8 +525,29 @@ class RedisPrefixStore:
                     event = ChangeEvent(tenant, task, new)
                     events.append(event)
                     await self._emit(event)
+        events += await self._resync_splits()
         if events:
             logger.info("prefix store resync: %d task(s) changed while unobserved", len(events))
+        return events
+
+    async def _resync_splits(self) -> list[ChangeEvent]:
+        """Issue 18: a traffic split changed while the listener was away (the split is not part of
+        `current`): report the task as changed, so subscribers re-read its split."""
+        snapshot = list(self._seen_splits.items())
+        events: list[ChangeEvent] = []
+        for start in range(0, len(snapshot), _RESYNC_CHUNK):
+            chunk = snapshot[start : start + _RESYNC_CHUNK]
+            bases = [self._task_base(t, k) for (t, k), _ in chunk]
+            with self._errors("resync"):
+                raw = await self._redis.mget([f"{b}:split" for b in bases] + [f"{b}:current" for b in bases])
+            for ((tenant, task), old), new, cur in zip(
+                chunk, raw[: len(chunk)], raw[len(chunk) :], strict=True
+            ):
+                if new != old and self._seen_splits.get((tenant, task)) == old:
+                    self._seen_splits[(tenant, task)] = new
+                    event = ChangeEvent(tenant, task, None if cur is None else int(cur))
+                    events.append(event)
+                    await self._emit(event)
         return events
 
     async def _emit(self, event: ChangeEvent) -> None:

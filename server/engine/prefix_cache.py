@@ -34,9 +34,9 @@ from typing import Protocol
 
 import torch
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
 from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound, VersionNotFound
-from prefix_store.model_spec import ModelSpec
 from prefix_store.traffic import pick_version, primary_version
 from server.engine.errors import InvalidPrefix, UnknownTask
 from server.limits import Limits

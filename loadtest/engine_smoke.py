@@ -21,6 +21,7 @@ from modeling.models import load_model, make_model_dir
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.limits import Limits
 
 
 async def run(engine: Engine, requests: list[GenerationRequest]) -> tuple[int, float]:
@@ -67,7 +68,7 @@ async def main() -> None:
                 for i in range(args.requests)
             ]
 
-        engine = Engine(loaded, store, EngineConfig(max_batch_size=args.max_batch_size))
+        engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=args.max_batch_size)))
         await engine.start()
         await run(engine, workload(True)[:2])  # warm-up (and prefix loads for two tasks)
         for name, with_prefix in (("prefixes", True), ("no prefix", False)):

@@ -32,9 +32,10 @@ def profile_engine(
     section: Any, dtype: str, device: torch.device, models_dir: Path, out_dir: Path, scratch: Path
 ) -> dict[str, Any]:
     """Profile one engine run of `section`'s workload; returns a small summary for results.json."""
-    from loadtest.bench import GPT2_TEXT_VOCAB, ensure_model
+    from loadtest.bench_models import GPT2_TEXT_VOCAB, ensure_model
     from loadtest.runners.engine_runner import run_engine
     from server.engine import EngineConfig
+    from server.limits import Limits
 
     model_dir = ensure_model(section.preset, models_dir, section.model_overrides)
     loaded = load_model(str(model_dir), device=str(device), dtype=dtype)
@@ -43,7 +44,9 @@ def profile_engine(
     )
     lengths = {t: workload.prefix_length(t) for t in workload.tasks}
     prefixes = make_task_prefixes(loaded, workload.tasks, lengths, scratch / "profile-peft")
-    config = EngineConfig(max_batch_size=section.max_batch_size, max_waiting=4096, queue_timeout_s=3600.0)
+    config = EngineConfig(
+        Limits(max_batch_size=section.max_batch_size, max_waiting=4096, queue_timeout_s=3600.0)
+    )
 
     thread_profiles: list[tuple[str, cProfile.Profile]] = []
 

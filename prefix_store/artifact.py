@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
-from prefix_store.model_spec import ModelSpec
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import ArtifactError, ArtifactLimits
 
 FORMAT_NAME = "prefixserve.prefix"
 FORMAT_VERSION = 1
@@ -51,16 +52,6 @@ MAX_DIM = 1 << 31
 MAX_INT_DIGITS = 20  # JSON integers longer than this are refused while parsing (2**64 has 20 digits)
 MAX_JSON_DEPTH = 32
 MAX_SHOWN_CHARS = 80  # names and values quoted in error messages are cut to this
-
-
-class ArtifactError(ValueError):
-    """An artifact that cannot be served; the message names the problem."""
-
-
-@dataclass(frozen=True)
-class ArtifactLimits:
-    max_bytes: int = 256 << 20
-    max_prefix_length: int = 512
 
 
 @dataclass
@@ -171,12 +162,10 @@ def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
 
 
-def read_header(
-    data: bytes, limits: ArtifactLimits = ArtifactLimits()
-) -> tuple[dict[str, Any], dict[str, str]]:
+def read_header(data: bytes, limits: ArtifactLimits | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Parse and check the safetensors header without building tensors: (entries, metadata)."""
-    if len(data) > limits.max_bytes:
-        raise ArtifactError(f"artifact is {len(data)} bytes; the limit is {limits.max_bytes}")
+    if limits is not None and len(data) > limits.max_artifact_bytes:
+        raise ArtifactError(f"artifact is {len(data)} bytes; the limit is {limits.max_artifact_bytes}")
     if len(data) < 8:
         raise ArtifactError("not a safetensors file: shorter than its 8-byte header length")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -312,7 +301,7 @@ def _group_names(header: dict[str, Any]) -> dict[str, dict[int, set[str]]]:
 
 
 def load_artifact(
-    data: bytes, spec: ModelSpec | None = None, limits: ArtifactLimits = ArtifactLimits()
+    data: bytes, spec: ModelSpec | None = None, limits: ArtifactLimits | None = None
 ) -> PrefixArtifact:
     """Parse and validate artifact bytes; with `spec`, also check it fits that model."""
     header, meta = read_header(data, limits)
@@ -348,7 +337,7 @@ def load_artifact(
             )
         if shape[1] < 1:
             raise ArtifactError(f"{kind}: prefix length must be at least 1")
-        if shape[1] > limits.max_prefix_length:
+        if limits is not None and shape[1] > limits.max_prefix_length:
             raise ArtifactError(
                 f"{kind}: prefix length {shape[1]} exceeds the limit {limits.max_prefix_length}"
             )

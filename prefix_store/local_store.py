@@ -6,11 +6,15 @@ Layout (names are validated, so they are plain path components, never "..", "/" 
     {root}/{tenant}/{task}/v{N}.json          JSON of `VersionInfo` (written after the blob)
     {root}/{tenant}/{task}/current            the current version number
     {root}/{tenant}/{task}/seq                the last version number handed out (kept after delete)
+    {root}/{tenant}/{task}/split              traffic split JSON {"<version>": percent} (issue 18)
 
 Every file is written atomically: a temp file in the same directory, fsync, `os.replace`, fsync of
 the directory. The order blob -> metadata -> current pointer means a pointer never names a version
 whose files are incomplete. Pruning removes metadata before the blob, and readers re-read the
 pointer if a version vanishes under them, so reads need no lock.
+
+Files are created 0600 and directories 0700 (the root is tightened to 0700 at start): prefixes are
+tenants' trained weights, not for other users of the machine.
 
 Writers of one task serialise on an `asyncio.Lock`; file I/O runs in `asyncio.to_thread`. Safe for
 one process only: two processes sharing a directory are not coordinated (use Redis for that).
@@ -42,8 +46,11 @@ from prefix_store.base import (
     TaskPage,
     VersionInfo,
     VersionNotFound,
+    parse_stored_info,
+    parse_stored_version,
     validate_name,
 )
+from prefix_store.traffic import split_to_json, validate_split
 
 __all__ = ["LocalPrefixStore"]
 
@@ -64,11 +71,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _private_dir(path: Path) -> bool:
+    """Create `path` (0700) if missing; True when it was created."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return False
+    path.chmod(0o700)  # mkdir's mode is filtered by the umask; chmod is not
+    return True
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    """Write `data` to `path` (0600) so that readers see either the old file or the whole new one."""
     tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -82,9 +99,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _read_int(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip())
+        text = path.read_bytes().strip()
     except FileNotFoundError:
         return None
+    return parse_stored_version(text, str(path))
 
 
 class LocalPrefixStore:
@@ -128,12 +146,15 @@ class LocalPrefixStore:
 
     @staticmethod
     def _read_info(task_dir: Path, version: int) -> VersionInfo:
-        return VersionInfo.from_json_dict(json.loads((task_dir / f"v{version}.json").read_bytes()))
+        path = task_dir / f"v{version}.json"
+        return parse_stored_info(path.read_bytes(), str(path))
 
     def _put_sync(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
         task_dir = self._task_dir(tenant, task)
         created = not task_dir.is_dir()
-        task_dir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        _private_dir(task_dir.parent)
+        _private_dir(task_dir)
         if created:  # a new directory's entry survives a crash only once its parent is fsynced
             _fsync_dir(task_dir.parent)
             _fsync_dir(self.root)
@@ -150,10 +171,18 @@ class LocalPrefixStore:
         self._prune_sync(task_dir, current=version)
         return info
 
+    @staticmethod
+    def _read_split(task_dir: Path) -> dict[int, int]:
+        try:
+            return {int(v): int(p) for v, p in json.loads((task_dir / "split").read_bytes()).items()}
+        except FileNotFoundError:
+            return {}
+
     def _prune_sync(self, task_dir: Path, current: int) -> None:
         versions = self._versions_on_disk(task_dir)
+        weighted = self._read_split(task_dir)  # a traffic split's versions are never pruned
         for old in versions[: max(0, len(versions) - self._keep_versions)]:
-            if old != current:
+            if old != current and old not in weighted:
                 # Metadata first: a version without metadata is invisible, a blob without it harmless.
                 (task_dir / f"v{old}.json").unlink(missing_ok=True)
                 (task_dir / f"v{old}.safetensors").unlink(missing_ok=True)
@@ -196,7 +225,7 @@ class LocalPrefixStore:
         by_version = {v.version: v for v in versions}
         if current not in by_version:
             raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
-        return TaskInfo(current=by_version[current], versions=versions)
+        return TaskInfo(current=by_version[current], versions=versions, split=self._read_split(task_dir))
 
     def _list_sync(self, tenant: str, cursor: str | None, limit: int) -> TaskPage:
         tenant_dir = self._tenant_dir(tenant)
@@ -240,7 +269,22 @@ class LocalPrefixStore:
         if not (task_dir / f"v{version}.safetensors").exists():
             raise VersionNotFound(f"{tenant}/{task} v{version}: blob missing")
         _atomic_write(task_dir / "current", f"{version}\n".encode())
+        (task_dir / "split").unlink(missing_ok=True)  # rollback (= promote) ends a traffic split
         return info
+
+    def _set_split_sync(self, tenant: str, task: str, split: dict[int, int]) -> int:
+        task_dir = self._task_dir(tenant, task)
+        current = _read_int(task_dir / "current")
+        if current is None:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        for version in split:
+            if not (task_dir / f"v{version}.json").exists():
+                raise VersionNotFound(f"{tenant}/{task} has no version {version} (never created or pruned)")
+        if split:
+            _atomic_write(task_dir / "split", json.dumps(split_to_json(split)).encode())
+        else:
+            (task_dir / "split").unlink(missing_ok=True)
+        return current
 
     def _delete_sync(self, tenant: str, task: str) -> None:
         task_dir = self._task_dir(tenant, task)
@@ -248,6 +292,7 @@ class LocalPrefixStore:
         if _read_int(current) is None:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
         current.unlink()  # the task is gone for readers from here on
+        (task_dir / "split").unlink(missing_ok=True)
         _fsync_dir(task_dir)
         for v in self._versions_on_disk(task_dir):
             (task_dir / f"v{v}.json").unlink(missing_ok=True)
@@ -320,6 +365,22 @@ class LocalPrefixStore:
         logger.info("deleted prefix %s/%s", tenant, task)
         await self._emit(ChangeEvent(tenant, task, None))
 
+    async def set_split(self, tenant: str, task: str, split: dict[int, int]) -> None:
+        """Set (or with `{}` end) the task's traffic split; notifies subscribers (issue 18)."""
+        self._task_dir(tenant, task)
+        split = validate_split(split) if split else {}
+        async with self._lock(tenant, task):  # serialised with put's pruning and rollback
+            with self._errors("set_split"):
+                current = await asyncio.to_thread(self._set_split_sync, tenant, task, split)
+        logger.info("traffic split of %s/%s set to %s", tenant, task, split or "none")
+        await self._emit(ChangeEvent(tenant, task, current))
+
+    async def get_split(self, tenant: str, task: str) -> dict[int, int]:
+        """The task's traffic split ({} when none)."""
+        task_dir = self._task_dir(tenant, task)
+        with self._errors("get_split"):
+            return await asyncio.to_thread(self._read_split, task_dir)
+
     def subscribe(self, callback: ChangeCallback) -> None:
         """Call `callback(event)` after every change made through this store object."""
         self._callbacks.append(callback)
@@ -327,6 +388,9 @@ class LocalPrefixStore:
     async def start(self) -> None:
         """Nothing to start: changes are reported synchronously by the call that makes them."""
         self.root.mkdir(parents=True, exist_ok=True)
+        # Everything below is reachable only through the root: 0700 keeps other users out of stores
+        # written before files were created private.
+        self.root.chmod(0o700)
 
     async def close(self) -> None:
         """Nothing to release."""

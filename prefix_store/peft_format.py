@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import (
     ArtifactError,
     ArtifactLimits,
@@ -29,7 +30,6 @@ from prefix_store.artifact import (
     read_header,
     shorten,
 )
-from prefix_store.model_spec import ModelSpec
 
 PEFT_TENSOR = "prompt_embeddings"
 MAX_CONFIG_INT = 1 << 20  # far above any real model's layers, heads or width; keeps products small
@@ -81,7 +81,7 @@ def parse_peft_config(config_bytes: bytes) -> dict[str, Any]:
     return config
 
 
-def _read_prompt_embeddings(model_bytes: bytes, limits: ArtifactLimits) -> torch.Tensor:
+def _read_prompt_embeddings(model_bytes: bytes, limits: ArtifactLimits | None) -> torch.Tensor:
     header, _ = read_header(model_bytes, limits)
     names = set(header)
     if names != {PEFT_TENSOR}:
@@ -103,7 +103,7 @@ def peft_to_artifact(
     model_bytes: bytes,
     spec: ModelSpec,
     task: str = "",
-    limits: ArtifactLimits = ArtifactLimits(),
+    limits: ArtifactLimits | None = None,
 ) -> PrefixArtifact:
     """Convert a PEFT prefix-tuning adapter into a validated artifact for `spec`."""
     config = parse_peft_config(config_bytes)

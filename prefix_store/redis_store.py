@@ -8,6 +8,7 @@ Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they n
     P:t:T:task:K:versions       sorted set of committed versions (score = version)
     P:t:T:task:K:v:N:blob       the artifact bytes of version N
     P:t:T:task:K:v:N:meta       JSON of `VersionInfo` for version N
+    P:t:T:task:K:split          traffic split JSON {"<version>": percent} (issue 18; absent = none)
     P:changes                   pub/sub channel; message = JSON {"tenant", "task", "version"}
 
 Every key is derived from the tenant passed to the call, so no call can reach another tenant's keys.
@@ -55,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from prefix_store.base import (
     ChangeCallback,
     ChangeEvent,
+    StoreCorrupt,
     StoredPrefix,
     StoreError,
     StoreUnavailable,
@@ -63,8 +65,11 @@ from prefix_store.base import (
     TaskPage,
     VersionInfo,
     VersionNotFound,
+    parse_stored_info,
+    parse_stored_version,
     validate_name,
 )
+from prefix_store.traffic import split_to_json, validate_split
 
 __all__ = ["RedisPrefixStore"]
 
@@ -75,6 +80,7 @@ logger = logging.getLogger(__name__)
 STAGING_TTL_S = 3600
 MAX_BLOB_BYTES = 512 * 1024 * 1024  # Redis' string limit
 MAX_PAGE_LIMIT = 1000
+_MAX_VERSION = 10**18  # what `parse_stored_version` accepts
 _RESYNC_CHUNK = 500  # keys per MGET when resyncing
 _READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
 
@@ -91,9 +97,11 @@ redis.call('ZADD', KEYS[3], v, v)
 redis.call('SET', KEYS[2], v)
 redis.call('ZADD', KEYS[1], 0, ARGV[5])
 local n = redis.call('ZCARD', KEYS[3])
+local split = redis.call('GET', base .. ':split')
+local weighted = split and cjson.decode(split) or {}
 if n > keep then
   for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - keep - 1)) do
-    if old ~= v then
+    if old ~= v and not weighted[old] then
       redis.call('DEL', base .. ':v:' .. old .. ':blob', base .. ':v:' .. old .. ':meta')
       redis.call('ZREM', KEYS[3], old)
     end
@@ -137,8 +145,21 @@ if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then return {1} end
 local m = redis.call('GET', ARGV[1] .. ':v:' .. ARGV[2] .. ':meta')
 if not m then return {1} end
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('DEL', ARGV[1] .. ':split')
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {2, m}
+"""
+
+# KEYS: current, versions, split. ARGV: split_json ('' = end the split), channel, message, versions...
+# Returns {0} no task, {1, v} version v not kept, {2} done. (Issue 18: canary traffic splits.)
+_SPLIT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+for i = 4, #ARGV do
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then return {1, ARGV[i]} end
+end
+if ARGV[1] == '' then redis.call('DEL', KEYS[3]) else redis.call('SET', KEYS[3], ARGV[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return {2}
 """
 
 # KEYS: tasks, current, versions. ARGV: task_base, task, channel, message. Returns 0 no task, 1 done.
@@ -147,7 +168,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 for _, v in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   redis.call('DEL', ARGV[1] .. ':v:' .. v .. ':blob', ARGV[1] .. ':v:' .. v .. ':meta')
 end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], ARGV[1] .. ':split')
 redis.call('ZREM', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
@@ -227,11 +248,15 @@ class RedisPrefixStore:
         self._list = self._redis.register_script(_LIST_LUA)
         self._rollback = self._redis.register_script(_ROLLBACK_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
+        self._split = self._redis.register_script(_SPLIT_LUA)
 
         self._callbacks: list[ChangeCallback] = []
         # (tenant, task) -> the version subscribers were last told about, or that was last fetched
         # as current. Resync compares this with Redis.
         self._seen: dict[tuple[str, str], int] = {}
+        self._seen_splits: dict[
+            tuple[str, str], bytes | str | None
+        ] = {}  # issue 18: last split read per task
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -322,7 +347,7 @@ class RedisPrefixStore:
         if res[0] == 1:
             raise VersionNotFound(f"{tenant}/{task} has no version {version} (never created or pruned)")
         logger.info("rolled back prefix %s/%s to v%d", tenant, task, version)
-        return VersionInfo.from_json_dict(json.loads(res[1]))
+        return parse_stored_info(res[1], f"{base}:v:{version}:meta")
 
     async def delete(self, tenant: str, task: str) -> None:
         """Delete the task and all its versions and notify subscribers (version None)."""
@@ -336,6 +361,36 @@ class RedisPrefixStore:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
         logger.info("deleted prefix %s/%s", tenant, task)
 
+    async def set_split(self, tenant: str, task: str, split: dict[int, int]) -> None:
+        """Set (or with `{}` end) the task's traffic split atomically with the check that every
+        weighted version is kept; notifies subscribers (issue 18)."""
+        base = self._task_base(tenant, task)
+        split = validate_split(split) if split else {}
+        current = await self.current_version(tenant, task)
+        with self._errors("set_split"):
+            res = await self._split(
+                keys=[f"{base}:current", f"{base}:versions", f"{base}:split"],
+                args=[
+                    json.dumps(split_to_json(split)) if split else "",
+                    self._channel,
+                    self._message(tenant, task, current),
+                    *[str(v) for v in sorted(split)],
+                ],
+            )
+        if res[0] == 0:
+            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+        if res[0] == 1:
+            raise VersionNotFound(f"{tenant}/{task} has no version {int(res[1])} (never created or pruned)")
+        logger.info("traffic split of %s/%s set to %s", tenant, task, split or "none")
+
+    async def get_split(self, tenant: str, task: str) -> dict[int, int]:
+        """The task's traffic split ({} when none)."""
+        base = self._task_base(tenant, task)
+        with self._errors("get_split"):
+            raw = await self._redis.get(f"{base}:split")
+        self._seen_splits[(tenant, task)] = raw  # what subscribers now know; resync compares with it
+        return {} if raw is None else {int(v): int(p) for v, p in json.loads(raw).items()}
+
     # ---- reads ------------------------------------------------------------------------------
 
     async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
@@ -348,7 +403,7 @@ class RedisPrefixStore:
                     raw = await self._redis.get(f"{base}:current")
                     if raw is None:
                         raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
-                    wanted = int(raw)
+                    wanted = parse_stored_version(raw, f"{base}:current")
                 # One MULTI/EXEC: metadata and blob come from the same instant (a prune deletes
                 # both in one script). Not a Lua script: copying a blob through Lua costs 2x a GET.
                 pipe = self._redis.pipeline(transaction=True)
@@ -367,7 +422,7 @@ class RedisPrefixStore:
                 # The version we read as current was pruned before the transaction ran: read again.
             else:
                 raise StoreError(f"{tenant}/{task}: current version kept changing; gave up reading")
-        info = VersionInfo.from_json_dict(json.loads(meta))
+        info = parse_stored_info(meta, f"{base}:v:{wanted}:meta")
         if version is None:
             # The caller now holds this version: a resync need not report it again.
             self._seen[(tenant, task)] = info.version
@@ -378,7 +433,7 @@ class RedisPrefixStore:
         base = self._task_base(tenant, task)
         with self._errors("current_version"):
             raw = await self._redis.get(f"{base}:current")
-        return None if raw is None else int(raw)
+        return None if raw is None else parse_stored_version(raw, f"{base}:current")
 
     async def describe(self, tenant: str, task: str) -> TaskInfo:
         """The current version and every kept version, ascending."""
@@ -387,12 +442,13 @@ class RedisPrefixStore:
             res = await self._describe(keys=[f"{base}:current", f"{base}:versions"], args=[base])
         if not res:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
-        current = int(res[0])
-        versions = [VersionInfo.from_json_dict(json.loads(m)) for m in res[1:]]
+        current = parse_stored_version(res[0], f"{base}:current")
+        versions = [parse_stored_info(m, f"{base}:v:*:meta") for m in res[1:]]
         by_version = {v.version: v for v in versions}
         if current not in by_version:  # cannot happen: commit/prune never drop the current version
             raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
-        return TaskInfo(current=by_version[current], versions=versions)
+        split = await self.get_split(tenant, task)
+        return TaskInfo(current=by_version[current], versions=versions, split=split)
 
     async def list_tasks(self, tenant: str, cursor: str | None = None, limit: int = 100) -> TaskPage:
         """One page of the tenant's tasks (current version each) in name order, after `cursor`."""
@@ -405,7 +461,11 @@ class RedisPrefixStore:
             res = await self._list(keys=[f"{tenant_base}:tasks"], args=[tenant_base, lex_min, limit + 1])
         names = [res[i].decode() for i in range(0, len(res), 2)]
         metas = [res[i] for i in range(1, len(res), 2)]
-        items = [VersionInfo.from_json_dict(json.loads(m)) for m in metas[:limit] if m]
+        items = [
+            parse_stored_info(m, f"{tenant_base}:task:{name}:current meta")
+            for name, m in zip(names[:limit], metas[:limit], strict=False)
+            if m
+        ]
         next_cursor = names[limit - 1] if len(names) > limit else None
         return TaskPage(items=items, next_cursor=next_cursor)
 
@@ -456,14 +516,38 @@ class RedisPrefixStore:
             with self._errors("resync"):
                 raw = await self._redis.mget([f"{self._task_base(t, k)}:current" for (t, k), _ in chunk])
             for ((tenant, task), old), cur in zip(chunk, raw, strict=True):
-                new = None if cur is None else int(cur)
+                try:
+                    new = None if cur is None else parse_stored_version(cur, f"{tenant}/{task} current")
+                except StoreCorrupt:
+                    continue  # logged; readers of this task get 503s until it is repaired
                 # Skip if a notification updated this task while we were reading (ours is older).
                 if new != old and self._seen.get((tenant, task)) == old:
                     event = ChangeEvent(tenant, task, new)
                     events.append(event)
                     await self._emit(event)
+        events += await self._resync_splits()
         if events:
             logger.info("prefix store resync: %d task(s) changed while unobserved", len(events))
+        return events
+
+    async def _resync_splits(self) -> list[ChangeEvent]:
+        """Issue 18: a traffic split changed while the listener was away (the split is not part of
+        `current`): report the task as changed, so subscribers re-read its split."""
+        snapshot = list(self._seen_splits.items())
+        events: list[ChangeEvent] = []
+        for start in range(0, len(snapshot), _RESYNC_CHUNK):
+            chunk = snapshot[start : start + _RESYNC_CHUNK]
+            bases = [self._task_base(t, k) for (t, k), _ in chunk]
+            with self._errors("resync"):
+                raw = await self._redis.mget([f"{b}:split" for b in bases] + [f"{b}:current" for b in bases])
+            for ((tenant, task), old), new, cur in zip(
+                chunk, raw[: len(chunk)], raw[len(chunk) :], strict=True
+            ):
+                if new != old and self._seen_splits.get((tenant, task)) == old:
+                    self._seen_splits[(tenant, task)] = new
+                    event = ChangeEvent(tenant, task, None if cur is None else int(cur))
+                    events.append(event)
+                    await self._emit(event)
         return events
 
     async def _emit(self, event: ChangeEvent) -> None:
@@ -485,12 +569,14 @@ class RedisPrefixStore:
         try:
             obj = json.loads(data)
             version = obj["version"]
+            # Anyone who can PUBLISH on the channel can send anything: a message is only a hint (the
+            # prefix cache re-reads the store), and a version must look like one we could have made.
+            if version is not None and not (type(version) is int and 1 <= version <= _MAX_VERSION):
+                raise ValueError(f"version {str(version)[:20]!r} is not a version number")
             event = ChangeEvent(
-                validate_name(obj["tenant"], "tenant"),
-                validate_name(obj["task"], "task"),
-                None if version is None else int(version),
+                validate_name(obj["tenant"], "tenant"), validate_name(obj["task"], "task"), version
             )
-        except (ValueError, KeyError, TypeError, StoreError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError, StoreError) as e:
             logger.warning("prefix store: ignoring malformed change message %r: %s", data[:200], e)
             return
         await self._emit(event)

@@ -96,19 +96,13 @@ class _Server(uvicorn.Server):
 
 
 def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's limits, from the settings (read once, at the edge)."""
+    """The engine's config: the settings' one `Limits` object (read once, at the edge)."""
     from server.engine import EngineConfig
     from server.engine.fair_queue import FairQueueConfig
 
     weights, bounds = settings.tenant_weights()
     return EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_prefill_tokens=settings.max_prefill_tokens,
-        kv_budget_tokens=settings.kv_budget_tokens,
-        max_waiting=settings.max_waiting,
-        queue_timeout_s=settings.queue_timeout_s,
-        device_prefix_cache_bytes=settings.device_prefix_cache_bytes,
-        host_prefix_cache_bytes=settings.host_prefix_cache_bytes,
+        limits=settings.limits,
         fair_queue=FairQueueConfig(  # issue 18
             enabled=settings.fair_scheduling,
             tenant_weights=weights,
@@ -154,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: torch and transformers take seconds to import, and `--help` should not wait.
     from modeling.models import load_model
     from prefix_store.factory import make_store
+    from prefix_store.uploads import ArtifactUploadChecks
     from server.api import create_app, metrics_for, start_draining
     from server.engine import Engine
 
@@ -183,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(
-        settings, engine=engine, store=store, spec=loaded.spec, device_type=loaded.device.type,
-        metrics=metrics, on_fatal=on_fatal,
+        settings, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(),
+        device_type=loaded.device.type, metrics=metrics, on_fatal=on_fatal,
     )  # fmt: skip
     config = uvicorn_config(app, settings, app.state.prefixserve.http)
     server = _Server(
-        config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.shutdown_grace_s
+        config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.limits.shutdown_grace_s
     )
     server.run()
     if not server.started and exit_code == EXIT_OK:

@@ -33,7 +33,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from server.engine.engine import EngineObserver
+from server.engine.observer import EngineObserver
 from server.vllm_metrics import TaskListsInfo, VllmMetrics
 
 # The `_created` series prometheus-client adds to every counter/histogram double the scrape size for
@@ -192,6 +192,10 @@ class Metrics(EngineObserver):
             f"{p}task_requests", "Generation requests by tenant and task (bounded labels, rest 'other').",
             ["tenant", "task"], registry=r,
         )  # fmt: skip
+        self.variant_requests = Counter(  # issue 18: canary rollouts; variant is current|primary|canary
+            f"{p}prefix_variant_requests", "Generation requests by the variant of the task version served.",
+            ["tenant", "task", "variant"], registry=r,
+        )  # fmt: skip
         self.engine_up = Gauge(f"{p}engine_up", "1 while the engine loop runs.", registry=r)
         self.store_up = Gauge(f"{p}store_up", "1 while the prefix store answers.", registry=r)
         self.store_up.set(1)
@@ -264,6 +268,13 @@ class Metrics(EngineObserver):
         self.task_requests.labels(
             tenant=self.labeler.tenant(tenant), task=self.labeler.task(tenant, task)
         ).inc()
+
+    def observe_variant(self, tenant: str | None, task: str | None, variant: str | None) -> None:
+        """Which variant of a task's versions served a request (issue 18: canary vs primary)."""
+        if task is not None and variant is not None:
+            self.variant_requests.labels(
+                tenant=self.labeler.tenant(tenant), task=self.labeler.task(tenant, task), variant=variant
+            ).inc()
 
     def observe_store(self, operation: str, ok: bool) -> None:
         """Record a store call's outcome: failures count per operation and mark the store down."""

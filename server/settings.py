@@ -3,12 +3,15 @@
 Every field can be set from the environment with the `PREFIXSERVE_` prefix (`PREFIXSERVE_PORT=9000`)
 or from a `.env` file in the working directory. Nothing else in the server reads the environment:
 `server.main` builds a `Settings`, and the app, the engine config and the rate limiter get plain
-values from it.
+values from it. Limits (sizes, counts, timeouts) take their defaults from `server.limits.Limits`, the
+one place they are written, and reach the rest of the server as that one object (`Settings.limits`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from prefix_store.base import InvalidName, validate_name
+from server.limits import DEFAULT_LIMITS as _L
+from server.limits import Limits
 
 Role = Literal["generate", "manage"]
 
@@ -63,9 +68,13 @@ class Settings(BaseSettings):
     # --- HTTP --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    max_body_bytes: int = Field(default=64 << 20, ge=1024, description="Request bodies above this get 413.")
+    max_body_bytes: int = Field(
+        default=_L.max_body_bytes, ge=1024, description="Request bodies above this get 413."
+    )
     shutdown_grace_s: float = Field(
-        default=30.0, ge=0, description="On SIGTERM, how long in-flight generations may take to finish."
+        default=_L.shutdown_grace_s,
+        ge=0,
+        description="On SIGTERM, how long in-flight generations may take to finish.",
     )
 
     # --- prefix store --------------------------------------------------------------------------
@@ -73,29 +82,43 @@ class Settings(BaseSettings):
     local_store_dir: Path = Path("./prefix-store")
     redis_key_prefix: str = "prefixserve"
     keep_versions: int = Field(default=5, ge=1)
-    max_artifact_bytes: int = Field(default=64 << 20, ge=1024)
-    max_prefix_length: int = Field(default=512, ge=1)
+    max_artifact_bytes: int = Field(default=_L.max_artifact_bytes, ge=1024)
+    max_prefix_length: int = Field(default=_L.max_prefix_length, ge=1)
 
     # --- engine --------------------------------------------------------------------------------
-    max_batch_size: int = Field(default=32, ge=1)
-    max_waiting: int = Field(default=256, ge=0, description="Queue bound; beyond it requests get 429.")
-    queue_timeout_s: float = Field(default=30.0, gt=0)
+    max_batch_size: int = Field(default=_L.max_batch_size, ge=1)
+    max_waiting: int = Field(
+        default=_L.max_waiting, ge=0, description="Queue bound; beyond it requests get 429."
+    )
+    queue_timeout_s: float = Field(default=_L.queue_timeout_s, gt=0)
     max_prefill_tokens: int = Field(
-        default=4096, ge=1, description="Prompt tokens admitted per step; lower = shorter decode stalls."
+        default=_L.max_prefill_tokens,
+        ge=1,
+        description="Prompt tokens admitted per step; lower = shorter decode stalls.",
     )
     kv_budget_tokens: int | None = Field(
-        default=None, ge=1, description="KV positions reserved by running requests; unset: batch x positions."
+        default=_L.kv_budget_tokens,
+        ge=1,
+        description="KV positions reserved by running requests; unset: batch x positions.",
     )
-    device_prefix_cache_bytes: int = Field(default=256 << 20, ge=0, description="Prefix cache on the device.")
-    host_prefix_cache_bytes: int = Field(default=1 << 30, ge=0, description="Prefix cache in host memory.")
+    device_prefix_cache_bytes: int = Field(
+        default=_L.device_prefix_cache_bytes, ge=0, description="Prefix cache on the device."
+    )
+    host_prefix_cache_bytes: int = Field(
+        default=_L.host_prefix_cache_bytes, ge=0, description="Prefix cache in host memory."
+    )
 
     # --- tenants and limits --------------------------------------------------------------------
     api_keys_file: Path | None = Field(
         default=None, description='JSON file: {"<key>": {"tenant": "acme", "role": "generate"|"manage"}}'
     )
     api_keys: str | None = Field(default=None, description="The same JSON as api_keys_file, inline.")
-    tenant_max_concurrent: int = Field(default=0, ge=0, description="Per tenant; 0 = unlimited.")
-    tenant_rps: float = Field(default=0.0, ge=0, description="Requests/second per tenant; 0 = unlimited.")
+    tenant_max_concurrent: int = Field(
+        default=_L.tenant_max_concurrent, ge=0, description="Per tenant; 0 = unlimited."
+    )
+    tenant_rps: float = Field(
+        default=_L.tenant_rps, ge=0, description="Requests/second per tenant; 0 = unlimited."
+    )
 
     # --- issue 13: hostile HTTP clients (read once into `server.api.admission.HttpLimits`) ------
     max_json_body_bytes: int = Field(
@@ -127,6 +150,21 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Queued requests per tenant (a key's max_waiting wins); 0 = global only."
     )
 
+    # --- upload quotas (issue 13); the upload rate is tenant_upload_rps ------------------------
+    tenant_max_tasks: int = Field(
+        default=_L.tenant_max_tasks, ge=0, description="Tasks per tenant; 0 = unlimited (429 beyond)."
+    )
+    tenant_max_stored_bytes: int = Field(
+        default=_L.tenant_max_stored_bytes,
+        ge=0,
+        description="Artifact bytes per tenant, all kept versions; 0 = unlimited (413 beyond).",
+    )
+    max_training_metadata_bytes: int = Field(
+        default=_L.max_training_metadata_bytes,
+        ge=0,
+        description="JSON size of an artifact's `training` metadata (422 beyond).",
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -140,10 +178,15 @@ class Settings(BaseSettings):
         description="Without an allow-list: the first N busy tasks get labels (0: none; /metrics is public).",
     )
 
-    # --- issue 16: metrics for routers (vLLM names) --------------------------------------------
+    # --- issue 16: metrics for routers (vLLM names), per-tenant upload rate (admin CLI) ---------
     metrics_adapter_names: Literal["off", "task", "tenant_task"] = Field(
         default="off",
         description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
+    )
+    tenant_upload_rps: float = Field(
+        default=_L.tenant_upload_rps,
+        ge=0,
+        description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited.",
     )
 
     # --- API compatibility (issue 16, clients) --------------------------------------------------
@@ -168,6 +211,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @cached_property
+    def limits(self) -> Limits:
+        """The one `Limits` object (issue 14): same-named fields, built once, handed down by `server.main`."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def read_chat_template(self) -> str | None:
         """The chat template's text (read once at start-up; an unreadable file is a config error)."""

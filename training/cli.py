@@ -23,6 +23,7 @@ from training.data import (
     encode_seq2seq,
     group_references,
     load_examples,
+    prepend_source,
 )
 
 SUMMARY_NAME = "summary.json"
@@ -43,7 +44,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task name recorded in the artifact (and used for upload)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dev", help="dev file: dev loss each epoch, early stopping, export of the best state")
-    p.add_argument("--prefix-length", type=int, default=10, help="prefix length L (paper: 10; E2E best 5)")
+    p.add_argument(
+        "--prefix-length",
+        type=int,
+        help="prefix length L (default 10, the paper's; E2E best 5; --init paper: the text's token count)",
+    )
     p.add_argument(
         "--mlp-hidden", type=int, default=512, help="MLP hidden size k (paper: 512; 800 for summarisation)"
     )
@@ -55,8 +60,14 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--init-text", help='initialise from the activations of real words, e.g. "table-to-text:"')
     p.add_argument(
-        "--init-steps", type=int, default=300, help="Adam steps fitting the MLP to --init-text's KV"
+        "--init",
+        choices=["random", "text-fit", "paper"],
+        help="prefix init (default: text-fit with --init-text, else random). paper = the paper's code: "
+        "L = the text's token count, only the MLP fitted from a random P' (500 steps, lr 1e-4), the text "
+        "prepended to every source (eval does the same from the artifact). text-fit = ours: text repeated "
+        "or cut to L, P' and MLP fitted (300 steps, lr 1e-3)",
     )
+    p.add_argument("--init-steps", type=int, help="Adam steps of the init fit (default: the --init's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prefix init and the batch order")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     p.add_argument("--resume", help="checkpoint dir, or a previous --out dir (its latest checkpoint)")
@@ -77,6 +88,18 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     _add_plain_format(p)
     p.add_argument("--patience", type=int, help="dev evaluations without improvement before stopping")
+    p.add_argument(
+        "--select-on",
+        choices=["loss", "bleu"],
+        default="loss",
+        help="best dev state by dev loss, or by dev BLEU (greedy generation on --dev's sources; the paper's)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="CUDA autocast dtype (fp16 uses a GradScaler); CPU always trains in fp32",
+    )
     p.add_argument(
         "--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)"
     )
@@ -126,6 +149,24 @@ def build_rows(
     return encode_causal(tok, examples, tok.eos_token_id, tok.eos_token_id, trunc, leading_space=paper)
 
 
+def dev_bleu_fn(loaded: Any, dev_examples: list[Any], trunc: Truncation, paper: bool) -> Any:
+    """Dev BLEU of the live prefix: greedy generation on the dev sources, as `prefixserve eval` does."""
+    import torch
+
+    from training.evaluate import EvalConfig, generate_texts, score
+
+    items = group_references(dev_examples)
+    cfg = EvalConfig(max_source_tokens=trunc.max_source_tokens, leading_space=paper)
+
+    def dev_bleu(tuner: Any) -> float:
+        with torch.no_grad():
+            prefixes = {k: v.detach() for k, v in tuner.prefixes().items()}
+        hyps = generate_texts(loaded, prefixes, [it.source for it in items], cfg)
+        return float(score(hyps, [it.references for it in items])["bleu"])
+
+    return dev_bleu
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """Train, export and summarise; returns 0 on success."""
     args = _train_parser().parse_args(argv)
@@ -138,15 +179,33 @@ def train_main(argv: list[str] | None = None) -> int:
     started = time.time()
     trunc = truncation_for(args)
     paper = not args.plain_format
-    train_examples = load_examples(args.data, args.format, paper)[: args.limit]
-    dev_examples = load_examples(args.dev, args.format, paper) if args.dev else []
-    loaded = load_model(args.model, device=args.device, dtype="float32")
+    init = args.init or ("text-fit" if args.init_text else "random")
+    if init != "random" and not args.init_text:
+        raise SystemExit(f"--init {init} needs --init-text")
+    prepend = args.init_text if init == "paper" else None
+    train_examples = prepend_source(load_examples(args.data, args.format, paper)[: args.limit], prepend)
+    dev_examples = prepend_source(load_examples(args.dev, args.format, paper), prepend) if args.dev else []
+    from training.distributed import init_from_launcher, rank_world, shutdown
+
+    # Under `torchrun`, join its process group (the launcher's environment is read here, at the edge).
+    device = init_from_launcher(os.environ, args.device)
+    loaded = load_model(args.model, device=device, dtype="float32")
+    prefix_length = args.prefix_length or 10
+    if init == "paper":
+        from training.prefix import text_token_ids
+
+        prefix_length = len(text_token_ids(loaded.tokenizer, args.init_text))
+        if args.prefix_length not in (None, prefix_length):
+            raise SystemExit(
+                f"--init paper: L is the init text's token count ({prefix_length}), not --prefix-length"
+            )
     prefix_cfg = PrefixConfig(
-        prefix_length=args.prefix_length,
+        prefix_length=prefix_length,
         mlp_hidden=args.mlp_hidden,
-        init_text=args.init_text,
+        init_text=args.init_text if init != "random" else None,
         init_steps=args.init_steps,
         placement=args.placement,
+        init=init if init != "random" else "text-fit",
     )
     loop_cfg = TrainConfig(
         lr=args.lr,
@@ -161,6 +220,8 @@ def train_main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every,
         patience=args.patience,
         progress=not args.no_progress,
+        precision=args.precision,
+        select_on=args.select_on,
     )
     import torch
 
@@ -180,10 +241,15 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         initial_dev = evaluate_loss(tuner, dev_rows, args.batch_size, pad_id) if dev_rows else None
         init_report = tuner.init_report
-    result = train(tuner, train_rows, dev_rows, loop_cfg, args.out, pad_id, resume=args.resume)
+    dev_bleu = (
+        dev_bleu_fn(loaded, dev_examples, trunc, paper) if args.select_on == "bleu" and dev_rows else None
+    )
+    result = train(
+        tuner, train_rows, dev_rows, loop_cfg, args.out, pad_id, resume=args.resume, dev_bleu=dev_bleu
+    )
     state = result.state
     training_meta: dict[str, Any] = {
-        "prefix": asdict(prefix_cfg) | {"kinds": list(tuner.kinds)},
+        "prefix": asdict(prefix_cfg) | {"kinds": list(tuner.kinds), "init": init, "source_prepend": prepend},
         "loop": asdict(loop_cfg),
         "truncation": asdict(trunc),
         "dataset": {
@@ -201,9 +267,14 @@ def train_main(argv: list[str] | None = None) -> int:
         "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
         "final_dev_loss": state.dev_losses[-1][1] if state.dev_losses else None,
         "best_dev_loss": state.best_dev_loss,
+        "best_dev_bleu": state.best_dev_bleu,
         "train_seconds": round(state.train_seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "world_size": rank_world()[1],
     }
+    if rank_world()[0] != 0:  # data-parallel: every rank holds the same prefix; rank 0 writes it
+        shutdown()
+        return 0
     written = export(tuner, args.out, args.task, training_meta)
     summary = {
         "task": args.task,
@@ -215,6 +286,7 @@ def train_main(argv: list[str] | None = None) -> int:
         "tokens_per_second": state.num_tokens / max(state.train_seconds, 1e-9),
         "train_losses": state.train_losses,
         "dev_losses": state.dev_losses,
+        "dev_bleus": state.dev_bleus,
         "wall_seconds": round(time.time() - started, 3),
         "files": written,
     }
@@ -222,6 +294,7 @@ def train_main(argv: list[str] | None = None) -> int:
     print(
         json.dumps({k: summary[k] for k in ("task", "steps", "final_train_loss", "best_dev_loss", "files")})
     )
+    shutdown()
     return 0
 
 
@@ -259,6 +332,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N distinct sources")
     p.add_argument("--batch-size", type=int, default=16, help="greedy decoding batch size")
     p.add_argument("--max-source-tokens", type=int, help="same truncation as training (xsum 1024, else 512)")
+    p.add_argument(
+        "--official-metrics",
+        action="store_true",
+        help="also E2E's official NIST, METEOR, ROUGE-L (COCO) and CIDEr (pycocoevalcap; needs java)",
+    )
     _add_plain_format(p)
     p.add_argument("--device", default="auto")
     return p
@@ -273,7 +351,11 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     loaded = load_model(args.model, device=args.device, dtype="float32")
     artifact = load_artifact(Path(args.artifact).read_bytes(), loaded.spec) if args.artifact else None
-    items = group_references(load_examples(args.data, args.format, not args.plain_format))
+    # The paper's init prepends its text to every source: the artifact says so, eval does the same.
+    prepend = (artifact.metadata.training.get("prefix") or {}).get("source_prepend") if artifact else None
+    items = group_references(
+        prepend_source(load_examples(args.data, args.format, not args.plain_format), prepend)
+    )
     paper = paper_decoding(args.format)
     cfg = EvalConfig(
         num_beams=paper["num_beams"] if args.num_beams is None else args.num_beams,
@@ -286,6 +368,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         limit=args.limit,
         max_source_tokens=truncation_for(args).max_source_tokens,
         leading_space=not args.plain_format,
+        official_metrics=args.official_metrics,
     )
     result = evaluate(loaded, artifact, items, cfg, args.out)
     print(json.dumps(result["metrics"]))
@@ -295,25 +378,31 @@ def eval_main(argv: list[str] | None = None) -> int:
 def _upload_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prefixserve upload",
+        allow_abbrev=False,  # `--api-key SECRET` must be refused, not taken for `--api-key-file`
         description="Upload an artifact to a running server (POST /v1/prefixes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--server", default="http://localhost:8000", help="server base URL")
     p.add_argument("--task", required=True, help="task name to publish under")
-    p.add_argument("--artifact", required=True, help="artifact.safetensors")
-    p.add_argument("--api-key", help="bearer token (default: $PREFIXSERVE_API_KEY)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--artifact", required=True, help="artifact.safetensors, or a PEFT adapter folder")
+    # Never the key itself on the command line (visible in `ps`): $PREFIXSERVE_API_KEY or a file.
+    p.add_argument(
+        "--api-key-file",
+        help="file holding the API key (default: $PREFIXSERVE_API_KEY, $PREFIXSERVE_API_KEY_FILE)",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt")
+    p.add_argument("--retries", type=int, default=5, help="retries on 429/503 (honouring Retry-After)")
     return p
 
 
 def upload_main(argv: list[str] | None = None) -> int:
     """Upload; prints the server's answer, or its error and returns 1."""
     args = _upload_parser().parse_args(argv)
-    from training.upload import UploadError, upload_artifact
+    from training.upload import UploadError, resolve_api_key, upload_artifact
 
-    key = args.api_key or os.environ.get("PREFIXSERVE_API_KEY")
     try:
-        answer = upload_artifact(args.server, args.task, args.artifact, key, args.timeout)
+        key = resolve_api_key(os.environ, args.api_key_file)
+        answer = upload_artifact(args.server, args.task, args.artifact, key, args.timeout, args.retries)
     except (UploadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

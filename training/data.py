@@ -8,7 +8,8 @@ source, in first-seen order.
 
 Training formats (see docs/training.md for the truncation rules):
 
-- decoder-only (GPT-2): `source <bos> target <eos>` with bos = eos = `<|endoftext|>`. Labels are -100 on
+- decoder-only (GPT-2): `source <bos> target <eos>` with bos = eos = `<|endoftext|>` (the CLI tokenises
+  `" " + source`, the paper's form: `leading_space`). Labels are -100 on
   the source, on the separator and on padding, so the loss covers the target tokens and the final eos
   only. Sources keep their *first* `max_source_tokens` tokens (the head of a table/article carries the
   most content); targets keep their first `max_target_tokens` tokens and always end with eos.
@@ -148,6 +149,13 @@ def load_examples(path: str | Path, fmt: str, paper: bool = True) -> list[Exampl
     if not examples:
         raise ValueError(f"{path}: no examples found (format {fmt})")
     return examples
+
+
+def prepend_source(examples: Sequence[Example], text: str | None) -> list[Example]:
+    """`text + " " + source` for each example (the paper's real-word init); unchanged when None."""
+    if not text:
+        return list(examples)
+    return [Example(f"{text} {ex.source}", ex.target, ex.category) for ex in examples]
 
 
 def group_references(examples: Sequence[Example]) -> list[EvalItem]:

@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import sacrebleu
 from rouge_score import rouge_scorer
 
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
 from training.data import EvalItem, Truncation, causal_prompt, seq2seq_source
 from training.generation import generate_causal, generate_seq2seq
+from training.metrics import corpus_bleu, e2e_metrics, webnlg_bleu
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -49,6 +49,7 @@ class EvalConfig:
     ban_newlines: bool = False  # never generate "\n" / "\n\n" tokens (one reference per line in the paper)
     early_stopping: bool = True
     leading_space: bool = False  # GPT-2 source tokenised as " " + source (the paper's form; CLI default)
+    official_metrics: bool = False  # also E2E's NIST, METEOR, ROUGE-L (COCO), CIDEr (needs java)
 
 
 def paper_decoding(fmt: str) -> dict[str, Any]:
@@ -124,9 +125,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dic
     """Corpus BLEU (multi-reference) and mean best-reference ROUGE-1/2/L F1, all on a 0-100 scale."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
-    width = max(len(r) for r in references)
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
-    bleu = sacrebleu.corpus_bleu(list(hypotheses), streams)
+    bleu = corpus_bleu(hypotheses, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for hyp, refs in zip(hypotheses, references, strict=True):
@@ -153,7 +152,12 @@ def evaluate(
     started = time.perf_counter()
     prefixes = artifact.prefixes if artifact is not None else None
     hyps = generate_texts(loaded, prefixes, [it.source for it in items], cfg)
-    metrics = score(hyps, [it.references for it in items])
+    refs = [it.references for it in items]
+    metrics = score(hyps, refs)
+    if cfg.official_metrics:
+        metrics |= e2e_metrics(hyps, refs)
+    if any(it.category for it in items):  # WebNLG: the paper's seen / unseen / all columns
+        metrics |= webnlg_bleu(hyps, refs, [it.category for it in items])
     result = {
         "task": artifact.metadata.task if artifact is not None else None,
         "model": loaded.name,
@@ -163,7 +167,7 @@ def evaluate(
         "num_references": sum(len(it.references) for it in items),
         "seconds": time.perf_counter() - started,
         "outputs": [
-            {"source": it.source, "generated": h, "references": it.references}
+            {"source": it.source, "generated": h, "references": it.references, "category": it.category}
             for it, h in zip(items, hyps, strict=True)
         ],
     }

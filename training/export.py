@@ -2,8 +2,8 @@
 
 `OUT/artifact.safetensors` is the product's artifact (`prefix_store.artifact`), float32, holding every
 prefix kind the tuner trained, with the run's metadata under `training`. For GPT-2, `OUT/peft/` is the
-same prefix as a HF PEFT adapter written by PEFT's own `save_pretrained` (`prompt_embeddings` is the
-MLP's output, so PEFT loads it without the MLP). PEFT cannot express BART's encoder/cross prefixes, so
+same prefix as a HF PEFT adapter (`prefix_store.peft_format.artifact_to_peft`: `prompt_embeddings` is
+the MLP's output, `prefix_projection` false, so `PeftModel.from_pretrained` loads it without the MLP). PEFT cannot express BART's encoder/cross prefixes, so
 BART runs get the artifact only.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from prefix_store.artifact import PrefixArtifact, dump_artifact, new_artifact
+from prefix_store.peft_format import artifact_to_peft
 from training.prefix import GPT2PrefixTuner, PrefixTuner
 
 ARTIFACT_NAME = "artifact.safetensors"
@@ -41,6 +42,10 @@ def export(tuner: PrefixTuner, out_dir: str | Path, task: str, training: dict[st
     path.write_bytes(dump_artifact(artifact))
     written = {"artifact": str(path)}
     if isinstance(tuner, GPT2PrefixTuner):
-        tuner.peft.save_pretrained(str(out / PEFT_DIR), safe_serialization=True)
-        written["peft"] = str(out / PEFT_DIR)
+        config_bytes, model_bytes = artifact_to_peft(artifact, tuner.loaded.spec, tuner.loaded.name)
+        peft_dir = out / PEFT_DIR
+        peft_dir.mkdir(exist_ok=True)
+        (peft_dir / "adapter_config.json").write_bytes(config_bytes)
+        (peft_dir / "adapter_model.safetensors").write_bytes(model_bytes)
+        written["peft"] = str(peft_dir)
     return written

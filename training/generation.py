@@ -1,17 +1,19 @@
 """Generation from an exported prefix (the artifact's tensors), as the server computes it.
 
-GPT-2 (`generate_causal`): a plain HF model whose KV cache starts holding the artifact's prefix. The
-layout rule is the server's: rows are left-padded, the cache is `[prefix (L) | padding | prompt |
-generated]`, the attention mask is ones over the prefix and zeros over padding, and the position of a
-row's j-th real token is `L + j` (positions of real tokens start at L, whatever the padding).
+GPT-2 (`generate_causal`): `modeling.gpt2`, the one GPT-2 prefix forward (the trainer's too), with
+the keys/values of each call fed back as the next call's past (`gpt2.extend`). Rows of a batch are
+left-padded here, so the past is `[prefix (L) | padding | prompt | generated]` with padding masked.
+That is this module's batching, not the server's layout (the engine's slot cache holds each row as
+`[prefix | prompt | generated]` with no gap, see `server/engine/kv_cache.py`); both compute the same
+function because in both a row's j-th real token has position `L + j` and padding is never attended.
 
 BART (`generate_seq2seq`): `modeling.bart_prefix` with the artifact's encoder/decoder/cross
 prefixes.
 
 Greedy decoding is batched and cached. Beam search (`num_beams > 1`) runs one source at a time over
-its beams, re-running the full sequence each step (simple, and fast enough for evaluation); beams are
-ranked by sum of log-probabilities / (generated length ** length_penalty), as HF does, and the search
-stops once `num_beams` hypotheses have ended (HF's `early_stopping=True`) or at `max_new_tokens`.
+its beams, re-running the full sequence each step (simple, and fast enough for evaluation), and makes
+HF `generate`'s choices step for step (`beam_search`; tested against HF in
+tests/training/test_beam_search.py). Both can ban tokens and forbid eos before `min_new_tokens`.
 """
 
 from __future__ import annotations
@@ -20,21 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
-from modeling import bart_prefix
-
-
-def prefix_cache(prefix: Tensor | None, batch: int, dtype: torch.dtype, device: torch.device) -> DynamicCache:
-    """A DynamicCache holding `prefix` `[layers, 2, H, L, D]` for each of `batch` rows (empty if None)."""
-    cache = DynamicCache()
-    if prefix is not None:
-        p = prefix.to(device=device, dtype=dtype)
-        for i in range(p.shape[0]):
-            keys = p[i, 0].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, H, L, D]
-            values = p[i, 1].unsqueeze(0).expand(batch, -1, -1, -1).contiguous()  # [B, H, L, D]
-            cache.update(keys, values, i)
-    return cache
+from modeling import bart_prefix, gpt2
 
 
 @torch.no_grad()
@@ -46,9 +35,9 @@ def causal_logits(model: torch.nn.Module, prefix: Tensor | None, seqs: Sequence[
 
 def _causal_prefill(
     model: torch.nn.Module, prefix: Tensor | None, seqs: Sequence[Sequence[int]]
-) -> tuple[Tensor, tuple[DynamicCache, Tensor, Tensor]]:
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """(last logits [B, V], (past keys/values [layers, 2, B, H, L+S, D], its mask [B, L+S], last positions [B]))."""
     device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
     batch, width = len(seqs), max(len(s) for s in seqs)
     prefix_len = 0 if prefix is None else prefix.shape[3]
     ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, S], left-padded
@@ -60,9 +49,9 @@ def _causal_prefill(
     full_mask = torch.cat(
         [torch.ones(batch, prefix_len, dtype=torch.long, device=device), mask], 1
     )  # [B, L+S]
-    cache = prefix_cache(prefix, batch, dtype, device)
-    out = model(input_ids=ids, cache=cache, attention_mask=full_mask, position_ids=positions, use_cache=True)
-    return out.logits[:, -1].float(), (out.past_key_values, full_mask, positions[:, -1])  # [B, V]
+    past = None if prefix is None else prefix.to(device)  # [layers, 2, H, L, D]
+    logits, kv = gpt2.extend(model, ids, mask, past, position_ids=positions)  # [B, S, V], [.., B, H, L+S, D]
+    return logits[:, -1].float(), (kv, full_mask, positions[:, -1])  # [B, V]
 
 
 @torch.no_grad()
@@ -77,7 +66,7 @@ def greedy_causal(
 ) -> list[list[int]]:
     """Batched cached greedy decoding; each output stops after eos (kept) or `max_new_tokens`. Banned
     ids, and eos before `min_new_tokens`, are never chosen (as in `beam_search`)."""
-    logits, (cache, mask, last_pos) = _causal_prefill(model, prefix, prompts)
+    logits, (past, mask, last_pos) = _causal_prefill(model, prefix, prompts)
     batch = len(prompts)
     device = logits.device
     outputs: list[list[int]] = [[] for _ in range(batch)]
@@ -92,16 +81,12 @@ def greedy_causal(
             done |= next_ids == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], 1)  # [B, L+S+t]
         last_pos = last_pos + 1  # [B]
-        out = model(
-            input_ids=next_ids[:, None],
-            cache=cache,
-            attention_mask=mask,
-            position_ids=last_pos[:, None],
-            use_cache=True,
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        step_logits, past = gpt2.extend(
+            model, next_ids[:, None], None, past, position_ids=last_pos[:, None], prefix_mask=mask
+        )  # [B, 1, V], [layers, 2, B, H, L+S+t+1, D]
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], 1)  # [B, L+S+t+1]
+        logits = step_logits[:, -1].float()  # [B, V]
     return outputs
 
 

@@ -6,16 +6,22 @@ is exactly the paper's MLP. Its output `[L, num_layers * 2 * d_model]` is read i
 (`view(L, 2 * num_layers, H, D).permute(1, 2, 0, 3)`, layer i's key at row 2i, value at 2i + 1) and
 returned as our `[num_layers, 2, H, L, D]`.
 
-- `GPT2PrefixTuner` trains through PEFT's own `PeftModelForCausalLM` forward (prefix in the cache,
-  ones prepended to the attention mask, positions of real tokens from L).
+- `GPT2PrefixTuner` trains through `modeling.gpt2`, the one GPT-2 prefix forward (prefix keys/values
+  before the tokens, always visible, positions of real tokens from L), which equals PEFT's
+  `PeftModelForCausalLM` forward to float rounding. PEFT supplies only the `PrefixEncoder` module and
+  the import/export format; no PEFT model runs here.
 - `BartPrefixTuner` trains through `modeling.bart_prefix` (PEFT covers only the decoder
   self-attention of seq2seq models): placement "paper" has encoder, decoder and cross prefixes, each
   from its own embedding + MLP; placement "peft" only the decoder one.
 
-Initialisation from real words (`init_text`): the text's tokens (repeated or cut to L) are run through
-the frozen model, their per-layer keys/values are the target, P' starts as the tokens' input
-embeddings, and P' and the MLP are fitted to the target by MSE for `init_steps` Adam steps (what the
-paper's code does for its low-data runs). The fit's relative error is reported.
+Initialisation (`PrefixConfig.init`), both from the frozen model's keys/values on a real text
+(positions 0..L-1) as the MSE target; the fit's relative error is reported:
+- "paper" (the paper's code): L is the text's token count, P' keeps its random init and only the MLP
+  is fitted, 500 Adam steps at lr 1e-4; the text is also prepended to every source (the CLI does
+  that, and records it in the artifact so eval prepends it too).
+- "text-fit" (ours, earlier): the text's tokens repeated or cut to L, P' starts as their input
+  embeddings, and P' and the MLP are fitted, 300 Adam steps at lr 1e-3 (a much closer fit).
+- "random": PEFT's init (embedding N(0, 1), PyTorch's Linear init).
 
 The base model is frozen: every one of its parameters has `requires_grad=False` and it runs in eval
 mode (no dropout), so the training loss is a deterministic function of the prefix parameters.
@@ -28,26 +34,44 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft import PrefixTuningConfig, TaskType, get_peft_model
+from peft import PrefixTuningConfig, TaskType
 from peft.tuners.prefix_tuning import PrefixEncoder
 from torch import Tensor, nn
 
-from modeling import bart_prefix
+from modeling import bart_prefix, gpt2
 from modeling.models import LoadedModel
 
 PLACEMENTS = {"paper": ("encoder", "decoder", "cross"), "peft": ("decoder",)}
 
 
+INITS = ("random", "text-fit", "paper")
+# init -> (fit steps, fit lr, whether P' is fitted too)
+INIT_FIT = {"text-fit": (300, 1e-3, True), "paper": (500, 1e-4, False)}
+
+
 @dataclass(frozen=True)
 class PrefixConfig:
-    """Shape and initialisation of the trainable prefixes (paper defaults: L=10, k=512)."""
+    """Shape and initialisation of the trainable prefixes (paper defaults: L=10, k=512).
+
+    `init`: "random", "text-fit" or "paper" (module docstring); a text init needs `init_text`.
+    `init_steps` / `init_lr`: None = the init's own (INIT_FIT)."""
 
     prefix_length: int = 10
     mlp_hidden: int = 512
     init_text: str | None = None
-    init_steps: int = 300
-    init_lr: float = 1e-3
+    init_steps: int | None = None
+    init_lr: float | None = None
     placement: str = "paper"  # BART only: "paper" (encoder+decoder+cross) or "peft" (decoder)
+    init: str = "text-fit"  # used only with init_text
+
+    def fit_settings(self) -> tuple[int, float, bool]:
+        """(steps, lr, fit P' too) of the text init."""
+        steps, lr, fit_embedding = INIT_FIT[self.init]
+        return (
+            steps if self.init_steps is None else self.init_steps,
+            lr if self.init_lr is None else self.init_lr,
+            fit_embedding,
+        )
 
 
 def peft_prefix_config(
@@ -76,22 +100,35 @@ def mlp_output_to_prefix(flat: Tensor, num_layers: int, num_heads: int) -> Tenso
     return natural.reshape(num_layers, 2, num_heads, length, head_dim)
 
 
-def init_token_ids(tokenizer: Any, text: str, length: int) -> list[int]:
-    """The text's token ids repeated (or cut) to exactly `length` tokens."""
+def text_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The init text's token ids (its count is L for the paper's init)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"init text {text!r} has no tokens")
+    return list(ids)
+
+
+def init_token_ids(tokenizer: Any, text: str, length: int) -> list[int]:
+    """The text's token ids repeated (or cut) to exactly `length` tokens ("text-fit")."""
+    ids = text_token_ids(tokenizer, text)
     return [ids[i % len(ids)] for i in range(length)]
 
 
 def fit_encoder(
-    encoder: PrefixEncoder, target: Tensor, num_layers: int, num_heads: int, steps: int, lr: float
+    encoder: PrefixEncoder,
+    target: Tensor,
+    num_layers: int,
+    num_heads: int,
+    steps: int,
+    lr: float,
+    fit_embedding: bool = True,
 ) -> float:
-    """Fit one PrefixEncoder's output to `target` `[num_layers, 2, H, L, D]` by MSE; returns the relative
-    error ||P - target|| / ||target|| after fitting."""
+    """Fit one PrefixEncoder's output to `target` `[num_layers, 2, H, L, D]` by MSE (the MLP, and P'
+    unless `fit_embedding=False`); returns the relative error ||P - target|| / ||target|| after fitting."""
     length = target.shape[3]
     tokens = torch.arange(length, device=target.device)
-    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
+    params = [p for n, p in encoder.named_parameters() if fit_embedding or not n.startswith("embedding.")]
+    opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
         pred = mlp_output_to_prefix(encoder(tokens), num_layers, num_heads)  # [layers, 2, H, L, D]
         loss = torch.nn.functional.mse_loss(pred, target)
@@ -101,6 +138,21 @@ def fit_encoder(
     with torch.no_grad():
         pred = mlp_output_to_prefix(encoder(tokens), num_layers, num_heads)
         return float((pred - target).norm() / target.norm().clamp_min(1e-12))
+
+
+def init_ids_for(tokenizer: Any, text: str, cfg: PrefixConfig) -> list[int]:
+    """The token ids whose keys/values are the init target: the text itself for "paper" (then L must
+    be its token count), repeated or cut to L for "text-fit"."""
+    if cfg.init == "paper":
+        ids = text_token_ids(tokenizer, text)
+        if len(ids) != cfg.prefix_length:
+            raise ValueError(
+                f"the paper's init needs prefix_length = the text's {len(ids)} tokens, got {cfg.prefix_length}"
+            )
+        return ids
+    if cfg.init != "text-fit":
+        raise ValueError(f"init must be one of {INITS} with an init text, got {cfg.init!r}")
+    return init_token_ids(tokenizer, text, cfg.prefix_length)
 
 
 class PrefixTuner(nn.Module):
@@ -146,21 +198,20 @@ class PrefixTuner(nn.Module):
 
 
 class GPT2PrefixTuner(PrefixTuner):
-    """A decoder-self-attention prefix for GPT-2, trained through PEFT's `PeftModelForCausalLM`."""
+    """A decoder-self-attention prefix for GPT-2, trained through `modeling.gpt2` (the one GPT-2 prefix
+    forward, which equals PEFT's `PeftModelForCausalLM` to float rounding: tests/modeling/test_gpt2.py)."""
 
     kinds = ("decoder",)
 
     def __init__(self, loaded: LoadedModel, cfg: PrefixConfig) -> None:
         super().__init__(loaded, cfg)
         spec = loaded.spec
+        loaded.model.requires_grad_(False)
+        loaded.model.eval()  # frozen, no dropout
         peft_cfg = peft_prefix_config(
             cfg, spec.num_layers, spec.num_heads, spec.hidden_size, TaskType.CAUSAL_LM
         )
-        peft_cfg.base_model_name_or_path = loaded.name
-        self.peft = get_peft_model(loaded.model, peft_cfg)
-        # get_peft_model freezes the base; say so explicitly, and keep it in eval mode (no dropout).
-        loaded.model.requires_grad_(False)
-        self.peft.prompt_encoder.to(device=loaded.device, dtype=torch.float32)
+        self.encoder = PrefixEncoder(peft_cfg).to(device=loaded.device, dtype=torch.float32)
         if cfg.init_text:
             self.init_from_text(cfg.init_text)
 
@@ -169,10 +220,6 @@ class GPT2PrefixTuner(PrefixTuner):
         self.loaded.model.eval()  # the frozen model never runs dropout
         return self
 
-    @property
-    def encoder(self) -> PrefixEncoder:
-        return self.peft.prompt_encoder["default"]
-
     def prefixes(self) -> dict[str, Tensor]:
         spec = self.loaded.spec
         tokens = torch.arange(self.cfg.prefix_length, device=self.loaded.device)
@@ -180,19 +227,25 @@ class GPT2PrefixTuner(PrefixTuner):
         return {"decoder": mlp_output_to_prefix(flat, spec.num_layers, spec.num_heads)}
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.peft(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        prefix = self.prefixes()["decoder"]  # [layers, 2, H, L, D] float32; the forward casts it
+        logits = gpt2.forward(
+            self.loaded.model, batch["input_ids"], batch["attention_mask"], prefix
+        )  # [B, S, V]
+        # Token t predicts token t + 1 (HF's causal LM loss): mean over the target tokens (labels != -100).
+        shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(S-1), V]
+        return torch.nn.functional.cross_entropy(
+            shifted, batch["labels"][:, 1:].reshape(-1), ignore_index=-100
         )
-        return out.loss
 
     @torch.no_grad()
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         eos = self.loaded.tokenizer.eos_token_id
+        prefix = self.prefixes()["decoder"]  # [layers, 2, H, L, D]
         seq = list(prompt_ids)
         generated: list[int] = []
         for _ in range(max_new_tokens):
             ids = torch.tensor([seq], device=self.loaded.device)  # [1, S]
-            logits = self.peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # [1, S, V]
+            logits = gpt2.forward(self.loaded.model, ids, None, prefix)  # [1, S, V]
             next_id = int(logits[0, -1].argmax())
             generated.append(next_id)
             seq.append(next_id)
@@ -204,21 +257,19 @@ class GPT2PrefixTuner(PrefixTuner):
     def _text_keys_values(self, ids: list[int]) -> Tensor:
         """Per-layer keys/values of the frozen model on `ids` (positions 0..L-1): `[layers, 2, H, L, D]`."""
         x = torch.tensor([ids], device=self.loaded.device)  # [1, L]
-        cache = self.loaded.model(input_ids=x, use_cache=True).past_key_values
-        return torch.stack(
-            [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
-        ).float()  # [layers, 2, H, L, D]
+        _, kv = gpt2.extend(self.loaded.model, x)  # [layers, 2, 1, H, L, D]
+        return kv[:, :, 0].float()  # [layers, 2, H, L, D]
 
     def init_from_text(self, text: str) -> None:
-        ids = init_token_ids(self.loaded.tokenizer, text, self.cfg.prefix_length)
+        ids = init_ids_for(self.loaded.tokenizer, text, self.cfg)
         target = self._text_keys_values(ids)  # [layers, 2, H, L, D]
-        with torch.no_grad():
-            wte = self.loaded.model.get_input_embeddings().weight  # [V, d_model]
-            self.encoder.embedding.weight.copy_(wte[torch.tensor(ids, device=wte.device)].float())
+        steps, lr, fit_embedding = self.cfg.fit_settings()
+        if fit_embedding:  # "text-fit" starts P' at the tokens' embeddings; "paper" keeps it random
+            with torch.no_grad():
+                wte = self.loaded.model.get_input_embeddings().weight  # [V, d_model]
+                self.encoder.embedding.weight.copy_(wte[torch.tensor(ids, device=wte.device)].float())
         spec = self.loaded.spec
-        err = fit_encoder(
-            self.encoder, target, spec.num_layers, spec.num_heads, self.cfg.init_steps, self.cfg.init_lr
-        )
+        err = fit_encoder(self.encoder, target, spec.num_layers, spec.num_heads, steps, lr, fit_embedding)
         self.init_report = {"decoder": err}
 
 
@@ -315,15 +366,19 @@ class BartPrefixTuner(PrefixTuner):
         return out
 
     def init_from_text(self, text: str) -> None:
-        ids = init_token_ids(self.loaded.tokenizer, text, self.cfg.prefix_length)
+        ids = init_ids_for(self.loaded.tokenizer, text, self.cfg)
         targets = self._text_keys_values(ids)
         emb = self.loaded.model.get_input_embeddings().weight  # [V, d_model]
+        steps, lr, fit_embedding = self.cfg.fit_settings()
         for kind in self.kinds:
             layers, heads, _ = self.loaded.spec.layout(kind)
-            with torch.no_grad():
-                self.encoders[kind].embedding.weight.copy_(emb[torch.tensor(ids, device=emb.device)].float())
+            if fit_embedding:
+                with torch.no_grad():
+                    self.encoders[kind].embedding.weight.copy_(
+                        emb[torch.tensor(ids, device=emb.device)].float()
+                    )
             self.init_report[kind] = fit_encoder(
-                self.encoders[kind], targets[kind], layers, heads, self.cfg.init_steps, self.cfg.init_lr
+                self.encoders[kind], targets[kind], layers, heads, steps, lr, fit_embedding
             )
 
 

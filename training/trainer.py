@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from training.data import collate
+from training.distributed import all_reduce_grads, all_reduce_sum, rank_world
 from training.prefix import PrefixTuner
+from training.steplog import StepLog
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -53,6 +55,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     patience: int | None = None  # dev evaluations without improvement before stopping; None = never
     progress: bool = True
+    precision: str = "bf16"  # CUDA autocast: bf16 | fp16 (with a GradScaler) | fp32; CPU is always fp32
+    select_on: str = "loss"  # best dev state by "loss" (lower) or "bleu" (higher; needs train(dev_bleu=...))
 
 
 @dataclass
@@ -66,6 +70,8 @@ class TrainState:
     dev_losses: list[list[float]] = field(default_factory=list)  # [step, dev loss]
     best_dev_loss: float | None = None
     best_step: int | None = None
+    dev_bleus: list[list[float]] = field(default_factory=list)  # [step, dev BLEU] (select_on="bleu")
+    best_dev_bleu: float | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False  # patience ran out: a resume from here trains no further
     num_tokens: int = 0
@@ -80,11 +86,34 @@ class TrainResult:
     total_steps: int
 
 
-def autocast_context(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; a no-op context elsewhere (CPU runs in float32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_context(device: torch.device, precision: str = "bf16") -> Any:
+    """Autocast on CUDA in `precision` (bf16 default, fp16, or fp32 = none); a no-op elsewhere (CPU
+    runs in float32). Parameters and optimizer state stay float32 either way."""
+    dtype = PRECISIONS[precision]
+    if device.type == "cuda" and dtype is not None:
+        return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)
+
+
+def make_scaler(device: torch.device, precision: str, force: bool = False) -> Any:
+    """A GradScaler for fp16 on CUDA (fp16 gradients underflow without one); disabled otherwise.
+    `force` enables it on any device (tests exercise its skip-and-back-off logic on CPU)."""
+    enabled = force or (precision == "fp16" and device.type == "cuda")
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def optimizer_step(scaler: Any, optimizer: Any, params: Sequence[Tensor], max_grad_norm: float) -> bool:
+    """Unscale, clip, step, update. Returns False when the scaler skipped the step (inf/nan grads:
+    the parameters are unchanged and the scale backs off)."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return scale_before is None or scaler.get_scale() >= scale_before
 
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -191,17 +220,23 @@ def train(
     out_dir: str | Path,
     pad_id: int,
     resume: str | Path | None = None,
+    dev_bleu: Callable[[PrefixTuner], float] | None = None,
 ) -> TrainResult:
     """Train `tuner`'s prefix on `train_rows`; with `dev_rows`, evaluate, early-stop and finish on the
-    best dev state (the one that gets exported). Checkpoints go under `out_dir`."""
+    best dev state (the one that gets exported): lowest dev loss, or with `cfg.select_on == "bleu"`
+    highest `dev_bleu(tuner)` (the paper selects on dev BLEU). Checkpoints go under `out_dir`."""
+    if cfg.select_on == "bleu" and dev_bleu is None:
+        raise ValueError('select_on="bleu" needs a dev_bleu function')
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = tuner.loaded.device
     torch.manual_seed(cfg.seed)
     params = [p for p in tuner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rank, world = rank_world()
+    micro_per_step = cfg.grad_accum * world  # data-parallel: each rank runs its share of the step
     micro_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    steps_per_epoch = math.ceil(micro_per_epoch / micro_per_step)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     state, best_state = TrainState(), None
@@ -211,23 +246,34 @@ def train(
     ckpt_every = cfg.checkpoint_every or steps_per_epoch
     stopped_early = state.stopped_early
     tuner.train()
-    bar = tqdm(total=total_steps, initial=state.step, disable=not cfg.progress, desc="train", unit="step")
+    scaler = make_scaler(device, cfg.precision)
+    log = StepLog(out) if rank == 0 else None
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        disable=not cfg.progress or rank != 0,
+        desc="train",
+        unit="step",
+    )
     started = time.perf_counter()
     seconds_before, tokens_at_start = state.train_seconds, state.num_tokens
     while state.step < total_steps and not stopped_early:
         batches = epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, state.epoch)
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
-            group = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.grad_accum]
-            step_loss = 0.0
-            for idx in group:
+            group = batches[state.batch_in_epoch : state.batch_in_epoch + micro_per_step]
+            step_loss, step_tokens = 0.0, 0
+            for idx in group[rank::world]:
                 batch = _to(collate([train_rows[i] for i in idx], pad_id), device)
-                with autocast_context(device):
+                with autocast_context(device, cfg.precision):
                     loss = tuner.loss(batch) / len(group)
-                loss.backward()
+                scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
-                state.num_tokens += int(batch["attention_mask"].sum())
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+                step_tokens += int(batch["attention_mask"].sum())
+            all_reduce_grads(params)
+            step_loss, tokens = all_reduce_sum([step_loss, step_tokens])
+            state.num_tokens += int(tokens)
+            lr = float(scheduler.get_last_lr()[0])
+            optimizer_step(scaler, optimizer, params, cfg.max_grad_norm)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch += len(group)
@@ -237,9 +283,23 @@ def train(
             tok_s = (state.num_tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:.0f}", epoch=state.epoch)
+            _write(
+                log,
+                {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "tokens": state.num_tokens,
+                    "seconds": round(state.train_seconds, 3),
+                },
+            )
             if dev_rows and state.step % eval_every == 0:
-                stopped_early, best_state = _dev_eval(tuner, dev_rows, cfg, pad_id, state, best_state)
-            if state.step % ckpt_every == 0 or state.step == total_steps or stopped_early:
+                stopped_early, best_state = _dev_eval(
+                    tuner, dev_rows, cfg, pad_id, state, best_state, dev_bleu
+                )
+                _write(log, _dev_record(state))
+            if rank == 0 and (state.step % ckpt_every == 0 or state.step == total_steps or stopped_early):
                 save_checkpoint(out, tuner, optimizer, scheduler, state, cfg.keep_checkpoints, best_state)
             if stopped_early:
                 break
@@ -249,7 +309,10 @@ def train(
     bar.close()
     state.train_seconds = seconds_before + time.perf_counter() - started
     if dev_rows and (not state.dev_losses or state.dev_losses[-1][0] != state.step) and not stopped_early:
-        stopped_early, best_state = _dev_eval(tuner, dev_rows, cfg, pad_id, state, best_state)
+        stopped_early, best_state = _dev_eval(tuner, dev_rows, cfg, pad_id, state, best_state, dev_bleu)
+        _write(log, _dev_record(state))
+    if log is not None:
+        log.close()
     exported_step = state.step
     if dev_rows and best_state is not None and state.best_step is not None and state.best_step != state.step:
         tuner.load_trainable_state(best_state)
@@ -260,6 +323,18 @@ def train(
     )
 
 
+def _write(log: StepLog | None, record: dict[str, Any]) -> None:
+    if log is not None:  # rank 0 only
+        log.write(record)
+
+
+def _dev_record(state: TrainState) -> dict[str, float]:
+    record = {"step": state.step, "dev_loss": state.dev_losses[-1][1]}
+    if state.dev_bleus and state.dev_bleus[-1][0] == state.step:
+        record["dev_bleu"] = state.dev_bleus[-1][1]
+    return record
+
+
 def _dev_eval(
     tuner: PrefixTuner,
     dev_rows: Sequence[dict[str, list[int]]],
@@ -267,12 +342,21 @@ def _dev_eval(
     pad_id: int,
     state: TrainState,
     best_state: dict[str, Tensor] | None,
+    dev_bleu: Callable[[PrefixTuner], float] | None = None,
 ) -> tuple[bool, dict[str, Tensor] | None]:
-    """One dev evaluation: record it, keep the best state, and say whether patience ran out."""
+    """One dev evaluation: record it, keep the best state (by loss or BLEU), say whether patience ran out."""
     dev_loss = evaluate_loss(tuner, dev_rows, cfg.batch_size, pad_id)
     state.dev_losses.append([state.step, dev_loss])
-    if state.best_dev_loss is None or dev_loss < state.best_dev_loss:
+    if dev_bleu is not None:
+        bleu = dev_bleu(tuner)
+        state.dev_bleus.append([state.step, bleu])
+        improved = cfg.select_on == "bleu" and (state.best_dev_bleu is None or bleu > state.best_dev_bleu)
+    if cfg.select_on != "bleu":
+        improved = state.best_dev_loss is None or dev_loss < state.best_dev_loss
+    if improved:
         state.best_dev_loss, state.best_step = dev_loss, state.step
+        if dev_bleu is not None:
+            state.best_dev_bleu = state.dev_bleus[-1][1]
         state.evals_without_improvement = 0
         return False, tuner.trainable_state()
     state.evals_without_improvement += 1

@@ -150,7 +150,7 @@ async def run_engine_async(
                 records = await drive(workload, clock, send)
                 wall = clock.now()
             stats.enabled = False
-            extra: dict[str, Any] = {"max_batch_size": engine_config.max_batch_size, **stats.summary()}
+            extra: dict[str, Any] = {"max_batch_size": engine_config.limits.max_batch_size, **stats.summary()}
         finally:
             await engine.stop()
     return RunResult(name, records, wall, mem.peak_rss_bytes, mem.peak_device_bytes, extra=extra)

@@ -45,7 +45,14 @@ class ServerProcess:
     """`python -m server.main` on a free port with its own store directory; stopped with SIGTERM."""
 
     def __init__(
-        self, model_dir: str, max_batch_size: int, device: str, dtype: str, max_waiting: int, log_path: Path
+        self,
+        model_dir: str,
+        max_batch_size: int,
+        device: str,
+        dtype: str,
+        max_waiting: int,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,  # more PREFIXSERVE_* settings (loadtest.fair_bench)
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -65,6 +72,7 @@ class ServerProcess:
                 "PREFIXSERVE_DEVICE": device,
                 "PREFIXSERVE_DTYPE": dtype,
                 "PREFIXSERVE_LOG_LEVEL": "WARNING",
+                **(extra_env or {}),
             }
         )
         self.log_path = log_path

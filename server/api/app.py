@@ -17,8 +17,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore, StoreUnavailable
-from prefix_store.model_spec import ModelSpec
 from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState, EngineLike
@@ -26,7 +27,7 @@ from server.api.errors import install_error_handlers
 from server.api.http_limits import HttpLimits
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
-from server.api.routes import chat, generate, health, openai, prefixes, tokenize
+from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
 from server.metrics import Metrics
 from server.settings import Settings
@@ -52,7 +53,7 @@ def metrics_for(settings: Settings) -> Metrics:
         settings.metrics_task_labels,
         settings.metrics_top_tasks,
         Authenticator(settings.resolve_api_keys()).tenants,
-        max_tasks=settings.max_batch_size,
+        max_tasks=settings.limits.max_batch_size,
         model_name=model_id_for(settings),
         adapter_names=settings.metrics_adapter_names,
         version=__version__,
@@ -65,6 +66,7 @@ def create_app(
     engine: EngineLike,
     store: PrefixStore,
     spec: ModelSpec,
+    uploads: UploadChecks,
     device_type: str = "cpu",
     metrics: Metrics | None = None,
     limiter: TenantLimiter | None = None,
@@ -72,7 +74,8 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI app serving `engine` and `store` with `settings`.
 
-    `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
+    `uploads` checks uploaded files (`prefix_store.uploads.ArtifactUploadChecks()`: tensor code, so it is
+    passed in rather than imported; this layer imports no torch). `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
     `metrics_for(settings)`; one is made if not given. `on_fatal` is called once if the engine loop
     dies (main: exit non-zero).
     """
@@ -82,19 +85,21 @@ def create_app(
     metrics.bind_engine(engine)
     if limiter is None:
         limiter = make_limiter(
-            LimitConfig(settings.tenant_max_concurrent, settings.tenant_rps),
+            LimitConfig(settings.limits.tenant_max_concurrent, settings.limits.tenant_rps),
             settings.redis_url,
             settings.redis_key_prefix,
         )
+    upload_limiter = make_limiter(
+        LimitConfig(max_concurrent=0, rps=settings.limits.tenant_upload_rps),
+        settings.redis_url,
+        f"{settings.redis_key_prefix}:uploads",
+    )
     state = AppState(
         config=ApiConfig(
             model_id=model_id_for(settings),
             model_dtype=settings.dtype,
             device_type=device_type,
-            max_artifact_bytes=settings.max_artifact_bytes,
-            max_prefix_length=settings.max_prefix_length,
-            max_batch_size=settings.max_batch_size,
-            shutdown_grace_s=settings.shutdown_grace_s,
+            limits=settings.limits,
             chat_template=settings.read_chat_template(),
         ),
         engine=engine,
@@ -102,7 +107,9 @@ def create_app(
         spec=spec,
         metrics=metrics,
         auth=auth,
+        uploads=uploads,
         limiter=limiter,
+        upload_limiter=upload_limiter,
         http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
     )
 
@@ -125,9 +132,10 @@ def create_app(
             for task in state.background:
                 task.cancel()
             await asyncio.gather(*state.background, return_exceptions=True)
-            await engine.stop(drain_timeout_s=settings.shutdown_grace_s)
+            await engine.stop(drain_timeout_s=settings.limits.shutdown_grace_s)
             await store.close()
             await limiter.close()
+            await upload_limiter.close()
             logger.info("stopped")
 
     app = FastAPI(
@@ -139,7 +147,7 @@ def create_app(
     )
     app.state.prefixserve = state
     install_error_handlers(app)
-    for module in (generate, openai, chat, tokenize, prefixes, health):
+    for module in (generate, openai, chat, tokenize, prefixes, canary, health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.

@@ -13,13 +13,15 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore
-from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
 from server.api.http_limits import HttpLimits
-from server.api.ratelimit import TenantLimiter
+from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.api.traffic import routing_headers
+from server.limits import Limits
 from server.logging import request_context
 from server.metrics import Metrics
 
@@ -56,12 +58,9 @@ class ApiConfig:
     """Plain values the routes need, taken from `Settings` by `create_app`."""
 
     model_id: str
+    limits: Limits  # the one limits object (`Settings.limits`)
     model_dtype: str = "float32"
     device_type: str = "cpu"
-    max_artifact_bytes: int = 64 << 20
-    max_prefix_length: int = 512
-    max_batch_size: int = 32
-    shutdown_grace_s: float = 30.0
     chat_template: str | None = None  # issue 16: Jinja text of PREFIXSERVE_CHAT_TEMPLATE
 
 
@@ -75,8 +74,10 @@ class AppState:
     spec: ModelSpec
     metrics: Metrics
     auth: Authenticator
+    uploads: UploadChecks  # the artifact checks (torch code, injected: issue 14)
     limiter: TenantLimiter
     http: HttpLimits
+    upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)

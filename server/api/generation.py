@@ -232,6 +232,9 @@ async def start_generation(
         raise
     # Counted once accepted: unknown task names (typos, probes) never take a metrics label slot.
     state.metrics.observe_task_request(principal.tenant, task)
+    state.metrics.observe_variant(principal.tenant, task, first.prefix_variant)  # issue 18
+    if ctx is not None and first.prefix_variant is not None:
+        ctx.extra["prefix_variant"] = first.prefix_variant
     return Generation(first, stream, lease, ctx, start)
 
 

@@ -44,10 +44,10 @@ LEASE_TTL_S = 600.0  # longest a concurrency slot is held if its replica vanishe
 
 @dataclass(frozen=True)
 class LimitConfig:
-    """Per-tenant limits; 0 disables a limit."""
+    """Per-tenant limits; 0 disables a limit. No defaults: built from `Limits` (tenant_*)."""
 
-    max_concurrent: int = 0
-    rps: float = 0.0
+    max_concurrent: int
+    rps: float
 
     @property
     def window_s(self) -> int:

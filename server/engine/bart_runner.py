@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from modeling.bart_prefix import encode, feed_forward, lm_logits, wrap_source
 from modeling.models import LoadedModel
-from prefix_store.artifact import ArtifactLimits, PrefixArtifact
+from prefix_store.artifact import PrefixArtifact
 from server.engine.errors import PromptTooLong
 from server.engine.kv_cache import SlotKVCache
 from server.engine.runner import PrefillItem
@@ -61,7 +61,8 @@ class BartRunner:
         loaded: LoadedModel,
         max_rows: int,
         position_chunk: int = 256,
-        max_prefix_length: int = ArtifactLimits().max_prefix_length,
+        *,
+        max_prefix_length: int,  # the configured upload limit (`Limits`): sizes the cross cache
     ) -> None:
         model = loaded.model
         config = model.config

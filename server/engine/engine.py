@@ -42,49 +42,22 @@ from server.engine.errors import (
     UnknownTask,
 )
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.observer import EngineObserver
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
+from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
 
-class EngineObserver:
-    """Callbacks for metrics; subclass and override what you need (all are no-ops here).
-
-    Called on the event loop thread; keep them cheap. The engine never imports a metrics library.
-    """
-
-    def on_step(self, batch_size: int, num_distinct_tasks: int, kv_usage_ratio: float) -> None: ...
-    def on_queue_time(self, seconds: float) -> None: ...
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_token(self, inter_token_seconds: float) -> None: ...
-    def on_finish(
-        self,
-        reason: str,
-        prompt_tokens: int,
-        generated_tokens: int,
-        e2e_seconds: float,
-        tenant: str,
-        task: str | None,
-    ) -> None: ...
-    def on_prefix_load(self, seconds: float) -> None: ...
-    def on_cache_event(self, kind: str, tier: str) -> None: ...
-
-
 @dataclass
 class EngineConfig:
-    """Engine limits. `kv_budget_tokens=None` means max_batch_size x the model's max positions."""
+    """The engine's limits (the one `Limits` object, built from the settings) plus internal tuning."""
 
-    max_batch_size: int = 32  # rows of a step (running requests)
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per step
-    kv_budget_tokens: int | None = None  # sum of reserved positions (prefix + prompt + max_new_tokens)
-    max_waiting: int = 256
-    queue_timeout_s: float = 60.0
-    device_prefix_cache_bytes: int = 256 << 20
-    host_prefix_cache_bytes: int = 1 << 30
+    limits: Limits = field(default_factory=Limits)
     kv_position_chunk: int = 256  # KV cache grows/shrinks in chunks of this many positions
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
 
@@ -150,14 +123,15 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.runner = runner or _default_runner(loaded, self.config)
         self.sampler = Sampler()
-        kv_budget = self.config.kv_budget_tokens or self.config.max_batch_size * self.runner.max_positions
+        limits = self.config.limits
+        kv_budget = limits.kv_budget_tokens or limits.max_batch_size * self.runner.max_positions
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_running=self.config.max_batch_size,
-                max_prefill_tokens=self.config.max_prefill_tokens,
+                max_running=limits.max_batch_size,
+                max_prefill_tokens=limits.max_prefill_tokens,
                 kv_budget_tokens=kv_budget,
-                max_waiting=self.config.max_waiting,
-                queue_timeout_s=self.config.queue_timeout_s,
+                max_waiting=limits.max_waiting,
+                queue_timeout_s=limits.queue_timeout_s,
                 fair_queue=self.config.fair_queue,
             )
         )
@@ -168,8 +142,7 @@ class Engine:
                 loaded.spec,
                 loaded.device,
                 loaded.dtype,
-                self.config.device_prefix_cache_bytes,
-                self.config.host_prefix_cache_bytes,
+                limits,
                 listener=self.observer,
             )
         # Called in the worker thread with (request ids, logits [N, V]) of every step; tests use it.
@@ -226,7 +199,7 @@ class Engine:
     @property
     def queue_full(self) -> bool:
         """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
-        return self.scheduler.num_waiting >= self.config.max_waiting
+        return self.scheduler.num_waiting >= self.config.limits.max_waiting
 
     @property
     def running_tasks(self) -> list[str]:
@@ -340,7 +313,8 @@ class Engine:
         if self.prefix_cache is None:
             raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
         try:
-            return await self.prefix_cache.resolve(request.tenant, request.task)
+            route_key = request.route_key or request.request_id  # issue 18: pins a traffic split
+            return await self.prefix_cache.resolve(request.tenant, request.task, route_key)
         except InvalidName as exc:
             raise InvalidRequest(str(exc)) from None
 
@@ -379,7 +353,7 @@ class Engine:
                 for rid in plan.timed_out_ids:
                     state = self._requests.get(rid)
                     if state is not None:
-                        timeout = self.config.queue_timeout_s
+                        timeout = self.config.limits.queue_timeout_s
                         self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
                 work = self._prepare(plan.prefill_ids, plan.decode_ids, plan.aborted_ids)
                 if not (work.release_ids or work.decode_tokens or work.prefill):
@@ -533,6 +507,7 @@ class Engine:
             num_generated_tokens=state.detok.num_generated,
             seed=state.seed,
             prefix_version=None if state.prefix is None else state.prefix.version,
+            prefix_variant=None if state.prefix is None else state.prefix.variant,
             generated_text=state.detok.text if reason is not None else None,
             token_logprob=logprob,
         )
@@ -557,11 +532,16 @@ def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
     if model_type == "gpt2":
         from server.engine.gpt2_runner import GPT2Runner
 
-        return GPT2Runner(loaded, max_rows=config.max_batch_size, position_chunk=config.kv_position_chunk)
+        return GPT2Runner(
+            loaded, max_rows=config.limits.max_batch_size, position_chunk=config.kv_position_chunk
+        )
     if model_type == "bart":
         from server.engine import bart_runner  # type: ignore[attr-defined]
 
         return bart_runner.BartRunner(  # type: ignore[no-any-return]
-            loaded, max_rows=config.max_batch_size, position_chunk=config.kv_position_chunk
+            loaded,
+            max_rows=config.limits.max_batch_size,
+            position_chunk=config.kv_position_chunk,
+            max_prefix_length=config.limits.max_prefix_length,
         )
     raise EngineError(f"no model runner for model_type {model_type!r}")

@@ -5,14 +5,20 @@ demotes the entry to the host tier (a device->host copy; none on a CPU-only serv
 promotes it back. Each tier is an LRU bounded in bytes; an entry larger than a tier's whole budget is
 still returned to its caller, just not kept in that tier.
 
-Versions: the cache tracks each task's current version, learned from `store.get` and from the store's
-change notifications (`store.subscribe`). A change drops the task's entries of other versions, so the
-next request loads the new one; requests already running hold their own reference to the tensors
+Versions: the cache tracks each task's current version, learned from `store.get` only; the store's
+change notifications (`store.subscribe`) are hints that make it forget the task's version and drop
+its entries of other versions, so the next request reads the current one from the store; requests already running hold their own reference to the tensors
 (and have already copied them into their KV rows), so they finish on the version they started with.
 
 Loads are single-flight: concurrent misses of one task await one load task, so one store read
-and one validation serve them all. Blobs are validated with `load_artifact(data, spec)` before use.
+and one validation serve them all. Blobs are validated with `load_artifact(data, spec, limits)` (the
+configured upload limits) before use.
 With the store down, cached current versions keep serving and uncached tasks raise `StoreUnavailable`.
+
+Traffic splits (issue 18, canary rollouts): a task whose store keeps a split serves each request
+the version `pick_version(split, ..., route_key)` names; the split is read from the store once per
+task and forgotten on every change notification of the task (re-read on the next request), so
+every replica follows the store's split. A split's versions are loaded and cached like current ones.
 
 Runs on the event loop (no threads): validation of a blob is done in a worker thread.
 """
@@ -28,10 +34,12 @@ from typing import Protocol
 
 import torch
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
-from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound
-from prefix_store.model_spec import ModelSpec
+from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound, VersionNotFound
+from prefix_store.traffic import pick_version, primary_version
 from server.engine.errors import InvalidPrefix, UnknownTask
+from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +97,7 @@ class _LRU:
 class ResolvedPrefix:
     version: int
     artifact: PrefixArtifact  # on the serving device and dtype
+    variant: str = "current"  # issue 18: "current" (no split), or the split's "primary" / "canary"
 
 
 class PrefixCache:
@@ -100,18 +109,26 @@ class PrefixCache:
         spec: ModelSpec,
         device: torch.device,
         dtype: torch.dtype,
-        device_budget_bytes: int = 256 << 20,
-        host_budget_bytes: int = 1 << 30,
+        limits: Limits,
         listener: CacheListener | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
+        self.limits = limits  # tier budgets here; the same upload limits as the API when loading blobs
         self.device, self.dtype = device, dtype
         self.listener = listener
         self.stats = PrefixCacheStats()
-        self._tiers = {"device": _LRU(device_budget_bytes), "host": _LRU(host_budget_bytes)}
+        self._tiers = {
+            "device": _LRU(limits.device_prefix_cache_bytes),
+            "host": _LRU(limits.host_prefix_cache_bytes),
+        }
         self._current: dict[tuple[str, str], int] = {}  # task -> current version, as last heard
         self._loading: dict[tuple[str, str], asyncio.Future[ResolvedPrefix]] = {}  # single-flight loads
+        # Issue 18: traffic splits as last read ({} = none), and a per-task change count so a read
+        # that raced a change notification is not kept.
+        self._splits: dict[tuple[str, str], dict[int, int]] = {}
+        self._changes: dict[tuple[str, str], int] = {}
+        self._version_loads: dict[Key, asyncio.Future[PrefixArtifact]] = {}
         self._subscribed = False
 
     def start(self) -> None:
@@ -122,12 +139,17 @@ class PrefixCache:
 
     # ---- change notifications -----------------------------------------------------------------
     def on_change(self, event: ChangeEvent) -> None:
-        """A task's current version moved (or it was deleted): drop its entries of other versions."""
+        """A task's current version moved (or it was deleted): drop its entries of other versions.
+
+        The event is only a hint (anyone who can publish on the store's channel can spoof one): the
+        current version is forgotten, not taken from the event, and the next request reads it from the
+        store. A spoofed version therefore costs one store read, and cannot pin the task to a version
+        that never comes (which used to disable caching for the task for good).
+        """
         task = (event.tenant, event.task)
-        if event.version is None:
-            self._current.pop(task, None)
-        else:
-            self._current[task] = event.version
+        self._splits.pop(task, None)
+        self._changes[task] = self._changes.get(task, 0) + 1
+        self._current.pop(task, None)
         for tier in self._tiers.values():
             for key in [k for k in tier.items if k[:2] == task and k[2] != event.version]:
                 tier.pop(key)
@@ -138,11 +160,75 @@ class PrefixCache:
         self._update_gauges()
 
     # ---- lookups ------------------------------------------------------------------------------
-    async def resolve(self, tenant: str, task: str) -> ResolvedPrefix:
-        """The task's current version and its artifact on the device.
+    async def resolve(self, tenant: str, task: str, route_key: str | None = None) -> ResolvedPrefix:
+        """The version to serve (the current one, or under a traffic split the one `route_key` is
+        pinned to) and its artifact on the device.
 
         Raises `UnknownTask`, `StoreUnavailable` (store down and not cached), `InvalidPrefix`.
         """
+        split = await self._split(tenant, task)
+        if split:
+            version = pick_version(split, tenant, task, route_key or "")
+            variant = "primary" if version == primary_version(split) else "canary"
+            try:
+                return ResolvedPrefix(version, await self._version(tenant, task, version), variant)
+            except VersionNotFound:
+                pass  # the split changed under us (promoted, deleted): serve the current version
+        return await self._resolve_current(tenant, task)
+
+    async def _split(self, tenant: str, task: str) -> dict[int, int]:
+        key = (tenant, task)
+        split = self._splits.get(key)
+        if split is not None:
+            return split
+        changes = self._changes.get(key, 0)
+        try:
+            split = await self.store.get_split(tenant, task)
+        except StoreUnavailable:
+            return {}  # serve what the current-version path can (cached versions keep serving)
+        if self._changes.get(key, 0) == changes:  # no change notification raced this read
+            self._splits[key] = split
+        return split
+
+    async def _version(self, tenant: str, task: str, version: int) -> PrefixArtifact:
+        """One specific version's artifact: cached, or loaded once however many requests want it."""
+        key = (tenant, task, version)
+        hit = self._lookup(key)
+        if hit is not None:
+            return hit
+        load = self._version_loads.get(key)
+        if load is None:
+            self.stats.misses += 1
+            self._notify("miss", "store")
+            load = asyncio.ensure_future(self._load_version(key))
+            self._version_loads[key] = load
+            load.add_done_callback(lambda done: self._version_loads.pop(key, None))
+        return await asyncio.shield(load)
+
+    async def _load_version(self, key: Key) -> PrefixArtifact:
+        tenant, task, version = key
+        started = time.perf_counter()
+        try:
+            stored = await self.store.get(tenant, task, version)
+        except TaskNotFound:
+            raise UnknownTask(f"tenant {tenant!r} has no task {task!r}") from None
+        artifact = await self._validated(stored.data, tenant, task, version)
+        self.stats.loads += 1
+        if self.listener is not None:
+            self.listener.on_prefix_load(time.perf_counter() - started)
+        self._insert(key, artifact)
+        return artifact
+
+    async def _validated(self, data: bytes, tenant: str, task: str, version: int) -> PrefixArtifact:
+        try:
+            # The configured limits, not defaults: what an upload was allowed to store stays servable.
+            artifact = await asyncio.to_thread(load_artifact, data, self.spec, self.limits)
+        except ArtifactError as exc:
+            self.stats.load_errors += 1
+            raise InvalidPrefix(f"prefix {tenant}/{task} v{version} does not fit this model: {exc}") from None
+        return artifact.to(self.device, self.dtype)
+
+    async def _resolve_current(self, tenant: str, task: str) -> ResolvedPrefix:
         version = self._current.get((tenant, task))
         if version is not None:
             hit = self._lookup((tenant, task, version))
@@ -191,25 +277,17 @@ class PrefixCache:
         except StoreUnavailable:
             self.stats.load_errors += 1
             raise
-        try:
-            artifact = await asyncio.to_thread(load_artifact, stored.data, self.spec)
-        except ArtifactError as exc:
-            self.stats.load_errors += 1
-            raise InvalidPrefix(
-                f"prefix {tenant}/{task} v{stored.info.version} does not fit this model: {exc}"
-            ) from None
-        artifact = artifact.to(self.device, self.dtype)
+        artifact = await self._validated(stored.data, tenant, task, stored.info.version)
         version = stored.info.version
         self.stats.loads += 1
         if self.listener is not None:
             self.listener.on_prefix_load(time.perf_counter() - started)
         if self._loading.get((tenant, task)) is not asyncio.current_task():
             return ResolvedPrefix(version, artifact)  # a change arrived meanwhile: do not cache this read
-        known = self._current.get((tenant, task))
-        # A change notification may have raced ahead of this read: never go back to an older version.
-        if known is None or version >= known:
-            self._current[(tenant, task)] = version
-            self._insert((tenant, task, version), artifact)
+        # A change that raced ahead of this read removed this load from `_loading` (checked above), so
+        # what was read here is the store's current version as of now.
+        self._current[(tenant, task)] = version
+        self._insert((tenant, task, version), artifact)
         return ResolvedPrefix(version, artifact)
 
     def _insert(self, key: Key, artifact: PrefixArtifact) -> None:

@@ -31,13 +31,13 @@ from server.engine.fair_queue import FairQueueConfig, WaitingQueue, make_waiting
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Limits of the scheduler; see the module docstring."""
+    """Limits of the scheduler; see the module docstring. No defaults: the engine fills it from `Limits`."""
 
-    max_running: int = 32
-    max_prefill_tokens: int = 4096
-    kv_budget_tokens: int = 32 * 1024
-    max_waiting: int = 256
-    queue_timeout_s: float = 60.0
+    max_running: int
+    max_prefill_tokens: int
+    kv_budget_tokens: int
+    max_waiting: int
+    queue_timeout_s: float
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: waiting-queue policy
 
 

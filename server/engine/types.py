@@ -138,3 +138,5 @@ class StreamEvent:
     # log-probability given those before it (None for the first).
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[float | None] | None = None
+    # Issue 18: "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
+    prefix_variant: str | None = None

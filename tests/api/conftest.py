@@ -7,7 +7,9 @@ start/stop) and returns an httpx client bound to it in-process (ASGI transport).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,13 +22,15 @@ import httpx
 import pytest
 import torch
 
+from modeling.model_spec import ModelSpec
 from modeling.models import LoadedModel, load_model
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.base import PrefixStore
 from prefix_store.factory import make_store
-from prefix_store.model_spec import ModelSpec
+from prefix_store.uploads import ArtifactUploadChecks
 from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
+from server.limits import Limits
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -120,11 +124,19 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                 loaded,
                 store,
                 engine_config
-                or EngineConfig(max_batch_size=8, max_waiting=16, queue_timeout_s=30, kv_position_chunk=64),
+                or EngineConfig(
+                    Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30), kv_position_chunk=64
+                ),
                 observer=metrics,
             )
             app = create_app(
-                settings, engine=engine, store=store, spec=loaded.spec, metrics=metrics, on_fatal=on_fatal
+                settings,
+                engine=engine,
+                store=store,
+                spec=loaded.spec,
+                uploads=ArtifactUploadChecks(),
+                metrics=metrics,
+                on_fatal=on_fatal,
             )
             if start:  # else the caller runs the lifespan (e.g. a real uvicorn server)
                 await stack.enter_async_context(app.router.lifespan_context(app))
@@ -150,6 +162,32 @@ async def _cleanup_redis(prefixes: list[str]) -> None:
         await redis.aclose()
     except Exception:
         pass
+
+
+@contextlib.asynccontextmanager
+async def serve_http(api: Api) -> AsyncIterator[str]:
+    """Serve `api` (made with `start=False`) with uvicorn on a free loopback port; yields its URL.
+
+    Real HTTP, so streams arrive event by event (httpx's ASGI transport buffers whole responses).
+    uvicorn runs the app's lifespan; it shares this event loop with the engine loop.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(api.app, log_config=None, access_log=False, lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    deadline = asyncio.get_running_loop().time() + 30
+    while not server.started:
+        assert not serving.done(), "uvicorn exited during start-up"
+        assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=30)
+        sock.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

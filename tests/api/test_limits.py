@@ -11,6 +11,7 @@ from prefix_store.factory import make_store
 from server.api import start_draining
 from server.api.errors import RateLimited
 from server.engine import EngineConfig
+from server.limits import Limits
 from tests.api.conftest import ACME, DEAD_REDIS_URL, GLOBEX, REDIS_URL, wait_for
 
 LONG = {"max_new_tokens": 150}  # long enough to still be running while we probe
@@ -40,7 +41,9 @@ async def test_body_size_limit_413(make_api):
 
 
 async def test_queue_full_is_429_with_retry_after(make_api):
-    api = await make_api(engine_config=EngineConfig(max_batch_size=1, max_waiting=1, kv_position_chunk=64))
+    api = await make_api(
+        engine_config=EngineConfig(Limits(max_batch_size=1, max_waiting=1), kv_position_chunk=64)
+    )
     running = asyncio.create_task(api.generate("a", **LONG))
     await wait_for(lambda: api.engine.num_running == 1, what="a running request")
     waiting = asyncio.create_task(api.generate("b", max_new_tokens=2))
@@ -149,7 +152,9 @@ def _redis_limiter(**config):  # type: ignore[no-untyped-def]
     from server.api.ratelimit import LimitConfig, RedisLimiter
 
     prefix = f"pstest-{uuid.uuid4().hex[:10]}"
-    return RedisLimiter(REDIS_URL, LimitConfig(**config), key_prefix=prefix), prefix
+    return RedisLimiter(
+        REDIS_URL, LimitConfig(**{"max_concurrent": 0, "rps": 0.0, **config}), key_prefix=prefix
+    ), prefix
 
 
 async def test_redis_limiter_falls_back_only_when_redis_is_down():

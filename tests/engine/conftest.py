@@ -15,16 +15,26 @@ import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 
+from modeling.model_spec import ModelSpec
 from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import PrefixArtifact, dump_artifact, new_artifact
 from prefix_store.base import ChangeCallback, StoredPrefix
 from prefix_store.local_store import LocalPrefixStore
-from prefix_store.model_spec import ModelSpec
 from prefix_store.peft_format import PEFT_TENSOR, artifact_to_peft
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, StreamEvent
+from server.limits import Limits
 
 TINY_OVERRIDES = {"initializer_range": 0.3}
 PREFIX_LENGTHS = (1, 5, 10, 200)
+
+# The scheduler has no defaults of its own (the engine fills it from `Limits`): the pure scheduler tests'.
+SCHEDULER_LIMITS: dict[str, float] = {
+    "max_running": 32,
+    "max_prefill_tokens": 4096,
+    "kv_budget_tokens": 32 * 1024,
+    "max_waiting": 256,
+    "queue_timeout_s": 60.0,
+}
 
 
 def random_artifact(spec: ModelSpec, length: int, seed: int, task: str = "") -> PrefixArtifact:
@@ -159,7 +169,10 @@ def make_engine(tiny: LoadedModel) -> Callable[..., Any]:
 
     @contextlib.asynccontextmanager
     async def factory(store: Any = None, observer: Any = None, **config: Any) -> AsyncIterator[Engine]:
-        engine = Engine(tiny, store, EngineConfig(**config), observer=observer)
+        chunk = (
+            {"kv_position_chunk": config.pop("kv_position_chunk")} if "kv_position_chunk" in config else {}
+        )
+        engine = Engine(tiny, store, EngineConfig(Limits(**config), **chunk), observer=observer)
         await engine.start()
         try:
             yield engine

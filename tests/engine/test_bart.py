@@ -18,6 +18,9 @@ from prefix_store.peft_format import peft_to_artifact
 from server.engine.bart_runner import BartRunner
 from server.engine.errors import PromptTooLong
 from server.engine.runner import PrefillItem
+from server.limits import Limits
+
+MAX_PREFIX = Limits().max_prefix_length  # the cross cache holds prefixes up to the upload limit
 
 # Task prefix lengths per kind (encoder, decoder, cross); 0 = the artifact lacks that kind.
 TASK_LENGTHS = {
@@ -147,7 +150,7 @@ def test_runner_mixed_tasks_joining_and_leaving_match_reference(
         step: [(rid, _prompt(i, n), tasks[task], max_new) for i, (rid, task, n, max_new) in enumerate(reqs)]
         for step, reqs in plan.items()
     }
-    got = _run(BartRunner(loaded, max_rows=8, position_chunk=8), schedule)
+    got = _run(BartRunner(loaded, max_rows=8, position_chunk=8, max_prefix_length=MAX_PREFIX), schedule)
 
     for reqs in schedule.values():
         for rid, ids, art, max_new in reqs:
@@ -185,7 +188,7 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
         0: [("p0", prompts["p0"], artifact, 8), ("bare", prompts["p0"], None, 8)],
         1: [("p1", prompts["p1"], artifact, 5)],
     }
-    got = _run(BartRunner(loaded, max_rows=4, position_chunk=8), schedule)
+    got = _run(BartRunner(loaded, max_rows=4, position_chunk=8, max_prefix_length=MAX_PREFIX), schedule)
     for rid in ("p0", "p1"):
         source = bart_prefix.wrap_source(prompts[rid], loaded.model.config)
         with torch.no_grad():
@@ -202,7 +205,7 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
 
 
 def test_runner_length_rules(loaded: LoadedModel, tasks: dict[str, PrefixArtifact | None]) -> None:
-    runner = BartRunner(loaded, max_rows=2)
+    runner = BartRunner(loaded, max_rows=2, max_prefix_length=MAX_PREFIX)
     limit = runner.max_positions  # 512
     art = tasks["b"]  # decoder prefix 10, cross prefix 10, encoder prefix 10
     runner.validate_lengths(
@@ -223,7 +226,7 @@ def test_runner_serves_the_longest_allowed_request(tmp_path: Path) -> None:
     small = load_model(
         str(make_model_dir("tiny-bart", tmp_path, init_std=0.2, max_position_embeddings=64)), "cpu"
     )
-    runner = BartRunner(small, max_rows=2, position_chunk=16)
+    runner = BartRunner(small, max_rows=2, position_chunk=16, max_prefix_length=MAX_PREFIX)
     art = _artifact(small, (3, 7, 5), seed=9)
     limit = runner.max_positions
     max_new = limit - 7  # decoder prefix 7 + max_new_tokens == max_positions
@@ -246,13 +249,14 @@ async def test_engine_serves_mixed_bart_tasks_like_the_reference(
     from prefix_store.artifact import dump_artifact
     from prefix_store.local_store import LocalPrefixStore
     from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from server.limits import Limits
 
     store = LocalPrefixStore(tmp_path / "store")
     await store.start()
     for name, art in tasks.items():
         if art is not None:
             await store.put("default", name, dump_artifact(art), {})
-    engine = Engine(loaded, store, EngineConfig(max_batch_size=4, kv_position_chunk=16))
+    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4), kv_position_chunk=16))
     await engine.start()
     plan = [("a", 7, 6), ("b", 3, 9), ("none", 12, 4), ("c", 5, 8), ("dec-only", 9, 5), ("cross-only", 2, 7)]
     try:

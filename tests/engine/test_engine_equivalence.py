@@ -13,6 +13,7 @@ from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import PrefixArtifact, dump_artifact
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import Engine, EngineConfig, EngineObserver, GenerationRequest, SamplingParams, StreamEvent
+from server.limits import Limits
 from tests.engine.conftest import PeftReference, greedy, random_artifact
 
 PROMPTS = [
@@ -154,7 +155,7 @@ async def test_gpt2_shaped_model_equals_peft(tmp_path_factory: pytest.TempPathFa
     ]
     by_task: dict[str | None, PrefixArtifact | None] = {"t10": arts[10], "t200": arts[200]}
     recorder = LogitsRecorder()
-    engine = Engine(loaded, store, EngineConfig(max_batch_size=4))
+    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4)))
     await engine.start()
     try:
         engine.debug_logits_hook = recorder

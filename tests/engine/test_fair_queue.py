@@ -12,6 +12,7 @@ import pytest
 from server.engine.errors import QueueFull
 from server.engine.fair_queue import FairQueue, FairQueueConfig, FcfsQueue
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from tests.engine.conftest import SCHEDULER_LIMITS
 
 _ids = itertools.count()
 
@@ -189,7 +190,7 @@ def test_fcfs_queue_is_arrival_order_with_a_global_bound() -> None:
 
 
 def test_scheduler_admits_the_quiet_tenant_at_the_next_free_row() -> None:
-    s = Scheduler(SchedulerConfig(max_running=2), clock=lambda: 2.0)
+    s = Scheduler(SchedulerConfig(**{**SCHEDULER_LIMITS, "max_running": 2}), clock=lambda: 2.0)
 
     def add(rid: str, tenant: str) -> None:
         s.add(ScheduledRequest(rid, 10, 30, arrival_time=1.0, tenant=tenant, cost=20))

@@ -12,6 +12,7 @@ from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact, dump_artifact
 from server.engine import GenerationRequest, InvalidPrefix, StoreUnavailable, UnknownTask
 from server.engine.prefix_cache import PrefixCache
+from server.limits import Limits
 from tests.engine.conftest import PeftReference, collect, greedy, random_artifact
 
 PROMPT = "Once upon a time, in a land far away,"
@@ -20,7 +21,8 @@ PROMPT = "Once upon a time, in a land far away,"
 def cache_for(
     store: Any, tiny: LoadedModel, device_bytes: int = 1 << 30, host_bytes: int = 1 << 30
 ) -> PrefixCache:
-    cache = PrefixCache(store, tiny.spec, tiny.device, tiny.dtype, device_bytes, host_bytes)
+    limits = Limits(device_prefix_cache_bytes=device_bytes, host_prefix_cache_bytes=host_bytes)
+    cache = PrefixCache(store, tiny.spec, tiny.device, tiny.dtype, limits)
     cache.start()
     return cache
 

@@ -6,6 +6,7 @@ import pytest
 
 from server.engine.errors import InvalidRequest, QueueFull
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from tests.engine.conftest import SCHEDULER_LIMITS
 
 
 class Clock:
@@ -22,7 +23,7 @@ def req(rid: str, prompt: int = 10, reserved: int | None = None) -> ScheduledReq
 
 def make(**kw: float) -> tuple[Scheduler, Clock]:
     clock = Clock()
-    return Scheduler(SchedulerConfig(**kw), clock=clock), clock  # type: ignore[arg-type]
+    return Scheduler(SchedulerConfig(**{**SCHEDULER_LIMITS, **kw}), clock=clock), clock  # type: ignore[arg-type]
 
 
 def test_admits_fcfs_up_to_max_running_then_decodes() -> None:

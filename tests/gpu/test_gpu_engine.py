@@ -17,6 +17,7 @@ from modeling.models import load_model
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.limits import Limits
 from training.generation import greedy_causal
 
 pytestmark = [
@@ -31,7 +32,7 @@ def _prefix(spec, length: int, seed: int) -> torch.Tensor:  # type: ignore[no-un
 
 
 async def _serve(loaded, store, requests):  # type: ignore[no-untyped-def]
-    engine = Engine(loaded, store, EngineConfig(max_batch_size=8))
+    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=8)))
     await engine.start()
     try:
 

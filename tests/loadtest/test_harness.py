@@ -118,6 +118,7 @@ def test_peft_baseline_generates_the_engines_tokens(tmp_path: Path) -> None:
     from modeling.models import load_model, make_model_dir
     from prefix_store.local_store import LocalPrefixStore
     from server.engine import Engine, EngineConfig, GenerationRequest
+    from server.limits import Limits
 
     # init_std 0.2: a random model whose greedy output depends on its input and prefix.
     loaded = load_model(str(make_model_dir("tiny-gpt2", tmp_path / "m", init_std=0.2)), device="cpu")
@@ -132,7 +133,7 @@ def test_peft_baseline_generates_the_engines_tokens(tmp_path: Path) -> None:
         store = LocalPrefixStore(tmp_path / "store")
         for task, data in prefixes.artifacts.items():
             await store.put(TENANT, task, data, {})
-        engine = Engine(loaded, store, EngineConfig(max_batch_size=4))
+        engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4)))
         await engine.start()
         try:
             out = {}

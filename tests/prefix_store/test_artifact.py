@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import (
     ArtifactError,
-    ArtifactLimits,
     dump_artifact,
     load_artifact,
     new_artifact,
 )
-from prefix_store.model_spec import ModelSpec
+from server.limits import Limits
 
 SPEC = ModelSpec(
     kind="decoder-only",
@@ -143,14 +143,14 @@ def _bad_cases() -> dict[str, tuple[bytes, str]]:
 def test_invalid_artifact_is_refused_with_a_message_naming_the_problem(case):
     data, message = _bad_cases()[case]
     with pytest.raises(ArtifactError, match=None) as info:
-        load_artifact(data, SPEC)
+        load_artifact(data, SPEC, Limits())  # the server's default limits
     assert message in str(info.value), str(info.value)
 
 
 def test_oversized_file_is_refused_before_parsing():
     data = dump_artifact(new_artifact({"decoder": _prefix()}, SPEC))
     with pytest.raises(ArtifactError, match=f"{len(data)} bytes; the limit is 1000"):
-        load_artifact(data, SPEC, ArtifactLimits(max_bytes=1000))
+        load_artifact(data, SPEC, Limits(max_artifact_bytes=1000))
 
 
 def test_prefix_that_leaves_no_room_in_the_positions_is_refused():

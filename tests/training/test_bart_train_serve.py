@@ -12,6 +12,7 @@ from modeling.models import load_model
 from prefix_store.artifact import dump_artifact
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.limits import Limits
 from tests.training.conftest import SYNTHETIC
 from training.data import Example, Truncation, encode_seq2seq, seq2seq_source
 from training.export import build_artifact
@@ -45,7 +46,7 @@ async def test_trained_bart_prefix_serves_the_training_modules_outputs(
     store = LocalPrefixStore(tmp_path / "store")
     await store.start()
     await store.put("default", "colors", dump_artifact(artifact), {})
-    engine = Engine(loaded, store, EngineConfig(max_batch_size=4, kv_position_chunk=16))
+    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4), kv_position_chunk=16))
     await engine.start()
     try:
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from training.generation import generate_causal, prefix_cache
+from tests.training.conftest import hf_prefix_cache
+from training.generation import generate_causal
 
 VOCAB, EOS, LAYERS, HEADS, HEAD_DIM = 40, 0, 2, 4, 8
 
@@ -55,7 +56,7 @@ def hf_generate(
     ids = torch.tensor([prompt])  # [1, S]
     extra: dict[str, object] = {}
     if prefix is not None:
-        extra["cache"] = prefix_cache(prefix, num_beams, torch.float32, torch.device("cpu"))
+        extra["cache"] = hf_prefix_cache(prefix, num_beams)
         extra["attention_mask"] = torch.ones(1, prefix.shape[3] + len(prompt), dtype=torch.long)  # [1, L+S]
     out = model.generate(
         ids,

@@ -31,7 +31,7 @@ class LMConfig:
     n_positions: int = 256
     block: int = 64  # tokens per training sequence
     batch_size: int = 16
-    steps: int = 700
+    steps: int = 500
     lr: float = 2e-3
     warmup_steps: int = 50
     seed: int = 0

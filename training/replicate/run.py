@@ -41,19 +41,19 @@ class Plan:
     """The experiment's sizes (defaults: `make replicate`; `--quick`: a smoke run of a few minutes)."""
 
     lm: LMConfig = LMConfig()
-    num_dev_mrs: int = 30
-    num_test_mrs: int = 100
-    full_steps: int = 400
+    num_dev_mrs: int = 20
+    num_test_mrs: int = 80
+    full_steps: int = 300
     low_n: int = 100
-    low_steps: int = 150
+    low_steps: int = 100
     low_seeds: tuple[int, ...] = (1, 2, 3)
     prefix_lrs: tuple[float, ...] = (2e-3, 1e-2)
     finetune_lrs: tuple[float, ...] = (3e-4, 1e-3)
     prefix_length: int = 5
     mlp_hidden: int = 256
     batch_size: int = 10
-    max_new_tokens: int = 60
-    serve_check_sources: int = 20
+    max_new_tokens: int = 48
+    serve_check_sources: int = 10
 
 
 QUICK = Plan(

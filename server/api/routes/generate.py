@@ -286,6 +286,6 @@ async def info(
         model_type=state.spec.model_type,
         max_total_tokens=total,
         max_input_tokens=total - 1,
-        max_concurrent_requests=state.config.max_batch_size,
+        max_concurrent_requests=state.config.limits.max_batch_size,
         version=__version__,
     )

@@ -14,6 +14,7 @@ from prefix_store.base import MAX_NAME_LENGTH, validate_name
 from server.api.deps import Caller, Manager, State
 from server.api.errors import error_responses
 from server.api.prefix_admin import detail_out, store_call, validate_upload, version_out
+from server.api.quotas import check_capacity
 from server.api.schemas import PrefixDetail, PrefixPage, PrefixVersion, RollbackRequest
 from server.logging import request_context
 
@@ -32,7 +33,7 @@ def _log_task(task: str) -> None:
     "",
     status_code=201,
     response_model=PrefixVersion,
-    responses=error_responses(400, 401, 403, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 413, 422, 429, 503),
 )
 async def upload_prefix(
     state: State,
@@ -44,11 +45,13 @@ async def upload_prefix(
 ) -> PrefixVersion:
     """Validate and store a new version of `task`'s prefix; it becomes current at once."""
     _log_task(task)
+    await (await state.upload_limiter.acquire(caller.tenant)).release()  # 429 + Retry-After over the rate
     try:
         data, metadata = await validate_upload(state, task, artifact, adapter_config, adapter_model)
     except Exception:
         state.metrics.observe_upload("invalid")
         raise
+    await check_capacity(state, caller.tenant, task, len(data))
     try:
         with store_call(state, "put"):
             info = await state.store.put(caller.tenant, task, data, metadata)

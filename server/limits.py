@@ -1,0 +1,46 @@
+"""Every configurable limit of the server, in one object: the only place their defaults are written.
+
+`Settings` (the environment) builds one `Limits` (`Settings.limits`) once, at the edge; `server.main`
+hands that same object to the engine (`EngineConfig.limits`), the API (`create_app`) and, through
+them, to the prefix cache and the model runners. No other class carries its own default for any of
+these numbers, so what one layer accepts another cannot refuse: an upload that passes
+`max_prefix_length` is loadable by the engine, whose BART cross cache is sized from the same field.
+
+Torch-free and import-free on purpose: the API layer and the engine both read it. `Limits` satisfies
+`prefix_store.artifact.ArtifactLimits` (the artifact checks read `max_artifact_bytes` and
+`max_prefix_length` from it directly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable limits (env names: `PREFIXSERVE_<FIELD>`; README "Configuration")."""
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    max_body_bytes: int = 64 << 20  # larger request bodies get 413
+    shutdown_grace_s: float = 30.0  # on SIGTERM, how long in-flight generations may finish
+    # --- uploads (and every later load of what was uploaded) -----------------------------------
+    max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
+    max_prefix_length: int = 512  # longest prefix accepted; sizes BART's cross-attention cache
+    # --- engine --------------------------------------------------------------------------------
+    max_batch_size: int = 32  # rows of one step (running requests)
+    max_waiting: int = 256  # queue bound; beyond it requests get 429
+    queue_timeout_s: float = 30.0  # longest wait in the queue before a clear error
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per step
+    kv_budget_tokens: int | None = None  # KV positions reserved by running requests; None: batch x positions
+    device_prefix_cache_bytes: int = 256 << 20
+    host_prefix_cache_bytes: int = 1 << 30
+    # --- tenants (0 = off) ---------------------------------------------------------------------
+    tenant_max_concurrent: int = 0
+    tenant_rps: float = 0.0
+    tenant_upload_rps: float = 0.0  # prefix uploads per second per tenant
+    tenant_max_tasks: int = 1000  # tasks per tenant (issue 13): a new task beyond it gets 429
+    tenant_max_stored_bytes: int = 8 << 30  # artifact bytes per tenant, all kept versions: 413
+    max_training_metadata_bytes: int = 16 << 10  # JSON of an artifact's `training` metadata: 422
+
+
+DEFAULT_LIMITS = Limits()

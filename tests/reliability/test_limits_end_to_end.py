@@ -1,0 +1,100 @@
+"""Every configurable limit set to a non-default value reaches every layer of one real server process.
+
+The regression this guards (issue 14): the API validated uploads with the configured limits while the
+engine loaded them with default ones, so with `PREFIXSERVE_MAX_PREFIX_LENGTH` above 512 an upload
+succeeded and every generation for it failed. Now one `Limits` object is built from the settings and
+handed to both. Batch size, queue bound and queue timeout are driven through a real server in
+`test_faults.py::test_overload_queue_timeout_and_disconnect`; here they and the rest are non-default too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from prefix_store.artifact import dump_artifact, new_artifact
+from server.limits import Limits
+from tests.api.conftest import artifact_bytes
+from tests.reliability.conftest import ACME, GLOBEX, generate, metric_value, upload
+
+pytestmark = pytest.mark.timeout(300)
+
+LONG_PREFIX = 600  # > 512, the default max_prefix_length
+LIMITS = Limits(
+    max_body_bytes=3 << 20,
+    shutdown_grace_s=7.0,
+    max_artifact_bytes=800_000,  # fits a 600-long prefix of this model (~615 kB), not a 1000-long one
+    max_prefix_length=1024,
+    max_batch_size=3,
+    max_waiting=17,
+    queue_timeout_s=45.0,
+    max_prefill_tokens=3000,
+    kv_budget_tokens=3000,
+    device_prefix_cache_bytes=4096,  # smaller than one long prefix: it is kept in the host tier only
+    host_prefix_cache_bytes=64 << 20,
+    tenant_max_concurrent=5,
+    tenant_rps=500.0,
+)
+
+
+def half_artifact(spec: Any, length: int) -> bytes:
+    prefix = torch.ones(spec.num_layers, 2, spec.num_heads, length, spec.head_dim, dtype=torch.float16)
+    return dump_artifact(new_artifact({"decoder": prefix}, spec))  # [layers, 2, H, L, D]
+
+
+def test_every_limit_is_non_default_here() -> None:
+    defaults = Limits()
+    same = [
+        f.name for f in dataclasses.fields(Limits) if getattr(LIMITS, f.name) == getattr(defaults, f.name)
+    ]
+    assert same == [], f"set these to non-default values in LIMITS: {same}"
+
+
+def test_configured_limits_hold_from_upload_to_generation(
+    spawn_server: Any, long_gpt2_dir: Path, long_spec: Any
+):
+    server = spawn_server(model_dir=long_gpt2_dir, **dataclasses.asdict(LIMITS))
+    with server.client() as client:
+        # The bug: a prefix longer than 512 is accepted on upload and then served, not failed.
+        long_prefix = artifact_bytes(long_spec, seed=1, length=LONG_PREFIX)
+        assert len(long_prefix) < LIMITS.max_artifact_bytes
+        created = upload(client, "long", long_prefix)
+        assert created.status_code == 201, created.text
+        assert created.json()["prefix_lengths"] == {"decoder": LONG_PREFIX}
+        answer = generate(client, "long", max_new_tokens=4, ignore_eos=True)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["generated_text"]
+
+        # ... and beyond the configured prefix length it is refused on upload, naming the limit.
+        # (float16, so that the file itself stays under max_artifact_bytes)
+        too_long = upload(client, "too-long", half_artifact(long_spec, LIMITS.max_prefix_length + 1))
+        assert too_long.status_code == 422 and str(LIMITS.max_prefix_length) in too_long.text, too_long.text
+
+        # Artifact size: the configured limit, not the default 64 MiB.
+        big = artifact_bytes(long_spec, seed=3, length=1000)
+        assert LIMITS.max_artifact_bytes < len(big) < LIMITS.max_body_bytes
+        refused = upload(client, "big", big)
+        assert refused.status_code == 422 and str(LIMITS.max_artifact_bytes) in refused.text, refused.text
+
+        # Request body: the configured limit (413 before the body is parsed).
+        body = client.post("/v1/generate", content=b"x" * (LIMITS.max_body_bytes + 1), headers=ACME)
+        assert body.status_code == 413, body.text
+
+        # KV budget: prefix + prompt + max_new_tokens beyond 3000 (still within the model's 4096).
+        over_budget = generate(client, "long", max_new_tokens=LIMITS.kv_budget_tokens - LONG_PREFIX + 10)
+        assert over_budget.status_code == 422, over_budget.text
+        assert str(LIMITS.kv_budget_tokens) in over_budget.json()["error"]
+
+        # Batch size as advertised to TGI clients; prefix cache tiers as the engine sized them.
+        assert client.get("/info").json()["max_concurrent_requests"] == LIMITS.max_batch_size
+        metrics = client.get("/metrics").text
+        assert metric_value(metrics, 'prefixserve_prefix_cache_bytes{tier="device"}') == 0.0
+        host_bytes = metric_value(metrics, 'prefixserve_prefix_cache_bytes{tier="host"}')
+        assert host_bytes is not None and host_bytes > LIMITS.device_prefix_cache_bytes
+
+        # Tenant limits are on (non-zero): ordinary traffic within them passes for another tenant too.
+        assert generate(client, None, GLOBEX).status_code == 200

@@ -31,7 +31,7 @@ router = APIRouter(tags=["tokenize"])
 @router.post(
     "/tokenize",
     response_model=list[TokenSpan] | VllmTokenizeResponse,
-    responses=error_responses(400, 401, 404, 413, 422),
+    responses=error_responses(400, 401, 404, 413, 422, 503),
 )
 async def tokenize(state: State, caller: Caller, body: TokenizeRequest | VllmTokenizeRequest) -> Any:
     """Tokens of a prompt as the engine sees it (TGI's or vLLM's shape, by the body's fields)."""

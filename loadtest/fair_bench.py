@@ -40,11 +40,11 @@ AUTH = {t: {"Authorization": f"Bearer bench-tenant-{t}-key"} for t in "ab"}
 
 @dataclass
 class Config:
-    flood: int = 48  # A's requests, all at once
-    flood_tokens: int = 32
-    trickle: int = 8  # B's requests, one at a time
-    trickle_tokens: int = 8
-    max_batch_size: int = 8
+    flood: int = 24  # A's requests, all at once
+    flood_tokens: int = 24
+    trickle: int = 5  # B's requests, one at a time
+    trickle_tokens: int = 4
+    max_batch_size: int = 4
     max_waiting: int = 256
 
 

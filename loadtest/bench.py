@@ -33,14 +33,14 @@ from typing import Any
 import torch
 
 from loadtest import report
+from loadtest.bench_models import GPT2_TEXT_VOCAB, ensure_model
 from loadtest.machine import bart_flops, gpt2_flops, machine_info, measure_matmul_peak
 from loadtest.metrics import SLO, RunResult, summarize
 from loadtest.prefixes import make_task_prefixes
 from loadtest.workload import Workload, WorkloadSpec, make_workload
-from modeling.models import DTYPES, LoadedModel, load_model, make_model_dir, resolve_device
+from modeling.models import DTYPES, LoadedModel, load_model, resolve_device
 
 ALL_RUNNERS = ("engine", "no_prefix", "http", "naive_peft", "static_batch")
-GPT2_TEXT_VOCAB = 50257  # real-text token ids (BART's extra specials sit above)
 # With the default init (std 0.02) and tied embeddings a random BART decoder copies its input token,
 # and its decoder starts from EOS: greedy decoding emits EOS at once. Every runner ignores EOS anyway
 # (exact output lengths), but the BART benchmark model uses larger random weights (same shapes, same
@@ -158,15 +158,6 @@ PROFILES: dict[str, Profile] = {
         slo=SLO(ttft_s=1.0, tpot_s=0.05),
     ),
 }
-
-
-def ensure_model(preset: str, models_dir: Path, overrides: tuple[tuple[str, float], ...] = ()) -> Path:
-    """The preset's random-weight model directory, written once (same preset and overrides, same weights)."""
-    path = models_dir / (preset + "".join(f"-{k}{v}" for k, v in overrides))
-    if not (path / "config.json").exists():
-        print(f"[bench] writing {preset} {dict(overrides)} model to {path}", flush=True)
-        make_model_dir(preset, path, seed=0, **dict(overrides))
-    return path
 
 
 def _flops(loaded: LoadedModel, workload: Workload, run: RunResult, with_prefix: bool) -> float:

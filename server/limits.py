@@ -37,6 +37,10 @@ class Limits:
     # --- tenants (0 = off) ---------------------------------------------------------------------
     tenant_max_concurrent: int = 0
     tenant_rps: float = 0.0
+    tenant_upload_rps: float = 0.0  # prefix uploads per second per tenant
+    tenant_max_tasks: int = 1000  # tasks per tenant (issue 13): a new task beyond it gets 429
+    tenant_max_stored_bytes: int = 8 << 30  # artifact bytes per tenant, all kept versions: 413
+    max_training_metadata_bytes: int = 16 << 10  # JSON of an artifact's `training` metadata: 422
 
 
 DEFAULT_LIMITS = Limits()

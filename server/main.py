@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: torch and transformers take seconds to import, and `--help` should not wait.
     from modeling.models import load_model
     from prefix_store.factory import make_store
+    from prefix_store.uploads import ArtifactUploadChecks
     from server.api import create_app, metrics_for, start_draining
     from server.engine import Engine
 
@@ -177,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(
-        settings, engine=engine, store=store, spec=loaded.spec, device_type=loaded.device.type,
-        metrics=metrics, on_fatal=on_fatal,
+        settings, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(),
+        device_type=loaded.device.type, metrics=metrics, on_fatal=on_fatal,
     )  # fmt: skip
     config = uvicorn_config(app, settings, app.state.prefixserve.http)
     server = _Server(

@@ -150,6 +150,21 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Queued requests per tenant (a key's max_waiting wins); 0 = global only."
     )
 
+    # --- upload quotas (issue 13); the upload rate is tenant_upload_rps ------------------------
+    tenant_max_tasks: int = Field(
+        default=_L.tenant_max_tasks, ge=0, description="Tasks per tenant; 0 = unlimited (429 beyond)."
+    )
+    tenant_max_stored_bytes: int = Field(
+        default=_L.tenant_max_stored_bytes,
+        ge=0,
+        description="Artifact bytes per tenant, all kept versions; 0 = unlimited (413 beyond).",
+    )
+    max_training_metadata_bytes: int = Field(
+        default=_L.max_training_metadata_bytes,
+        ge=0,
+        description="JSON size of an artifact's `training` metadata (422 beyond).",
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -169,7 +184,9 @@ class Settings(BaseSettings):
         description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
     )
     tenant_upload_rps: float = Field(
-        default=0.0, ge=0, description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited."
+        default=_L.tenant_upload_rps,
+        ge=0,
+        description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited.",
     )
 
     # --- API compatibility (issue 16, clients) --------------------------------------------------

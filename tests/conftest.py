@@ -7,6 +7,15 @@ from pathlib import Path
 import pytest
 
 from modeling.models import make_model_dir
+from tests import warnings_policy
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    warnings_policy.install()  # FutureWarnings caused by our code fail the test (tests/warnings_policy.py)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    warnings_policy.uninstall()
 
 
 @pytest.fixture(scope="session")

@@ -185,7 +185,11 @@ def train_main(argv: list[str] | None = None) -> int:
     prepend = args.init_text if init == "paper" else None
     train_examples = prepend_source(load_examples(args.data, args.format, paper)[: args.limit], prepend)
     dev_examples = prepend_source(load_examples(args.dev, args.format, paper), prepend) if args.dev else []
-    loaded = load_model(args.model, device=args.device, dtype="float32")
+    from training.distributed import init_from_launcher, rank_world, shutdown
+
+    # Under `torchrun`, join its process group (the launcher's environment is read here, at the edge).
+    device = init_from_launcher(os.environ, args.device)
+    loaded = load_model(args.model, device=device, dtype="float32")
     prefix_length = args.prefix_length or 10
     if init == "paper":
         from training.prefix import text_token_ids
@@ -266,7 +270,11 @@ def train_main(argv: list[str] | None = None) -> int:
         "best_dev_bleu": state.best_dev_bleu,
         "train_seconds": round(state.train_seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "world_size": rank_world()[1],
     }
+    if rank_world()[0] != 0:  # data-parallel: every rank holds the same prefix; rank 0 writes it
+        shutdown()
+        return 0
     written = export(tuner, args.out, args.task, training_meta)
     summary = {
         "task": args.task,
@@ -286,6 +294,7 @@ def train_main(argv: list[str] | None = None) -> int:
     print(
         json.dumps({k: summary[k] for k in ("task", "steps", "final_train_loss", "best_dev_loss", "files")})
     )
+    shutdown()
     return 0
 
 

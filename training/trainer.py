@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from training.data import collate
+from training.distributed import all_reduce_grads, all_reduce_sum, rank_world
 from training.prefix import PrefixTuner
 from training.steplog import StepLog
 
@@ -232,8 +233,10 @@ def train(
     torch.manual_seed(cfg.seed)
     params = [p for p in tuner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rank, world = rank_world()
+    micro_per_step = cfg.grad_accum * world  # data-parallel: each rank runs its share of the step
     micro_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    steps_per_epoch = math.ceil(micro_per_epoch / micro_per_step)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     state, best_state = TrainState(), None
@@ -244,22 +247,31 @@ def train(
     stopped_early = state.stopped_early
     tuner.train()
     scaler = make_scaler(device, cfg.precision)
-    log = StepLog(out)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not cfg.progress, desc="train", unit="step")
+    log = StepLog(out) if rank == 0 else None
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        disable=not cfg.progress or rank != 0,
+        desc="train",
+        unit="step",
+    )
     started = time.perf_counter()
     seconds_before, tokens_at_start = state.train_seconds, state.num_tokens
     while state.step < total_steps and not stopped_early:
         batches = epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, state.epoch)
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
-            group = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.grad_accum]
-            step_loss = 0.0
-            for idx in group:
+            group = batches[state.batch_in_epoch : state.batch_in_epoch + micro_per_step]
+            step_loss, step_tokens = 0.0, 0
+            for idx in group[rank::world]:
                 batch = _to(collate([train_rows[i] for i in idx], pad_id), device)
                 with autocast_context(device, cfg.precision):
                     loss = tuner.loss(batch) / len(group)
                 scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
-                state.num_tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
+            all_reduce_grads(params)
+            step_loss, tokens = all_reduce_sum([step_loss, step_tokens])
+            state.num_tokens += int(tokens)
             lr = float(scheduler.get_last_lr()[0])
             optimizer_step(scaler, optimizer, params, cfg.max_grad_norm)
             scheduler.step()
@@ -271,7 +283,8 @@ def train(
             tok_s = (state.num_tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:.0f}", epoch=state.epoch)
-            log.write(
+            _write(
+                log,
                 {
                     "step": state.step,
                     "epoch": state.epoch,
@@ -279,14 +292,14 @@ def train(
                     "lr": lr,
                     "tokens": state.num_tokens,
                     "seconds": round(state.train_seconds, 3),
-                }
+                },
             )
             if dev_rows and state.step % eval_every == 0:
                 stopped_early, best_state = _dev_eval(
                     tuner, dev_rows, cfg, pad_id, state, best_state, dev_bleu
                 )
-                log.write(_dev_record(state))
-            if state.step % ckpt_every == 0 or state.step == total_steps or stopped_early:
+                _write(log, _dev_record(state))
+            if rank == 0 and (state.step % ckpt_every == 0 or state.step == total_steps or stopped_early):
                 save_checkpoint(out, tuner, optimizer, scheduler, state, cfg.keep_checkpoints, best_state)
             if stopped_early:
                 break
@@ -297,8 +310,9 @@ def train(
     state.train_seconds = seconds_before + time.perf_counter() - started
     if dev_rows and (not state.dev_losses or state.dev_losses[-1][0] != state.step) and not stopped_early:
         stopped_early, best_state = _dev_eval(tuner, dev_rows, cfg, pad_id, state, best_state, dev_bleu)
-        log.write(_dev_record(state))
-    log.close()
+        _write(log, _dev_record(state))
+    if log is not None:
+        log.close()
     exported_step = state.step
     if dev_rows and best_state is not None and state.best_step is not None and state.best_step != state.step:
         tuner.load_trainable_state(best_state)
@@ -307,6 +321,11 @@ def train(
     return TrainResult(
         state=state, stopped_early=stopped_early, exported_step=exported_step, total_steps=total_steps
     )
+
+
+def _write(log: StepLog | None, record: dict[str, Any]) -> None:
+    if log is not None:  # rank 0 only
+        log.write(record)
 
 
 def _dev_record(state: TrainState) -> dict[str, float]:

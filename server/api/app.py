@@ -17,8 +17,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore, StoreUnavailable
-from prefix_store.model_spec import ModelSpec
 from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState, EngineLike
@@ -65,6 +66,7 @@ def create_app(
     engine: EngineLike,
     store: PrefixStore,
     spec: ModelSpec,
+    uploads: UploadChecks,
     device_type: str = "cpu",
     metrics: Metrics | None = None,
     limiter: TenantLimiter | None = None,
@@ -72,7 +74,8 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI app serving `engine` and `store` with `settings`.
 
-    `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
+    `uploads` checks uploaded files (`prefix_store.uploads.ArtifactUploadChecks()`: tensor code, so it is
+    passed in rather than imported; this layer imports no torch). `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
     `metrics_for(settings)`; one is made if not given. `on_fatal` is called once if the engine loop
     dies (main: exit non-zero).
     """
@@ -87,7 +90,7 @@ def create_app(
             settings.redis_key_prefix,
         )
     upload_limiter = make_limiter(
-        LimitConfig(max_concurrent=0, rps=settings.tenant_upload_rps),
+        LimitConfig(max_concurrent=0, rps=settings.limits.tenant_upload_rps),
         settings.redis_url,
         f"{settings.redis_key_prefix}:uploads",
     )
@@ -104,6 +107,7 @@ def create_app(
         spec=spec,
         metrics=metrics,
         auth=auth,
+        uploads=uploads,
         limiter=limiter,
         upload_limiter=upload_limiter,
         http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
@@ -143,7 +147,7 @@ def create_app(
     )
     app.state.prefixserve = state
     install_error_handlers(app)
-    for module in (generate, openai, chat, tokenize, prefixes, canary, health):  # canary: issue 18
+    for module in (generate, openai, chat, tokenize, prefixes, canary, health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.

@@ -13,8 +13,9 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore
-from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
 from server.api.http_limits import HttpLimits
@@ -73,6 +74,7 @@ class AppState:
     spec: ModelSpec
     metrics: Metrics
     auth: Authenticator
+    uploads: UploadChecks  # the artifact checks (torch code, injected: issue 14)
     limiter: TenantLimiter
     http: HttpLimits
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefix_store.artifact import ArtifactError
+from prefix_store.artifact_types import ArtifactError
 from prefix_store.base import InvalidName, StoreError, StoreUnavailable, TaskNotFound, VersionNotFound
 from server.engine.errors import (
     EngineStopped,

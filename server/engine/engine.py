@@ -42,6 +42,7 @@ from server.engine.errors import (
     UnknownTask,
 )
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.observer import EngineObserver
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
@@ -50,29 +51,6 @@ from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 from server.limits import Limits
 
 logger = logging.getLogger(__name__)
-
-
-class EngineObserver:
-    """Callbacks for metrics; subclass and override what you need (all are no-ops here).
-
-    Called on the event loop thread; keep them cheap. The engine never imports a metrics library.
-    """
-
-    def on_step(self, batch_size: int, num_distinct_tasks: int, kv_usage_ratio: float) -> None: ...
-    def on_queue_time(self, seconds: float) -> None: ...
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_token(self, inter_token_seconds: float) -> None: ...
-    def on_finish(
-        self,
-        reason: str,
-        prompt_tokens: int,
-        generated_tokens: int,
-        e2e_seconds: float,
-        tenant: str,
-        task: str | None,
-    ) -> None: ...
-    def on_prefix_load(self, seconds: float) -> None: ...
-    def on_cache_event(self, kind: str, tier: str) -> None: ...
 
 
 @dataclass

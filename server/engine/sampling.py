@@ -93,7 +93,9 @@ def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     seed high bits, step) -> [B, V] float32."""
     row = _mix(_mix(keys[:, 0] ^ _mix(keys[:, 1])) ^ ((keys[:, 2] * _GOLDEN) & _M32))  # [B]
     index = (torch.arange(vocab, device=keys.device, dtype=torch.int64) * _GOLDEN) & _M32  # [V]
-    bits = _mix(_mix(row[:, None] ^ index[None, :]) ^ row[:, None])  # [B, V] in [0, 2**32)
+    # One finaliser per element: the per-row key is already well mixed, and the Weyl-spread index
+    # differs in many bits from its neighbours, so one round decorrelates adjacent tokens.
+    bits = _mix(row[:, None] ^ index[None, :])  # [B, V] in [0, 2**32)
     uniform = ((bits >> (32 - _UNIFORM_BITS)).float() + 0.5) / float(1 << _UNIFORM_BITS)  # [B, V] in (0, 1)
     return -torch.log(-torch.log(uniform))
 
@@ -220,15 +222,16 @@ class Sampler:
         logprobs = clean.log_softmax(dim=-1)  # [B, V] the model's own distribution
         scores = apply_penalties(apply_logit_bias(clean.clone(), rows), rows)  # [B, V]
         chosen = scores.argmax(dim=-1)  # [B] greedy choice
-        sampled = [r.params.do_sample for r in rows]
-        if any(sampled):
-            filtered = filter_logits(scores, [r.params for r in rows])  # [B, V]
+        sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
+        if sampled:  # filters and noise only for the rows that sample (the greedy ones are done)
+            index = torch.tensor(sampled, device=dev)  # [M]
+            filtered = filter_logits(scores[index], [rows[i].params for i in sampled])  # [M, V]
             keys = torch.tensor(
-                [[r.seed & _M32, (r.seed >> 32) & _M32, r.step & _M32] for r in rows], device=dev
-            )  # [B, 3]
-            drawn = (filtered + gumbel_noise(keys, vocab)).argmax(dim=-1)  # [B]
-            chosen = torch.where(torch.tensor(sampled, device=dev), drawn, chosen)
-            scores = filtered
+                [[rows[i].seed & _M32, (rows[i].seed >> 32) & _M32, rows[i].step & _M32] for i in sampled],
+                device=dev,
+            )  # [M, 3]
+            chosen[index] = (filtered + gumbel_noise(keys, vocab)).argmax(dim=-1)  # [M]
+            scores[index] = filtered
         # A row whose distribution degenerated (all -inf/NaN) takes the raw argmax instead of a
         # meaningless index; no host sync to find out.
         usable = torch.isfinite(scores).any(dim=-1) & torch.isfinite(scores.gather(1, chosen[:, None]))[:, 0]

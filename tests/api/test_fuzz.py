@@ -28,6 +28,7 @@ from schemathesis.checks import (
 )
 
 from prefix_store.factory import make_store
+from prefix_store.uploads import ArtifactUploadChecks
 from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
 from server.limits import Limits
@@ -52,7 +53,9 @@ def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         EngineConfig(Limits(max_batch_size=8, max_waiting=64), kv_position_chunk=64),
         observer=metrics,
     )
-    app = create_app(s, engine=engine, store=store, spec=loaded.spec, metrics=metrics)
+    app = create_app(
+        s, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(), metrics=metrics
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -77,14 +80,15 @@ def _openapi() -> dict:
     (the schema is needed at collection time, before any fixture runs)."""
     from types import SimpleNamespace
 
+    from modeling.model_spec import ModelSpec
     from modeling.models import build_config
-    from prefix_store.model_spec import ModelSpec
 
     stand_in = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
     app = create_app(
         Settings(_env_file=None, model="tiny-gpt2"),  # type: ignore[call-arg]
         engine=stand_in,  # type: ignore[arg-type]
         store=make_store(None, Path("unused")),
+        uploads=ArtifactUploadChecks(),
         spec=ModelSpec.from_config(build_config("tiny-gpt2")),
     )
     return app.openapi()

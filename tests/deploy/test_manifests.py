@@ -27,12 +27,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("gpu", "cpu", "external-redis")
+OVERLAYS = ("gpu", "cpu", "external-redis", "inference-pool")
 # The oldest Kubernetes minor we support; the schemas ship inside kubernetes-validate.
 KUBERNETES_VERSION = "1.32.0"
 # CRDs have no schema in kubernetes-validate (it only warns on them). Only these API groups may be
 # schema-less; any other missing schema is a typo'd apiVersion/kind and fails the test.
-CRD_GROUPS = {"monitoring.coreos.com", "keda.sh"}
+CRD_GROUPS = {"monitoring.coreos.com", "keda.sh", "inference.networking.k8s.io", "gateway.networking.k8s.io"}
 
 # ---------------------------------------------------------------------------------------------------
 # Rendering and validation helpers
@@ -279,6 +279,47 @@ def test_external_redis_overlay_uses_the_url_secret_and_no_in_cluster_redis():
     url = env["PREFIXSERVE_REDIS_URL"]
     assert "value" not in url
     assert one(objects, "Secret", url["valueFrom"]["secretKeyRef"]["name"])
+
+
+def test_inference_pool_overlay_wires_the_endpoint_picker_to_the_servers():
+    objects = render("inference-pool")
+    pool = one(objects, "InferencePool", "prefixserve")
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    server_pods = one(objects, "Deployment", "prefixserve")["spec"]["template"]
+    # The pool is exactly the server pods, on their HTTP port.
+    assert selects(pool["spec"]["selector"]["matchLabels"], server_pods["metadata"]["labels"])
+    ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [ports["http"]]
+
+    # The picker: its Service, its pods, its flags naming this pool and series the server exports.
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_service = one(objects, "Service", ref["name"])
+    assert ref["port"]["number"] in [p["port"] for p in epp_service["spec"]["ports"]]
+    epp = one(objects, "Deployment", "prefixserve-epp")["spec"]["template"]
+    assert selects(epp_service["spec"]["selector"], epp["metadata"]["labels"])
+    assert not selects(pool["spec"]["selector"]["matchLabels"], epp["metadata"]["labels"])
+    flags = dict(a.removeprefix("--").split("=", 1) for a in epp["spec"]["containers"][0]["args"])
+    assert flags["pool-name"] == pool["metadata"]["name"]
+    assert flags["pool-namespace"] == pool["metadata"]["namespace"]
+    exported = exported_metric_names()
+    for flag in ("total-queued-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric"):
+        assert flags[flag] in exported, flag
+    # Its service account may read the pool and watch pods, in this namespace only.
+    account = epp["spec"]["serviceAccountName"]
+    binding = one(objects, "RoleBinding", "prefixserve-epp")
+    assert {"kind": "ServiceAccount", "name": account, "namespace": "prefixserve"} in binding["subjects"]
+    rules = one(objects, "Role", binding["roleRef"]["name"])["rules"]
+    granted = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("inference.networking.k8s.io", "inferencepools"), ("", "pods")} <= granted
+    assert find(objects, "ClusterRole") == [] and find(objects, "ClusterRoleBinding") == []
+
+    # Task names are listed for the picker (they are off by default), and the gateway routes to the pool.
+    assert server_config(objects)["PREFIXSERVE_METRICS_ADAPTER_NAMES"] == "task"
+    route = one(objects, "HTTPRoute", "prefixserve")
+    backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backends == [
+        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "prefixserve"}
+    ]
 
 
 def render_own_overlay(tmp_path: Path, files: dict[str, str] | None = None, **kustomization) -> tuple:

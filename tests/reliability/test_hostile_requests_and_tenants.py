@@ -209,3 +209,23 @@ def test_api_keys_file_without_keys_refuses_to_start(tmp_path, tiny_gpt2_dir):
         timeout=120,
     )
     assert done.returncode != 0 and "does-not-exist.json" in (done.stdout + done.stderr).decode()
+
+
+def test_empty_api_keys_value_refuses_to_start(tmp_path, tiny_gpt2_dir):
+    # PREFIXSERVE_API_KEYS set but empty (an unset Secret key rendered as ""): fail closed, never
+    # run without authentication.
+    for value in ["", "   "]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
+        env.update(
+            PREFIXSERVE_MODEL=str(tiny_gpt2_dir),
+            PREFIXSERVE_PORT="0",
+            PREFIXSERVE_API_KEYS=value,
+            PREFIXSERVE_LOCAL_STORE_DIR=str(tmp_path / "store"),
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "server.main"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120
+        )
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        assert done.returncode == 2, (repr(value), output[-2000:])
+        assert "PREFIXSERVE_API_KEYS" in output and "holds no API keys" in output, output[-2000:]
+        assert "Uvicorn running" not in output

@@ -7,7 +7,7 @@ twice, with `PREFIXSERVE_FAIR_SCHEDULING=true` and `=false`, and drives the same
 loopback HTTP (`POST /v1/generate_stream`, `ignore_eos` so output lengths are exact):
 - idle: tenant B alone, a few short requests (B's idle TTFT);
 - flood: tenant A sends `flood` long requests at once (far over 10x B's rate), and once they are
-  queued B sends `trickle` short requests one after another.
+  queued B sends `trickle` short requests, one every `trickle_interval_s` (open loop).
 Reported per tenant: TTFT p50/p99, 429s, and the share of tokens generated while B was active.
 """
 
@@ -40,11 +40,12 @@ AUTH = {t: {"Authorization": f"Bearer bench-tenant-{t}-key"} for t in "ab"}
 
 @dataclass
 class Config:
-    flood: int = 48  # A's requests, all at once
-    flood_tokens: int = 32
-    trickle: int = 8  # B's requests, one at a time
-    trickle_tokens: int = 8
-    max_batch_size: int = 8
+    flood: int = 24  # A's requests, all at once
+    flood_tokens: int = 24
+    trickle: int = 5  # B's requests, one at a time
+    trickle_tokens: int = 4
+    trickle_interval_s: int = 3  # B sends one request every this many seconds
+    max_batch_size: int = 4
     max_waiting: int = 256
 
 
@@ -83,9 +84,14 @@ async def scenario(url: str, cfg: Config) -> dict[str, Any]:
         idle = [await stream(client, "b", cfg.trickle_tokens) for _ in range(3)]
         flood = [asyncio.create_task(stream(client, "a", cfg.flood_tokens)) for _ in range(cfg.flood)]
         await asyncio.sleep(1.0)  # A's burst is queued before B starts
-        trickle = [await stream(client, "b", cfg.trickle_tokens) for _ in range(cfg.trickle)]
+        sent = []
+        for _ in range(cfg.trickle):  # open loop: B's rate does not depend on how it is served
+            sent.append(asyncio.create_task(stream(client, "b", cfg.trickle_tokens)))
+            await asyncio.sleep(cfg.trickle_interval_s)
+        trickle = await asyncio.gather(*sent)
         a = await asyncio.gather(*flood)
-    start, end = trickle[0].sent, trickle[-1].token_times[-1] if trickle[-1].token_times else time.monotonic()
+    start = trickle[0].sent
+    end = max((s.token_times[-1] for s in trickle if s.token_times), default=time.monotonic())
     tokens = {
         t: sum(start <= x <= end for s in group for x in s.token_times)
         for t, group in (("a", a), ("b", trickle))
@@ -132,7 +138,7 @@ def report(results: dict[str, Any], cfg: Config, machine: dict[str, Any], second
         f"load average {machine.get('load_average_at_start', '?')} at the start, {seconds:.0f} s. Real server "
         f"(tiny GPT-2, random weights, CPU, max_batch_size {cfg.max_batch_size}); A sends {cfg.flood} requests "
         f"of {cfg.flood_tokens} tokens at once, then B sends {cfg.trickle} requests of {cfg.trickle_tokens} "
-        "tokens one after another. Equal weights.",
+        f"tokens, one every {cfg.trickle_interval_s} s. Equal weights.",
         "",
         "| scheduling | tenant | TTFT p50 (s) | TTFT p99 (s) | 429s | token share while B active |",
         "|---|---|---:|---:|---:|---:|",

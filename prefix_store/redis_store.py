@@ -388,7 +388,8 @@ class RedisPrefixStore:
         base = self._task_base(tenant, task)
         with self._errors("get_split"):
             raw = await self._redis.get(f"{base}:split")
-        self._seen_splits[(tenant, task)] = raw  # what subscribers now know; resync compares with it
+        if raw is not None or (tenant, task) in self._seen:  # not for unknown names: bounded memory
+            self._seen_splits[(tenant, task)] = raw  # what subscribers now know; resync compares with it
         return {} if raw is None else {int(v): int(p) for v, p in json.loads(raw).items()}
 
     # ---- reads ------------------------------------------------------------------------------
@@ -533,7 +534,8 @@ class RedisPrefixStore:
     async def _resync_splits(self) -> list[ChangeEvent]:
         """Issue 18: a traffic split changed while the listener was away (the split is not part of
         `current`): report the task as changed, so subscribers re-read its split."""
-        snapshot = list(self._seen_splits.items())
+        known = {**dict.fromkeys(self._seen), **self._seen_splits}  # tasks that exist, or had a split
+        snapshot = list(known.items())
         events: list[ChangeEvent] = []
         for start in range(0, len(snapshot), _RESYNC_CHUNK):
             chunk = snapshot[start : start + _RESYNC_CHUNK]
@@ -543,7 +545,7 @@ class RedisPrefixStore:
             for ((tenant, task), old), new, cur in zip(
                 chunk, raw[: len(chunk)], raw[len(chunk) :], strict=True
             ):
-                if new != old and self._seen_splits.get((tenant, task)) == old:
+                if new != old and self._seen_splits.get((tenant, task)) == old and (new or old):
                     self._seen_splits[(tenant, task)] = new
                     event = ChangeEvent(tenant, task, None if cur is None else int(cur))
                     events.append(event)

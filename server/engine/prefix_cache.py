@@ -174,7 +174,11 @@ class PrefixCache:
                 return ResolvedPrefix(version, await self._version(tenant, task, version), variant)
             except VersionNotFound:
                 pass  # the split changed under us (promoted, deleted): serve the current version
-        return await self._resolve_current(tenant, task)
+        try:
+            return await self._resolve_current(tenant, task)
+        except UnknownTask:
+            self._splits.pop((tenant, task), None)  # no entries for names that are not tasks
+            raise
 
     async def _split(self, tenant: str, task: str) -> dict[int, int]:
         key = (tenant, task)

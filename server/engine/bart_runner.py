@@ -141,15 +141,6 @@ class BartRunner:
     def request_ids(self) -> list[str]:
         return list(self.self_cache.request_ids)
 
-    def kv_stats(self) -> dict[str, int]:
-        return {
-            "rows": self.self_cache.num_active,
-            "row_capacity": self.self_cache.row_capacity,
-            "position_capacity": self.self_cache.position_capacity,
-            "cross_position_capacity": self.cross_cache.position_capacity,
-            "bytes": self.self_cache.nbytes + self.cross_cache.nbytes,
-        }
-
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             if rid in self.self_cache.row_by_request_id:

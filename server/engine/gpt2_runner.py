@@ -92,14 +92,6 @@ class GPT2Runner:
     def request_ids(self) -> list[str]:
         return list(self.cache.request_ids)
 
-    def kv_stats(self) -> dict[str, int]:
-        return {
-            "rows": self.cache.num_active,
-            "row_capacity": self.cache.row_capacity,
-            "position_capacity": self.cache.position_capacity,
-            "bytes": self.cache.nbytes,
-        }
-
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._prompt_logits.pop(rid, None)

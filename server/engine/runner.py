@@ -79,7 +79,3 @@ class ModelRunner(Protocol):
     def release(self, request_ids: list[str]) -> None:
         """Free the rows of requests that left (finished, aborted, failed). Unknown ids are ignored."""
         ...
-
-    def kv_stats(self) -> dict[str, int]:
-        """Cache occupancy for metrics: rows, capacity, bytes."""
-        ...

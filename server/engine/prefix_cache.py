@@ -54,15 +54,13 @@ class CacheListener(Protocol):
 
 @dataclass
 class PrefixCacheStats:
-    """Counters for metrics. `hits`/`evictions`/`bytes`/`entries` are per tier."""
+    """Counters for metrics. `hits`/`evictions`/`bytes` are per tier."""
 
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     misses: int = 0
     evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
-    entries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     loads: int = 0
-    load_errors: int = 0
 
 
 class _LRU:
@@ -228,7 +226,6 @@ class PrefixCache:
             # The configured limits, not defaults: what an upload was allowed to store stays servable.
             artifact = await asyncio.to_thread(load_artifact, data, self.spec, self.limits)
         except ArtifactError as exc:
-            self.stats.load_errors += 1
             raise InvalidPrefix(f"prefix {tenant}/{task} v{version} does not fit this model: {exc}") from None
         return artifact.to(self.device, self.dtype)
 
@@ -278,9 +275,6 @@ class PrefixCache:
             stored = await self.store.get(tenant, task)
         except TaskNotFound:
             raise UnknownTask(f"tenant {tenant!r} has no task {task!r}") from None
-        except StoreUnavailable:
-            self.stats.load_errors += 1
-            raise
         artifact = await self._validated(stored.data, tenant, task, stored.info.version)
         version = stored.info.version
         self.stats.loads += 1
@@ -313,7 +307,6 @@ class PrefixCache:
     def _update_gauges(self) -> None:
         for name, tier in self._tiers.items():
             self.stats.bytes[name] = tier.nbytes
-            self.stats.entries[name] = len(tier.items)
 
     def cached_versions(self, tier: str) -> list[Key]:
         """Keys held in a tier, least recently used first (for tests and debugging)."""

@@ -90,10 +90,6 @@ class SchedulerPlan:
     timed_out_ids: list[str] = field(default_factory=list)
     aborted_ids: list[str] = field(default_factory=list)
 
-    @property
-    def is_empty(self) -> bool:
-        return not (self.prefill_chunks or self.decode_ids)
-
 
 @dataclass(frozen=True)
 class StepOutput:

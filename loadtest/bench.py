@@ -33,14 +33,24 @@ from typing import Any
 import torch
 
 from loadtest import report
+from loadtest.bench_models import GPT2_TEXT_VOCAB, ensure_model
 from loadtest.machine import bart_flops, gpt2_flops, machine_info, measure_matmul_peak
 from loadtest.metrics import SLO, RunResult, summarize
 from loadtest.prefixes import make_task_prefixes
 from loadtest.workload import Workload, WorkloadSpec, make_workload
-from modeling.models import DTYPES, LoadedModel, load_model, make_model_dir, resolve_device
+from modeling.models import DTYPES, LoadedModel, load_model, resolve_device
 
-ALL_RUNNERS = ("engine", "no_prefix", "http", "naive_peft", "static_batch")
-GPT2_TEXT_VOCAB = 50257  # real-text token ids (BART's extra specials sit above)
+ALL_RUNNERS = (
+    "engine",
+    "no_prefix",
+    "http",
+    "naive_peft",
+    "static_batch",
+    "transformers_cb",
+    "engine_16_tasks",
+)
+PEFT_RUNNERS = ("naive_peft", "static_batch")
+DEFAULT_RUNNERS = ("engine", "no_prefix", "http", "naive_peft", "static_batch", "transformers_cb")
 # With the default init (std 0.02) and tied embeddings a random BART decoder copies its input token,
 # and its decoder starts from EOS: greedy decoding emits EOS at once. Every runner ignores EOS anyway
 # (exact output lengths), but the BART benchmark model uses larger random weights (same shapes, same
@@ -54,12 +64,18 @@ class Section:
 
     preset: str
     workload: WorkloadSpec
-    runners: tuple[str, ...] = ALL_RUNNERS
+    runners: tuple[str, ...] = DEFAULT_RUNNERS
     max_batch_size: int = 64  # engine rows; static batching's batch cap is the same
     scaling: tuple[int, ...] = ()  # engine concurrency sweep
     scaling_min_requests: int = 8  # requests per sweep point: max(concurrency, this)
     # make_model_dir config overrides, e.g. (("init_std", 0.2),): weights differ, shapes and cost do not.
     model_overrides: tuple[tuple[str, float], ...] = ()
+    # issue 15 workloads: a device prefix tier smaller than the working set, prefixes warmed for only
+    # a few tasks (the rest load through the store during the run), and `engine_16_tasks` (the same
+    # requests spread over this many tasks) as the many-task comparison.
+    device_prefix_cache_bytes: int | None = None
+    max_warm_tasks: int | None = None
+    compare_num_tasks: int = 16
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,66 @@ PROFILES: dict[str, Profile] = {
         ),
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
+    # issue 15: a task's prefix read once for all its rows (4 tasks x L=200 over 64 requests).
+    "long-prefix": Profile(
+        name="long-prefix",
+        device="cpu",
+        dtype="float32",
+        main=Section(
+            preset="gpt2",
+            workload=WorkloadSpec(
+                num_requests=64,
+                num_tasks=4,
+                prompt_len=(32, 128),
+                output_len=(16, 64),
+                concurrency=64,
+                prefix_lengths=(200,),
+            ),
+            runners=("engine", "no_prefix", "transformers_cb"),
+            max_batch_size=64,
+        ),
+        slo=SLO(ttft_s=10.0, tpot_s=0.5),
+    ),
+    # issue 15: 1,024 tasks with Zipf popularity, a device prefix tier of 64 prefixes (smaller than the
+    # working set), prefixes loaded through the store during the run; vs the same requests over 16 tasks.
+    "many-tasks": Profile(
+        name="many-tasks",
+        device="cpu",
+        dtype="float32",
+        main=Section(
+            preset="gpt2",
+            workload=WorkloadSpec(
+                num_requests=192,
+                num_tasks=1024,
+                prompt_len=(32, 128),
+                output_len=(16, 64),
+                concurrency=64,
+                task_popularity="zipf",
+                prefix_lengths=(10,),
+            ),
+            runners=("engine", "engine_16_tasks"),
+            max_batch_size=64,
+            device_prefix_cache_bytes=64 * 12 * 2 * 768 * 10 * 4,  # 64 gpt2 prefixes of length 10, fp32
+            max_warm_tasks=16,
+        ),
+        slo=SLO(ttft_s=10.0, tpot_s=0.5),
+    ),
+    # issue 15: framework/launch overhead per decode step made visible on CPU: 24 narrow layers, batch 64.
+    "overhead": Profile(
+        name="overhead",
+        device="cpu",
+        dtype="float32",
+        main=Section(
+            preset="gpt2",
+            workload=WorkloadSpec(
+                num_requests=64, num_tasks=16, prompt_len=(8, 16), output_len=(48, 64), concurrency=64
+            ),
+            runners=("engine", "no_prefix", "transformers_cb"),
+            max_batch_size=64,
+            model_overrides=(("n_layer", 24), ("n_embd", 128), ("n_head", 4)),
+        ),
+        slo=SLO(ttft_s=10.0, tpot_s=0.5),
+    ),
     "gpu": Profile(
         name="gpu",
         device="cuda",
@@ -160,15 +236,6 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def ensure_model(preset: str, models_dir: Path, overrides: tuple[tuple[str, float], ...] = ()) -> Path:
-    """The preset's random-weight model directory, written once (same preset and overrides, same weights)."""
-    path = models_dir / (preset + "".join(f"-{k}{v}" for k, v in overrides))
-    if not (path / "config.json").exists():
-        print(f"[bench] writing {preset} {dict(overrides)} model to {path}", flush=True)
-        make_model_dir(preset, path, seed=0, **dict(overrides))
-    return path
-
-
 def _flops(loaded: LoadedModel, workload: Workload, run: RunResult, with_prefix: bool) -> float:
     ok = [r for r in run.records if r.ok]
     prompts = [r.num_prompt_tokens for r in ok]
@@ -177,6 +244,16 @@ def _flops(loaded: LoadedModel, workload: Workload, run: RunResult, with_prefix:
     if loaded.spec.is_encoder_decoder:
         return bart_flops(loaded.model, [p + 2 for p in prompts], outs, prefixes)  # + bos/eos
     return gpt2_flops(loaded.model, prompts, outs, prefixes)
+
+
+def _fewer_tasks(
+    workload: Workload, artifacts: dict[str, bytes], num_tasks: int
+) -> tuple[Workload, dict[str, bytes]]:
+    """The same requests spread round-robin over the first `num_tasks` tasks (same prompts, lengths)."""
+    tasks = workload.tasks[:num_tasks]
+    requests = [replace(r, task=tasks[i % len(tasks)]) for i, r in enumerate(workload.requests)]
+    spec = replace(workload.spec, num_tasks=len(tasks))
+    return replace(workload, spec=spec, tasks=tasks, requests=requests), {t: artifacts[t] for t in tasks}
 
 
 class Bench:
@@ -209,10 +286,13 @@ class Bench:
         vocab = min(loaded.spec.vocab_size, GPT2_TEXT_VOCAB)
         workload = make_workload(section.workload, vocab, loaded.model.config.eos_token_id)
         lengths = {t: workload.prefix_length(t) for t in workload.tasks}
-        prefixes = make_task_prefixes(loaded, workload.tasks, lengths, scratch / section.preset / "peft")
+        with_peft = bool(set(PEFT_RUNNERS) & set(self._runners(section)))
+        prefixes = make_task_prefixes(
+            loaded, workload.tasks, lengths, scratch / section.preset / "peft", with_peft=with_peft
+        )
         notes: list[str] = []
         runs: dict[str, RunResult] = {}
-        engine_config = self._engine_config(section.max_batch_size)
+        engine_config = self._engine_config(section.max_batch_size, section.device_prefix_cache_bytes)
         if {"engine", "no_prefix"} & set(self._runners(section)):
             # One untimed pass first: the first engine of a process pays one-off costs (allocator
             # growth, page faults on the first KV buffers, thread-pool start) that would otherwise land
@@ -221,18 +301,34 @@ class Bench:
             run_engine(loaded, warm, prefixes.artifacts, engine_config)
         # Engine-family runners and the scaling sweep first, the PEFT baselines last: PEFT wraps the
         # shared base model, and nothing measured on the engine should run after that.
-        order = sorted(self._runners(section), key=lambda r: r in ("naive_peft", "static_batch"))
+        # transformers' own continuous batching goes last: it switches the model's attention implementation.
+        order = sorted(
+            self._runners(section), key=lambda r: (r in PEFT_RUNNERS) + 2 * (r == "transformers_cb")
+        )
         scaling: list[dict[str, Any]] = []
         for name in order:
-            if name in ("naive_peft", "static_batch") and do_scaling and section.scaling and not scaling:
+            if name in (*PEFT_RUNNERS, "transformers_cb") and do_scaling and section.scaling and not scaling:
                 scaling = self._scaling(loaded, section, prefixes.artifacts, vocab)
             self.log(f"{section.preset}: {name} ({len(workload.requests)} requests)")
             gc.collect()
             try:
                 if name in ("engine", "no_prefix"):
                     runs[name] = run_engine(
-                        loaded, workload, prefixes.artifacts, engine_config, name == "engine", name
+                        loaded,
+                        workload,
+                        prefixes.artifacts,
+                        engine_config,
+                        name == "engine",
+                        name,
+                        max_warm_tasks=section.max_warm_tasks,
                     )
+                elif name == "engine_16_tasks":
+                    few, few_artifacts = _fewer_tasks(workload, prefixes.artifacts, section.compare_num_tasks)
+                    runs[name] = run_engine(loaded, few, few_artifacts, engine_config, True, name)
+                elif name == "transformers_cb":
+                    from loadtest.runners.transformers_cb import run_transformers_cb
+
+                    runs[name] = run_transformers_cb(loaded, workload, section.max_batch_size)
                 elif name == "http":
                     from loadtest.runners.http_runner import run_http
 
@@ -287,12 +383,15 @@ class Bench:
         gc.collect()
         return part, runs, notes
 
-    def _engine_config(self, max_batch_size: int) -> Any:
+    def _engine_config(self, max_batch_size: int, device_prefix_cache_bytes: int | None = None) -> Any:
         from server.engine import EngineConfig
         from server.limits import Limits
 
         # Long queue timeouts: a benchmark measures queueing, it must not drop requests to hide it.
-        return EngineConfig(Limits(max_batch_size=max_batch_size, max_waiting=4096, queue_timeout_s=3600.0))
+        limits = Limits(max_batch_size=max_batch_size, max_waiting=4096, queue_timeout_s=3600.0)
+        if device_prefix_cache_bytes is not None:
+            limits = replace(limits, device_prefix_cache_bytes=device_prefix_cache_bytes)
+        return EngineConfig(limits)
 
     def _run_peft(
         self, name: str, loaded: LoadedModel, workload: Workload, peft_dirs: dict[str, Path], max_batch: int

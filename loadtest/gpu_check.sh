@@ -18,7 +18,7 @@ fi
 timeout 240 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/test-gpu.log" 2>&1
 echo "test-gpu exit $?" >> "$OUT/test-gpu.log"
 # The http runner needs the server's packages; run the in-process runners when they are missing.
-runners=engine,no_prefix,naive_peft,static_batch
+runners=engine,no_prefix,naive_peft,static_batch,transformers_cb
 python3 -c "import fastapi, uvicorn, pydantic_settings, redis, multipart" 2>/dev/null && runners=$runners,http
 timeout 300 python3 -m prefixserve bench --profile gpu --runners "$runners" --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 echo "bench exit $?" >> "$OUT/bench.log"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from modeling.models import LoadedModel
-from prefix_store.artifact import dump_artifact
+from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.peft_format import peft_to_artifact
 
 
@@ -32,9 +32,16 @@ class TaskPrefixes:
 
 
 def make_task_prefixes(
-    loaded: LoadedModel, tasks: list[str], lengths: dict[str, int], out_dir: Path, seed: int = 0
+    loaded: LoadedModel,
+    tasks: list[str],
+    lengths: dict[str, int],
+    out_dir: Path,
+    seed: int = 0,
+    with_peft: bool = True,
 ) -> TaskPrefixes:
     """Write a PEFT adapter per task under `out_dir/<task>` and build the matching artifacts.
+
+    `with_peft=False`: artifacts only, built directly (thousands of tasks, no PEFT runner to feed).
 
     PEFT's `get_peft_model` wraps the model it is given, so it gets a throwaway copy of the base model
     (a prefix-tuning wrapper changes no weights, but runners must start from the pristine model).
@@ -42,6 +49,9 @@ def make_task_prefixes(
     import copy
 
     import peft
+
+    if not with_peft:
+        return _artifacts_only(loaded, tasks, lengths, seed)
 
     task_type = "SEQ_2_SEQ_LM" if loaded.spec.is_encoder_decoder else "CAUSAL_LM"
     scratch = copy.deepcopy(loaded.model).to("cpu", torch.float32)
@@ -85,3 +95,17 @@ def make_task_prefixes(
         artifacts[task] = dump_artifact(artifact)
     del wrapper, scratch
     return TaskPrefixes(peft_dirs=peft_dirs, artifacts=artifacts, lengths=dict(lengths))
+
+
+def _artifacts_only(
+    loaded: LoadedModel, tasks: list[str], lengths: dict[str, int], seed: int
+) -> TaskPrefixes:
+    """Random prefixes `[layers, 2, H, L, D]` (standard normal, like the PEFT path's embeddings)."""
+    spec = loaded.spec
+    gen = torch.Generator().manual_seed(seed)
+    artifacts = {}
+    for task in tasks:
+        shape = (spec.num_layers, 2, spec.num_heads, lengths[task], spec.head_dim)
+        prefix = torch.randn(shape, generator=gen)
+        artifacts[task] = dump_artifact(new_artifact({"decoder": prefix}, spec, task=task))
+    return TaskPrefixes(peft_dirs={}, artifacts=artifacts, lengths=dict(lengths))

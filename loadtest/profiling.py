@@ -32,7 +32,7 @@ def profile_engine(
     section: Any, dtype: str, device: torch.device, models_dir: Path, out_dir: Path, scratch: Path
 ) -> dict[str, Any]:
     """Profile one engine run of `section`'s workload; returns a small summary for results.json."""
-    from loadtest.bench import GPT2_TEXT_VOCAB, ensure_model
+    from loadtest.bench_models import GPT2_TEXT_VOCAB, ensure_model
     from loadtest.runners.engine_runner import run_engine
     from server.engine import EngineConfig
     from server.limits import Limits

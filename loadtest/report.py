@@ -14,13 +14,29 @@ from typing import Any
 
 from loadtest.metrics import RunResult
 
-RUNNER_ORDER = ("engine", "http", "no_prefix", "naive_peft", "static_batch")
-# Targets of the engine issue: engine output tokens/s relative to each baseline.
-TARGETS = {"engine_vs_naive": 5.0, "engine_vs_static": 1.5, "engine_vs_no_prefix": 0.9}
+RUNNER_ORDER = (
+    "engine",
+    "http",
+    "no_prefix",
+    "naive_peft",
+    "static_batch",
+    "transformers_cb",
+    "engine_16_tasks",
+)
+# Targets of the engine issues: engine output tokens/s relative to each baseline.
+TARGETS = {
+    "engine_vs_naive": 5.0,
+    "engine_vs_static": 1.5,
+    "engine_vs_no_prefix": 0.9,
+    "engine_vs_transformers_cb": 1.4,
+    "engine_vs_16_tasks": 0.8,
+}
 _RATIO_BASE = {
     "engine_vs_naive": "naive_peft",
     "engine_vs_static": "static_batch",
     "engine_vs_no_prefix": "no_prefix",
+    "engine_vs_transformers_cb": "transformers_cb",
+    "engine_vs_16_tasks": "engine_16_tasks",
 }
 
 
@@ -69,8 +85,9 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     header = (
         "| runner | out tok/s | req/s | TTFT p50 / p90 / p99 (s) | TPOT p50 (ms) | ITL p50 / p99 (ms) "
-        "| e2e p50 / p90 / p99 (s) | goodput (req/s) | peak RSS (GiB) | FLOP/s (G) | of peak |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| e2e p50 / p90 / p99 (s) | goodput (req/s) | peak RSS (GiB) | peak KV / prefix (MiB) "
+        "| FLOP/s (G) | of peak |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [header]
     for name in [n for n in RUNNER_ORDER if n in results] + [n for n in results if n not in RUNNER_ORDER]:
@@ -81,6 +98,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
             f"| {_fmt(r['tpot_p50_s'], 1000, 0)} | {_fmt(r['itl_p50_s'], 1000, 0)} / {_fmt(r['itl_p99_s'], 1000, 0)} "
             f"| {_fmt(r['e2e_p50_s'])} / {_fmt(r['e2e_p90_s'])} / {_fmt(r['e2e_p99_s'])} "
             f"| {_fmt(r['goodput_req_s'])} | {_fmt(r['peak_rss_bytes'], 1 / 2**30)} "
+            f"| {_fmt(r.get('peak_kv_bytes'), 1 / 2**20, 1)} / {_fmt(r.get('peak_prefix_bytes'), 1 / 2**20, 1)} "
             f"| {_fmt(r.get('model_flop_s'), 1e-9, 1)} | {_fmt(r.get('fraction_of_peak'), 100, 1)}% |"
         )
     return "\n".join(rows)

@@ -185,7 +185,3 @@ class ClientPool:
         """A request ended at `end`: its client sends the next one then (concurrency mode)."""
         if not self._rate_mode:
             heapq.heappush(self._free_at, end)
-
-    @property
-    def exhausted(self) -> bool:
-        return self._next >= len(self._requests)

@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefix_store.model_spec import ModelSpec
+from modeling.model_spec import ModelSpec
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "gpt2-tokenizer"
 GPT2_VOCAB = 50257

@@ -25,12 +25,13 @@ import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 
-from prefix_store.model_spec import ModelSpec
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import ArtifactError, ArtifactLimits
 
 FORMAT_NAME = "prefixserve.prefix"
 FORMAT_VERSION = 1
@@ -51,24 +52,6 @@ MAX_DIM = 1 << 31
 MAX_INT_DIGITS = 20  # JSON integers longer than this are refused while parsing (2**64 has 20 digits)
 MAX_JSON_DEPTH = 32
 MAX_SHOWN_CHARS = 80  # names and values quoted in error messages are cut to this
-
-
-class ArtifactError(ValueError):
-    """An artifact that cannot be served; the message names the problem."""
-
-
-class ArtifactLimits(Protocol):
-    """The upload policy the checks apply (`server.limits.Limits` is one); the defaults live there only.
-
-    `None` where a function takes limits means no policy (offline tools reading their own artifacts):
-    structure, the model's shape and finiteness are still checked.
-    """
-
-    @property
-    def max_artifact_bytes(self) -> int: ...
-
-    @property
-    def max_prefix_length(self) -> int: ...
 
 
 @dataclass

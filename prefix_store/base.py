@@ -16,10 +16,14 @@ and `LocalPrefixStore` (a directory; the embedded default for one process). Both
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -65,6 +69,39 @@ class StoreUnavailable(StoreError):
 
     Callers treat this as transient: serve what is cached, report the store as down, retry later.
     """
+
+
+class StoreCorrupt(StoreUnavailable):
+    """The backend answered with data it could not have written (a non-integer `current`, metadata
+    that is not a version's JSON...). Logged with the key and reason where it is detected; callers
+    treat it like an outage (503, serve what is cached) because a client can do nothing about it.
+    """
+
+
+_STORED_INT_RE = re.compile(r"[0-9]{1,18}", re.ASCII)
+
+
+def parse_stored_version(raw: bytes | str, where: str) -> int:
+    """A version number read back from a store (a pointer or counter); garbage raises `StoreCorrupt`
+    after logging `where` (the key or path) and what was found, instead of a bare ValueError (a 500)."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    text = text.strip()
+    if not _STORED_INT_RE.fullmatch(text):
+        _logger.error("prefix store data corrupt: %s holds %r, not a version number", where, text[:40])
+        raise StoreCorrupt("prefix store data is corrupt (see the server log)")
+    return int(text)
+
+
+def parse_stored_info(raw: bytes | str, where: str) -> VersionInfo:
+    """A `VersionInfo` read back from a store as JSON; garbage raises `StoreCorrupt` (logged)."""
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+        return VersionInfo.from_json_dict(obj)
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        _logger.error("prefix store data corrupt: %s is not a version's metadata (%s)", where, exc)
+        raise StoreCorrupt("prefix store data is corrupt (see the server log)") from None
 
 
 def validate_name(name: object, kind: str = "name") -> str:

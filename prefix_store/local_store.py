@@ -13,6 +13,9 @@ the directory. The order blob -> metadata -> current pointer means a pointer nev
 whose files are incomplete. Pruning removes metadata before the blob, and readers re-read the
 pointer if a version vanishes under them, so reads need no lock.
 
+Files are created 0600 and directories 0700 (the root is tightened to 0700 at start): prefixes are
+tenants' trained weights, not for other users of the machine.
+
 Writers of one task serialise on an `asyncio.Lock`; file I/O runs in `asyncio.to_thread`. Safe for
 one process only: two processes sharing a directory are not coordinated (use Redis for that).
 """
@@ -43,6 +46,8 @@ from prefix_store.base import (
     TaskPage,
     VersionInfo,
     VersionNotFound,
+    parse_stored_info,
+    parse_stored_version,
     validate_name,
 )
 from prefix_store.traffic import split_to_json, validate_split
@@ -66,11 +71,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _private_dir(path: Path) -> bool:
+    """Create `path` (0700) if missing; True when it was created."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return False
+    path.chmod(0o700)  # mkdir's mode is filtered by the umask; chmod is not
+    return True
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    """Write `data` to `path` (0600) so that readers see either the old file or the whole new one."""
     tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -84,9 +99,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _read_int(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip())
+        text = path.read_bytes().strip()
     except FileNotFoundError:
         return None
+    return parse_stored_version(text, str(path))
 
 
 class LocalPrefixStore:
@@ -130,12 +146,15 @@ class LocalPrefixStore:
 
     @staticmethod
     def _read_info(task_dir: Path, version: int) -> VersionInfo:
-        return VersionInfo.from_json_dict(json.loads((task_dir / f"v{version}.json").read_bytes()))
+        path = task_dir / f"v{version}.json"
+        return parse_stored_info(path.read_bytes(), str(path))
 
     def _put_sync(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
         task_dir = self._task_dir(tenant, task)
         created = not task_dir.is_dir()
-        task_dir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        _private_dir(task_dir.parent)
+        _private_dir(task_dir)
         if created:  # a new directory's entry survives a crash only once its parent is fsynced
             _fsync_dir(task_dir.parent)
             _fsync_dir(self.root)
@@ -369,6 +388,9 @@ class LocalPrefixStore:
     async def start(self) -> None:
         """Nothing to start: changes are reported synchronously by the call that makes them."""
         self.root.mkdir(parents=True, exist_ok=True)
+        # Everything below is reachable only through the root: 0700 keeps other users out of stores
+        # written before files were created private.
+        self.root.chmod(0o700)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import (
     ArtifactError,
     ArtifactLimits,
@@ -29,7 +30,6 @@ from prefix_store.artifact import (
     read_header,
     shorten,
 )
-from prefix_store.model_spec import ModelSpec
 
 PEFT_TENSOR = "prompt_embeddings"
 MAX_CONFIG_INT = 1 << 20  # far above any real model's layers, heads or width; keeps products small

@@ -56,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from prefix_store.base import (
     ChangeCallback,
     ChangeEvent,
+    StoreCorrupt,
     StoredPrefix,
     StoreError,
     StoreUnavailable,
@@ -64,6 +65,8 @@ from prefix_store.base import (
     TaskPage,
     VersionInfo,
     VersionNotFound,
+    parse_stored_info,
+    parse_stored_version,
     validate_name,
 )
 from prefix_store.traffic import split_to_json, validate_split
@@ -77,6 +80,7 @@ logger = logging.getLogger(__name__)
 STAGING_TTL_S = 3600
 MAX_BLOB_BYTES = 512 * 1024 * 1024  # Redis' string limit
 MAX_PAGE_LIMIT = 1000
+_MAX_VERSION = 10**18  # what `parse_stored_version` accepts
 _RESYNC_CHUNK = 500  # keys per MGET when resyncing
 _READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
 
@@ -250,6 +254,9 @@ class RedisPrefixStore:
         # (tenant, task) -> the version subscribers were last told about, or that was last fetched
         # as current. Resync compares this with Redis.
         self._seen: dict[tuple[str, str], int] = {}
+        self._seen_splits: dict[
+            tuple[str, str], bytes | str | None
+        ] = {}  # issue 18: last split read per task
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -340,7 +347,7 @@ class RedisPrefixStore:
         if res[0] == 1:
             raise VersionNotFound(f"{tenant}/{task} has no version {version} (never created or pruned)")
         logger.info("rolled back prefix %s/%s to v%d", tenant, task, version)
-        return VersionInfo.from_json_dict(json.loads(res[1]))
+        return parse_stored_info(res[1], f"{base}:v:{version}:meta")
 
     async def delete(self, tenant: str, task: str) -> None:
         """Delete the task and all its versions and notify subscribers (version None)."""
@@ -381,6 +388,8 @@ class RedisPrefixStore:
         base = self._task_base(tenant, task)
         with self._errors("get_split"):
             raw = await self._redis.get(f"{base}:split")
+        if raw is not None or (tenant, task) in self._seen:  # not for unknown names: bounded memory
+            self._seen_splits[(tenant, task)] = raw  # what subscribers now know; resync compares with it
         return {} if raw is None else {int(v): int(p) for v, p in json.loads(raw).items()}
 
     # ---- reads ------------------------------------------------------------------------------
@@ -395,7 +404,7 @@ class RedisPrefixStore:
                     raw = await self._redis.get(f"{base}:current")
                     if raw is None:
                         raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
-                    wanted = int(raw)
+                    wanted = parse_stored_version(raw, f"{base}:current")
                 # One MULTI/EXEC: metadata and blob come from the same instant (a prune deletes
                 # both in one script). Not a Lua script: copying a blob through Lua costs 2x a GET.
                 pipe = self._redis.pipeline(transaction=True)
@@ -414,7 +423,7 @@ class RedisPrefixStore:
                 # The version we read as current was pruned before the transaction ran: read again.
             else:
                 raise StoreError(f"{tenant}/{task}: current version kept changing; gave up reading")
-        info = VersionInfo.from_json_dict(json.loads(meta))
+        info = parse_stored_info(meta, f"{base}:v:{wanted}:meta")
         if version is None:
             # The caller now holds this version: a resync need not report it again.
             self._seen[(tenant, task)] = info.version
@@ -425,7 +434,7 @@ class RedisPrefixStore:
         base = self._task_base(tenant, task)
         with self._errors("current_version"):
             raw = await self._redis.get(f"{base}:current")
-        return None if raw is None else int(raw)
+        return None if raw is None else parse_stored_version(raw, f"{base}:current")
 
     async def describe(self, tenant: str, task: str) -> TaskInfo:
         """The current version and every kept version, ascending."""
@@ -434,8 +443,8 @@ class RedisPrefixStore:
             res = await self._describe(keys=[f"{base}:current", f"{base}:versions"], args=[base])
         if not res:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
-        current = int(res[0])
-        versions = [VersionInfo.from_json_dict(json.loads(m)) for m in res[1:]]
+        current = parse_stored_version(res[0], f"{base}:current")
+        versions = [parse_stored_info(m, f"{base}:v:*:meta") for m in res[1:]]
         by_version = {v.version: v for v in versions}
         if current not in by_version:  # cannot happen: commit/prune never drop the current version
             raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
@@ -453,7 +462,11 @@ class RedisPrefixStore:
             res = await self._list(keys=[f"{tenant_base}:tasks"], args=[tenant_base, lex_min, limit + 1])
         names = [res[i].decode() for i in range(0, len(res), 2)]
         metas = [res[i] for i in range(1, len(res), 2)]
-        items = [VersionInfo.from_json_dict(json.loads(m)) for m in metas[:limit] if m]
+        items = [
+            parse_stored_info(m, f"{tenant_base}:task:{name}:current meta")
+            for name, m in zip(names[:limit], metas[:limit], strict=False)
+            if m
+        ]
         next_cursor = names[limit - 1] if len(names) > limit else None
         return TaskPage(items=items, next_cursor=next_cursor)
 
@@ -504,14 +517,39 @@ class RedisPrefixStore:
             with self._errors("resync"):
                 raw = await self._redis.mget([f"{self._task_base(t, k)}:current" for (t, k), _ in chunk])
             for ((tenant, task), old), cur in zip(chunk, raw, strict=True):
-                new = None if cur is None else int(cur)
+                try:
+                    new = None if cur is None else parse_stored_version(cur, f"{tenant}/{task} current")
+                except StoreCorrupt:
+                    continue  # logged; readers of this task get 503s until it is repaired
                 # Skip if a notification updated this task while we were reading (ours is older).
                 if new != old and self._seen.get((tenant, task)) == old:
                     event = ChangeEvent(tenant, task, new)
                     events.append(event)
                     await self._emit(event)
+        events += await self._resync_splits()
         if events:
             logger.info("prefix store resync: %d task(s) changed while unobserved", len(events))
+        return events
+
+    async def _resync_splits(self) -> list[ChangeEvent]:
+        """Issue 18: a traffic split changed while the listener was away (the split is not part of
+        `current`): report the task as changed, so subscribers re-read its split."""
+        known = {**dict.fromkeys(self._seen), **self._seen_splits}  # tasks that exist, or had a split
+        snapshot = list(known.items())
+        events: list[ChangeEvent] = []
+        for start in range(0, len(snapshot), _RESYNC_CHUNK):
+            chunk = snapshot[start : start + _RESYNC_CHUNK]
+            bases = [self._task_base(t, k) for (t, k), _ in chunk]
+            with self._errors("resync"):
+                raw = await self._redis.mget([f"{b}:split" for b in bases] + [f"{b}:current" for b in bases])
+            for ((tenant, task), old), new, cur in zip(
+                chunk, raw[: len(chunk)], raw[len(chunk) :], strict=True
+            ):
+                if new != old and self._seen_splits.get((tenant, task)) == old and (new or old):
+                    self._seen_splits[(tenant, task)] = new
+                    event = ChangeEvent(tenant, task, None if cur is None else int(cur))
+                    events.append(event)
+                    await self._emit(event)
         return events
 
     async def _emit(self, event: ChangeEvent) -> None:
@@ -533,12 +571,14 @@ class RedisPrefixStore:
         try:
             obj = json.loads(data)
             version = obj["version"]
+            # Anyone who can PUBLISH on the channel can send anything: a message is only a hint (the
+            # prefix cache re-reads the store), and a version must look like one we could have made.
+            if version is not None and not (type(version) is int and 1 <= version <= _MAX_VERSION):
+                raise ValueError(f"version {str(version)[:20]!r} is not a version number")
             event = ChangeEvent(
-                validate_name(obj["tenant"], "tenant"),
-                validate_name(obj["task"], "task"),
-                None if version is None else int(version),
+                validate_name(obj["tenant"], "tenant"), validate_name(obj["task"], "task"), version
             )
-        except (ValueError, KeyError, TypeError, StoreError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError, StoreError) as e:
             logger.warning("prefix store: ignoring malformed change message %r: %s", data[:200], e)
             return
         await self._emit(event)

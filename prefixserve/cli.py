@@ -8,32 +8,63 @@ make-model` does not load FastAPI, `prefixserve serve` does not load the trainin
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable
 
-# command -> (module, function, one-line help)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "serve": ("server.main", "main", "run the inference server (settings from PREFIXSERVE_* env vars)"),
+
+def _serve(argv: list[str]) -> int | None:
+    from server.main import main
+
+    return main(argv)
+
+
+def _train(argv: list[str]) -> int | None:
+    from training.cli import train_main
+
+    return train_main(argv)
+
+
+def _eval(argv: list[str]) -> int | None:
+    from training.cli import eval_main
+
+    return eval_main(argv)
+
+
+def _upload(argv: list[str]) -> int | None:
+    from training.cli import upload_main
+
+    return upload_main(argv)
+
+
+def _prefixes(argv: list[str]) -> int | None:
+    from prefixserve.admin import main
+
+    return main(argv)
+
+
+def _bench(argv: list[str]) -> int | None:
+    from loadtest.bench import main
+
+    return main(argv)
+
+
+# command -> (its main, one-line help). Real (lazy) imports, not module-name strings, so the import
+# contracts see that this CLI, the top layer, uses server, training and loadtest (and nothing uses it).
+COMMANDS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
+    "serve": (_serve, "run the inference server (settings from PREFIXSERVE_* env vars)"),
     "make-model": (
-        "prefixserve.cli",
-        "make_model_main",
+        lambda argv: make_model_main(argv),
         "write a random-weight model directory (gpt2, bart-base, ...)",
     ),
-    "train": ("training.cli", "train_main", "train a prefix for a task and export its artifact"),
-    "eval": ("training.cli", "eval_main", "generate on a dev/test file and score BLEU/ROUGE"),
-    "upload": ("training.cli", "upload_main", "upload an artifact to a running server"),
-    "prefixes": (
-        "prefixserve.admin",
-        "main",
-        "manage a server's prefixes: list, show, upload, delete, rollback",
-    ),
+    "train": (_train, "train a prefix for a task and export its artifact"),
+    "eval": (_eval, "generate on a dev/test file and score BLEU/ROUGE"),
+    "upload": (_upload, "upload an artifact to a running server"),
+    "prefixes": (_prefixes, "manage a server's prefixes: list, show, upload, delete, rollback"),
     "import-peft": (
-        "prefixserve.cli",
-        "import_peft_main",
+        lambda argv: import_peft_main(argv),
         "convert a PEFT prefix-tuning adapter to an artifact",
     ),
-    "bench": ("loadtest.bench", "main", "run the benchmark harness (profiles: quick, default, gpu)"),
+    "bench": (_bench, "run the benchmark harness (profiles: quick, default, gpu)"),
 }
 
 
@@ -85,11 +116,6 @@ def import_peft_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _resolve(command: str) -> Callable[[list[str] | None], int | None]:
-    module, func, _ = COMMANDS[command]
-    return getattr(importlib.import_module(module), func)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -98,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Run `prefixserve <command> --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
-    for name, (_, _, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -106,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
-    result = _resolve(command)(rest)
+    result = COMMANDS[command][0](rest)
     return int(result or 0)
 
 

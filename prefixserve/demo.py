@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
+from loadtest.process import ServerProcess
 from modeling.models import load_model, make_model_dir
 from prefix_store.artifact import dump_artifact
 
@@ -33,12 +30,6 @@ TASKS = {
     "fruit": [("red", " a ripe apple"), ("yellow", " a sweet banana"), ("green", " a sour lime")],
     "nature": [("red", " the evening sunset"), ("yellow", " the midday sun"), ("green", " the quiet forest")],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _make_prefixes(model_dir: Path, out_dir: Path) -> dict[str, Path]:
@@ -109,43 +100,24 @@ def main() -> int:
         # nearly flat, and no prefix could visibly steer it.
         make_model_dir("tiny-gpt2", model_dir, seed=0, initializer_range=0.5)
     prefixes = _make_prefixes(model_dir, DEMO_DIR)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFIXSERVE_MODEL": str(model_dir),
-        "PREFIXSERVE_PORT": str(port),
-        "PREFIXSERVE_HOST": "127.0.0.1",
-        "PREFIXSERVE_LOCAL_STORE_DIR": tempfile.mkdtemp(prefix="prefixserve-demo-store-"),
-        "PREFIXSERVE_LOG_FORMAT": "text",
-        "PREFIXSERVE_LOG_LEVEL": "WARNING",
-    }
-    env.pop("PREFIXSERVE_REDIS_URL", None)  # the embedded default: local store, no Redis
-    print(f"[demo] starting the server on 127.0.0.1:{port} ...", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "server.main"], env=env)
-    base_url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(
+        {
+            "model": str(model_dir),
+            "local_store_dir": tempfile.mkdtemp(prefix="prefixserve-demo-store-"),
+            "log_format": "text",
+            "log_level": "WARNING",
+        },  # no PREFIXSERVE_REDIS_URL: the embedded default, a local store
+        DEMO_DIR / "server.log",
+    )
+    print(f"[demo] starting the server on {server.url} (log: {server.log_path}) ...", flush=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                print("[demo] the server exited during start-up", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                print("[demo] the server did not become ready in 120 s", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        asyncio.run(_talk_to_server(base_url, prefixes))
+        server.start().wait_ready(timeout_s=120)
+        asyncio.run(_talk_to_server(server.url, prefixes))
+    except (RuntimeError, TimeoutError) as exc:  # start-up failed (the message holds the log's tail)
+        print(f"[demo] {exc}", file=sys.stderr)
+        return 1
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = -9
+        code = server.stop(timeout_s=60)
     print(f"[demo] server stopped (exit code {code})")
     return 0 if code == 0 else 1
 

@@ -23,6 +23,13 @@ class Limits:
     # --- HTTP ----------------------------------------------------------------------------------
     max_body_bytes: int = 64 << 20  # larger request bodies get 413
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long in-flight generations may finish
+    # issue 13: what one HTTP client may send (server.api.admission, server.http_protocol)
+    max_json_body_bytes: int = 1 << 20  # body limit of every route but uploads (capped by max_body_bytes)
+    max_prompt_chars: int | None = None  # longer prompts: 422 before tokenising; None: derived from the model
+    timeout_keep_alive_s: int = 5  # idle keep-alive connections are closed
+    timeout_request_header_s: float = 10.0  # request line + headers must arrive within this (slowloris)
+    max_connections: int = 1000  # open connections beyond this get 503 (uvicorn limit_concurrency)
+    max_request_header_bytes: int = 16384  # request line + headers beyond this get 400 (h11)
     # --- uploads (and every later load of what was uploaded) -----------------------------------
     max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
     max_prefix_length: int = 512  # longest prefix accepted; sizes BART's cross-attention cache
@@ -30,14 +37,18 @@ class Limits:
     max_batch_size: int = 32  # rows of one step (running requests)
     max_waiting: int = 256  # queue bound; beyond it requests get 429
     queue_timeout_s: float = 30.0  # longest wait in the queue before a clear error
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per step
+    max_prefill_tokens: int = 256  # prompt tokens computed per step (GPT-2: chunked prefill)
     kv_budget_tokens: int | None = None  # KV positions reserved by running requests; None: batch x positions
+    kv_budget_bytes: int | None = None  # GPT-2's paged KV pool; None: kv_budget_tokens' worth (issue 15)
     device_prefix_cache_bytes: int = 256 << 20
     host_prefix_cache_bytes: int = 1 << 30
     # --- tenants (0 = off) ---------------------------------------------------------------------
     tenant_max_concurrent: int = 0
     tenant_rps: float = 0.0
     tenant_upload_rps: float = 0.0  # prefix uploads per second per tenant
+    tenant_max_tasks: int = 1000  # tasks per tenant (issue 13): a new task beyond it gets 429
+    tenant_max_stored_bytes: int = 8 << 30  # artifact bytes per tenant, all kept versions: 413
+    max_training_metadata_bytes: int = 16 << 10  # JSON of an artifact's `training` metadata: 422
 
 
 DEFAULT_LIMITS = Limits()

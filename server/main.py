@@ -30,7 +30,6 @@ from server.logging import configure_logging
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config errors stay fast
-    from server.api.http_limits import HttpLimits
     from server.engine import EngineConfig
 
 logger = logging.getLogger("prefixserve.main")
@@ -103,6 +102,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     weights, bounds = settings.tenant_weights()
     return EngineConfig(
         limits=settings.limits,
+        kv_block_size=settings.kv_block_size,  # issue 15
         fair_queue=FairQueueConfig(  # issue 18
             enabled=settings.fair_scheduling,
             tenant_weights=weights,
@@ -112,9 +112,10 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
-def uvicorn_config(app: object, settings: Settings, limits: HttpLimits) -> uvicorn.Config:
-    """uvicorn with the connection limits of `limits`: idle keep-alive connections close, headers must
-    arrive in time (slowloris), header size and open connections are bounded."""
+def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+    """uvicorn with the connection limits of `settings.limits`: idle keep-alive connections close,
+    headers must arrive in time (slowloris), header size and open connections are bounded."""
+    limits = settings.limits
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.host,
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: torch and transformers take seconds to import, and `--help` should not wait.
     from modeling.models import load_model
     from prefix_store.factory import make_store
+    from prefix_store.uploads import ArtifactUploadChecks
     from server.api import create_app, metrics_for, start_draining
     from server.engine import Engine
 
@@ -177,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(
-        settings, engine=engine, store=store, spec=loaded.spec, device_type=loaded.device.type,
-        metrics=metrics, on_fatal=on_fatal,
+        settings, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(),
+        device_type=loaded.device.type, metrics=metrics, on_fatal=on_fatal,
     )  # fmt: skip
-    config = uvicorn_config(app, settings, app.state.prefixserve.http)
+    config = uvicorn_config(app, settings)
     server = _Server(
         config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.limits.shutdown_grace_s
     )

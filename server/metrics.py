@@ -33,7 +33,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from server.engine.engine import EngineObserver
+from server.engine.observer import EngineObserver
 from server.vllm_metrics import TaskListsInfo, VllmMetrics
 
 # The `_created` series prometheus-client adds to every counter/histogram double the scrape size for

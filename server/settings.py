@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         default=_L.max_prefill_tokens,
         ge=1,
-        description="Prompt tokens admitted per step; lower = shorter decode stalls.",
+        description="Prompt tokens computed per step (chunked on GPT-2); lower = shorter decode stalls.",
     )
     kv_budget_tokens: int | None = Field(
         default=_L.kv_budget_tokens,
@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     host_prefix_cache_bytes: int = Field(
         default=_L.host_prefix_cache_bytes, ge=0, description="Prefix cache in host memory."
     )
+    # issue 15 (engine v2): the GPT-2 paged KV pool in bytes (a limit, in `Limits`) and its block size.
+    kv_budget_bytes: int | None = Field(
+        default=_L.kv_budget_bytes,
+        ge=1,
+        description="Paged KV pool (rows' own tokens); unset: kv_budget_tokens (or batch x positions) of tokens.",
+    )
+    kv_block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block (GPT-2).")
 
     # --- tenants and limits --------------------------------------------------------------------
     api_keys_file: Path | None = Field(
@@ -120,26 +127,30 @@ class Settings(BaseSettings):
         default=_L.tenant_rps, ge=0, description="Requests/second per tenant; 0 = unlimited."
     )
 
-    # --- issue 13: hostile HTTP clients (read once into `server.api.admission.HttpLimits`) ------
+    # --- issue 13: hostile HTTP clients (defaults in server.limits.Limits) -------------------
     max_json_body_bytes: int = Field(
-        default=1 << 20,
+        default=_L.max_json_body_bytes,
         ge=1024,
-        description="Body limit of JSON routes (generate, completions, rollback); uploads: max_body_bytes.",
+        description="Body limit of every route but uploads (those: max_body_bytes); 413 beyond it.",
     )
     max_prompt_chars: int | None = Field(
-        default=None,
+        default=_L.max_prompt_chars,
         ge=1,
         description="Longer prompts get 422 before tokenisation; unset: positions x longest token's bytes.",
     )
-    timeout_keep_alive_s: int = Field(default=5, ge=1, description="Idle keep-alive connections close.")
+    timeout_keep_alive_s: int = Field(
+        default=_L.timeout_keep_alive_s, ge=1, description="Idle keep-alive connections are closed."
+    )
     timeout_request_header_s: float = Field(
-        default=10.0, gt=0, description="A connection without complete request headers by then is closed."
+        default=_L.timeout_request_header_s,
+        gt=0,
+        description="A connection without complete request headers by then is closed (slowloris).",
     )
     max_connections: int = Field(
-        default=1000, ge=1, description="Open connections beyond this get 503 (uvicorn limit_concurrency)."
+        default=_L.max_connections, ge=1, description="Connections beyond this get 503 (limit_concurrency)."
     )
     max_request_header_bytes: int = Field(
-        default=16384, ge=1024, description="Request line + headers beyond this get 400 (h11)."
+        default=_L.max_request_header_bytes, ge=1024, description="Request line + headers beyond: 400."
     )
 
     # --- issue 18: fair scheduling across tenants ----------------------------------------------
@@ -148,6 +159,21 @@ class Settings(BaseSettings):
     )
     tenant_max_waiting: int = Field(
         default=0, ge=0, description="Queued requests per tenant (a key's max_waiting wins); 0 = global only."
+    )
+
+    # --- upload quotas (issue 13); the upload rate is tenant_upload_rps ------------------------
+    tenant_max_tasks: int = Field(
+        default=_L.tenant_max_tasks, ge=0, description="Tasks per tenant; 0 = unlimited (429 beyond)."
+    )
+    tenant_max_stored_bytes: int = Field(
+        default=_L.tenant_max_stored_bytes,
+        ge=0,
+        description="Artifact bytes per tenant, all kept versions; 0 = unlimited (413 beyond).",
+    )
+    max_training_metadata_bytes: int = Field(
+        default=_L.max_training_metadata_bytes,
+        ge=0,
+        description="JSON size of an artifact's `training` metadata (422 beyond).",
     )
 
     # --- observability ------------------------------------------------------------------------

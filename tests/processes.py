@@ -1,4 +1,5 @@
-"""Helpers for tests that run real processes on loopback: free ports and a throwaway redis-server."""
+"""Helpers for tests that run real processes on loopback: a throwaway redis-server, and `free_port`
+(from `loadtest.process`, the one server-process helper shared with the demo and the load test)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.process import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["RedisProcess", "free_port"]
 
 
 class RedisProcess:

@@ -118,8 +118,13 @@ async def run_engine_async(
     use_prefixes: bool = True,
     name: str = "engine",
     warm_tokens: int = 100,
+    max_warm_tasks: int | None = None,
 ) -> RunResult:
-    """Serve `workload` with a fresh engine; `use_prefixes=False` drops every task (no_prefix)."""
+    """Serve `workload` with a fresh engine; `use_prefixes=False` drops every task (no_prefix).
+
+    `max_warm_tasks`: warm only that many tasks' prefixes before the clock starts (the many-task
+    workload loads the rest through the store during the run, as a cold server would).
+    """
     with tempfile.TemporaryDirectory(prefix="prefixserve-bench-store-") as root:
         store = LocalPrefixStore(Path(root))
         for task, data in artifacts.items():
@@ -128,7 +133,7 @@ async def run_engine_async(
         engine = Engine(loaded, store, engine_config, observer=stats)
         await engine.start()
         try:
-            warm_tasks: list[str | None] = list(artifacts) if use_prefixes else [None]
+            warm_tasks: list[str | None] = list(artifacts)[:max_warm_tasks] if use_prefixes else [None]
             warm = [
                 GenerationRequest(
                     f"warm-{i}",
@@ -141,6 +146,7 @@ async def run_engine_async(
             ]
             await asyncio.gather(*(_drain(engine, w) for w in warm))
             stats.enabled = True
+            engine.kv_stats(reset_peaks=True)
             with PeakMemory(loaded.device) as mem:
                 clock = RunClock()
 
@@ -150,7 +156,15 @@ async def run_engine_async(
                 records = await drive(workload, clock, send)
                 wall = clock.now()
             stats.enabled = False
-            extra: dict[str, Any] = {"max_batch_size": engine_config.limits.max_batch_size, **stats.summary()}
+            kv = engine.kv_stats()
+            cache = engine.prefix_cache_stats
+            extra: dict[str, Any] = {
+                "max_batch_size": engine_config.limits.max_batch_size,
+                **stats.summary(),
+                "peak_kv_bytes": kv.get("peak_bytes"),
+                "peak_prefix_bytes": kv.get("peak_prefix_bytes"),
+                "prefix_loads": None if cache is None else cache.loads,
+            }
         finally:
             await engine.stop()
     return RunResult(name, records, wall, mem.peak_rss_bytes, mem.peak_device_bytes, extra=extra)
@@ -168,5 +182,10 @@ def run_engine(
     engine_config: EngineConfig,
     use_prefixes: bool = True,
     name: str = "engine",
+    max_warm_tasks: int | None = None,
 ) -> RunResult:
-    return asyncio.run(run_engine_async(loaded, workload, artifacts, engine_config, use_prefixes, name))
+    return asyncio.run(
+        run_engine_async(
+            loaded, workload, artifacts, engine_config, use_prefixes, name, max_warm_tasks=max_warm_tasks
+        )
+    )

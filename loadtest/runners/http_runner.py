@@ -14,18 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
 
+from loadtest import process
 from loadtest.machine import process_peak_rss_bytes
 from loadtest.metrics import RequestRecord, RunResult
 from loadtest.runners.common import WARMUP_NEW_TOKENS, WARMUP_PROMPT_LEN, RunClock
@@ -35,74 +30,52 @@ from loadtest.workload import RequestSpec, Workload
 READY_TIMEOUT_S = 300.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """`python -m server.main` on a free port with its own store directory; stopped with SIGTERM."""
+class ServerProcess(process.ServerProcess):
+    """`python -m server.main` with its own store directory and the benchmark's settings."""
 
     def __init__(
-        self, model_dir: str, max_batch_size: int, device: str, dtype: str, max_waiting: int, log_path: Path
+        self,
+        model_dir: str,
+        max_batch_size: int,
+        device: str,
+        dtype: str,
+        max_waiting: int,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,  # more PREFIXSERVE_* settings (loadtest.fair_bench)
     ) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
         self._store = tempfile.TemporaryDirectory(prefix="prefixserve-bench-http-")
-        # Start from a clean environment for our settings: a stray PREFIXSERVE_API_KEYS or REDIS_URL in
-        # the caller's shell would change what is measured.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
-        env.update(
-            {
-                "PREFIXSERVE_MODEL": model_dir,
-                "PREFIXSERVE_HOST": "127.0.0.1",
-                "PREFIXSERVE_PORT": str(self.port),
-                "PREFIXSERVE_LOCAL_STORE_DIR": self._store.name,
-                "PREFIXSERVE_MAX_BATCH_SIZE": str(max_batch_size),
-                "PREFIXSERVE_MAX_WAITING": str(max_waiting),
-                "PREFIXSERVE_QUEUE_TIMEOUT_S": "3600",
-                "PREFIXSERVE_DEVICE": device,
-                "PREFIXSERVE_DTYPE": dtype,
-                "PREFIXSERVE_LOG_LEVEL": "WARNING",
-            }
-        )
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.main"], env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        settings = {
+            "model": model_dir,
+            "local_store_dir": self._store.name,
+            "max_batch_size": str(max_batch_size),
+            "max_waiting": str(max_waiting),
+            "queue_timeout_s": "3600",
+            "device": device,
+            "dtype": dtype,
+            "log_level": "WARNING",
+        }
+        # More settings as PREFIXSERVE_* names (loadtest.fair_bench).
+        settings.update({k.removeprefix("PREFIXSERVE_").lower(): v for k, v in (extra_env or {}).items()})
+        log_path.unlink(missing_ok=True)  # one run's log per file
+        super().__init__(settings, log_path)
+        self.base_url = self.url
+        self.start()
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout_s:.0f} s; log: {self.log_path}")
+        super().wait_ready(timeout_s)
 
     def reset_peak_rss(self) -> None:
         with contextlib.suppress(OSError):  # not allowed everywhere; then the peak includes warm-up
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
 
     def peak_rss_bytes(self) -> int:
-        return process_peak_rss_bytes(self.proc.pid) or 0
+        return process_peak_rss_bytes(self.pid) or 0
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        self._store.cleanup()
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        try:
+            return super().stop(timeout_s)
+        finally:
+            self._store.cleanup()
 
 
 async def _complete(

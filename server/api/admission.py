@@ -10,7 +10,8 @@ route, `scope["route"]`, says what applies) and before anything is read:
 1. Routes that need an API key (their dependencies include `deps.authenticate`): 401 without a valid
    key. The dependency checks again afterwards (cheap); this copy keeps bodies of unknown callers out.
 2. Generation routes (POST routes tagged "generate" or "openai"): 503 while draining, and 429
-   `overloaded` with `Retry-After` while the engine's queue is full (what TGI's router does).
+   `overloaded` with `Retry-After` when the engine's queue would refuse the caller's tenant now (full,
+   and with fair scheduling no other tenant's request to push out): what TGI's router does.
 3. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
    smaller `max_json_body_bytes`. 413 at once from `Content-Length`, or by counting the bytes of a
    chunked (or lying) body as they arrive.
@@ -30,10 +31,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.auth import AuthError
+from server.api.auth import DEFAULT_TENANT, AuthError
 from server.api.deps import AppState, authenticate
 from server.api.errors import RETRY_AFTER_OVERLOADED_S, ApiError, BodyTooLarge, Draining
-from server.api.http_limits import HttpLimits
+from server.limits import Limits
 
 GENERATION_TAGS = frozenset({"generate", "openai"})
 
@@ -53,25 +54,25 @@ def _is_form(route: APIRoute) -> bool:
     return any(isinstance(p.field_info, params.Form) for p in route.dependant.body_params)
 
 
-def route_policy(route: APIRoute, limits: HttpLimits) -> RoutePolicy:
+def route_policy(route: APIRoute, limits: Limits) -> RoutePolicy:
     """What admission checks before `route`'s body (see the module docstring)."""
     return RoutePolicy(
         needs_key=_calls(route.dependant, authenticate),
         generation="POST" in (route.methods or ()) and bool(GENERATION_TAGS & set(map(str, route.tags))),
-        max_body_bytes=limits.max_body_bytes if _is_form(route) else limits.max_json_body_bytes,
+        max_body_bytes=limits.max_body_bytes if _is_form(route) else _json_limit(limits),
     )
 
 
 class AdmissionMiddleware:
     """401 / 503 / 429 / 413 decided from the route and headers, before the body (module docstring)."""
 
-    def __init__(self, app: ASGIApp, state: AppState, limits: HttpLimits) -> None:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
         self.state = state
-        self.limits = limits
+        self.limits = state.config.limits
         self._policies: dict[int, RoutePolicy] = {}  # by id() of the (long-lived) route object
         self._default = RoutePolicy(
-            needs_key=False, generation=False, max_body_bytes=limits.max_json_body_bytes
+            needs_key=False, generation=False, max_body_bytes=_json_limit(self.limits)
         )
 
     def policy(self, route: object) -> RoutePolicy:
@@ -107,9 +108,11 @@ class AdmissionMiddleware:
     def _admit(self, scope: Scope, policy: RoutePolicy) -> None:
         """Raise (as an `HTTPException`) why the request is refused before its body is read."""
         headers = dict(scope.get("headers") or [])
+        tenant = DEFAULT_TENANT
         if policy.needs_key:
+            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
             try:
-                self.state.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
+                tenant = self.state.auth.authenticate(authorization).tenant
             except AuthError as exc:
                 raise ApiError(
                     401, str(exc), "unauthorized", headers={"WWW-Authenticate": "Bearer"}
@@ -117,12 +120,16 @@ class AdmissionMiddleware:
         if policy.generation:
             if self.state.draining:
                 raise Draining()
-            if self.state.engine.queue_full:
+            if self.state.engine.queue_full(tenant):  # fair scheduling: would *this tenant* be refused
                 raise ApiError(
                     429, "the queue is full; retry later", "overloaded", retry_after=RETRY_AFTER_OVERLOADED_S
                 )
         if _declared_length(headers.get(b"content-length")) > policy.max_body_bytes:
             raise BodyTooLarge(policy.max_body_bytes)  # the client may still be sending it: not read
+
+
+def _json_limit(limits: Limits) -> int:
+    return min(limits.max_json_body_bytes, limits.max_body_bytes)
 
 
 def _declared_length(value: bytes | None) -> int:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore, StoreUnavailable
-from prefix_store.model_spec import ModelSpec
 from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState, EngineLike
 from server.api.errors import install_error_handlers
-from server.api.http_limits import HttpLimits
+from server.api.generation import prompt_char_limit
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
 from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
@@ -65,6 +66,7 @@ def create_app(
     engine: EngineLike,
     store: PrefixStore,
     spec: ModelSpec,
+    uploads: UploadChecks,
     device_type: str = "cpu",
     metrics: Metrics | None = None,
     limiter: TenantLimiter | None = None,
@@ -72,7 +74,8 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI app serving `engine` and `store` with `settings`.
 
-    `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
+    `uploads` checks uploaded files (`prefix_store.uploads.ArtifactUploadChecks()`: tensor code, so it is
+    passed in rather than imported; this layer imports no torch). `metrics` should be the engine's observer (so engine and HTTP metrics share a registry), built by
     `metrics_for(settings)`; one is made if not given. `on_fatal` is called once if the engine loop
     dies (main: exit non-zero).
     """
@@ -104,9 +107,12 @@ def create_app(
         spec=spec,
         metrics=metrics,
         auth=auth,
+        uploads=uploads,
         limiter=limiter,
         upload_limiter=upload_limiter,
-        http=HttpLimits.from_settings(settings, spec.max_positions, getattr(engine, "tokenizer", None)),
+        max_prompt_chars=prompt_char_limit(
+            settings.limits, spec.max_positions, getattr(engine, "tokenizer", None)
+        ),
     )
 
     @contextlib.asynccontextmanager
@@ -147,7 +153,7 @@ def create_app(
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.
-    app.add_middleware(AdmissionMiddleware, state=state, limits=state.http)
+    app.add_middleware(AdmissionMiddleware, state=state)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
 

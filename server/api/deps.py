@@ -13,11 +13,11 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from modeling.model_spec import ModelSpec
+from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore
-from prefix_store.model_spec import ModelSpec
 from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
-from server.api.http_limits import HttpLimits
 from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.api.traffic import routing_headers
 from server.limits import Limits
@@ -37,8 +37,7 @@ class EngineLike(Protocol):
     @property
     def num_waiting(self) -> int: ...
 
-    @property
-    def queue_full(self) -> bool: ...
+    def queue_full(self, tenant: str) -> bool: ...
 
     def tokenize(self, prompt: str | list[int]) -> list[int]: ...
 
@@ -73,8 +72,9 @@ class AppState:
     spec: ModelSpec
     metrics: Metrics
     auth: Authenticator
+    uploads: UploadChecks  # the artifact checks (torch code, injected: issue 14)
     limiter: TenantLimiter
-    http: HttpLimits
+    max_prompt_chars: int  # longer prompts cannot fit the model (`generation.prompt_char_limit`)
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)

@@ -11,7 +11,6 @@ answered with a 500 that names only the request id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefix_store.artifact import ArtifactError
+from prefix_store.artifact_types import ArtifactError
 from prefix_store.base import InvalidName, StoreError, StoreUnavailable, TaskNotFound, VersionNotFound
 from server.engine.errors import (
     EngineStopped,
@@ -250,6 +249,3 @@ def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dic
     }
     model = OpenAIErrorResponse if openai else ErrorResponse
     return {s: {"model": model, "description": descriptions.get(s, "Error")} for s in statuses}
-
-
-ExceptionDescriber = Callable[[Exception, str], tuple[int, str, str, dict[str, str] | None]]

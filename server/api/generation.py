@@ -27,6 +27,7 @@ from server.api.errors import ApiError, Draining
 from server.api.ratelimit import Lease
 from server.engine.errors import InvalidRequest, RequestFailed
 from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
+from server.limits import Limits
 from server.logging import RequestContext, engine_request_id, request_context
 
 # Engine finish reasons that are not a completed generation (engine stopping, or a failure).
@@ -174,16 +175,37 @@ class Generation:
                 self._ctx.finish_reason = last.finish_reason
 
 
+# Longest token of GPT-2's byte-level BPE vocabulary, in bytes: the bound when a tokenizer has no
+# readable vocabulary.
+GPT2_MAX_TOKEN_BYTES = 128
+
+
+def prompt_char_limit(limits: Limits, max_positions: int, tokenizer: Any) -> int:
+    """`limits.max_prompt_chars`, or unset: the most characters a prompt of `max_positions` tokens can
+    have, `max_positions` x the most characters one token stands for.
+
+    For byte-level BPE (GPT-2, BART) a vocabulary entry holds one character per byte, and a prompt's
+    characters are at most its UTF-8 bytes, which its tokens split: a prompt of `c` characters has at
+    least `c / longest entry` tokens. Tokenizers whose tokens can stand for more text than their
+    vocabulary string (e.g. an unknown-word token) need `PREFIXSERVE_MAX_PROMPT_CHARS` set.
+    """
+    if limits.max_prompt_chars is not None:
+        return limits.max_prompt_chars
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    vocab = get_vocab() if get_vocab is not None else {}
+    return max_positions * max((len(token) for token in vocab), default=GPT2_MAX_TOKEN_BYTES)
+
+
 def check_prompt_size(state: AppState, prompt: str | list[int]) -> None:
     """422 for a prompt that cannot fit the model, decided in O(1) before any work proportional to it.
 
     A prompt of more characters than `max_prompt_chars` (positions x the longest token, see
-    `HttpLimits`) has more tokens than the model has positions; a list of more ids does too.
+    `prompt_char_limit`) has more tokens than the model has positions; a list of more ids does too.
     """
     max_positions = state.spec.max_positions
-    if isinstance(prompt, str) and len(prompt) > state.http.max_prompt_chars:
+    if isinstance(prompt, str) and len(prompt) > state.max_prompt_chars:
         raise InvalidRequest(
-            f"prompt has {len(prompt)} characters; at most {state.http.max_prompt_chars} can fit the "
+            f"prompt has {len(prompt)} characters; at most {state.max_prompt_chars} can fit the "
             f"model's {max_positions} positions"
         )
     if isinstance(prompt, list) and len(prompt) > max_positions:

@@ -1,9 +1,9 @@
 """Prefix management logic behind the `/v1/prefixes` routes: validate uploads, talk to the store.
 
-Uploads are validated *before* they are stored, with the same checks the engine applies when it
-loads a prefix (`load_artifact` against the served model's `ModelSpec`), so what is stored is always
-servable. PEFT adapters are converted to our artifact format (`peft_to_artifact`) and the converted
-artifact is stored. Nothing is ever unpickled: only safetensors bytes are parsed.
+Uploads are validated *before* they are stored, with the same checks and the same `Limits` the engine
+applies when it loads a prefix (`state.uploads`: `prefix_store.uploads.ArtifactUploadChecks`, injected
+by `server.main` so this torch-free layer never imports the tensor code), so what is stored is always
+servable. PEFT adapters are converted to our artifact format and the converted artifact is stored. Nothing is ever unpickled: only safetensors bytes are parsed.
 
 Validation builds tensors, so it runs in a worker thread to keep the event loop serving.
 """
@@ -11,6 +11,7 @@ Validation builds tensors, so it runs in a worker thread to keep the event loop 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -18,9 +19,8 @@ from typing import Any
 import anyio
 from fastapi import UploadFile
 
-from prefix_store.artifact import ArtifactError, dump_artifact, load_artifact
+from prefix_store.artifact_types import ArtifactError
 from prefix_store.base import StoreUnavailable, VersionInfo, validate_name
-from prefix_store.peft_format import peft_to_artifact
 from server.api.deps import AppState
 from server.api.errors import ApiError
 from server.api.schemas import PrefixDetail, PrefixVersion
@@ -71,18 +71,16 @@ async def validate_upload(
         )
     if artifact is not None:
         data = await read_upload(artifact, "artifact", limits.max_artifact_bytes)
-        parsed = await anyio.to_thread.run_sync(lambda: load_artifact(data, state.spec, limits))
+        checked = await anyio.to_thread.run_sync(lambda: state.uploads.artifact(data, state.spec, limits))
         source = "artifact"
     elif all(peft_parts):
         assert adapter_config is not None and adapter_model is not None
         config_bytes = await read_upload(adapter_config, "adapter_config", 1 << 20)
         model_bytes = await read_upload(adapter_model, "adapter_model", limits.max_artifact_bytes)
 
-        def convert() -> tuple[Any, bytes]:
-            converted = peft_to_artifact(config_bytes, model_bytes, state.spec, task, limits)
-            return converted, dump_artifact(converted)
-
-        parsed, data = await anyio.to_thread.run_sync(convert)
+        checked = await anyio.to_thread.run_sync(
+            lambda: state.uploads.peft(config_bytes, model_bytes, state.spec, task, limits)
+        )
         source = "peft"
     elif any(peft_parts):
         missing = "adapter_model" if adapter_config is not None else "adapter_config"
@@ -97,7 +95,14 @@ async def validate_upload(
             "no file: send 'artifact' (safetensors) or 'adapter_config' + 'adapter_model' (PEFT)",
             "validation",
         )
-    summary = parsed.summary()
+    data, summary = checked.data, checked.summary
+    # Stored with every version and returned by describe/list: bounded, so listing stays cheap.
+    training_bytes = len(json.dumps(summary["training"], separators=(",", ":")))
+    max_training = state.config.limits.max_training_metadata_bytes
+    if training_bytes > max_training:
+        raise ArtifactError(
+            f"training metadata is {training_bytes} bytes of JSON; the limit is {max_training}"
+        )
     metadata = {
         "source": source,
         "prefix_lengths": summary["prefix_lengths"],

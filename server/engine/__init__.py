@@ -2,10 +2,12 @@
 
 Public API (what the API layer and loadtest use): `Engine`, `EngineConfig`, `EngineObserver`,
 `SamplingParams`, `GenerationRequest`, `StreamEvent` and the errors below. Nothing here imports
-fastapi or redis.
+fastapi or redis; `Engine`, `EngineConfig` and `PrefixCacheStats` (torch) load on first use.
 """
 
-from server.engine.engine import Engine, EngineConfig, EngineObserver
+from typing import TYPE_CHECKING, Any
+
+# Torch-free parts, imported eagerly: the API layer uses them without loading torch (issue 14).
 from server.engine.errors import (
     EngineError,
     EngineStopped,
@@ -18,8 +20,28 @@ from server.engine.errors import (
     StoreUnavailable,
     UnknownTask,
 )
-from server.engine.prefix_cache import PrefixCacheStats
+from server.engine.observer import EngineObserver
 from server.engine.types import FinishReason, GenerationRequest, SamplingParams, StreamEvent
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.prefix_cache import PrefixCacheStats
+
+# The torch parts load on first use, so `import server.engine.types` (which runs this file) stays light.
+_LAZY = {
+    "Engine": "server.engine.engine",
+    "EngineConfig": "server.engine.engine",
+    "PrefixCacheStats": "server.engine.prefix_cache",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'server.engine' has no attribute {name!r}")
+
 
 __all__ = [
     "Engine",

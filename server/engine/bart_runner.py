@@ -141,7 +141,8 @@ class BartRunner:
     def request_ids(self) -> list[str]:
         return list(self.self_cache.request_ids)
 
-    def kv_stats(self) -> dict[str, int]:
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        """Slot-cache occupancy (no peak tracking here: `reset_peaks` is accepted and ignored)."""
         return {
             "rows": self.self_cache.num_active,
             "row_capacity": self.self_cache.row_capacity,
@@ -158,6 +159,31 @@ class BartRunner:
                 self.cross_cache.remove(rid)
 
     # ---- forward ------------------------------------------------------------------------------
+    supports_chunked_prefill = False  # the prompt is the encoder's input: whole prompts only
+    kv_capacity_tokens = None  # the engine's config sets the KV budget
+
+    def step(self, decode_tokens: dict[str, int], items: list[PrefillItem]) -> tuple[list[str], torch.Tensor]:
+        """Decode every running row, then prefill `items` (whole prompts). -> (ids, logits [n, V])."""
+        order = self.request_ids if decode_tokens else []
+        if set(order) != set(decode_tokens):
+            raise ValueError(f"decode tokens for {sorted(decode_tokens)}, rows are {sorted(order)}")
+        if any(it.start != 0 or it.end not in (None, len(it.input_ids)) for it in items):
+            raise ValueError("BART prefills whole prompts (no chunked prefill)")
+        ids, logits = [], []
+        saved_lengths = list(self.self_cache.lengths)
+        if order:
+            ids += order
+            tokens = torch.tensor([decode_tokens[r] for r in order], device=self.device)  # [N]
+            logits.append(self.decode(tokens))
+        if items:
+            try:
+                logits.append(self.prefill(items))  # on error it releases its own (appended) rows
+            except BaseException:
+                self.self_cache.lengths = saved_lengths  # undo the decode: the step changes nothing
+                raise
+            ids += [it.request_id for it in items]
+        return ids, torch.cat(logits) if len(logits) > 1 else logits[0]
+
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
         """Add rows for `items` (encoder, cross cache, decoder prefix, start token); logits [n, V] float32."""

@@ -42,37 +42,16 @@ from server.engine.errors import (
     UnknownTask,
 )
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.observer import EngineObserver
+from server.engine.paged_kv import PagedKVCache
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
-from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerPlan, StepOutput
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 from server.limits import Limits
 
 logger = logging.getLogger(__name__)
-
-
-class EngineObserver:
-    """Callbacks for metrics; subclass and override what you need (all are no-ops here).
-
-    Called on the event loop thread; keep them cheap. The engine never imports a metrics library.
-    """
-
-    def on_step(self, batch_size: int, num_distinct_tasks: int, kv_usage_ratio: float) -> None: ...
-    def on_queue_time(self, seconds: float) -> None: ...
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_token(self, inter_token_seconds: float) -> None: ...
-    def on_finish(
-        self,
-        reason: str,
-        prompt_tokens: int,
-        generated_tokens: int,
-        e2e_seconds: float,
-        tenant: str,
-        task: str | None,
-    ) -> None: ...
-    def on_prefix_load(self, seconds: float) -> None: ...
-    def on_cache_event(self, kind: str, tier: str) -> None: ...
 
 
 @dataclass
@@ -80,8 +59,9 @@ class EngineConfig:
     """The engine's limits (the one `Limits` object, built from the settings) plus internal tuning."""
 
     limits: Limits = field(default_factory=Limits)
-    kv_position_chunk: int = 256  # KV cache grows/shrinks in chunks of this many positions
+    kv_position_chunk: int = 256  # BART: its slot caches grow/shrink in chunks of this many positions
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
+    kv_block_size: int = 16  # issue 15: tokens per block of the GPT-2 paged KV pool
 
 
 @dataclass
@@ -146,7 +126,12 @@ class Engine:
         self.runner = runner or _default_runner(loaded, self.config)
         self.sampler = Sampler()
         limits = self.config.limits
-        kv_budget = limits.kv_budget_tokens or limits.max_batch_size * self.runner.max_positions
+        # GPT-2 sizes its own paged pool from the budget in bytes; BART reserves positions.
+        kv_budget = (
+            self.runner.kv_capacity_tokens
+            or limits.kv_budget_tokens
+            or limits.max_batch_size * self.runner.max_positions
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_running=limits.max_batch_size,
@@ -155,6 +140,7 @@ class Engine:
                 max_waiting=limits.max_waiting,
                 queue_timeout_s=limits.queue_timeout_s,
                 fair_queue=self.config.fair_queue,
+                chunked_prefill=self.runner.supports_chunked_prefill,
             )
         )
         self.prefix_cache: PrefixCache | None = None
@@ -218,10 +204,9 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    @property
-    def queue_full(self) -> bool:
-        """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
-        return self.scheduler.num_waiting >= self.config.limits.max_waiting
+    def queue_full(self, tenant: str) -> bool:
+        """A request of `tenant` would get `QueueFull` now (the API answers 429 before reading its body)."""
+        return self.scheduler.would_refuse(tenant)
 
     @property
     def running_tasks(self) -> list[str]:
@@ -235,6 +220,10 @@ class Engine:
     @property
     def kv_usage_ratio(self) -> float:
         return self.scheduler.kv_usage_ratio
+
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        """The runner's KV memory (GPT-2: `used_bytes`, `peak_bytes`, `prefix_bytes`, ...)."""
+        return self.runner.kv_stats(reset_peaks)
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
@@ -377,7 +366,7 @@ class Engine:
                     if state is not None:
                         timeout = self.config.limits.queue_timeout_s
                         self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
-                work = self._prepare(plan.prefill_ids, plan.decode_ids, plan.aborted_ids)
+                work = self._prepare(plan)
                 if not (work.release_ids or work.decode_tokens or work.prefill):
                     continue
                 result = await loop.run_in_executor(self._executor, self._execute, work)
@@ -391,63 +380,80 @@ class Engine:
             for state in list(self._requests.values()):
                 self._fail(state, EngineStopped(f"the engine failed: {exc!r}"))
 
-    def _prepare(self, prefill_ids: list[str], decode_ids: list[str], aborted_ids: list[str]) -> _StepWork:
-        release = self._to_release + aborted_ids
+    def _prepare(self, plan: SchedulerPlan) -> _StepWork:
+        release = self._to_release + plan.aborted_ids
         self._to_release = []
         work = _StepWork(release_ids=release, decode_tokens={}, prefill=[], rows={})
         now = time.monotonic()
-        for rid in decode_ids:
+        for rid in plan.decode_ids:
             state = self._requests[rid]
             assert state.next_token is not None
             work.decode_tokens[rid] = state.next_token
             work.rows[rid] = state.sampling
             work.states[rid] = state
-        for rid in prefill_ids:
+        for chunk in plan.prefill_chunks:
+            rid = chunk.request_id
             state = self._requests[rid]
-            artifact = None if state.prefix is None else state.prefix.artifact
+            prefix, key = state.prefix, None
+            if prefix is not None:  # rows of one (task, version) share one copy of its prefix
+                key = (state.request.tenant, state.request.task, prefix.version)
+            artifact = None if prefix is None else prefix.artifact
             work.prefill.append(
-                PrefillItem(rid, state.prompt_ids, artifact, state.request.params.prompt_logprobs)
+                PrefillItem(
+                    rid,
+                    state.prompt_ids,
+                    artifact,
+                    key,
+                    chunk.start,
+                    chunk.end,
+                    prompt_logprobs=state.request.params.prompt_logprobs,
+                )
             )
             work.rows[rid] = state.sampling
             work.states[rid] = state
-            self.observer.on_queue_time(now - state.arrival)
+            if chunk.start == 0:
+                self.observer.on_queue_time(now - state.arrival)
         return work
 
     def _execute(self, work: _StepWork) -> _StepResult:
-        """Worker thread: all tensor work of one step."""
+        """Worker thread: all tensor work of one step (one model pass, one sampling call)."""
         runner = self.runner
         runner.release(work.release_ids)
-        ids: list[str] = []
-        logits: list[torch.Tensor] = []
         failed: dict[str, BaseException] = {}
-        if work.decode_tokens:
-            order = runner.request_ids
-            if set(order) != set(work.decode_tokens):
-                raise RuntimeError(f"runner rows {sorted(order)} != running {sorted(work.decode_tokens)}")
-            tokens = torch.tensor([work.decode_tokens[r] for r in order], device=self.loaded.device)  # [N]
-            logits.append(runner.decode(tokens))
-            ids += order
-        if work.prefill:
-            try:
-                logits.append(runner.prefill(work.prefill))
-                ids += [item.request_id for item in work.prefill]
-            except Exception:
-                # Find the culprit(s): prefill one by one, so one bad request fails alone.
-                for item in work.prefill:
-                    try:
-                        logits.append(runner.prefill([item]))
-                        ids.append(item.request_id)
-                    except Exception as exc:
-                        logger.exception("prefill of request %s failed", item.request_id)
-                        failed[item.request_id] = exc
+        if set(runner.request_ids) != set(work.decode_tokens):
+            raise RuntimeError(
+                f"runner rows {sorted(runner.request_ids)} != decoding {sorted(work.decode_tokens)}"
+            )
+        if not (work.decode_tokens or work.prefill):
+            return _StepResult([], SampleOutput([], [], []), failed)
+        try:
+            ids, all_logits = runner.step(work.decode_tokens, work.prefill)
+        except Exception:
+            if not work.prefill:
+                raise  # the decode step itself broke: the engine fails
+            # A failed step changes nothing: find the culprit(s) by running decode, then each chunk alone.
+            ids, parts = [], []
+            if work.decode_tokens:
+                ids, logits = runner.step(work.decode_tokens, [])
+                parts.append(logits)
+            for item in work.prefill:
+                try:
+                    item_ids, logits = runner.step({}, [item])
+                    ids += item_ids
+                    parts.append(logits)
+                except Exception as exc:
+                    logger.exception("prefill of request %s failed", item.request_id)
+                    failed[item.request_id] = exc
+            all_logits = torch.cat(parts) if parts else torch.empty(0)
         if not ids:
             return _StepResult([], SampleOutput([], [], []), failed)
-        all_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # [N, V]
         if self.debug_logits_hook is not None:
             self.debug_logits_hook(list(ids), all_logits)
         sampled = self.sampler.sample(all_logits, [work.rows[r] for r in ids])
-        prompt = {
-            item.request_id: self._prompt_logprobs(item) for item in work.prefill if item.prompt_logprobs
+        prompt = {  # once the last chunk of a prompt ran (its logits were kept chunk by chunk)
+            item.request_id: self._prompt_logprobs(item)
+            for item in work.prefill
+            if item.prompt_logprobs and item.request_id in ids
         }
         return _StepResult(ids, sampled, failed, prompt)
 
@@ -554,9 +560,13 @@ def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
     if model_type == "gpt2":
         from server.engine.gpt2_runner import GPT2Runner
 
-        return GPT2Runner(
-            loaded, max_rows=config.limits.max_batch_size, position_chunk=config.kv_position_chunk
-        )
+        limits = config.limits
+        budget = limits.kv_budget_bytes
+        if budget is None and limits.kv_budget_tokens is not None:
+            budget = limits.kv_budget_tokens * PagedKVCache.bytes_per_token(
+                loaded.spec.num_layers, loaded.spec.num_heads, loaded.spec.head_dim, loaded.dtype
+            )
+        return GPT2Runner(loaded, limits.max_batch_size, budget, config.kv_block_size)
     if model_type == "bart":
         from server.engine import bart_runner  # type: ignore[attr-defined]
 

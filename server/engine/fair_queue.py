@@ -158,6 +158,13 @@ class FairQueue(Generic[T]):
         self._classes.setdefault(tenant, _Flows()).add(_class_of(item), item)
         return displaced
 
+    def would_refuse(self, tenant: str) -> bool:
+        """`push` of a request of `tenant` would raise `QueueFull` now (nothing is changed)."""
+        bound = self.config.max_waiting(tenant)
+        if bound and self.num_waiting(tenant) >= bound:
+            return True
+        return len(self) >= self.max_waiting and self._push_out_victim(tenant) is None
+
     def _push_out_victim(self, tenant: str) -> T | None:
         """The newest lowest-class request of the tenant most over its weighted share, if that
         tenant holds more per weight than `tenant` would after its request is queued."""
@@ -228,6 +235,9 @@ class FcfsQueue(Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         return iter(list(self._line.values()))
+
+    def would_refuse(self, tenant: str) -> bool:
+        return len(self._line) >= self.max_waiting
 
     def push(self, item: T) -> list[T]:
         if len(self._line) >= self.max_waiting:

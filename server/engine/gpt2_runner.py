@@ -1,33 +1,50 @@
-"""GPT-2 forward over the slot KV cache, reusing the HF model's modules (and so its exact weights).
+"""GPT-2 forward over the paged KV cache with shared prefixes, chunked prefill and mixed steps.
 
-gpt-fast style: plain loops over layers, K/V written into a preallocated cache, one boolean mask per
-step, `scaled_dot_product_attention` over a view of the cache. Each row of the batch carries its own
-task's prefix in cache indices [0, L_r) (see `kv_cache` for the layout rule); the token at cache
-index i has position id i, so real tokens start at position L_r, as in PEFT.
+One `step` runs every token of the step through the model once: one token per decoding row plus a
+chunk of prompt tokens per prefilling row, packed as `[T, E]` (no padding FLOPs in embeddings, QKV
+and MLP, where nearly all the FLOPs are). Attention is per part (see `attention.py`): each row's own
+tokens gathered from the block pool (`paged_kv.py` holds the layout rule) plus its task's prefix,
+read once per task and merged by log-sum-exp. The token at own index t has position id L + t, so real
+tokens start at position L, as in PEFT.
 
-Numerics: the same modules, in the same order, as HF's `GPT2LMHeadModel` with its default "sdpa"
-attention, so logits match HF/PEFT to float rounding. Config flags are honoured:
-`scale_attn_weights` / `scale_attn_by_inverse_layer_idx` through each layer's own `attn.scaling`;
-`reorder_and_upcast_attn` by computing attention in float32 when the model runs in half precision.
-Cross-attention GPT-2 variants are refused.
+Host/device traffic per step: every index the step needs (token ids, positions, write slots, gather
+slots, lengths) is built on the host and sent in one copy (from pinned memory, non-blocking, on CUDA);
+the only device->host read is the sampled ids, done by the engine. No `.item()` or `.tolist()` here.
+
+Numerics: the per-layer functions of `modeling.gpt2` (embed, qkv, block output, LM head: the one GPT-2
+forward that training and evaluation run too); this runner adds only its cache layout and attention
+as softmax over [prefix | own tokens] (in float32 when the model runs in half precision), each layer
+with its own `attn.scaling`. Cross-attention GPT-2 variants are refused.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from collections.abc import Hashable
 
+import torch
+
+from modeling import gpt2
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
+from server.engine.attention import PrefixGroup, cascade_attention
 from server.engine.errors import PromptTooLong
-from server.engine.kv_cache import SlotKVCache
+from server.engine.paged_kv import PagedKVCache
 from server.engine.runner import PrefillItem
+from server.engine.step_inputs import StepInputs
 
 
 class GPT2Runner:
     """`ModelRunner` for GPT-2 family models (`GPT2LMHeadModel`)."""
 
-    def __init__(self, loaded: LoadedModel, max_rows: int, position_chunk: int = 256) -> None:
+    supports_chunked_prefill = True
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_rows: int,
+        kv_budget_bytes: int | None = None,
+        block_size: int = 16,
+    ) -> None:
         model = loaded.model
         config = model.config
         if config.model_type != "gpt2":
@@ -36,43 +53,35 @@ class GPT2Runner:
             raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported")
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.wte = model.transformer.wte
-        self.wpe = model.transformer.wpe
-        self.blocks = list(model.transformer.h)
-        self.ln_f = model.transformer.ln_f
-        self.lm_head = model.lm_head
+        self.model = model
+        self.blocks = gpt2.blocks(model)
         self.num_heads = int(config.n_head)
         self.hidden_size = int(config.n_embd)
         self.head_dim = self.hidden_size // self.num_heads
         self.max_positions = int(config.n_positions)
         self.vocab_size = int(config.vocab_size)
         self.eos_token_id: int | None = config.eos_token_id
-        # Each layer's softmax scale, exactly as HF computes it (includes 1/(layer_idx+1) when set).
-        self.scales = [
-            float(getattr(b.attn, "scaling", self._scale(config, i))) for i, b in enumerate(self.blocks)
-        ]
-        self.upcast_attention = bool(config.reorder_and_upcast_attn) and self.dtype != torch.float32
-        # GPT-2's "gelu_new" is the tanh approximation: one fused kernel does it (see `_mlp`).
-        self.fused_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
-        self.cache = SlotKVCache(
+        self.max_rows = max_rows
+        self.scales = gpt2.layer_scales(model)
+        # Half precision: attention (scores, softmax, merge) in float32, as HF's upcast path and SDPA do.
+        self.attention_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        self.fused_gelu = gpt2.tanh_gelu(model)  # one fused tanh-GELU kernel (modeling.gpt2.mlp)
+        per_token = PagedKVCache.bytes_per_token(len(self.blocks), self.num_heads, self.head_dim, self.dtype)
+        budget = kv_budget_bytes if kv_budget_bytes is not None else max_rows * self.max_positions * per_token
+        self.cache = PagedKVCache(
             num_layers=len(self.blocks),
             num_heads=self.num_heads,
             head_dim=self.head_dim,
-            max_rows=max_rows,
-            max_positions=self.max_positions,
+            num_blocks=max(1, budget // (per_token * block_size)),
+            block_size=block_size,
             dtype=self.dtype,
             device=self.device,
-            position_chunk=position_chunk,
         )
-        self._row_index = torch.arange(max_rows, device=self.device)  # [max_rows]
-        self._position_index = torch.arange(self.max_positions, device=self.device)  # [max_positions]
-        self._prompt_logits: dict[str, torch.Tensor] = {}  # request id -> [P, V], until taken
+        self._arange = torch.arange(self.max_positions, device=self.device)  # [max_positions]
+        # request id -> prompt logits of its chunks so far ([chunk, V] each), until taken
+        self._prompt_logits: dict[str, list[torch.Tensor]] = {}
 
-    def _scale(self, config, layer_idx: int) -> float:  # type: ignore[no-untyped-def]
-        scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        return scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
-
-    # ---- lengths ------------------------------------------------------------------------------
+    # ---- lengths and budget ---------------------------------------------------------------------
     def prefix_positions(self, artifact: PrefixArtifact | None) -> int:
         return 0 if artifact is None else artifact.prefix_length("decoder")
 
@@ -86,146 +95,147 @@ class GPT2Runner:
     def reserved_tokens(
         self, num_prompt_tokens: int, max_new_tokens: int, artifact: PrefixArtifact | None
     ) -> int:
-        return self.prefix_positions(artifact) + num_prompt_tokens + max_new_tokens
+        """Pool slots the request may hold: own tokens rounded up to blocks (its prefix is shared)."""
+        return self.cache.blocks_for(num_prompt_tokens + max_new_tokens) * self.cache.block_size
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """The scheduler's KV budget: every slot of the pool."""
+        return self.cache.num_blocks * self.cache.block_size
 
     @property
     def request_ids(self) -> list[str]:
-        return list(self.cache.request_ids)
+        """Rows that finished prefill (they decode), in row order: grouped by prefix."""
+        return self._grouped([r for r, row in self.cache.rows.items() if row.prefilled])
 
-    def kv_stats(self) -> dict[str, int]:
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        """Pool and prefix memory: in use now, peaks since start (or the last reset), capacity."""
+        if reset_peaks:
+            self.cache.reset_peaks()
         return {
-            "rows": self.cache.num_active,
-            "row_capacity": self.cache.row_capacity,
-            "position_capacity": self.cache.position_capacity,
-            "bytes": self.cache.nbytes,
+            "rows": len(self.cache.rows),
+            "used_bytes": self.cache.used_bytes,
+            "peak_bytes": self.cache.peak_blocks * self.cache.block_bytes,
+            "capacity_bytes": self.cache.capacity_bytes,
+            "prefix_bytes": self.cache.prefixes.nbytes,
+            "peak_prefix_bytes": self.cache.prefixes.peak_bytes,
+            "prefix_entries": len(self.cache.prefixes.keys),
+            "bytes": self.cache.used_bytes + self.cache.prefixes.nbytes,
         }
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._prompt_logits.pop(rid, None)
-            if rid in self.cache.row_by_request_id:
+            if rid in self.cache.rows:
                 self.cache.remove(rid)
 
-    # ---- forward ------------------------------------------------------------------------------
-    def _attend(
-        self, layer: int, q: torch.Tensor, rows: slice, num_keys: int, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """q: [N, H, Q, D] over cache rows `rows`, keys [0, num_keys); mask: [N, 1, Q, S]. -> [N, H, Q, D]."""
-        keys = self.cache.keys[layer, rows, :, :num_keys]  # [N, H, S, D] view, no copy
-        values = self.cache.values[layer, rows, :, :num_keys]  # [N, H, S, D]
-        if self.upcast_attention:
-            out = F.scaled_dot_product_attention(
-                q.float(), keys.float(), values.float(), attn_mask=mask, scale=self.scales[layer]
+    def _grouped(self, request_ids: list[str]) -> list[str]:
+        """`request_ids` reordered so rows of one prefix are contiguous (first appearance order)."""
+        rank: dict[Hashable | None, int] = {}
+        rows = self.cache.rows
+        return sorted(request_ids, key=lambda r: rank.setdefault(rows[r].prefix_key, len(rank)))
+
+    # ---- the step -------------------------------------------------------------------------------
+    def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
+        """Prefill whole prompts (tests, benchmarks). -> logits [n, V] in `items` order."""
+        ids, logits = self.step({}, items)
+        index = {rid: i for i, rid in enumerate(ids)}
+        return logits[[index[it.request_id] for it in items]]
+
+    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """One token per decoding row, `token_ids: [N]` in `request_ids` order. -> logits [N, V]."""
+        order = self.request_ids
+        if token_ids.shape != (len(order),):
+            raise ValueError(
+                f"decode expects {len(order)} token ids (one per decoding row), got {tuple(token_ids.shape)}"
             )
-            return out.to(self.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scales[layer])
+        _, logits = self.step(dict(zip(order, token_ids.tolist(), strict=True)), [])
+        return logits
 
     @torch.inference_mode()
-    def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
-        """Append rows for `items`, write prefixes, run the right-padded prompts. -> logits [n, V] float32."""
-        prefix_lens = [self.prefix_positions(it.prefix) for it in items]
-        prompt_lens = [len(it.input_ids) for it in items]
-        if min(prompt_lens) < 1:
-            raise ValueError("every prompt needs at least one token")
-        total_lens = [p + q for p, q in zip(prefix_lens, prompt_lens, strict=True)]
-        rows = self.cache.add_rows([it.request_id for it in items], total_lens)
+    def step(self, decode_tokens: dict[str, int], items: list[PrefillItem]) -> tuple[list[str], torch.Tensor]:
+        """Feed one token to each decoding row and a prompt chunk to each prefilling row, in one pass.
+
+        `items[i]` computes prompt tokens [start, end) of its request (a new row when start == 0).
+        Returns (request ids, logits [n, V] float32): every decoding row, then every item whose chunk
+        ends its prompt (the others have nothing to sample yet). On error, the step changes nothing.
+        """
+        if not (decode_tokens or items):
+            return [], torch.empty(0, self.vocab_size, device=self.device)
+        cache = self.cache
+        new_ids: list[str] = []
+        before = {rid: cache.rows[rid].length for rid in decode_tokens}
         try:
-            return self._prefill(items, rows, prefix_lens, prompt_lens, max(total_lens))
+            for it in items:
+                if it.request_id not in cache.rows:
+                    self._add_row(it)
+                    new_ids.append(it.request_id)
+                before.setdefault(it.request_id, cache.rows[it.request_id].length)
+            inputs = StepInputs.build(self, decode_tokens, items)
+            return inputs.sample_ids, self._forward(inputs)
         except BaseException:
-            self.release([it.request_id for it in items])
+            for rid, length in before.items():
+                if rid in cache.rows and rid not in new_ids:
+                    cache.truncate(rid, length)
+            self.release(new_ids)
             raise
 
-    def _prefill(
-        self,
-        items: list[PrefillItem],
-        rows: list[int],
-        prefix_lens: list[int],
-        prompt_lens: list[int],
-        S: int,
-    ) -> torch.Tensor:
-        n, P, E, H, D = len(items), max(prompt_lens), self.hidden_size, self.num_heads, self.head_dim
-        dev = self.device
-        for row, it in zip(rows, items, strict=True):
-            if it.prefix is not None:  # the only per-request copy of a prefix
-                self.cache.write_prefix(row, it.prefix.prefixes["decoder"])
-        # Tokens are *packed* ([T, E], no padding) for everything that works per token (embeddings, QKV,
-        # MLP: nearly all the FLOPs); only attention sees the right-padded [n, P] layout. With prompts
-        # of 32-128 tokens, padding every row to the longest would waste ~40% of the prefill compute.
-        flat_ids = [t for it in items for t in it.input_ids]
-        input_ids = torch.tensor(flat_ids, dtype=torch.long, device=dev)  # [T]
-        prefix_t = torch.tensor(prefix_lens, device=dev)  # [n]
-        prompt_t = torch.tensor(prompt_lens, device=dev)  # [n]
-        steps = self._position_index[:P]  # [P]
-        positions = prefix_t[:, None] + steps[None, :]  # [n, P] position id = cache index
-        valid = steps[None, :] < prompt_t[:, None]  # [n, P] real (not padding) tokens
-        # Query i of row r sees cache indices <= L_r + i (prefix + causal prompt); padded queries are
-        # clamped to the last real one so no query row is fully masked (their outputs are discarded).
-        last_seen = prefix_t[:, None] + torch.minimum(steps[None, :], prompt_t[:, None] - 1)  # [n, P]
-        mask = (self._position_index[:S][None, None, :] <= last_seen[:, :, None])[:, None]  # [n, 1, P, S]
-        flat = valid.reshape(-1).nonzero().squeeze(1)  # [T] index of each real token in the n*P grid
-        write_rows = (torch.arange(n, device=dev) + rows[0]).repeat_interleave(P)[flat]  # [T]
-        write_pos = positions.reshape(-1)[flat]  # [T] = each token's position id
-        row_span = slice(rows[0], rows[0] + n)  # new rows are contiguous (appended)
+    def _add_row(self, item: PrefillItem) -> None:
+        if not item.input_ids:
+            raise ValueError("every prompt needs at least one token")
+        if item.start != 0:
+            raise ValueError(f"request {item.request_id!r} has no row; its first chunk must start at 0")
+        kv = None if item.prefix is None else item.prefix.prefixes["decoder"]  # [layers, 2, H, L, D]
+        key: Hashable | None = item.prefix_key
+        if kv is not None and key is None:
+            key = ("tensor", id(kv))  # the pool holds kv, so its id cannot be reused meanwhile
+        self.cache.add_row(item.request_id, len(item.input_ids), key, kv)
 
-        x = self.wte(input_ids) + self.wpe(write_pos)  # [T, E]
+    def _forward(self, inp: StepInputs) -> torch.Tensor:
+        E, H, D = self.hidden_size, self.num_heads, self.head_dim
+        n_dec, n_pre, q_max = inp.num_decode, inp.num_prefill, inp.max_chunk
+        adt = self.attention_dtype
+        x = gpt2.embed(self.model, inp.token_ids, inp.positions)  # [T, E]
         for layer, block in enumerate(self.blocks):
-            qkv = block.attn.c_attn(block.ln_1(x))  # [T, 3E]
-            q, k, v = qkv.split(E, dim=1)  # each [T, E]
-            self.cache.keys[layer][write_rows, :, write_pos] = k.view(-1, H, D)  # [T, H, D]
-            self.cache.values[layer][write_rows, :, write_pos] = v.view(-1, H, D)
-            q_grid = q.new_zeros(n * P, E).index_copy_(0, flat, q)  # [n*P, E] padded queries are 0
-            q_grid = q_grid.view(n, P, H, D).transpose(1, 2)  # [n, H, P, D]
-            attn = self._attend(layer, q_grid, row_span, S, mask)  # [n, H, P, D]
-            attn = attn.transpose(1, 2).reshape(n * P, E)[flat]  # [T, E] back to packed tokens
-            x = x + block.attn.c_proj(attn)  # [T, E]
-            x = x + self._mlp(block, block.ln_2(x))  # [T, E]
-        last = torch.cumsum(prompt_t, dim=0) - 1  # [n] each row's last real token in the packed order
-        start = 0
-        for it, length in zip(items, prompt_lens, strict=True):  # host ints: no sync
-            if it.prompt_logprobs:  # only requests that asked pay for the full-prompt LM head
-                span = x[start : start + length]  # [P, E] this prompt's packed tokens
-                self._prompt_logits[it.request_id] = self.lm_head(self.ln_f(span)).float()  # [P, V]
-            start += length
-        return self.lm_head(self.ln_f(x[last])).float()  # [n, V]
+            q, k, v = gpt2.qkv(block, x)  # each [T, E]
+            self.cache.keys[layer].index_copy_(0, inp.write_slots, k.reshape(-1, H, D))  # slots [T, H, D]
+            self.cache.values[layer].index_copy_(0, inp.write_slots, v.reshape(-1, H, D))
+            parts = []
+            if n_dec:
+                qd = q[:n_dec].reshape(n_dec, H, 1, D).to(adt)  # [N, H, 1, D]
+                out = self._attend(layer, qd, inp.decode_gather, inp.decode_mask, inp.decode_groups)
+                parts.append(out.reshape(n_dec, E))  # [N, E]
+            if n_pre:
+                grid = q.new_zeros(n_pre * q_max, E).index_copy_(0, inp.prefill_flat, q[n_dec:])  # [n*Q, E]
+                qp = grid.view(n_pre, q_max, H, D).transpose(1, 2).to(adt)  # [n, H, Q, D]
+                out = self._attend(layer, qp, inp.prefill_gather, inp.prefill_mask, inp.prefill_groups)
+                parts.append(out.transpose(1, 2).reshape(n_pre * q_max, E)[inp.prefill_flat])  # [T_p, E]
+            attn = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)  # [T, E]
+            x = gpt2.block_output(block, x, attn, self.fused_gelu)  # [T, E]
+        for rid, start, end in inp.prompt_spans:  # only requests that asked pay for the full-prompt LM head
+            self._prompt_logits.setdefault(rid, []).append(gpt2.lm_logits(self.model, x[start:end]).float())
+        return gpt2.lm_logits(self.model, x[inp.sample_index]).float()  # [n_sample, V]
 
-    def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The block's MLP; GPT-2's tanh GELU as one fused kernel instead of HF's five elementwise ops.
-
-        `F.gelu(approximate="tanh")` is the same formula as HF's `NewGELUActivation` (it differs only in
-        float rounding, ~1e-7); it cuts the MLP's elementwise time several-fold. Checked against PEFT/HF
-        logits (1e-4) and greedy tokens in tests/engine.
-        """
-        if not self.fused_gelu:
-            return block.mlp(x)
-        return block.mlp.c_proj(F.gelu(block.mlp.c_fc(x), approximate="tanh"))
+    def _attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        gather: torch.Tensor,
+        mask: torch.Tensor,
+        groups: list[tuple[int, int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """q: [R, H, Q, D]; gather: [R, S] pool slots; mask: [R, 1, Q, S]. -> [R, H, Q, D]."""
+        R, S = gather.shape
+        H, D, adt = self.num_heads, self.head_dim, self.attention_dtype
+        flat = gather.reshape(-1)  # [R*S]
+        keys = (
+            self.cache.keys[layer].index_select(0, flat).view(R, S, H, D).transpose(1, 2).to(adt)
+        )  # [R,H,S,D]
+        values = self.cache.values[layer].index_select(0, flat).view(R, S, H, D).transpose(1, 2).to(adt)
+        prefix = [PrefixGroup(a, b, kv[layer, 0].to(adt), kv[layer, 1].to(adt)) for a, b, kv in groups]
+        return cascade_attention(q, keys, values, mask, prefix, self.scales[layer])
 
     def take_prompt_logits(self, request_id: str) -> torch.Tensor | None:
-        """The prompt logits `[P, V]` kept by `prefill` for an item with `prompt_logprobs` (once)."""
-        return self._prompt_logits.pop(request_id, None)
-
-    @torch.inference_mode()
-    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """token_ids: [N] for rows 0..N-1 (row order = `request_ids`). -> logits [N, V] float32."""
-        n, E, H, D = self.cache.num_active, self.hidden_size, self.num_heads, self.head_dim
-        if token_ids.shape != (n,):
-            raise ValueError(
-                f"decode expects {n} token ids (one per active row), got {tuple(token_ids.shape)}"
-            )
-        lengths = self.cache.lengths
-        S = max(lengths) + 1
-        self.cache.reserve(n, S)
-        positions = torch.tensor(lengths, device=self.device)  # [N] the new token's cache index
-        rows = self._row_index[:n]  # [N]
-        mask = (self._position_index[:S][None, :] <= positions[:, None])[:, None, None, :]  # [N, 1, 1, S]
-        x = (self.wte(token_ids.to(self.device)) + self.wpe(positions))[:, None]  # [N, 1, E]
-        for layer, block in enumerate(self.blocks):
-            qkv = block.attn.c_attn(block.ln_1(x))  # [N, 1, 3E]
-            q, k, v = qkv.split(E, dim=2)  # each [N, 1, E]
-            self.cache.keys[layer][rows, :, positions] = k.reshape(n, H, D)  # [N, H, D]
-            self.cache.values[layer][rows, :, positions] = v.reshape(n, H, D)
-            q = q.view(n, 1, H, D).transpose(1, 2)  # [N, H, 1, D]
-            attn = self._attend(layer, q, slice(0, n), S, mask)  # [N, H, 1, D]
-            x = x + block.attn.c_proj(attn.transpose(1, 2).reshape(n, 1, E))  # [N, 1, E]
-            x = x + self._mlp(block, block.ln_2(x))  # [N, 1, E]
-        self.cache.lengths = [length + 1 for length in lengths]
-        return self.lm_head(self.ln_f(x[:, 0])).float()  # [N, V]
+        """The prompt logits `[P, V]` kept chunk by chunk for an item with `prompt_logprobs` (once)."""
+        chunks = self._prompt_logits.pop(request_id, None)
+        return None if chunks is None else torch.cat(chunks)

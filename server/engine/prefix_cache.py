@@ -5,9 +5,9 @@ demotes the entry to the host tier (a device->host copy; none on a CPU-only serv
 promotes it back. Each tier is an LRU bounded in bytes; an entry larger than a tier's whole budget is
 still returned to its caller, just not kept in that tier.
 
-Versions: the cache tracks each task's current version, learned from `store.get` and from the store's
-change notifications (`store.subscribe`). A change drops the task's entries of other versions, so the
-next request loads the new one; requests already running hold their own reference to the tensors
+Versions: the cache tracks each task's current version, learned from `store.get` only; the store's
+change notifications (`store.subscribe`) are hints that make it forget the task's version and drop
+its entries of other versions, so the next request reads the current one from the store; requests already running hold their own reference to the tensors
 (and have already copied them into their KV rows), so they finish on the version they started with.
 
 Loads are single-flight: concurrent misses of one task await one load task, so one store read
@@ -34,9 +34,9 @@ from typing import Protocol
 
 import torch
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
 from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound, VersionNotFound
-from prefix_store.model_spec import ModelSpec
 from prefix_store.traffic import pick_version, primary_version
 from server.engine.errors import InvalidPrefix, UnknownTask
 from server.limits import Limits
@@ -54,15 +54,13 @@ class CacheListener(Protocol):
 
 @dataclass
 class PrefixCacheStats:
-    """Counters for metrics. `hits`/`evictions`/`bytes`/`entries` are per tier."""
+    """Counters for metrics. `hits`/`evictions`/`bytes` are per tier."""
 
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     misses: int = 0
     evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
-    entries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     loads: int = 0
-    load_errors: int = 0
 
 
 class _LRU:
@@ -139,14 +137,17 @@ class PrefixCache:
 
     # ---- change notifications -----------------------------------------------------------------
     def on_change(self, event: ChangeEvent) -> None:
-        """A task's current version moved (or it was deleted): drop its entries of other versions."""
+        """A task's current version moved (or it was deleted): drop its entries of other versions.
+
+        The event is only a hint (anyone who can publish on the store's channel can spoof one): the
+        current version is forgotten, not taken from the event, and the next request reads it from the
+        store. A spoofed version therefore costs one store read, and cannot pin the task to a version
+        that never comes (which used to disable caching for the task for good).
+        """
         task = (event.tenant, event.task)
         self._splits.pop(task, None)
         self._changes[task] = self._changes.get(task, 0) + 1
-        if event.version is None:
-            self._current.pop(task, None)
-        else:
-            self._current[task] = event.version
+        self._current.pop(task, None)
         for tier in self._tiers.values():
             for key in [k for k in tier.items if k[:2] == task and k[2] != event.version]:
                 tier.pop(key)
@@ -171,7 +172,11 @@ class PrefixCache:
                 return ResolvedPrefix(version, await self._version(tenant, task, version), variant)
             except VersionNotFound:
                 pass  # the split changed under us (promoted, deleted): serve the current version
-        return await self._resolve_current(tenant, task)
+        try:
+            return await self._resolve_current(tenant, task)
+        except UnknownTask:
+            self._splits.pop((tenant, task), None)  # no entries for names that are not tasks
+            raise
 
     async def _split(self, tenant: str, task: str) -> dict[int, int]:
         key = (tenant, task)
@@ -221,7 +226,6 @@ class PrefixCache:
             # The configured limits, not defaults: what an upload was allowed to store stays servable.
             artifact = await asyncio.to_thread(load_artifact, data, self.spec, self.limits)
         except ArtifactError as exc:
-            self.stats.load_errors += 1
             raise InvalidPrefix(f"prefix {tenant}/{task} v{version} does not fit this model: {exc}") from None
         return artifact.to(self.device, self.dtype)
 
@@ -271,9 +275,6 @@ class PrefixCache:
             stored = await self.store.get(tenant, task)
         except TaskNotFound:
             raise UnknownTask(f"tenant {tenant!r} has no task {task!r}") from None
-        except StoreUnavailable:
-            self.stats.load_errors += 1
-            raise
         artifact = await self._validated(stored.data, tenant, task, stored.info.version)
         version = stored.info.version
         self.stats.loads += 1
@@ -281,11 +282,10 @@ class PrefixCache:
             self.listener.on_prefix_load(time.perf_counter() - started)
         if self._loading.get((tenant, task)) is not asyncio.current_task():
             return ResolvedPrefix(version, artifact)  # a change arrived meanwhile: do not cache this read
-        known = self._current.get((tenant, task))
-        # A change notification may have raced ahead of this read: never go back to an older version.
-        if known is None or version >= known:
-            self._current[(tenant, task)] = version
-            self._insert((tenant, task, version), artifact)
+        # A change that raced ahead of this read removed this load from `_loading` (checked above), so
+        # what was read here is the store's current version as of now.
+        self._current[(tenant, task)] = version
+        self._insert((tenant, task, version), artifact)
         return ResolvedPrefix(version, artifact)
 
     def _insert(self, key: Key, artifact: PrefixArtifact) -> None:
@@ -307,7 +307,6 @@ class PrefixCache:
     def _update_gauges(self) -> None:
         for name, tier in self._tiers.items():
             self.stats.bytes[name] = tier.nbytes
-            self.stats.entries[name] = len(tier.items)
 
     def cached_versions(self, tier: str) -> list[Key]:
         """Keys held in a tier, least recently used first (for tests and debugging)."""

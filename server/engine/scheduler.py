@@ -7,13 +7,19 @@ Admission (`schedule`) takes waiting requests in the order of the waiting-queue 
 (`fair_queue`: weighted fair across tenants and priority classes, FCFS within a tenant's class; or
 plain FCFS when fairness is off) while all of these hold:
 - running requests stay within `max_running` (rows of the batch);
-- the prompt tokens admitted in this step stay within `max_prefill_tokens`. The first request of a
-  step is always admitted when the other limits allow, so a prompt longer than the per-step limit
-  still runs (alone) instead of waiting forever;
+- the prompt tokens computed in this step stay within `max_prefill_tokens`. With `chunked_prefill`
+  (GPT-2) a prompt is split into chunks across steps: requests still prefilling get their next chunk
+  first (admission order), then new requests take what is left, so a long prompt never stalls the
+  decoding rows for more than one budget's worth of tokens per step. Without it (BART: the prompt
+  is the encoder's input) the first request of a step is always admitted when the other limits
+  allow, so a prompt longer than the per-step limit still runs (alone) instead of waiting forever;
 - the KV budget: each running request reserves `reserved_tokens` (prefix + prompt + max_new_tokens)
   for its whole life, so a running request can never run out of cache mid-generation.
 When the policy's next request does not fit, admission stops: a later, smaller request is never
 admitted ahead of it (no starvation of long prompts).
+
+Which waiting request is considered next is one call, `self._waiting.peek()` (the queue policy); the
+plan lists decoding rows (prompt fully computed) and prefill chunks `[start, end)` separately.
 
 Waiting requests older than `queue_timeout_s` are dropped and reported in `timed_out_ids`. Aborted
 running requests are reported once in `aborted_ids` so the engine frees their rows.
@@ -39,6 +45,16 @@ class SchedulerConfig:
     max_waiting: int
     queue_timeout_s: float
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: waiting-queue policy
+    chunked_prefill: bool = False  # issue 15: split prompts into chunks under max_prefill_tokens
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens [start, end) of a request to compute in this step."""
+
+    request_id: str
+    start: int
+    end: int
 
 
 @dataclass
@@ -54,20 +70,25 @@ class ScheduledRequest:
     tenant: str = "default"
     priority: str = "interactive"
     cost: int = 1  # decode steps it may take (max_new_tokens)
+    num_computed_tokens: int = 0  # issue 15: prompt tokens scheduled for computation so far (chunked)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
 
 
 @dataclass
 class SchedulerPlan:
-    """One step: rows to prefill (newly admitted, FCFS order) and rows to decode (already running)."""
+    """One step: rows to decode (prompt computed), prompt chunks to compute, and what left the batch.
+
+    `prefill_ids` are the requests admitted in this step (their first chunk is in `prefill_chunks`).
+    """
 
     prefill_ids: list[str] = field(default_factory=list)
     decode_ids: list[str] = field(default_factory=list)
+    prefill_chunks: list[PrefillChunk] = field(default_factory=list)
     timed_out_ids: list[str] = field(default_factory=list)
     aborted_ids: list[str] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.prefill_ids or self.decode_ids)
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,10 @@ class Scheduler:
     def kv_usage_ratio(self) -> float:
         return self.reserved_tokens / self.config.kv_budget_tokens
 
+    def would_refuse(self, tenant: str) -> bool:
+        """`add` of a request of `tenant` would raise `QueueFull` now (the queue policy decides)."""
+        return self._waiting.would_refuse(tenant)
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._pending_aborts)
 
@@ -149,28 +174,44 @@ class Scheduler:
 
     def schedule(self) -> SchedulerPlan:
         """Plan the next step: expire old waiting requests, then admit in policy order within the limits."""
-        plan = SchedulerPlan(decode_ids=list(self._running), aborted_ids=self._pending_aborts)
+        decoding = [rid for rid, req in self._running.items() if not req.prefilling]
+        plan = SchedulerPlan(decode_ids=decoding, aborted_ids=self._pending_aborts)
         self._pending_aborts = []
         now = self._clock()
         for old in self._waiting:
             if now - old.arrival_time > self.config.queue_timeout_s:
                 self._waiting.remove(old.request_id)
                 plan.timed_out_ids.append(old.request_id)
-        prefill_tokens = 0
-        while (head := self._waiting.peek()) is not None:
+        budget = self.config.max_prefill_tokens
+        for running in self._running.values():  # chunks of prompts already started come first
+            if running.prefilling and budget > 0:
+                budget -= self._chunk(plan, running, budget)
+        while (head := self._waiting.peek()) is not None:  # the queue policy's next request
             req, rid = head, head.request_id
             if len(self._running) >= self.config.max_running:
                 break
             if self.reserved_tokens + req.reserved_tokens > self.config.kv_budget_tokens:
                 break
-            if plan.prefill_ids and prefill_tokens + req.num_prompt_tokens > self.config.max_prefill_tokens:
+            if self.config.chunked_prefill:
+                if budget <= 0:
+                    break
+            elif plan.prefill_chunks and req.num_prompt_tokens > budget:
                 break
             self._waiting.pop_next()
             self._running[rid] = req
             self.reserved_tokens += req.reserved_tokens
-            prefill_tokens += req.num_prompt_tokens
             plan.prefill_ids.append(rid)
+            budget -= self._chunk(plan, req, budget)
         return plan
+
+    def _chunk(self, plan: SchedulerPlan, req: ScheduledRequest, budget: int) -> int:
+        """Schedule the request's next prompt chunk within `budget` (whole prompt without chunking)."""
+        start = req.num_computed_tokens
+        remaining = req.num_prompt_tokens - start
+        size = min(remaining, budget) if self.config.chunked_prefill else remaining
+        req.num_computed_tokens = start + size
+        plan.prefill_chunks.append(PrefillChunk(req.request_id, start, start + size))
+        return size
 
     def update(self, outputs: Iterable[StepOutput]) -> list[str]:
         """Record a step's results; finished requests leave the running set. Returns their ids."""

@@ -22,11 +22,12 @@ import httpx
 import pytest
 import torch
 
+from modeling.model_spec import ModelSpec
 from modeling.models import LoadedModel, load_model
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.base import PrefixStore
 from prefix_store.factory import make_store
-from prefix_store.model_spec import ModelSpec
+from prefix_store.uploads import ArtifactUploadChecks
 from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
 from server.limits import Limits
@@ -129,7 +130,13 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                 observer=metrics,
             )
             app = create_app(
-                settings, engine=engine, store=store, spec=loaded.spec, metrics=metrics, on_fatal=on_fatal
+                settings,
+                engine=engine,
+                store=store,
+                spec=loaded.spec,
+                uploads=ArtifactUploadChecks(),
+                metrics=metrics,
+                on_fatal=on_fatal,
             )
             if start:  # else the caller runs the lifespan (e.g. a real uvicorn server)
                 await stack.enter_async_context(app.router.lifespan_context(app))

@@ -20,6 +20,7 @@ import pytest
 
 from server.engine import EngineConfig
 from server.engine.fair_queue import FairQueueConfig
+from server.limits import Limits
 from server.settings import Settings
 from tests.api.conftest import serve_http
 
@@ -77,13 +78,8 @@ def engine_config(tenant_keys: dict[str, Any], max_waiting: int = 256, rows: int
     settings = Settings(_env_file=None, api_keys=json.dumps(tenant_keys))  # type: ignore[call-arg]
     weights, bounds = settings.tenant_weights()
     fair = FairQueueConfig(tenant_weights=weights, tenant_max_waiting=bounds)
-    return EngineConfig(
-        max_batch_size=rows,
-        max_waiting=max_waiting,
-        queue_timeout_s=600,
-        kv_position_chunk=64,
-        fair_queue=fair,
-    )
+    limits = Limits(max_batch_size=rows, max_waiting=max_waiting, queue_timeout_s=600)
+    return EngineConfig(limits, kv_position_chunk=64, fair_queue=fair)
 
 
 def http_client(url: str) -> httpx.AsyncClient:

@@ -28,6 +28,7 @@ from schemathesis.checks import (
 )
 
 from prefix_store.factory import make_store
+from prefix_store.uploads import ArtifactUploadChecks
 from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
 from server.limits import Limits
@@ -52,7 +53,9 @@ def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         EngineConfig(Limits(max_batch_size=8, max_waiting=64), kv_position_chunk=64),
         observer=metrics,
     )
-    app = create_app(s, engine=engine, store=store, spec=loaded.spec, metrics=metrics)
+    app = create_app(
+        s, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(), metrics=metrics
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -77,14 +80,17 @@ def _openapi() -> dict:
     (the schema is needed at collection time, before any fixture runs)."""
     from types import SimpleNamespace
 
+    from modeling.model_spec import ModelSpec
     from modeling.models import build_config
-    from prefix_store.model_spec import ModelSpec
 
-    stand_in = SimpleNamespace(healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[])
+    stand_in = SimpleNamespace(
+        healthy=True, num_running=0, num_waiting=0, running_tasks=[], waiting_tasks=[], tokenizer=None
+    )
     app = create_app(
         Settings(_env_file=None, model="tiny-gpt2"),  # type: ignore[call-arg]
         engine=stand_in,  # type: ignore[arg-type]
         store=make_store(None, Path("unused")),
+        uploads=ArtifactUploadChecks(),
         spec=ModelSpec.from_config(build_config("tiny-gpt2")),
     )
     return app.openapi()
@@ -124,3 +130,23 @@ def test_api_conforms_to_its_openapi_spec(case, fuzz_server):
             response_schema_conformance,
         ],
     )
+
+
+OTHER_CALLERS = {
+    "no key": {},
+    "unknown key": {"Authorization": "Bearer not-a-configured-key"},
+    "generate-only key": {"Authorization": "Bearer acme-generate-key"},
+}
+
+
+@schema.parametrize()
+@settings(
+    max_examples=5, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+)
+def test_every_route_answers_other_callers_without_a_5xx(case, fuzz_server):
+    """The same routes for callers without a key, with a wrong key and with a key that may not manage:
+    refusals (401/403, checked before the body is read) are never a 5xx."""
+    _bound_generation_length(case.body)
+    for name, headers in OTHER_CALLERS.items():
+        response = case.call(base_url=fuzz_server, headers=headers, timeout=60)
+        assert response.status_code < 500, (name, case.method, case.path, response.text[:300])

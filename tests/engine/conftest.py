@@ -15,11 +15,11 @@ import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 
+from modeling.model_spec import ModelSpec
 from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import PrefixArtifact, dump_artifact, new_artifact
 from prefix_store.base import ChangeCallback, StoredPrefix
 from prefix_store.local_store import LocalPrefixStore
-from prefix_store.model_spec import ModelSpec
 from prefix_store.peft_format import PEFT_TENSOR, artifact_to_peft
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, StreamEvent
 from server.limits import Limits

@@ -200,14 +200,14 @@ async def test_queue_full_and_queue_timeout(make_engine: Any, store: Any) -> Non
 
 async def test_one_failing_request_fails_alone(make_engine: Any, store: Any) -> None:
     async with make_engine(store) as engine:
-        real_prefill = engine.runner.prefill
+        real_step = engine.runner.step
 
-        def prefill(items: list[Any]) -> Any:  # fault injection around the real runner
+        def step(tokens: dict[str, int], items: list[Any]) -> Any:  # fault injection around the real runner
             if any(item.request_id == "bad" for item in items):
                 raise RuntimeError("injected prefill failure")
-            return real_prefill(items)
+            return real_step(tokens, items)
 
-        engine.runner.prefill = prefill  # type: ignore[method-assign]
+        engine.runner.step = step  # type: ignore[method-assign]
         good_alone = await collect(engine, GenerationRequest("alone", PROMPT, greedy(6), task="task-10"))
         results = await asyncio.gather(
             collect(engine, GenerationRequest("good", PROMPT, greedy(6), task="task-10")),
@@ -224,11 +224,14 @@ async def test_a_broken_step_marks_the_engine_unhealthy_and_fails_everyone(
     make_engine: Any, store: Any
 ) -> None:
     async with make_engine(store) as engine:
+        real_step = engine.runner.step
 
-        def decode(token_ids: Any) -> Any:
-            raise RuntimeError("device lost")
+        def step(tokens: dict[str, int], items: list[Any]) -> Any:
+            if tokens:  # every step that decodes running rows breaks
+                raise RuntimeError("device lost")
+            return real_step(tokens, items)
 
-        engine.runner.decode = decode  # type: ignore[method-assign]
+        engine.runner.step = step  # type: ignore[method-assign]
         results = await asyncio.wait_for(
             asyncio.gather(
                 *(collect(engine, GenerationRequest(f"r{i}", PROMPT, greedy(5))) for i in range(3)),

@@ -201,3 +201,29 @@ def test_scheduler_admits_the_quiet_tenant_at_the_next_free_row() -> None:
     add("b0", "b")
     s.update([StepOutput("a0", 1, finished=True)])
     assert s.schedule().prefill_ids == ["b0"]  # not behind a2..a19
+
+
+def test_would_refuse_agrees_with_push_and_changes_nothing() -> None:
+    # The API answers 429 before reading a body when `would_refuse` says so: it must agree with push.
+    import copy
+
+    queues: list[FairQueue[R] | FcfsQueue[R]] = [
+        FairQueue(3, FairQueueConfig(tenant_max_waiting={"c": 1})),
+        FcfsQueue(3),
+    ]
+    for q in queues:
+        for _ in range(3):
+            q.push(r("a"))
+        for tenant in ("a", "b"):
+            before = list(q)
+            predicted = q.would_refuse(tenant)
+            assert list(q) == before
+            trial = copy.deepcopy(q)
+            try:
+                trial.push(r(tenant))
+                refused = False
+            except QueueFull:
+                refused = True
+            assert predicted == refused, (type(q).__name__, tenant)
+    fair = queues[0]
+    assert fair.would_refuse("a") and not fair.would_refuse("b")  # b pushes out a's newest request

@@ -39,7 +39,27 @@ def test_admits_fcfs_up_to_max_running_then_decodes() -> None:
     assert plan.prefill_ids == ["c"] and plan.decode_ids == ["b"]
 
 
+def test_chunked_prefill_splits_a_long_prompt_while_running_rows_keep_decoding() -> None:
+    s, _ = make(max_prefill_tokens=100, chunked_prefill=True)
+    s.add(req("a", prompt=10))
+    s.schedule()  # "a" prefills whole
+    s.add(req("long", prompt=250))
+    s.add(req("b", prompt=30))
+    chunks = []
+    for _ in range(3):
+        plan = s.schedule()
+        assert "a" in plan.decode_ids and "long" not in plan.decode_ids  # a decodes every step
+        chunks.append([(c.request_id, c.start, c.end) for c in plan.prefill_chunks])
+    assert chunks == [
+        [("long", 0, 100)],
+        [("long", 100, 200)],
+        [("long", 200, 250), ("b", 0, 30)],  # the rest of the budget goes to the next request
+    ]
+    assert s.schedule().decode_ids == ["a", "long", "b"]
+
+
 def test_prefill_token_limit_but_a_long_prompt_still_runs_alone() -> None:
+    """Without chunking (BART), a prompt over the per-step limit is admitted alone as a step's first."""
     s, _ = make(max_prefill_tokens=100)
     s.add(req("a", prompt=60))
     s.add(req("b", prompt=60))

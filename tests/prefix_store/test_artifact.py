@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from modeling.model_spec import ModelSpec
 from prefix_store.artifact import (
     ArtifactError,
     dump_artifact,
     load_artifact,
     new_artifact,
 )
-from prefix_store.model_spec import ModelSpec
 from server.limits import Limits
 
 SPEC = ModelSpec(

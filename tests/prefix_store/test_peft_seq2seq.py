@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from modeling import bart_prefix
+from modeling.model_spec import ModelSpec
 from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import ArtifactError
-from prefix_store.model_spec import ModelSpec
 from prefix_store.peft_format import peft_to_artifact
 
 peft = pytest.importorskip("peft")

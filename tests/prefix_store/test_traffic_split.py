@@ -118,3 +118,29 @@ async def test_a_split_names_only_kept_versions_of_an_existing_task(replicas) ->
         await store.set_split("acme", "sum", {2: 10, 3: 80})
     assert await store.get_split("acme", "sum") == {}  # nothing changed
     assert await store.get_split("globex", "sum") == {}  # other tenants see nothing
+
+
+async def test_redis_resync_reports_a_split_changed_while_the_listener_was_away() -> None:
+    prefix = f"test-split-{uuid.uuid4().hex[:10]}"
+    store = RedisPrefixStore(REDIS_URL, key_prefix=prefix, keep_versions=2)
+    admin = Redis.from_url(REDIS_URL)
+    try:
+        heard: list[ChangeEvent] = []
+        store.subscribe(heard.append)
+        await store.put("acme", "sum", b"one", {})
+        await store.put("acme", "sum", b"two", {})
+        await store.get("acme", "sum")  # this replica serves the task ...
+        assert await store.get_split("acme", "sum") == {}  # ... with no split
+        assert await store.get_split("acme", "typo") == {} and await store.resync() == []
+        # A split written while this replica heard nothing (its pub/sub message lost).
+        await admin.set(f"{prefix}:t:acme:task:sum:split", '{"1": 10, "2": 90}')
+        assert await store.resync() == [ChangeEvent("acme", "sum", 2)]
+        assert heard[-1] == ChangeEvent("acme", "sum", 2)
+        assert await store.get_split("acme", "sum") == {1: 10, 2: 90}
+        assert await store.resync() == []  # reported once
+    finally:
+        await store.close()
+        keys = [k async for k in admin.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()

@@ -38,6 +38,7 @@ LIMITS = Limits(
     host_prefix_cache_bytes=64 << 20,
     tenant_max_concurrent=5,
     tenant_rps=500.0,
+    tenant_upload_rps=500.0,
 )
 
 

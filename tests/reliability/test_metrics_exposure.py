@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.api.conftest import artifact_bytes
 from tests.reliability.conftest import ACME, GLOBEX, generate, upload, wait_until
 
-LONG = 600  # tokens: about a second or more per request on the 4096-position tiny model
+LONG = 400  # tokens: about a second or more per request on the 4096-position tiny model
 
 
 def samples(client: httpx.Client) -> dict[str, list[Any]]:
@@ -54,7 +54,11 @@ def test_metrics_show_no_task_names_by_default(spawn_server, long_gpt2_dir, long
 def test_vllm_gauges_follow_requests_as_they_run_and_wait(spawn_server, long_gpt2_dir, long_spec):
     # One row: of three concurrent requests one runs and two wait, which is what a router must see.
     server = spawn_server(
-        model_dir=long_gpt2_dir, max_batch_size=1, metrics_adapter_names="task", served_model_name="gpt2-test"
+        model_dir=long_gpt2_dir,
+        max_batch_size=1,
+        queue_timeout_s=600,  # the third request waits for two others on a possibly slow, shared CPU
+        metrics_adapter_names="task",
+        served_model_name="gpt2-test",
     )
     with server.client() as client:
         for seed, task in enumerate(("sql", "poems")):

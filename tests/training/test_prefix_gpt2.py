@@ -14,38 +14,35 @@ from modeling import gpt2
 from modeling.models import load_model
 from prefix_store.artifact import load_artifact
 from prefix_store.peft_format import peft_to_artifact
-from tests.training.conftest import SYNTHETIC
-from training.data import Example, Truncation, causal_prompt, encode_causal
+from tests.training.conftest import (
+    COLORS_TRAIN,
+    EOS,
+    MIN_MARGIN,
+    SYNTHETIC,
+    TRAIN_THREADS,
+    target_margins,
+    train_colors,
+)
+from training.data import Truncation, causal_prompt
 from training.export import export
 from training.generation import generate_causal
 from training.prefix import PrefixConfig, make_tuner
-from training.trainer import TrainConfig, evaluate_loss, train
-
-EOS = 50256
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    torch.set_num_threads(1)
+    torch.set_num_threads(TRAIN_THREADS)
     loaded = load_model(str(tiny_gpt2_dir), device="cpu")
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    examples = [Example(s, t) for s, t in SYNTHETIC]
-    rows = encode_causal(loaded.tokenizer, examples, EOS, EOS, Truncation())
-    torch.manual_seed(0)
-    tuner = make_tuner(loaded, PrefixConfig(prefix_length=8, mlp_hidden=128))
-    initial = evaluate_loss(tuner, rows, 8, EOS)
     out = tmp_path_factory.mktemp("gpt2-run")
-    cfg = TrainConfig(lr=1e-2, batch_size=6, max_steps=200, warmup_steps=10, progress=False)
-    train(tuner, rows, None, cfg, out, EOS)
-    final = evaluate_loss(tuner, rows, 8, EOS)
-    written = export(tuner, out, "colors", {"steps": 200})
+    run = train_colors(loaded, out)
+    written = export(run.tuner, out, "colors", {"steps": COLORS_TRAIN.max_steps})
     prompts = [causal_prompt(loaded.tokenizer, s, EOS, Truncation()) for s, _ in SYNTHETIC]
     return {
         "loaded": loaded,
-        "tuner": tuner,
+        "tuner": run.tuner,
+        "run": run,
         "before": before,
-        "initial": initial,
-        "final": final,
         "out": out,
         "written": written,
         "prompts": prompts,
@@ -53,7 +50,13 @@ def trained(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def test_loss_falls_and_greedy_reproduces_targets(trained: dict[str, Any]) -> None:
-    assert trained["final"] < 0.3 * trained["initial"]
+    run = trained["run"]
+    # Measured final/initial ratios are 0.005-0.011 across seeds, threads and dtypes: 10x of room.
+    assert run.final_loss < 0.1 * run.initial_loss
+    # Every target token wins by a clear margin under teacher forcing (measured: >= 2.7 logits), so the
+    # greedy answers below hold by construction, not by this CPU's rounding.
+    margins = target_margins(run.tuner, run.rows)
+    assert float(margins.min()) > MIN_MARGIN, sorted(margins.tolist())[:5]
     tok, tuner = trained["loaded"].tokenizer, trained["tuner"]
     for prompt, (_, target) in zip(trained["prompts"], SYNTHETIC, strict=True):
         out = tuner.greedy(prompt, 8)
@@ -73,7 +76,9 @@ def test_artifact_generation_equals_training_module(trained: dict[str, Any]) -> 
     artifact = load_artifact(Path(trained["written"]["artifact"]).read_bytes(), loaded.spec)
     assert set(artifact.prefixes) == {"decoder"}
     assert artifact.prefixes["decoder"].shape == (2, 2, 4, 8, 16)  # [layers, 2, H, L, D]
-    assert artifact.metadata.task == "colors" and artifact.metadata.training["steps"] == 200
+    assert (
+        artifact.metadata.task == "colors" and artifact.metadata.training["steps"] == COLORS_TRAIN.max_steps
+    )
     expected = [tuner.greedy(p, 8) for p in trained["prompts"]]
     # Batched (left-padded, positions from L) and one at a time: both equal the training forward.
     prefix = artifact.prefixes["decoder"]

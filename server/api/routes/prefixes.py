@@ -14,6 +14,7 @@ from prefix_store.base import MAX_NAME_LENGTH, validate_name
 from server.api.deps import Caller, Manager, State
 from server.api.errors import error_responses
 from server.api.prefix_admin import detail_out, store_call, validate_upload, version_out
+from server.api.quotas import check_capacity
 from server.api.schemas import PrefixDetail, PrefixPage, PrefixVersion, RollbackRequest
 from server.logging import request_context
 
@@ -50,6 +51,7 @@ async def upload_prefix(
     except Exception:
         state.metrics.observe_upload("invalid")
         raise
+    await check_capacity(state, caller.tenant, task, len(data))
     try:
         with store_call(state, "put"):
             info = await state.store.put(caller.tenant, task, data, metadata)

@@ -31,7 +31,7 @@ router = APIRouter(tags=["tokenize"])
 @router.post(
     "/tokenize",
     response_model=list[TokenSpan] | VllmTokenizeResponse,
-    responses=error_responses(401, 404, 413, 422),
+    responses=error_responses(400, 401, 404, 413, 422, 503),
 )
 async def tokenize(state: State, caller: Caller, body: TokenizeRequest | VllmTokenizeRequest) -> Any:
     """Tokens of a prompt as the engine sees it (TGI's or vLLM's shape, by the body's fields)."""
@@ -50,7 +50,7 @@ async def tokenize(state: State, caller: Caller, body: TokenizeRequest | VllmTok
     return VllmTokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.spec.max_positions - taken)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(401, 413, 422))
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 413, 422))
 async def detokenize(state: State, caller: Caller, body: DetokenizeRequest) -> DetokenizeResponse:
     """vLLM's detokenize: token ids back to text (422 for ids outside the vocabulary)."""
     check_fields(body, "/detokenize", strict=False)

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from prefix_store.uploads import ArtifactUploadChecks
 from server.metrics import Metrics, TaskLabeler
 
-ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 
 
 def documented_names() -> set[str]:
@@ -122,6 +123,7 @@ def test_metrics_for_settings_is_built_once_with_tenants_labels_and_batch_size()
         engine=engine,
         store=make_store(None, Path("unused")),
         spec=SimpleNamespace(max_positions=64),
+        uploads=ArtifactUploadChecks(),
         metrics=m,
     )  # type: ignore[arg-type]
     assert m.labeler is labeler  # the app uses the metrics it is given as they are

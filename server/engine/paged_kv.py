@@ -1,0 +1,229 @@
+"""Paged KV cache for GPT-2 rows' own tokens, plus one shared copy of each task's prefix.
+
+Layout rule (the one rule the GPT-2 runner and its tests rely on):
+
+    pool.keys, pool.values: [num_layers, num_blocks * block_size, H, D]    flat "slots"
+        slot s belongs to block s // block_size; blocks are handed out from a free list (lowest id
+        first, so on a CPU only the low end of the pool is ever touched) and returned when a row leaves.
+
+    row of request q, with prefix length L (0 without a prefix), P prompt tokens of which C are
+    computed so far, and G tokens fed back (length = C + G while prefilling, P + G after):
+
+        own token t (0 <= t < length)  sits at slot  blocks[t // block_size] * block_size + t % block_size
+                                       and has position id  L + t  (real tokens start at position L,
+                                       as in the prefix-tuning paper and PEFT)
+        the prefix is NOT in the pool: its keys/values live once per (task, version) in the
+        `PrefixPool` (`[num_layers, 2, H, L, D]`, the prefix cache's own device tensor, not a copy),
+        shared by every row of that task and version and reference-counted by them.
+
+    Attention of own token t reads the whole prefix of its (task, version) and own tokens [0, t]; the
+    two parts are merged by log-sum-exp (see `attention.py`), which equals attention over the
+    concatenation [prefix | own tokens] that PEFT computes.
+
+A row's blocks never move: a request leaving frees its blocks and nothing else changes (no row copies,
+no reallocation). Memory in use follows the tokens in use (`used_bytes`); the pool is sized once from
+the KV budget in bytes. On CUDA the pool is allocated up front (like vLLM's); on CPU `torch.empty`
+reserves address space only, and pages are touched as blocks are first used.
+
+Lengths, block tables and refcounts are host-side Python ints: reading them never synchronises with the
+device. Every method that writes tensors runs under `torch.inference_mode()`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PagedRow:
+    """Host-side state of one row: its blocks, its own-token count and the prefix it reads."""
+
+    prefix_key: Hashable | None  # None: the bare model
+    prefix_length: int
+    num_prompt_tokens: int
+    length: int = 0  # own tokens whose K/V are in the pool
+    blocks: list[int] = field(default_factory=list)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.length >= self.num_prompt_tokens
+
+
+@dataclass
+class _PrefixEntry:
+    kv: torch.Tensor  # [num_layers, 2, H, L, D] on the runner's device and dtype
+    refs: int = 0
+
+
+class PrefixPool:
+    """One copy of each (task, version)'s prefix K/V, reference-counted by the rows that read it.
+
+    The tensor is the prefix cache's own device tensor: holding it here keeps it alive while rows use
+    it even if the cache evicts it, and a new version of a task is a new key, so it coexists with the
+    old one until the old one's last row leaves.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, _PrefixEntry] = {}
+        self.peak_bytes = 0
+
+    def acquire(self, key: Hashable, kv: torch.Tensor) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _PrefixEntry(kv)
+            self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        entry.refs += 1
+
+    def release(self, key: Hashable) -> None:
+        entry = self._entries[key]
+        entry.refs -= 1
+        if entry.refs == 0:
+            del self._entries[key]
+
+    def get(self, key: Hashable) -> torch.Tensor:
+        return self._entries[key].kv
+
+    def refs(self, key: Hashable) -> int:
+        entry = self._entries.get(key)
+        return 0 if entry is None else entry.refs
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return list(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.kv.numel() * e.kv.element_size() for e in self._entries.values())
+
+
+class PagedKVCache:
+    """A block pool with per-row block tables (vLLM style) and the shared `PrefixPool`."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("the KV pool needs at least one block of at least one slot")
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.dtype, self.device = dtype, device
+        shape = (num_layers, num_blocks * block_size, num_heads, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)  # [num_layers, slots, H, D]
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.rows: dict[str, PagedRow] = {}
+        self.prefixes = PrefixPool()
+        self._free: list[int] = list(range(num_blocks))  # a heap: lowest block first
+        self.peak_blocks = 0
+
+    # ---- sizes --------------------------------------------------------------------------------
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one own token takes in the pool (keys and values, every layer)."""
+        return 2 * num_layers * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.bytes_per_token(
+            self.num_layers, self.num_heads, self.head_dim, self.dtype
+        )
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.num_used_blocks * self.block_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def reset_peaks(self) -> None:
+        """Start peak tracking over (benchmarks: after their warm-up)."""
+        self.peak_blocks = self.num_used_blocks
+        self.prefixes.peak_bytes = self.prefixes.nbytes
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- rows ---------------------------------------------------------------------------------
+    def add_row(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        prefix_key: Hashable | None = None,
+        prefix_kv: torch.Tensor | None = None,
+    ) -> PagedRow:
+        """Register a row (no blocks yet). `prefix_kv`: `[num_layers, 2, H, L, D]`, shared by key."""
+        if request_id in self.rows:
+            raise ValueError(f"request {request_id!r} already has a row")
+        length = 0
+        if prefix_kv is not None:
+            if prefix_key is None:
+                raise ValueError("a prefix needs a key (rows of one (task, version) share it)")
+            self.prefixes.acquire(prefix_key, prefix_kv)
+            length = int(prefix_kv.shape[3])
+        row = PagedRow(prefix_key if prefix_kv is not None else None, length, num_prompt_tokens)
+        self.rows[request_id] = row
+        return row
+
+    def remove(self, request_id: str) -> None:
+        """Free a row's blocks and its prefix reference. Nothing else moves."""
+        row = self.rows.pop(request_id)
+        for block in row.blocks:
+            heapq.heappush(self._free, block)
+        if row.prefix_key is not None:
+            self.prefixes.release(row.prefix_key)
+
+    def append_slots(self, request_id: str, num_tokens: int) -> list[int]:
+        """Slots for the row's next `num_tokens` own tokens (allocating blocks); advances its length."""
+        row = self.rows[request_id]
+        start, end = row.length, row.length + num_tokens
+        need = self.blocks_for(end) - len(row.blocks)
+        if need > len(self._free):
+            raise MemoryError(
+                f"KV pool exhausted: {need} blocks needed, {len(self._free)} free (the budget admits fewer)"
+            )
+        row.blocks.extend(heapq.heappop(self._free) for _ in range(need))
+        self.peak_blocks = max(self.peak_blocks, self.num_used_blocks)
+        row.length = end
+        bs = self.block_size
+        return [row.blocks[t // bs] * bs + t % bs for t in range(start, end)]
+
+    def truncate(self, request_id: str, length: int) -> None:
+        """Undo appends past `length` (a failed step): the row's extra blocks go back to the pool."""
+        row = self.rows[request_id]
+        row.length = min(row.length, length)
+        while len(row.blocks) > self.blocks_for(row.length):
+            heapq.heappush(self._free, row.blocks.pop())
+
+    def slots(self, request_id: str, num_tokens: int) -> list[int]:
+        """Slots of the row's first `num_tokens` own tokens (for gathering its keys/values)."""
+        blocks, bs = self.rows[request_id].blocks, self.block_size
+        return [blocks[t // bs] * bs + t % bs for t in range(num_tokens)]
+
+    def check_invariants(self) -> None:
+        """Assert the layout rule's bookkeeping (used by tests)."""
+        owned = [b for row in self.rows.values() for b in row.blocks]
+        assert len(owned) == len(set(owned)), "a block belongs to two rows"
+        assert not set(owned) & set(self._free), "a block is both owned and free"
+        assert len(owned) + len(self._free) == self.num_blocks, "a block was lost"
+        refs: dict[Hashable, int] = {}
+        for row in self.rows.values():
+            assert len(row.blocks) == self.blocks_for(row.length), "blocks do not follow the row's length"
+            if row.prefix_key is not None:
+                refs[row.prefix_key] = refs.get(row.prefix_key, 0) + 1
+                assert row.prefix_length == self.prefixes.get(row.prefix_key).shape[3]
+        assert refs == {k: self.prefixes.refs(k) for k in self.prefixes.keys}, "prefix refcounts drifted"

@@ -198,7 +198,13 @@ class Engine:
 
     @property
     def queue_full(self) -> bool:
-        """The next request would get `QueueFull` (the API answers 429 before reading its body)."""
+        """The next request would get `QueueFull` (the API answers 429 before reading its body).
+
+        With fair scheduling (issue 18) a full global queue still admits a tenant under its share (it
+        pushes out an over-share request), so only the engine can tell, per tenant: never early here.
+        """
+        if self.config.fair_queue.enabled:
+            return False
         return self.scheduler.num_waiting >= self.config.limits.max_waiting
 
     @property

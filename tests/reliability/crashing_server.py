@@ -11,12 +11,16 @@ from typing import Any
 
 from server.engine import gpt2_runner
 
-
-def _broken_decode(self: Any, *args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError("injected fault: the device was lost")
+_real_step = gpt2_runner.GPT2Runner.step
 
 
-gpt2_runner.GPT2Runner.decode = _broken_decode  # type: ignore[method-assign]
+def _broken_step(self: Any, decode_tokens: dict[str, int], items: list[Any]) -> Any:
+    if decode_tokens:  # every step that decodes running rows fails (the engine's one runner entry point)
+        raise RuntimeError("injected fault: the device was lost")
+    return _real_step(self, decode_tokens, items)
+
+
+gpt2_runner.GPT2Runner.step = _broken_step  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     from server.main import main

@@ -44,7 +44,7 @@ def test_two_replicas_split_alike_and_follow_a_promote(spawn_server, loaded, key
     settings = {"redis_url": REDIS_URL, "redis_key_prefix": key_prefix}
     servers = [spawn_server(wait_ready=False, **settings) for _ in range(2)]
     for s in servers:  # both import torch at once: allow twice one server's start-up time
-        wait_until(s._ready_or_dead, 2 * START_TIMEOUT_S, f"server /ready\n{s.log_tail()}", 0.2)
+        wait_until(s.ready_or_dead, 2 * START_TIMEOUT_S, f"server /ready\n{s.log_tail()}", 0.2)
     first, second = servers
     with first.client() as c:
         for seed in (1, 2):

@@ -150,14 +150,14 @@ def test_overload_queue_timeout_and_disconnect(spawn_server, long_gpt2_dir):
 async def test_one_request_failing_fails_alone(make_api, loaded):
     api = await make_api()
     poison = loaded.tokenizer.encode(" poisoned request", add_special_tokens=False)
-    real_prefill = api.engine.runner.prefill
+    real_step = api.engine.runner.step
 
-    def prefill(items):  # a request the runner cannot handle, recognised by its prompt
+    def step(tokens, items):  # a request the runner cannot handle, recognised by its prompt
         if any(list(item.input_ids) == list(poison) for item in items):
             raise RuntimeError("injected: this request breaks the model runner")
-        return real_prefill(items)
+        return real_step(tokens, items)
 
-    api.engine.runner.prefill = prefill
+    api.engine.runner.step = step
     alone = (await api.generate("Hello there", max_new_tokens=6)).json()["generated_text"]
     results = await asyncio.gather(
         *(api.generate("Hello there", max_new_tokens=6) for _ in range(3)),
@@ -179,10 +179,14 @@ async def test_engine_loop_crash_turns_readiness_off_and_takes_the_exit_path(mak
     fatal = asyncio.Event()
     api = await make_api(on_fatal=fatal.set)
 
-    def decode(tokens):
-        raise RuntimeError("injected: device lost")
+    real_step = api.engine.runner.step
 
-    api.engine.runner.decode = decode  # every decode step now fails: the loop dies
+    def step(tokens, items):
+        if tokens:
+            raise RuntimeError("injected: device lost")
+        return real_step(tokens, items)
+
+    api.engine.runner.step = step  # every decode step now fails: the loop dies
     r = await api.generate("x", max_new_tokens=5)
     assert r.status_code == 503 and r.json()["error_type"] == "unavailable", r.text
     await asyncio.wait_for(fatal.wait(), timeout=10)  # main's on_fatal: exit status 1

@@ -26,6 +26,12 @@ pytestmark = pytest.mark.timeout(300)
 LONG_PREFIX = 600  # > 512, the default max_prefix_length
 LIMITS = Limits(
     max_body_bytes=3 << 20,
+    max_json_body_bytes=2 << 20,
+    max_prompt_chars=200_000,
+    timeout_keep_alive_s=30,
+    timeout_request_header_s=60.0,
+    max_connections=500,
+    max_request_header_bytes=32768,
     shutdown_grace_s=7.0,
     max_artifact_bytes=800_000,  # fits a 600-long prefix of this model (~615 kB), not a 1000-long one
     max_prefix_length=1024,
@@ -39,7 +45,13 @@ LIMITS = Limits(
     tenant_max_concurrent=5,
     tenant_rps=500.0,
     tenant_upload_rps=500.0,
+    tenant_max_tasks=50,
+    tenant_max_stored_bytes=1 << 30,
+    max_training_metadata_bytes=32 << 10,
 )
+# GPT-2's paged pool is sized by kv_budget_bytes when set, else by kv_budget_tokens' worth: this test
+# sets the tokens form (whose refusal it checks), so the bytes form stays at its default (None).
+TOKENS_FORM_OF_KV_BUDGET = {"kv_budget_bytes"}
 
 
 def half_artifact(spec: Any, length: int) -> bytes:
@@ -50,7 +62,9 @@ def half_artifact(spec: Any, length: int) -> bytes:
 def test_every_limit_is_non_default_here() -> None:
     defaults = Limits()
     same = [
-        f.name for f in dataclasses.fields(Limits) if getattr(LIMITS, f.name) == getattr(defaults, f.name)
+        f.name
+        for f in dataclasses.fields(Limits)
+        if getattr(LIMITS, f.name) == getattr(defaults, f.name) and f.name not in TOKENS_FORM_OF_KV_BUDGET
     ]
     assert same == [], f"set these to non-default values in LIMITS: {same}"
 
@@ -85,10 +99,12 @@ def test_configured_limits_hold_from_upload_to_generation(
         body = client.post("/v1/generate", content=b"x" * (LIMITS.max_body_bytes + 1), headers=ACME)
         assert body.status_code == 413, body.text
 
-        # KV budget: prefix + prompt + max_new_tokens beyond 3000 (still within the model's 4096).
-        over_budget = generate(client, "long", max_new_tokens=LIMITS.kv_budget_tokens - LONG_PREFIX + 10)
+        # KV budget: a row's own tokens (prompt + max_new_tokens; the prefix is shared, stored once per
+        # task) beyond 3000 (still within the model's 4096 with the prefix). The pool is whole blocks,
+        # so the budget the error names is 3000 rounded down to a block.
+        over_budget = generate(client, "long", max_new_tokens=LIMITS.kv_budget_tokens + 10)
         assert over_budget.status_code == 422, over_budget.text
-        assert str(LIMITS.kv_budget_tokens) in over_budget.json()["error"]
+        assert "more than the whole KV budget of" in over_budget.json()["error"]
 
         # Batch size as advertised to TGI clients; prefix cache tiers as the engine sized them.
         assert client.get("/info").json()["max_concurrent_requests"] == LIMITS.max_batch_size

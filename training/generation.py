@@ -19,6 +19,7 @@ tests/training/test_beam_search.py). Both can ban tokens and forbid eos before `
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -105,16 +106,20 @@ def suppress_tokens(
     return logits
 
 
-def beam_search(
-    step_logits: Callable[[list[list[int]]], Tensor],
-    num_beams: int,
-    max_new_tokens: int,
-    eos_id: int | None,
-    length_penalty: float = 1.0,
-    min_new_tokens: int = 0,
-    banned_ids: Sequence[int] = (),
-    early_stopping: bool = True,
-) -> list[int]:
+@dataclass(frozen=True)
+class BeamSettings:
+    """What a beam search needs besides the model: HF `generate`'s knobs of the same names."""
+
+    num_beams: int
+    max_new_tokens: int
+    eos_id: int | None
+    length_penalty: float = 1.0
+    min_new_tokens: int = 0
+    banned_ids: tuple[int, ...] = ()
+    early_stopping: bool = True
+
+
+def beam_search(step_logits: Callable[[list[list[int]]], Tensor], settings: BeamSettings) -> list[int]:
     """Beam search for one source, step for step HF `generate(num_beams=..., early_stopping=...)`.
 
     `step_logits(generated_so_far)` gives `[N, V]` next-token logits for N partial outputs (the caller
@@ -128,12 +133,14 @@ def beam_search(
     - the search stops once `num_beams` hypotheses exist and either `early_stopping` or no live beam
       can still beat the worst of them (HF's heuristic: best live sum / current length ** penalty).
     """
+    num_beams, max_new_tokens, eos_id = settings.num_beams, settings.max_new_tokens, settings.eos_id
+    length_penalty, early_stopping = settings.length_penalty, settings.early_stopping
     beams: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[float, list[int]]] = []  # (normalised score, ids), best first, <= num_beams
     for step in range(max_new_tokens):
         logits = step_logits([b for b, _ in beams]).float()  # [N, V]
         logprobs = suppress_tokens(
-            torch.log_softmax(logits, dim=-1), step, eos_id, min_new_tokens, banned_ids
+            torch.log_softmax(logits, dim=-1), step, eos_id, settings.min_new_tokens, settings.banned_ids
         )
         scores = logprobs + torch.tensor([s for _, s in beams], device=logprobs.device)[:, None]  # [N, V]
         top = scores.view(-1).topk(min(2 * num_beams, scores.numel()))
@@ -179,24 +186,16 @@ def generate_causal(
                 greedy_causal(model, prefix, chunk, max_new_tokens, eos_id, min_new_tokens, banned_ids)
             )
         return out
+    settings = BeamSettings(
+        num_beams, max_new_tokens, eos_id, length_penalty, min_new_tokens, tuple(banned_ids), early_stopping
+    )
     results = []
     for prompt in prompts:
 
         def step(gens: list[list[int]], prompt: Sequence[int] = prompt) -> Tensor:
             return causal_logits(model, prefix, [[*prompt, *g] for g in gens])
 
-        results.append(
-            beam_search(
-                step,
-                num_beams,
-                max_new_tokens,
-                eos_id,
-                length_penalty,
-                min_new_tokens,
-                banned_ids,
-                early_stopping,
-            )
-        )
+        results.append(beam_search(step, settings))
     return results
 
 
@@ -218,6 +217,9 @@ def generate_seq2seq(
     device = model.get_input_embeddings().weight.device
     prefixes = {k: v.to(device=device, dtype=model.dtype) for k, v in prefixes.items()}
     start = int(model.config.decoder_start_token_id)
+    settings = BeamSettings(
+        num_beams, max_new_tokens, eos_id, length_penalty, min_new_tokens, tuple(banned_ids), early_stopping
+    )
     results = []
     for src in sources:
         if num_beams <= 1 and min_new_tokens == 0 and not banned_ids:
@@ -234,16 +236,5 @@ def generate_seq2seq(
             )
             return logits[:, -1].float()  # [N, V]
 
-        results.append(
-            beam_search(
-                step,
-                num_beams,
-                max_new_tokens,
-                eos_id,
-                length_penalty,
-                min_new_tokens,
-                banned_ids,
-                early_stopping,
-            )
-        )
+        results.append(beam_search(step, settings))
     return results

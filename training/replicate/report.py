@@ -180,7 +180,7 @@ Train time: prefix {summary["train_seconds"]["prefix"]:.0f} s, fine-tune {summar
 What does not carry over from the paper: the model is ~{lm["parameters"] / 1e6:.1f}M parameters pretrained on ~{lm["corpus_tokens"] // 1000}K
 tokens of one domain, not GPT-2 Medium on WebText, so absolute scores are far below the paper's and the
 stored prefix is {100.0 * params["prefix_stored"] / params["model"]:.2f}% of the model rather than 0.1%; the learning-rate grid
-has two points; one LM seed.
+has {len(summary["plan"]["prefix_lrs"])} points for prefix-tuning and {len(summary["plan"]["finetune_lrs"])} for fine-tuning; one LM seed.
 
 ## Samples (greedy, first held-out MRs)
 {samples}

@@ -19,9 +19,12 @@ From those:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from loadtest.workload import RequestSpec
 
 
 @dataclass
@@ -37,6 +40,18 @@ class RequestRecord:
     num_requested_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+
+    @classmethod
+    def of(cls, req: RequestSpec, task: str | None, arrival: float, **outcome: Any) -> RequestRecord:
+        """The record of workload request `req` (served as `task`), arrived at `arrival`."""
+        return cls(
+            request_id=req.request_id,
+            task=task,
+            arrival=arrival,
+            num_prompt_tokens=len(req.prompt_ids),
+            num_requested_tokens=req.max_new_tokens,
+            **outcome,
+        )
 
     @property
     def num_output_tokens(self) -> int:

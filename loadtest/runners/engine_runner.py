@@ -84,13 +84,7 @@ class StepStats(EngineObserver):
 async def _stream(
     engine: Engine, req: RequestSpec, task: str | None, arrival: float, clock: RunClock
 ) -> RequestRecord:
-    rec = RequestRecord(
-        request_id=req.request_id,
-        task=task,
-        arrival=arrival,
-        num_prompt_tokens=len(req.prompt_ids),
-        num_requested_tokens=req.max_new_tokens,
-    )
+    rec = RequestRecord.of(req, task, arrival)
     request = GenerationRequest(
         request_id=req.request_id,
         prompt=list(req.prompt_ids),

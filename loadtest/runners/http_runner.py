@@ -81,13 +81,7 @@ class ServerProcess(process.ServerProcess):
 async def _complete(
     client: httpx.AsyncClient, model: str, req: RequestSpec, task: str | None, arrival: float, clock: RunClock
 ) -> RequestRecord:
-    rec = RequestRecord(
-        request_id=req.request_id,
-        task=task,
-        arrival=arrival,
-        num_prompt_tokens=len(req.prompt_ids),
-        num_requested_tokens=req.max_new_tokens,
-    )
+    rec = RequestRecord.of(req, task, arrival)
     body = {
         "model": model,
         "prompt": req.prompt_ids,

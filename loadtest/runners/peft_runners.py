@@ -130,14 +130,12 @@ def run_naive(baseline: PeftBaseline, workload: Workload) -> RunResult:
             req = queue.popleft()
             timer = StepTimer(clock)
             baseline.generate(req.task, [req.prompt_ids], req.max_new_tokens, timer)
-            rec = RequestRecord(
-                request_id=req.request_id,
-                task=req.task,
-                arrival=pool.arrival_s[req.request_id],
+            rec = RequestRecord.of(
+                req,
+                req.task,
+                pool.arrival_s[req.request_id],
                 token_times=timer.times,
                 end=timer.times[-1],
-                num_prompt_tokens=len(req.prompt_ids),
-                num_requested_tokens=req.max_new_tokens,
                 finish_reason="length",
             )
             records.append(rec)
@@ -169,14 +167,12 @@ def run_static(baseline: PeftBaseline, workload: Workload, max_batch_size: int) 
             computed += len(members) * (width + num_new)
             for r in members:
                 times = timer.times[: r.max_new_tokens]
-                rec = RequestRecord(
-                    request_id=r.request_id,
-                    task=r.task,
-                    arrival=pool.arrival_s[r.request_id],
+                rec = RequestRecord.of(
+                    r,
+                    r.task,
+                    pool.arrival_s[r.request_id],
                     token_times=times,
                     end=times[-1],
-                    num_prompt_tokens=len(r.prompt_ids),
-                    num_requested_tokens=r.max_new_tokens,
                     finish_reason="length",
                 )
                 records.append(rec)

@@ -48,13 +48,7 @@ def run_transformers_cb(loaded: LoadedModel, workload: Workload, max_batch_size:
         def submit() -> None:
             nonlocal in_flight
             req = pending.pop(0)
-            records[req.request_id] = RequestRecord(
-                request_id=req.request_id,
-                task=None,
-                arrival=clock.now(),
-                num_prompt_tokens=len(req.prompt_ids),
-                num_requested_tokens=req.max_new_tokens,
-            )
+            records[req.request_id] = RequestRecord.of(req, None, clock.now())
             manager.add_request(
                 list(req.prompt_ids),
                 request_id=req.request_id,

@@ -111,7 +111,7 @@ def pretrain(lines: list[str], out_dir: Path, cfg: LMConfig) -> dict[str, float]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -421,8 +421,10 @@ class Engine:
             while True:
                 if not self.scheduler.has_work():
                     self._wake.clear()
-                    await self._wake.wait()
-                    continue
+                    if not await self._idle():
+                        continue
+                    # Woken by the clock with requests still waiting for their prefix: `schedule`
+                    # answers those that waited too long.
                 plan = self.scheduler.schedule()
                 self._answer_timeouts(plan.left)
                 work = self._prepare(plan)
@@ -438,6 +440,18 @@ class Engine:
             self.failure = exc
             for state in list(self._requests.values()):
                 self._fail(state, EngineStopped(f"the engine failed: {exc!r}"))
+
+    async def _idle(self) -> bool:
+        """Sleep until woken. With requests waiting (for their prefix), wake at least every half
+        queue timeout as well; returns True when woken that way."""
+        if not self.scheduler.num_waiting:
+            await self._wake.wait()
+            return False
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.config.limits.queue_timeout_s / 2)
+        except TimeoutError:
+            return True
+        return False
 
     def _answer_timeouts(self, left: list[RowLeft]) -> None:
         """The scheduler dropped requests that waited too long: their callers get `QueueTimeout`."""

@@ -173,3 +173,15 @@ async def test_a_loading_prefix_does_not_hold_back_a_later_resident_request(
         assert hot[-1].finish_reason == "length"
         assert loaded == []  # "hot" arrived after "cold" and finished before "cold"'s prefix was there
         assert [e.finish_reason for e in [e async for e in cold]] == [None, "length"]
+
+
+async def test_a_request_whose_prefix_never_arrives_times_out_in_the_queue(
+    make_engine: Any, store: Any
+) -> None:
+    async with make_engine(store, queue_timeout_s=0.3) as engine:
+        slow_transfers(engine, 3.0, [])
+        started = time.monotonic()
+        with pytest.raises(QueueTimeout):
+            await collect(engine, GenerationRequest("stuck", PROMPT, greedy(2), task="task-10"))
+        assert time.monotonic() - started < 2.0  # not when the copy finally ends
+        assert engine.num_waiting == 0 and engine.healthy

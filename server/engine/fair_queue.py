@@ -102,8 +102,15 @@ class _Flows(Generic[T]):
     def names_in_order(self) -> list[str]:
         """Backlogged lines, the one to serve first first. Ties go to the higher class, then the name
         that sorts first (deterministic)."""
-        backlogged = [(self.pass_[n], _RANK.get(n, 0), n) for n, line in self.lines.items() if line]
-        return [name for _, _, name in sorted(backlogged)]
+        return [name for _, _, name in sorted(self._backlogged())]
+
+    def next_name(self) -> str | None:
+        """`names_in_order()[0]` without the sort."""
+        backlogged = self._backlogged()
+        return min(backlogged)[2] if backlogged else None
+
+    def _backlogged(self) -> list[tuple[float, int, str]]:
+        return [(self.pass_[n], _RANK.get(n, 0), n) for n, line in self.lines.items() if line]
 
     def charge(self, name: str, amount: float) -> None:
         self.vclock = self.pass_[name]
@@ -189,6 +196,15 @@ class FairQueue(Generic[T]):
 
     def peek(self, eligible: Eligible[T] | None = None) -> T | None:
         """The request to admit next among the `eligible` ones (default: all), or None."""
+        tenant = self._tenants.next_name()
+        if tenant is None:
+            return None
+        classes = self._classes[tenant]
+        name = classes.next_name()
+        assert name is not None
+        head = next(iter(classes.lines[name].values()))
+        if eligible is None or eligible(head):
+            return head  # the common case: the policy's own next request
         for tenant in self._tenants.names_in_order():
             classes = self._classes[tenant]
             for name in classes.names_in_order():

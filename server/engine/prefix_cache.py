@@ -27,7 +27,9 @@ task and forgotten on every change notification of the task (re-read on the next
 every replica follows the store's split. A split's versions are loaded and cached like current ones.
 
 Runs on the event loop; validation of a blob and host->device copies are done in worker threads.
-(Demotion's device->host copy still runs on the event loop: it happens only on device-tier eviction.)
+Demotion copies nothing: an entry promoted from the host keeps its (pinned) host copy aside while it
+is on the device, so eviction hands that back to the host tier (host memory up to both tiers'
+budgets); only an entry with no host copy is copied back.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class PrefixCache:
         self._version_loads: dict[Key, asyncio.Future[PrefixArtifact]] = {}
         self._transfers: dict[Key, asyncio.Future[DevicePrefix]] = {}  # single-flight host->device copies
         self._ready: dict[Key, Any] = {}  # device-tier key -> the CUDA event its copy completes at
+        self._host_copies: dict[Key, PrefixArtifact] = {}  # device-tier key -> the host copy it came from
         self._subscribed = False
 
     def start(self) -> None:
@@ -227,6 +230,7 @@ class PrefixCache:
             self._tiers["host"].pop(key)  # an entry sits in one tier
             if moved.ready is not None:
                 self._ready[key] = moved.ready
+            self._host_copies[key] = host
             self._insert(key, moved.artifact)
         return moved
 
@@ -360,7 +364,8 @@ class PrefixCache:
             self._notify("eviction", "device")
             # Demote, unless a newer version replaced it meanwhile (then it is garbage).
             if self._current.get(old_key[:2]) == old_key[2]:
-                self._insert_host(old_key, self.transfer.to_host(old))
+                host = self._host_copies.get(old_key)
+                self._insert_host(old_key, host if host is not None else self.transfer.to_host(old))
         self._update_gauges()
 
     def _insert_host(self, key: Key, artifact: PrefixArtifact) -> None:
@@ -379,6 +384,7 @@ class PrefixCache:
             self.stats.bytes[name] = tier.nbytes
         device_keys = self._tiers["device"].items
         self._ready = {key: event for key, event in self._ready.items() if key in device_keys}
+        self._host_copies = {key: copy for key, copy in self._host_copies.items() if key in device_keys}
 
     def cached_versions(self, tier: str) -> list[Key]:
         """Keys held in a tier, least recently used first (for tests and debugging)."""

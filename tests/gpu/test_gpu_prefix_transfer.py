@@ -72,3 +72,31 @@ async def _generate(model_dir: Path, tmp: Path, device: str) -> list[list[int]]:
 async def test_engine_through_the_host_tier_equals_the_cpu_engine(tmp_path: Path) -> None:
     model_dir = make_model_dir("tiny-gpt2", tmp_path / "m", initializer_range=0.3)
     assert await _generate(model_dir, tmp_path, "cuda") == await _generate(model_dir, tmp_path, "cpu")
+
+
+async def test_tiers_on_cuda_demote_pinned_and_promote_back_exactly(tmp_path: Path) -> None:
+    from server.engine.prefix_cache import PrefixCache
+
+    loaded = load_model(str(make_model_dir("tiny-gpt2", tmp_path / "m")), "cpu", "float32")
+    store = LocalPrefixStore(tmp_path / "store")
+    await store.start()
+    originals = {f"t{i}": _artifact(loaded.spec, 20, i, f"t{i}") for i in range(2)}
+    for task, artifact in originals.items():
+        await store.put("default", task, dump_artifact(artifact), {})
+    one = originals["t0"].nbytes
+    limits = Limits(device_prefix_cache_bytes=one, host_prefix_cache_bytes=4 * one)
+    cache = PrefixCache(store, loaded.spec, torch.device("cuda"), torch.float32, limits)
+    cache.start()
+    try:
+        for task in ("t0", "t1", "t0"):  # t0 is demoted by t1, then promoted back from the host tier
+            resolved = await cache.resolve("default", task)
+            wait_until_ready(resolved.device_prefix)
+            assert resolved.artifact.prefixes["decoder"].is_cuda
+            assert torch.equal(
+                resolved.artifact.prefixes["decoder"].cpu(), originals[task].prefixes["decoder"]
+            )
+        assert cache.cached_versions("device") == [("default", "t0", 1)]
+        assert cache.cached_versions("host") == [("default", "t1", 1)]
+        assert cache.stats.hits["host"] == 1
+    finally:
+        await store.close()

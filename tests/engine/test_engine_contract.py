@@ -72,6 +72,7 @@ async def test_every_request_leaves_with_its_reason_and_its_row_is_freed(
             return plan
 
         engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+        slow_steps(engine)  # the long requests outlast the test
         aborted = await engine.add_request(GenerationRequest("aborted", PROMPT, greedy(400, ignore_eos=True)))
         await anext(aborted)
         finished = await collect(engine, GenerationRequest("length", PROMPT, greedy(3, ignore_eos=True)))
@@ -90,6 +91,17 @@ async def test_every_request_leaves_with_its_reason_and_its_row_is_freed(
         RowLeft("length", "length", True),
         RowLeft("timed-out", "timed_out", False),
     ]
+
+
+def slow_steps(engine: Any, seconds: float = 0.01) -> None:
+    """Make every model step take at least `seconds` (400 tokens: >= 4 s), whatever the machine."""
+    real_step = engine.runner.step
+
+    def step(*args: Any) -> Any:
+        time.sleep(seconds)
+        return real_step(*args)
+
+    engine.runner.step = step
 
 
 def slow_transfers(engine: Any, seconds: float, loaded: list[str]) -> None:
@@ -111,7 +123,7 @@ async def test_resident_tasks_are_served_while_another_tasks_prefix_loads(
     async with make_engine(store) as engine:
         await collect(engine, GenerationRequest("warm", PROMPT, greedy(1), task="task-5"))  # now resident
         loaded: list[str] = []
-        slow_transfers(engine, 0.5, loaded)
+        slow_transfers(engine, 1.0, loaded)
         store.get_delay_s = 0.3  # the store is slow too
         cold = asyncio.create_task(
             collect(engine, GenerationRequest("cold", PROMPT, greedy(3, ignore_eos=True), task="task-10"))
@@ -138,6 +150,7 @@ async def test_a_waiting_requests_prefix_is_loaded_before_it_is_admitted(
     async with make_engine(store, max_batch_size=1) as engine:
         loaded: list[str] = []
         slow_transfers(engine, 0.2, loaded)
+        slow_steps(engine)  # "run" holds the only row for >= 4 s
         seen_at_ready: list[tuple[list[str], list[str]]] = []
         real_mark_ready = engine.scheduler.mark_ready
 
@@ -163,7 +176,7 @@ async def test_a_loading_prefix_does_not_hold_back_a_later_resident_request(
     async with make_engine(store, max_batch_size=1) as engine:
         await collect(engine, GenerationRequest("warm", PROMPT, greedy(1), task="task-5"))
         loaded: list[str] = []
-        slow_transfers(engine, 0.5, loaded)
+        slow_transfers(engine, 1.0, loaded)
         cold = await engine.add_request(
             GenerationRequest("cold", PROMPT, greedy(2, ignore_eos=True), task="task-10")
         )

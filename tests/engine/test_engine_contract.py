@@ -198,3 +198,26 @@ async def test_a_request_whose_prefix_never_arrives_times_out_in_the_queue(
             await collect(engine, GenerationRequest("stuck", PROMPT, greedy(2), task="task-10"))
         assert time.monotonic() - started < 2.0  # not when the copy finally ends
         assert engine.num_waiting == 0 and engine.healthy
+
+
+async def test_more_tasks_than_the_device_tier_holds_all_answer_as_alone(
+    make_engine: Any, store: Any, artifacts: dict[int, Any]
+) -> None:
+    tasks = ["task-1", "task-5", "task-10"]
+    one = artifacts[10].nbytes  # room for one of them on the device: prefixes move in and out
+    async with make_engine(store, device_prefix_cache_bytes=one, host_prefix_cache_bytes=1 << 30) as engine:
+        alone = {
+            t: await collect(engine, GenerationRequest(f"alone-{t}", PROMPT, greedy(6), task=t))
+            for t in tasks
+        }
+        together = await asyncio.gather(
+            *(
+                collect(engine, GenerationRequest(f"r{i}", PROMPT, greedy(6), task=tasks[i % 3]))
+                for i in range(12)
+            )
+        )
+        stats = engine.prefix_cache_stats
+        assert stats is not None and stats.loads == 3  # read from the store once each, then the tiers
+        assert stats.evictions["device"] > 0
+    for i, events in enumerate(together):
+        assert [e.token_id for e in events] == [e.token_id for e in alone[tasks[i % 3]]]

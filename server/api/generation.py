@@ -2,12 +2,13 @@
 
 `start_generation` checks draining and the prompt's size (O(1), before any work proportional to it),
 takes a tenant rate-limit lease, tokenises the prompt in a worker thread (never on the event loop: a
-long prompt would stall every other request), submits the ids to the engine and waits
-for the *first* event before returning. Waiting for it means every error the engine raises at
-admission (unknown task, prompt too long, queue full, store down...) becomes a proper HTTP status,
-even on streaming routes, instead of a broken 200 stream. The returned `Generation` yields the events
-(first one included), releases the lease exactly once, closes the engine stream if the client goes
-away (so the engine drops the request), and records timings for the access log.
+long prompt would stall every other request), submits the ids with `engine.add_request` and waits
+for the *first* event before returning. `add_request` raises every admission error (unknown task,
+prompt too long, queue full, store down...) itself; waiting for the first event also turns what can
+go wrong while the request waits (queue timeout, a failed prefill) into a proper HTTP status, even on
+streaming routes, instead of a broken 200 stream. The returned `Generation` yields the events (first
+one included), releases the lease exactly once, aborts the engine request if the client goes away
+(so the engine frees its row), and records timings for the access log.
 """
 
 from __future__ import annotations
@@ -92,10 +93,10 @@ class Generation:
     """The events of one admitted generation; iterate once (`events()`) or `collect()`."""
 
     def __init__(
-        self, first: StreamEvent, stream: Any, lease: Lease, ctx: RequestContext | None, start: float
+        self, first: StreamEvent, handle: Any, lease: Lease, ctx: RequestContext | None, start: float
     ) -> None:
         self._first: StreamEvent | None = first
-        self._stream = stream
+        self._handle = handle  # the engine's `RequestHandle`
         self._lease = lease
         self._ctx = ctx
         self._start = start
@@ -120,7 +121,7 @@ class Generation:
                 if event.finish_reason is not None:
                     break
                 try:
-                    event = await anext(self._stream)
+                    event = await anext(self._handle)
                 except StopAsyncIteration:
                     raise RequestFailed("the engine ended the stream without a final event") from None
             if last is not None and last.finish_reason in _ABORTED:
@@ -157,7 +158,8 @@ class Generation:
         return (await collect_all_unless_disconnected([self], receive))[0]
 
     async def close(self, last: StreamEvent | None = None) -> None:
-        """Release the lease and the engine stream (idempotent); called when iteration ends or stops."""
+        """Release the lease and abort the engine request (idempotent; a finished one is not affected);
+        called when iteration ends or stops."""
         if self._closed:
             return
         self._closed = True
@@ -165,9 +167,7 @@ class Generation:
         # still be released and the engine told to drop the request.
         with anyio.CancelScope(shield=True):
             await self._lease.release()
-            aclose = getattr(self._stream, "aclose", None)
-            if aclose is not None:
-                await aclose()  # the engine frees the request's batch row
+            self._handle.abort()  # the engine frees the request's batch row
         if self._ctx is not None:
             self._ctx.e2e_s = round(time.perf_counter() - self._start, 6)
             if last is not None:
@@ -230,7 +230,7 @@ async def start_generation(
     params.validate()  # out-of-range values → 422 before using a rate-limit slot
     check_prompt_size(state, prompt)
     lease = await state.limiter.acquire(principal.tenant)
-    stream: Any = None
+    handle: Any = None
     try:
         if isinstance(prompt, str):  # tokenising takes time proportional to the prompt: not on the loop
             prompt = await anyio.to_thread.run_sync(state.engine.tokenize, prompt)
@@ -244,20 +244,19 @@ async def start_generation(
             # Issue 18: a traffic split pins by the client's key, else by the (client-visible) request id.
             route_key=principal.route_key or (ctx.request_id if ctx is not None else request_id),
         )
-        stream = state.engine.generate(request)
-        first = await anext(stream)
+        handle = await state.engine.add_request(request)
+        first = await anext(handle)
     except BaseException:
         await lease.release()
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        if handle is not None:
+            handle.abort()
         raise
     # Counted once accepted: unknown task names (typos, probes) never take a metrics label slot.
     state.metrics.observe_task_request(principal.tenant, task)
     state.metrics.observe_variant(principal.tenant, task, first.prefix_variant)  # issue 18
     if ctx is not None and first.prefix_variant is not None:
         ctx.extra["prefix_variant"] = first.prefix_variant
-    return Generation(first, stream, lease, ctx, start)
+    return Generation(first, handle, lease, ctx, start)
 
 
 async def collect_all_unless_disconnected(generations: list[Generation], receive: Receive) -> list[Completed]:

@@ -1,7 +1,8 @@
 """The inference engine: continuous batching of many tasks' prefixes over one frozen model.
 
 Public API (what the API layer and loadtest use): `Engine`, `EngineConfig`, `EngineObserver`,
-`SamplingParams`, `GenerationRequest`, `StreamEvent` and the errors below. Nothing here imports
+`SamplingParams`, `GenerationRequest`, `StreamEvent`, `RequestHandle` (what `Engine.add_request`
+returns) and the errors below. Nothing here imports
 fastapi or redis; `Engine`, `EngineConfig` and `PrefixCacheStats` (torch) load on first use.
 """
 
@@ -20,6 +21,7 @@ from server.engine.errors import (
     StoreUnavailable,
     UnknownTask,
 )
+from server.engine.handle import RequestHandle
 from server.engine.observer import EngineObserver
 from server.engine.types import FinishReason, GenerationRequest, SamplingParams, StreamEvent
 
@@ -58,6 +60,7 @@ __all__ = [
     "QueueFull",
     "QueueTimeout",
     "RequestFailed",
+    "RequestHandle",
     "SamplingParams",
     "StoreUnavailable",
     "StreamEvent",

@@ -5,8 +5,19 @@ tensor work (freeing rows, one decode of every running row, one prefill of the n
 sampling) runs in a single worker thread via `run_in_executor`, so the event loop stays free to accept
 and stream requests. Scheduler, request states and detokenizers are touched only on the event loop.
 
-Rows of one batch carry different tasks' prefixes: a request's prefix is resolved through the tiered
-`PrefixCache` before it is queued and copied into its KV row at prefill (see `kv_cache`).
+The contract (issue 15): `add_request(request)` raises every admission error itself and returns a
+`RequestHandle` whose events stream (`async for event in handle`) and which `abort()`s the request;
+`generate()` is a thin wrapper over it, kept for callers that want a plain async iterator.
+
+Rows of one batch carry different tasks' prefixes. At admission a request's prefix is located in
+the tiered `PrefixCache` (store -> host tier; unknown tasks fail here); the request is then queued
+at once, and while it waits its prefix is prefetched to the device (a copy from a worker thread, on
+a side stream on CUDA). The scheduler admits only requests whose prefix is on the device, so a load
+never stalls a step, and requests of resident tasks go ahead of one whose prefix still loads.
+
+Membership: the scheduler decides who runs; every request that leaves (finished, aborted, failed,
+timed out) is reported once in the next plan's `left`, and the step frees exactly those rows
+(`plan.released_ids`). Nothing else releases runner rows.
 
 Failure isolation: an error while preparing or prefilling one request fails that request alone (its
 iterator raises `RequestFailed`); an error that breaks the step itself (decode, sampling) marks the
@@ -42,16 +53,33 @@ from server.engine.errors import (
     UnknownTask,
 )
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.handle import RequestHandle
 from server.engine.observer import EngineObserver
 from server.engine.paged_kv import PagedKVCache
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
+from server.engine.prefix_transfer import DevicePrefix, wait_until_ready
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
-from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerPlan, StepOutput
+from server.engine.scheduler import (
+    LeaveReason,
+    RowLeft,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerPlan,
+    StepOutput,
+)
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 from server.limits import Limits
 
 logger = logging.getLogger(__name__)
+
+# How the detokenizer's finish reasons read in the scheduler's departures.
+_LEAVE_REASONS: dict[FinishReason, LeaveReason] = {
+    "length": "length",
+    "eos_token": "eos",
+    "stop_sequence": "stop",
+}
 
 
 @dataclass
@@ -70,7 +98,7 @@ class _Request:
 
     request: GenerationRequest
     prompt_ids: list[int]
-    prefix: ResolvedPrefix | None
+    prefix: ResolvedPrefix | None  # on the host until prefetched (`prefix.on_device`)
     seed: int
     sampling: RowSampling
     detok: IncrementalDetokenizer
@@ -95,6 +123,8 @@ class _StepWork:
     decode_tokens: dict[str, int]
     prefill: list[PrefillItem]
     rows: dict[str, RowSampling]
+    # The prefixes this step's prefill reads: on CUDA the step waits for their copies (on the GPU).
+    prefixes: list[DevicePrefix] = field(default_factory=list)
     # The states the step runs for: `_apply` must not hand a result to a newer request that reused
     # the id of one aborted while the step ran.
     states: dict[str, _Request] = field(default_factory=dict)
@@ -158,7 +188,7 @@ class Engine:
         self.healthy = True
         self.failure: BaseException | None = None
         self._requests: dict[str, _Request] = {}
-        self._to_release: list[str] = []
+        self._prefetches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._accepting = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -185,6 +215,8 @@ class Engine:
             await asyncio.sleep(0.005)
         for state in list(self._requests.values()):
             self._finish_outside(state, "cancelled")
+        for prefetch in list(self._prefetches):
+            prefetch.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -234,26 +266,32 @@ class Engine:
         return sorted(label for label in labels if label)
 
     # ---- requests -----------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """Stream one `StreamEvent` per generated token; the last one has `finish_reason` set.
+    async def add_request(self, request: GenerationRequest) -> RequestHandle:
+        """Admit a request and return its handle (see `handle`).
 
-        Admission errors (`InvalidRequest`, `PromptTooLong`, `UnknownTask`, `StoreUnavailable`,
-        `InvalidPrefix`, `QueueFull`, `EngineStopped`) are raised by the first `__anext__`, before any
-        event. Later: `QueueTimeout`, `RequestFailed`, `EngineStopped`. Closing the iterator early (or
-        cancelling the consuming task) aborts the request; its row is freed at the next step.
+        Raises the admission errors here, before any event: `InvalidRequest`, `PromptTooLong`,
+        `UnknownTask`, `StoreUnavailable`, `InvalidPrefix`, `QueueFull`, `EngineStopped`. Later
+        errors (`QueueTimeout`, `RequestFailed`, `EngineStopped`) are raised by the handle's iteration.
         """
         state = await self._admit(request)
+        prefix = state.prefix
+        return RequestHandle(
+            state.request_id,
+            state.events,
+            lambda: self._finish_outside(state, "cancelled"),
+            prefix_version=None if prefix is None else prefix.version,
+            prefix_variant=None if prefix is None else prefix.variant,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """`add_request` as a plain async iterator: admission errors come from the first `__anext__`.
+        Closing the iterator early (or cancelling the consuming task) aborts the request."""
+        handle = await self.add_request(request)
         try:
-            while True:
-                item = await state.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for event in handle:
+                yield event
         finally:
-            if not state.done:
-                self._finish_outside(state, "cancelled", notify=False)
+            handle.abort()
 
     async def _admit(self, request: GenerationRequest) -> _Request:
         if not self._accepting or not self.healthy:
@@ -261,7 +299,7 @@ class Engine:
         params = request.params
         params.validate()
         prompt_ids = self.tokenize(request.prompt)
-        prefix = await self._resolve_prefix(request)
+        prefix = await self._locate_prefix(request)
         artifact = None if prefix is None else prefix.artifact
         self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, artifact)
         bad_bias = [t for t in params.logit_bias if t >= self.runner.vocab_size]
@@ -291,13 +329,35 @@ class Engine:
                 tenant=request.tenant,
                 priority=request.priority,
                 cost=params.max_new_tokens,
+                prefix_ready=prefix is None or prefix.on_device,
             )
         )
         for rid in pushed_out:  # the fair queue made room for a tenant under its share (fair_queue)
             self._fail(self._requests[rid], QueueFull("the queue is full and this tenant is over its share"))
         self._requests[request.request_id] = state
+        if prefix is not None and not prefix.on_device:
+            prefetch = asyncio.create_task(self._prefetch(state), name=f"prefetch-{request.request_id}")
+            self._prefetches.add(prefetch)
+            prefetch.add_done_callback(self._prefetches.discard)
         self._wake.set()
         return state
+
+    async def _prefetch(self, state: _Request) -> None:
+        """While the request waits: bring its prefix to the device, then let the scheduler admit it."""
+        assert self.prefix_cache is not None and state.prefix is not None
+        request = state.request
+        assert request.task is not None
+        try:
+            state.prefix = await self.prefix_cache.to_device(request.tenant, request.task, state.prefix)
+        except Exception as exc:
+            logger.exception("loading the prefix of request %s to the device failed", state.request_id)
+            failure = RequestFailed(f"loading the task's prefix failed ({type(exc).__name__})")
+            failure.__cause__ = exc
+            self._fail(state, failure)
+            return
+        if not state.done:
+            self.scheduler.mark_ready(state.request_id)
+            self._wake.set()
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids (ids are checked against the vocabulary). Safe in worker threads: the
@@ -318,54 +378,55 @@ class Engine:
             ids = [int(bos)]
         return ids
 
-    async def _resolve_prefix(self, request: GenerationRequest) -> ResolvedPrefix | None:
+    async def _locate_prefix(self, request: GenerationRequest) -> ResolvedPrefix | None:
+        """The request's prefix version and its artifact in the nearest tier (device copy: `_prefetch`)."""
         if request.task is None:
             return None
         if self.prefix_cache is None:
             raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
         try:
             route_key = request.route_key or request.request_id  # issue 18: pins a traffic split
-            return await self.prefix_cache.resolve(request.tenant, request.task, route_key)
+            return await self.prefix_cache.locate(request.tenant, request.task, route_key)
         except InvalidName as exc:
             raise InvalidRequest(str(exc)) from None
 
-    def _finish_outside(self, state: _Request, reason: FinishReason, notify: bool = True) -> None:
+    def _finish_outside(self, state: _Request, reason: FinishReason) -> None:
         """End a request for a reason outside the model (cancelled): abort it, free its row next step."""
         if state.done:
             return
-        state.done = True
-        self._requests.pop(state.request_id, None)
-        self.scheduler.abort(state.request_id)
-        self._wake.set()
+        self._end(state, "aborted")
         text = state.detok.finish(reason)
-        if notify:
-            state.events.put_nowait(self._event(state, None, text, reason))
+        state.events.put_nowait(self._event(state, None, text, reason))
         self._observe_finish(state, reason)
 
     def _fail(self, state: _Request, exc: BaseException) -> None:
         if state.done:
             return
-        state.done = True
-        self._requests.pop(state.request_id, None)
-        self.scheduler.abort(state.request_id)
+        self._end(state, "failed")
         state.events.put_nowait(exc)
         self._observe_finish(state, "error")
+
+    def _end(self, state: _Request, reason: LeaveReason) -> None:
+        """The request is over for its caller; the scheduler reports it in the next plan's `left`."""
+        state.done = True
+        if self._requests.get(state.request_id) is state:
+            del self._requests[state.request_id]
+        self.scheduler.abort(state.request_id, reason)
+        self._wake.set()
 
     # ---- the loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if not self.scheduler.has_work() and not self._to_release:
+                if not self.scheduler.has_work():
                     self._wake.clear()
-                    await self._wake.wait()
-                    continue
+                    if not await self._idle():
+                        continue
+                    # Woken by the clock with requests still waiting for their prefix: `schedule`
+                    # answers those that waited too long.
                 plan = self.scheduler.schedule()
-                for rid in plan.timed_out_ids:
-                    state = self._requests.get(rid)
-                    if state is not None:
-                        timeout = self.config.limits.queue_timeout_s
-                        self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
+                self._answer_timeouts(plan.left)
                 work = self._prepare(plan)
                 if not (work.release_ids or work.decode_tokens or work.prefill):
                     continue
@@ -380,10 +441,28 @@ class Engine:
             for state in list(self._requests.values()):
                 self._fail(state, EngineStopped(f"the engine failed: {exc!r}"))
 
+    async def _idle(self) -> bool:
+        """Sleep until woken. With requests waiting (for their prefix), wake at least every half
+        queue timeout as well; returns True when woken that way."""
+        if not self.scheduler.num_waiting:
+            await self._wake.wait()
+            return False
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.config.limits.queue_timeout_s / 2)
+        except TimeoutError:
+            return True
+        return False
+
+    def _answer_timeouts(self, left: list[RowLeft]) -> None:
+        """The scheduler dropped requests that waited too long: their callers get `QueueTimeout`."""
+        timeout = self.config.limits.queue_timeout_s
+        for row in left:
+            state = self._requests.get(row.request_id)
+            if row.reason == "timed_out" and state is not None:
+                self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
+
     def _prepare(self, plan: SchedulerPlan) -> _StepWork:
-        release = self._to_release + plan.aborted_ids
-        self._to_release = []
-        work = _StepWork(release_ids=release, decode_tokens={}, prefill=[], rows={})
+        work = _StepWork(release_ids=plan.released_ids, decode_tokens={}, prefill=[], rows={})
         now = time.monotonic()
         for rid in plan.decode_ids:
             state = self._requests[rid]
@@ -396,7 +475,9 @@ class Engine:
             state = self._requests[rid]
             prefix, key = state.prefix, None
             if prefix is not None:  # rows of one (task, version) share one copy of its prefix
+                assert prefix.on_device, "admitted before its prefix was prefetched"
                 key = (state.request.tenant, state.request.task, prefix.version)
+                work.prefixes.append(prefix.device_prefix)
             artifact = None if prefix is None else prefix.artifact
             work.prefill.append(
                 PrefillItem(
@@ -419,6 +500,8 @@ class Engine:
         """Worker thread: all tensor work of one step (one model pass, one sampling call)."""
         runner = self.runner
         runner.release(work.release_ids)
+        for prefix in work.prefixes:
+            wait_until_ready(prefix)
         failed: dict[str, BaseException] = {}
         if set(runner.request_ids) != set(work.decode_tokens):
             raise RuntimeError(
@@ -507,11 +590,10 @@ class Engine:
                 event.prompt_token_ids = list(state.prompt_ids)
                 event.prompt_logprobs = result.prompt_logprobs[rid]
             state.events.put_nowait(event)
-            outputs.append(StepOutput(rid, 1, reason is not None))
+            outputs.append(StepOutput(rid, 1, None if reason is None else _LEAVE_REASONS[reason]))
             if reason is not None:
                 state.done = True
                 del self._requests[rid]
-                self._to_release.append(rid)
                 self._observe_finish(state, reason)
         self.scheduler.update(outputs)
         if result.request_ids:

@@ -1,7 +1,13 @@
 """The waiting-queue policy: which waiting request the scheduler admits next, and who gets a 429.
 
 Pure bookkeeping over ids, tenants and costs (no tensors, no clock): the scheduler asks `peek()` for
-the next request, checks its own limits (rows, prefill tokens, KV budget) and calls `pop_next()`.
+the next request, checks its own limits (rows, prefill tokens, KV budget) and calls `pop(item)`.
+
+`peek(eligible)` skips requests that cannot run yet (issue 15: their prefix is still being loaded to
+the device): the policy's order is kept among the others, and a skipped request keeps its place: its
+tenant's and class's virtual times do not move, so it goes first as soon as it is eligible. Within a
+tenant's class an eligible request may thus pass an earlier one that is still loading; nothing
+passes a request whose prefix is resident.
 
 `FairQueue` (the default) is weighted fair queuing in two levels, by stride scheduling:
 - across tenants: each tenant has a virtual time `pass_`; the backlogged tenant with the smallest
@@ -31,7 +37,7 @@ queue). So one tenant filling the queue never turns another tenant's request int
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -57,6 +63,7 @@ class Queued(Protocol):
 
 
 T = TypeVar("T", bound=Queued)
+Eligible = Callable[[T], bool]  # may this waiting request be admitted now?
 
 
 @dataclass(frozen=True)
@@ -92,13 +99,18 @@ class _Flows(Generic[T]):
         line[item.request_id] = item
         self.count += 1
 
+    def names_in_order(self) -> list[str]:
+        """Backlogged lines, the one to serve first first. Ties go to the higher class, then the name
+        that sorts first (deterministic)."""
+        return [name for _, _, name in sorted(self._backlogged())]
+
     def next_name(self) -> str | None:
-        # Ties go to the higher class, then the name that sorts first (deterministic).
-        backlogged = [(self.pass_[n], _RANK.get(n, 0), n) for n, line in self.lines.items() if line]
+        """`names_in_order()[0]` without the sort."""
+        backlogged = self._backlogged()
         return min(backlogged)[2] if backlogged else None
 
-    def head(self, name: str) -> T:
-        return next(iter(self.lines[name].values()))
+    def _backlogged(self) -> list[tuple[float, int, str]]:
+        return [(self.pass_[n], _RANK.get(n, 0), n) for n, line in self.lines.items() if line]
 
     def charge(self, name: str, amount: float) -> None:
         self.vclock = self.pass_[name]
@@ -182,20 +194,33 @@ class FairQueue(Generic[T]):
                 return next(reversed(line.values()))
         return None
 
-    def peek(self) -> T | None:
-        """The request to admit next, or None when nothing waits."""
+    def peek(self, eligible: Eligible[T] | None = None) -> T | None:
+        """The request to admit next among the `eligible` ones (default: all), or None."""
         tenant = self._tenants.next_name()
         if tenant is None:
             return None
         classes = self._classes[tenant]
         name = classes.next_name()
         assert name is not None
-        return classes.head(name)
+        head = next(iter(classes.lines[name].values()))
+        if eligible is None or eligible(head):
+            return head  # the common case: the policy's own next request
+        for tenant in self._tenants.names_in_order():
+            classes = self._classes[tenant]
+            for name in classes.names_in_order():
+                for item in classes.lines[name].values():
+                    if eligible is None or eligible(item):
+                        return item
+        return None
 
     def pop_next(self) -> T:
-        """Admit `peek()`'s request: remove it and charge its tenant and class for its cost."""
+        """Admit `peek()`'s request (every request eligible)."""
         item = self.peek()
         assert item is not None, "pop_next on an empty queue"
+        return self.pop(item)
+
+    def pop(self, item: T) -> T:
+        """Admit `item` (what `peek` returned): remove it and charge its tenant and class for its cost."""
         self.remove(item.request_id)
         cost = max(1, item.cost)
         self._tenants.charge(item.tenant, cost / self.config.weight(item.tenant))
@@ -245,11 +270,15 @@ class FcfsQueue(Generic[T]):
         self._line[item.request_id] = item
         return []
 
-    def peek(self) -> T | None:
-        return next(iter(self._line.values()), None)
+    def peek(self, eligible: Eligible[T] | None = None) -> T | None:
+        return next((item for item in self._line.values() if eligible is None or eligible(item)), None)
 
     def pop_next(self) -> T:
         return self._line.popitem(last=False)[1]
+
+    def pop(self, item: T) -> T:
+        del self._line[item.request_id]
+        return item
 
     def remove(self, request_id: str) -> T | None:
         return self._line.pop(request_id, None)

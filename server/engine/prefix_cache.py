@@ -1,9 +1,15 @@
 """Tiered prefix cache: device LRU -> host (CPU) LRU -> the prefix store.
 
-Entries are keyed by (tenant, task, version) and sit in exactly one tier. A device-tier eviction
-demotes the entry to the host tier (a device->host copy; none on a CPU-only server), a host hit
-promotes it back. Each tier is an LRU bounded in bytes; an entry larger than a tier's whole budget is
-still returned to its caller, just not kept in that tier.
+Entries are keyed by (tenant, task, version) and sit in exactly one tier. A store read lands in the
+host tier (pinned memory on CUDA); moving it to the device (`to_device`) promotes it, and a
+device-tier eviction demotes the entry back to the host tier. Each tier is an LRU bounded in bytes;
+an entry larger than a tier's whole budget is still returned to its caller, just not kept there.
+
+Two steps per request (issue 15), so the engine can queue a request before its prefix is on the
+device: `locate` finds the version and its artifact in the nearest tier (reading the store on a
+miss; this is where `UnknownTask`, `StoreUnavailable` and `InvalidPrefix` come from), and
+`to_device` brings it to the device: a copy issued from a worker thread, on a side CUDA stream with an
+event the step waits on (see `prefix_transfer`), single-flight per key. `resolve` does both.
 
 Versions: the cache tracks each task's current version, learned from `store.get` only; the store's
 change notifications (`store.subscribe`) are hints that make it forget the task's version and drop
@@ -20,7 +26,10 @@ the version `pick_version(split, ..., route_key)` names; the split is read from 
 task and forgotten on every change notification of the task (re-read on the next request), so
 every replica follows the store's split. A split's versions are loaded and cached like current ones.
 
-Runs on the event loop (no threads): validation of a blob is done in a worker thread.
+Runs on the event loop; validation of a blob and host->device copies are done in worker threads.
+Demotion copies nothing: an entry promoted from the host keeps its (pinned) host copy aside while it
+is on the device, so eviction hands that back to the host tier (host memory up to both tiers'
+budgets); only an entry with no host copy is copied back.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -39,6 +48,7 @@ from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
 from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound, VersionNotFound
 from prefix_store.traffic import pick_version, primary_version
 from server.engine.errors import InvalidPrefix, UnknownTask
+from server.engine.prefix_transfer import DevicePrefix, PrefixTransfer
 from server.limits import Limits
 
 logger = logging.getLogger(__name__)
@@ -94,8 +104,14 @@ class _LRU:
 @dataclass(frozen=True)
 class ResolvedPrefix:
     version: int
-    artifact: PrefixArtifact  # on the serving device and dtype
+    artifact: PrefixArtifact  # in the serving dtype; on the device when `on_device`, else on the host
     variant: str = "current"  # issue 18: "current" (no split), or the split's "primary" / "canary"
+    on_device: bool = True
+    ready: Any = None  # CUDA: the event the device copy completes at (see `prefix_transfer`)
+
+    @property
+    def device_prefix(self) -> DevicePrefix:
+        return DevicePrefix(self.artifact, self.ready)
 
 
 class PrefixCache:
@@ -114,6 +130,7 @@ class PrefixCache:
         self.spec = spec
         self.limits = limits  # tier budgets here; the same upload limits as the API when loading blobs
         self.device, self.dtype = device, dtype
+        self.transfer = PrefixTransfer(device, dtype)
         self.listener = listener
         self.stats = PrefixCacheStats()
         self._tiers = {
@@ -127,6 +144,9 @@ class PrefixCache:
         self._splits: dict[tuple[str, str], dict[int, int]] = {}
         self._changes: dict[tuple[str, str], int] = {}
         self._version_loads: dict[Key, asyncio.Future[PrefixArtifact]] = {}
+        self._transfers: dict[Key, asyncio.Future[DevicePrefix]] = {}  # single-flight host->device copies
+        self._ready: dict[Key, Any] = {}  # device-tier key -> the CUDA event its copy completes at
+        self._host_copies: dict[Key, PrefixArtifact] = {}  # device-tier key -> the host copy it came from
         self._subscribed = False
 
     def start(self) -> None:
@@ -159,8 +179,12 @@ class PrefixCache:
 
     # ---- lookups ------------------------------------------------------------------------------
     async def resolve(self, tenant: str, task: str, route_key: str | None = None) -> ResolvedPrefix:
+        """`locate`, then `to_device`: the version to serve and its artifact on the device."""
+        return await self.to_device(tenant, task, await self.locate(tenant, task, route_key))
+
+    async def locate(self, tenant: str, task: str, route_key: str | None = None) -> ResolvedPrefix:
         """The version to serve (the current one, or under a traffic split the one `route_key` is
-        pinned to) and its artifact on the device.
+        pinned to) and its artifact in the nearest tier (`on_device` says which).
 
         Raises `UnknownTask`, `StoreUnavailable` (store down and not cached), `InvalidPrefix`.
         """
@@ -169,7 +193,8 @@ class PrefixCache:
             version = pick_version(split, tenant, task, route_key or "")
             variant = "primary" if version == primary_version(split) else "canary"
             try:
-                return ResolvedPrefix(version, await self._version(tenant, task, version), variant)
+                artifact = await self._version(tenant, task, version)
+                return self._found((tenant, task, version), artifact, variant)
             except VersionNotFound:
                 pass  # the split changed under us (promoted, deleted): serve the current version
         try:
@@ -177,6 +202,47 @@ class PrefixCache:
         except UnknownTask:
             self._splits.pop((tenant, task), None)  # no entries for names that are not tasks
             raise
+
+    def is_resident(self, tenant: str, task: str, version: int) -> bool:
+        """The version is in the device tier now."""
+        return (tenant, task, version) in self._tiers["device"].items
+
+    async def to_device(self, tenant: str, task: str, found: ResolvedPrefix) -> ResolvedPrefix:
+        """`found` with its artifact on the device: as it is if it is there, else the device tier's
+        copy, else a copy made once however many requests want it (and kept in the device tier)."""
+        if found.on_device:
+            return found
+        key = (tenant, task, found.version)
+        resident = self._tiers["device"].items.get(key)
+        if resident is not None:
+            return ResolvedPrefix(found.version, resident, found.variant, True, self._ready.get(key))
+        copy = self._transfers.get(key)
+        if copy is None:
+            copy = asyncio.ensure_future(self._copy_to_device(key, found.artifact))
+            self._transfers[key] = copy
+            copy.add_done_callback(lambda done: self._transfers.pop(key, None))
+        moved = await asyncio.shield(copy)
+        return ResolvedPrefix(found.version, moved.artifact, found.variant, True, moved.ready)
+
+    async def _copy_to_device(self, key: Key, host: PrefixArtifact) -> DevicePrefix:
+        moved = await asyncio.to_thread(self.transfer.to_device, host)
+        if self._wanted(key):  # not a version a change notification retired meanwhile
+            self._tiers["host"].pop(key)  # an entry sits in one tier
+            if moved.ready is not None:
+                self._ready[key] = moved.ready
+            self._host_copies[key] = host
+            self._insert(key, moved.artifact)
+        return moved
+
+    def _wanted(self, key: Key) -> bool:
+        task, version = key[:2], key[2]
+        return self._current.get(task) == version or version in self._splits.get(task, {})
+
+    def _found(self, key: Key, artifact: PrefixArtifact, variant: str = "current") -> ResolvedPrefix:
+        on_device = self._tiers["device"].items.get(key) is artifact
+        return ResolvedPrefix(
+            key[2], artifact, variant, on_device, self._ready.get(key) if on_device else None
+        )
 
     async def _split(self, tenant: str, task: str) -> dict[int, int]:
         key = (tenant, task)
@@ -218,23 +284,26 @@ class PrefixCache:
         self.stats.loads += 1
         if self.listener is not None:
             self.listener.on_prefix_load(time.perf_counter() - started)
-        self._insert(key, artifact)
+        self._insert_host(key, artifact)
         return artifact
 
     async def _validated(self, data: bytes, tenant: str, task: str, version: int) -> PrefixArtifact:
+        """The blob validated and in the host tier's form (serving dtype, pinned on CUDA)."""
         try:
-            # The configured limits, not defaults: what an upload was allowed to store stays servable.
-            artifact = await asyncio.to_thread(load_artifact, data, self.spec, self.limits)
+            return await asyncio.to_thread(self._host_artifact, data)
         except ArtifactError as exc:
             raise InvalidPrefix(f"prefix {tenant}/{task} v{version} does not fit this model: {exc}") from None
-        return artifact.to(self.device, self.dtype)
+
+    def _host_artifact(self, data: bytes) -> PrefixArtifact:
+        # The configured limits, not defaults: what an upload was allowed to store stays servable.
+        return self.transfer.to_host(load_artifact(data, self.spec, self.limits))
 
     async def _resolve_current(self, tenant: str, task: str) -> ResolvedPrefix:
         version = self._current.get((tenant, task))
         if version is not None:
             hit = self._lookup((tenant, task, version))
             if hit is not None:
-                return ResolvedPrefix(version, hit)
+                return self._found((tenant, task, version), hit)
         key = (tenant, task)
         load = self._loading.get(key)
         if load is None:
@@ -260,14 +329,13 @@ class PrefixCache:
             self.stats.hits["device"] += 1
             self._notify("hit", "device")
             return artifact
-        artifact = host_tier.pop(key)
+        artifact = host_tier.items.get(key)
         if artifact is None:
             return None
+        host_tier.items.move_to_end(key)
         self.stats.hits["host"] += 1
         self._notify("hit", "host")
-        on_device = artifact.to(self.device, self.dtype)
-        self._insert(key, on_device)
-        return on_device
+        return artifact  # `to_device` promotes it
 
     async def _load(self, tenant: str, task: str) -> ResolvedPrefix:
         started = time.perf_counter()
@@ -281,22 +349,29 @@ class PrefixCache:
         if self.listener is not None:
             self.listener.on_prefix_load(time.perf_counter() - started)
         if self._loading.get((tenant, task)) is not asyncio.current_task():
-            return ResolvedPrefix(version, artifact)  # a change arrived meanwhile: do not cache this read
+            # A change arrived meanwhile: do not cache this read.
+            return ResolvedPrefix(version, artifact, on_device=False)
         # A change that raced ahead of this read removed this load from `_loading` (checked above), so
         # what was read here is the store's current version as of now.
         self._current[(tenant, task)] = version
-        self._insert((tenant, task, version), artifact)
-        return ResolvedPrefix(version, artifact)
+        self._insert_host((tenant, task, version), artifact)
+        return ResolvedPrefix(version, artifact, on_device=False)
 
     def _insert(self, key: Key, artifact: PrefixArtifact) -> None:
+        """Into the device tier; what it evicts is demoted to the host tier."""
         for old_key, old in self._tiers["device"].put(key, artifact):
             self.stats.evictions["device"] += 1
             self._notify("eviction", "device")
             # Demote, unless a newer version replaced it meanwhile (then it is garbage).
             if self._current.get(old_key[:2]) == old_key[2]:
-                for _ in self._tiers["host"].put(old_key, old.to("cpu")):
-                    self.stats.evictions["host"] += 1
-                    self._notify("eviction", "host")
+                host = self._host_copies.get(old_key)
+                self._insert_host(old_key, host if host is not None else self.transfer.to_host(old))
+        self._update_gauges()
+
+    def _insert_host(self, key: Key, artifact: PrefixArtifact) -> None:
+        for _ in self._tiers["host"].put(key, artifact):
+            self.stats.evictions["host"] += 1
+            self._notify("eviction", "host")
         self._update_gauges()
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -307,6 +382,9 @@ class PrefixCache:
     def _update_gauges(self) -> None:
         for name, tier in self._tiers.items():
             self.stats.bytes[name] = tier.nbytes
+        device_keys = self._tiers["device"].items
+        self._ready = {key: event for key, event in self._ready.items() if key in device_keys}
+        self._host_copies = {key: copy for key, copy in self._host_copies.items() if key in device_keys}
 
     def cached_versions(self, tier: str) -> list[Key]:
         """Keys held in a tier, least recently used first (for tests and debugging)."""

@@ -18,11 +18,16 @@ plain FCFS when fairness is off) while all of these hold:
 When the policy's next request does not fit, admission stops: a later, smaller request is never
 admitted ahead of it (no starvation of long prompts).
 
-Which waiting request is considered next is one call, `self._waiting.peek()` (the queue policy); the
-plan lists decoding rows (prompt fully computed) and prefill chunks `[start, end)` separately.
+Which waiting request is considered next is one call, `self._waiting.peek(ready)` (the queue
+policy); the plan lists decoding rows (prompt fully computed) and prefill chunks `[start, end)`
+separately. Issue 15: a request whose prefix is not resident on the device yet (`prefix_ready`
+False; the engine prefetches it and calls `mark_ready`) is not admitted: it keeps its place in the
+policy's order while requests whose prefix is resident go ahead, so a load never stalls a step.
 
-Waiting requests older than `queue_timeout_s` are dropped and reported in `timed_out_ids`. Aborted
-running requests are reported once in `aborted_ids` so the engine frees their rows.
+Leaving: every request that leaves the scheduler is reported exactly once in the next plan's `left`
+with the reason (finished: "stop" / "length" / "eos" from `update`; "aborted" / "failed" from
+`abort`; "timed_out" for waiting requests older than `queue_timeout_s`), and whether it held a
+row (`was_running`). That list is the one place the engine learns whose rows to free.
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from server.engine.errors import InvalidRequest
 from server.engine.fair_queue import FairQueueConfig, WaitingQueue, make_waiting_queue
+
+# Why a request left: finished ("stop" sequence, "length" limit, "eos" token), or ended otherwise.
+LeaveReason = Literal["stop", "length", "eos", "aborted", "failed", "timed_out"]
 
 
 @dataclass(frozen=True)
@@ -71,15 +80,25 @@ class ScheduledRequest:
     priority: str = "interactive"
     cost: int = 1  # decode steps it may take (max_new_tokens)
     num_computed_tokens: int = 0  # issue 15: prompt tokens scheduled for computation so far (chunked)
+    prefix_ready: bool = True  # issue 15: its prefix is on the device (False while it is prefetched)
 
     @property
     def prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_prompt_tokens
 
 
+@dataclass(frozen=True)
+class RowLeft:
+    """A request that left since the last plan, and why."""
+
+    request_id: str
+    reason: LeaveReason
+    was_running: bool  # it held a batch row (the engine frees it); False: it left the waiting queue
+
+
 @dataclass
 class SchedulerPlan:
-    """One step: rows to decode (prompt computed), prompt chunks to compute, and what left the batch.
+    """One step: rows to decode (prompt computed), prompt chunks to compute, and who left.
 
     `prefill_ids` are the requests admitted in this step (their first chunk is in `prefill_chunks`).
     """
@@ -87,17 +106,21 @@ class SchedulerPlan:
     prefill_ids: list[str] = field(default_factory=list)
     decode_ids: list[str] = field(default_factory=list)
     prefill_chunks: list[PrefillChunk] = field(default_factory=list)
-    timed_out_ids: list[str] = field(default_factory=list)
-    aborted_ids: list[str] = field(default_factory=list)
+    left: list[RowLeft] = field(default_factory=list)
+
+    @property
+    def released_ids(self) -> list[str]:
+        """Requests whose batch rows must be freed before this step runs."""
+        return [row.request_id for row in self.left if row.was_running]
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """A request's result of one step: how many tokens it produced and whether it is done."""
+    """A request's result of one step: how many tokens it produced and, when it finished, why."""
 
     request_id: str
     num_new_tokens: int = 1
-    finished: bool = False
+    finish_reason: LeaveReason | None = None
 
 
 class Scheduler:
@@ -110,7 +133,7 @@ class Scheduler:
             config.max_waiting, config.fair_queue
         )
         self._running: dict[str, ScheduledRequest] = {}  # insertion order = admission order
-        self._pending_aborts: list[str] = []
+        self._left: list[RowLeft] = []  # reported by the next `schedule`
         self.reserved_tokens = 0  # sum over running requests
 
     # ---- queries -------------------------------------------------------------------------------
@@ -139,7 +162,9 @@ class Scheduler:
         return self._waiting.would_refuse(tenant)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running or self._pending_aborts)
+        """Something to run or to report: a waiting request that could be admitted, a running one,
+        or a departure (a waiting queue of requests whose prefixes still load is no work)."""
+        return bool(self._running or self._left or self._waiting.peek(_ready) is not None)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._waiting or request_id in self._running
@@ -160,33 +185,43 @@ class Scheduler:
             request.arrival_time = self._clock()
         return [req.request_id for req in self._waiting.push(request)]
 
-    def abort(self, request_id: str) -> bool:
-        """Remove a request. A running one is reported in the next plan's `aborted_ids`. False if unknown."""
+    def mark_ready(self, request_id: str) -> None:
+        """The waiting request's prefix is now on the device: it may be admitted."""
+        for req in self._waiting:
+            if req.request_id == request_id:
+                req.prefix_ready = True
+
+    def abort(self, request_id: str, reason: LeaveReason = "aborted") -> bool:
+        """Remove a request (reported in the next plan's `left` with `reason`). False if unknown."""
         if self._waiting.remove(request_id) is not None:
+            self._left.append(RowLeft(request_id, reason, was_running=False))
             return True
         req = self._running.pop(request_id, None)
         if req is None:
             return False
+        self._leave(req, reason)
+        return True
+
+    def _leave(self, req: ScheduledRequest, reason: LeaveReason) -> None:
+        """A running request leaves: its KV reservation is returned and its unused cost refunded."""
         self.reserved_tokens -= req.reserved_tokens
         self._waiting.on_finished(req, req.num_generated_tokens)
-        self._pending_aborts.append(request_id)
-        return True
+        self._left.append(RowLeft(req.request_id, reason, was_running=True))
 
     def schedule(self) -> SchedulerPlan:
         """Plan the next step: expire old waiting requests, then admit in policy order within the limits."""
         decoding = [rid for rid, req in self._running.items() if not req.prefilling]
-        plan = SchedulerPlan(decode_ids=decoding, aborted_ids=self._pending_aborts)
-        self._pending_aborts = []
         now = self._clock()
         for old in self._waiting:
             if now - old.arrival_time > self.config.queue_timeout_s:
-                self._waiting.remove(old.request_id)
-                plan.timed_out_ids.append(old.request_id)
+                self.abort(old.request_id, "timed_out")
+        plan = SchedulerPlan(decode_ids=decoding, left=self._left)
+        self._left = []
         budget = self.config.max_prefill_tokens
         for running in self._running.values():  # chunks of prompts already started come first
             if running.prefilling and budget > 0:
                 budget -= self._chunk(plan, running, budget)
-        while (head := self._waiting.peek()) is not None:  # the queue policy's next request
+        while (head := self._waiting.peek(_ready)) is not None:  # the queue policy's next request
             req, rid = head, head.request_id
             if len(self._running) >= self.config.max_running:
                 break
@@ -197,7 +232,7 @@ class Scheduler:
                     break
             elif plan.prefill_chunks and req.num_prompt_tokens > budget:
                 break
-            self._waiting.pop_next()
+            self._waiting.pop(req)
             self._running[rid] = req
             self.reserved_tokens += req.reserved_tokens
             plan.prefill_ids.append(rid)
@@ -214,16 +249,20 @@ class Scheduler:
         return size
 
     def update(self, outputs: Iterable[StepOutput]) -> list[str]:
-        """Record a step's results; finished requests leave the running set. Returns their ids."""
+        """Record a step's results; finished requests leave the running set (reported in the next
+        plan's `left`). Returns their ids."""
         finished = []
         for out in outputs:
             req = self._running.get(out.request_id)
             if req is None:  # aborted while the step ran
                 continue
             req.num_generated_tokens += out.num_new_tokens
-            if out.finished:
+            if out.finish_reason is not None:
                 del self._running[out.request_id]
-                self.reserved_tokens -= req.reserved_tokens
-                self._waiting.on_finished(req, req.num_generated_tokens)
+                self._leave(req, out.finish_reason)
                 finished.append(out.request_id)
         return finished
+
+
+def _ready(req: ScheduledRequest) -> bool:
+    return req.prefix_ready

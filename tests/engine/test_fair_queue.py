@@ -199,7 +199,7 @@ def test_scheduler_admits_the_quiet_tenant_at_the_next_free_row() -> None:
         add(f"a{i}", "a")
     assert s.schedule().prefill_ids == ["a0", "a1"]
     add("b0", "b")
-    s.update([StepOutput("a0", 1, finished=True)])
+    s.update([StepOutput("a0", 1, finish_reason="length")])
     assert s.schedule().prefill_ids == ["b0"]  # not behind a2..a19
 
 
@@ -227,3 +227,31 @@ def test_would_refuse_agrees_with_push_and_changes_nothing() -> None:
             assert predicted == refused, (type(q).__name__, tenant)
     fair = queues[0]
     assert fair.would_refuse("a") and not fair.would_refuse("b")  # b pushes out a's newest request
+
+
+def test_a_request_that_cannot_run_yet_keeps_its_tenants_place() -> None:
+    # Issue 15: "a" is next by the policy but its prefix still loads; "b" goes meanwhile, and once
+    # "a" can run it goes before "b"'s next request (a's virtual time did not move while it waited).
+    q: FairQueue[R] = FairQueue(100)
+    a0, b0, b1, a1 = r("a"), r("b"), r("b"), r("a")
+    for x in (a0, b0, b1, a1):
+        q.push(x)
+    loading = {a0.request_id, a1.request_id}
+
+    def can_run(x: R) -> bool:
+        return x.request_id not in loading
+
+    assert q.peek() is a0 and q.peek(can_run) is b0
+    q.pop(b0)
+    loading.clear()
+    assert [q.pop(q.peek(can_run) or b1) for _ in range(3)] == [a0, a1, b1]
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_within_a_class_a_resident_request_passes_one_still_loading(fair: bool) -> None:
+    q: FairQueue[R] | FcfsQueue[R] = FairQueue(100) if fair else FcfsQueue(100)
+    first, second = r("a"), r("a")
+    q.push(first)
+    q.push(second)
+    assert q.peek(lambda x: x is not first) is second
+    assert q.peek(lambda x: False) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.errors import InvalidRequest, QueueFull
-from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from server.engine.scheduler import RowLeft, ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
 from tests.engine.conftest import SCHEDULER_LIMITS
 
 
@@ -34,7 +34,7 @@ def test_admits_fcfs_up_to_max_running_then_decodes() -> None:
     assert plan.prefill_ids == ["a", "b"] and plan.decode_ids == []
     plan = s.schedule()
     assert plan.prefill_ids == [] and plan.decode_ids == ["a", "b"]
-    assert s.update([StepOutput("a", 1, finished=True), StepOutput("b", 1)]) == ["a"]
+    assert s.update([StepOutput("a", 1, finish_reason="length"), StepOutput("b", 1)]) == ["a"]
     plan = s.schedule()
     assert plan.prefill_ids == ["c"] and plan.decode_ids == ["b"]
 
@@ -77,7 +77,7 @@ def test_kv_budget_blocks_head_and_never_lets_a_smaller_later_request_jump_ahead
     assert s.schedule().prefill_ids == ["a"]  # "big" does not fit; "small" would, but must wait
     assert s.kv_usage_ratio == pytest.approx(0.6)
     assert s.schedule().prefill_ids == []
-    s.update([StepOutput("a", 1, finished=True)])
+    s.update([StepOutput("a", 1, finish_reason="length")])
     assert s.schedule().prefill_ids == ["big", "small"]
     assert s.reserved_tokens == 70
 
@@ -114,11 +114,11 @@ def test_queue_timeout_drops_only_old_waiting_requests() -> None:
     s.add(req("new"))
     clock.now += 2  # "old" waited 6 s, "new" 2 s
     plan = s.schedule()
-    assert plan.timed_out_ids == ["old"] and plan.decode_ids == ["a"]
+    assert plan.left == [RowLeft("old", "timed_out", was_running=False)] and plan.decode_ids == ["a"]
     assert s.waiting_ids == ["new"]
     clock.now += 100  # running requests never time out
     plan = s.schedule()
-    assert plan.timed_out_ids == ["new"] and plan.decode_ids == ["a"]
+    assert plan.left == [RowLeft("new", "timed_out", was_running=False)] and plan.decode_ids == ["a"]
 
 
 def test_abort_waiting_and_running() -> None:
@@ -130,11 +130,12 @@ def test_abort_waiting_and_running() -> None:
     assert s.abort("a")
     assert s.reserved_tokens == 0
     plan = s.schedule()
-    assert plan.aborted_ids == ["a"] and plan.decode_ids == []  # reported once so the row is freed
-    assert s.schedule().aborted_ids == []
+    assert plan.left == [RowLeft("b", "aborted", False), RowLeft("a", "aborted", True)]
+    assert plan.released_ids == ["a"] and plan.decode_ids == []  # reported once so the row is freed
+    assert s.schedule().left == []
     assert not s.abort("a")
     # A step's output for a request aborted meanwhile is ignored.
-    assert s.update([StepOutput("a", 1, finished=True)]) == []
+    assert s.update([StepOutput("a", 1, finish_reason="length")]) == []
 
 
 def test_generated_token_counts() -> None:
@@ -144,3 +145,49 @@ def test_generated_token_counts() -> None:
     s.update([StepOutput("a", 1)])
     s.update([StepOutput("a", 2)])
     assert s._running["a"].num_generated_tokens == 3
+
+
+def test_every_departure_is_reported_once_with_its_reason() -> None:
+    s, clock = make(max_running=3, queue_timeout_s=5.0)
+    for rid in ("eos", "stop", "failed"):
+        s.add(req(rid))
+    s.schedule()
+    s.add(req("waits"))  # no free row: it waits, then times out
+    s.update([StepOutput("eos", 1, finish_reason="eos"), StepOutput("stop", 1, finish_reason="stop")])
+    s.abort("failed", "failed")
+    clock.now += 6
+    plan = s.schedule()
+    assert plan.left == [
+        RowLeft("eos", "eos", True),
+        RowLeft("stop", "stop", True),
+        RowLeft("failed", "failed", True),
+        RowLeft("waits", "timed_out", False),
+    ]
+    assert plan.released_ids == ["eos", "stop", "failed"]
+    assert s.reserved_tokens == 0 and s.num_running == 0
+    assert s.schedule().left == []
+
+
+def test_a_request_whose_prefix_loads_keeps_its_place_while_resident_ones_run() -> None:
+    s, _ = make(max_running=2)
+    loading = req("loading")
+    loading.prefix_ready = False
+    s.add(loading)
+    s.add(req("resident"))
+    plan = s.schedule()
+    assert plan.prefill_ids == ["resident"]  # not stalled behind the load
+    assert s.waiting_ids == ["loading"]
+    s.add(req("later"))
+    s.mark_ready("loading")
+    assert s.schedule().prefill_ids == ["loading"]  # ahead of "later", which arrived after it
+    assert s.waiting_ids == ["later"]
+
+
+def test_nothing_to_do_while_the_only_waiting_request_loads_its_prefix() -> None:
+    s, _ = make()
+    loading = req("loading")
+    loading.prefix_ready = False
+    s.add(loading)
+    assert not s.has_work()  # the engine sleeps until the prefetch wakes it
+    s.mark_ready("loading")
+    assert s.has_work()

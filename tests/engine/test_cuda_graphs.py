@@ -151,3 +151,12 @@ async def test_engine_on_the_static_path_equals_peft(
         artifact = None if task is None else artifacts[int(task.split("-")[1])]
         assert served[i] == peft_ref.generate(prompts[i], artifact, lengths[i]), task
     assert runner.static_decoder is not None and runner.static_decoder.stats.static_steps > 0
+
+
+def test_torch_compile_equals_eager(
+    tiny: LoadedModel, artifacts: dict[int, PrefixArtifact], eager_run: tuple[Logits, GPT2Runner]
+) -> None:
+    runner = GPT2Runner(tiny, max_rows=8, block_size=4, torch_compile=True)  # on CPU too: the static path
+    assert runner.static_decoder is not None and not runner.static_decoder.graphs_enabled
+    assert_same_logits(run_scenario(runner, artifacts), eager_run[0])
+    assert runner.static_decoder.stats.static_steps == 26

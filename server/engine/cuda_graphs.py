@@ -10,8 +10,8 @@ their own) and all graphs share one memory pool.
 Graphs are captured lazily, the first time a key is met, up to `max_graphs` (each capture costs a few
 milliseconds and a little pool memory); keys beyond that run the static path eagerly. Production safety:
 right after capturing a key, the graph is replayed once and compared with the same step run eagerly; on
-a mismatch beyond the dtype's tolerance a warning is logged, every graph is dropped and the decoder runs
-eagerly from then on (the step's result is the eager one, so nothing wrong is ever returned). K/V writes
+a mismatch beyond the dtype's tolerance (or a capture that raises) a warning is logged, every graph is
+dropped and the decoder runs eagerly from then on (the step's result is the eager one, so nothing wrong is ever returned). K/V writes
 of the step are idempotent (the same values to the same slots), so running it several times is harmless.
 
 The capture function is a parameter (`GraphCapture`): `cuda_graph_capture` on CUDA; tests on CPU pass a
@@ -65,7 +65,8 @@ def cuda_graph_capture(device: torch.device) -> GraphCapture:
             step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: the engine's other threads (prefix loads) may use CUDA while this one captures
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             step()
         return graph.replay
 
@@ -156,23 +157,31 @@ class StaticDecoder:
     def _capture(self, key: BucketKey, inputs: Tensor) -> None:
         """Capture `key`'s graph, replay it once and keep it only if it equals the eager step."""
         assert self.capture is not None
-        replay = self.capture(lambda: self._run(key, inputs))
-        self.stats.graph_captures += 1
-        replay()
+        try:
+            replay = self.capture(lambda: self._run(key, inputs))
+            self.stats.graph_captures += 1
+            replay()
+        except Exception as exc:  # a capture the device refuses: the eager step still serves
+            self._run(key, inputs)
+            self._graphs_off(key, f"capture failed ({exc!r})")
+            return
         replayed = self.logits[: key.rows].clone()  # [B, V]
         self._run(key, inputs)
         eager = self.logits[: key.rows]  # [B, V]
         tolerance = _TOLERANCE.get(self.runner.dtype, 2e-2) * max(1.0, float(eager.abs().max()))
         error = float((replayed - eager).abs().max())
         if not error <= tolerance:  # also catches NaN
-            log.warning(
-                "CUDA graph for decode bucket %s differs from the eager step (max |diff| %.3g > %.3g): "
-                "CUDA graphs are off for this process, decode runs eagerly",
-                tuple(key),
-                error,
-                tolerance,
+            self._graphs_off(
+                key, f"replay differs from the eager step (max |diff| {error:.3g} > {tolerance:.3g})"
             )
-            self.capture = None
-            self.graphs.clear()
             return
         self.graphs[key] = _Graph(inputs, replay)
+
+    def _graphs_off(self, key: BucketKey, why: str) -> None:
+        log.warning(
+            "CUDA graph for decode bucket %s: %s; CUDA graphs are off for this process, decode runs eagerly",
+            tuple(key),
+            why,
+        )
+        self.capture = None
+        self.graphs.clear()

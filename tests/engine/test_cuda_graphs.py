@@ -101,19 +101,23 @@ def test_graph_replays_read_each_steps_inputs_across_buckets(
     assert decoder.stats.graph_replays > 0
 
 
+@pytest.mark.parametrize("failure", ["wrong numbers", "capture raises"])
 def test_a_graph_that_differs_from_eager_turns_graphs_off_for_good(
     tiny: LoadedModel,
     artifacts: dict[int, PrefixArtifact],
     eager_run: tuple[Logits, GPT2Runner],
     caplog: pytest.LogCaptureFixture,
+    failure: str,
 ) -> None:
     runner = GPT2Runner(tiny, max_rows=8, block_size=4)
     captures: list[int] = []
 
-    def broken_capture(step: Replay) -> Replay:  # a graph that replays into the wrong numbers
+    def broken_capture(step: Replay) -> Replay:
         captures.append(1)
+        if failure == "capture raises":
+            raise RuntimeError("operation not permitted when stream is capturing")
 
-        def replay() -> None:
+        def replay() -> None:  # a graph that replays into the wrong numbers
             step()
             decoder.logits.add_(1.0)
 

@@ -18,7 +18,8 @@ The capture function is a parameter (`GraphCapture`): `cuda_graph_capture` on CU
 stand-in to exercise keys, buffers, the bound and the fallback. `torch_compile` compiles the per-layer
 block output (attention projection + MLP, `modeling.gpt2.block_output`) for the static path, where the
 shapes are bucketed so it compiles once per bucket shape rather than per step; the compiled kernels are
-then captured in the graphs like any other.
+then captured in the graphs like any other. If the compiled function raises (no C compiler, an
+unsupported op), a warning is logged and the decoder runs the uncompiled function from then on.
 """
 
 from __future__ import annotations
@@ -151,7 +152,16 @@ class StaticDecoder:
         return step.request_ids, self.logits[: len(step.request_ids)].clone()  # [N, V]
 
     def _run(self, key: BucketKey, inputs: Tensor) -> None:
-        logits = static_forward(self.runner, self.arena, inputs, key, self.block_output)  # [B, V]
+        try:
+            logits = static_forward(self.runner, self.arena, inputs, key, self.block_output)  # [B, V]
+        except Exception as exc:
+            if self.block_output is gpt2.block_output:
+                raise
+            # torch.compile failed (no compiler, an unsupported op): serve uncompiled rather than fail;
+            # the step's K/V writes are idempotent, so running it again is safe
+            log.warning("torch.compile'd decode step failed (%r): it runs uncompiled from now on", exc)
+            self.block_output = gpt2.block_output
+            logits = static_forward(self.runner, self.arena, inputs, key, self.block_output)
         self.logits[: key.rows].copy_(logits)
 
     def _capture(self, key: BucketKey, inputs: Tensor) -> None:

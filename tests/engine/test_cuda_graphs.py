@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from modeling import gpt2
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
 from server.engine import Engine, EngineConfig, GenerationRequest
@@ -164,3 +165,22 @@ def test_torch_compile_equals_eager(
     assert runner.static_decoder is not None and not runner.static_decoder.graphs_enabled
     assert_same_logits(run_scenario(runner, artifacts), eager_run[0])
     assert runner.static_decoder.stats.static_steps == 26
+
+
+def test_a_compiled_step_that_fails_runs_uncompiled(
+    tiny: LoadedModel,
+    artifacts: dict[int, PrefixArtifact],
+    eager_run: tuple[Logits, GPT2Runner],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = GPT2Runner(tiny, max_rows=8, block_size=4, static_decode=True)
+    assert runner.static_decoder is not None
+
+    def no_compiler(*args: Any) -> Any:  # what a compiled function without a C compiler does
+        raise RuntimeError("InductorError: no working C compiler found")
+
+    runner.static_decoder.block_output = no_compiler
+    with caplog.at_level(logging.WARNING, logger="server.engine.cuda_graphs"):
+        assert_same_logits(run_scenario(runner, artifacts), eager_run[0])
+    assert runner.static_decoder.block_output is gpt2.block_output
+    assert len([r for r in caplog.records if "runs uncompiled" in r.message]) == 1

@@ -98,7 +98,7 @@ def build_static_step(
     if num_rows is None or width is None:
         return None
     wanted = list(dict.fromkeys(rows[r].prefix_key for r in request_ids if rows[r].prefix_key is not None))
-    spans: dict[Hashable | None, tuple[int, int]] | None = arena.place(wanted, cache.prefixes)  # type: ignore[assignment]
+    spans = arena.place(wanted, cache.prefixes)
     if spans is None:
         return None
     spans[None] = (0, 0)  # no prefix: an empty span

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import pytest
+import torch
 
 from modeling import gpt2
 from modeling.models import LoadedModel
@@ -19,6 +20,8 @@ from prefix_store.artifact import PrefixArtifact
 from server.engine import Engine, EngineConfig, GenerationRequest
 from server.engine.cuda_graphs import Replay, StaticDecoder
 from server.engine.gpt2_runner import GPT2Runner
+from server.engine.paged_kv import PrefixPool
+from server.engine.prefix_arena import PrefixArena
 from server.engine.static_decode import bucket_for, geometric_buckets
 from server.limits import Limits
 from tests.engine.conftest import PeftReference, collect, greedy
@@ -184,3 +187,21 @@ def test_a_compiled_step_that_fails_runs_uncompiled(
         assert_same_logits(run_scenario(runner, artifacts), eager_run[0])
     assert runner.static_decoder.block_output is gpt2.block_output
     assert len([r for r in caplog.records if "runs uncompiled" in r.message]) == 1
+
+
+def test_prefix_arena_follows_the_pool() -> None:
+    pool = PrefixPool()
+    arena = PrefixArena(2, 2, 4, capacity=16, dtype=torch.float32, device=torch.device("cpu"))
+    old, new, other = (torch.full((2, 2, 2, n, 4), float(v)) for n, v in ((6, 1), (6, 2), (8, 3)))
+    pool.acquire("task", old)
+    pool.acquire("other", other)
+    assert arena.place(["task", "other"], pool) == {"task": (0, 6), "other": (6, 14)}
+    pool.release("task")  # its last row left; a new version under the same key arrives
+    pool.acquire("task", new)
+    assert arena.place(["task"], pool) == {"task": (0, 6)}  # re-copied, not the stale span
+    assert bool((arena.keys[:, :, 0:6] == 2.0).all()) and bool((arena.values[:, :, 6:14] == 3.0).all())
+    pool.release("other")
+    assert arena.place(["task"], pool) == {"task": (0, 6)} and arena.width == 6  # "other"'s span freed
+    assert arena.place([], pool) == {}
+    pool.acquire("big", torch.zeros(2, 2, 2, 11, 4))
+    assert arena.place(["big"], pool) is None  # 6 + 11 > 16: the step runs eagerly

@@ -27,7 +27,7 @@ products per head, which a bandwidth-bound GPU decode step absorbs for arenas of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch

@@ -90,9 +90,9 @@ class GPT2Runner:
         self, cuda_graphs: bool, torch_compile: bool, static_decode: bool | None
     ) -> StaticDecoder | None:
         """Decode-only steps take the static path (`cuda_graphs.py`) on CUDA with graphs (replayed) or
-        with `torch_compile` (compiled per bucket shape); `static_decode=True` forces it (CPU tests)."""
+        with `torch_compile` (compiled per bucket shape); `static_decode` True/False forces it on/off."""
         graphs = cuda_graphs and self.device.type == "cuda"  # CUDA graphs exist on CUDA only
-        if not (graphs or torch_compile or static_decode):
+        if not (static_decode if static_decode is not None else graphs or torch_compile):
             return None
         capture = cuda_graph_capture(self.device) if graphs else None
         return StaticDecoder(self, capture=capture, torch_compile=torch_compile)

@@ -103,6 +103,8 @@ def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(
         limits=settings.limits,
         kv_block_size=settings.kv_block_size,  # issue 15
+        cuda_graphs=settings.cuda_graphs,
+        torch_compile=settings.torch_compile,
         fair_queue=FairQueueConfig(  # issue 18
             enabled=settings.fair_scheduling,
             tenant_weights=weights,

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         description="Paged KV pool (rows' own tokens); unset: kv_budget_tokens (or batch x positions) of tokens.",
     )
     kv_block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block (GPT-2).")
+    cuda_graphs: bool = Field(
+        default=True, description="Decode steps replayed as CUDA graphs per batch bucket (CUDA only; on|off)."
+    )
+    torch_compile: bool = Field(
+        default=False, description="torch.compile the decode step's block output (GPT-2; on|off)."
+    )
 
     # --- tenants and limits --------------------------------------------------------------------
     api_keys_file: Path | None = Field(

@@ -90,6 +90,8 @@ class EngineConfig:
     kv_position_chunk: int = 256  # BART: its slot caches grow/shrink in chunks of this many positions
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
     kv_block_size: int = 16  # issue 15: tokens per block of the GPT-2 paged KV pool
+    cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs (ignored off CUDA; gpt2_runner)
+    torch_compile: bool = False  # GPT-2: torch.compile the static decode step's block output
 
 
 @dataclass
@@ -648,7 +650,14 @@ def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
             budget = limits.kv_budget_tokens * PagedKVCache.bytes_per_token(
                 loaded.spec.num_layers, loaded.spec.num_heads, loaded.spec.head_dim, loaded.dtype
             )
-        return GPT2Runner(loaded, limits.max_batch_size, budget, config.kv_block_size)
+        return GPT2Runner(
+            loaded,
+            limits.max_batch_size,
+            budget,
+            config.kv_block_size,
+            cuda_graphs=config.cuda_graphs,
+            torch_compile=config.torch_compile,
+        )
     if model_type == "bart":
         from server.engine import bart_runner  # type: ignore[attr-defined]
 

@@ -27,6 +27,7 @@ from modeling import gpt2
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
 from server.engine.attention import PrefixGroup, cascade_attention
+from server.engine.cuda_graphs import StaticDecoder, cuda_graph_capture
 from server.engine.errors import PromptTooLong
 from server.engine.paged_kv import PagedKVCache
 from server.engine.runner import PrefillItem
@@ -44,6 +45,9 @@ class GPT2Runner:
         max_rows: int,
         kv_budget_bytes: int | None = None,
         block_size: int = 16,
+        cuda_graphs: bool = True,
+        torch_compile: bool = False,
+        static_decode: bool | None = None,
     ) -> None:
         model = loaded.model
         config = model.config
@@ -80,6 +84,18 @@ class GPT2Runner:
         self._arange = torch.arange(self.max_positions, device=self.device)  # [max_positions]
         # request id -> prompt logits of its chunks so far ([chunk, V] each), until taken
         self._prompt_logits: dict[str, list[torch.Tensor]] = {}
+        self.static_decoder = self._static_decoder(cuda_graphs, torch_compile, static_decode)
+
+    def _static_decoder(
+        self, cuda_graphs: bool, torch_compile: bool, static_decode: bool | None
+    ) -> StaticDecoder | None:
+        """Decode-only steps take the static path (`cuda_graphs.py`) on CUDA with graphs (replayed) or
+        with `torch_compile` (compiled per bucket shape); `static_decode` True/False forces it on/off."""
+        graphs = cuda_graphs and self.device.type == "cuda"  # CUDA graphs exist on CUDA only
+        if not (static_decode if static_decode is not None else graphs or torch_compile):
+            return None
+        capture = cuda_graph_capture(self.device) if graphs else None
+        return StaticDecoder(self, capture=capture, torch_compile=torch_compile)
 
     # ---- lengths and budget ---------------------------------------------------------------------
     def prefix_positions(self, artifact: PrefixArtifact | None) -> int:
@@ -166,6 +182,10 @@ class GPT2Runner:
         new_ids: list[str] = []
         before = {rid: cache.rows[rid].length for rid in decode_tokens}
         try:
+            if self.static_decoder is not None and not items:  # decode-only: bucketed, maybe a graph
+                static = self.static_decoder.step(decode_tokens)
+                if static is not None:
+                    return static
             for it in items:
                 if it.request_id not in cache.rows:
                     self._add_row(it)

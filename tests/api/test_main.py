@@ -114,3 +114,14 @@ def test_engine_limits_come_from_the_environment(monkeypatch):
     config = engine_config(Settings())
     assert (config.limits.max_prefill_tokens, config.limits.kv_budget_tokens) == (1024, 50000)
     assert (config.limits.device_prefix_cache_bytes, config.limits.max_batch_size) == (1000, 7)
+
+
+def test_cuda_graphs_and_torch_compile_switches_come_from_the_environment(monkeypatch):
+    from server.main import engine_config
+    from server.settings import Settings
+
+    assert (engine_config(Settings()).cuda_graphs, engine_config(Settings()).torch_compile) == (True, False)
+    monkeypatch.setenv("PREFIXSERVE_CUDA_GRAPHS", "off")
+    monkeypatch.setenv("PREFIXSERVE_TORCH_COMPILE", "on")
+    config = engine_config(Settings())
+    assert (config.cuda_graphs, config.torch_compile) == (False, True)

@@ -1,0 +1,197 @@
+"""Decode-only steps through the static path (`static_decode.py`), replayed as CUDA graphs per bucket.
+
+A GPT-2 decode step is a few hundred small kernels (gpt2-medium: ~360); on a GPU their launches, not
+their arithmetic, set the step time. A CUDA graph records them once and replays them with one launch.
+A graph replays fixed addresses and shapes, so each bucket key `(B, W, A)` gets its own graph and its
+own integer input buffer; a step copies its inputs into that buffer (one non-blocking copy from pinned
+memory) and replays. Logits land in one shared buffer `[max B, V]` (so graphs hold no output memory of
+their own) and all graphs share one memory pool.
+
+Graphs are captured lazily, the first time a key is met, up to `max_graphs` (each capture costs a few
+milliseconds and a little pool memory); keys beyond that run the static path eagerly. Production safety:
+right after capturing a key, the graph is replayed once and compared with the same step run eagerly; on
+a mismatch beyond the dtype's tolerance (or a capture that raises) a warning is logged, every graph is
+dropped and the decoder runs eagerly from then on (the step's result is the eager one, so nothing wrong is ever returned). K/V writes
+of the step are idempotent (the same values to the same slots), so running it several times is harmless.
+
+The capture function is a parameter (`GraphCapture`): `cuda_graph_capture` on CUDA; tests on CPU pass a
+stand-in to exercise keys, buffers, the bound and the fallback. `torch_compile` compiles the per-layer
+block output (attention projection + MLP, `modeling.gpt2.block_output`) for the static path, where the
+shapes are bucketed so it compiles once per bucket shape rather than per step; the compiled kernels are
+then captured in the graphs like any other. If the compiled function raises (no C compiler, an
+unsupported op), a warning is logged and the decoder runs the uncompiled function from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from modeling import gpt2
+from server.engine.prefix_arena import PrefixArena
+from server.engine.static_decode import (
+    BlockOutput,
+    BucketKey,
+    build_static_step,
+    geometric_buckets,
+    static_forward,
+)
+
+if TYPE_CHECKING:
+    from server.engine.gpt2_runner import GPT2Runner
+
+log = logging.getLogger(__name__)
+
+Replay = Callable[[], None]
+GraphCapture = Callable[[Replay], Replay]  # records a step function, returns what replays it
+
+# |graph - eager| allowed at the first replay, relative to the logits' scale: the same kernels replayed
+# agree to rounding; a real mismatch (stale buffer, wrong address) is off by far more.
+_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def cuda_graph_capture(device: torch.device) -> GraphCapture:
+    """Capture on CUDA: warm up on a side stream (allocations, compilation), then record into one pool."""
+    pool = torch.cuda.graph_pool_handle()
+
+    def capture(step: Replay) -> Replay:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine's other threads (prefix loads) may use CUDA while this one captures
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            step()
+        return graph.replay
+
+    return capture
+
+
+@dataclass
+class StaticDecodeStats:
+    static_steps: int = 0  # decode steps that took the static path (graph or eager)
+    graph_replays: int = 0
+    graph_captures: int = 0
+    keys_seen: set[BucketKey] = field(default_factory=set)
+
+
+@dataclass
+class _Graph:
+    inputs: Tensor  # [7 * B + B * W] int64, the buffer the graph reads
+    replay: Replay
+
+
+class StaticDecoder:
+    """Runs a runner's decode-only steps on the static path; replays them as graphs when given `capture`."""
+
+    def __init__(
+        self,
+        runner: GPT2Runner,
+        capture: GraphCapture | None = None,
+        torch_compile: bool = False,
+        arena_tokens: int = 2048,
+        max_graphs: int = 64,
+    ) -> None:
+        self.runner = runner
+        block_size = runner.cache.block_size
+        self.row_buckets = geometric_buckets(runner.max_rows)
+        self.width_buckets = geometric_buckets(runner.max_positions, block_size)
+        self.arena_buckets = geometric_buckets(arena_tokens, block_size)
+        self.arena = PrefixArena(
+            len(runner.blocks),
+            runner.num_heads,
+            runner.head_dim,
+            self.arena_buckets[-1],
+            runner.dtype,
+            runner.device,
+        )
+        self.block_output: BlockOutput = (
+            torch.compile(gpt2.block_output) if torch_compile else gpt2.block_output
+        )
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.graphs: dict[BucketKey, _Graph] = {}
+        self.logits = torch.empty(self.row_buckets[-1], runner.vocab_size, device=runner.device)  # [max B, V]
+        self.stats = StaticDecodeStats()
+
+    @property
+    def graphs_enabled(self) -> bool:
+        return self.capture is not None
+
+    def step(self, decode_tokens: dict[str, int]) -> tuple[list[str], Tensor] | None:
+        """One decode step -> (request ids, logits [N, V] float32); None (nothing changed) if no bucket fits."""
+        step = build_static_step(
+            self.runner, self.arena, decode_tokens, self.row_buckets, self.width_buckets, self.arena_buckets
+        )
+        if step is None:
+            return None
+        key = step.key
+        host = torch.tensor(step.ints, dtype=torch.long)  # [7 * B + B * W]
+        if self.runner.device.type == "cuda":
+            host = host.pin_memory()
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.inputs.copy_(host, non_blocking=True)
+            graph.replay()
+            self.stats.graph_replays += 1
+        else:
+            inputs = host.to(self.runner.device, non_blocking=True)
+            if self.capture is not None and len(self.graphs) < self.max_graphs:
+                self._capture(key, inputs)  # leaves the eagerly computed logits in self.logits
+            else:
+                self._run(key, inputs)
+        self.stats.static_steps += 1
+        self.stats.keys_seen.add(key)
+        return step.request_ids, self.logits[: len(step.request_ids)].clone()  # [N, V]
+
+    def _run(self, key: BucketKey, inputs: Tensor) -> None:
+        try:
+            logits = static_forward(self.runner, self.arena, inputs, key, self.block_output)  # [B, V]
+        except Exception as exc:
+            if self.block_output is gpt2.block_output:
+                raise
+            # torch.compile failed (no compiler, an unsupported op): serve uncompiled rather than fail;
+            # the step's K/V writes are idempotent, so running it again is safe
+            log.warning("torch.compile'd decode step failed (%r): it runs uncompiled from now on", exc)
+            self.block_output = gpt2.block_output
+            logits = static_forward(self.runner, self.arena, inputs, key, self.block_output)
+        self.logits[: key.rows].copy_(logits)
+
+    def _capture(self, key: BucketKey, inputs: Tensor) -> None:
+        """Capture `key`'s graph, replay it once and keep it only if it equals the eager step."""
+        assert self.capture is not None
+        try:
+            replay = self.capture(lambda: self._run(key, inputs))
+            self.stats.graph_captures += 1
+            replay()
+        except Exception as exc:  # a capture the device refuses: the eager step still serves
+            self._run(key, inputs)
+            self._graphs_off(key, f"capture failed ({exc!r})")
+            return
+        replayed = self.logits[: key.rows].clone()  # [B, V]
+        self._run(key, inputs)
+        eager = self.logits[: key.rows]  # [B, V]
+        tolerance = _TOLERANCE.get(self.runner.dtype, 2e-2) * max(1.0, float(eager.abs().max()))
+        error = float((replayed - eager).abs().max())
+        if not error <= tolerance:  # also catches NaN
+            self._graphs_off(
+                key, f"replay differs from the eager step (max |diff| {error:.3g} > {tolerance:.3g})"
+            )
+            return
+        self.graphs[key] = _Graph(inputs, replay)
+
+    def _graphs_off(self, key: BucketKey, why: str) -> None:
+        log.warning(
+            "CUDA graph for decode bucket %s: %s; CUDA graphs are off for this process, decode runs eagerly",
+            tuple(key),
+            why,
+        )
+        self.capture = None
+        self.graphs.clear()

@@ -1,4 +1,5 @@
-"""One way to run the server as a process: `python -m server.main` on a free loopback port.
+"""One way to run the server as a process: `python -m server.main` on a free loopback port
+(`ServerProcess`), on top of `ChildProcess`, which the tests' Redis launcher uses too.
 
 Used by the HTTP benchmark runner, `make demo` (prefixserve.demo) and the tests that need a real
 server (tests/reliability, tests/training/test_train_serve.py). It lives in `loadtest`, the lowest layer
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,26 +42,31 @@ def server_env(settings: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-class ServerProcess:
-    """`python -m server.main` with `settings` (host and port are set here) logging to `log_path`."""
+class ChildProcess:
+    """A child process with its stdout and stderr in `log_path` (None: discarded) that can be started
+    again after `stop` (tests restart a Redis on the same port). `stop` is SIGTERM, then SIGKILL."""
 
     def __init__(
-        self, settings: Mapping[str, Any], log_path: Path, cwd: Path | None = None, port: int | None = None
+        self,
+        argv: list[str],
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = server_env({**settings, "host": "127.0.0.1", "port": str(self.port)})
+        self.argv = argv
         self.log_path = log_path
+        self.env = env
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self, argv: list[str] | None = None) -> ServerProcess:
-        """Start it (`argv` replaces `python -m server.main`, e.g. a wrapper script); does not wait."""
-        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop())
-        cmd = argv or [sys.executable, "-m", "server.main"]
+    def start(self) -> ChildProcess:
+        """Start it; does not wait (see `wait_until`)."""
+        if self.log_path is not None:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop())
+        out = self._log if self._log is not None else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            cmd, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            self.argv, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT
         )
         return self
 
@@ -69,26 +75,23 @@ class ServerProcess:
         assert self.proc is not None, "not started"
         return self.proc.pid
 
-    def ready_or_dead(self) -> bool:
-        """True once `/ready` answers 200, or once the process has exited."""
-        if self.proc is not None and self.proc.poll() is not None:
-            return True
-        try:
-            return httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Wait for `/ready`; raises RuntimeError if the process exits, TimeoutError after `timeout_s`."""
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.2) -> None:
+        """Poll `ready()` until true; RuntimeError if the process exits first, TimeoutError after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while not self.ready_or_dead():
+        while not ready():
+            if self.exited():
+                assert self.proc is not None
+                raise RuntimeError(f"{what}: exited with {self.proc.returncode}\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {timeout_s:.0f} s\n{self.log_tail()}")
-            time.sleep(0.2)
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {self.proc.returncode} at start-up\n{self.log_tail()}")
+                raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+            time.sleep(poll_s)
 
     def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None:
+            return ""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
@@ -96,7 +99,7 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (the server drains), then SIGKILL after `timeout_s`; returns the exit status."""
+        """SIGTERM, then SIGKILL after `timeout_s`; returns the exit status (None if never started)."""
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -111,3 +114,40 @@ class ServerProcess:
             self._log.close()
             self._log = None
         return code
+
+
+class ServerProcess(ChildProcess):
+    """`python -m server.main` with `settings` (host and port are set here) logging to `log_path`."""
+
+    log_path: Path
+
+    def __init__(
+        self, settings: Mapping[str, Any], log_path: Path, cwd: Path | None = None, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = server_env({**settings, "host": "127.0.0.1", "port": str(self.port)})
+        super().__init__([sys.executable, "-m", "server.main"], log_path, env, cwd)
+        self.env: dict[str, str] = env
+
+    def start(self, argv: list[str] | None = None) -> ServerProcess:  # type: ignore[override]
+        """Start it (`argv` replaces `python -m server.main`, e.g. a wrapper script); does not wait."""
+        if argv:
+            self.argv = argv
+        super().start()
+        return self
+
+    def ready_or_dead(self) -> bool:
+        """True once `/ready` answers 200, or once the process has exited."""
+        if self.exited():
+            return True
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait for `/ready`; raises RuntimeError if the process exits, TimeoutError after `timeout_s`."""
+        self.wait_until(self.ready_or_dead, timeout_s, "server")
+        if self.exited():
+            raise RuntimeError(f"server: exited at start-up\n{self.log_tail()}")

@@ -31,7 +31,8 @@ The BART tokenizer bundled here does not add specials itself: the encoder input 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,71 @@ def lm_logits(model: BartForConditionalGeneration, hidden: Tensor) -> Tensor:
     return model.lm_head(hidden) + model.final_logits_bias.to(hidden.dtype)
 
 
+def decoder_embed(model: BartForConditionalGeneration, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    """Decoder input: token + learned position embeddings, then `layernorm_embedding`.
+
+    input_ids: [B, T]; position_ids: [B, T] or [T] (0-based; BART's offset of 2 is added here).
+    Returns [B, T, d].
+    """
+    decoder = model.get_decoder()
+    embeds = decoder.embed_tokens(input_ids)  # [B, T, d], embed_scale applied inside
+    table = decoder.embed_positions
+    positions = F.embedding(position_ids + table.offset, table.weight)  # [(B,) T, d]
+    return decoder.layernorm_embedding(embeds + positions)  # [B, T, d]
+
+
+SelfKeysValues = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""`(layer index, new keys, new values) -> (keys, values)` for decoder self-attention: gets the keys
+and values of the tokens being fed, [B, H, T, D] each, and returns all the query attends over,
+[B, H, K, D] each (prefix, earlier tokens, the new ones). This is where a caller's cache layout goes."""
+
+
+def decoder_layer(
+    layer: nn.Module,
+    hidden: Tensor,
+    self_kv: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    self_mask: Tensor,
+    cross_kv: tuple[Tensor, Tensor],
+    cross_mask: Tensor,
+) -> Tensor:
+    """One BART decoder layer (post-norm): self-attention, cross-attention, feed-forward.
+
+    hidden: [B, T, d]; self_kv: new keys/values [B, H, T, D] -> attended ones [B, H, K, D];
+    self_mask: bool, True = may attend, broadcastable to [B, H, T, K]; cross_kv: keys, values
+    [B, H, C, D] (e.g. from `cross_keys_values`); cross_mask: broadcastable to [B, H, T, C].
+    Returns [B, T, d].
+    """
+    attn = layer.self_attn
+    query = _heads(attn.q_proj(hidden), attn.head_dim)  # [B, H, T, D]
+    keys, values = self_kv(
+        _heads(attn.k_proj(hidden), attn.head_dim), _heads(attn.v_proj(hidden), attn.head_dim)
+    )  # [B, H, K, D] each
+    hidden = layer.self_attn_layer_norm(hidden + attend(attn, query, keys, values, self_mask))  # [B, T, d]
+    xattn = layer.encoder_attn
+    x_query = _heads(xattn.q_proj(hidden), xattn.head_dim)  # [B, H, T, D]
+    x_keys, x_values = cross_kv  # [B, H, C, D]
+    hidden = layer.encoder_attn_layer_norm(hidden + attend(xattn, x_query, x_keys, x_values, cross_mask))
+    return feed_forward(layer, hidden)  # [B, T, d]
+
+
+def decoder_layers(
+    model: BartForConditionalGeneration,
+    hidden: Tensor,
+    self_kv: SelfKeysValues,
+    self_mask: Tensor,
+    cross_kv: Sequence[tuple[Tensor, Tensor]],
+    cross_mask: Tensor,
+) -> Tensor:
+    """Every decoder layer in order over `hidden` [B, T, d] (from `decoder_embed`) -> [B, T, d].
+
+    `self_kv(i, keys, values)` supplies layer i's self-attention keys/values (`SelfKeysValues`);
+    `cross_kv[i]` layer i's cross-attention keys/values. Masks as in `decoder_layer`.
+    """
+    for i, layer in enumerate(model.get_decoder().layers):
+        hidden = decoder_layer(layer, hidden, partial(self_kv, i), self_mask, cross_kv[i], cross_mask)
+    return hidden
+
+
 def decode(
     model: BartForConditionalGeneration,
     decoder_input_ids: Tensor,
@@ -183,35 +249,28 @@ def decode(
     `encode`; enc_mask: [B, S] (1 = token); prefixes: [layers, 2, (B,) H, L, D]. Target positions start
     at L_decoder. Returns logits [B, T, V].
     """
-    decoder = model.get_decoder()
     batch, tgt = decoder_input_ids.shape
     device = decoder_input_ids.device
     self_prefix = expand_prefix(decoder_prefix, batch, enc_hidden.dtype)  # [layers, 2, B, H, Ld, D] | None
     self_len = 0 if self_prefix is None else self_prefix.shape[4]
-    embeds = decoder.embed_tokens(decoder_input_ids)  # [B, T, d]
     position_ids = torch.arange(self_len, self_len + tgt, device=device)  # [T]: targets start at L_decoder
-    positions = decoder.embed_positions(decoder_input_ids, position_ids=position_ids)  # [1, T, d]
-    hidden = decoder.layernorm_embedding(embeds + positions)  # [B, T, d]
+    hidden = decoder_embed(model, decoder_input_ids, position_ids)  # [B, T, d]
     causal = torch.ones(tgt, tgt, dtype=torch.bool, device=device).tril()  # [T, T]
     seen = torch.ones(tgt, self_len, dtype=torch.bool, device=device)  # [T, Ld]: prefix always visible
     self_mask = torch.cat([seen, causal], dim=1)  # [T, Ld + T], broadcast over [B, H]
     cross = cross_keys_values(model, enc_hidden, cross_prefix)  # per layer [B, H, Lc + S, D] x 2
     cross_len = 0 if cross_prefix is None else cross_prefix.shape[-2]
     x_mask = cross_mask(enc_mask, batch, enc_hidden.shape[1], cross_len, device)  # [B, 1, 1, Lc + S]
-    for i, layer in enumerate(decoder.layers):
-        attn = layer.self_attn
-        query = _heads(attn.q_proj(hidden), attn.head_dim)  # [B, H, T, D]
-        keys = _heads(attn.k_proj(hidden), attn.head_dim)  # [B, H, T, D]
-        values = _heads(attn.v_proj(hidden), attn.head_dim)  # [B, H, T, D]
-        if self_prefix is not None:
-            keys = torch.cat([self_prefix[i, 0], keys], dim=2)  # [B, H, Ld + T, D]
-            values = torch.cat([self_prefix[i, 1], values], dim=2)  # [B, H, Ld + T, D]
-        hidden = layer.self_attn_layer_norm(hidden + attend(attn, query, keys, values, self_mask))
-        xattn = layer.encoder_attn
-        x_query = _heads(xattn.q_proj(hidden), xattn.head_dim)  # [B, H, T, D]
-        x_keys, x_values = cross[i]  # [B, H, Lc + S, D]
-        hidden = layer.encoder_attn_layer_norm(hidden + attend(xattn, x_query, x_keys, x_values, x_mask))
-        hidden = feed_forward(layer, hidden)  # [B, T, d]
+
+    def after_prefix(i: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        if self_prefix is None:
+            return keys, values  # [B, H, T, D]
+        return (
+            torch.cat([self_prefix[i, 0], keys], dim=2),  # [B, H, Ld + T, D]
+            torch.cat([self_prefix[i, 1], values], dim=2),
+        )
+
+    hidden = decoder_layers(model, hidden, after_prefix, self_mask, cross, x_mask)  # [B, T, d]
     return lm_logits(model, hidden)  # [B, T, V]
 
 

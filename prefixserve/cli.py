@@ -11,61 +11,44 @@ import argparse
 import sys
 from collections.abc import Callable
 
-
-def _serve(argv: list[str]) -> int | None:
-    from server.main import main
-
-    return main(argv)
-
-
-def _train(argv: list[str]) -> int | None:
-    from training.cli import train_main
-
-    return train_main(argv)
-
-
-def _eval(argv: list[str]) -> int | None:
-    from training.cli import eval_main
-
-    return eval_main(argv)
-
-
-def _upload(argv: list[str]) -> int | None:
-    from training.cli import upload_main
-
-    return upload_main(argv)
-
-
-def _prefixes(argv: list[str]) -> int | None:
-    from prefixserve.admin import main
-
-    return main(argv)
-
-
-def _bench(argv: list[str]) -> int | None:
-    from loadtest.bench import main
-
-    return main(argv)
-
-
-# command -> (its main, one-line help). Real (lazy) imports, not module-name strings, so the import
-# contracts see that this CLI, the top layer, uses server, training and loadtest (and nothing uses it).
-COMMANDS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
-    "serve": (_serve, "run the inference server (settings from PREFIXSERVE_* env vars)"),
-    "make-model": (
-        lambda argv: make_model_main(argv),
-        "write a random-weight model directory (gpt2, bart-base, ...)",
-    ),
-    "train": (_train, "train a prefix for a task and export its artifact"),
-    "eval": (_eval, "generate on a dev/test file and score BLEU/ROUGE"),
-    "upload": (_upload, "upload an artifact to a running server"),
-    "prefixes": (_prefixes, "manage a server's prefixes: list, show, upload, delete, rollback"),
-    "import-peft": (
-        lambda argv: import_peft_main(argv),
-        "convert a PEFT prefix-tuning adapter to an artifact",
-    ),
-    "bench": (_bench, "run the benchmark harness (profiles: quick, default, gpu)"),
+# command -> one-line help
+COMMANDS: dict[str, str] = {
+    "serve": "run the inference server (settings from PREFIXSERVE_* env vars)",
+    "make-model": "write a random-weight model directory (gpt2, bart-base, ...)",
+    "train": "train a prefix for a task and export its artifact",
+    "eval": "generate on a dev/test file and score BLEU/ROUGE",
+    "upload": "upload an artifact to a running server",
+    "prefixes": "manage a server's prefixes: list, show, upload, delete, rollback",
+    "import-peft": "convert a PEFT prefix-tuning adapter to an artifact",
+    "bench": "run the benchmark harness (profiles: quick, default, gpu)",
 }
+
+
+def owner_main(command: str) -> Callable[[list[str]], int | None]:
+    """The `main(argv)` that owns `command`, its package imported only now (`make-model` loads no
+    FastAPI). Real imports, not module-name strings, so the import contracts see that this CLI, the
+    top layer, uses server, training and loadtest (and nothing uses it)."""
+    if command == "serve":
+        from server.main import main as serve_main
+
+        return serve_main
+    if command in ("train", "eval", "upload"):
+        from training import cli as training_cli
+
+        return {
+            "train": training_cli.train_main,
+            "eval": training_cli.eval_main,
+            "upload": training_cli.upload_main,
+        }[command]
+    if command == "prefixes":
+        from prefixserve.admin import main as admin_main
+
+        return admin_main
+    if command == "bench":
+        from loadtest.bench import main as bench_main
+
+        return bench_main
+    return {"make-model": make_model_main, "import-peft": import_peft_main}[command]
 
 
 def make_model_main(argv: list[str] | None = None) -> int:
@@ -124,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Run `prefixserve <command> --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -132,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
-    result = COMMANDS[command][0](rest)
+    result = owner_main(command)(rest)
     return int(result or 0)
 
 

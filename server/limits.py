@@ -32,10 +32,12 @@ class Limits:
     max_request_header_bytes: int = 16384  # request line + headers beyond this get 400 (h11)
     # --- uploads (and every later load of what was uploaded) -----------------------------------
     max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
+    keep_versions: int = 5  # versions kept per task; older ones are pruned on upload (never the current)
     max_prefix_length: int = 512  # longest prefix accepted; sizes BART's cross-attention cache
     # --- engine --------------------------------------------------------------------------------
     max_batch_size: int = 32  # rows of one step (running requests)
     max_waiting: int = 256  # queue bound; beyond it requests get 429
+    tenant_max_waiting: int = 0  # queued requests per tenant (an API key's max_waiting wins); 0 = global only
     queue_timeout_s: float = 30.0  # longest wait in the queue before a clear error
     max_prefill_tokens: int = 256  # prompt tokens computed per step (GPT-2: chunked prefill)
     kv_budget_tokens: int | None = None  # KV positions reserved by running requests; None: batch x positions

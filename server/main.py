@@ -109,7 +109,7 @@ def engine_config(settings: Settings) -> EngineConfig:
             enabled=settings.fair_scheduling,
             tenant_weights=weights,
             tenant_max_waiting=bounds,
-            default_max_waiting=settings.tenant_max_waiting,
+            default_max_waiting=settings.limits.tenant_max_waiting,
         ),
     )
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("could not load the model %r: %s", settings.model, exc)
         return EXIT_CONFIG
     store = make_store(
-        settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.keep_versions
+        settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.limits.keep_versions
     )
     metrics = metrics_for(settings)  # the engine's observer, then the app's metrics
     engine = Engine(

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="Redis URL; unset: a local directory store.")
     local_store_dir: Path = Path("./prefix-store")
     redis_key_prefix: str = "prefixserve"
-    keep_versions: int = Field(default=5, ge=1)
+    keep_versions: int = Field(default=_L.keep_versions, ge=1)
     max_artifact_bytes: int = Field(default=_L.max_artifact_bytes, ge=1024)
     max_prefix_length: int = Field(default=_L.max_prefix_length, ge=1)
 
@@ -164,7 +164,9 @@ class Settings(BaseSettings):
         default=True, description="Weighted fair admission across tenants; false: one FCFS queue."
     )
     tenant_max_waiting: int = Field(
-        default=0, ge=0, description="Queued requests per tenant (a key's max_waiting wins); 0 = global only."
+        default=_L.tenant_max_waiting,
+        ge=0,
+        description="Queued requests per tenant (a key's max_waiting wins); 0 = global only.",
     )
 
     # --- upload quotas (issue 13); the upload rate is tenant_upload_rps ------------------------

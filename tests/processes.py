@@ -1,17 +1,16 @@
-"""Helpers for tests that run real processes on loopback: a throwaway redis-server, and `free_port`
-(from `loadtest.process`, the one server-process helper shared with the demo and the load test)."""
+"""Helpers for tests that run real processes on loopback: a throwaway redis-server (a
+`loadtest.process.ChildProcess`, the process helper shared with the demo and the load test), and
+`free_port`."""
 
 from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from loadtest.process import free_port
+from loadtest.process import ChildProcess, free_port
 
 __all__ = ["RedisProcess", "free_port"]
 
@@ -25,23 +24,18 @@ class RedisProcess:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
         self.data_dir = data_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 15.0) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server not on PATH (apt-get install redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        if self.data_dir is None:
+        args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        if data_dir is None:
             args += ["--appendonly", "no"]
         else:
-            args += ["--appendonly", "yes", "--dir", str(self.data_dir)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while not self.ping():
-            if time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not start on port {self.port} in {timeout}s")
-            time.sleep(0.02)
+            args += ["--appendonly", "yes", "--dir", str(data_dir)]
+        self.process = ChildProcess(args)
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.process.start().wait_until(self.ping, timeout, f"redis-server on port {self.port}", poll_s=0.02)
 
     def ping(self) -> bool:
         try:
@@ -52,7 +46,4 @@ class RedisProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-            self.proc = None
+        self.process.stop(timeout_s=15)

@@ -198,6 +198,27 @@ class ChatCompletionRequest(_Sampling):
 # Responses
 
 
+FinishReason = Literal["length", "stop"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Completion(BaseModel):
+    """The envelope every completion-shaped response shares, in OpenAI's field order; subclasses
+    narrow `object` and `choices` (a field redefined in a subclass keeps its place in the schema)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Any]
+    usage: Usage | None = None
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -209,22 +230,12 @@ class CompletionChoice(BaseModel):
     text: str
     index: int = 0
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["length", "stop"] | None = None
+    finish_reason: FinishReason | None = None
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Completion):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class TopLogprob(BaseModel):
@@ -250,16 +261,12 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["length", "stop"] | None = None
+    finish_reason: FinishReason | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Completion):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
 
 
 class ChatDelta(BaseModel):
@@ -271,16 +278,12 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["length", "stop"] | None = None
+    finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Completion):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

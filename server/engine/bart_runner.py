@@ -34,9 +34,15 @@ step, no `.item()` or other device reads in `decode`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from modeling.bart_prefix import encode, feed_forward, lm_logits, wrap_source
+from modeling.bart_prefix import (
+    cross_keys_values,
+    decoder_embed,
+    decoder_layers,
+    encode,
+    lm_logits,
+    wrap_source,
+)
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
 from server.engine.errors import PromptTooLong
@@ -81,7 +87,6 @@ class BartRunner:
         self.eos_token_id: int | None = config.eos_token_id
         self.config = config
         self.decoder_start_token_id = int(config.decoder_start_token_id)
-        self.position_offset = int(self.decoder.embed_positions.offset)  # BART's learned positions start at 2
 
         def slot_cache(max_positions: int) -> SlotKVCache:
             return SlotKVCache(
@@ -232,12 +237,12 @@ class BartRunner:
         write_rows = (self._row_index[:n] + rows[0]).repeat_interleave(S)[flat]  # [T]
         offsets = torch.tensor(cross_prefix_lens, device=dev)  # [n]
         write_pos = (offsets[:, None] + steps[None, :]).reshape(-1)[flat]  # [T]
-        for layer, block in enumerate(self.layers):
-            attn = block.encoder_attn
-            keys = attn.k_proj(enc_out).reshape(n * S, H, D)[flat]  # [T, H, D]
-            values = attn.v_proj(enc_out).reshape(n * S, H, D)[flat]  # [T, H, D]
-            self.cross_cache.keys[layer][write_rows, :, write_pos] = keys
-            self.cross_cache.values[layer][write_rows, :, write_pos] = values
+        cross = cross_keys_values(self.model, enc_out, None)  # per layer [n, H, S, D] x 2
+        for layer, (keys, values) in enumerate(cross):
+            flat_keys = keys.transpose(1, 2).reshape(n * S, H, D)[flat]  # [T, H, D]
+            flat_values = values.transpose(1, 2).reshape(n * S, H, D)[flat]  # [T, H, D]
+            self.cross_cache.keys[layer][write_rows, :, write_pos] = flat_keys
+            self.cross_cache.values[layer][write_rows, :, write_pos] = flat_values
 
     def _padded_encoder_prefix(
         self, items: list[PrefillItem]
@@ -275,8 +280,12 @@ class BartRunner:
         return self._decoder_step(0, token_ids.to(self.device))
 
     def _decoder_step(self, first_row: int, token_ids: torch.Tensor) -> torch.Tensor:
-        """Feed one decoder token to rows [first_row, first_row + n); token_ids [n] -> logits [n, V] float32."""
-        n, E, H, D = token_ids.shape[0], self.hidden_size, self.num_heads, self.head_dim
+        """Feed one decoder token to rows [first_row, first_row + n); token_ids [n] -> logits [n, V] float32.
+
+        The layers are `modeling.bart_prefix`'s; this adds only the slot-cache layout: the new token's
+        keys/values are written at the row's length, and attention reads the row's cache up to it.
+        """
+        n = token_ids.shape[0]
         span = slice(first_row, first_row + n)
         lengths = self.self_cache.lengths[span]  # host ints: Ld_r + tokens fed so far
         cross_lens = self.cross_cache.lengths[span]  # host ints: Lc_r + S_r
@@ -292,32 +301,19 @@ class BartRunner:
         cross_mask = (self._position_index[:C][None, :] < cross_len_t[:, None])[
             :, None, None, :
         ]  # [n, 1, 1, C]
+        cross_kv = [
+            (self.cross_cache.keys[layer, span, :, :C], self.cross_cache.values[layer, span, :, :C])
+            for layer in range(len(self.layers))
+        ]  # per layer [n, H, C, D] x 2, views
 
-        dec = self.decoder
-        embeds = dec.embed_tokens(token_ids)  # [n, E], embed_scale applied inside
-        pos_embeds = F.embedding(positions + self.position_offset, dec.embed_positions.weight)  # [n, E]
-        x = dec.layernorm_embedding(embeds + pos_embeds)[:, None]  # [n, 1, E]
-        for layer, block in enumerate(self.layers):
-            attn = block.self_attn
-            q = attn.q_proj(x).view(n, 1, H, D).transpose(1, 2)  # [n, H, 1, D]
-            self.self_cache.keys[layer][rows, :, positions] = attn.k_proj(x).view(n, H, D)  # [n, H, D]
-            self.self_cache.values[layer][rows, :, positions] = attn.v_proj(x).view(n, H, D)
-            keys = self.self_cache.keys[layer, span, :, :S]  # [n, H, S, D] view, no copy
-            values = self.self_cache.values[layer, span, :, :S]  # [n, H, S, D]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask, scale=attn.scaling)
-            x = block.self_attn_layer_norm(
-                x + attn.out_proj(out.transpose(1, 2).reshape(n, 1, E))
-            )  # [n, 1, E]
+        def cached(layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # keys, values: [n, H, 1, D] -> written at each row's position; attend over [n, H, S, D] views.
+            self.self_cache.keys[layer][rows, :, positions] = keys[:, :, 0]  # [n, H, D]
+            self.self_cache.values[layer][rows, :, positions] = values[:, :, 0]
+            return self.self_cache.keys[layer, span, :, :S], self.self_cache.values[layer, span, :, :S]
 
-            xattn = block.encoder_attn
-            q = xattn.q_proj(x).view(n, 1, H, D).transpose(1, 2)  # [n, H, 1, D]
-            keys = self.cross_cache.keys[layer, span, :, :C]  # [n, H, C, D]
-            values = self.cross_cache.values[layer, span, :, :C]  # [n, H, C, D]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask, scale=xattn.scaling)
-            x = block.encoder_attn_layer_norm(
-                x + xattn.out_proj(out.transpose(1, 2).reshape(n, 1, E))
-            )  # [n, 1, E]
-            x = feed_forward(block, x)  # [n, 1, E]
+        x = decoder_embed(self.model, token_ids[:, None], positions[:, None])  # [n, 1, E]
+        x = decoder_layers(self.model, x, cached, self_mask, cross_kv, cross_mask)  # [n, 1, E]
         self.self_cache.lengths[span] = [length + 1 for length in lengths]
         return lm_logits(self.model, x[:, 0]).float()  # [n, V]
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from server.engine.errors import QueueFull
+from server.limits import DEFAULT_LIMITS
 
 Priority = Literal["interactive", "batch"]
 PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")  # highest first
@@ -74,7 +75,7 @@ class FairQueueConfig:
     tenant_weights: Mapping[str, float] = field(default_factory=dict)  # missing: default_weight
     tenant_max_waiting: Mapping[str, int] = field(default_factory=dict)  # missing: default_max_waiting
     default_weight: float = 1.0
-    default_max_waiting: int = 0  # per tenant; 0 = only the global bound
+    default_max_waiting: int = DEFAULT_LIMITS.tenant_max_waiting  # per tenant; 0 = only the global bound
 
     def weight(self, tenant: str) -> float:
         return self.tenant_weights.get(tenant, self.default_weight)

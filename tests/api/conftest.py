@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +165,14 @@ async def _cleanup_redis(prefixes: list[str]) -> None:
         pass
 
 
+def serve_http(api: Api) -> contextlib.AbstractAsyncContextManager[str]:
+    """Serve `api` (made with `start=False`) with uvicorn on a free loopback port; yields its URL."""
+    return serve_asgi(api.app)
+
+
 @contextlib.asynccontextmanager
-async def serve_http(api: Api) -> AsyncIterator[str]:
-    """Serve `api` (made with `start=False`) with uvicorn on a free loopback port; yields its URL.
+async def serve_asgi(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port; yields its URL.
 
     Real HTTP, so streams arrive event by event (httpx's ASGI transport buffers whole responses).
     uvicorn runs the app's lifespan; it shares this event loop with the engine loop.
@@ -175,7 +181,7 @@ async def serve_http(api: Api) -> AsyncIterator[str]:
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(api.app, log_config=None, access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     deadline = asyncio.get_running_loop().time() + 30
     while not server.started:
@@ -188,6 +194,26 @@ async def serve_http(api: Api) -> AsyncIterator[str]:
         server.should_exit = True
         await asyncio.wait_for(serving, timeout=30)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_http_in_thread(app: Any) -> Iterator[str]:
+    """`serve_asgi` on an event loop of its own in a background thread, for synchronous callers (the
+    engine loop needs one long-lived event loop; a sync client would otherwise have none running)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    serving = serve_asgi(app)
+    try:
+        url = asyncio.run_coroutine_threadsafe(serving.__aenter__(), loop).result(timeout=60)
+        try:
+            yield url
+        finally:
+            asyncio.run_coroutine_threadsafe(serving.__aexit__(None, None, None), loop).result(timeout=60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

@@ -4,13 +4,12 @@ uvicorn server, used as their users do: unchanged, with the values they send by 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
-import uvicorn
 
-from tests.api.conftest import Api, artifact_bytes
+from tests.api.conftest import Api, artifact_bytes, serve_http
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -24,34 +23,19 @@ async def served(make_api, loaded, tmp_path) -> AsyncIterator[tuple[Api, str]]:
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
     api = await make_api(start=False, chat_template=template)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(api.app, log_config=None, access_log=False, lifespan="on"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    deadline = asyncio.get_running_loop().time() + 30
-    while not server.started:
-        assert not serving.done(), "uvicorn exited during start-up"
-        assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    async with httpx.AsyncClient(base_url=url) as client:
-        files = {"artifact": ("p.safetensors", artifact_bytes(loaded.spec, 7), "application/octet-stream")}
-        r = await client.post(
-            "/v1/prefixes",
-            data={"task": "poems"},
-            files=files,
-            headers={"Authorization": "Bearer acme-manage-key"},
-        )
-        assert r.status_code == 201, r.text
-    try:
+    async with serve_http(api) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            files = {
+                "artifact": ("p.safetensors", artifact_bytes(loaded.spec, 7), "application/octet-stream")
+            }
+            r = await client.post(
+                "/v1/prefixes",
+                data={"task": "poems"},
+                files=files,
+                headers={"Authorization": "Bearer acme-manage-key"},
+            )
+            assert r.status_code == 201, r.text
         yield api, url
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=30)
-        sock.close()
 
 
 async def test_openai_client_completions_and_stream(served):

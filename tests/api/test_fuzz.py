@@ -1,24 +1,20 @@
 """Property-based fuzzing of the OpenAPI spec with schemathesis: no 5xx, responses match the spec.
 
-The app is served by uvicorn on a loopback port in a background thread (its engine loop needs one
-long-lived event loop; schemathesis' synchronous calls would otherwise run the app on a fresh loop
-per request). Bounded: ~30 examples per operation, no deadline, derandomized for reproducible CI.
+The app is served by uvicorn on a loopback port in a background thread (`serve_http_in_thread`: its
+engine loop needs one long-lived event loop; schemathesis' synchronous calls would otherwise run the
+app on a fresh loop per request). Bounded: ~30 examples per operation, no deadline, derandomized
+for reproducible CI.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
     content_type_conformance,
@@ -33,7 +29,7 @@ from server.api import create_app, metrics_for
 from server.engine import Engine, EngineConfig
 from server.limits import Limits
 from server.settings import Settings
-from tests.api.conftest import KEYS, artifact_bytes
+from tests.api.conftest import KEYS, artifact_bytes, serve_http_in_thread
 
 AUTH = {"Authorization": "Bearer acme-manage-key"}
 
@@ -56,23 +52,11 @@ def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     app = create_app(
         s, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(), metrics=metrics
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    files = {"artifact": ("p.safetensors", artifact_bytes(loaded.spec, 3), "application/octet-stream")}
-    r = httpx.post(f"{url}/v1/prefixes", data={"task": "fuzz-task"}, files=files, headers=AUTH)
-    assert r.status_code == 201, r.text
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serve_http_in_thread(app) as url:
+        files = {"artifact": ("p.safetensors", artifact_bytes(loaded.spec, 3), "application/octet-stream")}
+        r = httpx.post(f"{url}/v1/prefixes", data={"task": "fuzz-task"}, files=files, headers=AUTH)
+        assert r.status_code == 201, r.text
+        yield url
 
 
 def _openapi() -> dict:

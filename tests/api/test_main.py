@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +11,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from loadtest.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,37 +41,20 @@ def test_bad_api_keys_json_is_a_clear_start_up_error(tmp_path):
 
 
 def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = _env(
-        PYTHONPATH=str(ROOT),
-        PREFIXSERVE_MODEL=str(tiny_gpt2_dir),
-        PREFIXSERVE_PORT=str(port),
-        PREFIXSERVE_DEVICE="cpu",
-        PREFIXSERVE_LOCAL_STORE_DIR=str(tmp_path / "store"),
-        PREFIXSERVE_SHUTDOWN_GRACE_S="300",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.main"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-    url = f"http://127.0.0.1:{port}"
+    settings = {
+        "model": str(tiny_gpt2_dir),
+        "device": "cpu",
+        "local_store_dir": str(tmp_path / "store"),
+        "shutdown_grace_s": "300",
+    }
+    server = ServerProcess(settings, tmp_path / "server.log", cwd=tmp_path).start()
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "server did not become ready"
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        server.wait_ready(300)
+        url = server.url
         result: dict[str, httpx.Response] = {}
-        body = {"inputs": "Long story", "parameters": {"max_new_tokens": 60}}
+        # Long enough (~1 s here) that the /metrics poll below sees it running; 60 tokens took 0.16 s,
+        # which the poll could miss, and the test then waited out its deadline.
+        body = {"inputs": "Long story", "parameters": {"max_new_tokens": 400}}
         worker = threading.Thread(
             target=lambda: result.update(r=httpx.post(f"{url}/v1/generate", json=body, timeout=300)),
             daemon=True,
@@ -83,15 +66,13 @@ def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_p
         while "prefixserve_requests_running 1.0" not in httpx.get(f"{url}/metrics", timeout=5).text:
             assert time.monotonic() < deadline, "the generation never started running"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        assert server.stop(timeout_s=300) == 0  # SIGTERM, then the server drains and exits
         worker.join(timeout=300)
-        assert proc.wait(timeout=300) == 0
         assert result["r"].status_code == 200, result["r"].text
         assert len(result["r"].json()["generated_text"]) > 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(timeout=5)
+        server.stop(timeout_s=10)
+    lines = server.log_path.read_text().splitlines()
     records = [json.loads(line) for line in lines if line.startswith("{")]
     access = [
         r for r in records if r.get("logger") == "prefixserve.access" and r.get("endpoint") == "/v1/generate"
@@ -99,7 +80,7 @@ def test_sigterm_finishes_in_flight_generation_then_exits_0(tiny_gpt2_dir, tmp_p
     assert access, lines
     line = access[0]
     assert line["status"] == 200 and line["tenant"] == "default" and line["request_id"]
-    assert line["prompt_tokens"] > 0 and line["generated_tokens"] == 60
+    assert line["prompt_tokens"] > 0 and line["generated_tokens"] == 400
     assert {"ttft_s", "e2e_s"} <= set(line)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +23,9 @@ import httpx
 import pytest
 import yaml
 
+from loadtest.process import ChildProcess, free_port
 from tests.api.conftest import artifact_bytes
 from tests.deploy.test_manifests import alert_rules, dashboard_expressions, promql_metric_names
-from tests.processes import free_port
 from tests.reliability.conftest import ACME, GLOBEX, generate, upload, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,22 +54,18 @@ class Prometheus:
             ],
         }
         (work_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log_path = work_dir / "prometheus.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
-        self.proc = subprocess.Popen(
+        self.process = ChildProcess(
             [
                 exe,
                 f"--config.file={work_dir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={work_dir / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
             ],
-            stdout=self._log,
-            stderr=self._log,
-        )
-        wait_until(self._ready, 60, "prometheus /-/ready", 0.2)
+            work_dir / "prometheus.log",
+        ).start()
+        self.process.wait_until(self._ready, 60, "prometheus /-/ready")
 
     def _ready(self) -> bool:
-        assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
         try:
             return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
         except httpx.HTTPError:
@@ -87,13 +82,7 @@ class Prometheus:
         return data["result"] if data["resultType"] == "vector" else [data["result"]]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._log.close()
+        self.process.stop(timeout_s=20)
 
 
 @pytest.fixture

@@ -10,9 +10,11 @@ handed to both. Batch size, queue bound and queue timeout are driven through a r
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -35,14 +37,16 @@ LIMITS = Limits(
     shutdown_grace_s=7.0,
     max_artifact_bytes=800_000,  # fits a 600-long prefix of this model (~615 kB), not a 1000-long one
     max_prefix_length=1024,
+    keep_versions=2,
     max_batch_size=3,
     max_waiting=17,
+    tenant_max_waiting=2,
     queue_timeout_s=45.0,
     max_prefill_tokens=3000,
     kv_budget_tokens=3000,
     device_prefix_cache_bytes=4096,  # smaller than one long prefix: it is kept in the host tier only
     host_prefix_cache_bytes=64 << 20,
-    tenant_max_concurrent=5,
+    tenant_max_concurrent=50,  # above max_batch_size + tenant_max_waiting: the engine's bound answers
     tenant_rps=500.0,
     tenant_upload_rps=500.0,
     tenant_max_tasks=50,
@@ -57,6 +61,19 @@ TOKENS_FORM_OF_KV_BUDGET = {"kv_budget_bytes"}
 def half_artifact(spec: Any, length: int) -> bytes:
     prefix = torch.ones(spec.num_layers, 2, spec.num_heads, length, spec.head_dim, dtype=torch.float16)
     return dump_artifact(new_artifact({"decoder": prefix}, spec))  # [layers, 2, H, L, D]
+
+
+def burst_of_long_generations(url: str, num_requests: int) -> list[tuple[int, str]]:
+    """(status, body) of `num_requests` concurrent generations long enough to still run while the
+    last of them arrives (900 tokens on a tiny model: seconds; three rows fit the KV budget of 3000)."""
+
+    def one(_: int) -> tuple[int, str]:
+        with httpx.Client(base_url=url, timeout=300.0) as client:
+            r = generate(client, None, max_new_tokens=900, ignore_eos=True)
+            return r.status_code, r.text
+
+    with ThreadPoolExecutor(num_requests) as pool:
+        return list(pool.map(one, range(num_requests)))
 
 
 def test_every_limit_is_non_default_here() -> None:
@@ -115,3 +132,20 @@ def test_configured_limits_hold_from_upload_to_generation(
 
         # Tenant limits are on (non-zero): ordinary traffic within them passes for another tenant too.
         assert generate(client, None, GLOBEX).status_code == 200
+
+        # Versions kept per task: the configured number; an upload prunes the oldest.
+        for _ in range(LIMITS.keep_versions + 1):
+            assert upload(client, "kept", artifact_bytes(long_spec, seed=5, length=4)).status_code == 201
+        kept = client.get("/v1/prefixes/kept", headers=ACME).json()
+        assert [v["version"] for v in kept["versions"]] == [2, 3]
+
+    # Waiting requests per tenant: a burst of long generations from one tenant fills its own queue (2)
+    # and the batch (3); the rest are refused (429) for the tenant's bound, as 10 never reach the global 17.
+    num_requests = 10
+    assert num_requests < LIMITS.max_waiting  # so any refusal is the tenant's bound
+    statuses = burst_of_long_generations(server.url, num_requests)
+    assert {code for code, _ in statuses} == {200, 429}, statuses
+    assert all('"overloaded"' in text for code, text in statuses if code == 429), statuses
+    # How many were running before the rest arrived depends on timing; never more than batch + own queue.
+    num_served = sum(code == 200 for code, _ in statuses)
+    assert LIMITS.tenant_max_waiting <= num_served <= LIMITS.max_batch_size + LIMITS.tenant_max_waiting

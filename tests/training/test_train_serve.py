@@ -7,18 +7,13 @@ tokens as the training module's own greedy output, and compares the text.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from loadtest.process import ServerProcess
 from modeling.models import load_model
 from tests.training.conftest import COLORS_TRAIN, EOS, MIN_MARGIN, SYNTHETIC, target_margins, train_colors
 from training.data import Truncation, causal_prompt
@@ -30,53 +25,20 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300.0  # importing torch + transformers on a loaded 2-core machine took over 90 s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tiny_gpt2_dir: Path, tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFIXSERVE_MODEL": str(tiny_gpt2_dir),
-        "PREFIXSERVE_PORT": str(port),
-        "PREFIXSERVE_LOCAL_STORE_DIR": str(tmp_path / "store"),
-        "PREFIXSERVE_DEVICE": "cpu",
-        "PREFIXSERVE_API_KEYS": json.dumps({KEY: {"tenant": "default", "role": "manage"}}),
+    settings = {
+        "model": str(tiny_gpt2_dir),
+        "local_store_dir": str(tmp_path / "store"),
+        "device": "cpu",
+        "api_keys": {KEY: {"tenant": "default", "role": "manage"}},
     }
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.main"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc = ServerProcess(settings, tmp_path / "server.log", cwd=REPO).start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()}"
-                )
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"server not ready in {START_TIMEOUT_S:.0f} s:\n{(tmp_path / 'server.log').read_text()}"
-                )
-            time.sleep(0.3)
-        yield url
+        proc.wait_ready(START_TIMEOUT_S)
+        yield proc.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        proc.stop(timeout_s=20)
 
 
 def test_uploaded_prefix_generates_the_training_modules_output(

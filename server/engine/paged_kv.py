@@ -37,6 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.prefix_layout import PrefixLayout
+
+# Stacked prefix layouts kept for reuse: a steady batch needs two (its decode and its prefill rows).
+MAX_STACKS = 4
+_StackKey = tuple[bool, tuple[Hashable | None, ...], int, torch.dtype]  # grid, group keys, width, dtype
+
 
 @dataclass
 class PagedRow:
@@ -47,6 +53,7 @@ class PagedRow:
     num_prompt_tokens: int
     length: int = 0  # own tokens whose K/V are in the pool
     blocks: list[int] = field(default_factory=list)
+    slot_ids: list[int] = field(default_factory=list)  # pool slot of each own token (kept for gathers)
 
     @property
     def prefilled(self) -> bool:
@@ -70,6 +77,8 @@ class PrefixPool:
     def __init__(self) -> None:
         self._entries: dict[Hashable, _PrefixEntry] = {}
         self.peak_bytes = 0
+        # (grid, group keys, width, dtype) -> per-layer stacked keys, values: [G, H, Lk, D] each
+        self._stacks: dict[_StackKey, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def acquire(self, key: Hashable, kv: torch.Tensor) -> None:
         entry = self._entries.get(key)
@@ -83,6 +92,43 @@ class PrefixPool:
         entry.refs -= 1
         if entry.refs == 0:
             del self._entries[key]
+            # A stack holding this prefix would keep it alive (and a ("tensor", id) key may be reused).
+            for stack_key in [k for k in self._stacks if key in k[1]]:
+                del self._stacks[stack_key]
+
+    def stacked(
+        self, layout: PrefixLayout, dtype: torch.dtype
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The prefixes of `layout` stacked for one batched product: per layer keys, values [G, H, Lk, D].
+
+        Concat: the prefixes side by side on the key axis (G = 1); grid: one per group, zero-padded to
+        Lk (a group without a prefix gets zeros, which its rows never see). Built once and kept while
+        the batch reads the same prefixes (a copy of them, in `dtype`).
+        """
+        stack_key = (layout.grid, layout.group_keys, layout.width, dtype)
+        hit = self._stacks.pop(stack_key, None)
+        if hit is None:
+            hit = self._stack(layout, dtype)
+            if len(self._stacks) >= MAX_STACKS:
+                del self._stacks[next(iter(self._stacks))]  # the least recently used
+        self._stacks[stack_key] = hit
+        return hit
+
+    def _stack(
+        self, layout: PrefixLayout, dtype: torch.dtype
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        sources = [None if k is None else self._entries[k].kv for k in layout.group_keys]
+        if layout.grid:
+            first = next(kv for kv in sources if kv is not None)
+            num_layers, _, H, _, D = first.shape
+            stack = first.new_zeros(num_layers, 2, len(sources), H, layout.width, D, dtype=dtype)
+            for g, kv in enumerate(sources):
+                if kv is not None:
+                    stack[:, :, g, :, : kv.shape[3]] = kv  # [layers, 2, H, L, D]
+        else:
+            stack = torch.cat([kv for kv in sources if kv is not None], dim=3).unsqueeze(2).to(dtype)
+        # stack: [layers, 2, G, H, Lk, D]
+        return list(stack[:, 0].unbind(0)), list(stack[:, 1].unbind(0))
 
     def get(self, key: Hashable) -> torch.Tensor:
         return self._entries[key].kv
@@ -200,19 +246,21 @@ class PagedKVCache:
         self.peak_blocks = max(self.peak_blocks, self.num_used_blocks)
         row.length = end
         bs = self.block_size
-        return [row.blocks[t // bs] * bs + t % bs for t in range(start, end)]
+        new = [row.blocks[t // bs] * bs + t % bs for t in range(start, end)]
+        row.slot_ids += new
+        return new
 
     def truncate(self, request_id: str, length: int) -> None:
         """Undo appends past `length` (a failed step): the row's extra blocks go back to the pool."""
         row = self.rows[request_id]
         row.length = min(row.length, length)
+        del row.slot_ids[row.length :]
         while len(row.blocks) > self.blocks_for(row.length):
             heapq.heappush(self._free, row.blocks.pop())
 
     def slots(self, request_id: str, num_tokens: int) -> list[int]:
         """Slots of the row's first `num_tokens` own tokens (for gathering its keys/values)."""
-        blocks, bs = self.rows[request_id].blocks, self.block_size
-        return [blocks[t // bs] * bs + t % bs for t in range(num_tokens)]
+        return self.rows[request_id].slot_ids[:num_tokens]
 
     def check_invariants(self) -> None:
         """Assert the layout rule's bookkeeping (used by tests)."""
@@ -223,6 +271,9 @@ class PagedKVCache:
         refs: dict[Hashable, int] = {}
         for row in self.rows.values():
             assert len(row.blocks) == self.blocks_for(row.length), "blocks do not follow the row's length"
+            bs = self.block_size
+            expected = [row.blocks[t // bs] * bs + t % bs for t in range(row.length)]
+            assert row.slot_ids == expected, "a row's slot list does not follow its blocks"
             if row.prefix_key is not None:
                 refs[row.prefix_key] = refs.get(row.prefix_key, 0) + 1
                 assert row.prefix_length == self.prefixes.get(row.prefix_key).shape[3]

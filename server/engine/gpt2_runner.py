@@ -198,27 +198,28 @@ class GPT2Runner:
         x = gpt2.embed(self.model, inp.token_ids, inp.positions)  # [T, E]
         for layer, block in enumerate(self.blocks):
             q, k, v = gpt2.qkv(block, x)  # each [T, E]
-            self.cache.keys[layer].index_copy_(0, inp.write_slots, k.view(-1, H, D))  # slots [T, H, D]
-            self.cache.values[layer].index_copy_(0, inp.write_slots, v.view(-1, H, D))
-            if q.dtype != adt:
-                q = q.to(adt)
-            attn = q.new_empty(q.shape)  # [T, E]: decode rows, then prefill tokens
+            self.cache.keys[layer].index_copy_(
+                1, inp.write_slots, k.view(-1, H, D).transpose(0, 1)
+            )  # [H, T, D]
+            self.cache.values[layer].index_copy_(1, inp.write_slots, v.view(-1, H, D).transpose(0, 1))
+            q = q.view(-1, H, D) if q.dtype == adt else q.view(-1, H, D).to(adt)  # [T, H, D]
+            parts = []
             if inp.decode is not None:
-                qd = q[:n_dec]  # [N, E]
+                qd = q[:n_dec]  # [N, H, D]
                 if inp.decode_slot_rows is not None:
-                    qd = qd.index_select(0, inp.decode_slot_rows)  # [slots, E]
-                out = self._attend(layer, qd.view(-1, H, 1, D), inp.decode).view(-1, E)  # [slots, E]
+                    qd = qd.index_select(0, inp.decode_slot_rows)  # [slots, H, D]
+                out = self._attend(layer, qd.transpose(0, 1).unsqueeze(2), inp.decode)  # [H, slots, 1, D]
+                out = out.squeeze(2).transpose(0, 1)  # [slots, H, D]
                 if inp.decode_row_slots is not None:
-                    out = out.index_select(0, inp.decode_row_slots)  # [N, E]
-                attn[:n_dec] = out
+                    out = out.index_select(0, inp.decode_row_slots)  # [N, H, D]
+                parts.append(out.reshape(n_dec, E))  # [N, E]
             if inp.prefill is not None:
                 slots = inp.prefill.num_slots
-                grid = q.new_zeros(slots * q_max, E).index_copy_(
-                    0, inp.prefill_flat, q[n_dec:]
-                )  # [slots*Q, E]
-                qp = grid.view(slots, q_max, H, D).transpose(1, 2)  # [slots, H, Q, D]
-                out = self._attend(layer, qp, inp.prefill)  # [slots, H, Q, D]
-                attn[n_dec:] = out.transpose(1, 2).reshape(slots * q_max, E)[inp.prefill_flat]  # [T_p, E]
+                grid = q.new_zeros(slots * q_max, H, D).index_copy_(0, inp.prefill_flat, q[n_dec:])
+                qp = grid.view(slots, q_max, H, D).permute(2, 0, 1, 3)  # [H, slots, Q, D]
+                out = self._attend(layer, qp, inp.prefill).permute(1, 2, 0, 3)  # [slots, Q, H, D]
+                parts.append(out.reshape(slots * q_max, E)[inp.prefill_flat])  # [T_p, E]
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, E]
             if attn.dtype != self.dtype:
                 attn = attn.to(self.dtype)
             x = gpt2.block_output(block, x, attn, self.fused_gelu)  # [T, E]
@@ -227,18 +228,17 @@ class GPT2Runner:
         return gpt2.lm_logits(self.model, x[inp.sample_index]).float()  # [n_sample, V]
 
     def _attend(self, layer: int, q: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """q: [slots, H, Q, D] in the attention dtype. -> [slots, H, Q, D]."""
+        """q: [H, slots, Q, D] in the attention dtype. -> [H, slots, Q, D]."""
         slots, S = call.num_slots, call.own_width
         H, D, adt = self.num_heads, self.head_dim, self.attention_dtype
-        keys = self.cache.keys[layer].index_select(0, call.gather)  # [slots*S, H, D]
-        values = self.cache.values[layer].index_select(0, call.gather)
+        keys = self.cache.keys[layer].index_select(1, call.gather)  # [H, slots*S, D]
+        values = self.cache.values[layer].index_select(1, call.gather)
         if keys.dtype != adt:
             keys, values = keys.to(adt), values.to(adt)
-        keys = keys.view(slots, S, H, D).transpose(1, 2)  # [slots, H, S, D]
-        values = values.view(slots, S, H, D).transpose(1, 2)
-        pk = None if call.prefix_keys is None else call.prefix_keys[layer]  # [G, H, Lk, D]
+        pk = None if call.prefix_keys is None else call.prefix_keys[layer]  # [H, G, Lk, D]
         pv = None if call.prefix_values is None else call.prefix_values[layer]
-        return cascade_attention(q, keys, values, call.bias, pk, pv, self.scales[layer])
+        own_k, own_v = keys.view(H, slots, S, D), values.view(H, slots, S, D)
+        return cascade_attention(q, own_k, own_v, call.bias, pk, pv, self.scales[layer])
 
     def take_prompt_logits(self, request_id: str) -> torch.Tensor | None:
         """The prompt logits `[P, V]` kept chunk by chunk for an item with `prompt_logprobs` (once)."""

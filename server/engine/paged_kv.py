@@ -2,7 +2,7 @@
 
 Layout rule (the one rule the GPT-2 runner and its tests rely on):
 
-    pool.keys, pool.values: [num_layers, num_blocks * block_size, H, D]    flat "slots"
+    pool.keys, pool.values: [num_layers, H, num_blocks * block_size, D]    flat "slots", head-major
         slot s belongs to block s // block_size; blocks are handed out from a free list (lowest id
         first, so on a CPU only the low end of the pool is ever touched) and returned when a row leaves.
 
@@ -77,7 +77,7 @@ class PrefixPool:
     def __init__(self) -> None:
         self._entries: dict[Hashable, _PrefixEntry] = {}
         self.peak_bytes = 0
-        # (grid, group keys, width, dtype) -> per-layer stacked keys, values: [G, H, Lk, D] each
+        # (grid, group keys, width, dtype) -> per-layer stacked keys, values: [H, G, Lk, D] each
         self._stacks: dict[_StackKey, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def acquire(self, key: Hashable, kv: torch.Tensor) -> None:
@@ -99,7 +99,7 @@ class PrefixPool:
     def stacked(
         self, layout: PrefixLayout, dtype: torch.dtype
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The prefixes of `layout` stacked for one batched product: per layer keys, values [G, H, Lk, D].
+        """The prefixes of `layout` stacked for one batched product: per layer keys, values [H, G, Lk, D].
 
         Concat: the prefixes side by side on the key axis (G = 1); grid: one per group, zero-padded to
         Lk (a group without a prefix gets zeros, which its rows never see). Built once and kept while
@@ -121,13 +121,13 @@ class PrefixPool:
         if layout.grid:
             first = next(kv for kv in sources if kv is not None)
             num_layers, _, H, _, D = first.shape
-            stack = first.new_zeros(num_layers, 2, len(sources), H, layout.width, D, dtype=dtype)
+            stack = first.new_zeros(num_layers, 2, H, len(sources), layout.width, D, dtype=dtype)
             for g, kv in enumerate(sources):
                 if kv is not None:
-                    stack[:, :, g, :, : kv.shape[3]] = kv  # [layers, 2, H, L, D]
+                    stack[:, :, :, g, : kv.shape[3]] = kv  # [layers, 2, H, L, D]
         else:
-            stack = torch.cat([kv for kv in sources if kv is not None], dim=3).unsqueeze(2).to(dtype)
-        # stack: [layers, 2, G, H, Lk, D]
+            stack = torch.cat([kv for kv in sources if kv is not None], dim=3).unsqueeze(3).to(dtype)
+        # stack: [layers, 2, H, G, Lk, D]
         return list(stack[:, 0].unbind(0)), list(stack[:, 1].unbind(0))
 
     def get(self, key: Hashable) -> torch.Tensor:
@@ -164,8 +164,9 @@ class PagedKVCache:
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
         self.dtype, self.device = dtype, device
-        shape = (num_layers, num_blocks * block_size, num_heads, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)  # [num_layers, slots, H, D]
+        # Head-major, so a gather of rows' slots is already [H, rows*S, D], the layout attention needs.
+        shape = (num_layers, num_heads, num_blocks * block_size, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)  # [num_layers, H, slots, D]
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.rows: dict[str, PagedRow] = {}
         self.prefixes = PrefixPool()

@@ -35,8 +35,8 @@ class AttentionCall:
     num_slots: int
     own_width: int  # S: own keys gathered per slot
     gather: torch.Tensor  # [slots * S] pool slot of each slot's own keys (row-major [slots, S])
-    bias: torch.Tensor  # [slots, 1, Q, Lk + S] additive: 0 may attend, -inf not; prefix columns first
-    prefix_keys: list[torch.Tensor] | None  # per layer [G, H, Lk, D]; None: no row has a prefix
+    bias: torch.Tensor  # [slots, Q, Lk + S] additive: 0 may attend, -inf not; prefix columns first
+    prefix_keys: list[torch.Tensor] | None  # per layer [H, G, Lk, D]; None: no row has a prefix
     prefix_values: list[torch.Tensor] | None
 
 
@@ -174,7 +174,7 @@ class _CallPlan:
         bias = torch.zeros(allowed.shape, dtype=adt, device=runner.device).masked_fill_(
             ~allowed, float("-inf")
         )
-        return AttentionCall(len(self.slot_rows), S, gather, bias[:, None], keys, values)
+        return AttentionCall(len(self.slot_rows), S, gather, bias, keys, values)
 
 
 def _end(item: PrefillItem) -> int:

@@ -41,7 +41,6 @@ def cascade_attention(
         return F.scaled_dot_product_attention(q, own_keys, own_values, attn_mask=bias, scale=scale)
     H, slots, Q, D = q.shape
     G, Lk = prefix_keys.shape[1], prefix_keys.shape[2]
-    S = own_keys.shape[2]
     q = (q * scale).contiguous()  # [H, G*n, Q, D]
     s_prefix = torch.matmul(q.view(H, G, -1, D), prefix_keys.transpose(-1, -2))  # [H, G, n*Q, Lk]
     s_own = torch.matmul(q, own_keys.transpose(-1, -2))  # [H, G*n, Q, S]

@@ -37,6 +37,9 @@ class GPT2Runner:
     """`ModelRunner` for GPT-2 family models (`GPT2LMHeadModel`)."""
 
     supports_chunked_prefill = True
+    prefix_layout = (
+        "auto"  # how attention lays out the tasks' prefixes: "auto", "concat", "grid" (prefix_layout.py)
+    )
 
     def __init__(
         self,

@@ -125,8 +125,9 @@ class PrefixPool:
             for g, kv in enumerate(sources):
                 if kv is not None:
                     stack[:, :, :, g, : kv.shape[3]] = kv  # [layers, 2, H, L, D]
-        else:
-            stack = torch.cat([kv for kv in sources if kv is not None], dim=3).unsqueeze(3).to(dtype)
+        else:  # one prefix: a view of it, no copy
+            parts = [kv for kv in sources if kv is not None]
+            stack = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).unsqueeze(3).to(dtype)
         # stack: [layers, 2, H, G, Lk, D]
         return list(stack[:, 0].unbind(0)), list(stack[:, 1].unbind(0))
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+import torch
+
 # Row x key products the grid layout must save before its reordering (two index ops per layer) pays.
 GRID_OVERHEAD_PRODUCTS = 256
 
@@ -54,12 +56,18 @@ class PrefixLayout:
 
 
 def plan_layout(
-    row_keys: list[Hashable | None], prefix_lengths: dict[Hashable, int], own_width: int
+    row_keys: list[Hashable | None],
+    prefix_lengths: dict[Hashable, int],
+    own_width: int,
+    choice: str = "auto",
 ) -> PrefixLayout | None:
     """The cheaper layout for rows with these prefix keys (grouped); None when no row has a prefix.
 
-    `prefix_lengths`: L of every key in `row_keys`; `own_width`: S, the own keys every slot attends.
+    `prefix_lengths`: L of every key in `row_keys`; `own_width`: S, the own keys every slot attends;
+    `choice`: "auto" (by cost), or "concat" / "grid" to force one (tests).
     """
+    if choice not in ("auto", "concat", "grid"):
+        raise ValueError(f"unknown prefix layout {choice!r}")
     runs: list[tuple[Hashable | None, int, int]] = []  # (key, first row, one past the last)
     for i, key in enumerate(row_keys):
         if runs and runs[-1][0] == key:
@@ -75,7 +83,8 @@ def plan_layout(
     n = max(b - a for _, a, b in runs)
     concat_cost = num_rows * (total + own_width)
     grid_cost = len(runs) * n * (longest + own_width)
-    if len(runs) > 1 and grid_cost + GRID_OVERHEAD_PRODUCTS < concat_cost:
+    cheaper = len(runs) > 1 and grid_cost + GRID_OVERHEAD_PRODUCTS < concat_cost
+    if choice == "grid" or (choice == "auto" and cheaper):
         return _grid(runs, prefix_lengths, n, longest, num_rows)
     return _concat(runs, prefix_lengths, total, num_rows)
 
@@ -114,3 +123,28 @@ def _grid(
         hi += [0 if key is None else lengths[key]] * n
     keys = tuple(key for key, _, _ in runs)
     return PrefixLayout(True, keys, longest, slot_rows, row_slots, [0] * len(slot_rows), hi)
+
+
+def attention_bias(
+    firsts: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    num_queries: int,
+    own_width: int,
+    width: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The additive mask of an attention call: [slots, Q, Lk + S], 0 where a slot may attend, -inf not.
+
+    Per slot (`firsts`, `lo`, `hi`: [slots]): query i sees prefix columns [lo, hi) and own keys
+    [0, first + i]. Built on the device from these few integers, once per step (every layer uses it).
+    """
+    device = firsts.device
+    queries = torch.arange(num_queries, device=device)  # [Q]
+    own = torch.arange(own_width, device=device)  # [S]
+    allowed = own[None, None, :] <= (firsts[:, None] + queries[None, :])[:, :, None]  # [slots, Q, S]
+    if width:
+        cols = torch.arange(width, device=device)  # [Lk]
+        prefix_ok = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])  # [slots, Lk]
+        allowed = torch.cat([prefix_ok[:, None, :].expand(-1, num_queries, -1), allowed], dim=-1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.prefix_layout import plan_layout
+from server.engine.prefix_layout import attention_bias, plan_layout
 from server.engine.runner import PrefillItem
 
 if TYPE_CHECKING:
@@ -137,7 +137,8 @@ class _CallPlan:
         self.num_queries = num_queries
         self.own_width = max(own_lengths, default=0)  # S
         lengths = {row.prefix_key: row.prefix_length for row in self.rows}
-        self.layout = plan_layout([row.prefix_key for row in self.rows], lengths, self.own_width)
+        keys = [row.prefix_key for row in self.rows]
+        self.layout = plan_layout(keys, lengths, self.own_width, runner.prefix_layout)
         identity = list(range(len(request_ids)))
         self.slot_rows = identity if self.layout is None else self.layout.slot_rows
         self.row_slots = identity if self.layout is None else self.layout.row_slots
@@ -159,22 +160,11 @@ class _CallPlan:
 
     def call(self, runner: GPT2Runner, parts: list[torch.Tensor]) -> AttentionCall:
         gather, firsts, lo, hi = parts[:4]
-        S, Q, adt = self.own_width, self.num_queries, runner.attention_dtype
-        ar = runner._arange
-        last_seen = firsts[:, None] + ar[:Q][None, :]  # [slots, Q]: query i sees own keys <= first + i
-        allowed = ar[:S][None, None, :] <= last_seen[:, :, None]  # [slots, Q, S]
-        keys = values = None
-        if self.layout is not None:
-            cols = torch.arange(self.layout.width, device=runner.device)  # [Lk]
-            prefix_ok = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])  # [slots, Lk]
-            allowed = torch.cat(
-                [prefix_ok[:, None, :].expand(-1, Q, -1), allowed], dim=-1
-            )  # [slots, Q, Lk+S]
-            keys, values = runner.cache.prefixes.stacked(self.layout, adt)
-        bias = torch.zeros(allowed.shape, dtype=adt, device=runner.device).masked_fill_(
-            ~allowed, float("-inf")
-        )
-        return AttentionCall(len(self.slot_rows), S, gather, bias, keys, values)
+        adt, layout = runner.attention_dtype, self.layout
+        width = 0 if layout is None else layout.width
+        bias = attention_bias(firsts, lo, hi, self.num_queries, self.own_width, width, adt)
+        keys, values = (None, None) if layout is None else runner.cache.prefixes.stacked(layout, adt)
+        return AttentionCall(len(self.slot_rows), self.own_width, gather, bias, keys, values)
 
 
 def _end(item: PrefillItem) -> int:

@@ -2,10 +2,11 @@
 
 One `step` runs every token of the step through the model once: one token per decoding row plus a
 chunk of prompt tokens per prefilling row, packed as `[T, E]` (no padding FLOPs in embeddings, QKV
-and MLP, where nearly all the FLOPs are). Attention is per part (see `attention.py`): each row's own
-tokens gathered from the block pool (`paged_kv.py` holds the layout rule) plus its task's prefix,
-read once per task and merged by log-sum-exp. The token at own index t has position id L + t, so real
-tokens start at position L, as in PEFT.
+and MLP, where nearly all the FLOPs are). Attention (see `attention.py`) is one softmax over each
+row's [prefix | own tokens] scores: own tokens gathered from the head-major block pool (`paged_kv.py`
+holds the layout rule), the prefix scores of every task in one batched product over the stacked
+prefixes (`prefix_layout.py`: concatenated, or a per-task grid). The token at own index t has position
+id L + t, so real tokens start at position L, as in PEFT.
 
 Host/device traffic per step: every index the step needs (token ids, positions, write slots, gather
 slots, lengths) is built on the host and sent in one copy (from pinned memory, non-blocking, on CUDA);

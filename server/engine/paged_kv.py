@@ -17,8 +17,9 @@ Layout rule (the one rule the GPT-2 runner and its tests rely on):
         shared by every row of that task and version and reference-counted by them.
 
     Attention of own token t reads the whole prefix of its (task, version) and own tokens [0, t]; the
-    two parts are merged by log-sum-exp (see `attention.py`), which equals attention over the
-    concatenation [prefix | own tokens] that PEFT computes.
+    two parts' scores go through one softmax (see `attention.py`), which is attention over the
+    concatenation [prefix | own tokens] that PEFT computes. For that, `PrefixPool.stacked` keeps the
+    prefixes of a step's rows stacked `[H, G, Lk, D]` per layer (a copy, while the batch reads them).
 
 A row's blocks never move: a request leaving frees its blocks and nothing else changes (no row copies,
 no reallocation). Memory in use follows the tokens in use (`used_bytes`); the pool is sized once from

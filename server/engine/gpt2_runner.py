@@ -124,6 +124,7 @@ class GPT2Runner:
             "prefix_bytes": self.cache.prefixes.nbytes,
             "peak_prefix_bytes": self.cache.prefixes.peak_bytes,
             "prefix_entries": len(self.cache.prefixes.keys),
+            "prefix_stack_bytes": self.cache.prefixes.stacked_bytes,  # attention's stacked copies
             "bytes": self.cache.used_bytes + self.cache.prefixes.nbytes,
         }
 

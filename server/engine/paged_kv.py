@@ -62,6 +62,13 @@ class PagedRow:
 
 
 @dataclass
+class _Stack:
+    keys: list[torch.Tensor]  # per layer [H, G, Lk, D]
+    values: list[torch.Tensor]
+    nbytes: int  # 0 when a view of the one prefix it holds
+
+
+@dataclass
 class _PrefixEntry:
     kv: torch.Tensor  # [num_layers, 2, H, L, D] on the runner's device and dtype
     refs: int = 0
@@ -79,7 +86,7 @@ class PrefixPool:
         self._entries: dict[Hashable, _PrefixEntry] = {}
         self.peak_bytes = 0
         # (grid, group keys, width, dtype) -> per-layer stacked keys, values: [H, G, Lk, D] each
-        self._stacks: dict[_StackKey, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._stacks: dict[_StackKey, _Stack] = {}
 
     def acquire(self, key: Hashable, kv: torch.Tensor) -> None:
         entry = self._entries.get(key)
@@ -113,11 +120,9 @@ class PrefixPool:
             if len(self._stacks) >= MAX_STACKS:
                 del self._stacks[next(iter(self._stacks))]  # the least recently used
         self._stacks[stack_key] = hit
-        return hit
+        return hit.keys, hit.values
 
-    def _stack(
-        self, layout: PrefixLayout, dtype: torch.dtype
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _stack(self, layout: PrefixLayout, dtype: torch.dtype) -> _Stack:
         sources = [None if k is None else self._entries[k].kv for k in layout.group_keys]
         if layout.grid:
             first = next(kv for kv in sources if kv is not None)
@@ -130,7 +135,13 @@ class PrefixPool:
             parts = [kv for kv in sources if kv is not None]
             stack = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).unsqueeze(3).to(dtype)
         # stack: [layers, 2, H, G, Lk, D]
-        return list(stack[:, 0].unbind(0)), list(stack[:, 1].unbind(0))
+        copied = not any(
+            stack.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()
+            for kv in sources
+            if kv is not None
+        )
+        nbytes = stack.numel() * stack.element_size() if copied else 0
+        return _Stack(list(stack[:, 0].unbind(0)), list(stack[:, 1].unbind(0)), nbytes)
 
     def get(self, key: Hashable) -> torch.Tensor:
         return self._entries[key].kv
@@ -142,6 +153,11 @@ class PrefixPool:
     @property
     def keys(self) -> list[Hashable]:
         return list(self._entries)
+
+    @property
+    def stacked_bytes(self) -> int:
+        """Bytes of the kept stacks that are copies (a single prefix's stack is a view of it)."""
+        return sum(stack.nbytes for stack in self._stacks.values())
 
     @property
     def nbytes(self) -> int:

@@ -142,3 +142,18 @@ def test_runner_in_either_layout_equals_the_plain_forward_through_joins_and_leav
     runner.release(["b"])
     step()
     runner.cache.check_invariants()
+
+
+def test_stacked_prefix_copies_are_reported_and_leave_with_their_rows(
+    tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]
+) -> None:
+    runner = GPT2Runner(tiny, max_rows=8, block_size=4)
+    runner.prefill([PrefillItem("a", [1, 2, 3], artifacts[5], ("t", 5))])
+    runner.decode(torch.tensor([7]))
+    assert runner.kv_stats()["prefix_stack_bytes"] == 0  # one task: its prefix is read in place
+    runner.prefill([PrefillItem("b", [1, 2], artifacts[10], ("t", 10))])
+    runner.decode(torch.tensor([7, 8]))
+    both = artifacts[5].prefixes["decoder"].nbytes + artifacts[10].prefixes["decoder"].nbytes
+    assert runner.kv_stats()["prefix_stack_bytes"] >= both  # two tasks: a stacked copy of both
+    runner.release(["a", "b"])
+    assert runner.kv_stats()["prefix_stack_bytes"] == 0

@@ -1,63 +1,51 @@
-"""Cascade (shared-prefix) attention: a task's prefix read once for all its rows, merged by log-sum-exp.
+"""Shared-prefix attention: every task's prefix read once for all its rows, in one batched product.
 
 Softmax attention over a concatenation of key sets A (the task's prefix) and B (the row's own tokens)
-can be computed per part and merged exactly: with per-part running maxima m_A, m_B, sums
-l_A = sum exp(s_A - m_A), l_B likewise, and unnormalised outputs o_A = exp(s_A - m_A) @ V_A, o_B:
+is one softmax over the concatenated scores, so the prefix scores need not come from a per-row copy of
+the prefix: they are computed for a whole group of rows at once, `[H, n*Q, D] @ [H, D, L]` (a
+matrix-matrix product instead of a matrix-vector product per row), for every group in one batched
+matmul over the stacked prefixes `[H, G, Lk, D]` (`prefix_layout.py` says how rows and prefixes are
+laid out), then joined with each row's own scores before the softmax:
 
-    m = max(m_A, m_B);  out = (o_A e^(m_A - m) + o_B e^(m_B - m)) / (l_A e^(m_A - m) + l_B e^(m_B - m))
+    p = softmax([q K_prefix^T | q K_own^T] * scale + bias);   out = p[:, :Lk] V_prefix + p[:, Lk:] V_own
 
-which is softmax([s_A | s_B]) @ [V_A | V_B] (FlashAttention's rescaling, FlashInfer's cascade). The
-prefix part of all rows of one task is one matrix-matrix product `[H, rows*Q, D] @ [H, D, L]` instead of
-a matrix-vector product per row over a private copy.
+which is exactly PEFT's attention over [prefix | own tokens] (the additive `bias` is -inf where a slot
+may not look: another task's prefix columns, padding, the future). Inputs are in the attention dtype
+and head-major (`[H, slots, ...]`, as the KV pool stores them), so the batched products need no copies.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-class PrefixGroup:
-    """Rows [start, end) of an attention call that read the same prefix `keys`/`values`: [H, L, D]."""
-
-    __slots__ = ("start", "end", "keys", "values")
-
-    def __init__(self, start: int, end: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.start, self.end, self.keys, self.values = start, end, keys, values
+import torch.nn.functional as F
 
 
 def cascade_attention(
     q: torch.Tensor,
     own_keys: torch.Tensor,
     own_values: torch.Tensor,
-    own_mask: torch.Tensor,
-    groups: list[PrefixGroup],
+    bias: torch.Tensor,
+    prefix_keys: torch.Tensor | None,
+    prefix_values: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of `q` over [its group's prefix | its own tokens]. Computed in q's dtype.
+    """Attention of each slot's queries over [its prefix columns | its own tokens]. Head-major layout.
 
-    q: [R, H, Q, D]; own_keys/own_values: [R, H, S, D]; own_mask: [R, 1, Q, S] (True = may attend;
-    every query row must allow at least one own key). Rows outside every group have no prefix.
-    Returns [R, H, Q, D].
+    q: [H, G*n, Q, D] (slots grouped by prefix, n per group); own_keys/own_values: [H, G*n, S, D];
+    prefix_keys/prefix_values: [H, G, Lk, D], or None when no slot has a prefix; bias: additive,
+    [G*n, Q, Lk + S] (prefix columns first; [G*n, Q, S] without a prefix), 0 where the slot may attend
+    and -inf where not, with at least one own key open to every query. Returns [H, G*n, Q, D].
     """
-    scores = torch.matmul(q, own_keys.transpose(-1, -2)) * scale  # [R, H, Q, S]
-    scores = scores.masked_fill(~own_mask, float("-inf"))
-    m_own = scores.amax(dim=-1, keepdim=True)  # [R, H, Q, 1]
-    p_own = torch.exp(scores - m_own)  # [R, H, Q, S]
-    l_own = p_own.sum(dim=-1, keepdim=True)  # [R, H, Q, 1]
-    out = torch.matmul(p_own, own_values)  # [R, H, Q, D] unnormalised
-    R, H, Q, D = q.shape
-    for g in groups:
-        n = g.end - g.start
-        qg = q[g.start : g.end].transpose(0, 1).reshape(H, n * Q, D)  # [H, n*Q, D]
-        s = torch.matmul(qg, g.keys.transpose(-1, -2)) * scale  # [H, n*Q, L]
-        m_pre = s.amax(dim=-1, keepdim=True)  # [H, n*Q, 1]
-        p = torch.exp(s - m_pre)  # [H, n*Q, L]
-        l_pre = p.sum(dim=-1, keepdim=True).view(H, n, Q, 1).transpose(0, 1)  # [n, H, Q, 1]
-        o_pre = torch.matmul(p, g.values).view(H, n, Q, D).transpose(0, 1)  # [n, H, Q, D]
-        m_pre = m_pre.view(H, n, Q, 1).transpose(0, 1)  # [n, H, Q, 1]
-        m_o = m_own[g.start : g.end]  # [n, H, Q, 1]
-        m = torch.maximum(m_o, m_pre)
-        a_own, a_pre = torch.exp(m_o - m), torch.exp(m_pre - m)  # [n, H, Q, 1] each
-        out[g.start : g.end] = out[g.start : g.end] * a_own + o_pre * a_pre
-        l_own[g.start : g.end] = l_own[g.start : g.end] * a_own + l_pre * a_pre
-    return out / l_own  # [R, H, Q, D]
+    if prefix_keys is None or prefix_values is None:
+        # heads as SDPA's batch and slots as its heads: each (head, slot) pair is independent anyway
+        return F.scaled_dot_product_attention(q, own_keys, own_values, attn_mask=bias, scale=scale)
+    H, slots, Q, D = q.shape
+    G, Lk = prefix_keys.shape[1], prefix_keys.shape[2]
+    q = (q * scale).contiguous()  # [H, G*n, Q, D]
+    s_prefix = torch.matmul(q.view(H, G, -1, D), prefix_keys.transpose(-1, -2))  # [H, G, n*Q, Lk]
+    s_own = torch.matmul(q, own_keys.transpose(-1, -2))  # [H, G*n, Q, S]
+    scores = torch.cat([s_prefix.view(H, slots, Q, Lk), s_own], dim=-1)  # [H, G*n, Q, Lk+S]
+    p = torch.softmax(scores.add_(bias), dim=-1)  # [H, G*n, Q, Lk+S]
+    o_prefix = torch.matmul(p[..., :Lk].view(H, G, -1, Lk), prefix_values)  # [H, G, n*Q, D]
+    o_own = torch.matmul(p[..., Lk:], own_values)  # [H, G*n, Q, D]
+    return o_own.add_(o_prefix.view(H, slots, Q, D))  # [H, G*n, Q, D]

@@ -2,10 +2,11 @@
 
 One `step` runs every token of the step through the model once: one token per decoding row plus a
 chunk of prompt tokens per prefilling row, packed as `[T, E]` (no padding FLOPs in embeddings, QKV
-and MLP, where nearly all the FLOPs are). Attention is per part (see `attention.py`): each row's own
-tokens gathered from the block pool (`paged_kv.py` holds the layout rule) plus its task's prefix,
-read once per task and merged by log-sum-exp. The token at own index t has position id L + t, so real
-tokens start at position L, as in PEFT.
+and MLP, where nearly all the FLOPs are). Attention (see `attention.py`) is one softmax over each
+row's [prefix | own tokens] scores: own tokens gathered from the head-major block pool (`paged_kv.py`
+holds the layout rule), the prefix scores of every task in one batched product over the stacked
+prefixes (`prefix_layout.py`: concatenated, or a per-task grid). The token at own index t has position
+id L + t, so real tokens start at position L, as in PEFT.
 
 Host/device traffic per step: every index the step needs (token ids, positions, write slots, gather
 slots, lengths) is built on the host and sent in one copy (from pinned memory, non-blocking, on CUDA);
@@ -26,18 +27,21 @@ import torch
 from modeling import gpt2
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
-from server.engine.attention import PrefixGroup, cascade_attention
+from server.engine.attention import cascade_attention
 from server.engine.cuda_graphs import StaticDecoder, cuda_graph_capture
 from server.engine.errors import PromptTooLong
 from server.engine.paged_kv import PagedKVCache
 from server.engine.runner import PrefillItem
-from server.engine.step_inputs import StepInputs
+from server.engine.step_inputs import AttentionCall, StepInputs
 
 
 class GPT2Runner:
     """`ModelRunner` for GPT-2 family models (`GPT2LMHeadModel`)."""
 
     supports_chunked_prefill = True
+    prefix_layout = (
+        "auto"  # how attention lays out the tasks' prefixes: "auto", "concat", "grid" (prefix_layout.py)
+    )
 
     def __init__(
         self,
@@ -136,6 +140,7 @@ class GPT2Runner:
             "prefix_bytes": self.cache.prefixes.nbytes,
             "peak_prefix_bytes": self.cache.prefixes.peak_bytes,
             "prefix_entries": len(self.cache.prefixes.keys),
+            "prefix_stack_bytes": self.cache.prefixes.stacked_bytes,  # attention's stacked copies
             "bytes": self.cache.used_bytes + self.cache.prefixes.nbytes,
         }
 
@@ -213,47 +218,52 @@ class GPT2Runner:
 
     def _forward(self, inp: StepInputs) -> torch.Tensor:
         E, H, D = self.hidden_size, self.num_heads, self.head_dim
-        n_dec, n_pre, q_max = inp.num_decode, inp.num_prefill, inp.max_chunk
+        n_dec, q_max = inp.num_decode, inp.max_chunk
         adt = self.attention_dtype
         x = gpt2.embed(self.model, inp.token_ids, inp.positions)  # [T, E]
         for layer, block in enumerate(self.blocks):
             q, k, v = gpt2.qkv(block, x)  # each [T, E]
-            self.cache.keys[layer].index_copy_(0, inp.write_slots, k.reshape(-1, H, D))  # slots [T, H, D]
-            self.cache.values[layer].index_copy_(0, inp.write_slots, v.reshape(-1, H, D))
+            self.cache.keys[layer].index_copy_(
+                1, inp.write_slots, k.view(-1, H, D).transpose(0, 1)
+            )  # [H, T, D]
+            self.cache.values[layer].index_copy_(1, inp.write_slots, v.view(-1, H, D).transpose(0, 1))
+            q = q.view(-1, H, D) if q.dtype == adt else q.view(-1, H, D).to(adt)  # [T, H, D]
             parts = []
-            if n_dec:
-                qd = q[:n_dec].reshape(n_dec, H, 1, D).to(adt)  # [N, H, 1, D]
-                out = self._attend(layer, qd, inp.decode_gather, inp.decode_mask, inp.decode_groups)
+            if inp.decode is not None:
+                qd = q[:n_dec]  # [N, H, D]
+                if inp.decode_slot_rows is not None:
+                    qd = qd.index_select(0, inp.decode_slot_rows)  # [slots, H, D]
+                out = self._attend(layer, qd.transpose(0, 1).unsqueeze(2), inp.decode)  # [H, slots, 1, D]
+                out = out.squeeze(2).transpose(0, 1)  # [slots, H, D]
+                if inp.decode_row_slots is not None:
+                    out = out.index_select(0, inp.decode_row_slots)  # [N, H, D]
                 parts.append(out.reshape(n_dec, E))  # [N, E]
-            if n_pre:
-                grid = q.new_zeros(n_pre * q_max, E).index_copy_(0, inp.prefill_flat, q[n_dec:])  # [n*Q, E]
-                qp = grid.view(n_pre, q_max, H, D).transpose(1, 2).to(adt)  # [n, H, Q, D]
-                out = self._attend(layer, qp, inp.prefill_gather, inp.prefill_mask, inp.prefill_groups)
-                parts.append(out.transpose(1, 2).reshape(n_pre * q_max, E)[inp.prefill_flat])  # [T_p, E]
-            attn = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)  # [T, E]
+            if inp.prefill is not None:
+                slots = inp.prefill.num_slots
+                grid = q.new_zeros(slots * q_max, H, D).index_copy_(0, inp.prefill_flat, q[n_dec:])
+                qp = grid.view(slots, q_max, H, D).permute(2, 0, 1, 3)  # [H, slots, Q, D]
+                out = self._attend(layer, qp, inp.prefill).permute(1, 2, 0, 3)  # [slots, Q, H, D]
+                parts.append(out.reshape(slots * q_max, E)[inp.prefill_flat])  # [T_p, E]
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, E]
+            if attn.dtype != self.dtype:
+                attn = attn.to(self.dtype)
             x = gpt2.block_output(block, x, attn, self.fused_gelu)  # [T, E]
         for rid, start, end in inp.prompt_spans:  # only requests that asked pay for the full-prompt LM head
             self._prompt_logits.setdefault(rid, []).append(gpt2.lm_logits(self.model, x[start:end]).float())
         return gpt2.lm_logits(self.model, x[inp.sample_index]).float()  # [n_sample, V]
 
-    def _attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        gather: torch.Tensor,
-        mask: torch.Tensor,
-        groups: list[tuple[int, int, torch.Tensor]],
-    ) -> torch.Tensor:
-        """q: [R, H, Q, D]; gather: [R, S] pool slots; mask: [R, 1, Q, S]. -> [R, H, Q, D]."""
-        R, S = gather.shape
+    def _attend(self, layer: int, q: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """q: [H, slots, Q, D] in the attention dtype. -> [H, slots, Q, D]."""
+        slots, S = call.num_slots, call.own_width
         H, D, adt = self.num_heads, self.head_dim, self.attention_dtype
-        flat = gather.reshape(-1)  # [R*S]
-        keys = (
-            self.cache.keys[layer].index_select(0, flat).view(R, S, H, D).transpose(1, 2).to(adt)
-        )  # [R,H,S,D]
-        values = self.cache.values[layer].index_select(0, flat).view(R, S, H, D).transpose(1, 2).to(adt)
-        prefix = [PrefixGroup(a, b, kv[layer, 0].to(adt), kv[layer, 1].to(adt)) for a, b, kv in groups]
-        return cascade_attention(q, keys, values, mask, prefix, self.scales[layer])
+        keys = self.cache.keys[layer].index_select(1, call.gather)  # [H, slots*S, D]
+        values = self.cache.values[layer].index_select(1, call.gather)
+        if keys.dtype != adt:
+            keys, values = keys.to(adt), values.to(adt)
+        pk = None if call.prefix_keys is None else call.prefix_keys[layer]  # [H, G, Lk, D]
+        pv = None if call.prefix_values is None else call.prefix_values[layer]
+        own_k, own_v = keys.view(H, slots, S, D), values.view(H, slots, S, D)
+        return cascade_attention(q, own_k, own_v, call.bias, pk, pv, self.scales[layer])
 
     def take_prompt_logits(self, request_id: str) -> torch.Tensor | None:
         """The prompt logits `[P, V]` kept chunk by chunk for an item with `prompt_logprobs` (once)."""

@@ -2,7 +2,7 @@
 
 Layout rule (the one rule the GPT-2 runner and its tests rely on):
 
-    pool.keys, pool.values: [num_layers, num_blocks * block_size, H, D]    flat "slots"
+    pool.keys, pool.values: [num_layers, H, num_blocks * block_size, D]    flat "slots", head-major
         slot s belongs to block s // block_size; blocks are handed out from a free list (lowest id
         first, so on a CPU only the low end of the pool is ever touched) and returned when a row leaves.
 
@@ -17,8 +17,9 @@ Layout rule (the one rule the GPT-2 runner and its tests rely on):
         shared by every row of that task and version and reference-counted by them.
 
     Attention of own token t reads the whole prefix of its (task, version) and own tokens [0, t]; the
-    two parts are merged by log-sum-exp (see `attention.py`), which equals attention over the
-    concatenation [prefix | own tokens] that PEFT computes.
+    two parts' scores go through one softmax (see `attention.py`), which is attention over the
+    concatenation [prefix | own tokens] that PEFT computes. For that, `PrefixPool.stacked` keeps the
+    prefixes of a step's rows stacked `[H, G, Lk, D]` per layer (a copy, while the batch reads them).
 
 A row's blocks never move: a request leaving frees its blocks and nothing else changes (no row copies,
 no reallocation). Memory in use follows the tokens in use (`used_bytes`); the pool is sized once from
@@ -37,6 +38,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.prefix_layout import PrefixLayout
+
+# Stacked prefix layouts kept for reuse: a steady batch needs two (its decode and its prefill rows).
+MAX_STACKS = 4
+_StackKey = tuple[bool, tuple[Hashable | None, ...], int, torch.dtype]  # grid, group keys, width, dtype
+
 
 @dataclass
 class PagedRow:
@@ -47,10 +54,18 @@ class PagedRow:
     num_prompt_tokens: int
     length: int = 0  # own tokens whose K/V are in the pool
     blocks: list[int] = field(default_factory=list)
+    slot_ids: list[int] = field(default_factory=list)  # pool slot of each own token (kept for gathers)
 
     @property
     def prefilled(self) -> bool:
         return self.length >= self.num_prompt_tokens
+
+
+@dataclass
+class _Stack:
+    keys: list[torch.Tensor]  # per layer [H, G, Lk, D]
+    values: list[torch.Tensor]
+    nbytes: int  # 0 when a view of the one prefix it holds
 
 
 @dataclass
@@ -70,6 +85,8 @@ class PrefixPool:
     def __init__(self) -> None:
         self._entries: dict[Hashable, _PrefixEntry] = {}
         self.peak_bytes = 0
+        # (grid, group keys, width, dtype) -> per-layer stacked keys, values: [H, G, Lk, D] each
+        self._stacks: dict[_StackKey, _Stack] = {}
 
     def acquire(self, key: Hashable, kv: torch.Tensor) -> None:
         entry = self._entries.get(key)
@@ -83,6 +100,48 @@ class PrefixPool:
         entry.refs -= 1
         if entry.refs == 0:
             del self._entries[key]
+            # A stack holding this prefix would keep it alive (and a ("tensor", id) key may be reused).
+            for stack_key in [k for k in self._stacks if key in k[1]]:
+                del self._stacks[stack_key]
+
+    def stacked(
+        self, layout: PrefixLayout, dtype: torch.dtype
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The prefixes of `layout` stacked for one batched product: per layer keys, values [H, G, Lk, D].
+
+        Concat: the prefixes side by side on the key axis (G = 1); grid: one per group, zero-padded to
+        Lk (a group without a prefix gets zeros, which its rows never see). Built once and kept while
+        the batch reads the same prefixes (a copy of them, in `dtype`).
+        """
+        stack_key = (layout.grid, layout.group_keys, layout.width, dtype)
+        hit = self._stacks.pop(stack_key, None)
+        if hit is None:
+            hit = self._stack(layout, dtype)
+            if len(self._stacks) >= MAX_STACKS:
+                del self._stacks[next(iter(self._stacks))]  # the least recently used
+        self._stacks[stack_key] = hit
+        return hit.keys, hit.values
+
+    def _stack(self, layout: PrefixLayout, dtype: torch.dtype) -> _Stack:
+        sources = [None if k is None else self._entries[k].kv for k in layout.group_keys]
+        if layout.grid:
+            first = next(kv for kv in sources if kv is not None)
+            num_layers, _, H, _, D = first.shape
+            stack = first.new_zeros(num_layers, 2, H, len(sources), layout.width, D, dtype=dtype)
+            for g, kv in enumerate(sources):
+                if kv is not None:
+                    stack[:, :, :, g, : kv.shape[3]] = kv  # [layers, 2, H, L, D]
+        else:  # one prefix: a view of it, no copy
+            parts = [kv for kv in sources if kv is not None]
+            stack = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).unsqueeze(3).to(dtype)
+        # stack: [layers, 2, H, G, Lk, D]
+        copied = not any(
+            stack.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()
+            for kv in sources
+            if kv is not None
+        )
+        nbytes = stack.numel() * stack.element_size() if copied else 0
+        return _Stack(list(stack[:, 0].unbind(0)), list(stack[:, 1].unbind(0)), nbytes)
 
     def get(self, key: Hashable) -> torch.Tensor:
         return self._entries[key].kv
@@ -94,6 +153,11 @@ class PrefixPool:
     @property
     def keys(self) -> list[Hashable]:
         return list(self._entries)
+
+    @property
+    def stacked_bytes(self) -> int:
+        """Bytes of the kept stacks that are copies (a single prefix's stack is a view of it)."""
+        return sum(stack.nbytes for stack in self._stacks.values())
 
     @property
     def nbytes(self) -> int:
@@ -118,8 +182,9 @@ class PagedKVCache:
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
         self.dtype, self.device = dtype, device
-        shape = (num_layers, num_blocks * block_size, num_heads, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)  # [num_layers, slots, H, D]
+        # Head-major, so a gather of rows' slots is already [H, rows*S, D], the layout attention needs.
+        shape = (num_layers, num_heads, num_blocks * block_size, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)  # [num_layers, H, slots, D]
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.rows: dict[str, PagedRow] = {}
         self.prefixes = PrefixPool()
@@ -200,19 +265,21 @@ class PagedKVCache:
         self.peak_blocks = max(self.peak_blocks, self.num_used_blocks)
         row.length = end
         bs = self.block_size
-        return [row.blocks[t // bs] * bs + t % bs for t in range(start, end)]
+        new = [row.blocks[t // bs] * bs + t % bs for t in range(start, end)]
+        row.slot_ids += new
+        return new
 
     def truncate(self, request_id: str, length: int) -> None:
         """Undo appends past `length` (a failed step): the row's extra blocks go back to the pool."""
         row = self.rows[request_id]
         row.length = min(row.length, length)
+        del row.slot_ids[row.length :]
         while len(row.blocks) > self.blocks_for(row.length):
             heapq.heappush(self._free, row.blocks.pop())
 
     def slots(self, request_id: str, num_tokens: int) -> list[int]:
         """Slots of the row's first `num_tokens` own tokens (for gathering its keys/values)."""
-        blocks, bs = self.rows[request_id].blocks, self.block_size
-        return [blocks[t // bs] * bs + t % bs for t in range(num_tokens)]
+        return self.rows[request_id].slot_ids[:num_tokens]
 
     def check_invariants(self) -> None:
         """Assert the layout rule's bookkeeping (used by tests)."""
@@ -223,6 +290,9 @@ class PagedKVCache:
         refs: dict[Hashable, int] = {}
         for row in self.rows.values():
             assert len(row.blocks) == self.blocks_for(row.length), "blocks do not follow the row's length"
+            bs = self.block_size
+            expected = [row.blocks[t // bs] * bs + t % bs for t in range(row.length)]
+            assert row.slot_ids == expected, "a row's slot list does not follow its blocks"
             if row.prefix_key is not None:
                 refs[row.prefix_key] = refs.get(row.prefix_key, 0) + 1
                 assert row.prefix_length == self.prefixes.get(row.prefix_key).shape[3]

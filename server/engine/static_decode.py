@@ -148,12 +148,12 @@ def static_forward(
     x = gpt2.embed(runner.model, token_ids, positions)  # [B, E]
     for layer, block in enumerate(runner.blocks):
         q, k, v = gpt2.qkv(block, x)  # each [B, E]
-        pool_keys, pool_values = runner.cache.keys[layer], runner.cache.values[layer]  # [slots, H, D]
-        pool_keys.index_copy_(0, write_slots, k.view(B, H, D).index_select(0, write_src))
-        pool_values.index_copy_(0, write_slots, v.view(B, H, D).index_select(0, write_src))
+        pool_keys, pool_values = runner.cache.keys[layer], runner.cache.values[layer]  # [H, slots, D]
+        pool_keys.index_copy_(1, write_slots, k.view(B, H, D).index_select(0, write_src).transpose(0, 1))
+        pool_values.index_copy_(1, write_slots, v.view(B, H, D).index_select(0, write_src).transpose(0, 1))
         qh = q.view(B, H, 1, D).to(adt)  # [B, H, 1, D]
-        own_k = pool_keys.index_select(0, gather).view(B, W, H, D).permute(0, 2, 3, 1).to(adt)  # [B, H, D, W]
-        own_v = pool_values.index_select(0, gather).view(B, W, H, D).transpose(1, 2).to(adt)  # [B, H, W, D]
+        own_k = pool_keys.index_select(1, gather).view(H, B, W, D).permute(1, 0, 3, 2).to(adt)  # [B, H, D, W]
+        own_v = pool_values.index_select(1, gather).view(H, B, W, D).transpose(0, 1).to(adt)  # [B, H, W, D]
         scores = torch.matmul(qh, own_k).squeeze(2)  # [B, H, W]
         if A:
             arena_k = arena.keys[layer, :, :A].to(adt)  # [H, A, D]

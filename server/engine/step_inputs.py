@@ -6,25 +6,38 @@ list, turned into one int64 tensor (pinned when the device is CUDA) and copied w
 `non_blocking=True`; the device-side views are slices of that one tensor. Masks are derived on the
 device from lengths, so no mask crosses the bus.
 
-Own-token gathers are padded per part to the longest row of that part; padding points at the row's
-first own slot (always written before attention runs, so never uninitialised memory) and is masked.
+Each attention call (the decoding rows; the prefill chunks) runs over *slots* laid out by
+`prefix_layout.py`: the rows themselves, or a [groups, n] grid whose padding slots repeat row 0. A
+slot's query i (of Q) sees its own tokens [0, first + i], where `first` is the own index of its first
+query (decode: length - 1), and its prefix columns [lo, hi). Own-token gathers are padded to the
+longest row; padding points at the row's first own slot (always written before attention runs, so
+never uninitialised memory) and is masked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.paged_kv import PagedKVCache
+from server.engine.prefix_layout import attention_bias, plan_layout
 from server.engine.runner import PrefillItem
 
 if TYPE_CHECKING:
     from server.engine.gpt2_runner import GPT2Runner
 
-Group = tuple[int, int, torch.Tensor]  # rows [start, end) of a part that read prefix kv [layers, 2, H, L, D]
+
+@dataclass
+class AttentionCall:
+    """One attention call's device inputs (the decoding rows, or the prefill chunks), in slot order."""
+
+    num_slots: int
+    own_width: int  # S: own keys gathered per slot
+    gather: torch.Tensor  # [slots * S] pool slot of each slot's own keys (row-major [slots, S])
+    bias: torch.Tensor  # [slots, Q, Lk + S] additive: 0 may attend, -inf not; prefix columns first
+    prefix_keys: list[torch.Tensor] | None  # per layer [H, G, Lk, D]; None: no row has a prefix
+    prefix_values: list[torch.Tensor] | None
 
 
 @dataclass
@@ -36,14 +49,12 @@ class StepInputs:
     token_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T] position id = prefix length + own index
     write_slots: torch.Tensor  # [T] pool slot of each token's K/V
-    decode_gather: torch.Tensor  # [N, S_d] pool slots of each decoding row's own tokens
-    decode_mask: torch.Tensor  # [N, 1, 1, S_d]
-    prefill_gather: torch.Tensor  # [n, S_p]
-    prefill_mask: torch.Tensor  # [n, 1, Q, S_p]
-    prefill_flat: torch.Tensor  # [T_p] index of each prefill token in the [n, Q] query grid
+    decode: AttentionCall | None
+    decode_slot_rows: torch.Tensor | None  # [slots] decoding row in each slot; None: slots are the rows
+    decode_row_slots: torch.Tensor | None  # [N] slot of each decoding row
+    prefill: AttentionCall | None
+    prefill_flat: torch.Tensor  # [T_p] index of each prefill token in the [slots, Q] query grid
     sample_index: torch.Tensor  # [n_sample] packed index of each token whose logits are needed
-    decode_groups: list[Group]
-    prefill_groups: list[Group]
     prompt_spans: list[tuple[str, int, int]]  # packed token range of each chunk whose prompt logits are kept
 
     @classmethod
@@ -53,29 +64,25 @@ class StepInputs:
         decode_ids = runner._grouped(list(decode_tokens))
         by_id = {it.request_id: it for it in items}
         prefill_ids = runner._grouped(list(by_id))
-        tokens: list[int] = []
-        positions: list[int] = []
-        writes: list[int] = []
         for rid in decode_ids:
-            row = rows[rid]
-            if not row.prefilled:
+            if not rows[rid].prefilled:
                 raise ValueError(f"request {rid!r} is still prefilling; it cannot decode")
-            positions.append(row.prefix_length + row.length)
-            tokens.append(decode_tokens[rid])
-            writes += cache.append_slots(rid, 1)
-        dec_lens = [rows[r].length for r in decode_ids]
-        s_dec = max(dec_lens, default=0)
-        dec_gather = [s for r in decode_ids for s in _padded(cache.slots(r, rows[r].length), s_dec)]
+        tokens = [decode_tokens[r] for r in decode_ids]
+        positions = [rows[r].prefix_length + rows[r].length for r in decode_ids]
+        writes = [s for r in decode_ids for s in cache.append_slots(r, 1)]
+        dec_lengths = [rows[r].length for r in decode_ids]
+        dec = _CallPlan(runner, decode_ids, [n - 1 for n in dec_lengths], dec_lengths, 1)
 
-        starts: list[int] = []
-        flat: list[int] = []
         sample_index = list(range(len(decode_ids)))
         sample_ids = list(decode_ids)
         prompt_spans: list[tuple[str, int, int]] = []
-        q_max = max((_end(by_id[r]) - by_id[r].start for r in prefill_ids), default=0)
-        for i, rid in enumerate(prefill_ids):
+        ends = [_end(by_id[r]) for r in prefill_ids]
+        starts = [by_id[r].start for r in prefill_ids]
+        q_max = max((e - s for s, e in zip(starts, ends, strict=True)), default=0)
+        pre = _CallPlan(runner, prefill_ids, starts, ends, q_max)
+        flat: list[int] = []
+        for i, (rid, end) in enumerate(zip(prefill_ids, ends, strict=True)):
             it, row = by_id[rid], rows[rid]
-            end = _end(it)
             if it.start != row.length or not it.start < end <= len(it.input_ids):
                 raise ValueError(
                     f"request {rid!r}: chunk [{it.start}, {end}) does not follow its {row.length} tokens"
@@ -85,62 +92,83 @@ class StepInputs:
             positions += range(row.prefix_length + it.start, row.prefix_length + end)
             tokens += it.input_ids[it.start : end]
             writes += cache.append_slots(rid, end - it.start)
-            starts.append(it.start)
-            flat += range(i * q_max, i * q_max + end - it.start)
+            first = pre.row_slots[i] * q_max
+            flat += range(first, first + end - it.start)
             if end == len(it.input_ids):
                 sample_index.append(len(tokens) - 1)
                 sample_ids.append(rid)
-        s_pre = max((_end(by_id[r]) for r in prefill_ids), default=0)
-        pre_gather = [s for r in prefill_ids for s in _padded(cache.slots(r, _end(by_id[r])), s_pre)]
 
-        parts = [tokens, positions, writes, dec_gather, dec_lens, pre_gather, starts, flat, sample_index]
+        parts = [tokens, positions, writes, flat, sample_index, *dec.host_parts(), *pre.host_parts()]
         device_parts = _to_device(parts, runner.device)
-        t_ids, pos, slots, d_gather, d_lens, p_gather, p_starts, p_flat, s_index = device_parts
-        ar = runner._arange
-        n_dec, n_pre = len(decode_ids), len(prefill_ids)
-        decode_mask = (ar[:s_dec][None, :] < d_lens[:, None])[:, None, None, :]  # [N, 1, 1, S_d]
-        last_seen = p_starts[:, None] + ar[:q_max][None, :]  # [n, Q] query i sees own indices <= start + i
-        prefill_mask = (ar[:s_pre][None, None, :] <= last_seen[:, :, None])[:, None]  # [n, 1, Q, S_p]
+        t_ids, pos, slots, p_flat, s_index = device_parts[:5]
+        d_parts, p_parts = device_parts[5:11], device_parts[11:17]
         return cls(
             sample_ids=sample_ids,
-            num_decode=n_dec,
-            num_prefill=n_pre,
+            num_decode=len(decode_ids),
+            num_prefill=len(prefill_ids),
             max_chunk=q_max,
             token_ids=t_ids,
             positions=pos,
             write_slots=slots,
-            decode_gather=d_gather.view(n_dec, s_dec),
-            decode_mask=decode_mask,
-            prefill_gather=p_gather.view(n_pre, s_pre),
-            prefill_mask=prefill_mask,
+            decode=dec.call(runner, d_parts) if decode_ids else None,
+            decode_slot_rows=None if dec.identity else d_parts[4],
+            decode_row_slots=None if dec.identity else d_parts[5],
+            prefill=pre.call(runner, p_parts) if prefill_ids else None,
             prefill_flat=p_flat,
             sample_index=s_index,
-            decode_groups=_groups(cache, decode_ids),
-            prefill_groups=_groups(cache, prefill_ids),
             prompt_spans=prompt_spans,
         )
 
 
+class _CallPlan:
+    """Host side of one attention call: its prefix layout and its integer inputs in slot order."""
+
+    def __init__(
+        self,
+        runner: GPT2Runner,
+        request_ids: list[str],
+        firsts: list[int],
+        own_lengths: list[int],
+        num_queries: int,
+    ) -> None:
+        """`firsts`: own index of each row's first query; `own_lengths`: its own tokens after the step."""
+        rows = runner.cache.rows
+        self.rows = [rows[r] for r in request_ids]
+        self.num_queries = num_queries
+        self.own_width = max(own_lengths, default=0)  # S
+        lengths = {row.prefix_key: row.prefix_length for row in self.rows}
+        keys = [row.prefix_key for row in self.rows]
+        self.layout = plan_layout(keys, lengths, self.own_width, runner.prefix_layout)
+        identity = list(range(len(request_ids)))
+        self.slot_rows = identity if self.layout is None else self.layout.slot_rows
+        self.row_slots = identity if self.layout is None else self.layout.row_slots
+        self.identity = self.layout is None or self.layout.identity
+        self.firsts = [firsts[r] for r in self.slot_rows]
+
+    def host_parts(self) -> list[list[int]]:
+        """gather, firsts, lo, hi, slot rows, row slots (call after the step's slots are appended)."""
+        width, gather = self.own_width, []
+        for r in self.slot_rows:
+            row = self.rows[r]
+            own = row.slot_ids[: min(row.length, width)]
+            gather += own
+            gather += [own[0]] * (width - len(own))
+        num_slots = len(self.slot_rows)
+        lo = [0] * num_slots if self.layout is None else self.layout.lo
+        hi = [0] * num_slots if self.layout is None else self.layout.hi
+        return [gather, self.firsts, lo, hi, self.slot_rows, self.row_slots]
+
+    def call(self, runner: GPT2Runner, parts: list[torch.Tensor]) -> AttentionCall:
+        gather, firsts, lo, hi = parts[:4]
+        adt, layout = runner.attention_dtype, self.layout
+        width = 0 if layout is None else layout.width
+        bias = attention_bias(firsts, lo, hi, self.num_queries, self.own_width, width, adt)
+        keys, values = (None, None) if layout is None else runner.cache.prefixes.stacked(layout, adt)
+        return AttentionCall(len(self.slot_rows), self.own_width, gather, bias, keys, values)
+
+
 def _end(item: PrefillItem) -> int:
     return len(item.input_ids) if item.end is None else item.end
-
-
-def _padded(slots: list[int], width: int) -> list[int]:
-    return slots + [slots[0]] * (width - len(slots))
-
-
-def _groups(cache: PagedKVCache, request_ids: list[str]) -> list[Group]:
-    """Contiguous runs of rows that read one prefix (rows are already grouped)."""
-    rows, prefixes = cache.rows, cache.prefixes
-    groups: list[Group] = []
-    start = 0
-    for i in range(1, len(request_ids) + 1):
-        key: Hashable | None = rows[request_ids[start]].prefix_key
-        if i == len(request_ids) or rows[request_ids[i]].prefix_key != key:
-            if key is not None:
-                groups.append((start, i, prefixes.get(key)))
-            start = i
-    return groups
 
 
 def _to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:

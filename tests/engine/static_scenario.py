@@ -58,10 +58,10 @@ def run_scenario(runner: GPT2Runner, artifacts: dict[int, PrefixArtifact]) -> Lo
 
 
 def pool_contents(runner: GPT2Runner) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each row's own keys/values as stored in the pool: [layers, length, H, D] each."""
+    """Each row's own keys/values as stored in the pool: [layers, H, length, D] each."""
     cache = runner.cache
     contents = {}
     for rid, row in cache.rows.items():
         slots = torch.tensor(cache.slots(rid, row.length), device=cache.keys.device)
-        contents[rid] = (cache.keys[:, slots].cpu(), cache.values[:, slots].cpu())
+        contents[rid] = (cache.keys[:, :, slots].cpu(), cache.values[:, :, slots].cpu())
     return contents

@@ -73,7 +73,8 @@ async def test_a_new_version_coexists_with_the_old_until_its_last_row_finishes(
     prompt = "Once upon a time"
     prompt_ids = tiny.tokenizer.encode(prompt)
     async with make_engine(store) as engine:
-        running = engine.generate(GenerationRequest("old", prompt, greedy(16), task="task-10"))
+        # long enough to still run when the new version's first row joins (a fast step finishes 16 first)
+        running = engine.generate(GenerationRequest("old", prompt, greedy(96), task="task-10"))
         old_events = [await running.__anext__()]
         await store.inner.put("default", "task-10", dump_artifact(new), {})  # version 2, mid-batch
         fresh = engine.generate(GenerationRequest("new", prompt, greedy(8), task="task-10"))
@@ -87,7 +88,7 @@ async def test_a_new_version_coexists_with_the_old_until_its_last_row_finishes(
     assert both == [("default", "task-10", 1), ("default", "task-10", 2)]
     assert after == []
     assert {e.prefix_version for e in old_events} == {1} and {e.prefix_version for e in new_events} == {2}
-    assert [e.token_id for e in old_events] == peft_ref.generate(prompt_ids, old, 16)
+    assert [e.token_id for e in old_events] == peft_ref.generate(prompt_ids, old, 96)
     assert [e.token_id for e in new_events] == peft_ref.generate(prompt_ids, new, 8)
 
 

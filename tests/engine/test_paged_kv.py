@@ -40,7 +40,7 @@ def reference_kv(
 def own_kv(cache: PagedKVCache, request_id: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A row's own tokens gathered from its blocks: [layers, H, length, D] each."""
     slots = torch.tensor(cache.slots(request_id, cache.rows[request_id].length))
-    return cache.keys[:, slots].transpose(1, 2), cache.values[:, slots].transpose(1, 2)
+    return cache.keys[:, :, slots], cache.values[:, :, slots]  # the pool is head-major
 
 
 def test_rows_match_requests_alone_after_joins_chunks_and_leaves(

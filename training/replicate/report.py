@@ -101,6 +101,14 @@ def reading(summary: dict[str, Any]) -> list[str]:
             else "fine-tuning better: the paper's low-data claim does not hold here."
         ),
     ]
+    for method, name in (("prefix", "prefix-tuning"), ("finetune", "fine-tuning")):
+        grid = sorted(float(lr) for lr in summary["grid"][method])
+        chosen = float(summary["lr"][method])
+        if len(grid) > 1 and chosen in (grid[0], grid[-1]):
+            lines.append(
+                f"- Caveat: {name}'s learning rate ({chosen:g}) is at the edge of its grid {grid}: a wider grid "
+                "might still improve it, so its row may understate the method."
+            )
     return lines
 
 

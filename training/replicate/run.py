@@ -49,8 +49,9 @@ class Plan:
     low_n: int = 100
     low_steps: int = 200  # 20 epochs of the 100 pairs
     low_seeds: tuple[int, ...] = (1, 2, 3)
-    prefix_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    finetune_lrs: tuple[float, ...] = (3e-4, 1e-3)
+    # Each grid brackets the best rate of an earlier run (3e-3 and 1e-3, each then at its grid's edge).
+    prefix_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    finetune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     prefix_length: int = 10  # the paper's table-to-text setting
     mlp_hidden: int = 512  # the paper's k for table-to-text
     batch_size: int = 10

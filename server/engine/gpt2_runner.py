@@ -256,8 +256,8 @@ class GPT2Runner:
         """q: [H, slots, Q, D] in the attention dtype. -> [H, slots, Q, D]."""
         slots, S = call.num_slots, call.own_width
         H, D, adt = self.num_heads, self.head_dim, self.attention_dtype
-        keys = self.cache.keys[layer].index_select(1, call.gather)  # [H, slots*S, D]
-        values = self.cache.values[layer].index_select(1, call.gather)
+        keys = self.cache.keys[layer].view(-1, D).index_select(0, call.gather)  # [H*slots*S, D]
+        values = self.cache.values[layer].view(-1, D).index_select(0, call.gather)
         if keys.dtype != adt:
             keys, values = keys.to(adt), values.to(adt)
         pk = None if call.prefix_keys is None else call.prefix_keys[layer]  # [H, G, Lk, D]

@@ -13,8 +13,9 @@ one of two layouts, both exact (a prefix column a row may not see gets -inf befo
   each task's queries multiply only its own prefix (the matrix-matrix product per task). Rows without a
   prefix form a group of their own whose (zero) prefix columns they do not see. Best for long prefixes.
 
-`plan_layout` picks the layout with fewer row x key products (own keys counted too: grid slots pay for
-them, padding included), with a small allowance for the grid's two extra index ops per layer.
+`plan_layout` picks the layout with fewer row x key products (own keys counted too, weighted for the
+gather that copies them: grid slots pay for them, padding included), with a small allowance for the
+grid's two extra index ops per layer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ import torch
 
 # Row x key products the grid layout must save before its reordering (two index ops per layer) pays.
 GRID_OVERHEAD_PRODUCTS = 256
+# Own keys and values are gathered (copied) out of the paged pool for every slot before the products,
+# and grid padding slots are gathered too: on CPU that copy costs more than the multiply. Counting an
+# own column as this many products keeps the grid for long prefixes (4 tasks x L=200: grid 22.5 s vs
+# concat 24.4 s) and off for many short ones, where its padding slots doubled the gathers
+# (16 tasks x L=5-20, 64 rows: grid chosen on ~1/4 of the steps made the engine 0.69x no-prefix; concat
+# throughout: 1.0x). Measured with the default and long-prefix bench workloads, 2-core AMD EPYC.
+GATHER_WEIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,8 @@ def plan_layout(
     total = sum(prefix_lengths[k] for k, _, _ in prefixed)
     longest = max(prefix_lengths[k] for k, _, _ in prefixed)
     n = max(b - a for _, a, b in runs)
-    concat_cost = num_rows * (total + own_width)
-    grid_cost = len(runs) * n * (longest + own_width)
+    concat_cost = num_rows * (total + GATHER_WEIGHT * own_width)
+    grid_cost = len(runs) * n * (longest + GATHER_WEIGHT * own_width)
     cheaper = len(runs) > 1 and grid_cost + GRID_OVERHEAD_PRODUCTS < concat_cost
     if choice == "grid" or (choice == "auto" and cheaper):
         return _grid(runs, prefix_lengths, n, longest, num_rows)

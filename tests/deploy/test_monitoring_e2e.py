@@ -26,7 +26,7 @@ import yaml
 from loadtest.process import ChildProcess, free_port
 from tests.api.conftest import artifact_bytes
 from tests.deploy.test_manifests import alert_rules, dashboard_expressions, promql_metric_names
-from tests.reliability.conftest import ACME, GLOBEX, generate, upload, wait_until
+from tests.reliability.conftest import ACME, GLOBEX, LONG_POSITIONS, generate, upload, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
@@ -128,7 +128,7 @@ def test_prometheus_scrapes_the_server_and_every_panel_and_alert_evaluates(
         mixed_load(client, long_spec)
         # A long generation keeps the draining server (and its /metrics) up while a request is refused.
         long_request = threading.Thread(
-            target=lambda: generate(server.client(timeout=300), "sql", max_new_tokens=2000, ignore_eos=True)
+            target=lambda: generate(server.client(timeout=300), "sql", max_new_tokens=LONG_POSITIONS - 64, ignore_eos=True)
         )
         long_request.start()
         wait_until(

@@ -128,7 +128,9 @@ def test_prometheus_scrapes_the_server_and_every_panel_and_alert_evaluates(
         mixed_load(client, long_spec)
         # A long generation keeps the draining server (and its /metrics) up while a request is refused.
         long_request = threading.Thread(
-            target=lambda: generate(server.client(timeout=300), "sql", max_new_tokens=LONG_POSITIONS - 64, ignore_eos=True)
+            target=lambda: generate(
+                server.client(timeout=300), "sql", max_new_tokens=LONG_POSITIONS - 64, ignore_eos=True
+            )
         )
         long_request.start()
         wait_until(

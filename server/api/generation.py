@@ -3,10 +3,11 @@
 `start_generation` checks draining and the prompt's size (O(1), before any work proportional to it),
 takes a tenant rate-limit lease, tokenises the prompt in a worker thread (never on the event loop: a
 long prompt would stall every other request), submits the ids with `engine.add_request` and waits
-for the *first* event before returning. `add_request` raises every admission error (unknown task,
-prompt too long, queue full, store down...) itself; waiting for the first event also turns what can
-go wrong while the request waits (queue timeout, a failed prefill) into a proper HTTP status, even on
-streaming routes, instead of a broken 200 stream. The returned `Generation` yields the events (first
+for the *first* event before returning. `add_request` raises the admission errors that need no store
+read (prompt too long, queue full...); those that do (unknown task, store down, a prefix that does not
+fit) come with the first event, as does what can go wrong while the request waits (queue timeout, a
+failed prefill): waiting for it turns them all into a proper HTTP status, even on streaming routes,
+instead of a broken 200 stream. The returned `Generation` yields the events (first
 one included), releases the lease exactly once, aborts the engine request if the client goes away
 (so the engine frees its row), and records timings for the access log.
 """

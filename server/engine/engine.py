@@ -9,11 +9,13 @@ The contract (issue 15): `add_request(request)` raises every admission error its
 `RequestHandle` whose events stream (`async for event in handle`) and which `abort()`s the request;
 `generate()` is a thin wrapper over it, kept for callers that want a plain async iterator.
 
-Rows of one batch carry different tasks' prefixes. At admission a request's prefix is located in
-the tiered `PrefixCache` (store -> host tier; unknown tasks fail here); the request is then queued
-at once, and while it waits its prefix is prefetched to the device (a copy from a worker thread, on
-a side stream on CUDA). The scheduler admits only requests whose prefix is on the device, so a load
-never stalls a step, and requests of resident tasks go ahead of one whose prefix still loads.
+Rows of one batch carry different tasks' prefixes. A request is queued at once; while it waits, its
+own task (`_load_prefix`) locates its prefix in the tiered `PrefixCache` (a store read and validation
+on a miss: unknown tasks, a store that is down and prefixes that do not fit fail here, on the handle)
+and brings it to the device (a copy from a worker thread, on a side stream on CUDA). The scheduler
+admits only requests whose prefix is on the device, so neither a store read nor a copy ever stalls a
+step or another request, and requests of resident tasks go ahead of one whose prefix still loads. The
+queue timeout covers the whole wait, a store read that never returns included.
 
 Membership: the scheduler decides who runs; every request that leaves (finished, aborted, failed,
 timed out) is reported once in the next plan's `left`, and the step frees exactly those rows
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 
 from modeling.models import LoadedModel
-from prefix_store.base import InvalidName, PrefixStore
+from prefix_store.base import InvalidName, PrefixStore, validate_name
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import (
     EngineError,
@@ -100,7 +102,7 @@ class _Request:
 
     request: GenerationRequest
     prompt_ids: list[int]
-    prefix: ResolvedPrefix | None  # on the host until prefetched (`prefix.on_device`)
+    prefix: ResolvedPrefix | None  # None until located; on the host until on the device (`on_device`)
     seed: int
     sampling: RowSampling
     detok: IncrementalDetokenizer
@@ -109,6 +111,7 @@ class _Request:
     next_token: int | None = None  # sampled, not yet fed to the model
     last_token_time: float | None = None
     done: bool = False
+    handle: RequestHandle | None = None  # the caller's side, made at admission
 
     @property
     def request_id(self) -> str:
@@ -190,7 +193,7 @@ class Engine:
         self.healthy = True
         self.failure: BaseException | None = None
         self._requests: dict[str, _Request] = {}
-        self._prefetches: set[asyncio.Task[None]] = set()
+        self._prefix_loads: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._accepting = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -217,8 +220,8 @@ class Engine:
             await asyncio.sleep(0.005)
         for state in list(self._requests.values()):
             self._finish_outside(state, "cancelled")
-        for prefetch in list(self._prefetches):
-            prefetch.cancel()
+        for load in list(self._prefix_loads):
+            load.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -271,19 +274,15 @@ class Engine:
     async def add_request(self, request: GenerationRequest) -> RequestHandle:
         """Admit a request and return its handle (see `handle`).
 
-        Raises the admission errors here, before any event: `InvalidRequest`, `PromptTooLong`,
-        `UnknownTask`, `StoreUnavailable`, `InvalidPrefix`, `QueueFull`, `EngineStopped`. Later
-        errors (`QueueTimeout`, `RequestFailed`, `EngineStopped`) are raised by the handle's iteration.
+        Raises what needs no store read here, before any event: `InvalidRequest`, `PromptTooLong`,
+        `QueueFull`, `EngineStopped` (and `UnknownTask` on an engine without a store). What needs the
+        task's prefix is checked while the request waits and raised by the handle's first iteration,
+        before any event: `UnknownTask`, `StoreUnavailable`, `InvalidPrefix`, `PromptTooLong` (with the
+        prefix's length); so are the later errors (`QueueTimeout`, `RequestFailed`, `EngineStopped`).
         """
         state = await self._admit(request)
-        prefix = state.prefix
-        return RequestHandle(
-            state.request_id,
-            state.events,
-            lambda: self._finish_outside(state, "cancelled"),
-            prefix_version=None if prefix is None else prefix.version,
-            prefix_variant=None if prefix is None else prefix.variant,
-        )
+        assert state.handle is not None
+        return state.handle
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """`add_request` as a plain async iterator: admission errors come from the first `__anext__`.
@@ -296,14 +295,22 @@ class Engine:
             handle.abort()
 
     async def _admit(self, request: GenerationRequest) -> _Request:
+        """Checks that need no store read, then queue the request at once (see `_load_prefix`)."""
         if not self._accepting or not self.healthy:
             raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
         params = request.params
         params.validate()
         prompt_ids = self.tokenize(request.prompt)
-        prefix = await self._locate_prefix(request)
-        artifact = None if prefix is None else prefix.artifact
-        self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, artifact)
+        if request.task is not None:
+            if self.prefix_cache is None:
+                raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
+            try:
+                validate_name(request.tenant, "tenant")
+                validate_name(request.task, "task")
+            except InvalidName as exc:
+                raise InvalidRequest(str(exc)) from None
+        # Without its prefix: what the prefix adds is checked once it is located (`_fit_prefix`).
+        self.runner.validate_lengths(len(prompt_ids), params.max_new_tokens, None)
         bad_bias = [t for t in params.logit_bias if t >= self.runner.vocab_size]
         if bad_bias:
             raise InvalidRequest(
@@ -314,43 +321,58 @@ class Engine:
         state = _Request(
             request=request,
             prompt_ids=prompt_ids,
-            prefix=prefix,
+            prefix=None,
             seed=seed,
             sampling=make_row(params, seed, prompt_ids),
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.max_new_tokens, params.stop, eos),
             arrival=time.monotonic(),
         )
-        if not self._accepting or not self.healthy:  # stopped while the prefix was loading
-            raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
+        state.handle = RequestHandle(
+            state.request_id, state.events, lambda: self._finish_outside(state, "cancelled")
+        )
         pushed_out = self.scheduler.add(
             ScheduledRequest(
                 request_id=request.request_id,
                 num_prompt_tokens=len(prompt_ids),
-                reserved_tokens=self.runner.reserved_tokens(len(prompt_ids), params.max_new_tokens, artifact),
+                reserved_tokens=self.runner.reserved_tokens(len(prompt_ids), params.max_new_tokens, None),
                 arrival_time=state.arrival,
                 tenant=request.tenant,
                 priority=request.priority,
                 cost=params.max_new_tokens,
-                prefix_ready=prefix is None or prefix.on_device,
+                prefix_ready=request.task is None,
             )
         )
         for rid in pushed_out:  # the fair queue made room for a tenant under its share (fair_queue)
             self._fail(self._requests[rid], QueueFull("the queue is full and this tenant is over its share"))
         self._requests[request.request_id] = state
-        if prefix is not None and not prefix.on_device:
-            prefetch = asyncio.create_task(self._prefetch(state), name=f"prefetch-{request.request_id}")
-            self._prefetches.add(prefetch)
-            prefetch.add_done_callback(self._prefetches.discard)
+        if request.task is not None:
+            load = asyncio.create_task(self._load_prefix(state), name=f"prefix-{request.request_id}")
+            self._prefix_loads.add(load)
+            load.add_done_callback(self._prefix_loads.discard)
         self._wake.set()
         return state
 
-    async def _prefetch(self, state: _Request) -> None:
-        """While the request waits: bring its prefix to the device, then let the scheduler admit it."""
-        assert self.prefix_cache is not None and state.prefix is not None
+    async def _load_prefix(self, state: _Request) -> None:
+        """While the request waits in the queue: locate its prefix (a store read on a miss, then
+        validation), check the request fits with it, bring it to the device, then let the scheduler
+        admit the request. Runs as the request's own task, so a slow store read holds back no caller,
+        no step and no other request; the queue timeout bounds it. A failure ends this request alone:
+        an admission error (`UnknownTask`, `StoreUnavailable`, `InvalidPrefix`, `PromptTooLong`, ...)
+        reaches its handle as it is; a failed device copy as `RequestFailed`."""
+        assert self.prefix_cache is not None
         request = state.request
         assert request.task is not None
         try:
-            state.prefix = await self.prefix_cache.to_device(request.tenant, request.task, state.prefix)
+            route_key = request.route_key or request.request_id  # issue 18: pins a traffic split
+            located = await self.prefix_cache.locate(request.tenant, request.task, route_key)
+            if state.done:  # timed out or aborted during the store read
+                return
+            self._fit_prefix(state, located)
+        except Exception as exc:
+            self._fail(state, exc, observe=False)  # refused, as at admission: not a finished request
+            return
+        try:
+            state.prefix = await self.prefix_cache.to_device(request.tenant, request.task, located)
         except Exception as exc:
             logger.exception("loading the prefix of request %s to the device failed", state.request_id)
             failure = RequestFailed(f"loading the task's prefix failed ({type(exc).__name__})")
@@ -360,6 +382,16 @@ class Engine:
         if not state.done:
             self.scheduler.mark_ready(state.request_id)
             self._wake.set()
+
+    def _fit_prefix(self, state: _Request, located: ResolvedPrefix) -> None:
+        """The request with its prefix: lengths checked again, its KV reservation grown by the prefix."""
+        params, num_prompt = state.request.params, len(state.prompt_ids)
+        self.runner.validate_lengths(num_prompt, params.max_new_tokens, located.artifact)
+        reserved = self.runner.reserved_tokens(num_prompt, params.max_new_tokens, located.artifact)
+        self.scheduler.reserve(state.request_id, reserved)
+        state.prefix = located
+        assert state.handle is not None
+        state.handle.prefix_version, state.handle.prefix_variant = located.version, located.variant
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids (ids are checked against the vocabulary). Safe in worker threads: the
@@ -380,18 +412,6 @@ class Engine:
             ids = [int(bos)]
         return ids
 
-    async def _locate_prefix(self, request: GenerationRequest) -> ResolvedPrefix | None:
-        """The request's prefix version and its artifact in the nearest tier (device copy: `_prefetch`)."""
-        if request.task is None:
-            return None
-        if self.prefix_cache is None:
-            raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
-        try:
-            route_key = request.route_key or request.request_id  # issue 18: pins a traffic split
-            return await self.prefix_cache.locate(request.tenant, request.task, route_key)
-        except InvalidName as exc:
-            raise InvalidRequest(str(exc)) from None
-
     def _finish_outside(self, state: _Request, reason: FinishReason) -> None:
         """End a request for a reason outside the model (cancelled): abort it, free its row next step."""
         if state.done:
@@ -401,12 +421,15 @@ class Engine:
         state.events.put_nowait(self._event(state, None, text, reason))
         self._observe_finish(state, reason)
 
-    def _fail(self, state: _Request, exc: BaseException) -> None:
+    def _fail(self, state: _Request, exc: BaseException, observe: bool = True) -> None:
+        """End the request with `exc` (its handle raises it). `observe=False`: a refusal at admission
+        (unknown task, store down, ...), which the metrics do not count as a finished request."""
         if state.done:
             return
         self._end(state, "failed")
         state.events.put_nowait(exc)
-        self._observe_finish(state, "error")
+        if observe:
+            self._observe_finish(state, "error")
 
     def _end(self, state: _Request, reason: LeaveReason) -> None:
         """The request is over for its caller; the scheduler reports it in the next plan's `left`."""

@@ -176,14 +176,25 @@ class Scheduler:
         out to make room (the caller answers them as if they had met a full queue)."""
         if request.request_id in self:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
-        if request.reserved_tokens > self.config.kv_budget_tokens:
-            raise InvalidRequest(
-                f"request needs {request.reserved_tokens} KV positions (prefix + prompt + max_new_tokens), "
-                f"more than the whole KV budget of {self.config.kv_budget_tokens}"
-            )
+        self._check_fits(request.reserved_tokens)
         if not request.arrival_time:
             request.arrival_time = self._clock()
         return [req.request_id for req in self._waiting.push(request)]
+
+    def _check_fits(self, reserved_tokens: int) -> None:
+        if reserved_tokens > self.config.kv_budget_tokens:
+            raise InvalidRequest(
+                f"request needs {reserved_tokens} KV positions (prefix + prompt + max_new_tokens), "
+                f"more than the whole KV budget of {self.config.kv_budget_tokens}"
+            )
+
+    def reserve(self, request_id: str, reserved_tokens: int) -> None:
+        """A waiting request's KV reservation, once its prefix is known (the engine queues it before).
+        Raises `InvalidRequest` if it can never fit."""
+        self._check_fits(reserved_tokens)
+        for req in self._waiting:
+            if req.request_id == request_id:
+                req.reserved_tokens = reserved_tokens
 
     def mark_ready(self, request_id: str) -> None:
         """The waiting request's prefix is now on the device: it may be admitted."""

@@ -128,18 +128,22 @@ def peft_ref(tiny_dir: Path, tiny: LoadedModel) -> PeftReference:
 
 
 class CountingStore:
-    """A real store with its `get` calls counted (and optionally made to fail as if the backend were down)."""
+    """A real store with its `get` calls counted (and optionally made slow, held, or to fail as if the
+    backend were down)."""
 
     def __init__(self, inner: LocalPrefixStore) -> None:
         self.inner = inner
         self.get_calls = 0
         self.fail_with: Exception | None = None
         self.get_delay_s = 0.0
+        self.gate: asyncio.Event | None = None  # when set: every `get` waits until the event is set
 
     async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
         self.get_calls += 1
         if self.get_delay_s:
             await asyncio.sleep(self.get_delay_s)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail_with is not None:
             raise self.fail_with
         return await self.inner.get(tenant, task, version)

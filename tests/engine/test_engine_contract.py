@@ -16,6 +16,7 @@ from server.engine import (
     QueueFull,
     QueueTimeout,
     RequestHandle,
+    StoreUnavailable,
     UnknownTask,
 )
 from server.engine.scheduler import RowLeft
@@ -27,8 +28,9 @@ PROMPT = "Once upon a time, in a land far away,"
 
 async def test_add_request_raises_admission_errors_itself(make_engine: Any, store: Any) -> None:
     async with make_engine(store, max_batch_size=1, max_waiting=1) as engine:
-        with pytest.raises(UnknownTask):
-            await engine.add_request(GenerationRequest("u", PROMPT, greedy(2), task="no-such-task"))
+        unknown = await engine.add_request(GenerationRequest("u", PROMPT, greedy(2), task="no-such-task"))
+        with pytest.raises(UnknownTask):  # known after a store read: the handle's first iteration
+            await anext(unknown)
         with pytest.raises(PromptTooLong):
             await engine.add_request(GenerationRequest("p", list(range(2000)), greedy(2)))
         running = await engine.add_request(GenerationRequest("run", PROMPT, greedy(400, ignore_eos=True)))
@@ -48,9 +50,10 @@ async def test_handle_streams_events_and_abort_ends_it_and_frees_its_row(
         handle = await engine.add_request(
             GenerationRequest("h", PROMPT, greedy(400, ignore_eos=True), task="task-5")
         )
-        assert isinstance(handle, RequestHandle) and handle.prefix_version == 1
+        assert isinstance(handle, RequestHandle)
         other = asyncio.create_task(collect(engine, GenerationRequest("o", PROMPT, greedy(5), task="task-5")))
         first = await anext(handle)
+        assert handle.prefix_version == first.prefix_version == 1
         handle.abort()
         rest = [e async for e in handle]
         assert first.finish_reason is None and rest[-1].finish_reason == "cancelled"
@@ -221,3 +224,67 @@ async def test_more_tasks_than_the_device_tier_holds_all_answer_as_alone(
         assert stats.evictions["device"] > 0
     for i, events in enumerate(together):
         assert [e.token_id for e in events] == [e.token_id for e in alone[tasks[i % 3]]]
+
+
+async def test_a_store_read_holds_back_neither_the_caller_nor_other_tasks(
+    make_engine: Any, store: Any
+) -> None:
+    async with make_engine(store) as engine:
+        warm = await collect(
+            engine, GenerationRequest("warm", PROMPT, greedy(8, ignore_eos=True), task="task-5")
+        )
+        store.gate = asyncio.Event()  # from now on a store read blocks until the test lets it go
+        started = time.monotonic()
+        cold = await asyncio.wait_for(
+            engine.add_request(GenerationRequest("cold", PROMPT, greedy(3, ignore_eos=True), task="task-10")),
+            timeout=5,
+        )
+        assert time.monotonic() - started < 0.5  # queued at once; its store read goes on meanwhile
+        hot = await collect(
+            engine, GenerationRequest("hot", PROMPT, greedy(8, ignore_eos=True), task="task-5")
+        )
+        assert [e.token_id for e in hot] == [e.token_id for e in warm]  # streamed while the read blocked
+        assert engine.num_waiting == 1 and store.get_calls == 2
+        store.gate.set()
+        cold_events = [e async for e in cold]
+        assert [e.finish_reason for e in cold_events] == [None, None, "length"]
+        assert cold.prefix_version == cold_events[0].prefix_version == 1
+
+
+class FinishCounter:
+    """An engine observer that records every finish it is told of."""
+
+    def __init__(self) -> None:
+        self.finishes: list[tuple[str, str | None]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+    def on_finish(self, reason: str, *args: Any) -> None:
+        self.finishes.append((reason, args[-1]))
+
+
+@pytest.mark.parametrize("failure", ["store down", "unknown task", "store hangs"])
+async def test_a_failing_store_read_fails_that_request_alone_with_a_clear_error(
+    make_engine: Any, store: Any, failure: str
+) -> None:
+    observer = FinishCounter()
+    async with make_engine(store, observer=observer, queue_timeout_s=0.5) as engine:
+        task, error = "task-10", StoreUnavailable
+        if failure == "store down":
+            store.fail_with = StoreUnavailable("connection refused")
+        elif failure == "unknown task":
+            task, error = "no-such-task", UnknownTask
+        else:
+            store.gate, error = asyncio.Event(), QueueTimeout  # never set: the read never returns
+        handle = await asyncio.wait_for(
+            engine.add_request(GenerationRequest("bad", PROMPT, greedy(2), task=task)), timeout=5
+        )
+        with pytest.raises(error):
+            await asyncio.wait_for(anext(handle), timeout=5)
+        assert [e async for e in handle] == []  # ended: nothing after the error
+        assert engine.healthy and engine.num_waiting == 0
+        ok = await collect(engine, GenerationRequest("ok", PROMPT, greedy(2, ignore_eos=True)))
+        assert ok[-1].finish_reason == "length"
+    # a refusal is not a finished request; a timeout in the queue is one, as before
+    assert observer.finishes == [("error", task)] * (failure == "store hangs") + [("length", None)]

@@ -330,7 +330,7 @@ class Engine:
         state.handle = RequestHandle(
             state.request_id, state.events, lambda: self._finish_outside(state, "cancelled")
         )
-        pushed_out = self.scheduler.add(
+        self.scheduler.add(  # may push out a waiting request to make room (fair_queue): see `_answer_departures`
             ScheduledRequest(
                 request_id=request.request_id,
                 num_prompt_tokens=len(prompt_ids),
@@ -342,8 +342,6 @@ class Engine:
                 prefix_ready=request.task is None,
             )
         )
-        for rid in pushed_out:  # the fair queue made room for a tenant under its share (fair_queue)
-            self._fail(self._requests[rid], QueueFull("the queue is full and this tenant is over its share"))
         self._requests[request.request_id] = state
         if request.task is not None:
             load = asyncio.create_task(self._load_prefix(state), name=f"prefix-{request.request_id}")
@@ -451,7 +449,7 @@ class Engine:
                     # Woken by the clock with requests still waiting for their prefix: `schedule`
                     # answers those that waited too long.
                 plan = self.scheduler.schedule()
-                self._answer_timeouts(plan.left)
+                self._answer_departures(plan.left)
                 work = self._prepare(plan)
                 if not (work.release_ids or work.decode_tokens or work.prefill):
                     continue
@@ -478,13 +476,19 @@ class Engine:
             return True
         return False
 
-    def _answer_timeouts(self, left: list[RowLeft]) -> None:
-        """The scheduler dropped requests that waited too long: their callers get `QueueTimeout`."""
+    def _answer_departures(self, left: list[RowLeft]) -> None:
+        """The scheduler dropped waiting requests: those that waited too long get `QueueTimeout`, those
+        the fair queue pushed out to make room for a tenant under its share get `QueueFull`. (The other
+        departures were answered where they happened.)"""
         timeout = self.config.limits.queue_timeout_s
         for row in left:
             state = self._requests.get(row.request_id)
-            if row.reason == "timed_out" and state is not None:
+            if state is None:
+                continue
+            if row.reason == "timed_out":
                 self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
+            elif row.reason == "pushed_out":
+                self._fail(state, QueueFull("the queue is full and this tenant is over its share"))
 
     def _prepare(self, plan: SchedulerPlan) -> _StepWork:
         work = _StepWork(release_ids=plan.released_ids, decode_tokens={}, prefill=[], rows={})

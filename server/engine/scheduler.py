@@ -26,8 +26,8 @@ policy's order while requests whose prefix is resident go ahead, so a load never
 
 Leaving: every request that leaves the scheduler is reported exactly once in the next plan's `left`
 with the reason (finished: "stop" / "length" / "eos" from `update`; "aborted" / "failed" from
-`abort`; "timed_out" for waiting requests older than `queue_timeout_s`), and whether it held a
-row (`was_running`). That list is the one place the engine learns whose rows to free.
+`abort`; "timed_out" for waiting requests older than `queue_timeout_s`; "pushed_out" for waiting
+requests the fair queue pushed out to make room in `add`), and whether it held a row (`was_running`). That list is the one place the engine learns whose rows to free.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from server.engine.errors import InvalidRequest
 from server.engine.fair_queue import FairQueueConfig, WaitingQueue, make_waiting_queue
 
 # Why a request left: finished ("stop" sequence, "length" limit, "eos" token), or ended otherwise.
-LeaveReason = Literal["stop", "length", "eos", "aborted", "failed", "timed_out"]
+LeaveReason = Literal["stop", "length", "eos", "aborted", "failed", "timed_out", "pushed_out"]
 
 
 @dataclass(frozen=True)
@@ -170,16 +170,17 @@ class Scheduler:
         return request_id in self._waiting or request_id in self._running
 
     # ---- changes -------------------------------------------------------------------------------
-    def add(self, request: ScheduledRequest) -> list[str]:
+    def add(self, request: ScheduledRequest) -> None:
         """Queue a request. Raises `QueueFull` when its tenant's or the global queue is full,
-        `InvalidRequest` if it can never fit. Returns the ids of waiting requests the policy pushed
-        out to make room (the caller answers them as if they had met a full queue)."""
+        `InvalidRequest` if it can never fit. Waiting requests the policy pushes out to make room
+        leave with reason "pushed_out" (the caller answers them as if they had met a full queue)."""
         if request.request_id in self:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         self._check_fits(request.reserved_tokens)
         if not request.arrival_time:
             request.arrival_time = self._clock()
-        return [req.request_id for req in self._waiting.push(request)]
+        for old in self._waiting.push(request):
+            self._left.append(RowLeft(old.request_id, "pushed_out", was_running=False))
 
     def _check_fits(self, reserved_tokens: int) -> None:
         if reserved_tokens > self.config.kv_budget_tokens:

@@ -66,15 +66,7 @@ async def test_every_request_leaves_with_its_reason_and_its_row_is_freed(
     make_engine: Any, store: Any
 ) -> None:
     async with make_engine(store, max_batch_size=2, queue_timeout_s=0.3) as engine:
-        left: list[RowLeft] = []
-        real_schedule = engine.scheduler.schedule
-
-        def schedule() -> Any:  # records the real scheduler's plans
-            plan = real_schedule()
-            left.extend(plan.left)
-            return plan
-
-        engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+        left = record_departures(engine)
         slow_steps(engine)  # the long requests outlast the test
         aborted = await engine.add_request(GenerationRequest("aborted", PROMPT, greedy(400, ignore_eos=True)))
         await anext(aborted)
@@ -288,3 +280,40 @@ async def test_a_failing_store_read_fails_that_request_alone_with_a_clear_error(
         assert ok[-1].finish_reason == "length"
     # a refusal is not a finished request; a timeout in the queue is one, as before
     assert observer.finishes == [("error", task)] * (failure == "store hangs") + [("length", None)]
+
+
+async def test_a_request_pushed_out_of_the_queue_leaves_once_with_queue_full(
+    make_engine: Any, store: Any
+) -> None:
+    observer = FinishCounter()
+    async with make_engine(store, observer=observer, max_batch_size=1, max_waiting=2) as engine:
+        left = record_departures(engine)
+        slow_steps(engine)
+        running = await engine.add_request(GenerationRequest("run", PROMPT, greedy(400, ignore_eos=True)))
+        await anext(running)  # the only row is taken: the others wait
+        first = await engine.add_request(GenerationRequest("a1", PROMPT, greedy(2), tenant="a"))
+        pushed = await engine.add_request(GenerationRequest("a2", PROMPT, greedy(2), tenant="a"))
+        other = await engine.add_request(GenerationRequest("b1", PROMPT, greedy(2), tenant="b"))
+        with pytest.raises(QueueFull, match="over its share"):
+            await asyncio.wait_for(anext(pushed), timeout=5)
+        assert [e async for e in pushed] == []  # ended once: nothing after the error
+        running.abort()
+        for handle in (first, other):
+            assert [e.finish_reason for e in [e async for e in handle]] == [None, "length"]
+        await wait_until(lambda: len(left) == 4)
+    assert [row for row in left if row.request_id == "a2"] == [RowLeft("a2", "pushed_out", False)]
+    assert observer.finishes.count(("error", None)) == 1  # counted once
+
+
+def record_departures(engine: Any) -> list[RowLeft]:
+    """Every departure the real scheduler reports in its plans' `left`, in order."""
+    left: list[RowLeft] = []
+    real_schedule = engine.scheduler.schedule
+
+    def schedule() -> Any:
+        plan = real_schedule()
+        left.extend(plan.left)
+        return plan
+
+    engine.scheduler.schedule = schedule
+    return left

@@ -76,6 +76,9 @@ from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
+# `_idle` wakes this long after the earliest queue deadline (a timeout is "waited more than").
+_DEADLINE_SLACK_S = 0.001
+
 # How the detokenizer's finish reasons read in the scheduler's departures.
 _LEAVE_REASONS: dict[FinishReason, LeaveReason] = {
     "length": "length",
@@ -465,13 +468,17 @@ class Engine:
                 self._fail(state, EngineStopped(f"the engine failed: {exc!r}"))
 
     async def _idle(self) -> bool:
-        """Sleep until woken. With requests waiting (for their prefix), wake at least every half
-        queue timeout as well; returns True when woken that way."""
-        if not self.scheduler.num_waiting:
+        """Sleep until woken. With requests waiting (for their prefix), wake at the earliest one's queue
+        deadline as well, so its `QueueTimeout` comes on time; returns True when woken that way."""
+        deadline = self.scheduler.next_deadline()
+        if deadline is None:
             await self._wake.wait()
             return False
         try:
-            await asyncio.wait_for(self._wake.wait(), self.config.limits.queue_timeout_s / 2)
+            # just past the deadline: the scheduler expires requests that waited *more* than the timeout
+            await asyncio.wait_for(
+                self._wake.wait(), max(0.0, deadline - time.monotonic()) + _DEADLINE_SLACK_S
+            )
         except TimeoutError:
             return True
         return False

@@ -161,6 +161,11 @@ class Scheduler:
         """`add` of a request of `tenant` would raise `QueueFull` now (the queue policy decides)."""
         return self._waiting.would_refuse(tenant)
 
+    def next_deadline(self) -> float | None:
+        """The clock time at which the oldest waiting request times out (None: nobody waits)."""
+        oldest = min((req.arrival_time for req in self._waiting), default=None)
+        return None if oldest is None else oldest + self.config.queue_timeout_s
+
     def has_work(self) -> bool:
         """Something to run or to report: a waiting request that could be admitted, a running one,
         or a departure (a waiting queue of requests whose prefixes still load is no work)."""

@@ -317,3 +317,20 @@ def record_departures(engine: Any) -> list[RowLeft]:
 
     engine.scheduler.schedule = schedule
     return left
+
+
+async def test_a_queue_timeout_comes_on_time_while_requests_wait_for_their_prefix(
+    make_engine: Any, store: Any
+) -> None:
+    timeout = 1.0
+    async with make_engine(store, queue_timeout_s=timeout) as engine:
+        store.gate = asyncio.Event()  # never set: "stuck"'s prefix never arrives
+        started = time.monotonic()
+        stuck = await engine.add_request(GenerationRequest("stuck", PROMPT, greedy(2), task="task-10"))
+        await asyncio.sleep(0.4)
+        # another request wakes the engine mid-wait (the old half-timeout wake-ups then came 0.4 s late)
+        await collect(engine, GenerationRequest("other", PROMPT, greedy(2)))
+        with pytest.raises(QueueTimeout):
+            await asyncio.wait_for(anext(stuck), timeout=5)
+        waited = time.monotonic() - started
+    assert timeout <= waited < timeout + 0.25

@@ -42,6 +42,11 @@ class Limits:
     max_prefill_tokens: int = 256  # prompt tokens computed per step (GPT-2: chunked prefill)
     kv_budget_tokens: int | None = None  # KV positions reserved by running requests; None: batch x positions
     kv_budget_bytes: int | None = None  # GPT-2's paged KV pool; None: kv_budget_tokens' worth (issue 15)
+    # GPT-2's static decode path (CUDA graphs, or torch.compile): the device arena that holds decoding
+    # rows' prefixes at fixed addresses (positions; its bytes count in the KV budget), and how many
+    # decode buckets are captured as CUDA graphs (beyond it, buckets run the static step eagerly)
+    static_prefix_arena_tokens: int = 2048
+    max_cuda_graphs: int = 64
     device_prefix_cache_bytes: int = 256 << 20
     host_prefix_cache_bytes: int = 1 << 30
     # --- tenants (0 = off) ---------------------------------------------------------------------

@@ -114,6 +114,14 @@ class Settings(BaseSettings):
         description="Paged KV pool (rows' own tokens); unset: kv_budget_tokens (or batch x positions) of tokens.",
     )
     kv_block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block (GPT-2).")
+    static_prefix_arena_tokens: int = Field(
+        default=_L.static_prefix_arena_tokens,
+        ge=1,
+        description="Prefix positions of the static decode path's arena (GPT-2; counted in the KV budget).",
+    )
+    max_cuda_graphs: int = Field(
+        default=_L.max_cuda_graphs, ge=0, description="Decode buckets captured as CUDA graphs (GPT-2)."
+    )
     cuda_graphs: bool = Field(
         default=True, description="Decode steps replayed as CUDA graphs per batch bucket (CUDA only; on|off)."
     )

@@ -7,8 +7,8 @@ own integer input buffer; a step copies its inputs into that buffer (one non-blo
 memory) and replays. Logits land in one shared buffer `[max B, V]` (so graphs hold no output memory of
 their own) and all graphs share one memory pool.
 
-Graphs are captured lazily, the first time a key is met, up to `max_graphs` (each capture costs a few
-milliseconds and a little pool memory); keys beyond that run the static path eagerly. Production safety:
+Graphs are captured lazily, the first time a key is met, up to `max_graphs` (`Limits.max_cuda_graphs`;
+each capture costs a few milliseconds and a little pool memory); keys beyond that run the static path eagerly. Production safety:
 right after capturing a key, the graph is replayed once and compared with the same step run eagerly; on
 a mismatch beyond the dtype's tolerance (or a capture that raises) a warning is logged, every graph is
 dropped and the decoder runs eagerly from then on (the step's result is the eager one, so nothing wrong is ever returned). K/V writes
@@ -41,6 +41,7 @@ from server.engine.static_decode import (
     geometric_buckets,
     static_forward,
 )
+from server.limits import DEFAULT_LIMITS
 
 if TYPE_CHECKING:
     from server.engine.gpt2_runner import GPT2Runner
@@ -96,8 +97,8 @@ class StaticDecoder:
         runner: GPT2Runner,
         capture: GraphCapture | None = None,
         torch_compile: bool = False,
-        arena_tokens: int = 2048,
-        max_graphs: int = 64,
+        arena_tokens: int = DEFAULT_LIMITS.static_prefix_arena_tokens,
+        max_graphs: int = DEFAULT_LIMITS.max_cuda_graphs,
     ) -> None:
         self.runner = runner
         block_size = runner.cache.block_size
@@ -120,6 +121,29 @@ class StaticDecoder:
         self.graphs: dict[BucketKey, _Graph] = {}
         self.logits = torch.empty(self.row_buckets[-1], runner.vocab_size, device=runner.device)  # [max B, V]
         self.stats = StaticDecodeStats()
+
+    @staticmethod
+    def buffer_bytes(
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        max_rows: int,
+        vocab_size: int,
+        arena_tokens: int,
+        block_size: int,
+    ) -> int:
+        """Bytes of the buffers a decoder allocates at construction: the prefix arena (keys and values,
+        `arena_tokens` rounded up to blocks) and the float32 logits buffer; what `nbytes` reports."""
+        capacity = geometric_buckets(arena_tokens, block_size)[-1]
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_heads * capacity * head_dim * element + max_rows * vocab_size * 4
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the arena and the logits buffer (graph pools not included)."""
+        tensors = (self.arena.keys, self.arena.values, self.logits)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def graphs_enabled(self) -> bool:

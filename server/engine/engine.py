@@ -97,6 +97,9 @@ class EngineConfig:
     kv_block_size: int = 16  # issue 15: tokens per block of the GPT-2 paged KV pool
     cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs (ignored off CUDA; gpt2_runner)
     torch_compile: bool = False  # GPT-2: torch.compile the static decode step's block output
+    static_decode: bool | None = (
+        None  # GPT-2: force the static decode path on/off (tests: on CPU); None: auto
+    )
 
 
 @dataclass
@@ -691,6 +694,9 @@ def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
             config.kv_block_size,
             cuda_graphs=config.cuda_graphs,
             torch_compile=config.torch_compile,
+            static_decode=config.static_decode,
+            static_prefix_arena_tokens=limits.static_prefix_arena_tokens,
+            max_cuda_graphs=limits.max_cuda_graphs,
         )
     if model_type == "bart":
         from server.engine import bart_runner  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ from server.engine.errors import PromptTooLong
 from server.engine.paged_kv import PagedKVCache
 from server.engine.runner import PrefillItem
 from server.engine.step_inputs import AttentionCall, StepInputs
+from server.limits import DEFAULT_LIMITS
 
 
 class GPT2Runner:
@@ -52,6 +53,8 @@ class GPT2Runner:
         cuda_graphs: bool = True,
         torch_compile: bool = False,
         static_decode: bool | None = None,
+        static_prefix_arena_tokens: int = DEFAULT_LIMITS.static_prefix_arena_tokens,
+        max_cuda_graphs: int = DEFAULT_LIMITS.max_cuda_graphs,
     ) -> None:
         model = loaded.model
         config = model.config
@@ -76,6 +79,27 @@ class GPT2Runner:
         self.fused_gelu = gpt2.tanh_gelu(model)  # one fused tanh-GELU kernel (modeling.gpt2.mlp)
         per_token = PagedKVCache.bytes_per_token(len(self.blocks), self.num_heads, self.head_dim, self.dtype)
         budget = kv_budget_bytes if kv_budget_bytes is not None else max_rows * self.max_positions * per_token
+        static = self._static_path(cuda_graphs, torch_compile, static_decode)
+        # The static path's arena and logits buffer are KV memory too: the pool gets what they leave.
+        static_bytes = 0
+        if static:
+            static_bytes = StaticDecoder.buffer_bytes(
+                len(self.blocks),
+                self.num_heads,
+                self.head_dim,
+                self.dtype,
+                max_rows,
+                self.vocab_size,
+                static_prefix_arena_tokens,
+                block_size,
+            )
+            if budget < static_bytes + per_token * block_size:
+                raise ValueError(
+                    f"KV budget of {budget} bytes cannot hold the static decode path's prefix arena and "
+                    f"logits ({static_bytes} bytes) and one KV block: raise PREFIXSERVE_KV_BUDGET_BYTES or "
+                    f"lower PREFIXSERVE_STATIC_PREFIX_ARENA_TOKENS"
+                )
+        budget -= static_bytes
         self.cache = PagedKVCache(
             num_layers=len(self.blocks),
             num_heads=self.num_heads,
@@ -87,18 +111,22 @@ class GPT2Runner:
         )
         # request id -> prompt logits of its chunks so far ([chunk, V] each), until taken
         self._prompt_logits: dict[str, list[torch.Tensor]] = {}
-        self.static_decoder = self._static_decoder(cuda_graphs, torch_compile, static_decode)
+        self.static_decoder: StaticDecoder | None = None
+        if static:
+            graphs = cuda_graphs and self.device.type == "cuda"
+            self.static_decoder = StaticDecoder(
+                self,
+                capture=cuda_graph_capture(self.device) if graphs else None,
+                torch_compile=torch_compile,
+                arena_tokens=static_prefix_arena_tokens,
+                max_graphs=max_cuda_graphs,
+            )
 
-    def _static_decoder(
-        self, cuda_graphs: bool, torch_compile: bool, static_decode: bool | None
-    ) -> StaticDecoder | None:
+    def _static_path(self, cuda_graphs: bool, torch_compile: bool, static_decode: bool | None) -> bool:
         """Decode-only steps take the static path (`cuda_graphs.py`) on CUDA with graphs (replayed) or
         with `torch_compile` (compiled per bucket shape); `static_decode` True/False forces it on/off."""
         graphs = cuda_graphs and self.device.type == "cuda"  # CUDA graphs exist on CUDA only
-        if not (static_decode if static_decode is not None else graphs or torch_compile):
-            return None
-        capture = cuda_graph_capture(self.device) if graphs else None
-        return StaticDecoder(self, capture=capture, torch_compile=torch_compile)
+        return static_decode if static_decode is not None else graphs or torch_compile
 
     # ---- lengths and budget ---------------------------------------------------------------------
     def prefix_positions(self, artifact: PrefixArtifact | None) -> int:
@@ -131,6 +159,7 @@ class GPT2Runner:
         """Pool and prefix memory: in use now, peaks since start (or the last reset), capacity."""
         if reset_peaks:
             self.cache.reset_peaks()
+        static = 0 if self.static_decoder is None else self.static_decoder.nbytes
         return {
             "rows": len(self.cache.rows),
             "used_bytes": self.cache.used_bytes,
@@ -140,7 +169,8 @@ class GPT2Runner:
             "peak_prefix_bytes": self.cache.prefixes.peak_bytes,
             "prefix_entries": len(self.cache.prefixes.keys),
             "prefix_stack_bytes": self.cache.prefixes.stacked_bytes,  # attention's stacked copies
-            "bytes": self.cache.used_bytes + self.cache.prefixes.nbytes,
+            "static_bytes": static,  # the static path's prefix arena and logits buffer (allocated once)
+            "bytes": self.cache.used_bytes + self.cache.prefixes.nbytes + static,
         }
 
     def release(self, request_ids: list[str]) -> None:

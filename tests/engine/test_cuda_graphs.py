@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from prefix_store.artifact import PrefixArtifact
 from server.engine import Engine, EngineConfig, GenerationRequest
 from server.engine.cuda_graphs import Replay, StaticDecoder
 from server.engine.gpt2_runner import GPT2Runner
-from server.engine.paged_kv import PrefixPool
+from server.engine.paged_kv import PagedKVCache, PrefixPool
 from server.engine.prefix_arena import PrefixArena
 from server.engine.static_decode import bucket_for, geometric_buckets
 from server.limits import Limits
@@ -205,3 +206,32 @@ def test_prefix_arena_follows_the_pool() -> None:
     assert arena.place([], pool) == {}
     pool.acquire("big", torch.zeros(2, 2, 2, 11, 4))
     assert arena.place(["big"], pool) is None  # 6 + 11 > 16: the step runs eagerly
+
+
+def test_the_static_paths_buffers_count_in_the_kv_budget(tiny: LoadedModel) -> None:
+    per_block = (
+        PagedKVCache.bytes_per_token(
+            tiny.spec.num_layers, tiny.spec.num_heads, tiny.spec.head_dim, tiny.dtype
+        )
+        * 4
+    )
+    logits = 8 * tiny.spec.vocab_size * 4  # [max rows, V] float32
+    budget = 16 * per_block + logits + 40 * per_block  # arena of 64 positions (16 blocks), logits, 40 blocks
+    limits = Limits(
+        max_batch_size=8, kv_budget_bytes=budget, static_prefix_arena_tokens=64, max_cuda_graphs=3
+    )
+    static = Engine(tiny, None, EngineConfig(limits, kv_block_size=4, static_decode=True))
+    decoder = static.runner.static_decoder
+    assert isinstance(decoder, StaticDecoder)
+    assert decoder.arena.capacity == 64 and decoder.max_graphs == 3  # the Limits fields reach the decoder
+    allocated = sum(
+        t.numel() * t.element_size() for t in (decoder.arena.keys, decoder.arena.values, decoder.logits)
+    )
+    stats = static.kv_stats()
+    assert stats["static_bytes"] == allocated == 16 * per_block + logits
+    assert stats["capacity_bytes"] + stats["static_bytes"] <= budget  # all it allocates, within the budget
+    assert stats["capacity_bytes"] == 40 * per_block and stats["bytes"] == stats["static_bytes"]
+    eager = Engine(tiny, None, EngineConfig(limits, kv_block_size=4, static_decode=False)).kv_stats()
+    assert eager["static_bytes"] == 0 and eager["capacity_bytes"] == budget // per_block * per_block
+    with pytest.raises(ValueError, match="PREFIXSERVE_STATIC_PREFIX_ARENA_TOKENS"):
+        Engine(tiny, None, EngineConfig(replace(limits, kv_budget_bytes=allocated), static_decode=True))

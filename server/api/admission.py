@@ -120,10 +120,11 @@ class AdmissionMiddleware:
         if policy.generation:
             if self.state.draining:
                 raise Draining()
-            if self.state.engine.queue_full(tenant):  # fair scheduling: would *this tenant* be refused
-                raise ApiError(
-                    429, "the queue is full; retry later", "overloaded", retry_after=RETRY_AFTER_OVERLOADED_S
-                )
+            refusal = self.state.engine.queue_refusal(
+                tenant
+            )  # fair scheduling: would *this tenant* be refused
+            if refusal is not None:  # it says which bound: the tenant's own or the server's
+                raise ApiError(429, refusal, "overloaded", retry_after=RETRY_AFTER_OVERLOADED_S)
         if _declared_length(headers.get(b"content-length")) > policy.max_body_bytes:
             raise BodyTooLarge(policy.max_body_bytes)  # the client may still be sending it: not read
 

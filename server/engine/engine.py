@@ -247,9 +247,10 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    def queue_full(self, tenant: str) -> bool:
-        """A request of `tenant` would get `QueueFull` now (the API answers 429 before reading its body)."""
-        return self.scheduler.would_refuse(tenant)
+    def queue_refusal(self, tenant: str) -> str | None:
+        """Why a request of `tenant` would get `QueueFull` now (its tenant's bound or the global one),
+        None if it would not: the API answers 429 with it before reading the body."""
+        return self.scheduler.refusal(tenant)
 
     @property
     def running_tasks(self) -> list[str]:

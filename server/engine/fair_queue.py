@@ -155,15 +155,13 @@ class FairQueue(Generic[T]):
     def push(self, item: T) -> list[T]:
         """Queue `item`; returns requests pushed out to make room. Raises `QueueFull` (see module doc)."""
         tenant = item.tenant
-        own = self.num_waiting(tenant)
-        bound = self.config.max_waiting(tenant)
-        if bound and own >= bound:
-            raise QueueFull(f"tenant {tenant!r} has {own} requests waiting (its max_waiting); retry later")
+        refusal = self.refusal(tenant)
+        if refusal is not None:
+            raise QueueFull(refusal)
         displaced: list[T] = []
         if len(self) >= self.max_waiting:
             victim = self._push_out_victim(tenant)
-            if victim is None:
-                raise QueueFull(f"{len(self)} requests are waiting (max_waiting); retry later")
+            assert victim is not None  # else `refusal` said why
             self.remove(victim.request_id)
             displaced.append(victim)
         self._by_id[item.request_id] = item
@@ -173,10 +171,17 @@ class FairQueue(Generic[T]):
 
     def would_refuse(self, tenant: str) -> bool:
         """`push` of a request of `tenant` would raise `QueueFull` now (nothing is changed)."""
-        bound = self.config.max_waiting(tenant)
-        if bound and self.num_waiting(tenant) >= bound:
-            return True
-        return len(self) >= self.max_waiting and self._push_out_victim(tenant) is None
+        return self.refusal(tenant) is not None
+
+    def refusal(self, tenant: str) -> str | None:
+        """Why `push` of a request of `tenant` would raise `QueueFull` now, naming the bound it meets
+        (the tenant's own or the global one); None if it would not. Nothing is changed."""
+        own, bound = self.num_waiting(tenant), self.config.max_waiting(tenant)
+        if bound and own >= bound:
+            return f"tenant {tenant!r} has {own} requests waiting, its own queue bound (tenant max_waiting); retry later"
+        if len(self) >= self.max_waiting and self._push_out_victim(tenant) is None:
+            return _global_refusal(len(self))
+        return None
 
     def _push_out_victim(self, tenant: str) -> T | None:
         """The newest lowest-class request of the tenant most over its weighted share, if that
@@ -263,11 +268,15 @@ class FcfsQueue(Generic[T]):
         return iter(list(self._line.values()))
 
     def would_refuse(self, tenant: str) -> bool:
-        return len(self._line) >= self.max_waiting
+        return self.refusal(tenant) is not None
+
+    def refusal(self, tenant: str) -> str | None:
+        return _global_refusal(len(self._line)) if len(self._line) >= self.max_waiting else None
 
     def push(self, item: T) -> list[T]:
-        if len(self._line) >= self.max_waiting:
-            raise QueueFull(f"{len(self._line)} requests are waiting (max_waiting); retry later")
+        refusal = self.refusal(item.tenant)
+        if refusal is not None:
+            raise QueueFull(refusal)
         self._line[item.request_id] = item
         return []
 
@@ -298,3 +307,7 @@ def make_waiting_queue(max_waiting: int, config: FairQueueConfig) -> WaitingQueu
 
 def _class_of(item: Queued) -> str:
     return item.priority if item.priority in CLASS_WEIGHTS else "interactive"
+
+
+def _global_refusal(num_waiting: int) -> str:
+    return f"the server's queue is full: {num_waiting} requests are waiting (max_waiting); retry later"

@@ -157,9 +157,10 @@ class Scheduler:
     def kv_usage_ratio(self) -> float:
         return self.reserved_tokens / self.config.kv_budget_tokens
 
-    def would_refuse(self, tenant: str) -> bool:
-        """`add` of a request of `tenant` would raise `QueueFull` now (the queue policy decides)."""
-        return self._waiting.would_refuse(tenant)
+    def refusal(self, tenant: str) -> str | None:
+        """Why `add` of a request of `tenant` would raise `QueueFull` now, naming the bound (the tenant's
+        own or the global one); None if it would not (the queue policy decides)."""
+        return self._waiting.refusal(tenant)
 
     def next_deadline(self) -> float | None:
         """The clock time at which the oldest waiting request times out (None: nobody waits)."""

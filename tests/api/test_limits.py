@@ -11,6 +11,7 @@ from prefix_store.factory import make_store
 from server.api import start_draining
 from server.api.errors import RateLimited
 from server.engine import EngineConfig
+from server.engine.fair_queue import FairQueueConfig
 from server.limits import Limits
 from tests.api.conftest import ACME, DEAD_REDIS_URL, GLOBEX, REDIS_URL, wait_for
 
@@ -53,6 +54,27 @@ async def test_queue_full_is_429_with_retry_after(make_api):
     assert r.json()["error_type"] == "overloaded"
     assert int(r.headers["retry-after"]) >= 1
     assert (await running).status_code == 200 and (await waiting).status_code == 200
+
+
+async def test_an_early_429_says_which_queue_bound_was_met(make_api):
+    fair = FairQueueConfig(tenant_max_waiting={"acme": 1})
+    api = await make_api(
+        engine_config=EngineConfig(
+            Limits(max_batch_size=1, max_waiting=2), kv_position_chunk=64, fair_queue=fair
+        )
+    )
+    running = asyncio.create_task(api.generate("a", **LONG))
+    await wait_for(lambda: api.engine.num_running == 1, what="a running request")
+    waiting = [asyncio.create_task(api.generate("b", max_new_tokens=2))]
+    await wait_for(lambda: api.engine.num_waiting == 1, what="acme's waiting request")
+    own = await api.generate("c", max_new_tokens=2)  # acme's own bound (1) is met, the queue has room
+    assert own.status_code == 429 and "tenant 'acme'" in own.json()["error"], own.text
+    waiting.append(asyncio.create_task(api.generate("d", headers=GLOBEX, max_new_tokens=2)))
+    await wait_for(lambda: api.engine.num_waiting == 2, what="globex's waiting request")
+    full = await api.generate("e", headers=GLOBEX, max_new_tokens=2)  # the server's bound (2) is met
+    assert full.status_code == 429 and "server's queue is full" in full.json()["error"], full.text
+    assert (await running).status_code == 200
+    assert [(await w).status_code for w in waiting] == [200, 200]
 
 
 async def _burst(api, n: int, headers=ACME) -> list:

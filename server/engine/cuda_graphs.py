@@ -7,7 +7,9 @@ own integer input buffer; a step copies its inputs into that buffer (one non-blo
 memory) and replays. Logits land in one shared buffer `[max B, V]` (so graphs hold no output memory of
 their own) and all graphs share one memory pool.
 
-Graphs are captured lazily, the first time a key is met, up to `max_graphs` (`Limits.max_cuda_graphs`;
+At engine start `warm_up` captures the common keys (`warm_up_keys`: short rows, no or short prefixes,
+every batch bucket; at most half the cap), so the first requests do not pay capture time; other keys are
+captured lazily, the first time a key is met, up to `max_graphs` (`Limits.max_cuda_graphs`;
 each capture costs a few milliseconds and a little pool memory); keys beyond that run the static path eagerly. Production safety:
 right after capturing a key, the graph is replayed once and compared with the same step run eagerly; on
 a mismatch beyond the dtype's tolerance (or a capture that raises) a warning is logged, every graph is
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 Replay = Callable[[], None]
 GraphCapture = Callable[[Replay], Replay]  # records a step function, returns what replays it
+
+# Warm-up captures own-token widths up to this many positions (`StaticDecoder.warm_up_keys`).
+WARM_UP_MAX_WIDTH = 256
 
 # |graph - eager| allowed at the first replay, relative to the logits' scale: the same kernels replayed
 # agree to rounding; a real mismatch (stale buffer, wrong address) is off by far more.
@@ -174,6 +179,36 @@ class StaticDecoder:
         self.stats.static_steps += 1
         self.stats.keys_seen.add(key)
         return step.request_ids, self.logits[: len(step.request_ids)].clone()  # [N, V]
+
+    def warm_up_keys(self, max_width: int = WARM_UP_MAX_WIDTH) -> list[BucketKey]:
+        """The decode buckets captured at start (`warm_up`), the ones a server meets first and most:
+        own-token widths up to `max_width` positions, arena widths 0 (no prefix) and the narrowest
+        bucket (a few short prefixes), every row bucket; narrow before wide, small batches first. At
+        most half of `max_graphs`: the rest stays for keys met later (long rows, many prefixes)."""
+        widths = [w for w in self.width_buckets if w <= max_width] or self.width_buckets[:1]
+        arenas = [0, self.arena_buckets[0]]
+        keys = [BucketKey(b, w, a) for w in widths for a in arenas for b in self.row_buckets]
+        return keys[: self.max_graphs // 2]
+
+    def warm_up(self, keys: list[BucketKey] | None = None) -> list[BucketKey]:
+        """Capture the graphs of `keys` (default `warm_up_keys()`) now, before any request, so the first
+        requests do not pay capture time. Each capture is checked like a lazy one (replay == eager).
+        Call with no rows decoding: the dummy step writes slot 0 of the pool, which holds nothing yet.
+        Returns the keys captured (none when graphs are off, or turned off by a failed check)."""
+        if self.capture is None:
+            return []
+        for key in self.warm_up_keys() if keys is None else keys:
+            if self.capture is None or len(self.graphs) >= self.max_graphs:
+                break
+            if key not in self.graphs:
+                self._capture(key, self._dummy_inputs(key))
+        return list(self.graphs)
+
+    def _dummy_inputs(self, key: BucketKey) -> Tensor:
+        """A step of `key`'s shape whose rows all read and write slot 0, length 1, no prefix."""
+        rows = [0, 0, 0, 0, 1, 0, 0]  # token, position, write slot, write source, length, prefix lo, hi
+        ints = [value for value in rows for _ in range(key.rows)] + [0] * (key.rows * key.width)
+        return torch.tensor(ints, dtype=torch.long, device=self.runner.device)  # [7 * B + B * W]
 
     def _run(self, key: BucketKey, inputs: Tensor) -> None:
         try:

@@ -213,6 +213,9 @@ class Engine:
         if self.prefix_cache is not None:
             self.prefix_cache.start()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefixserve-engine")
+        warm_up = getattr(self.runner, "warm_up", None)  # GPT-2: capture common CUDA graphs before requests
+        if warm_up is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, warm_up)
         self._wake = asyncio.Event()
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run(), name="prefixserve-engine-loop")

@@ -122,6 +122,12 @@ class GPT2Runner:
                 max_graphs=max_cuda_graphs,
             )
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture the common decode buckets' CUDA graphs now (before any request; see `cuda_graphs`)."""
+        if self.static_decoder is not None:
+            self.static_decoder.warm_up()
+
     def _static_path(self, cuda_graphs: bool, torch_compile: bool, static_decode: bool | None) -> bool:
         """Decode-only steps take the static path (`cuda_graphs.py`) on CUDA with graphs (replayed) or
         with `torch_compile` (compiled per bucket shape); `static_decode` True/False forces it on/off."""

@@ -23,6 +23,7 @@ from server.engine.cuda_graphs import Replay, StaticDecoder
 from server.engine.gpt2_runner import GPT2Runner
 from server.engine.paged_kv import PagedKVCache, PrefixPool
 from server.engine.prefix_arena import PrefixArena
+from server.engine.runner import PrefillItem
 from server.engine.static_decode import bucket_for, geometric_buckets
 from server.limits import Limits
 from tests.engine.conftest import PeftReference, collect, greedy
@@ -235,3 +236,44 @@ def test_the_static_paths_buffers_count_in_the_kv_budget(tiny: LoadedModel) -> N
     assert eager["static_bytes"] == 0 and eager["capacity_bytes"] == budget // per_block * per_block
     with pytest.raises(ValueError, match="PREFIXSERVE_STATIC_PREFIX_ARENA_TOKENS"):
         Engine(tiny, None, EngineConfig(replace(limits, kv_budget_bytes=allocated), static_decode=True))
+
+
+def short_decode(runner: GPT2Runner) -> list[torch.Tensor]:
+    """Two rows of 2 tokens without a prefix, then 4 decode steps (own widths 4 and 8, no arena)."""
+    runner.step({}, [PrefillItem("x", [1, 2], None, None), PrefillItem("y", [3, 4], None, None)])
+    return [runner.step({"x": 10 + i, "y": 20 + i}, [])[1] for i in range(4)]  # each [2, V]
+
+
+def test_warm_up_captures_the_common_buckets_first_and_steps_replay_them(tiny: LoadedModel) -> None:
+    runner = GPT2Runner(tiny, max_rows=8, block_size=4)
+    captures: list[int] = []
+    runner.static_decoder = decoder = StaticDecoder(
+        runner, capture=replaying_capture(captures), max_graphs=20
+    )
+    keys = decoder.warm_up_keys()
+    # narrow rows first, no prefix then a short one, every batch bucket; half the cap (10 of 20)
+    assert [tuple(k) for k in keys] == [(b, 4, a) for a in (0, 4) for b in (1, 2, 4, 8)] + [
+        (1, 8, 0),
+        (2, 8, 0),
+    ]
+    runner.warm_up()
+    assert list(decoder.graphs) == keys and len(captures) == 10 and decoder.stats.graph_replays == 0
+    got = short_decode(runner)
+    assert len(captures) == 10 and decoder.stats.graph_replays == 4  # every step replayed a warm graph
+    want = short_decode(GPT2Runner(tiny, max_rows=8, block_size=4))  # the eager step
+    for g, w in zip(got, want, strict=True):  # warm graphs read each step's inputs, not the dummy ones
+        assert float((g - w).abs().max()) <= 1e-5 * max(1.0, float(w.abs().max()))
+
+
+async def test_the_engine_warms_up_at_start_only_when_graphs_are_on(tiny: LoadedModel) -> None:
+    for capture in (replaying_capture([]), None):
+        runner = GPT2Runner(tiny, max_rows=8, block_size=4, static_decode=True)
+        runner.static_decoder = StaticDecoder(runner, capture=capture, max_graphs=8)
+        engine = Engine(tiny, None, EngineConfig(Limits(max_batch_size=8)), runner=runner)
+        await engine.start()
+        try:
+            warm = len(runner.static_decoder.graphs)
+            events = await collect(engine, GenerationRequest("r", [5, 6, 7], greedy(4, ignore_eos=True)))
+        finally:
+            await engine.stop(0)
+        assert warm == (4 if capture else 0) and events[-1].finish_reason == "length"

@@ -481,14 +481,17 @@ class Engine:
         if deadline is None:
             await self._wake.wait()
             return False
+        # Just past the deadline: the scheduler expires requests that waited *more* than the timeout.
+        # asyncio.wait, not wait_for: wait_for can swallow the loop's cancellation (`stop`) when the
+        # wake-up lands at the same moment (Python < 3.12), and the loop then never ends.
+        waiter = asyncio.ensure_future(self._wake.wait())
         try:
-            # just past the deadline: the scheduler expires requests that waited *more* than the timeout
-            await asyncio.wait_for(
-                self._wake.wait(), max(0.0, deadline - time.monotonic()) + _DEADLINE_SLACK_S
+            done, _ = await asyncio.wait(
+                {waiter}, timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_SLACK_S
             )
-        except TimeoutError:
-            return True
-        return False
+        finally:
+            waiter.cancel()
+        return not done
 
     def _answer_departures(self, left: list[RowLeft]) -> None:
         """The scheduler dropped waiting requests: those that waited too long get `QueueTimeout`, those

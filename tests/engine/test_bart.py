@@ -18,9 +18,6 @@ from prefix_store.peft_format import peft_to_artifact
 from server.engine.bart_runner import BartRunner
 from server.engine.errors import PromptTooLong
 from server.engine.runner import PrefillItem
-from server.limits import Limits
-
-MAX_PREFIX = Limits().max_prefix_length  # the cross cache holds prefixes up to the upload limit
 
 # Task prefix lengths per kind (encoder, decoder, cross); 0 = the artifact lacks that kind.
 TASK_LENGTHS = {
@@ -123,9 +120,9 @@ def _run(
             for (rid, _, _, max_new), row_logits in zip(joining, logits, strict=True):
                 out[rid], budget[rid] = [int(row_logits.argmax())], max_new
         runner.release([rid for rid in runner.request_ids if len(out[rid]) >= budget[rid]])
-        runner.self_cache.check_invariants()
-        runner.cross_cache.check_invariants()
-        assert runner.cross_cache.request_ids == runner.self_cache.request_ids
+        runner.cache.check_invariants()
+        runner.cross.check_invariants()
+        assert list(runner.cross.rows) == list(runner.cache.rows)
         if not runner.request_ids:
             if step > max(schedule):
                 return out
@@ -150,7 +147,7 @@ def test_runner_mixed_tasks_joining_and_leaving_match_reference(
         step: [(rid, _prompt(i, n), tasks[task], max_new) for i, (rid, task, n, max_new) in enumerate(reqs)]
         for step, reqs in plan.items()
     }
-    got = _run(BartRunner(loaded, max_rows=8, position_chunk=8, max_prefix_length=MAX_PREFIX), schedule)
+    got = _run(BartRunner(loaded, max_rows=8, block_size=4), schedule)
 
     for reqs in schedule.values():
         for rid, ids, art, max_new in reqs:
@@ -188,7 +185,7 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
         0: [("p0", prompts["p0"], artifact, 8), ("bare", prompts["p0"], None, 8)],
         1: [("p1", prompts["p1"], artifact, 5)],
     }
-    got = _run(BartRunner(loaded, max_rows=4, position_chunk=8, max_prefix_length=MAX_PREFIX), schedule)
+    got = _run(BartRunner(loaded, max_rows=4, block_size=4), schedule)
     for rid in ("p0", "p1"):
         source = bart_prefix.wrap_source(prompts[rid], loaded.model.config)
         with torch.no_grad():
@@ -205,7 +202,7 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
 
 
 def test_runner_length_rules(loaded: LoadedModel, tasks: dict[str, PrefixArtifact | None]) -> None:
-    runner = BartRunner(loaded, max_rows=2, max_prefix_length=MAX_PREFIX)
+    runner = BartRunner(loaded, max_rows=2)
     limit = runner.max_positions  # 512
     art = tasks["b"]  # decoder prefix 10, cross prefix 10, encoder prefix 10
     runner.validate_lengths(
@@ -217,7 +214,8 @@ def test_runner_length_rules(loaded: LoadedModel, tasks: dict[str, PrefixArtifac
         runner.validate_lengths(5, limit - 9, art)
     # The encoder prefix takes no position: a full-length source still fits with it.
     runner.validate_lengths(limit - 2, 1, tasks["a"])
-    assert runner.reserved_tokens(5, 20, art) == 10 + 20 + 10 + 5 + 2
+    # own tokens only, in 16-token blocks: 20 decoder tokens -> 32, 5 + 2 encoder tokens -> 16
+    assert runner.reserved_tokens(5, 20, art) == 32 + 16
     assert runner.prefix_positions(art) == 10 and runner.prefix_positions(None) == 0
 
 
@@ -226,7 +224,7 @@ def test_runner_serves_the_longest_allowed_request(tmp_path: Path) -> None:
     small = load_model(
         str(make_model_dir("tiny-bart", tmp_path, init_std=0.2, max_position_embeddings=64)), "cpu"
     )
-    runner = BartRunner(small, max_rows=2, position_chunk=16, max_prefix_length=MAX_PREFIX)
+    runner = BartRunner(small, max_rows=2, block_size=16)
     art = _artifact(small, (3, 7, 5), seed=9)
     limit = runner.max_positions
     max_new = limit - 7  # decoder prefix 7 + max_new_tokens == max_positions

@@ -55,7 +55,7 @@ from prefix_store.artifact import PrefixArtifact
 from server.engine.errors import PromptTooLong
 from server.engine.paged_kv import PagedKVCache
 from server.engine.runner import PrefillItem
-from server.engine.step_inputs import CallPlan, paged_attention, to_device
+from server.engine.step_inputs import AttentionCall, CallPlan, gather_own, paged_attention, to_device
 
 
 def _too_long(
@@ -74,7 +74,9 @@ class BartRunner:
     kv_capacity_tokens = None  # the engine's config sets the KV budget (the pools never run out first)
     prefix_layout = "auto"  # how attention lays out the tasks' prefixes (prefix_layout.py)
 
-    def __init__(self, loaded: LoadedModel, max_rows: int, block_size: int = 16) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_rows: int, block_size: int = 16, keep_cross_gathers: bool | None = None
+    ) -> None:
         model = loaded.model
         config = model.config
         if config.model_type != "bart":
@@ -113,6 +115,16 @@ class BartRunner:
 
         self.cache = pool()  # decoder self-attention: own decoder tokens, decoder prefixes
         self.cross = pool()  # cross-attention: own encoder outputs' K/V, cross prefixes
+        # Rows' encoder K/V never change, so their gather out of the pool ([H, slots, S, D] per layer)
+        # is the same every step until a row joins or leaves: kept, it saves a copy of every row's
+        # encoder K/V per layer per step (on CPU that copy cost more than the attention: bart-base,
+        # 16 rows, 512 source tokens). It is a second copy of them while kept, so it is on by default
+        # only off CUDA, where memory is cheap and the copy is not (`kv_stats()["cross_gather_bytes"]`).
+        self.keep_cross_gathers = (
+            self.device.type != "cuda" if keep_cross_gathers is None else keep_cross_gathers
+        )
+        self._cross_gathers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer [H, slots, S, D] x 2
+        self._cross_gathers_for: tuple[str, ...] | None = None  # the rows (slot order) they were built for
 
     # ---- lengths ------------------------------------------------------------------------------
     def prefix_positions(self, artifact: PrefixArtifact | None) -> int:
@@ -181,6 +193,7 @@ class BartRunner:
             "peak_prefix_bytes": sum(p.prefixes.peak_bytes for p in pools),
             "prefix_entries": sum(len(p.prefixes.keys) for p in pools),
             "prefix_stack_bytes": sum(p.prefixes.stacked_bytes for p in pools),
+            "cross_gather_bytes": sum(2 * k.numel() * k.element_size() for k, _ in self._cross_gathers),
             "bytes": used + prefix,
         }
 
@@ -189,6 +202,21 @@ class BartRunner:
             for p in (self.cache, self.cross):
                 if rid in p.rows:
                     p.remove(rid)
+                    self._drop_cross_gathers()
+
+    def _drop_cross_gathers(self) -> None:
+        """Rows joined or left: the kept gathers are stale (a new row may even reuse a freed block)."""
+        self._cross_gathers, self._cross_gathers_for = [], None
+
+    def _cross_own(
+        self, layer: int, ids: tuple[str, ...], call: AttentionCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s gathered encoder K/V of the rows `ids` (slot order), kept across steps."""
+        if self._cross_gathers_for != ids:
+            self._cross_gathers, self._cross_gathers_for = [], ids
+        if len(self._cross_gathers) <= layer:  # layers run in order: built at the first step of `ids`
+            self._cross_gathers.append(gather_own(self.cross, layer, call, self.attention_dtype))
+        return self._cross_gathers[layer]
 
     # ---- forward ------------------------------------------------------------------------------
     def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
@@ -240,6 +268,7 @@ class BartRunner:
             if it.request_id in self.cache.rows:
                 raise ValueError(f"request {it.request_id!r} already has a row")
         sources = [wrap_source(it.input_ids, self.config) for it in items]  # bos + prompt + eos
+        self._drop_cross_gathers()
         for it, src in zip(items, sources, strict=True):
             kinds = {} if it.prefix is None else it.prefix.prefixes
             for pool, kind, num_tokens in ((self.cache, "decoder", 1), (self.cross, "cross", len(src))):
@@ -325,6 +354,8 @@ class BartRunner:
             for pool, plan, part in zip((self.cache, self.cross), plans, (dev[3:9], dev[9:15]), strict=True)
         ]
 
+        cross_slots = tuple(ids[r] for r in plans[1].slot_rows)  # what the cross gathers hold, in order
+
         def attend(layer: int, kind: int, query: torch.Tensor) -> torch.Tensor:
             # query [n, H, 1, D] -> slots [H, slots, 1, D] -> attention -> back to [n, H, 1, D]
             pool, plan, call, slot_rows, row_slots = calls[kind]
@@ -332,7 +363,8 @@ class BartRunner:
             if not plan.identity:
                 q = q.index_select(1, slot_rows)  # [H, slots, 1, D]
             scale = (self.self_scales, self.cross_scales)[kind][layer]
-            out = paged_attention(pool, layer, q, call, scale)  # [H, slots, 1, D]
+            own = self._cross_own(layer, cross_slots, call) if kind == 1 and self.keep_cross_gathers else None
+            out = paged_attention(pool, layer, q, call, scale, own)  # [H, slots, 1, D]
             if not plan.identity:
                 out = out.index_select(1, row_slots)  # [H, n, 1, D]
             return out.transpose(0, 1).to(self.dtype)  # [n, H, 1, D]

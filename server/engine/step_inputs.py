@@ -190,20 +190,34 @@ def to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor
     return list(host.to(device, non_blocking=True).split(sizes))
 
 
+def gather_own(
+    cache: PagedKVCache, layer: int, call: AttentionCall, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's own keys and values of `call`'s slots, gathered from `cache`'s pool: [H, slots, S, D]
+    each, in `dtype` (a copy)."""
+    H, D = cache.num_heads, cache.head_dim
+    keys = cache.keys[layer].view(-1, D).index_select(0, call.gather)  # [H*slots*S, D]
+    values = cache.values[layer].view(-1, D).index_select(0, call.gather)
+    if keys.dtype != dtype:
+        keys, values = keys.to(dtype), values.to(dtype)
+    shape = (H, call.num_slots, call.own_width, D)
+    return keys.view(shape), values.view(shape)
+
+
 def paged_attention(
-    cache: PagedKVCache, layer: int, q: torch.Tensor, call: AttentionCall, scale: float
+    cache: PagedKVCache,
+    layer: int,
+    q: torch.Tensor,
+    call: AttentionCall,
+    scale: float,
+    own: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One layer's attention of `call`'s slots over [prefix | own tokens in `cache`'s pool].
 
-    q: [H, slots, Q, D] in the attention dtype. -> [H, slots, Q, D].
+    q: [H, slots, Q, D] in the attention dtype; `own`: the slots' own keys/values already gathered
+    (`gather_own`), else gathered here. -> [H, slots, Q, D].
     """
-    slots, S = call.num_slots, call.own_width
-    H, D = q.shape[0], q.shape[3]
-    keys = cache.keys[layer].view(-1, D).index_select(0, call.gather)  # [H*slots*S, D]
-    values = cache.values[layer].view(-1, D).index_select(0, call.gather)
-    if keys.dtype != q.dtype:
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
+    own_k, own_v = own if own is not None else gather_own(cache, layer, call, q.dtype)
     pk = None if call.prefix_keys is None else call.prefix_keys[layer]  # [H, G, Lk, D]
     pv = None if call.prefix_values is None else call.prefix_values[layer]
-    own_k, own_v = keys.view(H, slots, S, D), values.view(H, slots, S, D)
     return cascade_attention(q, own_k, own_v, call.bias, pk, pv, scale)

@@ -66,10 +66,11 @@ class Run:
     tokens: dict[str, list[int]]  # request id -> greedy tokens
     logits: dict[str, list[torch.Tensor]]  # request id -> logits [V] of each token (CPU, float32)
     held: list[set[Hashable]]  # decoder prefix keys the runner held after each step
+    stats: list[dict[str, int]]  # the runner's `kv_stats()` after each step
 
 
 def run_bart_scenario(runner: BartRunner, artifacts: dict[tuple[str, int], PrefixArtifact]) -> Run:
-    run = Run({}, {}, [])
+    run = Run({}, {}, [], [])
     for step in range(100):
         items = [_item(rid, artifacts) for rid in JOINS.get(step, [])]
         decoding = {rid: run.tokens[rid][-1] for rid in runner.request_ids}
@@ -82,6 +83,7 @@ def run_bart_scenario(runner: BartRunner, artifacts: dict[tuple[str, int], Prefi
             run.logits.setdefault(rid, []).append(row)
             run.tokens.setdefault(rid, []).append(int(row.argmax()))
         run.held.append(set(runner.cache.prefixes.keys))
+        run.stats.append(runner.kv_stats())
         runner.cache.check_invariants()
         runner.cross.check_invariants()
         runner.release([rid for rid in runner.request_ids if len(run.tokens[rid]) >= REQUESTS[rid].max_new])

@@ -282,12 +282,17 @@ async def test_engine_serves_mixed_bart_tasks_like_the_reference(
 
 
 # ---- shared prefixes, versions, memory ------------------------------------------------------------
-def test_runner_mixed_tasks_version_change_and_joins_match_reference(loaded: LoadedModel) -> None:
+@pytest.mark.parametrize("keep_cross_gathers", [True, False])  # CPU's default; CUDA's
+def test_runner_mixed_tasks_version_change_and_joins_match_reference(
+    loaded: LoadedModel, keep_cross_gathers: bool
+) -> None:
     """Tasks t1 v1 and v2 (both held while v1's rows decode), a cross-only task and the bare model,
     rows joining beside decoding rows: every row's greedy tokens equal its lone reference, and its
     logits the reference's (teacher-forced on those tokens) within 1e-4."""
     artifacts = scenario_artifacts(loaded.spec, "cpu", torch.float32)
-    run = run_bart_scenario(BartRunner(loaded, max_rows=8, block_size=4), artifacts)
+    runner = BartRunner(loaded, max_rows=8, block_size=4, keep_cross_gathers=keep_cross_gathers)
+    run = run_bart_scenario(runner, artifacts)
+    assert any(s["cross_gather_bytes"] for s in run.stats) == keep_cross_gathers
     assert any({("t1", 1), ("t1", 2)} <= held for held in run.held), "the two versions never coexisted"
     model = loaded.model
     for rid, req in REQUESTS.items():

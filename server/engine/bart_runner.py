@@ -54,7 +54,7 @@ from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
 from server.engine.errors import PromptTooLong
 from server.engine.paged_kv import PagedKVCache
-from server.engine.runner import PrefillItem
+from server.engine.runner import PrefillItem, decode_with_step
 from server.engine.step_inputs import AttentionCall, CallPlan, gather_own, paged_attention, to_device
 
 
@@ -226,13 +226,7 @@ class BartRunner:
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """One token per active row, `token_ids: [N]` in `request_ids` order. -> logits [N, V]."""
-        order = self.request_ids
-        if token_ids.shape != (len(order),):
-            raise ValueError(
-                f"decode expects {len(order)} token ids (one per active row), got {tuple(token_ids.shape)}"
-            )
-        _, logits = self.step(dict(zip(order, token_ids.tolist(), strict=True)), [])
-        return logits
+        return decode_with_step(self, token_ids)
 
     @torch.inference_mode()
     def step(self, decode_tokens: dict[str, int], items: list[PrefillItem]) -> tuple[list[str], torch.Tensor]:

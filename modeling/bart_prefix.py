@@ -71,16 +71,21 @@ def expand_prefix(prefix: Tensor | None, batch: int, dtype: torch.dtype) -> Tens
     return prefix.to(dtype)
 
 
+def masked_attention(
+    attn: nn.Module, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None
+) -> Tensor:
+    """Attention with `attn.scaling` before the output projection: query [B, H, T, D], keys/values
+    [B, H, K, D], mask bool (True = may attend) broadcastable to [B, H, T, K]. -> [B, H, T, D]."""
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=attn.scaling)
+
+
 def attend(attn: nn.Module, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
     """Multi-head attention with a BartAttention's scaling and output projection.
 
     query: [B, H, T, D]; keys/values: [B, H, K, D]; mask: bool, True = may attend, broadcastable to
     [B, H, T, K]. Returns [B, T, d_model].
     """
-    out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, scale=attn.scaling
-    )  # [B, H, T, D]
-    return attn.out_proj(_merge_heads(out))  # [B, T, d]
+    return attn.out_proj(_merge_heads(masked_attention(attn, query, keys, values, mask)))  # [B, T, d]
 
 
 def feed_forward(layer: nn.Module, hidden: Tensor) -> Tensor:
@@ -183,55 +188,56 @@ def decoder_embed(model: BartForConditionalGeneration, input_ids: Tensor, positi
     return decoder.layernorm_embedding(embeds + positions)  # [B, T, d]
 
 
-SelfKeysValues = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
-"""`(layer index, new keys, new values) -> (keys, values)` for decoder self-attention: gets the keys
-and values of the tokens being fed, [B, H, T, D] each, and returns all the query attends over,
-[B, H, K, D] each (prefix, earlier tokens, the new ones). This is where a caller's cache layout goes."""
+SelfAttention = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+"""`(layer index, query, new keys, new values) -> attention output` for decoder self-attention: gets
+the query and the keys/values of the tokens being fed, [B, H, T, D] each, and returns softmax attention
+over everything the query sees (prefix, earlier tokens, the new ones) before the output projection,
+[B, H, T, D]. This is where a caller's cache layout (and its attention kernel) goes."""
+
+CrossAttention = Callable[[int, Tensor], Tensor]
+"""`(layer index, query [B, H, T, D]) -> attention output [B, H, T, D]` over `[cross prefix | encoder
+K/V]` (the keys and values are the caller's: computed once per request, e.g. by `cross_keys_values`)."""
 
 
 def decoder_layer(
     layer: nn.Module,
     hidden: Tensor,
-    self_kv: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-    self_mask: Tensor,
-    cross_kv: tuple[Tensor, Tensor],
-    cross_mask: Tensor,
+    self_attention: Callable[[Tensor, Tensor, Tensor], Tensor],
+    cross_attention: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """One BART decoder layer (post-norm): self-attention, cross-attention, feed-forward.
 
-    hidden: [B, T, d]; self_kv: new keys/values [B, H, T, D] -> attended ones [B, H, K, D];
-    self_mask: bool, True = may attend, broadcastable to [B, H, T, K]; cross_kv: keys, values
-    [B, H, C, D] (e.g. from `cross_keys_values`); cross_mask: broadcastable to [B, H, T, C].
+    hidden: [B, T, d]; self_attention: (query, new keys, new values), [B, H, T, D] each -> attention
+    output [B, H, T, D]; cross_attention: query [B, H, T, D] -> [B, H, T, D]. The projections (q/k/v in,
+    out_proj out), residuals and norms are here; what the queries attend over is the callbacks'.
     Returns [B, T, d].
     """
     attn = layer.self_attn
-    query = _heads(attn.q_proj(hidden), attn.head_dim)  # [B, H, T, D]
-    keys, values = self_kv(
-        _heads(attn.k_proj(hidden), attn.head_dim), _heads(attn.v_proj(hidden), attn.head_dim)
-    )  # [B, H, K, D] each
-    hidden = layer.self_attn_layer_norm(hidden + attend(attn, query, keys, values, self_mask))  # [B, T, d]
+    out = self_attention(
+        _heads(attn.q_proj(hidden), attn.head_dim),
+        _heads(attn.k_proj(hidden), attn.head_dim),
+        _heads(attn.v_proj(hidden), attn.head_dim),
+    )  # [B, H, T, D]
+    hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(_merge_heads(out)))  # [B, T, d]
     xattn = layer.encoder_attn
-    x_query = _heads(xattn.q_proj(hidden), xattn.head_dim)  # [B, H, T, D]
-    x_keys, x_values = cross_kv  # [B, H, C, D]
-    hidden = layer.encoder_attn_layer_norm(hidden + attend(xattn, x_query, x_keys, x_values, cross_mask))
+    x_out = cross_attention(_heads(xattn.q_proj(hidden), xattn.head_dim))  # [B, H, T, D]
+    hidden = layer.encoder_attn_layer_norm(hidden + xattn.out_proj(_merge_heads(x_out)))
     return feed_forward(layer, hidden)  # [B, T, d]
 
 
 def decoder_layers(
     model: BartForConditionalGeneration,
     hidden: Tensor,
-    self_kv: SelfKeysValues,
-    self_mask: Tensor,
-    cross_kv: Sequence[tuple[Tensor, Tensor]],
-    cross_mask: Tensor,
+    self_attention: SelfAttention,
+    cross_attention: CrossAttention,
 ) -> Tensor:
     """Every decoder layer in order over `hidden` [B, T, d] (from `decoder_embed`) -> [B, T, d].
 
-    `self_kv(i, keys, values)` supplies layer i's self-attention keys/values (`SelfKeysValues`);
-    `cross_kv[i]` layer i's cross-attention keys/values. Masks as in `decoder_layer`.
+    `self_attention(i, ...)` and `cross_attention(i, ...)` compute layer i's attention
+    (`SelfAttention`, `CrossAttention`).
     """
     for i, layer in enumerate(model.get_decoder().layers):
-        hidden = decoder_layer(layer, hidden, partial(self_kv, i), self_mask, cross_kv[i], cross_mask)
+        hidden = decoder_layer(layer, hidden, partial(self_attention, i), partial(cross_attention, i))
     return hidden
 
 
@@ -262,15 +268,18 @@ def decode(
     cross_len = 0 if cross_prefix is None else cross_prefix.shape[-2]
     x_mask = cross_mask(enc_mask, batch, enc_hidden.shape[1], cross_len, device)  # [B, 1, 1, Lc + S]
 
-    def after_prefix(i: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        if self_prefix is None:
-            return keys, values  # [B, H, T, D]
-        return (
-            torch.cat([self_prefix[i, 0], keys], dim=2),  # [B, H, Ld + T, D]
-            torch.cat([self_prefix[i, 1], values], dim=2),
-        )
+    layers = model.get_decoder().layers
 
-    hidden = decoder_layers(model, hidden, after_prefix, self_mask, cross, x_mask)  # [B, T, d]
+    def self_attention(i: int, query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        if self_prefix is not None:
+            keys = torch.cat([self_prefix[i, 0], keys], dim=2)  # [B, H, Ld + T, D]
+            values = torch.cat([self_prefix[i, 1], values], dim=2)
+        return masked_attention(layers[i].self_attn, query, keys, values, self_mask)  # [B, H, T, D]
+
+    def cross_attention(i: int, query: Tensor) -> Tensor:
+        return masked_attention(layers[i].encoder_attn, query, *cross[i], x_mask)  # [B, H, T, D]
+
+    hidden = decoder_layers(model, hidden, self_attention, cross_attention)  # [B, T, d]
     return lm_logits(model, hidden)  # [B, T, V]
 
 

@@ -4,7 +4,7 @@
 hands that same object to the engine (`EngineConfig.limits`), the API (`create_app`) and, through
 them, to the prefix cache and the model runners. No other class carries its own default for any of
 these numbers, so what one layer accepts another cannot refuse: an upload that passes
-`max_prefix_length` is loadable by the engine, whose BART cross cache is sized from the same field.
+`max_prefix_length` is loadable by the engine (prefixes live in their own tensors, any length).
 
 Torch-free and import-free on purpose: the API layer and the engine both read it. `Limits` satisfies
 `prefix_store.artifact.ArtifactLimits` (the artifact checks read `max_artifact_bytes` and
@@ -33,7 +33,7 @@ class Limits:
     # --- uploads (and every later load of what was uploaded) -----------------------------------
     max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
     keep_versions: int = 5  # versions kept per task; older ones are pruned on upload (never the current)
-    max_prefix_length: int = 512  # longest prefix accepted; sizes BART's cross-attention cache
+    max_prefix_length: int = 512  # longest prefix accepted (per kind)
     # --- engine --------------------------------------------------------------------------------
     max_batch_size: int = 32  # rows of one step (running requests)
     max_waiting: int = 256  # queue bound; beyond it requests get 429

@@ -92,9 +92,9 @@ class EngineConfig:
     """The engine's limits (the one `Limits` object, built from the settings) plus internal tuning."""
 
     limits: Limits = field(default_factory=Limits)
-    kv_position_chunk: int = 256  # BART: its slot caches grow/shrink in chunks of this many positions
+    kv_position_chunk: int = 256  # unused since both runners are paged (issue 15); kept so configs load
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
-    kv_block_size: int = 16  # issue 15: tokens per block of the GPT-2 paged KV pool
+    kv_block_size: int = 16  # issue 15: tokens per block of the paged KV pools (GPT-2, BART)
     cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs (ignored off CUDA; gpt2_runner)
     torch_compile: bool = False  # GPT-2: torch.compile the static decode step's block output
     static_decode: bool | None = (
@@ -167,7 +167,8 @@ class Engine:
         self.runner = runner or _default_runner(loaded, self.config)
         self.sampler = Sampler()
         limits = self.config.limits
-        # GPT-2 sizes its own paged pool from the budget in bytes; BART reserves positions.
+        # GPT-2 sizes its own paged pool from the budget in bytes; BART's pools fit max_batch_size full
+        # rows, and the config's budget (in `reserved_tokens` units) admits.
         kv_budget = (
             self.runner.kv_capacity_tokens
             or limits.kv_budget_tokens
@@ -711,7 +712,6 @@ def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:
         return bart_runner.BartRunner(  # type: ignore[no-any-return]
             loaded,
             max_rows=config.limits.max_batch_size,
-            position_chunk=config.kv_position_chunk,
-            max_prefix_length=config.limits.max_prefix_length,
+            block_size=config.kv_block_size,
         )
     raise EngineError(f"no model runner for model_type {model_type!r}")

@@ -27,12 +27,11 @@ import torch
 from modeling import gpt2
 from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact
-from server.engine.attention import cascade_attention
 from server.engine.cuda_graphs import StaticDecoder, cuda_graph_capture
 from server.engine.errors import PromptTooLong
 from server.engine.paged_kv import PagedKVCache
-from server.engine.runner import PrefillItem
-from server.engine.step_inputs import AttentionCall, StepInputs
+from server.engine.runner import PrefillItem, decode_with_step
+from server.engine.step_inputs import AttentionCall, StepInputs, paged_attention
 from server.limits import DEFAULT_LIMITS
 
 
@@ -187,9 +186,7 @@ class GPT2Runner:
 
     def _grouped(self, request_ids: list[str]) -> list[str]:
         """`request_ids` reordered so rows of one prefix are contiguous (first appearance order)."""
-        rank: dict[Hashable | None, int] = {}
-        rows = self.cache.rows
-        return sorted(request_ids, key=lambda r: rank.setdefault(rows[r].prefix_key, len(rank)))
+        return self.cache.grouped(request_ids)
 
     # ---- the step -------------------------------------------------------------------------------
     def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
@@ -200,13 +197,7 @@ class GPT2Runner:
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """One token per decoding row, `token_ids: [N]` in `request_ids` order. -> logits [N, V]."""
-        order = self.request_ids
-        if token_ids.shape != (len(order),):
-            raise ValueError(
-                f"decode expects {len(order)} token ids (one per decoding row), got {tuple(token_ids.shape)}"
-            )
-        _, logits = self.step(dict(zip(order, token_ids.tolist(), strict=True)), [])
-        return logits
+        return decode_with_step(self, token_ids)
 
     @torch.inference_mode()
     def step(self, decode_tokens: dict[str, int], items: list[PrefillItem]) -> tuple[list[str], torch.Tensor]:
@@ -289,16 +280,7 @@ class GPT2Runner:
 
     def _attend(self, layer: int, q: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """q: [H, slots, Q, D] in the attention dtype. -> [H, slots, Q, D]."""
-        slots, S = call.num_slots, call.own_width
-        H, D, adt = self.num_heads, self.head_dim, self.attention_dtype
-        keys = self.cache.keys[layer].view(-1, D).index_select(0, call.gather)  # [H*slots*S, D]
-        values = self.cache.values[layer].view(-1, D).index_select(0, call.gather)
-        if keys.dtype != adt:
-            keys, values = keys.to(adt), values.to(adt)
-        pk = None if call.prefix_keys is None else call.prefix_keys[layer]  # [H, G, Lk, D]
-        pv = None if call.prefix_values is None else call.prefix_values[layer]
-        own_k, own_v = keys.view(H, slots, S, D), values.view(H, slots, S, D)
-        return cascade_attention(q, own_k, own_v, call.bias, pk, pv, self.scales[layer])
+        return paged_attention(self.cache, layer, q, call, self.scales[layer])
 
     def take_prompt_logits(self, request_id: str) -> torch.Tensor | None:
         """The prompt logits `[P, V]` kept chunk by chunk for an item with `prompt_logprobs` (once)."""

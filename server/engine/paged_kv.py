@@ -280,6 +280,12 @@ class PagedKVCache:
         while len(row.blocks) > self.blocks_for(row.length):
             heapq.heappush(self._free, row.blocks.pop())
 
+    def grouped(self, request_ids: list[str]) -> list[str]:
+        """`request_ids` reordered so rows of one prefix are contiguous (first appearance order): the
+        runs `prefix_layout.plan_layout` turns into one batched product per prefix."""
+        rank: dict[Hashable | None, int] = {}
+        return sorted(request_ids, key=lambda r: rank.setdefault(self.rows[r].prefix_key, len(rank)))
+
     def slots(self, request_id: str, num_tokens: int) -> list[int]:
         """Slots of the row's first `num_tokens` own tokens (for gathering its keys/values)."""
         return self.rows[request_id].slot_ids[:num_tokens]

@@ -105,3 +105,14 @@ class ModelRunner(Protocol):
     def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
         """Cache occupancy for metrics: rows, capacity, bytes (and peaks where tracked)."""
         ...
+
+
+def decode_with_step(runner: ModelRunner, token_ids: torch.Tensor) -> torch.Tensor:
+    """`decode` through `step`: `token_ids: [N]`, one per decoding row in `request_ids` order -> logits [N, V]."""
+    order = runner.request_ids
+    if token_ids.shape != (len(order),):
+        raise ValueError(
+            f"decode expects {len(order)} token ids (one per decoding row), got {tuple(token_ids.shape)}"
+        )
+    _, logits = runner.step(dict(zip(order, token_ids.tolist(), strict=True)), [])
+    return logits

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.attention import cascade_attention
+from server.engine.paged_kv import PagedKVCache
 from server.engine.prefix_layout import attention_bias, plan_layout
 from server.engine.runner import PrefillItem
 
@@ -72,7 +74,7 @@ class StepInputs:
         positions = [rows[r].prefix_length + rows[r].length for r in decode_ids]
         writes = [s for r in decode_ids for s in cache.append_slots(r, 1)]
         dec_lengths = [rows[r].length for r in decode_ids]
-        dec = _CallPlan(runner, decode_ids, [n - 1 for n in dec_lengths], dec_lengths, 1)
+        dec = CallPlan(cache, runner.prefix_layout, decode_ids, [n - 1 for n in dec_lengths], dec_lengths, 1)
 
         sample_index = list(range(len(decode_ids)))
         sample_ids = list(decode_ids)
@@ -80,7 +82,7 @@ class StepInputs:
         ends = [_end(by_id[r]) for r in prefill_ids]
         starts = [by_id[r].start for r in prefill_ids]
         q_max = max((e - s for s, e in zip(starts, ends, strict=True)), default=0)
-        pre = _CallPlan(runner, prefill_ids, starts, ends, q_max)
+        pre = CallPlan(cache, runner.prefix_layout, prefill_ids, starts, ends, q_max)
         flat: list[int] = []
         for i, (rid, end) in enumerate(zip(prefill_ids, ends, strict=True)):
             it, row = by_id[rid], rows[rid]
@@ -100,7 +102,7 @@ class StepInputs:
                 sample_ids.append(rid)
 
         parts = [tokens, positions, writes, flat, sample_index, *dec.host_parts(), *pre.host_parts()]
-        device_parts = _to_device(parts, runner.device)
+        device_parts = to_device(parts, runner.device)
         t_ids, pos, slots, p_flat, s_index = device_parts[:5]
         d_parts, p_parts = device_parts[5:11], device_parts[11:17]
         return cls(
@@ -111,35 +113,40 @@ class StepInputs:
             token_ids=t_ids,
             positions=pos,
             write_slots=slots,
-            decode=dec.call(runner, d_parts) if decode_ids else None,
+            decode=dec.call(cache, runner.attention_dtype, d_parts) if decode_ids else None,
             decode_slot_rows=None if dec.identity else d_parts[4],
             decode_row_slots=None if dec.identity else d_parts[5],
-            prefill=pre.call(runner, p_parts) if prefill_ids else None,
+            prefill=pre.call(cache, runner.attention_dtype, p_parts) if prefill_ids else None,
             prefill_flat=p_flat,
             sample_index=s_index,
             prompt_spans=prompt_spans,
         )
 
 
-class _CallPlan:
-    """Host side of one attention call: its prefix layout and its integer inputs in slot order."""
+class CallPlan:
+    """Host side of one attention call over `cache`'s rows: its prefix layout and integer inputs in slot order.
+
+    Shared by the GPT-2 runner (decode and prefill calls) and the BART runner (decoder self-attention
+    and cross-attention, each over its own pool). `layout_choice`: `plan_layout`'s choice.
+    """
 
     def __init__(
         self,
-        runner: GPT2Runner,
+        cache: PagedKVCache,
+        layout_choice: str,
         request_ids: list[str],
         firsts: list[int],
         own_lengths: list[int],
         num_queries: int,
     ) -> None:
         """`firsts`: own index of each row's first query; `own_lengths`: its own tokens after the step."""
-        rows = runner.cache.rows
+        rows = cache.rows
         self.rows = [rows[r] for r in request_ids]
         self.num_queries = num_queries
         self.own_width = max(own_lengths, default=0)  # S
         lengths = {row.prefix_key: row.prefix_length for row in self.rows}
         keys = [row.prefix_key for row in self.rows]
-        self.layout = plan_layout(keys, lengths, self.own_width, runner.prefix_layout)
+        self.layout = plan_layout(keys, lengths, self.own_width, layout_choice)
         identity = list(range(len(request_ids)))
         self.slot_rows = identity if self.layout is None else self.layout.slot_rows
         self.row_slots = identity if self.layout is None else self.layout.row_slots
@@ -159,13 +166,14 @@ class _CallPlan:
         hi = [0] * num_slots if self.layout is None else self.layout.hi
         return [gather, self.firsts, lo, hi, self.slot_rows, self.row_slots]
 
-    def call(self, runner: GPT2Runner, parts: list[torch.Tensor]) -> AttentionCall:
+    def call(self, cache: PagedKVCache, adt: torch.dtype, parts: list[torch.Tensor]) -> AttentionCall:
+        """The device side from `parts` (the device copies of `host_parts`); `adt`: the attention dtype."""
         gather, firsts, lo, hi = parts[:4]
-        adt, layout = runner.attention_dtype, self.layout
+        layout = self.layout
         width = 0 if layout is None else layout.width
         bias = attention_bias(firsts, lo, hi, self.num_queries, self.own_width, width, adt)
-        keys, values = (None, None) if layout is None else runner.cache.prefixes.stacked(layout, adt)
-        by_head = (runner.cache.head_offsets[:, None] + gather[None, :]).reshape(-1)  # [H * slots * S]
+        keys, values = (None, None) if layout is None else cache.prefixes.stacked(layout, adt)
+        by_head = (cache.head_offsets[:, None] + gather[None, :]).reshape(-1)  # [H * slots * S]
         return AttentionCall(len(self.slot_rows), self.own_width, by_head, bias, keys, values)
 
 
@@ -173,10 +181,43 @@ def _end(item: PrefillItem) -> int:
     return len(item.input_ids) if item.end is None else item.end
 
 
-def _to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+def to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """One host tensor for all parts (pinned on CUDA), one non-blocking copy, split into views."""
     sizes = [len(p) for p in parts]
     host = torch.tensor([v for p in parts for v in p], dtype=torch.long)  # [sum(sizes)]
     if device.type == "cuda":
         host = host.pin_memory()
     return list(host.to(device, non_blocking=True).split(sizes))
+
+
+def gather_own(
+    cache: PagedKVCache, layer: int, call: AttentionCall, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's own keys and values of `call`'s slots, gathered from `cache`'s pool: [H, slots, S, D]
+    each, in `dtype` (a copy)."""
+    H, D = cache.num_heads, cache.head_dim
+    keys = cache.keys[layer].view(-1, D).index_select(0, call.gather)  # [H*slots*S, D]
+    values = cache.values[layer].view(-1, D).index_select(0, call.gather)
+    if keys.dtype != dtype:
+        keys, values = keys.to(dtype), values.to(dtype)
+    shape = (H, call.num_slots, call.own_width, D)
+    return keys.view(shape), values.view(shape)
+
+
+def paged_attention(
+    cache: PagedKVCache,
+    layer: int,
+    q: torch.Tensor,
+    call: AttentionCall,
+    scale: float,
+    own: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One layer's attention of `call`'s slots over [prefix | own tokens in `cache`'s pool].
+
+    q: [H, slots, Q, D] in the attention dtype; `own`: the slots' own keys/values already gathered
+    (`gather_own`), else gathered here. -> [H, slots, Q, D].
+    """
+    own_k, own_v = own if own is not None else gather_own(cache, layer, call, q.dtype)
+    pk = None if call.prefix_keys is None else call.prefix_keys[layer]  # [H, G, Lk, D]
+    pv = None if call.prefix_values is None else call.prefix_values[layer]
+    return cascade_attention(q, own_k, own_v, call.bias, pk, pv, scale)

@@ -18,9 +18,7 @@ from prefix_store.peft_format import peft_to_artifact
 from server.engine.bart_runner import BartRunner
 from server.engine.errors import PromptTooLong
 from server.engine.runner import PrefillItem
-from server.limits import Limits
-
-MAX_PREFIX = Limits().max_prefix_length  # the cross cache holds prefixes up to the upload limit
+from tests.engine.bart_scenario import REQUESTS, run_bart_scenario, scenario_artifacts
 
 # Task prefix lengths per kind (encoder, decoder, cross); 0 = the artifact lacks that kind.
 TASK_LENGTHS = {
@@ -123,9 +121,9 @@ def _run(
             for (rid, _, _, max_new), row_logits in zip(joining, logits, strict=True):
                 out[rid], budget[rid] = [int(row_logits.argmax())], max_new
         runner.release([rid for rid in runner.request_ids if len(out[rid]) >= budget[rid]])
-        runner.self_cache.check_invariants()
-        runner.cross_cache.check_invariants()
-        assert runner.cross_cache.request_ids == runner.self_cache.request_ids
+        runner.cache.check_invariants()
+        runner.cross.check_invariants()
+        assert list(runner.cross.rows) == list(runner.cache.rows)
         if not runner.request_ids:
             if step > max(schedule):
                 return out
@@ -150,7 +148,7 @@ def test_runner_mixed_tasks_joining_and_leaving_match_reference(
         step: [(rid, _prompt(i, n), tasks[task], max_new) for i, (rid, task, n, max_new) in enumerate(reqs)]
         for step, reqs in plan.items()
     }
-    got = _run(BartRunner(loaded, max_rows=8, position_chunk=8, max_prefix_length=MAX_PREFIX), schedule)
+    got = _run(BartRunner(loaded, max_rows=8, block_size=4), schedule)
 
     for reqs in schedule.values():
         for rid, ids, art, max_new in reqs:
@@ -188,7 +186,7 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
         0: [("p0", prompts["p0"], artifact, 8), ("bare", prompts["p0"], None, 8)],
         1: [("p1", prompts["p1"], artifact, 5)],
     }
-    got = _run(BartRunner(loaded, max_rows=4, position_chunk=8, max_prefix_length=MAX_PREFIX), schedule)
+    got = _run(BartRunner(loaded, max_rows=4, block_size=4), schedule)
     for rid in ("p0", "p1"):
         source = bart_prefix.wrap_source(prompts[rid], loaded.model.config)
         with torch.no_grad():
@@ -205,7 +203,7 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
 
 
 def test_runner_length_rules(loaded: LoadedModel, tasks: dict[str, PrefixArtifact | None]) -> None:
-    runner = BartRunner(loaded, max_rows=2, max_prefix_length=MAX_PREFIX)
+    runner = BartRunner(loaded, max_rows=2)
     limit = runner.max_positions  # 512
     art = tasks["b"]  # decoder prefix 10, cross prefix 10, encoder prefix 10
     runner.validate_lengths(
@@ -217,7 +215,8 @@ def test_runner_length_rules(loaded: LoadedModel, tasks: dict[str, PrefixArtifac
         runner.validate_lengths(5, limit - 9, art)
     # The encoder prefix takes no position: a full-length source still fits with it.
     runner.validate_lengths(limit - 2, 1, tasks["a"])
-    assert runner.reserved_tokens(5, 20, art) == 10 + 20 + 10 + 5 + 2
+    # own tokens only, in 16-token blocks: 20 decoder tokens -> 32, 5 + 2 encoder tokens -> 16
+    assert runner.reserved_tokens(5, 20, art) == 32 + 16
     assert runner.prefix_positions(art) == 10 and runner.prefix_positions(None) == 0
 
 
@@ -226,7 +225,7 @@ def test_runner_serves_the_longest_allowed_request(tmp_path: Path) -> None:
     small = load_model(
         str(make_model_dir("tiny-bart", tmp_path, init_std=0.2, max_position_embeddings=64)), "cpu"
     )
-    runner = BartRunner(small, max_rows=2, position_chunk=16, max_prefix_length=MAX_PREFIX)
+    runner = BartRunner(small, max_rows=2, block_size=16)
     art = _artifact(small, (3, 7, 5), seed=9)
     limit = runner.max_positions
     max_new = limit - 7  # decoder prefix 7 + max_new_tokens == max_positions
@@ -280,3 +279,144 @@ async def test_engine_serves_mixed_bart_tasks_like_the_reference(
         source = bart_prefix.wrap_source(_prompt(40 + i, n), loaded.model.config)
         expected = bart_prefix.greedy_generate(loaded.model, source, art and art.prefixes, max_new)
         assert got == expected, task
+
+
+# ---- shared prefixes, versions, memory ------------------------------------------------------------
+@pytest.mark.parametrize("keep_cross_gathers", [True, False])  # CPU's default; CUDA's
+def test_runner_mixed_tasks_version_change_and_joins_match_reference(
+    loaded: LoadedModel, keep_cross_gathers: bool
+) -> None:
+    """Tasks t1 v1 and v2 (both held while v1's rows decode), a cross-only task and the bare model,
+    rows joining beside decoding rows: every row's greedy tokens equal its lone reference, and its
+    logits the reference's (teacher-forced on those tokens) within 1e-4."""
+    artifacts = scenario_artifacts(loaded.spec, "cpu", torch.float32)
+    runner = BartRunner(loaded, max_rows=8, block_size=4, keep_cross_gathers=keep_cross_gathers)
+    run = run_bart_scenario(runner, artifacts)
+    assert any(s["cross_gather_bytes"] for s in run.stats) == keep_cross_gathers
+    assert any({("t1", 1), ("t1", 2)} <= held for held in run.held), "the two versions never coexisted"
+    model = loaded.model
+    for rid, req in REQUESTS.items():
+        prefixes = None if req.version is None else artifacts[req.version].prefixes
+        source = bart_prefix.wrap_source(req.prompt, model.config)
+        expected = bart_prefix.greedy_generate(model, source, prefixes, req.max_new, eos_token_id=None)
+        assert run.tokens[rid] == expected, rid
+        prefixes = prefixes or {}
+        target = torch.tensor([[model.config.decoder_start_token_id, *expected[:-1]]])  # [1, T]
+        with torch.no_grad():
+            enc = bart_prefix.encode(model, torch.tensor([source]), None, prefixes.get("encoder"))
+            want = bart_prefix.decode(
+                model, target, enc, None, prefixes.get("decoder"), prefixes.get("cross")
+            )
+        got = torch.stack(run.logits[rid])  # [T, V]
+        assert (got - want[0]).abs().max().item() < 1e-4, rid
+    # the versions differ: the same prompt gives different outputs under each
+    source = bart_prefix.wrap_source(REQUESTS["r0"].prompt, model.config)
+    v1, v2 = (
+        bart_prefix.greedy_generate(model, source, artifacts[("t1", v)].prefixes, 6, eos_token_id=None)
+        for v in (1, 2)
+    )
+    assert v1 != v2
+
+
+def test_prefix_memory_grows_with_distinct_task_versions_not_with_rows(
+    loaded: LoadedModel, tasks: dict[str, PrefixArtifact | None]
+) -> None:
+    art = tasks["b"]
+    assert art is not None
+    runner = BartRunner(loaded, max_rows=32, block_size=4)
+    one = art.prefixes["decoder"].nbytes + art.prefixes["cross"].nbytes  # the encoder's is not kept
+    runner.prefill([PrefillItem(f"x{i}", [1, 2, 3], art, ("b", 1)) for i in range(8)])
+    stats = runner.kv_stats()
+    assert stats["prefix_bytes"] == one  # 8 rows, one task: one copy
+    runner.prefill([PrefillItem(f"y{i}", [1, 2, 3], art, ("b", 1)) for i in range(16)])
+    assert runner.kv_stats()["prefix_bytes"] == one  # 24 rows, still one copy
+    assert runner.kv_stats()["used_bytes"] == 3 * stats["used_bytes"]  # own tokens follow the rows
+    v2 = art.to("cpu", torch.float32)  # the same task's next version: its own copy
+    runner.prefill([PrefillItem("z", [1, 2, 3], v2, ("b", 2))])
+    assert runner.kv_stats()["prefix_bytes"] == 2 * one and runner.kv_stats()["prefix_entries"] == 4
+    runner.release([f"x{i}" for i in range(8)] + [f"y{i}" for i in range(16)])
+    assert runner.kv_stats()["prefix_bytes"] == one  # the old version went with its last row
+    runner.release(["z"])
+    assert runner.kv_stats()["prefix_bytes"] == runner.kv_stats()["used_bytes"] == 0
+    runner.cache.check_invariants()
+    runner.cross.check_invariants()
+
+
+async def test_engine_encodes_waiting_requests_of_different_tasks_in_one_step(
+    loaded: LoadedModel, tasks: dict[str, PrefixArtifact | None], tmp_path: Path
+) -> None:
+    """Requests that wait while a step runs are prefilled together: one step, one encoder pass over
+    their prompts (different tasks, lengths and prefix kinds), and each equals its lone reference."""
+    import asyncio
+    import threading
+
+    from prefix_store.artifact import dump_artifact
+    from prefix_store.local_store import LocalPrefixStore
+    from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from server.engine.handle import RequestHandle
+    from server.limits import Limits
+
+    class GatedRunner(BartRunner):
+        """The real runner; its steps wait for `gate` and record the request ids they prefill."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.gate, self.waiting = threading.Event(), threading.Event()
+            self.gate.set()
+            self.prefilled: list[list[str]] = []
+
+        def step(
+            self, decode_tokens: dict[str, int], items: list[PrefillItem]
+        ) -> tuple[list[str], torch.Tensor]:
+            if not self.gate.is_set():
+                self.waiting.set()
+                self.gate.wait(timeout=60)
+            if items:
+                self.prefilled.append([it.request_id for it in items])
+            return super().step(decode_tokens, items)
+
+    store = LocalPrefixStore(tmp_path / "store")
+    await store.start()
+    for name, art in tasks.items():
+        if art is not None:
+            await store.put("default", name, dump_artifact(art), {})
+    runner = GatedRunner(loaded, max_rows=8)
+    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=8)), runner=runner)
+    await engine.start()
+    plan = [("none", 6, 3), ("a", 7, 6), ("b", 3, 5), ("cross-only", 12, 4), ("dec-only", 5, 6)]
+
+    def request(i: int, task: str, n: int, max_new: int) -> GenerationRequest:
+        return GenerationRequest(
+            request_id=f"q{i}",
+            prompt=_prompt(60 + i, n),
+            params=SamplingParams(max_new_tokens=max_new),
+            task=None if task == "none" else task,
+        )
+
+    async def tokens(handle: RequestHandle) -> list[int]:
+        return [event.token_id async for event in handle]
+
+    try:
+        # warm-up: every task's prefix resident on the device, so none waits for a load below
+        warm = [request(i, task, 2, 1) for i, (task, _, _) in enumerate(plan)]
+        for r in warm:
+            r.request_id = f"warm-{r.request_id}"
+        for handle in [await engine.add_request(r) for r in warm]:
+            await tokens(handle)
+        runner.gate.clear()
+        runner.prefilled.clear()
+        first = await engine.add_request(request(0, *plan[0]))  # its prefill step waits at the gate
+        while not runner.waiting.is_set():
+            await asyncio.sleep(0.01)
+        handles = [await engine.add_request(request(i, *spec)) for i, spec in enumerate(plan) if i]
+        runner.gate.set()
+        results = [await tokens(h) for h in (first, *handles)]
+    finally:
+        runner.gate.set()
+        await engine.stop(drain_timeout_s=0)
+        await store.close()
+    assert runner.prefilled == [["q0"], ["q1", "q2", "q3", "q4"]]
+    for i, ((task, n, max_new), got) in enumerate(zip(plan, results, strict=True)):
+        art = tasks[task]
+        source = bart_prefix.wrap_source(_prompt(60 + i, n), loaded.model.config)
+        assert got == bart_prefix.greedy_generate(loaded.model, source, art and art.prefixes, max_new), task

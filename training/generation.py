@@ -3,9 +3,10 @@
 GPT-2 (`generate_causal`): `modeling.gpt2`, the one GPT-2 prefix forward (the trainer's too), with
 the keys/values of each call fed back as the next call's past (`gpt2.extend`). Rows of a batch are
 left-padded here, so the past is `[prefix (L) | padding | prompt | generated]` with padding masked.
-That is this module's batching, not the server's layout (the engine's slot cache holds each row as
-`[prefix | prompt | generated]` with no gap, see `server/engine/kv_cache.py`); both compute the same
-function because in both a row's j-th real token has position `L + j` and padding is never attended.
+That is this module's batching, not the server's layout (the engine keeps each task's prefix once and
+a row's own `[prompt | generated]` tokens in a paged pool, see `server/engine/paged_kv.py`); both compute
+the same function because in both a row's j-th real token has position `L + j` and padding is never
+attended.
 
 BART (`generate_seq2seq`): `modeling.bart_prefix` with the artifact's encoder/decoder/cross
 prefixes.

@@ -92,7 +92,6 @@ class EngineConfig:
     """The engine's limits (the one `Limits` object, built from the settings) plus internal tuning."""
 
     limits: Limits = field(default_factory=Limits)
-    kv_position_chunk: int = 256  # unused since both runners are paged (issue 15); kept so configs load
     fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
     kv_block_size: int = 16  # issue 15: tokens per block of the paged KV pools (GPT-2, BART)
     cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs (ignored off CUDA; gpt2_runner)

@@ -124,10 +124,7 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
             engine = Engine(
                 loaded,
                 store,
-                engine_config
-                or EngineConfig(
-                    Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30), kv_position_chunk=64
-                ),
+                engine_config or EngineConfig(Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30)),
                 observer=metrics,
             )
             app = create_app(

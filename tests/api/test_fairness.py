@@ -79,7 +79,7 @@ def engine_config(tenant_keys: dict[str, Any], max_waiting: int = 256, rows: int
     weights, bounds = settings.tenant_weights()
     fair = FairQueueConfig(tenant_weights=weights, tenant_max_waiting=bounds)
     limits = Limits(max_batch_size=rows, max_waiting=max_waiting, queue_timeout_s=600)
-    return EngineConfig(limits, kv_position_chunk=64, fair_queue=fair)
+    return EngineConfig(limits, fair_queue=fair)
 
 
 def http_client(url: str) -> httpx.AsyncClient:

@@ -46,7 +46,7 @@ def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     engine = Engine(
         loaded,
         store,
-        EngineConfig(Limits(max_batch_size=8, max_waiting=64), kv_position_chunk=64),
+        EngineConfig(Limits(max_batch_size=8, max_waiting=64)),
         observer=metrics,
     )
     app = create_app(

@@ -42,9 +42,7 @@ async def test_body_size_limit_413(make_api):
 
 
 async def test_queue_full_is_429_with_retry_after(make_api):
-    api = await make_api(
-        engine_config=EngineConfig(Limits(max_batch_size=1, max_waiting=1), kv_position_chunk=64)
-    )
+    api = await make_api(engine_config=EngineConfig(Limits(max_batch_size=1, max_waiting=1)))
     running = asyncio.create_task(api.generate("a", **LONG))
     await wait_for(lambda: api.engine.num_running == 1, what="a running request")
     waiting = asyncio.create_task(api.generate("b", max_new_tokens=2))
@@ -58,11 +56,7 @@ async def test_queue_full_is_429_with_retry_after(make_api):
 
 async def test_an_early_429_says_which_queue_bound_was_met(make_api):
     fair = FairQueueConfig(tenant_max_waiting={"acme": 1})
-    api = await make_api(
-        engine_config=EngineConfig(
-            Limits(max_batch_size=1, max_waiting=2), kv_position_chunk=64, fair_queue=fair
-        )
-    )
+    api = await make_api(engine_config=EngineConfig(Limits(max_batch_size=1, max_waiting=2), fair_queue=fair))
     running = asyncio.create_task(api.generate("a", **LONG))
     await wait_for(lambda: api.engine.num_running == 1, what="a running request")
     waiting = [asyncio.create_task(api.generate("b", max_new_tokens=2))]

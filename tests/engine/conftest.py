@@ -173,10 +173,7 @@ def make_engine(tiny: LoadedModel) -> Callable[..., Any]:
 
     @contextlib.asynccontextmanager
     async def factory(store: Any = None, observer: Any = None, **config: Any) -> AsyncIterator[Engine]:
-        chunk = (
-            {"kv_position_chunk": config.pop("kv_position_chunk")} if "kv_position_chunk" in config else {}
-        )
-        engine = Engine(tiny, store, EngineConfig(Limits(**config), **chunk), observer=observer)
+        engine = Engine(tiny, store, EngineConfig(Limits(**config)), observer=observer)
         await engine.start()
         try:
             yield engine

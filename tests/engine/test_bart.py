@@ -255,7 +255,7 @@ async def test_engine_serves_mixed_bart_tasks_like_the_reference(
     for name, art in tasks.items():
         if art is not None:
             await store.put("default", name, dump_artifact(art), {})
-    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4), kv_position_chunk=16))
+    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4)))
     await engine.start()
     plan = [("a", 7, 6), ("b", 3, 9), ("none", 12, 4), ("c", 5, 8), ("dec-only", 9, 5), ("cross-only", 2, 7)]
     try:

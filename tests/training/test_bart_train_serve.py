@@ -47,7 +47,7 @@ async def test_trained_bart_prefix_serves_the_training_modules_outputs(
     store = LocalPrefixStore(tmp_path / "store")
     await store.start()
     await store.put("default", "colors", dump_artifact(artifact), {})
-    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4), kv_position_chunk=16))
+    engine = Engine(loaded, store, EngineConfig(Limits(max_batch_size=4)))
     await engine.start()
     try:
 

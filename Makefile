@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv install demo test test-gpu lint serve bench bench-quick bench-gpu soak replicate clean
+.PHONY: venv install demo test test-services test-gpu lint serve bench bench-quick bench-gpu soak replicate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ venv install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m prefixserve.demo
 
-test: $(STAMP)
+# The suite needs a Redis on 127.0.0.1:6379 and Prometheus' promtool/prometheus: scripts/test-services
+# installs what is missing (Debian packages, as root or via passwordless sudo) and starts a Redis when
+# none answers, so `git clone` + `make test` passes on a fresh machine.
+test: $(STAMP) test-services
 	$(PY) -m pytest -q
+
+test-services:
+	./scripts/test-services
 
 # GPU-only tests (marker `gpu`), for a machine with CUDA; `make test` deselects them.
 test-gpu: $(STAMP)
@@ -52,7 +58,7 @@ bench-quick: $(STAMP)
 bench-gpu: $(STAMP)
 	$(VENV)/bin/prefixserve bench --profile gpu
 
-soak: $(STAMP)
+soak: $(STAMP) test-services
 	$(PY) -m pytest -q -m soak tests/reliability
 
 # Miniature replication of the paper's claims (issue 17): pretrains a small LM here, trains prefixes and

@@ -609,8 +609,8 @@ def test_every_alert_links_its_runbook_section():
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("promtool")
-    if exe is None:  # .ci/run installs it; a silent skip would let broken rules through
-        pytest.fail("promtool not on PATH: apt-get install prometheus")
+    if exe is None:  # `make test` installs it; a silent skip would let broken rules through
+        pytest.fail("promtool not on PATH: run `make test-services` (apt-get install prometheus)")
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, check=False)
 
 

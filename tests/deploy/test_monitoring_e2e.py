@@ -1,7 +1,7 @@
 """End to end with the real thing: a Prometheus server scrapes a running prefixserve under a short mixed
 load, then every Grafana panel query and every alert expression is run through Prometheus' HTTP API.
 
-Prometheus (Debian's `prometheus` package; .ci/run installs it) runs on a free loopback port with a
+Prometheus (Debian's `prometheus` package; `make test` installs it) runs on a free loopback port with a
 temporary config and storage directory, scraping every second and evaluating deploy/prometheus/alerts.yaml.
 The load: uploads (one invalid), generations for two tasks and the bare model, a stream, a completion,
 an unknown task (404), and, after SIGTERM while a long generation drains, a refused request (503), so

@@ -1,4 +1,4 @@
-"""Fixtures for the prefix store tests: deterministic blobs, a real Redis (127.0.0.1:6379; .ci/run
+"""Fixtures for the prefix store tests: deterministic blobs, a real Redis (127.0.0.1:6379; `make test`
 starts one) with a key prefix of its own per test, and `backend`, which runs a test once against
 each `PrefixStore` implementation (the conformance suite, `test_store_conformance.py`)."""
 
@@ -54,7 +54,7 @@ async def redis_admin() -> AsyncIterator[Redis]:
     try:
         await client.ping()
     except Exception as e:  # a missing Redis is a broken environment, not a reason to skip
-        pytest.fail(f"no Redis at {REDIS_URL} ({e}); start one, e.g. `redis-server --save ''` (see .ci/run)")
+        pytest.fail(f"no Redis at {REDIS_URL} ({e}); run `make test-services`")
     try:
         yield client
     finally:

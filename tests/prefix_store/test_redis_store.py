@@ -1,6 +1,6 @@
 """What only RedisPrefixStore does (the shared contract is in `test_store_conformance.py`): change
 messages between replicas, resync after a cut listener, and failing fast through an outage. Against a
-real Redis (127.0.0.1:6379; .ci/run starts one) and, for the outage test, a redis-server this file
+real Redis (127.0.0.1:6379; `make test` starts one) and, for the outage test, a redis-server this file
 starts and stops itself. Each test uses its own key prefix and deletes its keys afterwards."""
 
 from __future__ import annotations

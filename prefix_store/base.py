@@ -16,12 +16,15 @@ and `LocalPrefixStore` (a directory; the embedded default for one process). Both
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from prefix_store.traffic import validate_split
 
 _logger = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ __all__ = [
     "ChangeEvent",
     "InvalidName",
     "PrefixStore",
+    "StoreCorrupt",
     "StoreError",
     "StoreUnavailable",
     "StoredPrefix",
@@ -102,6 +106,32 @@ def parse_stored_info(raw: bytes | str, where: str) -> VersionInfo:
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         _logger.error("prefix store data corrupt: %s is not a version's metadata (%s)", where, exc)
         raise StoreCorrupt("prefix store data is corrupt (see the server log)") from None
+
+
+def parse_stored_split(raw: bytes | str, where: str) -> dict[int, int]:
+    """A traffic split read back from a store; anything `validate_split` would refuse (garbage JSON,
+    loose version keys, bad percents) raises `StoreCorrupt` (logged), never a bare ValueError."""
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+        return validate_split(obj)
+    except (ValueError, TypeError, RecursionError) as exc:  # InvalidSplit is a ValueError
+        _logger.error("prefix store data corrupt: %s is not a traffic split (%s)", where, str(exc)[:200])
+        raise StoreCorrupt("prefix store data is corrupt (see the server log)") from None
+
+
+def check_stored_bytes(info: VersionInfo, data: bytes, where: str) -> None:
+    """Raise `StoreCorrupt` (logged) when a blob read back does not match the size and sha256 its
+    metadata recorded at `put` (a flipped byte, a truncated file): it is never served."""
+    if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+        _logger.error(
+            "prefix store data corrupt: %s holds %d bytes that do not match the recorded size %d / sha256",
+            where,
+            len(data),
+            info.size_bytes,
+        )
+        raise StoreCorrupt("prefix store data is corrupt (see the server log)")
 
 
 def validate_name(name: object, kind: str = "name") -> str:
@@ -180,11 +210,14 @@ class TaskInfo:
 class TaskPage:
     """One page of `list_tasks`: the current version of each task, ordered by task name.
 
-    `next_cursor` is None on the last page; otherwise pass it back to get the next page.
+    `next_cursor` is None on the last page; otherwise pass it back to get the next page. `broken`
+    names the page's tasks whose stored data is corrupt (logged where found): they are not in
+    `items`, but they exist (they count against quotas, and an upload of a new version repairs them).
     """
 
     items: list[VersionInfo]
     next_cursor: str | None
+    broken: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,19 @@ Layout (names are validated, so they are plain path components, never "..", "/" 
     {root}/{tenant}/{task}/v{N}.safetensors   the artifact bytes of version N
     {root}/{tenant}/{task}/v{N}.json          JSON of `VersionInfo` (written after the blob)
     {root}/{tenant}/{task}/current            the current version number
-    {root}/{tenant}/{task}/seq                the last version number handed out (kept after delete)
+    {root}/{tenant}/{task}/seq                the last version number handed out
     {root}/{tenant}/{task}/split              traffic split JSON {"<version>": percent} (issue 18)
+    {root}/{tenant}/.deleted                  JSON {"floor": N, "tasks": {task: last version}}
+
+Deleting a task removes its directory; its last version number goes to the tenant's `.deleted`
+tombstone (at most `MAX_TOMBSTONES` names; beyond that the smallest numbers fold into `floor`), and a
+new task of that name continues after max(its tombstone, floor). So version numbers are never reused
+and a deleted task leaves a bounded record, not a directory per name ever used.
+
+Data the store did not write (garbage in `current`, a version's JSON, `split`, `seq`; a blob whose
+bytes do not match its recorded sha256) is `StoreCorrupt`, for that task only: listings skip it and
+name it in `TaskPage.broken`, an upload of a new version repairs it (a garbage `seq` restarts after
+the highest version still on disk; a garbage `split` is dropped), and delete removes it.
 
 Every file is written atomically: a temp file in the same directory, fsync, `os.replace`, fsync of
 the directory. The order blob -> metadata -> current pointer means a pointer never names a version
@@ -30,15 +41,18 @@ import json
 import logging
 import os
 import re
+import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from prefix_store.base import (
     ChangeCallback,
     ChangeEvent,
+    StoreCorrupt,
     StoredPrefix,
     StoreError,
     TaskInfo,
@@ -46,7 +60,9 @@ from prefix_store.base import (
     TaskPage,
     VersionInfo,
     VersionNotFound,
+    check_stored_bytes,
     parse_stored_info,
+    parse_stored_split,
     parse_stored_version,
     validate_name,
 )
@@ -61,6 +77,8 @@ _VERSION_META_RE = re.compile(r"v([0-9]+)\.json")
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600  # temp files older than this are leftovers of a crashed writer
 _READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
+_TOMBSTONES = ".deleted"  # per tenant; not a valid task name, so listings never see it
+MAX_TOMBSTONES = 1000  # deleted task names remembered per tenant; older ones fold into the floor
 
 
 def _fsync_dir(path: Path) -> None:
@@ -105,6 +123,27 @@ def _read_int(path: Path) -> int | None:
     return parse_stored_version(text, str(path))
 
 
+def _read_tombstones(tenant_dir: Path) -> tuple[int, dict[str, int]]:
+    """(floor, {task: last version}) of the tenant's deleted tasks; garbage reads as what can be
+    salvaged (logged): the floor of a garbled file is unknown, so it is the largest number found."""
+    path = tenant_dir / _TOMBSTONES
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return 0, {}
+    try:
+        obj = json.loads(raw)
+        floor = parse_stored_version(str(obj["floor"]), str(path))
+        tasks = {str(k): parse_stored_version(str(v), str(path)) for k, v in obj["tasks"].items()}
+        return floor, tasks
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, StoreCorrupt):
+        numbers = [int(n) for n in re.findall(rb"[0-9]{1,18}", raw)]
+        logger.error(
+            "prefix store data corrupt: %s; new tasks continue after %d", path, max(numbers, default=0)
+        )
+        return max(numbers, default=0), {}
+
+
 class LocalPrefixStore:
     """`PrefixStore` on a local directory (see the module docstring). Same semantics as Redis."""
 
@@ -113,7 +152,10 @@ class LocalPrefixStore:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
         self.root = Path(root)
         self._keep_versions = keep_versions
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Writers of one task serialise here; an entry lives while someone holds or waits for it
+        # (task -> (lock, holders)), so churning task names leaves nothing behind.
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        self._tombstone_lock = threading.Lock()  # `.deleted` read-modify-writes (worker threads)
         self._callbacks: list[ChangeCallback] = []
 
     # ---- paths ------------------------------------------------------------------------------
@@ -124,8 +166,18 @@ class LocalPrefixStore:
     def _task_dir(self, tenant: str, task: str) -> Path:
         return self._tenant_dir(tenant) / validate_name(task, "task")
 
-    def _lock(self, tenant: str, task: str) -> asyncio.Lock:
-        return self._locks.setdefault((tenant, task), asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, tenant: str, task: str) -> AsyncIterator[None]:
+        key = (tenant, task)
+        lock, holders = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        holders[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            holders[0] -= 1
+            if holders[0] == 0:
+                del self._locks[key]
 
     @contextlib.contextmanager
     def _errors(self, op: str) -> Iterator[None]:
@@ -158,10 +210,18 @@ class LocalPrefixStore:
         if created:  # a new directory's entry survives a crash only once its parent is fsynced
             _fsync_dir(task_dir.parent)
             _fsync_dir(self.root)
-        # The counter survives delete; max() with what is on disk guards against a lost seq file.
+        # max() with what is on disk guards against a lost seq file, the tombstone against reusing
+        # a deleted incarnation's numbers.
         on_disk = self._versions_on_disk(task_dir)
-        version = max(_read_int(task_dir / "seq") or 0, on_disk[-1] if on_disk else 0) + 1
+        floor, deleted = _read_tombstones(task_dir.parent)
+        try:
+            seq = _read_int(task_dir / "seq") or 0
+        except StoreCorrupt:  # logged; the highest number still on disk is the best left to go by
+            seq = 0
+        version = max(seq, on_disk[-1] if on_disk else 0, floor, deleted.get(task, 0)) + 1
         _atomic_write(task_dir / "seq", f"{version}\n".encode())
+        if task in deleted:  # the task's own counter carries on from here
+            self._update_tombstones(task_dir.parent, lambda tasks: tasks.pop(task, None))
         info = VersionInfo(
             tenant, task, version, hashlib.sha256(data).hexdigest(), len(data), time.time(), metadata
         )
@@ -173,14 +233,32 @@ class LocalPrefixStore:
 
     @staticmethod
     def _read_split(task_dir: Path) -> dict[int, int]:
+        path = task_dir / "split"
         try:
-            return {int(v): int(p) for v, p in json.loads((task_dir / "split").read_bytes()).items()}
+            return parse_stored_split(path.read_bytes(), str(path))
         except FileNotFoundError:
             return {}
 
+    def _update_tombstones(self, tenant_dir: Path, change: Any) -> None:
+        """Apply `change(tasks)` to the tenant's tombstones and write them back, bounded."""
+        with self._tombstone_lock:
+            floor, tasks = _read_tombstones(tenant_dir)
+            change(tasks)
+            if len(tasks) > MAX_TOMBSTONES:
+                oldest = sorted(tasks, key=tasks.__getitem__)[: len(tasks) - MAX_TOMBSTONES]
+                floor = max([floor] + [tasks.pop(name) for name in oldest])
+            if floor or tasks:
+                _atomic_write(tenant_dir / _TOMBSTONES, json.dumps({"floor": floor, "tasks": tasks}).encode())
+            else:
+                (tenant_dir / _TOMBSTONES).unlink(missing_ok=True)
+
     def _prune_sync(self, task_dir: Path, current: int) -> None:
         versions = self._versions_on_disk(task_dir)
-        weighted = self._read_split(task_dir)  # a traffic split's versions are never pruned
+        try:
+            weighted = self._read_split(task_dir)  # a traffic split's versions are never pruned
+        except StoreCorrupt:  # logged; unreadable, so it serves nobody: the new version replaces it
+            (task_dir / "split").unlink(missing_ok=True)
+            weighted = {}
         for old in versions[: max(0, len(versions) - self._keep_versions)]:
             if old != current and old not in weighted:
                 # Metadata first: a version without metadata is invisible, a blob without it harmless.
@@ -207,25 +285,38 @@ class LocalPrefixStore:
                     raise VersionNotFound(
                         f"{tenant}/{task} has no version {version} (never created or pruned)"
                     ) from None
+                if _read_int(task_dir / "current") == current:  # not a concurrent prune: not ours
+                    logger.error("prefix store data corrupt: %s names v%d, whose files are missing",
+                                 task_dir / "current", current)  # fmt: skip
+                    raise StoreCorrupt("prefix store data is corrupt (see the server log)") from None
                 continue  # pruned between reading the pointer and the files: read the pointer again
-            if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-                raise StoreError(f"{tenant}/{task} v{wanted}: stored bytes do not match their sha256/size")
+            check_stored_bytes(info, data, str(task_dir / f"v{wanted}.safetensors"))
             return StoredPrefix(info=info, data=data)
         raise StoreError(f"{tenant}/{task}: current version kept changing; gave up reading")
 
     def _describe_sync(self, tenant: str, task: str) -> TaskInfo:
         task_dir = self._task_dir(tenant, task)
-        current = _read_int(task_dir / "current")
-        if current is None:
-            raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
-        versions = []
-        for v in self._versions_on_disk(task_dir):
-            with contextlib.suppress(FileNotFoundError):  # pruned meanwhile
-                versions.append(self._read_info(task_dir, v))
-        by_version = {v.version: v for v in versions}
-        if current not in by_version:
-            raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
-        return TaskInfo(current=by_version[current], versions=versions, split=self._read_split(task_dir))
+        for _ in range(_READ_ATTEMPTS):
+            current = _read_int(task_dir / "current")
+            if current is None:
+                raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+            versions = []
+            for v in self._versions_on_disk(task_dir):
+                # Pruned meanwhile, or an older version's garbled JSON (logged): not listed.
+                with contextlib.suppress(FileNotFoundError, StoreCorrupt):
+                    versions.append(self._read_info(task_dir, v))
+            by_version = {v.version: v for v in versions}
+            if current in by_version:
+                return TaskInfo(
+                    current=by_version[current], versions=versions, split=self._read_split(task_dir)
+                )
+            if _read_int(task_dir / "current") == current:  # not a concurrent put's prune: corrupt
+                with contextlib.suppress(FileNotFoundError):
+                    self._read_info(task_dir, current)  # StoreCorrupt (logged) for a garbled one
+                logger.error("prefix store data corrupt: %s names version %d, which has no metadata",
+                             task_dir / "current", current)  # fmt: skip
+                raise StoreCorrupt("prefix store data is corrupt (see the server log)")
+        raise StoreError(f"{tenant}/{task}: current version kept changing; gave up reading")
 
     def _list_sync(self, tenant: str, cursor: str | None, limit: int) -> TaskPage:
         tenant_dir = self._tenant_dir(tenant)
@@ -234,31 +325,44 @@ class LocalPrefixStore:
         except FileNotFoundError:
             names = []
         items: list[VersionInfo] = []
+        broken: list[str] = []
         last_name: str | None = None
         for name in names:
-            if len(items) == limit:
+            if len(items) + len(broken) == limit:
                 # Another name follows; it may be a deleted task, which only costs an empty last page.
-                return TaskPage(items=items, next_cursor=last_name)
+                return TaskPage(items=items, next_cursor=last_name, broken=broken)
             try:
                 validate_name(name, "task")
             except StoreError:
-                continue  # not ours (e.g. a temp file or a stray directory)
+                continue  # not ours (e.g. a temp file, the tombstones or a stray directory)
             task_dir = tenant_dir / name
-            for _ in range(_READ_ATTEMPTS):
-                current = _read_int(task_dir / "current") if task_dir.is_dir() else None
-                if current is None:
-                    break  # deleted (only the counter is left)
-                try:
-                    items.append(self._read_info(task_dir, current))
-                    last_name = name
-                    break
-                except FileNotFoundError:
-                    continue
-        return TaskPage(items=items, next_cursor=None)
+            try:
+                info = self._listed_info(task_dir)
+            except StoreCorrupt:  # logged where found; this task alone is left out
+                broken.append(name)
+                last_name = name
+                continue
+            if info is not None:
+                items.append(info)
+                last_name = name
+        return TaskPage(items=items, next_cursor=None, broken=broken)
+
+    def _listed_info(self, task_dir: Path) -> VersionInfo | None:
+        """The current version's info, None for no task (deleted meanwhile, a leftover counter)."""
+        for _ in range(_READ_ATTEMPTS):
+            current = _read_int(task_dir / "current") if task_dir.is_dir() else None
+            if current is None:
+                return None
+            try:
+                return self._read_info(task_dir, current)
+            except FileNotFoundError:
+                continue  # pruned under us by a put: read the pointer again
+        logger.error("prefix store data corrupt: %s names a version with no metadata", task_dir / "current")
+        raise StoreCorrupt("prefix store data is corrupt (see the server log)")
 
     def _rollback_sync(self, tenant: str, task: str, version: int) -> VersionInfo:
         task_dir = self._task_dir(tenant, task)
-        if _read_int(task_dir / "current") is None:
+        if not (task_dir / "current").exists():  # a garbled pointer is a task too: this repairs it
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
         try:
             info = self._read_info(task_dir, version)
@@ -289,16 +393,24 @@ class LocalPrefixStore:
     def _delete_sync(self, tenant: str, task: str) -> None:
         task_dir = self._task_dir(tenant, task)
         current = task_dir / "current"
-        if _read_int(current) is None:
+        if not current.exists():  # a garbled pointer is still a task: it can be deleted
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
         current.unlink()  # the task is gone for readers from here on
-        (task_dir / "split").unlink(missing_ok=True)
         _fsync_dir(task_dir)
-        for v in self._versions_on_disk(task_dir):
-            (task_dir / f"v{v}.json").unlink(missing_ok=True)
-            (task_dir / f"v{v}.safetensors").unlink(missing_ok=True)
-        for p in task_dir.glob(f"{_TMP_PREFIX}*"):
-            p.unlink(missing_ok=True)
+        # The tombstone is written before the counter goes: a crash in between leaves both, never neither.
+        try:
+            seq = _read_int(task_dir / "seq") or 0
+        except StoreCorrupt:
+            seq = 0
+        on_disk = self._versions_on_disk(task_dir)
+        last = max(seq, on_disk[-1] if on_disk else 0)
+
+        def remember(tasks: dict[str, int]) -> None:
+            tasks[task] = max(last, tasks.get(task, 0))
+
+        self._update_tombstones(task_dir.parent, remember)
+        shutil.rmtree(task_dir)
+        _fsync_dir(task_dir.parent)
 
     # ---- PrefixStore ------------------------------------------------------------------------
 

@@ -3,17 +3,31 @@
 Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they never contain ':'):
 
     P:t:T:tasks                 sorted set of T's task names (all scores 0, ordered by name: pagination)
-    P:t:T:task:K:seq            version counter (INCR); kept after delete so versions are never reused
+    P:t:T:task:K:seq            version counter (INCR); removed by delete (its value goes to P:t:T:deleted)
     P:t:T:task:K:current        the current version number
     P:t:T:task:K:versions       sorted set of committed versions (score = version)
     P:t:T:task:K:v:N:blob       the artifact bytes of version N
     P:t:T:task:K:v:N:meta       JSON of `VersionInfo` for version N
     P:t:T:task:K:split          traffic split JSON {"<version>": percent} (issue 18; absent = none)
+    P:t:T:deleted               sorted set: deleted task names, score = the last version handed out
+    P:t:T:deleted_floor         versions of names pushed out of P:t:T:deleted (over MAX_TOMBSTONES)
     P:changes                   pub/sub channel; message = JSON {"tenant", "task", "version"}
+
+Versions are never reused, not even after delete: a task's counter starts again after max(its
+tombstone, the floor). The tombstones are bounded per tenant, so deleted names cost no memory per name
+ever used beyond `MAX_TOMBSTONES`.
+
+Data the store did not write (garbage in `current`, `meta`, `split`, `seq`, or a blob whose bytes do
+not match its recorded sha256) is `StoreCorrupt` for that task only: listings skip it (naming it in
+`TaskPage.broken`), an upload of a new version repairs it (a garbage `seq` restarts after the highest
+version still known, a garbage `split` is dropped), and delete removes it.
+
+Every public call is bounded by `call_timeout_s` (retries included): a Redis that stops answering
+(hung, SIGSTOPped, a half-open connection) costs a caller at most that long, then `StoreUnavailable`.
 
 Every key is derived from the tenant passed to the call, so no call can reach another tenant's keys.
 
-Publishing a version (`put`): INCR the counter, SET the blob with a staging TTL (a writer that dies
+Publishing a version (`put`): INCR the counter (a script: see the tombstones above), SET the blob with a staging TTL (a writer that dies
 here leaves nothing behind for long), then one Lua script that atomically persists the blob, writes
 its metadata, adds it to the versions set, moves "current", prunes versions beyond `keep_versions`
 (never the current one) and PUBLISHes the change. A read gets the pointer, then the metadata and
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -41,8 +56,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -65,7 +80,9 @@ from prefix_store.base import (
     TaskPage,
     VersionInfo,
     VersionNotFound,
+    check_stored_bytes,
     parse_stored_info,
+    parse_stored_split,
     parse_stored_version,
     validate_name,
 )
@@ -83,6 +100,28 @@ MAX_PAGE_LIMIT = 1000
 _MAX_VERSION = 10**18  # what `parse_stored_version` accepts
 _RESYNC_CHUNK = 500  # keys per MGET when resyncing
 _READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
+MAX_TOMBSTONES = 1000  # deleted task names remembered per tenant; older ones fold into the floor
+
+# KEYS: seq, current, versions, deleted, floor. ARGV: task. Returns {version, 1 if a garbage counter
+# was restarted}. A new task (no counter) starts after its tombstone and the floor.
+_NEXT_VERSION_LUA = """
+local function num(v)
+  if v and #v <= 18 and string.match(v, '^[0-9]+$') then return tonumber(v) end
+  return nil
+end
+local raw = redis.call('GET', KEYS[1])
+local garbage = raw and not num(raw)
+if not raw or garbage then
+  local start = num(redis.call('GET', KEYS[5])) or 0
+  start = math.max(start, tonumber(redis.call('ZSCORE', KEYS[4], ARGV[1]) or '0') or 0)
+  local top = redis.call('ZRANGE', KEYS[3], -1, -1)
+  if top[1] then start = math.max(start, num(top[1]) or 0) end
+  start = math.max(start, num(redis.call('GET', KEYS[2])) or 0)
+  redis.call('SET', KEYS[1], string.format('%d', start))
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+return {redis.call('INCR', KEYS[1]), garbage and 1 or 0}
+"""
 
 # KEYS: tasks, current, versions. ARGV: task_base, version, meta_json, keep, task, channel, message.
 _COMMIT_LUA = """
@@ -97,8 +136,26 @@ redis.call('ZADD', KEYS[3], v, v)
 redis.call('SET', KEYS[2], v)
 redis.call('ZADD', KEYS[1], 0, ARGV[5])
 local n = redis.call('ZCARD', KEYS[3])
+local function valid_split(t)  -- traffic.validate_split, on the stored JSON form
+  if type(t) ~= 'table' then return false end
+  local n, sum = 0, 0
+  for k, p in pairs(t) do
+    if type(k) ~= 'string' or #k > 18 or not string.match(k, '^[1-9][0-9]*$') then return false end
+    if type(p) ~= 'number' or p ~= math.floor(p) or p < 1 or p > 100 then return false end
+    n, sum = n + 1, sum + p
+  end
+  return n >= 1 and n <= 4 and sum == 100
+end
 local split = redis.call('GET', base .. ':split')
-local weighted = split and cjson.decode(split) or {}
+local weighted = {}
+if split then
+  local ok, decoded = pcall(cjson.decode, split)
+  if ok and valid_split(decoded) then
+    weighted = decoded
+  else  -- garbage nobody can be served by: the new version replaces it
+    redis.call('DEL', base .. ':split')
+  end
+end
 if n > keep then
   for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - keep - 1)) do
     if old ~= v and not weighted[old] then
@@ -123,7 +180,8 @@ end
 return out
 """
 
-# KEYS: tasks. ARGV: tenant_base, lex_min, count. Returns {name1, meta1, name2, meta2, ...}.
+# KEYS: tasks. ARGV: tenant_base, lex_min, count. Returns {name1, current1, meta1, name2, ...} ('' for
+# a missing key: no current = no task; a current without its meta = corrupt).
 _LIST_LUA = """
 local out = {}
 for _, name in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[2], '+', 'BYLEX', 'LIMIT', 0, ARGV[3])) do
@@ -132,6 +190,7 @@ for _, name in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[2], '+', 'BYLEX', 'LIMI
   local m = false
   if cur then m = redis.call('GET', b .. ':v:' .. cur .. ':meta') end
   table.insert(out, name)
+  table.insert(out, cur or '')
   table.insert(out, m or '')
 end
 return out
@@ -162,17 +221,60 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {2}
 """
 
-# KEYS: tasks, current, versions. ARGV: task_base, task, channel, message. Returns 0 no task, 1 done.
+# KEYS: tasks, current, versions, seq, deleted, floor. ARGV: task_base, task, channel, message,
+# max_tombstones. Returns 0 no task, 1 done. The counter's value moves to the tenant's tombstones.
 _DELETE_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local function num(v)
+  if v and #v <= 18 and string.match(v, '^[0-9]+$') then return tonumber(v) end
+  return 0
+end
+local last = math.max(num(redis.call('GET', KEYS[4])), num(redis.call('GET', KEYS[2])))
 for _, v in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  last = math.max(last, num(v))
   redis.call('DEL', ARGV[1] .. ':v:' .. v .. ':blob', ARGV[1] .. ':v:' .. v .. ':meta')
 end
-redis.call('DEL', KEYS[2], KEYS[3], ARGV[1] .. ':split')
+last = math.max(last, tonumber(redis.call('ZSCORE', KEYS[5], ARGV[2]) or '0') or 0)
+redis.call('ZADD', KEYS[5], last, ARGV[2])
+local n = redis.call('ZCARD', KEYS[5])
+if n > tonumber(ARGV[5]) then
+  local floor = num(redis.call('GET', KEYS[6]))
+  local popped = redis.call('ZPOPMIN', KEYS[5], n - tonumber(ARGV[5]))
+  for i = 2, #popped, 2 do floor = math.max(floor, tonumber(popped[i])) end
+  redis.call('SET', KEYS[6], string.format('%d', floor))
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], ARGV[1] .. ':split')
 redis.call('ZREM', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _deadline(op: str) -> Callable[[Callable[_P, Awaitable[_T]]], Callable[_P, Coroutine[Any, Any, _T]]]:
+    """Bound a public store call (all its commands and retries) by the store's `call_timeout_s`:
+    past it the caller gets `StoreUnavailable` instead of waiting on a Redis that does not answer."""
+
+    def wrap(method: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+        @functools.wraps(method)
+        async def bounded(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            store = args[0]
+            assert isinstance(store, RedisPrefixStore)
+            try:
+                async with asyncio.timeout(store.call_timeout_s):
+                    return await method(*args, **kwargs)
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"prefix store unavailable: redis at {store._url} did not answer {op} within "
+                    f"{store.call_timeout_s:g} s"
+                ) from None
+
+        return bounded
+
+    return wrap
 
 
 def _redact(url: str) -> str:
@@ -200,6 +302,7 @@ class RedisPrefixStore:
             `StoreUnavailable`.
         resync_interval_s: period of the backstop resync of known tasks' versions.
         reconnect_backoff_s: (first, max) delay between listener reconnect attempts.
+        call_timeout_s: deadline of each public call, retries included (`StoreUnavailable` past it).
     """
 
     def __init__(
@@ -211,11 +314,15 @@ class RedisPrefixStore:
         retries: int = 3,
         resync_interval_s: float = 5.0,
         reconnect_backoff_s: tuple[float, float] = (0.2, 2.0),
+        call_timeout_s: float = 5.0,
     ) -> None:
         if not key_prefix or any(c.isspace() for c in key_prefix):
             raise ValueError(f"key_prefix must be non-empty without whitespace, got {key_prefix!r}")
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        if not call_timeout_s > 0:
+            raise ValueError(f"call_timeout_s must be > 0, got {call_timeout_s}")
+        self.call_timeout_s = call_timeout_s
         self._url = _redact(url)
         self._prefix = key_prefix
         self._keep_versions = keep_versions
@@ -249,6 +356,7 @@ class RedisPrefixStore:
         self._rollback = self._redis.register_script(_ROLLBACK_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
         self._split = self._redis.register_script(_SPLIT_LUA)
+        self._next_version = self._redis.register_script(_NEXT_VERSION_LUA)
 
         self._callbacks: list[ChangeCallback] = []
         # (tenant, task) -> the version subscribers were last told about, or that was last fetched
@@ -301,6 +409,7 @@ class RedisPrefixStore:
 
     # ---- writes -----------------------------------------------------------------------------
 
+    @_deadline("put")
     async def put(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
         """Store `data` as a new version and make it current (see the module docstring for how)."""
         base = self._task_base(tenant, task)
@@ -313,7 +422,7 @@ class RedisPrefixStore:
             raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
         sha256 = hashlib.sha256(data).hexdigest()
         with self._errors("put"):
-            version = int(await self._redis.incr(f"{base}:seq"))
+            version = await self._new_version(tenant, task)
             info = VersionInfo(tenant, task, version, sha256, len(data), time.time(), metadata)
             await self._redis.set(f"{base}:v:{version}:blob", data, ex=STAGING_TTL_S)
             await self._commit(
@@ -331,6 +440,26 @@ class RedisPrefixStore:
         logger.info("stored prefix %s/%s v%d (%d bytes)", tenant, task, version, len(data))
         return info
 
+    async def _new_version(self, tenant: str, task: str) -> int:
+        """The next version number of the task (see the module docstring: tombstones)."""
+        base, tenant_base = self._task_base(tenant, task), self._tenant_base(tenant)
+        version, restarted = await self._next_version(
+            keys=[
+                f"{base}:seq",
+                f"{base}:current",
+                f"{base}:versions",
+                f"{tenant_base}:deleted",
+                f"{tenant_base}:deleted_floor",
+            ],
+            args=[task],
+        )
+        if restarted:
+            logger.error(
+                "prefix store data corrupt: %s:seq was not a number; restarted at v%d", base, version
+            )
+        return int(version)
+
+    @_deadline("rollback")
     async def rollback(self, tenant: str, task: str, version: int) -> VersionInfo:
         """Make `version` (still kept) current again and notify subscribers."""
         base = self._task_base(tenant, task)
@@ -349,18 +478,27 @@ class RedisPrefixStore:
         logger.info("rolled back prefix %s/%s to v%d", tenant, task, version)
         return parse_stored_info(res[1], f"{base}:v:{version}:meta")
 
+    @_deadline("delete")
     async def delete(self, tenant: str, task: str) -> None:
         """Delete the task and all its versions and notify subscribers (version None)."""
-        base = self._task_base(tenant, task)
+        base, tenant_base = self._task_base(tenant, task), self._tenant_base(tenant)
         with self._errors("delete"):
             done = await self._delete(
-                keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
-                args=[base, task, self._channel, self._message(tenant, task, None)],
+                keys=[
+                    f"{tenant_base}:tasks",
+                    f"{base}:current",
+                    f"{base}:versions",
+                    f"{base}:seq",
+                    f"{tenant_base}:deleted",
+                    f"{tenant_base}:deleted_floor",
+                ],
+                args=[base, task, self._channel, self._message(tenant, task, None), MAX_TOMBSTONES],
             )
         if not done:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
         logger.info("deleted prefix %s/%s", tenant, task)
 
+    @_deadline("set_split")
     async def set_split(self, tenant: str, task: str, split: dict[int, int]) -> None:
         """Set (or with `{}` end) the task's traffic split atomically with the check that every
         weighted version is kept; notifies subscribers (issue 18)."""
@@ -383,6 +521,7 @@ class RedisPrefixStore:
             raise VersionNotFound(f"{tenant}/{task} has no version {int(res[1])} (never created or pruned)")
         logger.info("traffic split of %s/%s set to %s", tenant, task, split or "none")
 
+    @_deadline("get_split")
     async def get_split(self, tenant: str, task: str) -> dict[int, int]:
         """The task's traffic split ({} when none)."""
         base = self._task_base(tenant, task)
@@ -390,10 +529,11 @@ class RedisPrefixStore:
             raw = await self._redis.get(f"{base}:split")
         if raw is not None or (tenant, task) in self._seen:  # not for unknown names: bounded memory
             self._seen_splits[(tenant, task)] = raw  # what subscribers now know; resync compares with it
-        return {} if raw is None else {int(v): int(p) for v, p in json.loads(raw).items()}
+        return {} if raw is None else parse_stored_split(raw, f"{base}:split")
 
     # ---- reads ------------------------------------------------------------------------------
 
+    @_deadline("get")
     async def get(self, tenant: str, task: str, version: int | None = None) -> StoredPrefix:
         """The current version's (or `version`'s) info and bytes; metadata and blob read atomically."""
         base = self._task_base(tenant, task)
@@ -420,15 +560,21 @@ class RedisPrefixStore:
                     raise VersionNotFound(
                         f"{tenant}/{task} has no version {version} (never created or pruned)"
                     )
+                if parse_stored_version(current, f"{base}:current") == wanted:  # not a prune: not ours
+                    logger.error("prefix store data corrupt: %s:current names v%d, which is missing",
+                                 base, wanted)  # fmt: skip
+                    raise StoreCorrupt("prefix store data is corrupt (see the server log)")
                 # The version we read as current was pruned before the transaction ran: read again.
             else:
                 raise StoreError(f"{tenant}/{task}: current version kept changing; gave up reading")
         info = parse_stored_info(meta, f"{base}:v:{wanted}:meta")
+        check_stored_bytes(info, data, f"{base}:v:{wanted}:blob")
         if version is None:
             # The caller now holds this version: a resync need not report it again.
             self._seen[(tenant, task)] = info.version
         return StoredPrefix(info=info, data=data)
 
+    @_deadline("current_version")
     async def current_version(self, tenant: str, task: str) -> int | None:
         """The current version number, or None if the tenant has no such task."""
         base = self._task_base(tenant, task)
@@ -436,21 +582,30 @@ class RedisPrefixStore:
             raw = await self._redis.get(f"{base}:current")
         return None if raw is None else parse_stored_version(raw, f"{base}:current")
 
+    @_deadline("describe")
     async def describe(self, tenant: str, task: str) -> TaskInfo:
-        """The current version and every kept version, ascending."""
+        """The current version and every kept version, ascending (an older version whose metadata is
+        garbage is logged and left out; a garbage current one is `StoreCorrupt`)."""
         base = self._task_base(tenant, task)
         with self._errors("describe"):
             res = await self._describe(keys=[f"{base}:current", f"{base}:versions"], args=[base])
         if not res:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
         current = parse_stored_version(res[0], f"{base}:current")
-        versions = [parse_stored_info(m, f"{base}:v:*:meta") for m in res[1:]]
+        versions = []
+        for meta in res[1:]:
+            with contextlib.suppress(StoreCorrupt):  # logged
+                versions.append(parse_stored_info(meta, f"{base}:v:*:meta"))
         by_version = {v.version: v for v in versions}
-        if current not in by_version:  # cannot happen: commit/prune never drop the current version
-            raise StoreError(f"{tenant}/{task}: current version {current} has no metadata")
+        if current not in by_version:  # commit/prune never drop the current version: not ours
+            logger.error(
+                "prefix store data corrupt: %s:current names v%d, which has no metadata", base, current
+            )
+            raise StoreCorrupt("prefix store data is corrupt (see the server log)")
         split = await self.get_split(tenant, task)
         return TaskInfo(current=by_version[current], versions=versions, split=split)
 
+    @_deadline("list_tasks")
     async def list_tasks(self, tenant: str, cursor: str | None = None, limit: int = 100) -> TaskPage:
         """One page of the tenant's tasks (current version each) in name order, after `cursor`."""
         tenant_base = self._tenant_base(tenant)
@@ -460,15 +615,25 @@ class RedisPrefixStore:
         with self._errors("list_tasks"):
             # One extra name tells us whether there is a next page.
             res = await self._list(keys=[f"{tenant_base}:tasks"], args=[tenant_base, lex_min, limit + 1])
-        names = [res[i].decode() for i in range(0, len(res), 2)]
-        metas = [res[i] for i in range(1, len(res), 2)]
-        items = [
-            parse_stored_info(m, f"{tenant_base}:task:{name}:current meta")
-            for name, m in zip(names[:limit], metas[:limit], strict=False)
-            if m
-        ]
+        names = [res[i].decode() for i in range(0, len(res), 3)]
+        items: list[VersionInfo] = []
+        broken: list[str] = []
+        for i, name in enumerate(names[:limit]):
+            current, meta = res[3 * i + 1], res[3 * i + 2]
+            if not current:
+                continue  # listed but no task (cannot happen: delete removes both in one script)
+            base = f"{tenant_base}:task:{name}"
+            try:
+                version = parse_stored_version(current, f"{base}:current")
+                if not meta:
+                    logger.error("prefix store data corrupt: %s:current names v%d, which has no metadata",
+                                 base, version)  # fmt: skip
+                    raise StoreCorrupt("prefix store data is corrupt (see the server log)")
+                items.append(parse_stored_info(meta, f"{base}:v:{version}:meta"))
+            except StoreCorrupt:  # logged; this task alone is left out
+                broken.append(name)
         next_cursor = names[limit - 1] if len(names) > limit else None
-        return TaskPage(items=items, next_cursor=next_cursor)
+        return TaskPage(items=items, next_cursor=next_cursor, broken=broken)
 
     # ---- change notifications ---------------------------------------------------------------
 
@@ -547,7 +712,13 @@ class RedisPrefixStore:
             ):
                 if new != old and self._seen_splits.get((tenant, task)) == old and (new or old):
                     self._seen_splits[(tenant, task)] = new
-                    event = ChangeEvent(tenant, task, None if cur is None else int(cur))
+                    try:
+                        version = (
+                            None if cur is None else parse_stored_version(cur, f"{tenant}/{task} current")
+                        )
+                    except StoreCorrupt:
+                        continue  # logged; readers of this task get 503s until it is repaired
+                    event = ChangeEvent(tenant, task, version)
                     events.append(event)
                     await self._emit(event)
         return events
@@ -557,6 +728,7 @@ class RedisPrefixStore:
         key = (event.tenant, event.task)
         if event.version is None:
             self._seen.pop(key, None)
+            self._seen_splits.pop(key, None)  # a deleted task has no split to watch
         else:
             self._seen[key] = event.version
         for cb in list(self._callbacks):

@@ -13,11 +13,14 @@ older versions to it, never between older versions or back.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 MAX_SPLIT_VERSIONS = 4
 NUM_BUCKETS = 10_000  # percent x 100
+_VERSION_KEY_RE = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
+_MAX_VERSION = 10**18 - 1
 
 Split = dict[int, int]  # version -> percent of requests
 
@@ -26,18 +29,30 @@ class InvalidSplit(ValueError):
     """Weights that are not a valid split (the message says why)."""
 
 
+def parse_version_key(version: object) -> int:
+    """A split's version key as a number: an int (not a bool) or its canonical decimal string, as
+    `split_to_json` writes it ("12"; never "012", " 2", "1_0", "+3" or other scripts' digits such as
+    "\u0661"), at most 18 digits. Anything else raises `InvalidSplit`."""
+    if type(version) is int:
+        v = version
+    elif isinstance(version, str) and _VERSION_KEY_RE.fullmatch(version):
+        v = int(version)
+    else:
+        raise InvalidSplit(f"version {str(version)[:24]!r} is not a version number (1, 2, ...)")
+    if not 1 <= v <= _MAX_VERSION:
+        raise InvalidSplit(f"version {v} is not a version number (1, 2, ...)")
+    return v
+
+
 def validate_split(weights: Mapping[Any, Any]) -> Split:
-    """The split as {version: percent}, or `InvalidSplit`: 1-4 versions >= 1, integer percents
-    1-100 summing to 100."""
+    """The split as {version: percent}, or `InvalidSplit`: 1-4 versions (`parse_version_key`),
+    integer percents 1-100 summing to 100."""
     if not isinstance(weights, Mapping) or not 1 <= len(weights) <= MAX_SPLIT_VERSIONS:
         raise InvalidSplit(f"a split names 1-{MAX_SPLIT_VERSIONS} versions")
     split: Split = {}
     for version, percent in weights.items():
-        try:
-            v = int(version)
-        except (TypeError, ValueError):
-            raise InvalidSplit(f"version {version!r} is not an integer") from None
-        if v < 1 or isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 100:
+        v = parse_version_key(version)
+        if type(percent) is not int or not 1 <= percent <= 100:
             raise InvalidSplit(f"version {version!r}: weights are integer percents 1-100 of versions >= 1")
         if v in split:
             raise InvalidSplit(f"version {v} is named twice")

@@ -119,6 +119,11 @@ class StoreBackend:
     async def is_empty(self) -> bool:
         raise NotImplementedError
 
+    async def overwrite(self, tenant: str, task: str, part: str, value: bytes) -> None:
+        """Replace one piece of a task's stored data with `value`, as bit rot or a hand edit would:
+        `part` is "current", "seq", "split", "meta:N" or "blob:N" (version N)."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         for store in self._opened:
             await store.close()
@@ -138,13 +143,21 @@ class LocalBackend(StoreBackend):
         return store
 
     async def task_entries(self, tenant: str, task: str) -> list[str]:
-        return sorted(os.listdir(self.root / tenant / task))
+        try:
+            return sorted(os.listdir(self.root / tenant / task))
+        except FileNotFoundError:
+            return []
 
     async def has_version(self, tenant: str, task: str, version: int) -> bool:
         return any(n.startswith(f"v{version}.") for n in await self.task_entries(tenant, task))
 
     async def is_empty(self) -> bool:
         return not self.root.exists() or os.listdir(self.root) == []
+
+    async def overwrite(self, tenant: str, task: str, part: str, value: bytes) -> None:
+        kind, _, version = part.partition(":")
+        name = {"meta": f"v{version}.json", "blob": f"v{version}.safetensors"}.get(kind, kind)
+        (self.root / tenant / task / name).write_bytes(value)
 
 
 class RedisBackend(StoreBackend):
@@ -167,6 +180,11 @@ class RedisBackend(StoreBackend):
 
     async def is_empty(self) -> bool:
         return not [k async for k in self.admin.scan_iter(match=f"{self.key_prefix}:*")]
+
+    async def overwrite(self, tenant: str, task: str, part: str, value: bytes) -> None:
+        kind, _, version = part.partition(":")
+        suffix = f"v:{version}:{kind}" if version else kind
+        await self.admin.set(f"{self.key_prefix}:t:{tenant}:task:{task}:{suffix}", value)
 
 
 @pytest.fixture(params=["local", "redis"])

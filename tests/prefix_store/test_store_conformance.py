@@ -13,6 +13,7 @@ from prefix_store.base import (
     ChangeEvent,
     InvalidName,
     PrefixStore,
+    StoreCorrupt,
     TaskNotFound,
     VersionNotFound,
     validate_name,
@@ -92,7 +93,7 @@ async def test_delete_removes_task_and_never_reuses_version_numbers(
         await store.delete("acme", "sum")
     assert await store.current_version("acme", "sum") is None
     assert [i.task for i in (await store.list_tasks("acme")).items] == ["keep"]
-    assert await backend.task_entries("acme", "sum") == ["seq"]  # only the version counter is left
+    assert await backend.task_entries("acme", "sum") == []  # nothing: the counter is a tombstone
 
     again = await store.put("acme", "sum", blob(40), {})
     assert again.version == 3  # a cache holding "sum v1" can never mistake the new task for it
@@ -242,3 +243,117 @@ def test_validate_name_accepts_the_documented_alphabet() -> None:
         validate_name("x" * 65, "task")
     with pytest.raises(InvalidName, match="string"):
         validate_name(None, "tenant")
+
+
+@pytest.mark.parametrize(
+    ("part", "garbage"),
+    [
+        ("current", "\u0661".encode() + b"9" * 50),
+        ("current", b"7"),  # a number, but of a version that was never written
+        ("meta:1", b"\x00{not json"),
+    ],
+)
+async def test_a_corrupt_task_fails_alone_and_a_new_version_repairs_it(
+    store: PrefixStore, backend: StoreBackend, part: str, garbage: bytes
+) -> None:
+    for name in ("alpha", "bad", "zeta"):
+        await store.put("acme", name, blob(100, len(name)), {"name": name})
+    await backend.overwrite("acme", "bad", part, garbage)
+
+    with pytest.raises(StoreCorrupt):
+        await store.get("acme", "bad")
+    with pytest.raises(StoreCorrupt):
+        await store.describe("acme", "bad")
+    page = await store.list_tasks("acme")
+    assert [i.task for i in page.items] == ["alpha", "zeta"] and page.broken == ["bad"]
+    first = await store.list_tasks("acme", limit=2)  # a broken task takes its place on a page
+    assert [i.task for i in first.items] == ["alpha"] and first.broken == ["bad"]
+    assert [i.task for i in (await store.list_tasks("acme", first.next_cursor)).items] == ["zeta"]
+    assert (await store.put("acme", "other", blob(10), {})).version == 1  # other names upload
+    assert (await store.get("acme", "zeta")).data == blob(100, 4)
+
+    repaired = await store.put("acme", "bad", blob(200, 9), {})
+    assert repaired.version == 2
+    assert (await store.get("acme", "bad")).data == blob(200, 9)
+    assert (await store.describe("acme", "bad")).current.version == 2
+    page = await store.list_tasks("acme")
+    assert [i.task for i in page.items] == ["alpha", "bad", "other", "zeta"] and page.broken == []
+
+
+async def test_a_corrupt_task_can_be_deleted(store: PrefixStore, backend: StoreBackend) -> None:
+    await store.put("acme", "bad", blob(100), {})
+    await backend.overwrite("acme", "bad", "current", b"garbage")
+    await store.delete("acme", "bad")
+    page = await store.list_tasks("acme")
+    assert page.items == [] and page.broken == []
+    assert (await store.put("acme", "bad", blob(10), {})).version == 2  # never reused
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+async def test_damaged_blob_is_store_corrupt_never_served(
+    store: PrefixStore, backend: StoreBackend, damage: str
+) -> None:
+    await store.put("acme", "sum", blob(1000, 1), {})
+    await store.put("acme", "sum", blob(1000, 2), {})
+    data = bytearray(blob(1000, 2))
+    if damage == "flip":
+        data[500] ^= 0x01
+    else:
+        del data[600:]
+    await backend.overwrite("acme", "sum", "blob:2", bytes(data))
+    with pytest.raises(StoreCorrupt):
+        await store.get("acme", "sum")
+    assert (await store.get("acme", "sum", version=1)).data == blob(1000, 1)  # the rest still serves
+    assert [i.version for i in (await store.list_tasks("acme")).items] == [2]  # listing needs no blob
+
+
+async def test_garbage_traffic_split_is_store_corrupt_and_a_new_version_drops_it(
+    store: PrefixStore, backend: StoreBackend
+) -> None:
+    await store.put("acme", "sum", blob(100, 1), {})
+    await store.put("acme", "sum", blob(100, 2), {})
+    for garbage in (b"{not json", b"[1, 2]", b'{"\u0661": 100}', b'{"1": 50}', b'{"1": "100"}'):
+        await backend.overwrite("acme", "sum", "split", garbage)
+        with pytest.raises(StoreCorrupt):
+            await store.get_split("acme", "sum")
+        with pytest.raises(StoreCorrupt):
+            await store.describe("acme", "sum")
+    assert (await store.get("acme", "sum")).info.version == 2  # the current version is intact
+    await store.put("acme", "sum", blob(100, 3), {})
+    assert await store.get_split("acme", "sum") == {}
+    assert (await store.describe("acme", "sum")).split == {}
+
+
+async def test_garbage_version_counter_restarts_after_every_known_version(
+    store: PrefixStore, backend: StoreBackend
+) -> None:
+    for i in range(3):
+        await store.put("acme", "sum", blob(100, i), {})
+    await backend.overwrite("acme", "sum", "seq", b"not a number")
+    assert (await store.put("acme", "sum", blob(100, 9), {})).version == 4
+    assert (await store.put("acme", "sum", blob(100, 10), {})).version == 5
+
+
+async def test_deleted_names_leave_a_bounded_record_and_versions_are_never_reused(
+    backend: StoreBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prefix_store.local_store
+    import prefix_store.redis_store
+
+    for module in (prefix_store.local_store, prefix_store.redis_store):
+        monkeypatch.setattr(module, "MAX_TOMBSTONES", 3)
+    store = backend.open()
+    last: list[int] = []
+    for i in range(6):  # six names, each with a few versions, then deleted
+        for _ in range(2):
+            version = (await store.put("acme", f"t{i}", blob(10, i), {})).version
+        last.append(version)
+        await store.delete("acme", f"t{i}")
+        assert await backend.task_entries("acme", f"t{i}") == []
+    # Three tombstones are kept: the fourth delete folded t0's 2 into the floor, so t4 and t5 began
+    # at 3; the floor is 2 (t0, t1, t2 folded), t3, t4, t5 are remembered.
+    assert last == [2, 2, 2, 2, 4, 4]
+    assert (await store.put("acme", "t5", blob(10), {})).version == 5  # from its own number
+    assert (await store.put("acme", "t0", blob(10), {})).version == 3  # from the floor, never 1 or 2
+    assert (await store.put("acme", "brand-new", blob(10), {})).version == 3
+    assert (await store.put("acme", "t3", blob(10), {})).version == 3

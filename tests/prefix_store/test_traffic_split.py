@@ -47,11 +47,26 @@ def test_raising_the_canary_only_moves_keys_onto_it() -> None:
         {1: 100.0},
         {1: True},
         dict.fromkeys(range(1, 6), 20),
+        # Version keys other than canonical decimal numbers, which int() would have read as versions.
+        {"\u0661": 100},  # ARABIC-INDIC DIGIT ONE
+        {" 2": 100},
+        {"2 ": 100},
+        {"1_0": 100},
+        {"01": 100},
+        {"+1": 100},
+        {True: 100},
+        {"1" * 19: 100},
+        {1.0: 100},
     ],
 )
 def test_invalid_splits_are_refused(bad: dict) -> None:
     with pytest.raises(InvalidSplit):
         validate_split(bad)
+
+
+def test_canonical_version_keys_are_accepted() -> None:
+    assert validate_split({"3": 10, "12": 90}) == {3: 10, 12: 90}
+    assert validate_split({3: 10, 12: 90}) == {3: 10, 12: 90}
 
 
 @pytest.fixture(params=["local", "redis"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from prefix_store.base import MAX_NAME_LENGTH, validate_name
 from prefix_store.traffic import MAX_SPLIT_VERSIONS, InvalidSplit, split_to_json, validate_split
@@ -29,9 +29,10 @@ TaskName = Annotated[str, Path(min_length=1, max_length=MAX_NAME_LENGTH, descrip
 
 
 class TrafficSplit(BaseModel):
-    """Percent of requests per version ("version": percent, summing to 100); {} = no split."""
+    """Percent of requests per version ("version": percent, summing to 100); {} = no split. Keys are
+    canonical version numbers ("3", not "03" or " 3"), percents JSON integers (not "10", 10.0, true)."""
 
-    weights: dict[str, int] = Field(
+    weights: dict[str, StrictInt] = Field(
         max_length=MAX_SPLIT_VERSIONS, examples=[{"3": 10, "2": 90}], description="version -> percent"
     )
 

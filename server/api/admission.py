@@ -9,7 +9,8 @@ route, `scope["route"]`, says what applies) and before anything is read:
 
 1. Routes that need an API key (their dependencies include `deps.authenticate`): 401 without a valid
    key. The dependency checks again afterwards (cheap); this copy keeps bodies of unknown callers out.
-2. Generation routes (POST routes tagged "generate" or "openai"): 503 while draining, and 429
+2. Generation and tokenizer routes (POST routes tagged "generate", "openai" or "tokenize"): 503
+   while draining, and 429
    `overloaded` with `Retry-After` when the engine's queue would refuse the caller's tenant now (full,
    and with fair scheduling no other tenant's request to push out): what TGI's router does.
 3. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
@@ -36,7 +37,7 @@ from server.api.deps import AppState, authenticate
 from server.api.errors import RETRY_AFTER_OVERLOADED_S, ApiError, BodyTooLarge, Draining
 from server.limits import Limits
 
-GENERATION_TAGS = frozenset({"generate", "openai"})
+GENERATION_TAGS = frozenset({"generate", "openai", "tokenize"})  # tokenizer work is admitted alike
 
 
 @dataclass(frozen=True)

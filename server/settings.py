@@ -167,6 +167,19 @@ class Settings(BaseSettings):
         default=_L.max_request_header_bytes, ge=1024, description="Request line + headers beyond: 400."
     )
     # --- issue 24: hostile tenants (defaults in server.limits.Limits) ----------------------------
+    timeout_request_body_s: float = Field(
+        default=_L.timeout_request_body_s,
+        gt=0,
+        description="A request body must arrive within this plus its size at MIN_REQUEST_BODY_BYTES_PER_S.",
+    )
+    min_request_body_bytes_per_s: int = Field(
+        default=_L.min_request_body_bytes_per_s, ge=1, description="Slower request bodies are cut off."
+    )
+    tenant_max_connections: int = Field(
+        default=_L.tenant_max_connections,
+        ge=0,
+        description="Requests in flight per tenant, checked before the body is read (429); 0 = unlimited.",
+    )
     timeout_write_s: float = Field(
         default=_L.timeout_write_s,
         gt=0,

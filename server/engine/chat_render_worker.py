@@ -127,11 +127,11 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    os.nice(NICENESS)  # first: even start-up (imports) yields to the server
     memory_bytes = int(sys.argv[1])
     frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the frames
     frames_in = sys.stdin.buffer
-    os.nice(NICENESS)
     _answer(  # import and warm everything before the cap, so the cap is for the template alone
         {
             "messages": [{"role": "user", "content": "hi"}],

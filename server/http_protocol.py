@@ -11,9 +11,10 @@ bytes it does not read.
   `headers + body_timeout_s + received / min_body_rate` gets its connection closed (the app sees a
   disconnect). A response sent before the body was read (a 401, 413 or 429 from admission) closes the
   connection once it is flushed: the rest of that body is never read, so the connection is no use.
-- **Writes** (a client that never reads a finished stream): bytes that sit in the send buffer with no
-  progress for `write_timeout_s` abort the connection, dropping them (`transport.close()` alone would
-  wait for the client forever).
+- **Writes** (a client that never reads a finished stream): bytes that sit unsent (the transport's
+  buffer plus the kernel's send queue) with no progress for `write_timeout_s` abort the connection
+  with a reset, dropping them (`transport.close()` alone, or a plain close of the socket, would keep
+  them for the client for as long as the kernel retries).
 
 One timer per connection, re-armed at most every second, checks the body and write deadlines.
 """
@@ -21,7 +22,12 @@ One timer per connection, re-armed at most every second, checks the body and wri
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import socket
+import struct
+import termios
 import time
 from typing import Any
 
@@ -116,7 +122,7 @@ class DeadlineH11Protocol(H11Protocol):
         now = time.monotonic()
         if self._write_stalled(now):
             logger.warning("closing a connection whose client reads nothing", extra={"client": self.client})
-            self.transport.abort()  # drops the unsent bytes; connection_lost follows
+            self._abort()  # drops the unsent bytes; connection_lost follows
             return
         if self._body_late(now) and not self.transport.is_closing():
             logger.warning(
@@ -131,8 +137,29 @@ class DeadlineH11Protocol(H11Protocol):
         allowed = self.body_timeout_s + self._body_bytes / self.min_body_rate
         return now - self._body_started > allowed
 
-    def _write_stalled(self, now: float) -> bool:
+    def _unsent_bytes(self) -> int:
+        """Bytes not yet taken by the client: the transport's buffer plus the kernel's send queue
+        (on loopback the kernel alone can hold megabytes of a response)."""
         buffered = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+                buffered += struct.unpack("i", queued)[0]
+            except (OSError, ValueError):  # not Linux, or the socket is gone
+                pass
+        return buffered
+
+    def _abort(self) -> None:
+        """Close at once, dropping what the kernel still holds for the client (RST, no lingering)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def _write_stalled(self, now: float) -> bool:
+        buffered = self._unsent_bytes()
         if buffered == 0 or buffered < self._write_buffered:  # empty, or the client read some
             self._write_stalled_since = None
         elif self._write_stalled_since is None:

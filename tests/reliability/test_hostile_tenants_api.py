@@ -322,3 +322,52 @@ def test_lone_surrogates_and_refused_template_kwargs_are_422(server):
         r = chat(client, base_model(client), chat_template_kwargs={"tools": [{"type": "function"}]})
         assert r.status_code == 422 and "tools" in r.json()["error"]["message"], r.text
         assert chat(client, base_model(client), chat_template_kwargs={"greeting": "hi"}).status_code == 200
+
+
+def _openai_stream(url: str, path: str, body: dict, out: list, done: threading.Event) -> None:
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=120) as client,
+            client.stream("POST", path, json=body, headers=ACME) as r,
+        ):
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    out.append(line[5:].strip())
+    except httpx.HTTPError as exc:  # the connection cut before [DONE]
+        out.append(f"cut: {exc!r}")
+    finally:
+        done.set()
+
+
+def test_openai_streams_cut_by_shutdown_never_say_stop(spawn_server, long_gpt2_dir, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(SERVER_TEMPLATE)
+    server = spawn_server(model_dir=long_gpt2_dir, shutdown_grace_s=0.5, chat_template=str(template))
+    with server.client() as client:
+        model = base_model(client)
+    streams = {
+        "/v1/completions": {"model": model, "prompt": "Hello", "max_tokens": 4000, "stream": True},
+        "/v1/chat/completions": {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 4000,
+            "stream": True,
+        },
+    }
+    events: dict[str, list[str]] = {path: [] for path in streams}
+    done = {path: threading.Event() for path in streams}
+    for path, body in streams.items():
+        threading.Thread(
+            target=_openai_stream, args=(server.url, path, body, events[path], done[path]), daemon=True
+        ).start()
+    wait_until(lambda: all(len(e) >= 3 for e in events.values()), 120, "tokens on both streams")
+    server.signal()  # SIGTERM: the 0.5 s grace is far shorter than 4000 tokens
+    assert server.wait_exit(timeout=60) == 0, server.log_tail()
+    for path in streams:
+        assert done[path].wait(30), path
+        chunks = [json.loads(e) for e in events[path] if e.startswith("{")]
+        reasons = [c.get("finish_reason") for chunk in chunks for c in chunk.get("choices", [])]
+        assert "stop" not in reasons and "length" not in reasons, (path, reasons[-3:])
+        # The stream says why it ended: an in-band error (then [DONE]), or the connection was cut.
+        last = events[path][-2:] if events[path][-1:] == ["[DONE]"] else events[path][-1:]
+        assert "error" in last[0] or last[0].startswith("cut:"), (path, events[path][-3:])

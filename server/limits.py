@@ -30,6 +30,15 @@ class Limits:
     timeout_request_header_s: float = 10.0  # request line + headers must arrive within this (slowloris)
     max_connections: int = 1000  # open connections beyond this get 503 (uvicorn limit_concurrency)
     max_request_header_bytes: int = 16384  # request line + headers beyond this get 400 (h11)
+    # issue 24: what one hostile tenant may cost (server.http_protocol, server.engine.chat_render)
+    timeout_request_body_s: float = 30.0  # a body must arrive within this plus its bytes at the rate below
+    min_request_body_bytes_per_s: int = 16384  # (a slower body's connection is closed)
+    tenant_max_connections: int = 256  # requests in flight per tenant, counted before the body: 429
+    timeout_write_s: float = 30.0  # a response the client reads none of for this long: connection closed
+    max_tokenize_chars: int | None = None  # /tokenize input; None: the prompt limit (max_prompt_chars)
+    chat_template_workers: int = 2  # processes that render chat templates (a tenant may hold all but one)
+    chat_template_timeout_s: float = 2.0  # a render still running then is killed: 422
+    chat_template_max_memory_bytes: int = 256 << 20  # a render's memory (worker address space): 422
     # --- uploads (and every later load of what was uploaded) -----------------------------------
     max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
     keep_versions: int = 5  # versions kept per task; older ones are pruned on upload (never the current)

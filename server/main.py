@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from pydantic import ValidationError
 
-from server.http_protocol import with_header_timeout
+from server.http_protocol import with_deadlines
 from server.logging import configure_logging
 from server.settings import Settings
 
@@ -126,7 +126,7 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         access_log=False,  # our RequestMiddleware writes the access line
         timeout_graceful_shutdown=FINAL_FLUSH_S,  # the grace itself is spent draining (see _Server)
         lifespan="on",
-        http=with_header_timeout(limits.timeout_request_header_s),
+        http=with_deadlines(limits),
         timeout_keep_alive=limits.timeout_keep_alive_s,
         limit_concurrency=limits.max_connections,
         h11_max_incomplete_event_size=limits.max_request_header_bytes,

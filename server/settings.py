@@ -166,6 +166,41 @@ class Settings(BaseSettings):
     max_request_header_bytes: int = Field(
         default=_L.max_request_header_bytes, ge=1024, description="Request line + headers beyond: 400."
     )
+    # --- issue 24: hostile tenants (defaults in server.limits.Limits) ----------------------------
+    timeout_request_body_s: float = Field(
+        default=_L.timeout_request_body_s,
+        gt=0,
+        description="A request body must arrive within this plus its size at MIN_REQUEST_BODY_BYTES_PER_S.",
+    )
+    min_request_body_bytes_per_s: int = Field(
+        default=_L.min_request_body_bytes_per_s, ge=1, description="Slower request bodies are cut off."
+    )
+    tenant_max_connections: int = Field(
+        default=_L.tenant_max_connections,
+        ge=0,
+        description="Requests in flight per tenant, checked before the body is read (429); 0 = unlimited.",
+    )
+    timeout_write_s: float = Field(
+        default=_L.timeout_write_s,
+        gt=0,
+        description="A response the client reads nothing of for this long: the connection is closed.",
+    )
+    max_tokenize_chars: int | None = Field(
+        default=_L.max_tokenize_chars,
+        ge=1,
+        description="/tokenize inputs longer than this get 422; unset: the prompt limit.",
+    )
+    chat_template_workers: int = Field(
+        default=_L.chat_template_workers, ge=1, description="Processes that render chat templates."
+    )
+    chat_template_timeout_s: float = Field(
+        default=_L.chat_template_timeout_s, gt=0, description="A longer chat template render gets 422."
+    )
+    chat_template_max_memory_bytes: int = Field(
+        default=_L.chat_template_max_memory_bytes,
+        ge=16 << 20,
+        description="Memory one chat template render may use; beyond it the request gets 422.",
+    )
 
     # --- issue 18: fair scheduling across tenants ----------------------------------------------
     fair_scheduling: bool = Field(

@@ -9,10 +9,14 @@ route, `scope["route"]`, says what applies) and before anything is read:
 
 1. Routes that need an API key (their dependencies include `deps.authenticate`): 401 without a valid
    key. The dependency checks again afterwards (cheap); this copy keeps bodies of unknown callers out.
-2. Generation routes (POST routes tagged "generate" or "openai"): 503 while draining, and 429
+2. Generation and tokenizer routes (POST routes tagged "generate", "openai" or "tokenize"): 503
+   while draining, and 429
    `overloaded` with `Retry-After` when the engine's queue would refuse the caller's tenant now (full,
    and with fair scheduling no other tenant's request to push out): what TGI's router does.
-3. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
+3. Every route with a key: 429 when the tenant already has `tenant_max_connections` requests in
+   flight (admitted, not yet answered), so one tenant's slow bodies or long streams cannot take every
+   connection slot (bodies also have a read deadline: `server.http_protocol`).
+4. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
    smaller `max_json_body_bytes`. 413 at once from `Content-Length`, or by counting the bytes of a
    chunked (or lying) body as they arrive.
 
@@ -36,7 +40,7 @@ from server.api.deps import AppState, authenticate
 from server.api.errors import RETRY_AFTER_OVERLOADED_S, ApiError, BodyTooLarge, Draining
 from server.limits import Limits
 
-GENERATION_TAGS = frozenset({"generate", "openai"})
+GENERATION_TAGS = frozenset({"generate", "openai", "tokenize"})  # tokenizer work is admitted alike
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class AdmissionMiddleware:
         self.state = state
         self.limits = state.config.limits
         self._policies: dict[int, RoutePolicy] = {}  # by id() of the (long-lived) route object
+        self._in_flight: dict[str, int] = {}  # tenant -> its requests past admission, not yet answered
         self._default = RoutePolicy(
             needs_key=False, generation=False, max_body_bytes=_json_limit(self.limits)
         )
@@ -89,12 +94,13 @@ class AdmissionMiddleware:
             return
         limit: int | None = None
         received = 0
+        holder: str | None = None  # the tenant whose connection count this request holds
 
         async def admitted_receive() -> Message:
-            nonlocal limit, received
+            nonlocal limit, received, holder
             if limit is None:  # the first read: the router has matched, nothing is read yet
                 policy = self.policy(scope.get("route"))
-                self._admit(scope, policy)
+                holder = self._admit(scope, policy)
                 limit = policy.max_body_bytes
             message = await receive()
             if message["type"] == "http.request":
@@ -103,10 +109,35 @@ class AdmissionMiddleware:
                     raise BodyTooLarge(limit)
             return message
 
-        await self.app(scope, admitted_receive, send)
+        try:
+            await self.app(scope, admitted_receive, send)
+        finally:
+            if holder is not None:
+                self._release_connection(holder)
 
-    def _admit(self, scope: Scope, policy: RoutePolicy) -> None:
-        """Raise (as an `HTTPException`) why the request is refused before its body is read."""
+    def _hold_connection(self, tenant: str) -> None:
+        """Count one more request of `tenant` in flight, or 429 when it already has its bound."""
+        bound = self.limits.tenant_max_connections
+        held = self._in_flight.get(tenant, 0)
+        if bound and held >= bound:
+            raise ApiError(
+                429,
+                f"this tenant already has {held} requests in flight (the limit is {bound})",
+                "rate_limited",
+                retry_after=RETRY_AFTER_OVERLOADED_S,
+            )
+        self._in_flight[tenant] = held + 1
+
+    def _release_connection(self, tenant: str) -> None:
+        left = self._in_flight.get(tenant, 1) - 1
+        if left > 0:
+            self._in_flight[tenant] = left
+        else:
+            self._in_flight.pop(tenant, None)
+
+    def _admit(self, scope: Scope, policy: RoutePolicy) -> str | None:
+        """Raise (as an `HTTPException`) why the request is refused before its body is read; else
+        the tenant whose in-flight count it now holds (None for routes without a key)."""
         headers = dict(scope.get("headers") or [])
         tenant = DEFAULT_TENANT
         if policy.needs_key:
@@ -127,6 +158,10 @@ class AdmissionMiddleware:
                 raise ApiError(429, refusal, "overloaded", retry_after=RETRY_AFTER_OVERLOADED_S)
         if _declared_length(headers.get(b"content-length")) > policy.max_body_bytes:
             raise BodyTooLarge(policy.max_body_bytes)  # the client may still be sending it: not read
+        if not policy.needs_key:
+            return None
+        self._hold_connection(tenant)  # last: a refusal above holds nothing
+        return tenant
 
 
 def _json_limit(limits: Limits) -> int:

@@ -29,6 +29,7 @@ from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
 from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
+from server.engine.chat_render import ChatRenderPool, RenderLimits
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -113,6 +114,14 @@ def create_app(
         max_prompt_chars=prompt_char_limit(
             settings.limits, spec.max_positions, getattr(engine, "tokenizer", None)
         ),
+        chat_renderer=ChatRenderPool(
+            RenderLimits(
+                workers=settings.limits.chat_template_workers,
+                timeout_s=settings.limits.chat_template_timeout_s,
+                memory_bytes=settings.limits.chat_template_max_memory_bytes,
+                wait_s=settings.limits.queue_timeout_s,
+            )
+        ),
     )
 
     @contextlib.asynccontextmanager
@@ -138,6 +147,7 @@ def create_app(
             await store.close()
             await limiter.close()
             await upload_limiter.close()
+            await state.chat_renderer.close()
             logger.info("stopped")
 
     app = FastAPI(

@@ -20,6 +20,7 @@ from server.api.auth import Authenticator, AuthError, Principal
 from server.api.errors import ApiError
 from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.api.traffic import routing_headers
+from server.engine.chat_render import ChatRenderPool
 from server.limits import Limits
 from server.logging import request_context
 from server.metrics import Metrics
@@ -77,6 +78,7 @@ class AppState:
     uploads: UploadChecks  # the artifact checks (torch code, injected: issue 14)
     limiter: TenantLimiter
     max_prompt_chars: int  # longer prompts cannot fit the model (`generation.prompt_char_limit`)
+    chat_renderer: ChatRenderPool  # renders chat templates in worker processes (server.api.chat_templates)
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)

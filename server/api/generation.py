@@ -33,7 +33,7 @@ from server.limits import Limits
 from server.logging import RequestContext, engine_request_id, request_context
 
 # Engine finish reasons that are not a completed generation (engine stopping, or a failure).
-_ABORTED = {"cancelled", "error"}
+ABORTED = frozenset({"cancelled", "error"})
 
 
 class ClientDisconnected(ApiError):
@@ -125,7 +125,7 @@ class Generation:
                     event = await anext(self._handle)
                 except StopAsyncIteration:
                     raise RequestFailed("the engine ended the stream without a final event") from None
-            if last is not None and last.finish_reason in _ABORTED:
+            if last is not None and last.finish_reason in ABORTED:
                 raise IncompleteGeneration(last.finish_reason)
         finally:
             await self.close(last)
@@ -220,17 +220,25 @@ async def start_generation(
     prompt: str | list[int],
     params: SamplingParams,
     request_id: str,
+    lease: Lease | None = None,
 ) -> Generation:
-    """Admit and submit one request; returns once its first event is there (see module docstring)."""
+    """Admit and submit one request; returns once its first event is there (see module docstring).
+    `lease`: the tenant's rate-limit lease when the route took it before earlier work (chat's render)."""
     start = time.perf_counter()
     ctx = request_context.get()
     if ctx is not None:
         ctx.task = task
-    if state.draining:
-        raise Draining()
-    params.validate()  # out-of-range values → 422 before using a rate-limit slot
-    check_prompt_size(state, prompt)
-    lease = await state.limiter.acquire(principal.tenant)
+    try:
+        if state.draining:
+            raise Draining()
+        params.validate()  # out-of-range values → 422 before using a rate-limit slot
+        check_prompt_size(state, prompt)
+    except BaseException:
+        if lease is not None:
+            await lease.release()
+        raise
+    if lease is None:
+        lease = await state.limiter.acquire(principal.tenant)
     handle: Any = None
     try:
         if isinstance(prompt, str):  # tokenising takes time proportional to the prompt: not on the loop
@@ -305,13 +313,15 @@ async def start_generations(
     prompt: str | list[int],
     params: list[SamplingParams],
     request_ids: list[str],
+    lease: Lease | None = None,
 ) -> list[Generation]:
     """`start_generation` for each of `params` concurrently (n / best_of: one engine request per
-    sequence, all sharing the task's prefix); if one is refused, the others are closed."""
+    sequence, all sharing the task's prefix); if one is refused, the others are closed. `lease`, if
+    given, is the first sequence's."""
     results = await asyncio.gather(
         *(
-            start_generation(state, principal, task, prompt, p, r)
-            for p, r in zip(params, request_ids, strict=True)
+            start_generation(state, principal, task, prompt, p, r, lease if i == 0 else None)
+            for i, (p, r) in enumerate(zip(params, request_ids, strict=True))
         ),
         return_exceptions=True,
     )

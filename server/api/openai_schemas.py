@@ -21,6 +21,7 @@ from server.api.schemas import (
     StopList,
     _Request,
     neutral_only,
+    valid_unicode,
 )
 from server.engine.types import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_N_TOKENS
 
@@ -119,6 +120,7 @@ class ContentPart(_Request):
     @model_validator(mode="after")
     def _text_only(self) -> ContentPart:
         neutral_only(self.type, ("text",), "messages may only hold text (no images, audio or files)")
+        valid_unicode(self.text or "", "message content")
         return self
 
 
@@ -126,6 +128,11 @@ class ChatMessage(_Request):
     role: str = Field(min_length=1, max_length=64)
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, max_length=256)
+
+    @field_validator("role", "content", "name")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        return valid_unicode(value, "message") if isinstance(value, str) else value
 
     def template_data(self) -> dict[str, Any]:
         """The message as a chat template reads it: text parts joined into one `content` string."""

@@ -66,6 +66,19 @@ def unknown_fields(model: BaseModel, path: str = "") -> list[str]:
     return names
 
 
+def valid_unicode(text: str, what: str) -> str:
+    """`text` unchanged, or ValueError (422) for a lone surrogate (JSON's "\\ud800"): it has no UTF-8
+    form, so no tokenizer, template or response could carry it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{what} holds a lone surrogate at character {exc.start}: not valid Unicode text"
+            ) from None
+    return text
+
+
 def neutral_only(value: Any, neutral: tuple[Any, ...], reason: str) -> Any:
     """Accept `value` when it is one of the neutral values (the API's "off"), else refuse with `reason`."""
     if value not in neutral:

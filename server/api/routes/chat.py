@@ -2,10 +2,10 @@
 
 GPT-2 and BART have no chat format, so `messages` are rendered with a Jinja chat template: the task's
 own (`chat_template` in its artifact's training metadata), else the server's (`PREFIXSERVE_CHAT_TEMPLATE`,
-a file, vLLM's `--chat-template` convention). The engine's tokenizer renders it with transformers'
-`apply_chat_template` (sandboxed Jinja, `bos_token`/`eos_token`, `add_generation_prompt`), so a
-template behaves here as it does in transformers and vLLM. With neither configured the answer is 400
-saying so, as vLLM does.
+a file, vLLM's `--chat-template` convention). It is rendered as transformers' `apply_chat_template`
+renders it (sandboxed Jinja, `bos_token`/`eos_token`, `add_generation_prompt`), so a template behaves
+here as it does in transformers and vLLM, but in a worker process with a deadline and a memory cap
+(`server.api.chat_templates`). With neither configured the answer is 400 saying so, as vLLM does.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from server.api.chat_templates import chat_template, check_template_kwargs, render
 from server.api.deps import AppState, Caller, State
-from server.api.errors import ApiError
 from server.api.generation import Completed, TokenInfo, collect_all_unless_disconnected
 from server.api.openai_schemas import (
     ChatChoice,
@@ -31,7 +31,6 @@ from server.api.openai_schemas import (
     TopLogprob,
     Usage,
 )
-from server.api.prefix_admin import store_call
 from server.api.routes.openai import (
     OPENAI_ERRORS,
     best,
@@ -43,48 +42,11 @@ from server.api.routes.openai import (
     usage,
 )
 from server.api.sse import SSE_CONTENT, sse_response
-from server.api.tokens import check_fields, in_thread, token_text
+from server.api.tokens import check_fields, token_text
 from server.engine.types import StreamEvent
 from server.logging import current_request_id
 
 router = APIRouter(tags=["openai"])
-
-
-async def chat_template(state: AppState, tenant: str, task: str | None) -> str:
-    """The task's template, else the server's; 400 when there is none."""
-    if task is not None:
-        with store_call(state, "describe"):
-            info = await state.store.describe(tenant, task)
-        training = info.current.metadata.get("training") or {}
-        if isinstance(training, dict) and isinstance(training.get("chat_template"), str):
-            return str(training["chat_template"])
-    if state.config.chat_template is None:
-        raise ApiError(
-            400,
-            "this model has no chat template: set PREFIXSERVE_CHAT_TEMPLATE to a Jinja template file, or "
-            "store `chat_template` in the task's artifact metadata; or use /v1/completions",
-            "invalid_request_error",
-        )
-    return state.config.chat_template
-
-
-def render(state: AppState, template: str, body: ChatCompletionRequest) -> str:
-    """`messages` -> prompt text, exactly as transformers' `apply_chat_template` renders it."""
-    try:
-        return str(
-            state.engine.tokenizer.apply_chat_template(
-                [m.template_data() for m in body.messages],
-                chat_template=template,
-                tokenize=False,
-                add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message,
-                **(body.chat_template_kwargs or {}),
-            )
-        )
-    except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, bad kwargs
-        raise ApiError(
-            400, f"the chat template failed on these messages: {exc}", "invalid_request_error"
-        ) from None
 
 
 def _logprobs(state: AppState, tokens: list[TokenInfo], top_n: int) -> ChatLogprobs:
@@ -121,14 +83,30 @@ async def chat_completions(
     """A chat completion; `stream: true` for `chat.completion.chunk` SSE events ending with [DONE]."""
     check_fields(body, "/v1/chat/completions", strict=False)
     task = model_task(state, body.model)
-    prompt = await in_thread(render, state, await chat_template(state, caller.tenant, task), body)
+    kwargs = check_template_kwargs(body.chat_template_kwargs)
+    template = await chat_template(state, caller.tenant, task)
+    lease = await state.limiter.acquire(caller.tenant)  # rendering is the tenant's work: counted first
+    try:
+        messages = [m.template_data() for m in body.messages]
+        prompt = await render(
+            state,
+            caller.tenant,
+            template,
+            messages,
+            kwargs,
+            body.add_generation_prompt,
+            body.continue_final_message,
+        )
+    except BaseException:
+        await lease.release()
+        raise
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
     n = body.n or 1
     params = sampling(body, max_tokens, top_n, False)
     if body.max_completion_tokens is None and body.max_tokens is None:
         params.max_new_tokens = 16  # vLLM fills the context; a bounded default keeps GPT-2 sensible
-    generations = await start_sequences(state, caller, task, prompt, params, n)
+    generations = await start_sequences(state, caller, task, prompt, params, n, lease)
     chat_id = f"chatcmpl-{current_request_id()}"
     created = int(time.time())
 

@@ -21,8 +21,9 @@ from fastapi import APIRouter, Request
 
 from prefix_store.base import validate_name
 from server.api.deps import Caller, State
-from server.api.errors import describe_exception, error_responses
+from server.api.errors import ApiError, describe_exception, error_responses
 from server.api.generation import (
+    ABORTED,
     Completed,
     Generation,
     collect_all_unless_disconnected,
@@ -41,7 +42,8 @@ from server.api.openai_schemas import (
     _Sampling,
 )
 from server.api.prefix_admin import list_all_tasks
-from server.api.schemas import GREEDY_TEMPERATURE_EPS
+from server.api.ratelimit import Lease
+from server.api.schemas import GREEDY_TEMPERATURE_EPS, valid_unicode
 from server.api.sse import SSE_CONTENT, sse_data, sse_response
 from server.api.tokens import check_fields, token_text
 from server.engine.types import SamplingParams, StreamEvent
@@ -54,8 +56,9 @@ OPENAI_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 500, 503, openai=T
 
 
 def finish_reason(reason: str | None) -> Literal["length", "stop"] | None:
-    """Engine finish reasons -> OpenAI's: "length", or "stop" (EOS or a stop sequence)."""
-    if reason is None:
+    """Engine finish reasons -> OpenAI's: "length", or "stop" (EOS or a stop sequence). A sequence the
+    engine cancelled or failed did not finish: null (its stream's error event follows), never "stop"."""
+    if reason is None or reason in ABORTED:
         return None
     return "length" if reason == "length" else "stop"
 
@@ -96,15 +99,17 @@ async def start_sequences(
     prompt: str | list[int],
     params: SamplingParams,
     count: int,
+    lease: Lease | None = None,
 ) -> list[Generation]:
-    """`count` engine requests for one prompt; with a seed, sequence i uses seed + i."""
+    """`count` engine requests for one prompt; with a seed, sequence i uses seed + i. `lease`: the
+    tenant's rate-limit lease if the route already holds one (the first sequence's)."""
     runs = [
         dataclasses.replace(
             params, seed=None if params.seed is None else (params.seed + i) % 2**63, stop=list(params.stop)
         )
         for i in range(count)
     ]
-    return await start_generations(state, caller, task, prompt, runs, sequence_ids(count))
+    return await start_generations(state, caller, task, prompt, runs, sequence_ids(count), lease)
 
 
 def best(results: list[Completed], n: int) -> list[Completed]:
@@ -216,6 +221,11 @@ async def completions(request: Request, state: State, caller: Caller, body: Comp
     else:
         prompt = [int(t) for t in body.prompt]
     prompt_text = prompt if isinstance(prompt, str) else str(state.engine.tokenizer.decode(prompt))
+    if isinstance(prompt, str):
+        try:
+            valid_unicode(prompt, "prompt")  # echoed into the response: must be encodable
+        except ValueError as exc:
+            raise ApiError(422, str(exc), "validation") from None
     echo = prefix = prompt_text if body.echo else ""
     top_n = body.logprobs or 0
     params = sampling(body, body.max_tokens or 16, top_n, bool(body.echo) and body.logprobs is not None)

@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 
 from prefix_store.base import MAX_NAME_LENGTH, validate_name
+from server.api.chat_templates import check_uploaded_template
 from server.api.deps import Caller, Manager, State
 from server.api.errors import error_responses
 from server.api.prefix_admin import detail_out, store_call, validate_upload, version_out
@@ -48,6 +49,7 @@ async def upload_prefix(
     await (await state.upload_limiter.acquire(caller.tenant)).release()  # 429 + Retry-After over the rate
     try:
         data, metadata = await validate_upload(state, task, artifact, adapter_config, adapter_model)
+        await check_uploaded_template(state, caller.tenant, metadata)
     except Exception:
         state.metrics.observe_upload("invalid")
         raise

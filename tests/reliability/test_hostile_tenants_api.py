@@ -1,0 +1,373 @@
+"""Against a real server process: one hostile tenant (acme) attacks through the API while another
+(globex) keeps generating; the attack is the test (issue 24).
+
+Each attack must get clear 4xx answers (or a closed connection) and leave the server and the other
+tenant unaffected: globex's generation latency stays within 2x of its quiet value measured just
+before, and `/health` answers in under 100 ms at the median, both measured from their own process
+while the attack runs.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from prefix_store.artifact import dump_artifact, new_artifact
+from tests.reliability.conftest import ACME, GLOBEX, ServerProcess, upload, wait_until
+
+pytestmark = pytest.mark.timeout(600)
+
+RENDER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 2.0
+WRITE_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 24
+TENANT_MAX_CONNECTIONS = 8
+SERVER_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("hostile-tenants")
+    template = work / "chat.jinja"
+    template.write_text(SERVER_TEMPLATE)
+    proc = ServerProcess(
+        tiny_gpt2_dir,
+        work,
+        chat_template=str(template),
+        chat_template_timeout_s=RENDER_TIMEOUT_S,
+        chat_template_max_memory_bytes=128 << 20,
+        timeout_request_body_s=BODY_TIMEOUT_S,
+        min_request_body_bytes_per_s=1024,
+        timeout_write_s=WRITE_TIMEOUT_S,
+        max_connections=MAX_CONNECTIONS,
+        tenant_max_connections=TENANT_MAX_CONNECTIONS,
+        max_json_body_bytes=4 << 20,  # a 1 MiB /tokenize input reaches the route (and its own limit)
+    )
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+_VICTIM = """
+import sys, time, httpx
+body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 4}}
+with httpx.Client(base_url=sys.argv[1], timeout=120) as client:
+    while True:
+        start = time.perf_counter()
+        status = client.get("/health").status_code
+        print("health", status, time.perf_counter() - start, flush=True)
+        start = time.perf_counter()
+        status = client.post("/v1/generate", json=body, headers={"Authorization": sys.argv[2]}).status_code
+        print("generate", status, time.perf_counter() - start, flush=True)
+        time.sleep(0.05)
+"""
+
+
+class Victim:
+    """globex's traffic from its own process: `/health` and a short generation, in turn."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples: dict[str, list[float]] = {"health": [], "generate": []}
+        self.statuses: set[int] = set()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            kind, status, seconds = line.split()
+            self.statuses.add(int(status))
+            self.samples[kind].append(float(seconds))
+
+    def run(self, min_generations: int) -> Victim:
+        """Start; returns once `min_generations` were measured (the caller then attacks)."""
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _VICTIM, self.url, GLOBEX["Authorization"]],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True)
+        self._reader.start()
+        wait_until(lambda: len(self.samples["generate"]) >= min_generations, 120, "the victim's requests")
+        return self
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+
+    def median(self, kind: str) -> float:
+        return statistics.median(self.samples[kind])
+
+
+def quiet_generation_s(server: ServerProcess) -> float:
+    quiet = Victim(server.url).run(min_generations=8)
+    quiet.stop()
+    assert quiet.statuses == {200}, quiet.statuses
+    return quiet.median("generate")
+
+
+def assert_victim_unaffected(victim: Victim, quiet_s: float) -> None:
+    assert victim.statuses == {200}, victim.statuses
+    assert len(victim.samples["generate"]) >= 3, victim.samples
+    assert victim.median("generate") < 2 * quiet_s, (victim.median("generate"), quiet_s)
+    assert victim.median("health") < 0.1, sorted(victim.samples["health"])
+
+
+def chat_task(loaded, task: str, template: str) -> bytes:
+    import torch
+
+    spec = loaded.spec
+    prefix = torch.zeros(spec.num_layers, 2, spec.num_heads, 2, spec.head_dim)
+    return dump_artifact(
+        new_artifact({"decoder": prefix}, spec, task=task, training={"chat_template": template})
+    )
+
+
+def base_model(client: httpx.Client) -> str:
+    return str(client.get("/v1/models", headers=ACME).json()["data"][0]["id"])
+
+
+def chat(client: httpx.Client, model: str, headers=ACME, **fields) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+# Templates whose cost only a render can tell (their ranges depend on the messages).
+LOOPS = "{% for i in range(messages|length * 100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+DOUBLING = (
+    "{% set ns = namespace(s='ab') %}{% for i in range(messages|length * 40) %}"
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"
+)
+
+
+def test_chat_templates_are_bounded_and_cost_only_their_tenant(server, loaded):
+    with server.client(timeout=120) as client:
+        # Refused at upload: what a static check can decide.
+        literal = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+        for bad in (literal, "{% for %}"):
+            r = upload(client, "bad-template", chat_task(loaded, "bad-template", bad))
+            assert r.status_code == 422 and "chat_template" in r.json()["error"], r.text
+        for task, template in (("loops", LOOPS), ("doubling", DOUBLING)):
+            assert upload(client, task, chat_task(loaded, task, template)).status_code == 201
+        assert chat(client, base_model(client)).status_code == 200  # the server's template; workers started
+
+        quiet_s = quiet_generation_s(server)
+        rss_before = server.rss_kib()
+        victim = Victim(server.url).run(min_generations=1)
+        statuses: list[int] = []
+        started = time.monotonic()
+        try:
+
+            def attack(model: str) -> None:
+                while time.monotonic() - started < 12:
+                    r = chat(client, model)
+                    statuses.append(r.status_code)
+                    assert r.status_code in (422, 429), r.text
+                    if r.status_code == 429:
+                        assert int(r.headers["retry-after"]) >= 1
+                        time.sleep(0.2)
+
+            with ThreadPoolExecutor(3) as pool:
+                attacks = [pool.submit(attack, m) for m in ("loops", "loops", "doubling")]
+                # The other tenant's chat requests are served meanwhile (it has a worker of its own).
+                for _ in range(3):
+                    r = chat(client, base_model(client), headers=GLOBEX)
+                    assert r.status_code == 200, r.text
+                for future in attacks:
+                    future.result()
+        finally:
+            victim.stop()
+        assert 422 in statuses, statuses
+        r = chat(client, "loops")
+        assert r.status_code in (422, 429), r.text
+        if r.status_code == 422:
+            assert "did not render within" in r.json()["error"]["message"] or "memory" in r.text
+        assert server.rss_kib() - rss_before < 100 << 10  # the server never held a doubled string
+        assert_victim_unaffected(victim, quiet_s)
+        assert server.proc is not None and server.proc.poll() is None
+
+
+def test_tokenize_is_admitted_and_bounded(server):
+    big = "lorem ipsum dolor sit amet " * (40_000)  # ~1 MiB
+    with server.client(timeout=120) as client:
+        r = client.post("/tokenize", json={"inputs": big})  # no key: refused before its body
+        assert r.status_code == 401
+        quiet_s = quiet_generation_s(server)
+        rss_before = server.rss_kib()
+        victim = Victim(server.url).run(min_generations=1)
+        try:
+            started = time.monotonic()
+            with ThreadPoolExecutor(3) as pool:
+                while time.monotonic() - started < 4:  # three 1 MiB inputs at a time, for 4 s
+                    answers = list(
+                        pool.map(
+                            lambda body: client.post("/tokenize", json=body, headers=ACME),
+                            [{"inputs": big}, {"prompt": big}, {"inputs": big}],
+                        )
+                    )
+                    for r in answers:
+                        assert r.status_code == 422 and "characters" in r.text, r.text[:300]
+        finally:
+            victim.stop()
+        assert server.rss_kib() - rss_before < 50 << 10
+        assert_victim_unaffected(victim, quiet_s)
+        ok = client.post("/tokenize", json={"inputs": "Hello world"}, headers=ACME)
+        assert ok.status_code == 200 and [s["text"] for s in ok.json()] == ["Hello", " world"]
+        too_many = client.post("/detokenize", json={"tokens": [1] * 5000}, headers=ACME)
+        assert too_many.status_code == 422
+
+
+def _trickler(url: str, path: str, headers: dict[str, str]) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    sock.sendall(head.encode() + b"{")
+    return sock
+
+
+def test_trickled_bodies_cannot_take_every_connection(server):
+    quiet_s = quiet_generation_s(server)
+    attackers = [_trickler(server.url, "/v1/generate", ACME) for _ in range(MAX_CONNECTIONS + 6)]
+    closed_at: dict[int, float] = {}
+    started = time.monotonic()
+    time.sleep(1.0)  # the attack's refusals (429, or uvicorn's 503 past the connection limit) are sent
+    victim = Victim(server.url).run(min_generations=1)
+    try:
+        while time.monotonic() - started < BODY_TIMEOUT_S + 6 and len(closed_at) < len(attackers):
+            for i, sock in enumerate(attackers):
+                if i in closed_at:
+                    continue
+                try:
+                    sock.sendall(b" ")  # 1 byte per second per connection
+                    sock.setblocking(False)
+                    try:
+                        if sock.recv(65536) == b"":
+                            closed_at[i] = time.monotonic() - started
+                    except BlockingIOError:
+                        pass
+                    finally:
+                        sock.setblocking(True)
+                except OSError:
+                    closed_at[i] = time.monotonic() - started
+            time.sleep(1.0)
+    finally:
+        victim.stop()
+        for sock in attackers:
+            sock.close()
+    # Every trickled connection was closed: past the tenant's bound at once (429), the others at the
+    # body deadline; none lasted until the trickle would have finished (1000 s).
+    assert len(closed_at) == len(attackers), (len(closed_at), len(attackers))
+    assert max(closed_at.values()) < BODY_TIMEOUT_S + 6
+    assert_victim_unaffected(victim, quiet_s)  # globex never saw a 503
+
+
+def test_a_client_that_never_reads_is_disconnected_and_its_bytes_dropped(server):
+    text = "lorem ipsum dolor sit amet " * 2400  # ~65k characters (the limit): a ~1 MB /tokenize answer
+    body = json.dumps({"inputs": text}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    head = (
+        f"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: {ACME['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    time.sleep(WRITE_TIMEOUT_S + 4)  # read nothing
+    received = 0
+    sock.settimeout(10)
+    try:
+        while chunk := sock.recv(65536):
+            received += len(chunk)
+    except (ConnectionResetError, TimeoutError):
+        pass
+    finally:
+        sock.close()
+    with server.client() as client:
+        whole = client.post("/tokenize", json={"inputs": text}, headers=ACME)
+    assert whole.status_code == 200
+    assert received < len(whole.content) / 2, (received, len(whole.content))
+
+
+def test_lone_surrogates_and_refused_template_kwargs_are_422(server):
+    with server.client() as client:
+        echo = {"model": base_model(client), "prompt": "a\ud800b", "echo": True, "max_tokens": 2}
+        r = client.post(
+            "/v1/completions", content=json.dumps(echo), headers={**ACME, "content-type": "application/json"}
+        )
+        assert r.status_code == 422 and "surrogate" in r.text, r.text
+        for message in (
+            {"role": "user", "content": "\ud800"},
+            {"role": "user", "content": [{"type": "text", "text": "x\udfff"}]},
+        ):
+            body = {"model": base_model(client), "messages": [message], "max_tokens": 2}
+            r = client.post(
+                "/v1/chat/completions",
+                content=json.dumps(body),
+                headers={**ACME, "content-type": "application/json"},
+            )
+            assert r.status_code == 422 and "surrogate" in r.text, r.text
+        r = chat(client, base_model(client), chat_template_kwargs={"tools": [{"type": "function"}]})
+        assert r.status_code == 422 and "tools" in r.json()["error"]["message"], r.text
+        assert chat(client, base_model(client), chat_template_kwargs={"greeting": "hi"}).status_code == 200
+
+
+def _openai_stream(url: str, path: str, body: dict, out: list, done: threading.Event) -> None:
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=120) as client,
+            client.stream("POST", path, json=body, headers=ACME) as r,
+        ):
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    out.append(line[5:].strip())
+    except httpx.HTTPError as exc:  # the connection cut before [DONE]
+        out.append(f"cut: {exc!r}")
+    finally:
+        done.set()
+
+
+def test_openai_streams_cut_by_shutdown_never_say_stop(spawn_server, long_gpt2_dir, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(SERVER_TEMPLATE)
+    server = spawn_server(model_dir=long_gpt2_dir, shutdown_grace_s=0.5, chat_template=str(template))
+    with server.client() as client:
+        model = base_model(client)
+    streams = {
+        "/v1/completions": {"model": model, "prompt": "Hello", "max_tokens": 4000, "stream": True},
+        "/v1/chat/completions": {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 4000,
+            "stream": True,
+        },
+    }
+    events: dict[str, list[str]] = {path: [] for path in streams}
+    done = {path: threading.Event() for path in streams}
+    for path, body in streams.items():
+        threading.Thread(
+            target=_openai_stream, args=(server.url, path, body, events[path], done[path]), daemon=True
+        ).start()
+    wait_until(lambda: all(len(e) >= 3 for e in events.values()), 120, "tokens on both streams")
+    server.signal()  # SIGTERM: the 0.5 s grace is far shorter than 4000 tokens
+    assert server.wait_exit(timeout=60) == 0, server.log_tail()
+    for path in streams:
+        assert done[path].wait(30), path
+        chunks = [json.loads(e) for e in events[path] if e.startswith("{")]
+        reasons = [c.get("finish_reason") for chunk in chunks for c in chunk.get("choices", [])]
+        assert "stop" not in reasons and "length" not in reasons, (path, reasons[-3:])
+        # The stream says why it ended: an in-band error (then [DONE]), or the connection was cut.
+        last = events[path][-2:] if events[path][-1:] == ["[DONE]"] else events[path][-1:]
+        assert "error" in last[0] or last[0].startswith("cut:"), (path, events[path][-3:])

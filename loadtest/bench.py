@@ -288,6 +288,7 @@ PROFILES: dict[str, Profile] = {
             _vllm_section("16-tasks", "bfloat16", 0.9),
             preset="gpt2-medium",
             workload=replace(VLLM_WORKLOADS["16-tasks"], num_requests=512, output_len=(64, 128)),
+            runners=(*VLLM_RUNNERS, "engine"),  # engine: where the server's packages are missing
             max_batch_size=256,
         ),
         slo=SLO(ttft_s=1.0, tpot_s=0.05),
@@ -379,7 +380,8 @@ class Bench:
         self.only = runners
         self.device = resolve_device(profile.device)
         self.notes: list[str] = []
-        self.peak: dict[str, Any] = {}
+        self.peak: dict[str, Any] = {}  # the profile dtype's matmul peak (measured in `main`)
+        self._peaks: dict[str, dict[str, Any]] = {}  # other dtypes' (sections in another dtype)
         self.threads: int | None = None  # --threads: also the vLLM server's OpenMP threads
 
     def log(self, msg: str) -> None:
@@ -489,7 +491,7 @@ class Bench:
             flops = _flops(loaded, workload, run, with_prefix=name not in ("no_prefix", "vllm_bare"))
             summary["model_flop_s"] = flops / run.wall_s if run.wall_s > 0 else None
             summary["fraction_of_peak"] = (
-                summary["model_flop_s"] / self.peak["flop_s"] if summary["model_flop_s"] else None
+                summary["model_flop_s"] / self._peak(dtype)["flop_s"] if summary["model_flop_s"] else None
             )
             results[name] = summary
             short = summary["num_short_outputs"]
@@ -498,7 +500,7 @@ class Bench:
                     f"{section.preset}: `{name}` stopped {short} request(s) before max_new_tokens (EOS)"
                 )
         part: dict[str, Any] = {
-            "name": section.name or section.preset,
+            "name": section.name,
             "model": f"{section.preset} ({dtype}, random weights)",
             "workload": workload.summary(),
             "results": results,
@@ -513,6 +515,15 @@ class Bench:
         del loaded
         gc.collect()
         return part, runs, notes
+
+    def _peak(self, dtype: str) -> dict[str, Any]:
+        """The matmul peak in `dtype`: a section in another dtype than the profile's is compared with its own."""
+        if dtype == self.profile.dtype:
+            return self.peak
+        if dtype not in self._peaks:
+            self._peaks[dtype] = measure_matmul_peak(self.device, DTYPES[dtype])
+            self.log(f"matmul peak {self._peaks[dtype]['flop_s'] / 1e9:.1f} GFLOP/s ({dtype})")
+        return self._peaks[dtype]
 
     def _engine_config(self, max_batch_size: int, device_prefix_cache_bytes: int | None = None) -> Any:
         from server.engine import EngineConfig

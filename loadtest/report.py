@@ -138,7 +138,6 @@ def ratio_lines(ratio: dict[str, float | None], checks: dict[str, dict[str, Any]
 
 def markdown_report(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    w = doc["workload"]
     parts = [
         f"# prefixserve benchmark — profile `{doc['profile']}`",
         "",
@@ -148,14 +147,7 @@ def markdown_report(doc: dict[str, Any]) -> str:
         f"Matmul peak: {_fmt(doc['flops']['matmul_peak_flop_s'], 1e-9, 1)} GFLOP/s "
         f"({doc['flops']['matmul_dtype']}, {doc['flops']['matmul_size']}²)  ",
         f"SLO for goodput: TTFT ≤ {doc['slo']['ttft_s']} s and TPOT ≤ {doc['slo']['tpot_s']} s",
-        "",
-        f"## {doc['model']} — {w['num_requests']} requests over {w['num_tasks']} tasks",
-        "",
-        _workload_line(w),
-        "",
-        results_table(doc["results"]),
-        "",
-        ratio_lines(doc["ratios"], doc.get("targets")),
+        *_section_lines({**doc, "notes": []}),  # the main section (its notes go under "Notes")
     ]
     if doc.get("scaling"):
         parts += [
@@ -182,7 +174,7 @@ def markdown_report(doc: dict[str, Any]) -> str:
 
 
 def _section_lines(part: dict[str, Any]) -> list[str]:
-    """One more comparison (a `sections` entry, or `bart`): heading, workload, table, ratios, notes."""
+    """One comparison (the main one, a `sections` entry, or `bart`): heading, workload, table, ratios, notes."""
     w = part["workload"]
     name = f"`{part['name']}`: " if part.get("name") else ""
     return [

@@ -48,6 +48,7 @@ class ServerProcess(process.ServerProcess):
         max_waiting: int,
         log_path: Path,
         extra_env: dict[str, str] | None = None,  # more PREFIXSERVE_* settings (loadtest.fair_bench)
+        process_env: dict[str, str] | None = None,  # other environment variables (vLLM's CPU settings)
     ) -> None:
         self._store = tempfile.TemporaryDirectory(prefix="prefixserve-bench-http-")
         settings = {
@@ -64,6 +65,7 @@ class ServerProcess(process.ServerProcess):
         settings.update({k.removeprefix("PREFIXSERVE_").lower(): v for k, v in (extra_env or {}).items()})
         log_path.unlink(missing_ok=True)  # one run's log per file
         super().__init__(settings, log_path)
+        self.env.update(process_env or {})
         self.base_url = self.url
         self.start()
 
@@ -202,11 +204,21 @@ def run_http(
     name: str = "http",
     settings: dict[str, str] | None = None,
     max_warm_tasks: int | None = None,
+    process_env: dict[str, str] | None = None,
 ) -> RunResult:
     """Serve `workload` through our server; `settings` are more PREFIXSERVE_* settings (the engine
-    backend, tier sizes), `max_warm_tasks` warms only the first tasks (the rest load during the run)."""
+    backend, tier sizes), `max_warm_tasks` warms only the first tasks (the rest load during the run),
+    `process_env` more environment variables (`vllm_bare.vllm_cpu_env`: vLLM inside our server gets
+    the same CPU settings as `vllm_bare`)."""
     server = ServerProcess(
-        model_dir, max_batch_size, device, dtype, max(256, len(workload.requests)), log_path, settings
+        model_dir,
+        max_batch_size,
+        device,
+        dtype,
+        max(256, len(workload.requests)),
+        log_path,
+        settings,
+        process_env,
     )
     backend = (settings or {}).get("engine")
 

@@ -73,15 +73,18 @@ def server_argv(
     return argv
 
 
+def vllm_cpu_env(device: str, threads: int | None) -> dict[str, str]:
+    """vLLM's CPU settings (none on CUDA): its KV cache space and the cores its OpenMP threads are
+    bound to (`threads` of them, else every core). Our server's vLLM backend gets the same."""
+    if device.startswith("cuda"):
+        return {}
+    cores = threads or os.cpu_count() or 1
+    return {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_GIB), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
+
+
 def server_env(device: str, threads: int | None) -> dict[str, str]:
     """The caller's environment (no `PREFIXSERVE_*`) plus vLLM's CPU settings on CPU."""
-    env = process.server_env({})
-    if not device.startswith("cuda"):
-        cores = threads or os.cpu_count() or 1
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KVCACHE_GIB)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
-        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    return env
+    return {**process.server_env({}), **vllm_cpu_env(device, threads)}
 
 
 class VllmServer(process.ChildProcess):

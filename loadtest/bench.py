@@ -48,7 +48,16 @@ ALL_RUNNERS = (
     "static_batch",
     "transformers_cb",
     "engine_16_tasks",
+    "vllm_bare",
+    "server_vllm",
+    "server_native",
 )
+# Issue 23: stock vLLM on the bare model, and our server on each engine backend, all over HTTP.
+VLLM_RUNNERS = ("vllm_bare", "server_vllm", "server_native")
+SERVER_BACKENDS = {"server_vllm": "vllm", "server_native": "native"}  # runner -> PREFIXSERVE_ENGINE
+# The vLLM backend's prefix table size (bytes), a server setting; `many-tasks` sections make it smaller
+# than the working set. Its name is the vLLM backend's (server.settings): change it here if it moves.
+VLLM_PREFIX_TABLE_SETTING = "vllm_prefix_table_bytes"
 PEFT_RUNNERS = ("naive_peft", "static_batch")
 DEFAULT_RUNNERS = ("engine", "no_prefix", "http", "naive_peft", "static_batch", "transformers_cb")
 # With the default init (std 0.02) and tied embeddings a random BART decoder copies its input token,
@@ -76,6 +85,14 @@ class Section:
     device_prefix_cache_bytes: int | None = None
     max_warm_tasks: int | None = None
     compare_num_tasks: int = 16
+    # Issue 23 (sections beside vLLM): a name in the report, the dtype when not the profile's, the
+    # device tiers in prefixes of the workload's longest length (native: device_prefix_cache_bytes;
+    # vLLM backend: its prefix table), and the targets of this section ((ratio key, goal); None: the
+    # engine targets of `report.TARGETS`).
+    name: str = ""
+    dtype: str | None = None
+    device_tier_prefixes: int | None = None
+    targets: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,53 @@ class Profile:
     main: Section
     bart: Section | None = None
     slo: SLO = field(default_factory=SLO)
+    sections: tuple[Section, ...] = ()  # more comparisons after `main` (issue 23: fp32 and bf16 ...)
+
+
+# Issue 23's workloads beside vLLM: closed loop at concurrency 64, prompts 32-160, 64 new tokens each.
+VLLM_WORKLOADS = {
+    "16-tasks": WorkloadSpec(
+        num_requests=64,
+        num_tasks=16,
+        prompt_len=(32, 160),
+        output_len=(64, 64),
+        concurrency=64,
+        prefix_lengths=(10, 10, 10, 5, 10, 10, 10, 20),
+    ),
+    "long-prefix": WorkloadSpec(
+        num_requests=64,
+        num_tasks=4,
+        prompt_len=(32, 160),
+        output_len=(64, 64),
+        concurrency=64,
+        prefix_lengths=(200,),
+    ),
+    "many-tasks": WorkloadSpec(
+        num_requests=192,
+        num_tasks=1024,
+        prompt_len=(32, 160),
+        output_len=(64, 64),
+        concurrency=64,
+        task_popularity="zipf",
+        prefix_lengths=(10,),
+    ),
+}
+
+
+def _vllm_section(kind: str, dtype: str, goal: float) -> Section:
+    """One issue-23 comparison: `kind` of VLLM_WORKLOADS in `dtype`, our vLLM backend's goal vs vllm_bare."""
+    many = kind == "many-tasks"
+    return Section(
+        preset="gpt2",
+        workload=VLLM_WORKLOADS[kind],
+        runners=VLLM_RUNNERS,
+        max_batch_size=64,
+        name=f"{kind}-{'fp32' if dtype == 'float32' else 'bf16'}",
+        dtype=dtype,
+        device_tier_prefixes=64 if many else None,  # smaller than the 1,024 tasks
+        max_warm_tasks=16 if many else None,  # the rest load through the store during the run
+        targets=(("server_vllm_vs_vllm_bare", goal),),
+    )
 
 
 PROFILES: dict[str, Profile] = {
@@ -198,6 +262,37 @@ PROFILES: dict[str, Profile] = {
         ),
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
+    # issue 23: our server on both engine backends beside stock vLLM serving the bare model, over HTTP:
+    # 16 tasks (L 5-20), 4 tasks at L=200, and 1,024 Zipf tasks with device tiers of 64 prefixes, each
+    # in fp32 and bf16 (the issue's burst: 64 requests, prompts 32-160, 64 new tokens each).
+    "vllm": Profile(
+        name="vllm",
+        device="cpu",
+        dtype="float32",
+        main=_vllm_section("16-tasks", "float32", 0.9),
+        sections=(
+            _vllm_section("16-tasks", "bfloat16", 0.9),
+            _vllm_section("long-prefix", "float32", 0.8),
+            _vllm_section("long-prefix", "bfloat16", 0.8),
+            _vllm_section("many-tasks", "float32", 0.7),
+            _vllm_section("many-tasks", "bfloat16", 0.7),
+        ),
+        slo=SLO(ttft_s=10.0, tpot_s=0.5),
+    ),
+    # issue 23 on CUDA (loadtest/gpu_check.sh runs it at --concurrency 64 and 256).
+    "gpu-vllm": Profile(
+        name="gpu-vllm",
+        device="cuda",
+        dtype="bfloat16",
+        main=replace(
+            _vllm_section("16-tasks", "bfloat16", 0.9),
+            preset="gpt2-medium",
+            workload=replace(VLLM_WORKLOADS["16-tasks"], num_requests=512, output_len=(64, 128)),
+            runners=(*VLLM_RUNNERS, "engine"),  # engine: where the server's packages are missing
+            max_batch_size=256,
+        ),
+        slo=SLO(ttft_s=1.0, tpot_s=0.05),
+    ),
     "gpu": Profile(
         name="gpu",
         device="cuda",
@@ -256,6 +351,23 @@ def _fewer_tasks(
     return replace(workload, spec=spec, tasks=tasks, requests=requests), {t: artifacts[t] for t in tasks}
 
 
+def server_settings(runner: str, section: Section, loaded: LoadedModel) -> dict[str, str]:
+    """PREFIXSERVE_* settings of a server runner: its engine backend, and for a section with small
+    device tiers (`device_tier_prefixes`) the native prefix cache's and the vLLM prefix table's bytes,
+    both sized in prefixes of the workload's longest prefix (so both backends hold as many)."""
+    settings = {"engine": SERVER_BACKENDS[runner]} if runner in SERVER_BACKENDS else {}
+    if section.device_tier_prefixes is not None:
+        spec = loaded.spec
+        positions = section.device_tier_prefixes * max(section.workload.prefix_lengths)
+        itemsize = torch.empty((), dtype=loaded.dtype).element_size()
+        nbytes = positions * spec.num_layers * 2 * spec.num_heads * spec.head_dim * itemsize
+        settings["device_prefix_cache_bytes"] = str(nbytes)
+        settings[VLLM_PREFIX_TABLE_SETTING] = str(nbytes)
+    elif section.device_prefix_cache_bytes is not None:
+        settings["device_prefix_cache_bytes"] = str(section.device_prefix_cache_bytes)
+    return settings
+
+
 class Bench:
     """Runs a profile's sections and collects everything that goes into the report."""
 
@@ -268,7 +380,9 @@ class Bench:
         self.only = runners
         self.device = resolve_device(profile.device)
         self.notes: list[str] = []
-        self.peak: dict[str, Any] = {}
+        self.peak: dict[str, Any] = {}  # the profile dtype's matmul peak (measured in `main`)
+        self._peaks: dict[str, dict[str, Any]] = {}  # other dtypes' (sections in another dtype)
+        self.threads: int | None = None  # --threads: also the vLLM server's OpenMP threads
 
     def log(self, msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -282,7 +396,8 @@ class Bench:
         from loadtest.runners.engine_runner import run_engine
 
         model_dir = ensure_model(section.preset, self.models_dir, section.model_overrides)
-        loaded = load_model(str(model_dir), device=str(self.device), dtype=self.profile.dtype)
+        dtype = section.dtype or self.profile.dtype
+        loaded = load_model(str(model_dir), device=str(self.device), dtype=dtype)
         vocab = min(loaded.spec.vocab_size, GPT2_TEXT_VOCAB)
         workload = make_workload(section.workload, vocab, loaded.model.config.eos_token_id)
         lengths = {t: workload.prefix_length(t) for t in workload.tasks}
@@ -329,18 +444,36 @@ class Bench:
                     from loadtest.runners.transformers_cb import run_transformers_cb
 
                     runs[name] = run_transformers_cb(loaded, workload, section.max_batch_size)
-                elif name == "http":
+                elif name in ("http", *SERVER_BACKENDS):
                     from loadtest.runners.http_runner import run_http
+                    from loadtest.runners.vllm_bare import vllm_cpu_env
 
-                    log = self.out_dir / f"http-server-{section.preset}.log"
+                    log = self.out_dir / f"{name}-{section.name or section.preset}.log"
                     runs[name] = run_http(
                         str(model_dir),
                         workload,
                         prefixes.artifacts,
                         section.max_batch_size,
                         str(self.device),
-                        self.profile.dtype,
+                        dtype,
                         log,
+                        name,
+                        server_settings(name, section, loaded),
+                        section.max_warm_tasks,
+                        vllm_cpu_env(str(self.device), self.threads),
+                    )
+                elif name == "vllm_bare":
+                    from loadtest.runners.vllm_bare import run_vllm_bare
+
+                    log = self.out_dir / f"vllm_bare-{section.name or section.preset}.log"
+                    runs[name] = run_vllm_bare(
+                        str(model_dir),
+                        workload,
+                        section.max_batch_size,
+                        str(self.device),
+                        dtype,
+                        log,
+                        self.threads,
                     )
                 else:
                     runs[name] = self._run_peft(
@@ -357,10 +490,10 @@ class Bench:
         results = {}
         for name, run in runs.items():
             summary = summarize(run, self.profile.slo)
-            flops = _flops(loaded, workload, run, with_prefix=name != "no_prefix")
+            flops = _flops(loaded, workload, run, with_prefix=name not in ("no_prefix", "vllm_bare"))
             summary["model_flop_s"] = flops / run.wall_s if run.wall_s > 0 else None
             summary["fraction_of_peak"] = (
-                summary["model_flop_s"] / self.peak["flop_s"] if summary["model_flop_s"] else None
+                summary["model_flop_s"] / self._peak(dtype)["flop_s"] if summary["model_flop_s"] else None
             )
             results[name] = summary
             short = summary["num_short_outputs"]
@@ -369,12 +502,14 @@ class Bench:
                     f"{section.preset}: `{name}` stopped {short} request(s) before max_new_tokens (EOS)"
                 )
         part: dict[str, Any] = {
-            "model": f"{section.preset} ({self.profile.dtype}, random weights)",
+            "name": section.name,
+            "model": f"{section.preset} ({dtype}, random weights)",
             "workload": workload.summary(),
             "results": results,
             "ratios": report.ratios(results),
         }
-        part["targets"] = report.targets(part["ratios"])
+        goals = dict(section.targets) if section.targets is not None else None
+        part["targets"] = report.targets(part["ratios"], goals)
         if do_scaling and section.scaling and not scaling and "engine" in self._runners(section):
             scaling = self._scaling(loaded, section, prefixes.artifacts, vocab)
         if scaling:
@@ -382,6 +517,15 @@ class Bench:
         del loaded
         gc.collect()
         return part, runs, notes
+
+    def _peak(self, dtype: str) -> dict[str, Any]:
+        """The matmul peak in `dtype`: a section in another dtype than the profile's is compared with its own."""
+        if dtype == self.profile.dtype:
+            return self.peak
+        if dtype not in self._peaks:
+            self._peaks[dtype] = measure_matmul_peak(self.device, DTYPES[dtype])
+            self.log(f"matmul peak {self._peaks[dtype]['flop_s'] / 1e9:.1f} GFLOP/s ({dtype})")
+        return self._peaks[dtype]
 
     def _engine_config(self, max_batch_size: int, device_prefix_cache_bytes: int | None = None) -> Any:
         from server.engine import EngineConfig
@@ -448,6 +592,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-scaling", action="store_true", help="skip the engine concurrency sweep")
     parser.add_argument("--no-bart", action="store_true", help="skip the BART section")
     parser.add_argument("--num-requests", type=int, help="override the main workload's request count")
+    parser.add_argument("--concurrency", type=int, help="override the main workload's closed-loop clients")
+    parser.add_argument(
+        "--no-sections", action="store_true", help="run only the main section (no more sections)"
+    )
     parser.add_argument(
         "--request-rate", type=float, help="Poisson arrivals at this rate instead of a closed loop"
     )
@@ -468,10 +616,15 @@ def _customise(profile: Profile, args: argparse.Namespace) -> Profile:
     main = profile.main
     if args.num_requests:
         main = replace(main, workload=replace(main.workload, num_requests=args.num_requests))
+    if args.concurrency:
+        main = replace(main, workload=replace(main.workload, concurrency=args.concurrency))
     if args.request_rate:
         main = replace(main, workload=replace(main.workload, request_rate=args.request_rate, concurrency=0))
     slo = SLO(ttft_s=args.ttft_slo or profile.slo.ttft_s, tpot_s=args.tpot_slo or profile.slo.tpot_s)
-    return replace(profile, main=main, bart=None if args.no_bart else profile.bart, slo=slo)
+    sections = () if args.no_sections else profile.sections
+    return replace(
+        profile, main=main, bart=None if args.no_bart else profile.bart, slo=slo, sections=sections
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     bench = Bench(profile, out_dir, args.models_dir, only)
+    bench.threads = args.threads
     command = "prefixserve bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
@@ -525,6 +679,13 @@ def main(argv: list[str] | None = None) -> int:
             "scaling": part.get("scaling", []),
             "notes": ([busy_note] if busy_note else []) + notes,
         }
+        sections = []
+        for section in profile.sections:
+            more, _, more_notes = bench.run_section(section, Path(scratch), False)
+            more["notes"] = more_notes
+            sections.append(more)
+            report.write_json(out_dir / "results.json", {**doc, "sections": sections})  # as it goes
+        doc["sections"] = sections
         if profile.bart is not None:
             bart_part, bart_runs, bart_notes = bench.run_section(profile.bart, Path(scratch), False)
             if "engine" not in bart_runs:

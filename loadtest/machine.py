@@ -14,6 +14,7 @@ estimate, not a hardware counter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -42,6 +43,42 @@ def process_peak_rss_bytes(pid: int | str = "self") -> int | None:
     """The high-water resident set of a process (None where /proc is missing)."""
     kb = _status_kb(pid, _HWM_RE)
     return None if kb is None else kb * 1024
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants alive now (a server's worker processes: vLLM's engine core)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            with contextlib.suppress(OSError):  # the thread or process ended meanwhile
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        i += 1
+    return pids
+
+
+def process_titles(pid: int) -> list[str]:
+    """The command lines (as set by `setproctitle` where a process renamed itself) of `pid` and its
+    descendants, e.g. vLLM's `VLLM::EngineCore`."""
+    titles = []
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            titles.append(
+                Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            )
+    return titles
+
+
+def tree_peak_rss_bytes(pid: int) -> int:
+    """The sum of the high-water resident sets of `pid` and its descendants (processes that exited
+    already are not counted). Shared pages count once per process, so this can overstate."""
+    return sum(process_peak_rss_bytes(p) or 0 for p in process_tree(pid))
+
+
+def reset_tree_peak_rss(pid: int) -> None:
+    """Reset the high-water marks of `pid` and its descendants where Linux allows it."""
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # not allowed everywhere; then the peak includes the warm-up
+            Path(f"/proc/{p}/clear_refs").write_text("5")
 
 
 def process_rss_bytes(pid: int | str = "self") -> int | None:

@@ -2,7 +2,8 @@
 
 Keys of `results.json` (see docs/benchmarks.md): `workload`, `machine`, `command`, `results`
 (runner -> metrics), `ratios`, `targets`, `scaling`, `flops`, and `bart` (its own `workload`,
-`results`, `ratios`, `notes`) when the profile has a BART section.
+`results`, `ratios`, `notes`) when the profile has a BART section, and `sections` (a list of the same
+per-section keys plus `name`) when it has more comparisons (issue 23: beside vLLM in fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ RUNNER_ORDER = (
     "static_batch",
     "transformers_cb",
     "engine_16_tasks",
+    "vllm_bare",
+    "server_vllm",
+    "server_native",
 )
+# Issue 23: each of these runners' output tokens/s over stock vLLM's on the bare model
+# (`<runner>_vs_vllm_bare`).
+VS_VLLM_BARE = ("server_vllm", "server_native", "http", "engine")
 # Targets of the engine issues: engine output tokens/s relative to each baseline.
 TARGETS = {
     "engine_vs_naive": 5.0,
@@ -49,17 +56,25 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         out[key] = engine / other if engine and other else None
     http = results.get("http", {}).get("output_tok_s")
     out["http_vs_engine"] = http / engine if http and engine else None
+    if "vllm_bare" in results:  # (a section whose vllm_bare failed shows its targets as not measured)
+        bare = results["vllm_bare"].get("output_tok_s")
+        for name in VS_VLLM_BARE:
+            mine = results.get(name, {}).get("output_tok_s")
+            out[f"{name}_vs_vllm_bare"] = mine / bare if mine and bare else None
     return out
 
 
-def targets(ratio: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+def targets(
+    ratio: dict[str, float | None], goals: dict[str, float] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each goal (default `TARGETS`) with its measured ratio and whether it was met (None: not measured)."""
     return {
         key: {
             "target": goal,
             "measured": ratio.get(key),
             "met": None if ratio.get(key) is None else ratio[key] >= goal,
         }  # type: ignore[operator]
-        for key, goal in TARGETS.items()
+        for key, goal in (TARGETS if goals is None else goals).items()
     }
 
 
@@ -104,11 +119,18 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def ratio_lines(ratio: dict[str, float | None]) -> str:
+def ratio_lines(ratio: dict[str, float | None], checks: dict[str, dict[str, Any]] | None = None) -> str:
+    """The targets (`checks`, default: the engine targets) with verdicts, then the other measured ratios
+    beside vLLM and HTTP's overhead."""
     lines = []
-    for key, check in targets(ratio).items():
+    checks = targets(ratio) if checks is None else checks
+    for key, check in checks.items():
         verdict = {True: "met", False: "**missed**", None: "not measured"}[check["met"]]
         lines.append(f"- `{key}` = {_fmt(check['measured'])}× (target ≥ {check['target']}×): {verdict}")
+    for name in VS_VLLM_BARE:
+        key = f"{name}_vs_vllm_bare"
+        if key not in checks and ratio.get(key) is not None:
+            lines.append(f"- `{key}` = {_fmt(ratio[key])}× (output tokens/s over stock vLLM's, bare model)")
     if ratio.get("http_vs_engine") is not None:
         lines.append(f"- `http_vs_engine` = {_fmt(ratio['http_vs_engine'])}× (HTTP + SSE overhead)")
     return "\n".join(lines)
@@ -116,7 +138,6 @@ def ratio_lines(ratio: dict[str, float | None]) -> str:
 
 def markdown_report(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    w = doc["workload"]
     parts = [
         f"# prefixserve benchmark — profile `{doc['profile']}`",
         "",
@@ -126,14 +147,7 @@ def markdown_report(doc: dict[str, Any]) -> str:
         f"Matmul peak: {_fmt(doc['flops']['matmul_peak_flop_s'], 1e-9, 1)} GFLOP/s "
         f"({doc['flops']['matmul_dtype']}, {doc['flops']['matmul_size']}²)  ",
         f"SLO for goodput: TTFT ≤ {doc['slo']['ttft_s']} s and TPOT ≤ {doc['slo']['tpot_s']} s",
-        "",
-        f"## {doc['model']} — {w['num_requests']} requests over {w['num_tasks']} tasks",
-        "",
-        _workload_line(w),
-        "",
-        results_table(doc["results"]),
-        "",
-        ratio_lines(doc["ratios"]),
+        *_section_lines({**doc, "notes": []}),  # the main section (its notes go under "Notes")
     ]
     if doc.get("scaling"):
         parts += [
@@ -148,25 +162,32 @@ def markdown_report(doc: dict[str, Any]) -> str:
                 f"| {p['concurrency']} | {p['num_requests']} | {_fmt(p['output_tok_s'], digits=1)} "
                 f"| {_fmt(p['ttft_p50_s'])} | {_fmt(p['tpot_p50_s'], 1000, 0)} |"
             )
+    for section in doc.get("sections", []):
+        parts += _section_lines(section)
     bart = doc.get("bart")
     if bart:
-        bw = bart["workload"]
-        parts += [
-            "",
-            f"## {bart['model']} — {bw['num_requests']} requests over {bw['num_tasks']} tasks",
-            "",
-            _workload_line(bw),
-            "",
-            results_table(bart["results"]),
-            "",
-            ratio_lines(bart["ratios"]),
-        ]
-        for note in bart.get("notes", []):
-            parts.append(f"- {note}")
+        parts += _section_lines(bart)
     if doc.get("notes"):
         parts += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     parts += ["", "Plots: `throughput_vs_concurrency.png`, `latency_cdf.png`."]
     return "\n".join(parts) + "\n"
+
+
+def _section_lines(part: dict[str, Any]) -> list[str]:
+    """One comparison (the main one, a `sections` entry, or `bart`): heading, workload, table, ratios, notes."""
+    w = part["workload"]
+    name = f"`{part['name']}`: " if part.get("name") else ""
+    return [
+        "",
+        f"## {name}{part['model']} — {w['num_requests']} requests over {w['num_tasks']} tasks",
+        "",
+        _workload_line(w),
+        "",
+        results_table(part["results"]),
+        "",
+        ratio_lines(part["ratios"], part.get("targets")),
+        *(f"- {note}" for note in part.get("notes", [])),
+    ]
 
 
 def _workload_line(w: dict[str, Any]) -> str:
@@ -202,7 +223,8 @@ def plot_scaling(path: Path, scaling: list[dict[str, Any]], references: dict[str
     ax.set_ylabel("output tokens/s")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when there was no sweep and no reference
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -354,14 +354,27 @@ class PrefixCache:
         return ResolvedPrefix(version, artifact, on_device=False)
 
     def _insert(self, key: Key, artifact: PrefixArtifact) -> None:
-        """Into the device tier; what it evicts is demoted to the host tier."""
-        for old_key, old in self._tiers["device"].put(key, artifact):
+        """Into the device tier; what it evicts is demoted to the host tier.
+
+        An evicted entry's copy to the device may still be in flight on the side stream. Demotion
+        hands back the host copy it came from; without one it reads the device copy back only after
+        that copy's event (`PrefixTransfer.back_to_host`). Both are looked up before any demotion:
+        `_insert_host` refreshes the gauges, which forget host copies and events of keys that left the
+        device tier, the ones still to be demoted in this loop included.
+        """
+        evicted = self._tiers["device"].put(key, artifact)
+        pending = {
+            old_key: (self._host_copies.get(old_key), self._ready.get(old_key)) for old_key, _ in evicted
+        }
+        for old_key, old in evicted:
             self.stats.evictions["device"] += 1
             self._notify("eviction", "device")
             # Demote, unless a newer version replaced it meanwhile (then it is garbage).
             if self._current.get(old_key[:2]) == old_key[2]:
-                host = self._host_copies.get(old_key)
-                self._insert_host(old_key, host if host is not None else self.transfer.to_host(old))
+                host, ready = pending[old_key]
+                if host is None:
+                    host = self.transfer.back_to_host(DevicePrefix(old, ready))
+                self._insert_host(old_key, host)
         self._update_gauges()
 
     def _insert_host(self, key: Key, artifact: PrefixArtifact) -> None:

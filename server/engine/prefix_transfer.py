@@ -6,6 +6,10 @@ and only the step that first uses the prefix waits for it, on the GPU (`wait_unt
 compute stream waits on the event; the host does not). The copy is issued from a worker thread, so
 the event loop never waits for it either. On CPU (or any device without streams) the same code
 runs with plain copies and no event.
+
+Until its event completes, a device copy's memory is undefined: anything that reads it back on the
+host (`back_to_host`, a demotion with no host copy at hand) must wait on the event first, because
+the copy back runs on the current stream, which knows nothing of the side stream's work.
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ class PrefixTransfer:
             return host
         pinned = {kind: t if t.is_pinned() else t.pin_memory() for kind, t in host.prefixes.items()}
         return PrefixArtifact(prefixes=pinned, metadata=host.metadata)
+
+    def back_to_host(self, prefix: DevicePrefix) -> PrefixArtifact:
+        """The host-tier copy of a device prefix, read only once its copy to the device has completed.
+
+        Blocks the calling thread until then (rare: a demotion keeps the host copy the prefix came
+        from, so this runs only for a device prefix that has none).
+        """
+        if prefix.ready is not None:
+            prefix.ready.synchronize()
+        return self.to_host(prefix.artifact)
 
     def to_device(self, artifact: PrefixArtifact) -> DevicePrefix:
         """Queue the copy to the device (worker thread: on CUDA it returns before the copy is done)."""

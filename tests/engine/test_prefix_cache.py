@@ -12,6 +12,7 @@ from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact, dump_artifact
 from server.engine import GenerationRequest, InvalidPrefix, StoreUnavailable, UnknownTask
 from server.engine.prefix_cache import PrefixCache
+from server.engine.prefix_transfer import DevicePrefix, PrefixTransfer
 from server.limits import Limits
 from tests.engine.conftest import PeftReference, collect, greedy, random_artifact
 
@@ -161,3 +162,54 @@ async def test_request_after_a_new_version_does_not_join_a_stale_load(
     release.set()
     assert (await early).version == 1 and late.version == 2
     assert cache.cached_versions("device") == [("default", "task-5", 2)]
+
+
+class _CopyInFlight:
+    """Stands in for a side-stream copy's CUDA event: until `synchronize()`, the destination holds
+    garbage (NaN), as device memory does before an asynchronous copy has landed."""
+
+    def __init__(self, src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> None:
+        self.src, self.dst = src, dst
+        self.done = False
+
+    def synchronize(self) -> None:
+        if not self.done:
+            for kind, tensor in self.src.items():
+                self.dst[kind].copy_(tensor)
+            self.done = True
+
+
+class _SlowCopyTransfer(PrefixTransfer):
+    """`to_device` queues the copy and returns at once, with an event, like the CUDA path."""
+
+    def to_device(self, artifact: PrefixArtifact) -> DevicePrefix:
+        dst = {kind: torch.full_like(t, float("nan")) for kind, t in artifact.prefixes.items()}
+        return DevicePrefix(PrefixArtifact(dst, artifact.metadata), _CopyInFlight(artifact.prefixes, dst))
+
+
+async def test_demotion_never_reads_a_device_copy_still_in_flight(
+    store: Any, tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]
+) -> None:
+    # The device tier holds task-5 and task-1; task-10 evicts both in one insert, while all three
+    # copies to the device are still in flight (no step has waited on their events).
+    cache = cache_for(store, tiny, device_bytes=artifacts[10].nbytes)
+    cache.transfer = _SlowCopyTransfer(tiny.device, tiny.dtype)
+    for length in (5, 1, 10):
+        await cache.resolve("default", f"task-{length}")
+    assert cache.cached_versions("device") == [("default", "task-10", 1)]
+    assert cache.cached_versions("host") == [("default", "task-5", 1), ("default", "task-1", 1)]
+    for length in (5, 1):  # promoted back from the host tier: what was demoted is the stored prefix
+        again = await cache.resolve("default", f"task-{length}")
+        assert store.get_calls == 3  # host hits, no store reads
+        again.ready.synchronize()  # what the step does (on the GPU) before it reads the prefix
+        assert torch.equal(again.artifact.prefixes["decoder"], artifacts[length].prefixes["decoder"])
+
+
+def test_back_to_host_waits_for_the_copy_to_the_device(
+    tiny: LoadedModel, artifacts: dict[int, PrefixArtifact]
+) -> None:
+    transfer = _SlowCopyTransfer(tiny.device, tiny.dtype)
+    in_flight = transfer.to_device(artifacts[10])
+    host = transfer.back_to_host(in_flight)
+    assert in_flight.ready.done
+    assert torch.equal(host.prefixes["decoder"], artifacts[10].prefixes["decoder"])

@@ -100,3 +100,44 @@ async def test_tiers_on_cuda_demote_pinned_and_promote_back_exactly(tmp_path: Pa
         assert cache.stats.hits["host"] == 1
     finally:
         await store.close()
+
+
+def test_back_to_host_waits_for_a_side_stream_copy_still_in_flight(tmp_path: Path) -> None:
+    loaded = load_model(str(make_model_dir("tiny-gpt2", tmp_path / "m")), "cpu", "float32")
+    artifact = _artifact(loaded.spec, 200, 1, "t")
+    transfer = PrefixTransfer(torch.device("cuda"), torch.float32)
+    host = transfer.to_host(artifact)
+    with torch.cuda.stream(transfer._stream):
+        torch.cuda._sleep(200_000_000)  # holds the side stream (~0.1 s): the copy lands well after this
+    in_flight = transfer.to_device(host)
+    assert not in_flight.ready.query()  # the copy has not landed yet
+    back = transfer.back_to_host(in_flight)
+    assert torch.equal(back.prefixes["decoder"], artifact.prefixes["decoder"])
+
+
+async def test_one_insert_demoting_two_prefixes_in_flight_keeps_both_exact(tmp_path: Path) -> None:
+    from server.engine.prefix_cache import PrefixCache
+
+    loaded = load_model(str(make_model_dir("tiny-gpt2", tmp_path / "m")), "cpu", "float32")
+    store = LocalPrefixStore(tmp_path / "store")
+    await store.start()
+    originals = {f"t{n}": _artifact(loaded.spec, n, n, f"t{n}") for n in (5, 1, 10)}
+    for task, artifact in originals.items():
+        await store.put("default", task, dump_artifact(artifact), {})
+    limits = Limits(device_prefix_cache_bytes=originals["t10"].nbytes, host_prefix_cache_bytes=1 << 30)
+    cache = PrefixCache(store, loaded.spec, torch.device("cuda"), torch.float32, limits)
+    cache.start()
+    try:
+        for task in ("t5", "t1", "t10"):  # t10 evicts t5 and t1 at once, their copies maybe in flight
+            with torch.cuda.stream(cache.transfer._stream):
+                torch.cuda._sleep(50_000_000)
+            await cache.resolve("default", task)
+        assert cache.cached_versions("host") == [("default", "t5", 1), ("default", "t1", 1)]
+        for task in ("t5", "t1"):
+            resolved = await cache.resolve("default", task)
+            wait_until_ready(resolved.device_prefix)
+            assert torch.equal(
+                resolved.artifact.prefixes["decoder"].cpu(), originals[task].prefixes["decoder"]
+            )
+    finally:
+        await store.close()

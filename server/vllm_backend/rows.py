@@ -33,12 +33,12 @@ class PrefixRows:
     """See the module docstring. `capacity_rows` is the table's row count."""
 
     capacity_rows: int
-    _free: list[int] = field(init=False)
+    _free: set[int] = field(init=False)
     _entries: OrderedDict[Key, RowEntry] = field(init=False, default_factory=OrderedDict)  # LRU first
     evictions: int = 0
 
     def __post_init__(self) -> None:
-        self._free = list(range(self.capacity_rows - 1, -1, -1))  # pop() hands out low rows first
+        self._free = set(range(self.capacity_rows))
 
     @property
     def free_rows(self) -> int:
@@ -76,7 +76,10 @@ class PrefixRows:
                 break
             self.drop(old_key)
             self.evictions += 1
-        entry = RowEntry(key, [self._free.pop() for _ in range(length)], pins=1)
+        # The lowest free rows: deterministic, and a prefix often lands on the rows its predecessor had.
+        rows = sorted(self._free)[:length]
+        self._free.difference_update(rows)
+        entry = RowEntry(key, rows, pins=1)
         self._entries[key] = entry
         return entry
 
@@ -90,4 +93,4 @@ class PrefixRows:
         """Forget `key` and free its rows (an unpinned entry, or one whose write failed)."""
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self._free.extend(entry.rows)
+            self._free.update(entry.rows)

@@ -54,6 +54,7 @@ from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 from server.vllm_backend.params import refuse_unsupported, vllm_sampling_params
 from server.vllm_backend.plugin import ARCHITECTURE
 from server.vllm_backend.rows import Key, PrefixRows, RowEntry
+from server.vllm_backend.support import unsupported_reason
 from server.vllm_backend.worker import encode_prefix
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ logger = logging.getLogger(__name__)
 # Each table row is also a vocabulary entry that vLLM samples over (with logit -inf): the table is
 # capped at this many rows whatever its byte budget, so sampling stays cheap.
 MAX_PREFIX_ROWS = 16384
-# vLLM's CPU attention needs at least this head size (its kernels; issue 23).
-MIN_CPU_HEAD_DIM = 32
 _DEADLINE_SLACK_S = 0.001
 _LEAVE_REASONS: dict[FinishReason, LeaveReason] = {"length": "length", "eos_token": "eos", "stop_sequence": "stop"}
 
@@ -727,13 +726,3 @@ def _top(entry: Any, n: int) -> list[tuple[int, float]]:
 
 def _failure_note(failure: BaseException | None) -> str:
     return "" if failure is None else f" (engine failed: {failure!r})"
-
-
-def unsupported_reason(loaded: LoadedModel) -> str | None:
-    """Why vLLM cannot serve `loaded` here, or None if it can."""
-    spec = loaded.spec
-    if spec.model_type != "gpt2":
-        return f"vLLM has no prefix model for {spec.model_type!r} (only GPT-2)"
-    if loaded.device.type == "cpu" and spec.head_dim < MIN_CPU_HEAD_DIM:
-        return f"vLLM's CPU attention needs head_dim >= {MIN_CPU_HEAD_DIM}, the model has {spec.head_dim}"
-    return None

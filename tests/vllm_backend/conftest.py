@@ -7,6 +7,7 @@ The model is the tiny GPT-2 with head_dim 32 (vLLM's CPU attention needs >= 32).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,9 +20,12 @@ pytest.importorskip("vllm", reason="the vLLM backend is not installed (make VLLM
 from modeling.models import LoadedModel, load_model, make_model_dir  # noqa: E402
 from prefix_store.artifact import PrefixArtifact, dump_artifact  # noqa: E402
 from prefix_store.local_store import LocalPrefixStore  # noqa: E402
-from server.engine import EngineConfig  # noqa: E402
-from server.limits import Limits  # noqa: E402
-from server.vllm_backend.engine import VllmEngine, VllmOptions  # noqa: E402
+from server.api import metrics_for  # noqa: E402
+from server.main import build_engine  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+from server.settings import Settings  # noqa: E402
+from server.vllm_backend.engine import VllmEngine  # noqa: E402
+from tests.api.conftest import KEYS  # noqa: E402
 from tests.engine.conftest import TINY_OVERRIDES, PeftReference, random_artifact  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
@@ -67,16 +71,37 @@ async def vllm_store(
     await store.close()
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def vllm_engine(h32: LoadedModel, h32_dir: Path, vllm_store: LocalPrefixStore) -> AsyncIterator[VllmEngine]:
+@pytest.fixture(scope="session")
+def vllm_settings(h32: LoadedModel, h32_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The settings of the vLLM-backed app (`test_vllm_api.py`); its limits are the engine's."""
     row_bytes = 2 * h32.spec.num_layers * h32.spec.hidden_size * 4
-    limits = Limits(
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        model=str(h32_dir),
+        served_model_name="tiny-gpt2-h32",
+        engine="vllm",
+        local_store_dir=tmp_path_factory.mktemp("unused-store"),
+        api_keys=json.dumps(KEYS),
+        log_format="text",
         max_batch_size=8,
         max_prefix_length=MAX_PREFIX_LENGTH,
         vllm_prefix_table_bytes=TABLE_ROWS * row_bytes,
         queue_timeout_s=120,
     )
-    engine = VllmEngine(h32, vllm_store, EngineConfig(limits), options=VllmOptions(model_dir=str(h32_dir)))
+
+
+@pytest.fixture(scope="session")
+def vllm_metrics(vllm_settings: Settings) -> Metrics:
+    return metrics_for(vllm_settings)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def vllm_engine(
+    h32: LoadedModel, vllm_store: LocalPrefixStore, vllm_settings: Settings, vllm_metrics: Metrics
+) -> AsyncIterator[VllmEngine]:
+    """Built as `server.main` builds it (`build_engine`), observed by the app's metrics."""
+    engine = build_engine(vllm_settings, h32, vllm_store, vllm_metrics)
+    assert isinstance(engine, VllmEngine)
     await engine.start()
     yield engine
     await engine.stop(drain_timeout_s=0)

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -63,7 +63,16 @@ logger = logging.getLogger(__name__)
 # capped at this many rows whatever its byte budget, so sampling stays cheap.
 MAX_PREFIX_ROWS = 16384
 _DEADLINE_SLACK_S = 0.001
-_LEAVE_REASONS: dict[FinishReason, LeaveReason] = {"length": "length", "eos_token": "eos", "stop_sequence": "stop"}
+_VLLM_DTYPES: dict[torch.dtype, Literal["float32", "bfloat16", "float16"]] = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+_LEAVE_REASONS: dict[FinishReason, LeaveReason] = {
+    "length": "length",
+    "eos_token": "eos",
+    "stop_sequence": "stop",
+}
 
 
 @dataclass
@@ -186,7 +195,9 @@ class VllmEngine:
         self.prefix_cache: PrefixCache | None = None
         if store is not None:
             # The host tier and the store reads are the native engine's; the device tier is our table.
-            self.prefix_cache = PrefixCache(store, spec, torch.device("cpu"), loaded.dtype, limits, self.observer)
+            self.prefix_cache = PrefixCache(
+                store, spec, torch.device("cpu"), loaded.dtype, limits, self.observer
+            )
         self.healthy = True
         self.failure: BaseException | None = None
         self.llm: Any = None
@@ -212,7 +223,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=self.options.model_dir,
             skip_tokenizer_init=True,  # we tokenize and detokenize (the virtual ids have no text)
-            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            dtype=_VLLM_DTYPES[self.loaded.dtype],
             max_model_len=self.max_positions,
             max_num_seqs=limits.max_batch_size,
             max_num_batched_tokens=self.options.max_num_batched_tokens,
@@ -283,7 +294,9 @@ class VllmEngine:
         return self._kv_usage
 
     def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
-        row_bytes = 2 * self.spec.num_layers * self.spec.num_heads * self.spec.head_dim * self.loaded.dtype.itemsize
+        row_bytes = (
+            2 * self.spec.num_layers * self.spec.num_heads * self.spec.head_dim * self.loaded.dtype.itemsize
+        )
         return {
             "prefix_bytes": self.rows.used_rows * row_bytes,
             "prefix_entries": len(self.rows.resident()),
@@ -359,7 +372,9 @@ class VllmEngine:
             ids = list(prompt)
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:
-                raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
+                raise InvalidRequest(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
+                )
         if not ids:
             bos = self.tokenizer.bos_token_id
             if bos is None:
@@ -407,7 +422,9 @@ class VllmEngine:
             )
         )
         self._requests[request.request_id] = state
-        state.handle = RequestHandle(request.request_id, state.events, lambda: self._finish_outside(state, "cancelled"))
+        state.handle = RequestHandle(
+            request.request_id, state.events, lambda: self._finish_outside(state, "cancelled")
+        )
         if request.task is not None:
             load = asyncio.create_task(self._place_prefix(state))
             self._prefix_loads.add(load)
@@ -481,7 +498,9 @@ class VllmEngine:
     async def _write(self, key: Key, entry: RowEntry, artifact: PrefixArtifact) -> None:
         prefix = artifact.prefixes["decoder"]  # [layers, 2, H, L, D]
         layers, _, heads, length, head_dim = prefix.shape
-        kv = prefix.permute(0, 1, 3, 2, 4).reshape(layers, 2, length, heads * head_dim)  # [layers, 2, L, hidden]
+        kv = prefix.permute(0, 1, 3, 2, 4).reshape(
+            layers, 2, length, heads * head_dim
+        )  # [layers, 2, L, hidden]
         data, shape = await asyncio.to_thread(encode_prefix, kv)
         try:
             await self.llm.collective_rpc("prefixserve_write_rows", args=(entry.rows, data, shape))
@@ -549,7 +568,9 @@ class VllmEngine:
         state.done = True
         if self._requests.get(state.request_id) is state:
             del self._requests[state.request_id]
-        self.scheduler.update([StepOutput(state.request_id, state.detok.num_generated, _LEAVE_REASONS[reason])])
+        self.scheduler.update(
+            [StepOutput(state.request_id, state.detok.num_generated, _LEAVE_REASONS[reason])]
+        )
         self._release(state)
         self._observe_finish(state, reason)
         self._wake.set()
@@ -624,7 +645,9 @@ class VllmEngine:
                     if first:
                         first = False
                         if params.prompt_logprobs:
-                            self._add_prompt_logprobs(state, event, output.prompt_logprobs, params.top_n_tokens)
+                            self._add_prompt_logprobs(
+                                state, event, output.prompt_logprobs, params.top_n_tokens
+                            )
                     state.events.put_nowait(event)
                     if event.finish_reason is not None:
                         self._finished(state, event.finish_reason)
@@ -719,7 +742,11 @@ def _top(entry: Any, n: int) -> list[tuple[int, float]]:
     if not entry or n <= 0:
         return []
     ranked = sorted(
-        ((lp.rank, tok, float(lp.logprob)) for tok, lp in entry.items() if lp.rank is not None and lp.rank <= n)
+        (
+            (lp.rank, tok, float(lp.logprob))
+            for tok, lp in entry.items()
+            if lp.rank is not None and lp.rank <= n
+        )
     )
     return [(tok, logprob) for _, tok, logprob in ranked[:n]]
 

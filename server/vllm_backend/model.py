@@ -61,7 +61,11 @@ class PrefixGPT2Attention(nn.Module):
             prefix=f"{prefix}.c_attn",
         )  # fmt: skip
         self.c_proj = RowParallelLinear(
-            self.hidden_size, self.hidden_size, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj"
+            self.hidden_size,
+            self.hidden_size,
+            bias=True,
+            quant_config=quant_config,
+            prefix=f"{prefix}.c_proj",
         )
         self.attn = Attention(
             self.num_heads, self.head_dim, scale=self.scale, cache_config=cache_config,
@@ -221,7 +225,9 @@ class PrefixServeGPT2LMHeadModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.transformer = PrefixGPT2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer"))
+        self.transformer = PrefixGPT2Model(
+            vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer")
+        )
         text_vocab = self.transformer.text_vocab_size
         self.lm_head = ParallelLMHead(
             text_vocab, config.hidden_size, quant_config=vllm_config.quant_config, prefix=f"{prefix}.lm_head"

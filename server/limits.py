@@ -57,6 +57,11 @@ class Limits:
     static_prefix_arena_tokens: int = 2048
     max_cuda_graphs: int = 64
     device_prefix_cache_bytes: int = 256 << 20
+    # The vLLM backend (issue 23): its prefix table (rows of prefix K/V inside vLLM's model; an LRU over
+    # prefixes no request uses), and how many admitted requests may wait in vLLM's own queue beyond
+    # the batch (our fair queue orders everything else)
+    vllm_prefix_table_bytes: int = 128 << 20
+    vllm_max_queued: int = 8
     host_prefix_cache_bytes: int = 1 << 30
     # --- tenants (0 = off) ---------------------------------------------------------------------
     tenant_max_concurrent: int = 0

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -30,7 +30,10 @@ from server.logging import configure_logging
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config errors stay fast
+    from modeling.models import LoadedModel
+    from prefix_store.base import PrefixStore
     from server.engine import EngineConfig
+    from server.metrics import Metrics
 
 logger = logging.getLogger("prefixserve.main")
 
@@ -114,6 +117,25 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
+def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, observer: Metrics) -> Any:
+    """The engine `settings.engine` asks for (issue 23): vLLM or ours, the same public API and the same
+    observer hooks. `auto` logs once why it did not pick vLLM; `vllm` raises `EngineError` if it cannot."""
+    from server.engine import Engine
+    from server.vllm_backend.support import choose_backend
+
+    backend, why_not = choose_backend(settings.engine, loaded)
+    if backend == "vllm":
+        from server.vllm_backend.engine import VllmEngine, VllmOptions
+
+        assert settings.model is not None
+        logger.info("engine: vLLM", extra={"engine": "vllm"})
+        options = VllmOptions(model_dir=settings.model, enforce_eager=settings.vllm_enforce_eager)
+        return VllmEngine(loaded, store, engine_config(settings), observer=observer, options=options)
+    if why_not is not None:
+        logger.info("engine: native (not vLLM: %s)", why_not, extra={"engine": "native"})
+    return Engine(loaded, store, engine_config(settings), observer=observer)
+
+
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     """uvicorn with the connection limits of `settings.limits`: idle keep-alive connections close,
     headers must arrive in time (slowloris), header size and open connections are bounded."""
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefix_store.factory import make_store
     from prefix_store.uploads import ArtifactUploadChecks
     from server.api import create_app, metrics_for, start_draining
-    from server.engine import Engine
+    from server.engine import EngineError
 
     logger.info("loading model", extra={"model": settings.model, "device": settings.device})
     try:
@@ -165,12 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.limits.keep_versions
     )
     metrics = metrics_for(settings)  # the engine's observer, then the app's metrics
-    engine = Engine(
-        loaded,
-        store,
-        engine_config(settings),
-        observer=metrics,
-    )
+    try:
+        engine = build_engine(settings, loaded, store, metrics)
+    except EngineError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONFIG
     exit_code = EXIT_OK
     server: _Server | None = None
 

@@ -129,6 +129,26 @@ class Settings(BaseSettings):
         default=False, description="torch.compile the decode step's block output (GPT-2; on|off)."
     )
 
+    # --- issue 23: the engine backend ----------------------------------------------------------
+    engine: Literal["auto", "vllm", "native"] = Field(
+        default="auto",
+        description="auto: vLLM for GPT-2 where it is installed and can run the model, else native; "
+        "vllm: vLLM or refuse to start; native: our engine.",
+    )
+    vllm_prefix_table_bytes: int = Field(
+        default=_L.vllm_prefix_table_bytes,
+        ge=1,
+        description="vLLM backend: the prefix table inside vLLM's model (LRU over prefixes not in use).",
+    )
+    vllm_max_queued: int = Field(
+        default=_L.vllm_max_queued,
+        ge=0,
+        description="vLLM backend: admitted requests waiting in vLLM's own queue beyond the batch.",
+    )
+    vllm_enforce_eager: bool = Field(
+        default=False, description="vLLM backend: skip vLLM's torch.compile (faster start, slower steps)."
+    )
+
     # --- tenants and limits --------------------------------------------------------------------
     api_keys_file: Path | None = Field(
         default=None, description='JSON file: {"<key>": {"tenant": "acme", "role": "generate"|"manage"}}'

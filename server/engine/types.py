@@ -140,3 +140,6 @@ class StreamEvent:
     prompt_logprobs: list[float | None] | None = None
     # Issue 18: "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
     prefix_variant: str | None = None
+    # First event only, with `prompt_logprobs` and `top_n_tokens` N > 0: for each prompt position the N
+    # most likely tokens (id, logprob), most likely first; `[]` for the first position.
+    prompt_top_tokens: list[list[tuple[int, float]]] | None = None

@@ -1,0 +1,755 @@
+"""`VllmEngine`: the engine's public API (docs/architecture.md) served by vLLM's `AsyncLLM`.
+
+What stays ours, above vLLM: admission checks and errors, the fair queue (`Scheduler` with its
+waiting-queue policy: vLLM's own queue never holds more than `vllm_max_queued` requests beyond the
+batch, so our policy, not vLLM's FCFS, decides who runs next), the tiered prefix cache's host tier
+and its store reads (`PrefixCache.locate`), detokenization, stop sequences, finish reasons, events
+and the `EngineObserver` hooks. What vLLM does: the model, its paged KV cache and prefix caching,
+continuous batching of what we admitted, sampling. Its engine core runs in its own process.
+
+A request for a task runs as `[L virtual ids] + prompt ids` (see `model.py`): while it waits, its
+task (`_place_prefix`) locates the prefix (store read and validation on a miss, as the native
+engine), takes rows of the model's prefix table (`rows.PrefixRows`, LRU over unpinned prefixes) and,
+unless the prefix is resident already, writes it there (a utility call into vLLM's worker); only then
+may the scheduler admit it. Its vLLM `cache_salt` is "tenant/task@version", so vLLM's prefix cache
+shares a task's prefix blocks across its requests and never serves a request blocks computed from
+another prefix that sat in the same rows. The virtual positions never reach the caller: usage,
+echo, logprobs and text count the prompt alone; `PromptTooLong` counts prefix + prompt + new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from modeling.models import LoadedModel
+from prefix_store.artifact import PrefixArtifact
+from prefix_store.base import InvalidName, PrefixStore, validate_name
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.engine import EngineConfig
+from server.engine.errors import (
+    EngineError,
+    EngineStopped,
+    InvalidRequest,
+    PromptTooLong,
+    QueueFull,
+    QueueTimeout,
+    RequestFailed,
+    UnknownTask,
+)
+from server.engine.handle import RequestHandle
+from server.engine.observer import EngineObserver
+from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
+from server.engine.sampling import new_seed
+from server.engine.scheduler import LeaveReason, ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from server.engine.types import FinishReason, GenerationRequest, StreamEvent
+from server.vllm_backend.params import refuse_unsupported, vllm_sampling_params
+from server.vllm_backend.plugin import ARCHITECTURE
+from server.vllm_backend.rows import Key, PrefixRows, RowEntry
+from server.vllm_backend.support import unsupported_reason
+from server.vllm_backend.worker import encode_prefix
+
+logger = logging.getLogger(__name__)
+
+# Each table row is also a vocabulary entry that vLLM samples over (with logit -inf): the table is
+# capped at this many rows whatever its byte budget, so sampling stays cheap.
+MAX_PREFIX_ROWS = 16384
+_DEADLINE_SLACK_S = 0.001
+_VLLM_DTYPES: dict[torch.dtype, Literal["float32", "bfloat16", "float16"]] = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+_LEAVE_REASONS: dict[FinishReason, LeaveReason] = {
+    "length": "length",
+    "eos_token": "eos",
+    "stop_sequence": "stop",
+}
+
+
+@dataclass
+class VllmOptions:
+    """How vLLM runs (not limits: these tune vLLM itself)."""
+
+    model_dir: str  # the HF model directory vLLM loads (the same one `loaded` came from)
+    block_size: int = 32  # vLLM's KV block (CPU: a multiple of 32; only full blocks are shared)
+    enforce_eager: bool = False  # skip vLLM's torch.compile (faster start, slower steps)
+    max_num_batched_tokens: int | None = None  # vLLM's per-step token budget (None: its default)
+
+
+@dataclass
+class _Request:
+    """Engine-side state of one request (event loop only)."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    seed: int
+    detok: IncrementalDetokenizer
+    arrival: float
+    events: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
+    handle: RequestHandle | None = None
+    prefix: ResolvedPrefix | None = None
+    rows: RowEntry | None = None  # pinned while the request lives
+    virtual_ids: list[int] = field(default_factory=list)
+    last_token_time: float | None = None
+    done: bool = False
+    drive: asyncio.Task[None] | None = None  # streams its vLLM request once admitted
+    vllm_id: str = ""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def task_label(self) -> str:
+        return f"{self.request.tenant}/{self.request.task}" if self.request.task else ""
+
+    @property
+    def prefix_key(self) -> Key | None:
+        if self.prefix is None or self.request.task is None:
+            return None
+        return (self.request.tenant, self.request.task, self.prefix.version)
+
+
+class _StepStats:
+    """vLLM stat logger: each engine step's batch size and KV usage reach our observer."""
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self.engine = engine
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    stats.engine._on_vllm_step(scheduler_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Logger(vllm_config, engine_index)
+
+
+class VllmEngine:
+    """The vLLM backend; see the module docstring. Same public API as `server.engine.Engine`."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: PrefixStore | None,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+        options: VllmOptions | None = None,
+    ) -> None:
+        if options is None:
+            raise EngineError("VllmEngine needs VllmOptions(model_dir=...): vLLM loads the model itself")
+        reason = unsupported_reason(loaded)
+        if reason is not None:
+            raise EngineError(f"the vLLM backend cannot serve this model: {reason}")
+        self.loaded = loaded
+        self.options = options
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.tokenizer = loaded.tokenizer
+        spec = loaded.spec
+        self.spec = spec
+        self.vocab_size = spec.vocab_size  # text vocabulary; virtual ids start here
+        self.max_positions = spec.max_positions
+        limits = self.config.limits
+        row_bytes = spec.num_layers * 2 * spec.num_heads * spec.head_dim * loaded.dtype.itemsize
+        self.prefix_rows = min(limits.vllm_prefix_table_bytes // row_bytes, MAX_PREFIX_ROWS)
+        if self.prefix_rows < limits.max_prefix_length:
+            raise EngineError(
+                f"vllm_prefix_table_bytes={limits.vllm_prefix_table_bytes} holds {self.prefix_rows} prefix "
+                f"positions of this model, fewer than max_prefix_length={limits.max_prefix_length}"
+            )
+        self.rows = PrefixRows(self.prefix_rows)
+        max_running = limits.max_batch_size + limits.vllm_max_queued
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_running=max_running,
+                max_prefill_tokens=2**62,  # vLLM chunks prompts itself
+                kv_budget_tokens=max_running * self.max_positions,  # vLLM's pool admits; ours never binds
+                max_waiting=limits.max_waiting,
+                queue_timeout_s=limits.queue_timeout_s,
+                fair_queue=self.config.fair_queue,
+                chunked_prefill=False,
+            )
+        )
+        self.prefix_cache: PrefixCache | None = None
+        if store is not None:
+            # The host tier and the store reads are the native engine's; the device tier is our table.
+            self.prefix_cache = PrefixCache(
+                store, spec, torch.device("cpu"), loaded.dtype, limits, self.observer
+            )
+        self.healthy = True
+        self.failure: BaseException | None = None
+        self.llm: Any = None
+        self._requests: dict[str, _Request] = {}
+        self._writes: dict[Key, asyncio.Future[None]] = {}  # single-flight row writes
+        self._rows_freed = asyncio.Event()
+        self._prefix_loads: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._accepting = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self._kv_usage = 0.0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start vLLM (its engine core process; tens of seconds: it compiles the model) and our loop."""
+        if self._loop_task is not None:
+            return
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        limits = self.config.limits
+        args = AsyncEngineArgs(
+            model=self.options.model_dir,
+            skip_tokenizer_init=True,  # we tokenize and detokenize (the virtual ids have no text)
+            dtype=_VLLM_DTYPES[self.loaded.dtype],
+            max_model_len=self.max_positions,
+            max_num_seqs=limits.max_batch_size,
+            max_num_batched_tokens=self.options.max_num_batched_tokens,
+            block_size=self.options.block_size,
+            enable_prefix_caching=True,
+            enforce_eager=self.options.enforce_eager,
+            seed=0,
+            max_logprobs=20,
+            worker_extension_cls="server.vllm_backend.worker.PrefixRowsExtension",
+            hf_overrides={
+                "architectures": [ARCHITECTURE],
+                "vocab_size": self.vocab_size + self.prefix_rows,
+                "prefixserve_text_vocab_size": self.vocab_size,
+                "prefixserve_prefix_rows": self.prefix_rows,
+            },
+            disable_log_stats=False,
+        )
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_StepStats(self).factory])
+        if self.prefix_cache is not None:
+            self.prefix_cache.start()
+        self._wake = asyncio.Event()
+        self._accepting = True
+        self._loop_task = asyncio.create_task(self._run(), name="prefixserve-vllm-loop")
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting; let queued and running requests finish for up to `drain_timeout_s`, then
+        end the rest with finish_reason "cancelled", and shut vLLM down."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._requests and self.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for state in list(self._requests.values()):
+            self._finish_outside(state, "cancelled")
+        for load in list(self._prefix_loads):
+            load.cancel()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+            self._loop_task = None
+        if self.llm is not None:
+            llm, self.llm = self.llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    # ---- gauges -------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    def queue_refusal(self, tenant: str) -> str | None:
+        return self.scheduler.refusal(tenant)
+
+    @property
+    def running_tasks(self) -> list[str]:
+        return self._task_labels(self.scheduler.running_ids)
+
+    @property
+    def waiting_tasks(self) -> list[str]:
+        return self._task_labels(self.scheduler.waiting_ids)
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        """vLLM's KV cache usage (0..1) as of its last step."""
+        return self._kv_usage
+
+    def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
+        row_bytes = (
+            2 * self.spec.num_layers * self.spec.num_heads * self.spec.head_dim * self.loaded.dtype.itemsize
+        )
+        return {
+            "prefix_bytes": self.rows.used_rows * row_bytes,
+            "prefix_entries": len(self.rows.resident()),
+            "capacity_bytes": self.prefix_rows * row_bytes,
+        }
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return None if self.prefix_cache is None else self.prefix_cache.stats
+
+    @property
+    def resident_prefixes(self) -> list[tuple[str, str]]:
+        """(tenant, task) of the prefixes in the model's prefix table now."""
+        return sorted({(tenant, task) for tenant, task, _ in self.rows.resident()})
+
+    @property
+    def resident_prefix_capacity(self) -> int:
+        """Prefixes of `max_prefix_length` positions the table holds (shorter ones: more)."""
+        return self.prefix_rows // self.config.limits.max_prefix_length
+
+    async def warm(self, tenant: str, task: str) -> bool:
+        """Load the task's current prefix into the host tier and the table without a request.
+        False (never raises) if it could not (unknown task, store down, table full of pinned rows)."""
+        if self.prefix_cache is None or self.llm is None or not self.healthy:
+            return False
+        try:
+            validate_name(tenant, "tenant")
+            validate_name(task, "task")
+            found = await self.prefix_cache.locate(tenant, task)
+            key = (tenant, task, found.version)
+            entry = self._take_rows(key, found.artifact.prefix_length())
+            if entry is None:
+                return False
+            try:
+                await self._written(key, entry, found.artifact)
+            finally:
+                self._release_rows(key)
+            return True
+        except Exception as exc:  # a warm-up is a hint: never fail the caller
+            logger.info("warming %s/%s failed: %r", tenant, task, exc)
+            return False
+
+    def _task_labels(self, ids: list[str]) -> list[str]:
+        labels = {self._requests[r].task_label for r in ids if r in self._requests}
+        return sorted(label for label in labels if label)
+
+    def _on_vllm_step(self, stats: Any) -> None:
+        self._kv_usage = float(stats.kv_cache_usage)
+        running = int(stats.num_running_reqs)
+        if running:
+            self.observer.on_step(running, len(self.running_tasks), self._kv_usage)
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def add_request(self, request: GenerationRequest) -> RequestHandle:
+        """As `Engine.add_request` (the same errors, at the same points)."""
+        state = self._admit(request)
+        assert state.handle is not None
+        return state.handle
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        handle = await self.add_request(request)
+        try:
+            async for event in handle:
+                yield event
+        finally:
+            handle.abort()
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids, checked against the text vocabulary (never a virtual id)."""
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
+                )
+        if not ids:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise InvalidRequest("the prompt is empty and the model has no BOS token")
+            ids = [int(bos)]
+        return ids
+
+    def _admit(self, request: GenerationRequest) -> _Request:
+        if not self._accepting or not self.healthy:
+            raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
+        params = request.params
+        params.validate()
+        refuse_unsupported(params)
+        prompt_ids = self.tokenize(request.prompt)
+        if request.task is not None:
+            if self.prefix_cache is None:
+                raise UnknownTask(f"task {request.task!r}: this engine runs without a prefix store")
+            try:
+                validate_name(request.tenant, "tenant")
+                validate_name(request.task, "task")
+            except InvalidName as exc:
+                raise InvalidRequest(str(exc)) from None
+        self._check_lengths(len(prompt_ids), params.max_new_tokens, 0)
+        bad_bias = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad_bias:
+            raise InvalidRequest(f"logit_bias token ids must be < {self.vocab_size}, got {bad_bias[:5]}")
+        seed = params.seed if params.seed is not None else new_seed()
+        eos = None if params.ignore_eos else self.tokenizer.eos_token_id
+        state = _Request(
+            request=request,
+            prompt_ids=prompt_ids,
+            seed=seed,
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.max_new_tokens, params.stop, eos),
+            arrival=time.monotonic(),
+        )
+        self.scheduler.add(
+            ScheduledRequest(
+                request.request_id,
+                num_prompt_tokens=len(prompt_ids),
+                reserved_tokens=len(prompt_ids) + params.max_new_tokens,
+                tenant=request.tenant,
+                priority=request.priority,
+                cost=params.max_new_tokens,
+                prefix_ready=request.task is None,
+            )
+        )
+        self._requests[request.request_id] = state
+        state.handle = RequestHandle(
+            request.request_id, state.events, lambda: self._finish_outside(state, "cancelled")
+        )
+        if request.task is not None:
+            load = asyncio.create_task(self._place_prefix(state))
+            self._prefix_loads.add(load)
+            load.add_done_callback(self._prefix_loads.discard)
+        self._wake.set()
+        return state
+
+    def _check_lengths(self, num_prompt: int, max_new: int, prefix_length: int) -> None:
+        if num_prompt + max_new + prefix_length > self.max_positions:
+            raise PromptTooLong(num_prompt, prefix_length, max_new, self.max_positions)
+
+    async def _place_prefix(self, state: _Request) -> None:
+        """Waiting: locate the prefix, take table rows for it (waiting for rows other requests pin),
+        write it unless resident, then let the scheduler admit the request."""
+        request = state.request
+        assert self.prefix_cache is not None and request.task is not None
+        try:
+            found = await self.prefix_cache.locate(request.tenant, request.task, request.route_key)
+            length = found.artifact.prefix_length()
+            self._check_lengths(len(state.prompt_ids), request.params.max_new_tokens, length)
+            if state.done:
+                return
+            state.prefix = found
+            assert state.handle is not None
+            state.handle.prefix_version, state.handle.prefix_variant = found.version, found.variant
+            key = state.prefix_key
+            assert key is not None
+            while True:
+                entry = self._take_rows(key, length)
+                if entry is not None:
+                    break
+                # Every row is pinned by queued or running requests: wait for one to end.
+                self._rows_freed.clear()
+                await self._rows_freed.wait()
+                if state.done:
+                    return
+            state.rows = entry
+            if state.done:  # ended while it waited: give the rows back
+                self._release(state)
+                return
+            await self._written(key, entry, found.artifact)
+            if state.done:
+                return
+            state.virtual_ids = [self.vocab_size + row for row in entry.rows]
+            self.scheduler.mark_ready(state.request_id)
+            self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except EngineError as exc:
+            self._fail(state, exc, observe=False)
+        except Exception as exc:
+            logger.exception("placing the prefix of request %s failed", state.request_id)
+            failure = RequestFailed(f"loading this request's prefix failed ({type(exc).__name__})")
+            failure.__cause__ = exc
+            self._fail(state, failure)
+
+    async def _written(self, key: Key, entry: RowEntry, artifact: PrefixArtifact) -> None:
+        """The prefix is in its rows: written now (once however many requests wait) or already."""
+        if entry.written:
+            if self.prefix_cache is not None:
+                self.prefix_cache.stats.hits["device"] += 1
+            self.observer.on_cache_event("hit", "device")
+            return
+        write = self._writes.get(key)
+        if write is None:
+            write = asyncio.ensure_future(self._write(key, entry, artifact))
+            self._writes[key] = write
+            write.add_done_callback(lambda done: self._writes.pop(key, None))
+        await asyncio.shield(write)
+
+    async def _write(self, key: Key, entry: RowEntry, artifact: PrefixArtifact) -> None:
+        prefix = artifact.prefixes["decoder"]  # [layers, 2, H, L, D]
+        layers, _, heads, length, head_dim = prefix.shape
+        kv = prefix.permute(0, 1, 3, 2, 4).reshape(
+            layers, 2, length, heads * head_dim
+        )  # [layers, 2, L, hidden]
+        data, shape = await asyncio.to_thread(encode_prefix, kv)
+        try:
+            await self.llm.collective_rpc("prefixserve_write_rows", args=(entry.rows, data, shape))
+        except BaseException:
+            self.rows.drop(key)  # its rows hold nothing usable
+            self._rows_freed.set()
+            raise
+        entry.written = True
+
+    def _release(self, state: _Request) -> None:
+        key = state.prefix_key
+        if state.rows is not None and key is not None:
+            state.rows = None
+            self._release_rows(key)
+
+    def _release_rows(self, key: Key) -> None:
+        self.rows.release(key)
+        self._rows_freed.set()
+
+    def _take_rows(self, key: Key, length: int) -> RowEntry | None:
+        """`key`'s rows, pinned: resident ones, else new ones (evicting unpinned prefixes, LRU first);
+        None while pinned prefixes leave too few rows."""
+        entry = self.rows.acquire(key)
+        if entry is not None:
+            return entry
+        before = self.rows.evictions
+        entry = self.rows.allocate(key, length)
+        for _ in range(self.rows.evictions - before):
+            if self.prefix_cache is not None:
+                self.prefix_cache.stats.evictions["device"] += 1
+            self.observer.on_cache_event("eviction", "device")
+        return entry
+
+    # ---- endings ------------------------------------------------------------------------------
+    def _finish_outside(self, state: _Request, reason: FinishReason) -> None:
+        if state.done:
+            return
+        self._end(state, "aborted")
+        text = state.detok.finish(reason)
+        state.events.put_nowait(self._event(state, None, text, reason))
+        self._observe_finish(state, reason)
+
+    def _fail(self, state: _Request, exc: BaseException, observe: bool = True) -> None:
+        if state.done:
+            return
+        self._end(state, "failed")
+        state.events.put_nowait(exc)
+        if observe:
+            self._observe_finish(state, "error")
+
+    def _end(self, state: _Request, reason: LeaveReason) -> None:
+        """The request is over for its caller: it leaves our scheduler, vLLM and its rows."""
+        state.done = True
+        if self._requests.get(state.request_id) is state:
+            del self._requests[state.request_id]
+        self.scheduler.abort(state.request_id, reason)
+        drive = state.drive
+        if drive is not None and not drive.done() and drive is not asyncio.current_task():
+            drive.cancel()  # vLLM's generate aborts its request when cancelled
+        self._release(state)
+        self._wake.set()
+
+    def _finished(self, state: _Request, reason: FinishReason) -> None:
+        """Finished by the model (length, EOS, stop sequence): leaves the running set."""
+        state.done = True
+        if self._requests.get(state.request_id) is state:
+            del self._requests[state.request_id]
+        self.scheduler.update(
+            [StepOutput(state.request_id, state.detok.num_generated, _LEAVE_REASONS[reason])]
+        )
+        self._release(state)
+        self._observe_finish(state, reason)
+        self._wake.set()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                plan = self.scheduler.schedule()
+                for row in plan.left:
+                    state = self._requests.get(row.request_id)
+                    if state is None:
+                        continue
+                    if row.reason == "timed_out":
+                        timeout = self.config.limits.queue_timeout_s
+                        self._fail(state, QueueTimeout(f"request waited more than {timeout}s in the queue"))
+                    elif row.reason == "pushed_out":
+                        self._fail(state, QueueFull("the queue is full and this tenant is over its share"))
+                for rid in plan.prefill_ids:
+                    state = self._requests.get(rid)
+                    if state is not None and not state.done:
+                        self.observer.on_queue_time(time.monotonic() - state.arrival)
+                        state.drive = asyncio.create_task(self._drive(state), name=f"vllm-{rid}")
+                await self._idle()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            logger.exception("vLLM engine loop failed; failing all pending requests")
+            self._die(exc)
+
+    async def _idle(self) -> None:
+        deadline = self.scheduler.next_deadline()
+        if deadline is None:
+            await self._wake.wait()
+            return
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_SLACK_S)
+        finally:
+            waiter.cancel()
+
+    def _die(self, exc: BaseException) -> None:
+        if not self.healthy:
+            return
+        self.healthy = False
+        self.failure = exc
+        for state in list(self._requests.values()):
+            self._fail(state, EngineStopped(f"the engine failed: {exc!r}"))
+
+    async def _drive(self, state: _Request) -> None:
+        """Stream one admitted request through vLLM, turning its tokens into our events."""
+        from vllm.inputs import TokensPrompt
+
+        params = state.request.params
+        prompt: dict[str, Any] = {"prompt_token_ids": state.virtual_ids + state.prompt_ids}
+        key = state.prefix_key
+        if key is not None:
+            prompt["cache_salt"] = f"{key[0]}/{key[1]}@{key[2]}"
+        state.vllm_id = f"{state.request_id}#{next(self._ids)}"
+        sampling = vllm_sampling_params(params, state.seed, self.tokenizer.eos_token_id)
+        first = True
+        try:
+            async for output in self.llm.generate(TokensPrompt(**prompt), sampling, state.vllm_id):  # type: ignore[typeddict-item]
+                completion = output.outputs[0]
+                logprobs = completion.logprobs or []
+                for i, token in enumerate(completion.token_ids):
+                    if state.done:
+                        return
+                    entry = logprobs[i] if i < len(logprobs) else {}
+                    event = self._token_event(state, int(token), entry, params.top_n_tokens)
+                    if first:
+                        first = False
+                        if params.prompt_logprobs:
+                            self._add_prompt_logprobs(
+                                state, event, output.prompt_logprobs, params.top_n_tokens
+                            )
+                    state.events.put_nowait(event)
+                    if event.finish_reason is not None:
+                        self._finished(state, event.finish_reason)
+                        return
+                if output.finished and not state.done:
+                    # vLLM stopped first (a stop token our detokenizer skips, or its length limit).
+                    reason: FinishReason = "eos_token" if completion.finish_reason == "stop" else "length"
+                    text = state.detok.finish(reason)
+                    state.events.put_nowait(self._event(state, None, text, reason))
+                    self._finished(state, reason)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(exc, EngineDeadError) or (self.llm is not None and self.llm.errored):
+                logger.exception("vLLM's engine core died")
+                self._die(exc)
+                return
+            logger.exception("vLLM failed request %s", state.request_id)
+            failure = RequestFailed(f"the model failed on this request ({type(exc).__name__})")
+            failure.__cause__ = exc
+            self._fail(state, failure)
+
+    def _token_event(self, state: _Request, token: int, logprobs: Any, top_n: int) -> StreamEvent:
+        now = time.monotonic()
+        if state.last_token_time is None:
+            self.observer.on_first_token(now - state.arrival)
+        else:
+            self.observer.on_token(now - state.last_token_time)
+        state.last_token_time = now
+        text = state.detok.add_token(token)
+        own = logprobs.get(token) if logprobs else None
+        event = self._event(
+            state, token, text, state.detok.finish_reason, None if own is None else float(own.logprob)
+        )
+        event.top_tokens = _top(logprobs, top_n)
+        return event
+
+    def _add_prompt_logprobs(self, state: _Request, event: StreamEvent, entries: Any, top_n: int) -> None:
+        """The prompt's logprobs net of the virtual positions (the first prompt token: None / [])."""
+        skip = len(state.virtual_ids)
+        prompt = state.prompt_ids
+        logprobs: list[float | None] = [None]
+        tops: list[list[tuple[int, float]]] = [[]]
+        for p in range(1, len(prompt)):
+            entry = entries[skip + p] if entries is not None and skip + p < len(entries) else None
+            own = entry.get(prompt[p]) if entry else None
+            logprobs.append(None if own is None else float(own.logprob))
+            tops.append(_top(entry, top_n))
+        event.prompt_token_ids = list(prompt)
+        event.prompt_logprobs = logprobs
+        if top_n > 0:
+            event.prompt_top_tokens = tops
+
+    def _event(
+        self,
+        state: _Request,
+        token: int | None,
+        text: str,
+        reason: FinishReason | None,
+        logprob: float | None = None,
+    ) -> StreamEvent:
+        return StreamEvent(
+            request_id=state.request_id,
+            token_id=token,
+            text=text,
+            finish_reason=reason,
+            num_prompt_tokens=len(state.prompt_ids),
+            num_generated_tokens=state.detok.num_generated,
+            seed=state.seed,
+            prefix_version=None if state.prefix is None else state.prefix.version,
+            prefix_variant=None if state.prefix is None else state.prefix.variant,
+            generated_text=state.detok.text if reason is not None else None,
+            token_logprob=logprob,
+        )
+
+    def _observe_finish(self, state: _Request, reason: str) -> None:
+        self.observer.on_finish(
+            reason,
+            len(state.prompt_ids),
+            state.detok.num_generated,
+            time.monotonic() - state.arrival,
+            state.request.tenant,
+            state.request.task,
+        )
+
+
+def _top(entry: Any, n: int) -> list[tuple[int, float]]:
+    """The `n` most likely tokens of a vLLM logprobs entry as (id, logprob), most likely first."""
+    if not entry or n <= 0:
+        return []
+    ranked = sorted(
+        (
+            (lp.rank, tok, float(lp.logprob))
+            for tok, lp in entry.items()
+            if lp.rank is not None and lp.rank <= n
+        )
+    )
+    return [(tok, logprob) for _, tok, logprob in ranked[:n]]
+
+
+def _failure_note(failure: BaseException | None) -> str:
+    return "" if failure is None else f" (engine failed: {failure!r})"

@@ -1,0 +1,56 @@
+"""Our `SamplingParams` as vLLM's, and the parameters vLLM cannot serve (refused with a clear error).
+
+Mapped one to one: max_new_tokens (max_tokens), temperature (0 for greedy), top_k, top_p,
+repetition_penalty (prompt + output tokens, as ours), presence and frequency penalties (output tokens),
+logit_bias, top_n_tokens (vLLM's `logprobs`: the sampled token's logprob and the N most likely, from
+the raw logits, as ours), prompt_logprobs (vLLM's `prompt_logprobs` with the same N), seed (sampled
+requests only: vLLM draws from a generator of the request's own), ignore_eos (EOS is a stop token id
+unless it is set; with the tokenizer skipped vLLM knows no EOS of its own). Stop sequences and EOS are
+also checked by our detokenizer, which decides the finish reason and the text (vLLM is told to stop).
+n / best_of and truncate are the API layer's (one engine request per sequence; prompt cut before).
+
+Not mapped: `typical_p` (vLLM has no typical sampling): a request with typical_p < 1 is refused with
+`InvalidRequest` (HTTP 422) naming the native engine, which serves it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.engine.errors import InvalidRequest
+from server.engine.types import SamplingParams
+
+
+def refuse_unsupported(params: SamplingParams) -> None:
+    """Raise `InvalidRequest` for a parameter the vLLM backend cannot serve."""
+    if params.typical_p != 1.0:
+        raise InvalidRequest(
+            "typical_p is not supported by the vLLM engine backend (vLLM has no typical sampling); "
+            "leave it at 1.0, or serve with PREFIXSERVE_ENGINE=native"
+        )
+
+
+def vllm_sampling_params(params: SamplingParams, seed: int, eos_token_id: int | None) -> Any:
+    """vLLM's `SamplingParams` for one of our requests (streamed as deltas, token ids only)."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sampled = params.do_sample
+    stop_ids = [] if params.ignore_eos or eos_token_id is None else [eos_token_id]
+    return VllmSamplingParams(
+        max_tokens=params.max_new_tokens,
+        temperature=params.temperature if sampled else 0.0,
+        top_k=params.top_k if sampled else 0,
+        top_p=params.top_p if sampled else 1.0,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias) or None,
+        logprobs=params.top_n_tokens,  # 0: the sampled token's own logprob only
+        prompt_logprobs=params.top_n_tokens if params.prompt_logprobs else None,
+        seed=seed if sampled else None,
+        ignore_eos=params.ignore_eos,
+        stop_token_ids=stop_ids,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+    )

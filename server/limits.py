@@ -26,6 +26,7 @@ class Limits:
     # issue 13: what one HTTP client may send (server.api.admission, server.http_protocol)
     max_json_body_bytes: int = 1 << 20  # body limit of every route but uploads (capped by max_body_bytes)
     max_prompt_chars: int | None = None  # longer prompts: 422 before tokenising; None: derived from the model
+    max_prompts_per_request: int = 64  # prompts in one /v1/completions request (a list); more: 422
     timeout_keep_alive_s: int = 5  # idle keep-alive connections are closed
     timeout_request_header_s: float = 10.0  # request line + headers must arrive within this (slowloris)
     max_connections: int = 1000  # open connections beyond this get 503 (uvicorn limit_concurrency)

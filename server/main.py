@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     store = make_store(
         settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.limits.keep_versions
     )
-    metrics = metrics_for(settings)  # the engine's observer, then the app's metrics
+    metrics = metrics_for(settings, loaded.spec)  # the engine's observer, then the app's metrics
     try:
         engine = build_engine(settings, loaded, store, metrics)
     except EngineError as exc:

@@ -114,6 +114,8 @@ class Metrics(EngineObserver):
         model_name: str = "base",
         adapter_names: str = "off",
         version: str = "0.0.0+unknown",
+        max_model_len: int = 1024,
+        cache_info: dict[str, str] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.labeler = TaskLabeler(task_labels, top_tasks, tenants)
@@ -216,7 +218,10 @@ class Metrics(EngineObserver):
         # process_* (resident memory, CPU seconds, start time: restarts show as a new start time).
         # Only on Linux is there anything to collect; elsewhere the collector exports nothing.
         ProcessCollector(registry=r)
-        self.vllm = VllmMetrics(r, model_name, max_lora=max_tasks, adapter_names=adapter_names)
+        self.vllm = VllmMetrics(
+            r, model_name, max_lora=max_tasks, adapter_names=adapter_names,
+            max_model_len=max_model_len, cache_info=cache_info,
+        )  # fmt: skip
         # Known label values start at 0, so dashboards and alerts see 0 rather than "no data".
         for tier in ("device", "host"):
             self.prefix_cache_hits.labels(tier=tier)
@@ -276,6 +281,10 @@ class Metrics(EngineObserver):
                 tenant=self.labeler.tenant(tenant), task=self.labeler.task(tenant, task), variant=variant
             ).inc()
 
+    def observe_request_n(self, n: int) -> None:
+        """One prompt of a request asked for `n` sequences (vLLM's `request_params_n`)."""
+        self.vllm.observe_n(n)
+
     def observe_store(self, operation: str, ok: bool) -> None:
         """Record a store call's outcome: failures count per operation and mark the store down."""
         if ok:
@@ -295,12 +304,18 @@ class Metrics(EngineObserver):
 
     def on_queue_time(self, seconds: float) -> None:
         self.queue_time.observe(seconds)
+        self.vllm.on_queue_time(seconds)
 
     def on_first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)
+        self.vllm.on_first_token(seconds)
 
     def on_token(self, inter_token_seconds: float) -> None:
         self.inter_token_latency.observe(inter_token_seconds)
+        self.vllm.on_token(inter_token_seconds)
+
+    def on_iteration(self, prompt_tokens: int, generation_tokens: int) -> None:
+        self.vllm.on_iteration(prompt_tokens, generation_tokens)
 
     def on_finish(
         self,
@@ -317,6 +332,7 @@ class Metrics(EngineObserver):
         self.request_prompt_tokens.observe(prompt_tokens)
         self.request_generation_tokens.observe(generated_tokens)
         self.e2e_latency.observe(e2e_seconds)
+        self.vllm.on_finish(reason, prompt_tokens, generated_tokens, e2e_seconds)
 
     def on_prefix_load(self, seconds: float) -> None:
         self.prefix_load.observe(seconds)

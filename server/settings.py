@@ -172,6 +172,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Longer prompts get 422 before tokenisation; unset: positions x longest token's bytes.",
     )
+    max_prompts_per_request: int = Field(
+        default=_L.max_prompts_per_request,
+        ge=1,
+        description="Prompts in one /v1/completions request (a list of them); more get 422.",
+    )
     timeout_keep_alive_s: int = Field(
         default=_L.timeout_keep_alive_s, ge=1, description="Idle keep-alive connections are closed."
     )

@@ -12,6 +12,31 @@ The endpoint picker (EPP) of an `InferencePool` scrapes each pod and reads, by v
 
 The colons break our own naming rule on purpose: they are the names those routers look up.
 
+Counters and histograms, for dashboards, benchmark tools and the vLLM production stack, with the
+names, types, label names (`model_name`, `engine`; always engine "0": one engine per process) and
+bucket boundaries of vLLM's `vllm/v1/metrics/loggers.py` (`PrometheusStatLogger`), plus
+`vllm:inter_token_latency_seconds`, the name later vLLM releases give the per-token histogram (same
+19 buckets; `vllm:time_per_output_token_seconds`, the older name, is exported beside it with the same
+observations, as vLLM did while it deprecated it):
+
+| series | type | here |
+|---|---|---|
+| `vllm:prompt_tokens_total` / `vllm:generation_tokens_total` | counter | prompt tokens / generated tokens of every finished request (cancelled ones included) |
+| `vllm:request_success_total{finished_reason}` | counter | finished requests by vLLM's reason: `stop` (EOS or a stop sequence), `length`, `abort` (cancelled or failed) |
+| `vllm:num_preemptions_total` | counter | always 0: the engine reserves a request's KV before admitting it and never preempts |
+| `vllm:time_to_first_token_seconds` | histogram | arrival to first token |
+| `vllm:inter_token_latency_seconds`, `vllm:time_per_output_token_seconds` | histogram | between consecutive tokens of a request |
+| `vllm:e2e_request_latency_seconds` | histogram | arrival to last token |
+| `vllm:request_queue_time_seconds` | histogram | arrival to first scheduled |
+| `vllm:request_prompt_tokens` / `vllm:request_generation_tokens` | histogram | per finished request; 1-2-5 buckets up to the model's positions (vLLM: max_model_len) |
+| `vllm:request_params_n` | histogram | `n` of each prompt of a request (sequences generated for it) |
+| `vllm:iteration_tokens_total` | histogram | tokens of one engine step: prompt tokens computed + tokens generated |
+| `vllm:cache_config_info` | gauge = 1 | labels: the KV cache's block size and dtype, prefix caching (of prompts: False) |
+
+The vLLM source followed: vllm-project/vllm `vllm/v1/metrics/loggers.py` at commit 005a810 (the
+copy we could read; the project pins vLLM 0.32 for its vLLM backend, whose tag was out of reach);
+`inter_token_latency_seconds` and its buckets as later releases name them.
+
 Adapter names. The EPP matches a request's `model` (a task name here) against the comma lists of
 `vllm:lora_requests_info` to prefer a pod whose device prefix cache already holds the task. `/metrics`
 needs no key, so by default (`adapter_names="off"`) the lists stay empty and no task name is shown to
@@ -30,12 +55,45 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 AdapterNames = Literal["off", "task", "tenant_task"]
 ADAPTER_NAME_MODES: tuple[AdapterNames, ...] = ("off", "task", "tenant_task")
+
+
+# vLLM's bucket boundaries (loggers.py).
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+TOKEN_LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+    40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's FinishReason values; our engine's reasons map onto them.
+FINISHED_REASONS = ("stop", "length", "abort")
+_FINISHED_REASON = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+ENGINE = "0"  # vLLM's `engine` label: the engine core's index (one here)
+
+
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """vLLM's length buckets: 1, 2, 5, 10, 20, 50, ... while <= `max_value`."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
 
 
 def adapter_name(engine_label: str, mode: str) -> str | None:
@@ -86,10 +144,17 @@ class TaskListsInfo(Collector):
 
 
 class VllmMetrics:
-    """The vLLM-named series on `registry`, read from the engine at scrape time."""
+    """The vLLM-named series on `registry`: gauges read from the engine at scrape time, counters and
+    histograms fed by `Metrics`' engine callbacks (see the module docstring)."""
 
     def __init__(
-        self, registry: CollectorRegistry, model_name: str, max_lora: int, adapter_names: str
+        self,
+        registry: CollectorRegistry,
+        model_name: str,
+        max_lora: int,
+        adapter_names: str,
+        max_model_len: int = 1024,
+        cache_info: dict[str, str] | None = None,
     ) -> None:
         if adapter_names not in ADAPTER_NAME_MODES:
             raise ValueError(f"adapter_names must be one of {ADAPTER_NAME_MODES}, got {adapter_names!r}")
@@ -111,6 +176,66 @@ class VllmMetrics:
         )
         registry.register(self.lora_info)
 
+        labels = {"model_name": model_name, "engine": ENGINE}
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, list(labels), registry=registry).labels(**labels)
+
+        def histogram(name: str, doc: str, buckets: Iterable[float]) -> Any:
+            return Histogram(name, doc, list(labels), buckets=list(buckets), registry=registry).labels(
+                **labels
+            )
+
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
+        success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.",
+            [*labels, "finished_reason"], registry=registry,
+        )  # fmt: skip
+        self.request_success = {r: success.labels(**labels, finished_reason=r) for r in FINISHED_REASONS}
+        lengths = build_1_2_5_buckets(max_model_len)
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", lengths
+        )
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", lengths
+        )
+        self.iteration_tokens = histogram(
+            "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+            ITERATION_TOKEN_BUCKETS,
+        )  # fmt: skip
+        self.request_params_n = histogram(
+            "vllm:request_params_n", "Histogram of the n request parameter.", N_BUCKETS
+        )
+        self.time_to_first_token = histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.inter_token_latency = histogram(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+            TOKEN_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.time_per_output_token = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds. DEPRECATED: use vllm:inter_token_latency_seconds.",
+            TOKEN_LATENCY_BUCKETS,
+        )
+        self.e2e_latency = histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.queue_time = histogram(
+            "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )  # fmt: skip
+        info = {"engine": ENGINE, **(cache_info or {})}
+        Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            list(info),
+            registry=registry,
+        ).labels(**info).set(1)
+
     def bind_engine(self, engine: Any) -> None:
         m = self.model_name
         self.running.labels(model_name=m).set_function(lambda: float(engine.num_running))
@@ -118,3 +243,29 @@ class VllmMetrics:
         for gauge in (self.kv_usage, self.gpu_cache_usage):
             gauge.labels(model_name=m).set_function(lambda: float(engine.kv_usage_ratio))
         self.lora_info.source = lambda: (engine.running_tasks, engine.waiting_tasks)
+
+    # --- fed by `Metrics` (the engine's observer) ------------------------------------------------
+
+    def on_first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def on_token(self, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds)
+        self.time_per_output_token.observe(seconds)
+
+    def on_queue_time(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
+
+    def on_iteration(self, prompt_tokens: int, generation_tokens: int) -> None:
+        self.iteration_tokens.observe(prompt_tokens + generation_tokens)
+
+    def on_finish(self, reason: str, prompt_tokens: int, generated_tokens: int, e2e_seconds: float) -> None:
+        self.request_success[_FINISHED_REASON.get(reason, "abort")].inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generated_tokens)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generated_tokens)
+        self.e2e_latency.observe(e2e_seconds)
+
+    def observe_n(self, n: int) -> None:
+        self.request_params_n.observe(n)

@@ -48,8 +48,9 @@ def model_id_for(settings: Settings) -> str:
     return "base"
 
 
-def metrics_for(settings: Settings) -> Metrics:
-    """The metrics of a server with `settings`: its task labels, its tenants, its batch size."""
+def metrics_for(settings: Settings, spec: ModelSpec | None = None) -> Metrics:
+    """The metrics of a server with `settings`: its task labels, its tenants, its batch size; with the
+    model's `spec`, vLLM's length histograms reach its positions (vLLM: max_model_len)."""
     return Metrics(
         settings.metrics_task_labels,
         settings.metrics_top_tasks,
@@ -58,6 +59,14 @@ def metrics_for(settings: Settings) -> Metrics:
         model_name=model_id_for(settings),
         adapter_names=settings.metrics_adapter_names,
         version=__version__,
+        max_model_len=spec.max_positions if spec is not None else 1024,
+        # vLLM's CacheConfig fields that mean something here; prefix caching is vLLM's automatic
+        # reuse of prompt KV across requests, which this engine does not do (task prefixes aside).
+        cache_info={
+            "block_size": str(settings.kv_block_size),
+            "cache_dtype": settings.dtype,
+            "enable_prefix_caching": "False",
+        },
     )
 
 
@@ -82,7 +91,7 @@ def create_app(
     """
     auth = Authenticator(settings.resolve_api_keys())
     if metrics is None:
-        metrics = metrics_for(settings)
+        metrics = metrics_for(settings, spec)
     metrics.bind_engine(engine)
     if limiter is None:
         limiter = make_limiter(

@@ -72,6 +72,7 @@ class Completed:
     tokens: list[TokenInfo] = field(default_factory=list)
     prompt_token_ids: list[int] | None = None  # with prompt logprobs asked
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_tokens: list[list[tuple[int, float]]] | None = None  # with prompt logprobs and top_n
 
     @property
     def cumulative_logprob(self) -> float:
@@ -97,6 +98,7 @@ class Generation:
         self, first: StreamEvent, handle: Any, lease: Lease, ctx: RequestContext | None, start: float
     ) -> None:
         self._first: StreamEvent | None = first
+        self.first_event = first  # kept (events() consumes `_first`): what the prompt's echo reads
         self._handle = handle  # the engine's `RequestHandle`
         self._lease = lease
         self._ctx = ctx
@@ -152,6 +154,7 @@ class Generation:
             tokens=tokens,
             prompt_token_ids=None if prompt is None else prompt.prompt_token_ids,
             prompt_logprobs=None if prompt is None else prompt.prompt_logprobs,
+            prompt_top_tokens=None if prompt is None else prompt.prompt_top_tokens,
         )
 
     async def collect_unless_disconnected(self, receive: Receive) -> Completed:
@@ -310,18 +313,18 @@ async def start_generations(
     state: AppState,
     principal: Principal,
     task: str | None,
-    prompt: str | list[int],
+    prompts: list[str | list[int]],
     params: list[SamplingParams],
     request_ids: list[str],
     lease: Lease | None = None,
 ) -> list[Generation]:
-    """`start_generation` for each of `params` concurrently (n / best_of: one engine request per
-    sequence, all sharing the task's prefix); if one is refused, the others are closed. `lease`, if
-    given, is the first sequence's."""
+    """`start_generation` for each (prompt, params) pair concurrently (n / best_of: one engine request
+    per sequence, several prompts: one per prompt and sequence, all sharing the task's prefix); if one
+    is refused, the others are closed. `lease`, if given, is the first sequence's."""
     results = await asyncio.gather(
         *(
             start_generation(state, principal, task, prompt, p, r, lease if i == 0 else None)
-            for i, (p, r) in enumerate(zip(params, request_ids, strict=True))
+            for i, (prompt, p, r) in enumerate(zip(prompts, params, request_ids, strict=True))
         ),
         return_exceptions=True,
     )

@@ -71,26 +71,33 @@ class _Sampling(_Request):
 
 
 def _check_prompt(value: Any) -> Any:
-    if isinstance(value, str):
-        if not value:
-            raise ValueError("prompt must not be empty")
-    elif not value:
+    """One prompt (a string or token ids) or several (a list of strings or of token-id lists, as
+    OpenAI and vLLM accept): none of them empty, token ids >= 0."""
+    if not value:
         raise ValueError("prompt must not be empty")
-    elif isinstance(value[0], str):
-        if len(value) != 1:
-            raise ValueError("only one prompt per request is supported (a list of one string)")
-        if not value[0]:
-            raise ValueError("prompt must not be empty")
-    elif any(v < 0 for v in value):
-        raise ValueError("token ids must be >= 0")
+    single = isinstance(value, str) or isinstance(value[0], int)
+    for i, prompt in enumerate([value] if single else value):
+        where = "prompt" if single else f"prompt[{i}]"
+        if not prompt:
+            raise ValueError(f"{where} must not be empty")
+        if not isinstance(prompt, str) and any(t < 0 for t in prompt):
+            raise ValueError(f"{where}: token ids must be >= 0")
     return value
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: `model` is a task name, or the base model's id for no prefix."""
 
-    prompt: str | list[str] | list[int] = Field(description="A string, a list of one string, or token ids.")
-    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    prompt: PromptInput = Field(
+        description="A string or token ids; or several prompts (a list of strings or of token-id lists): "
+        "each gets `n` choices, choice `index` = prompt index x n + i."
+    )
+    max_tokens: int | None = Field(
+        16, ge=0, le=MAX_NEW_TOKENS, description="0 (with `echo`): score the prompt, generate nothing."
+    )
     best_of: int | None = Field(
         None, ge=1, le=MAX_SEQUENCES, description="Generate this many, return the n most likely."
     )
@@ -100,8 +107,15 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
+    def _prompts(cls, value: Any) -> Any:
         return _check_prompt(value)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one entry each (a string or token ids)."""
+        value = self.prompt
+        if isinstance(value, str) or isinstance(value[0], int):
+            return [value]  # type: ignore[list-item]
+        return list(value)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _rules(self) -> CompletionRequest:
@@ -110,6 +124,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("best_of must be >= n")
         if self.stream and (self.best_of or 1) > (self.n or 1):
             raise ValueError("best_of > n cannot be streamed")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo: true (it scores the prompt and generates nothing)")
         return self
 
 

@@ -1,4 +1,9 @@
-"""Server-sent events: framing and the streaming response used by the TGI and OpenAI stream routes."""
+"""Server-sent events: framing and the streaming response used by the TGI and OpenAI stream routes.
+
+Two framings, each the one its API's own servers send (both valid SSE): TGI's routes frame events as
+axum does, `data:{json}` without a space; OpenAI's routes as OpenAI and vLLM do, `data: {json}` and
+`data: [DONE]`, which some load generators depend on (they strip the prefix `data: ` literally).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,15 @@ SSE_HEADERS = {
 
 
 def sse_data(payload: dict[str, Any] | str) -> bytes:
-    """One `data:` event. Dicts are compact JSON (one line, so no multi-line `data:` framing needed)."""
+    """One TGI `data:` event. Dicts are compact JSON (one line, so no multi-line `data:` framing needed)."""
     text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data:{text}\n\n".encode()
+
+
+def openai_sse_data(payload: dict[str, Any] | str) -> bytes:
+    """One OpenAI `data: ` event (`data: [DONE]` for the string "[DONE]"); compact JSON as above."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
 
 
 def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:

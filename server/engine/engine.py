@@ -61,7 +61,7 @@ from server.engine.paged_kv import PagedKVCache
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.prefix_transfer import DevicePrefix, wait_until_ready
 from server.engine.runner import ModelRunner, PrefillItem
-from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_logprobs
+from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_scores
 from server.engine.scheduler import (
     LeaveReason,
     RowLeft,
@@ -145,7 +145,11 @@ class _StepResult:
     request_ids: list[str]
     sampled: SampleOutput
     failed: dict[str, BaseException]
-    prompt_logprobs: dict[str, list[float | None]] = field(default_factory=dict)
+    prompt_tokens: int = 0  # prompt tokens computed by the step (its prefill chunks that ran)
+    # Per request that asked: the prompt's logprobs and, with top_n_tokens, its alternatives.
+    prompt_logprobs: dict[str, tuple[list[float | None], list[list[tuple[int, float]]] | None]] = field(
+        default_factory=dict
+    )
 
 
 class Engine:
@@ -574,25 +578,33 @@ class Engine:
                     logger.exception("prefill of request %s failed", item.request_id)
                     failed[item.request_id] = exc
             all_logits = torch.cat(parts) if parts else torch.empty(0)
+        computed = sum(
+            (len(item.input_ids) if item.end is None else item.end) - item.start
+            for item in work.prefill
+            if item.request_id not in failed
+        )
         if not ids:
-            return _StepResult([], SampleOutput([], [], []), failed)
+            return _StepResult([], SampleOutput([], [], []), failed, computed)
         if self.debug_logits_hook is not None:
             self.debug_logits_hook(list(ids), all_logits)
         sampled = self.sampler.sample(all_logits, [work.rows[r] for r in ids])
         prompt = {  # once the last chunk of a prompt ran (its logits were kept chunk by chunk)
-            item.request_id: self._prompt_logprobs(item)
+            item.request_id: self._prompt_logprobs(item, work.rows[item.request_id].params.top_n_tokens)
             for item in work.prefill
             if item.prompt_logprobs and item.request_id in ids
         }
-        return _StepResult(ids, sampled, failed, prompt)
+        return _StepResult(ids, sampled, failed, computed, prompt)
 
-    def _prompt_logprobs(self, item: PrefillItem) -> list[float | None]:
-        """The prompt's logprobs from the runner's prompt logits (all None if it keeps none)."""
+    def _prompt_logprobs(
+        self, item: PrefillItem, top_n: int
+    ) -> tuple[list[float | None], list[list[tuple[int, float]]] | None]:
+        """The prompt's logprobs (and `top_n` alternatives per position) from the runner's prompt
+        logits (all None, no alternatives, if it keeps none)."""
         take = getattr(self.runner, "take_prompt_logits", None)
         logits = None if take is None else take(item.request_id)  # [P, V] or None
         if logits is None:
-            return [None] * len(item.input_ids)
-        return prompt_logprobs(logits, item.input_ids)
+            return [None] * len(item.input_ids), None
+        return prompt_scores(logits, item.input_ids, top_n)
 
     def _apply(self, result: _StepResult, states: dict[str, _Request]) -> None:
         """Event loop: turn sampled tokens into events, detect finishes, update the scheduler."""
@@ -634,7 +646,7 @@ class Engine:
             event.top_tokens = sampled.top_tokens[i]
             if rid in result.prompt_logprobs:
                 event.prompt_token_ids = list(state.prompt_ids)
-                event.prompt_logprobs = result.prompt_logprobs[rid]
+                event.prompt_logprobs, event.prompt_top_tokens = result.prompt_logprobs[rid]
             state.events.put_nowait(event)
             outputs.append(StepOutput(rid, 1, None if reason is None else _LEAVE_REASONS[reason]))
             if reason is not None:
@@ -644,6 +656,8 @@ class Engine:
         self.scheduler.update(outputs)
         if result.request_ids:
             self.observer.on_step(len(result.request_ids), len(tasks), self.scheduler.kv_usage_ratio)
+        if result.prompt_tokens or outputs:
+            self.observer.on_iteration(result.prompt_tokens, len(outputs))
 
     # ---- events -------------------------------------------------------------------------------
     def _event(

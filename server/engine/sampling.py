@@ -204,11 +204,33 @@ def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float | None]:
     """Log-probability of each prompt token given the ones before it (the first has none).
     logits: [P, V], row i predicting token i + 1 -> P values."""
+    return prompt_scores(logits, prompt_ids, 0)[0]
+
+
+def prompt_scores(
+    logits: torch.Tensor, prompt_ids: list[int], top_n: int
+) -> tuple[list[float | None], list[list[tuple[int, float]]] | None]:
+    """Each prompt token's log-probability given the ones before it (None for the first), and with
+    `top_n` > 0 the `top_n` most likely tokens (id, logprob) at each position, best first (`[]` for
+    the first: nothing precedes it), as vLLM reports prompt logprobs. Like the sampled tokens' they
+    are the model's own distribution (no bias, penalties or filters).
+    logits: [P, V], row i predicting token i + 1 -> P values (and P lists)."""
     if len(prompt_ids) < 2:
-        return [None] * len(prompt_ids)
+        return [None] * len(prompt_ids), ([[] for _ in prompt_ids] if top_n else None)
+    logp = logits[:-1].float().log_softmax(dim=-1)  # [P-1, V]
     targets = torch.tensor(prompt_ids[1:], device=logits.device)  # [P-1]
-    logp = logits[:-1].float().log_softmax(dim=-1).gather(1, targets[:, None])[:, 0]  # [P-1]
-    return [None, *logp.tolist()]
+    packed = [logp.gather(1, targets[:, None]).double()]  # [P-1, 1]
+    num_top = min(top_n, logp.shape[-1])
+    if num_top:
+        top_values, top_ids = logp.topk(num_top, dim=-1)  # [P-1, n] each
+        packed += [top_ids.double(), top_values.double()]
+    host = torch.cat(packed, dim=1).tolist()  # one device->host transfer; [P-1, 1 + 2n]
+    scores: list[float | None] = [None, *(h[0] for h in host)]
+    if not num_top:
+        return scores, None
+    top: list[list[tuple[int, float]]] = [[]]
+    top += [[(int(h[1 + j]), h[1 + num_top + j]) for j in range(num_top)] for h in host]
+    return scores, top
 
 
 class Sampler:

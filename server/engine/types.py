@@ -138,6 +138,9 @@ class StreamEvent:
     # log-probability given those before it (None for the first).
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[float | None] | None = None
+    # With `prompt_logprobs` and `top_n_tokens` = N > 0: for each prompt position the N most likely
+    # tokens (id, logprob), most likely first; `[]` for the first position (nothing precedes it).
+    prompt_top_tokens: list[list[tuple[int, float]]] | None = None
     # Issue 18: "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
     prefix_variant: str | None = None
     # First event only, with `prompt_logprobs` and `top_n_tokens` N > 0: for each prompt position the N

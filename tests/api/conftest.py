@@ -120,7 +120,7 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                 store = make_store(
                     settings.redis_url, settings.local_store_dir, key_prefix, settings.keep_versions
                 )
-            metrics = metrics_for(settings)
+            metrics = metrics_for(settings, loaded.spec)
             engine = Engine(
                 loaded,
                 store,

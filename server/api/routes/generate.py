@@ -139,14 +139,12 @@ async def _start(state: State, caller: Caller, body: GenerateRequest, route: str
     params = sampling_params(p)
     count = p.best_of or 1
     runs = [SamplingParams(**{**vars(params), "stop": list(params.stop)}) for _ in range(count)]
-    return await start_generations(
-        state,
-        caller,
-        resolve_task(body),
-        await truncate_prompt(state, body.inputs, p.truncate),
-        runs,
-        sequence_ids(count),
+    prompt = await truncate_prompt(state, body.inputs, p.truncate)
+    generations = await start_generations(
+        state, caller, resolve_task(body), [prompt] * count, runs, sequence_ids(count)
     )
+    state.metrics.observe_request_n(count)
+    return generations
 
 
 async def _generate(

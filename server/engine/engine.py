@@ -276,6 +276,43 @@ class Engine:
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         return None if self.prefix_cache is None else self.prefix_cache.stats
 
+    # ---- device residency and warm start (what routers and a restarted replica use) -------------
+    @property
+    def resident_prefixes(self) -> list[tuple[str, str]]:
+        """(tenant, task) pairs whose prefix is on the device now (the prefix cache's device tier)."""
+        return [] if self.prefix_cache is None else self.prefix_cache.resident_tasks()
+
+    @property
+    def resident_prefix_capacity(self) -> int:
+        """How many prefixes the device tier holds: its bytes // the bytes of one prefix of
+        `max_prefix_length` positions (every prefix kind the model has) in the serving dtype. Shorter
+        prefixes fit more, so this is a floor; never below what is resident now."""
+        if self.prefix_cache is None:
+            return 0
+        spec, length = self.loaded.spec, self.config.limits.max_prefix_length
+        positions = spec.num_layers * spec.num_heads  # decoder self-attention
+        if spec.kind == "encoder-decoder":  # encoder self-attention and decoder cross-attention too
+            positions += spec.num_encoder_layers * spec.num_encoder_heads + spec.num_layers * spec.num_heads
+        element_bytes = torch.tensor([], dtype=self.loaded.dtype).element_size()
+        one_prefix = positions * 2 * length * spec.head_dim * element_bytes  # K and V
+        capacity = self.prefix_cache.budget_bytes("device") // max(1, one_prefix)
+        return max(capacity, len(self.resident_prefixes))
+
+    async def warm(self, tenant: str, task: str) -> bool:
+        """Load the task's prefix (the version a request would get) into the host tier, and into the
+        device tier if it fits there without evicting anything, without a request. False (never
+        raises) if it could not: no store, unknown task, store down, blob invalid, engine failed."""
+        if self.prefix_cache is None or not self.healthy:
+            return False
+        try:
+            found = await self.prefix_cache.locate(tenant, task)
+            if not found.on_device and found.artifact.nbytes <= self.prefix_cache.free_bytes("device"):
+                await self.prefix_cache.to_device(tenant, task, found)
+        except Exception as exc:  # a warm start is best effort: the first request reads it again
+            logger.info("warming %s/%s failed: %s", tenant, task, type(exc).__name__)
+            return False
+        return True
+
     def _task_labels(self, ids: list[str]) -> list[str]:
         labels = {self._requests[r].task_label for r in ids if r in self._requests}
         return sorted(label for label in labels if label)

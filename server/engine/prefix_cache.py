@@ -382,6 +382,18 @@ class PrefixCache:
         self._ready = {key: event for key, event in self._ready.items() if key in device_keys}
         self._host_copies = {key: copy for key, copy in self._host_copies.items() if key in device_keys}
 
+    def resident_tasks(self) -> list[tuple[str, str]]:
+        """(tenant, task) pairs with a version in the device tier, sorted."""
+        return sorted({key[:2] for key in self._tiers["device"].items})
+
+    def free_bytes(self, tier: str) -> int:
+        """What a tier can still take without evicting anything."""
+        lru = self._tiers[tier]
+        return max(0, lru.budget - lru.nbytes)
+
+    def budget_bytes(self, tier: str) -> int:
+        return self._tiers[tier].budget
+
     def cached_versions(self, tier: str) -> list[Key]:
         """Keys held in a tier, least recently used first (for tests and debugging)."""
         return list(self._tiers[tier].items)

@@ -6,19 +6,28 @@ Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they n
     P:t:T:task:K:seq            version counter (INCR); kept after delete so versions are never reused
     P:t:T:task:K:current        the current version number
     P:t:T:task:K:versions       sorted set of committed versions (score = version)
-    P:t:T:task:K:v:N:blob       the artifact bytes of version N
+    P:t:T:task:K:v:N:cas        the sha256 of version N's bytes: its blob is P:blob:<sha256>
+    P:t:T:task:K:v:N:blob       (stores written before content addressing) the bytes of version N
     P:t:T:task:K:v:N:meta       JSON of `VersionInfo` for version N
+    P:blob:<sha256>             artifact bytes, content-addressed: identical uploads are stored once
+    P:blob:<sha256>:refs        how many versions (any task, any tenant) name that blob
+    P:usage                     sorted set "T/K" -> requests served (warm start reads the top)
     P:t:T:task:K:split          traffic split JSON {"<version>": percent} (issue 18; absent = none)
     P:changes                   pub/sub channel; message = JSON {"tenant", "task", "version"}
 
 Every key is derived from the tenant passed to the call, so no call can reach another tenant's keys.
 
-Publishing a version (`put`): INCR the counter, SET the blob with a staging TTL (a writer that dies
-here leaves nothing behind for long), then one Lua script that atomically persists the blob, writes
+Publishing a version (`put`): INCR the counter, SET the content-addressed blob with a staging TTL
+unless it exists (a writer that dies here leaves nothing behind for long; an identical blob is not
+sent again), then one Lua script that atomically persists the blob and counts the reference, writes
 its metadata, adds it to the versions set, moves "current", prunes versions beyond `keep_versions`
-(never the current one) and PUBLISHes the change. A read gets the pointer, then the metadata and
-blob of that version in one MULTI/EXEC; if a concurrent prune removed that version in between, it
-reads the pointer again. So a reader never sees a pointer to a missing blob or a blob without
+(never the current one; a pruned version's blob goes when its last reference does) and PUBLISHes
+the change. With `min_replicas` > 0 the commit is followed by `WAIT` on the same connection: `put`
+returns only once that many replicas have the version, else it raises `StoreUnavailable` (the
+version may still appear: at-least-once, never an acknowledged upload lost with the master). A read
+gets the pointer, then the metadata and blob reference of that version in one MULTI/EXEC, then the
+blob (gone only if the version was pruned meanwhile); if a concurrent prune removed that version in
+between, it reads the pointer again. So a reader never sees a pointer to a missing blob or a blob without
 metadata, even while versions are being pruned. The scripts build version keys from their arguments, which is fine
 on a single Redis (and its replicas / Sentinel) but not on Redis Cluster.
 
@@ -69,7 +78,9 @@ from prefix_store.base import (
     parse_stored_version,
     validate_name,
 )
+from prefix_store.redis_connect import RedisConnector
 from prefix_store.traffic import split_to_json, validate_split
+from prefix_store.usage import redis_most_used, redis_record_uses
 
 __all__ = ["RedisPrefixStore"]
 
@@ -84,14 +95,33 @@ _MAX_VERSION = 10**18  # what `parse_stored_version` accepts
 _RESYNC_CHUNK = 500  # keys per MGET when resyncing
 _READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
 
-# KEYS: tasks, current, versions. ARGV: task_base, version, meta_json, keep, task, channel, message.
-_COMMIT_LUA = """
+# Drops version `v` of the task at `base`: its metadata, its blob reference (the blob itself with the
+# last reference), and the per-version blob of stores written before content addressing.
+_DROP_VERSION_LUA = """
+local function drop_version(base, v, blob_prefix)
+  local vbase = base .. ':v:' .. v
+  local sha = redis.call('GET', vbase .. ':cas')
+  if sha then
+    local blob = blob_prefix .. sha
+    if redis.call('DECR', blob .. ':refs') <= 0 then redis.call('DEL', blob, blob .. ':refs') end
+  end
+  redis.call('DEL', vbase .. ':blob', vbase .. ':meta', vbase .. ':cas')
+end
+"""
+
+# KEYS: tasks, current, versions. ARGV: task_base, version, meta_json, keep, task, channel, message,
+# sha256, blob key prefix.
+_COMMIT_LUA = (
+    _DROP_VERSION_LUA
+    + """
 local base, v, keep = ARGV[1], ARGV[2], tonumber(ARGV[4])
-local blob = base .. ':v:' .. v .. ':blob'
+local blob = ARGV[9] .. ARGV[8]
 if redis.call('EXISTS', blob) == 0 then
   return redis.error_reply('STAGED staged blob ' .. blob .. ' is missing (expired before commit?)')
 end
 redis.call('PERSIST', blob)
+redis.call('INCR', blob .. ':refs')
+redis.call('SET', base .. ':v:' .. v .. ':cas', ARGV[8])
 redis.call('SET', base .. ':v:' .. v .. ':meta', ARGV[3])
 redis.call('ZADD', KEYS[3], v, v)
 redis.call('SET', KEYS[2], v)
@@ -102,7 +132,7 @@ local weighted = split and cjson.decode(split) or {}
 if n > keep then
   for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - keep - 1)) do
     if old ~= v and not weighted[old] then
-      redis.call('DEL', base .. ':v:' .. old .. ':blob', base .. ':v:' .. old .. ':meta')
+      drop_version(base, old, ARGV[9])
       redis.call('ZREM', KEYS[3], old)
     end
   end
@@ -110,6 +140,7 @@ end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
 """
+)
 
 # KEYS: current, versions. ARGV: task_base. Returns {} or {current, meta...} (ascending versions).
 _DESCRIBE_LUA = """
@@ -162,17 +193,21 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {2}
 """
 
-# KEYS: tasks, current, versions. ARGV: task_base, task, channel, message. Returns 0 no task, 1 done.
-_DELETE_LUA = """
+# KEYS: tasks, current, versions. ARGV: task_base, task, channel, message, blob key prefix. Returns 0
+# no task, 1 done.
+_DELETE_LUA = (
+    _DROP_VERSION_LUA
+    + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 for _, v in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  redis.call('DEL', ARGV[1] .. ':v:' .. v .. ':blob', ARGV[1] .. ':v:' .. v .. ':meta')
+  drop_version(ARGV[1], v, ARGV[5])
 end
 redis.call('DEL', KEYS[2], KEYS[3], ARGV[1] .. ':split')
 redis.call('ZREM', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
+)
 
 
 def _redact(url: str) -> str:
@@ -200,6 +235,12 @@ class RedisPrefixStore:
             `StoreUnavailable`.
         resync_interval_s: period of the backstop resync of known tasks' versions.
         reconnect_backoff_s: (first, max) delay between listener reconnect attempts.
+        min_replicas: replicas that must have a write before it is acknowledged (`WAIT`); 0: the
+            master's reply is enough (a failover may lose the last writes).
+        replication_timeout_s: how long a write waits for them before `StoreUnavailable`.
+
+    `url` may also name a Sentinel-managed master: `redis+sentinel://host:26379,.../service`
+    (`prefix_store.redis_connect`).
     """
 
     def __init__(
@@ -211,11 +252,19 @@ class RedisPrefixStore:
         retries: int = 3,
         resync_interval_s: float = 5.0,
         reconnect_backoff_s: tuple[float, float] = (0.2, 2.0),
+        min_replicas: int = 0,
+        replication_timeout_s: float = 2.0,
     ) -> None:
         if not key_prefix or any(c.isspace() for c in key_prefix):
             raise ValueError(f"key_prefix must be non-empty without whitespace, got {key_prefix!r}")
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        if min_replicas < 0 or replication_timeout_s <= 0:
+            raise ValueError("min_replicas must be >= 0 and replication_timeout_s > 0")
+        self._min_replicas, self._replication_timeout_s = min_replicas, replication_timeout_s
+        self._connector = RedisConnector(url)
+        self.blob_reads = 0  # blobs read from Redis by `get` (per process: the fan-out of an upload)
+        self.blob_read_bytes = 0
         self._url = _redact(url)
         self._prefix = key_prefix
         self._keep_versions = keep_versions
@@ -226,8 +275,7 @@ class RedisPrefixStore:
         # Distinguishes this replica's connections in CLIENT LIST (ops can see who is listening).
         self.instance_id = uuid.uuid4().hex[:12]
         # redis-py's defaults for timeouts and retries have changed across versions: set them all.
-        self._redis: Redis = Redis.from_url(
-            url,
+        self._redis: Redis = self._connector.client(
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
@@ -235,8 +283,7 @@ class RedisPrefixStore:
         )
         # The listener's connection must not reconnect silently inside redis-py: we need to see
         # every disconnect to resync afterwards, so it gets no retries and we reconnect ourselves.
-        self._listener_redis: Redis = Redis.from_url(
-            url,
+        self._listener_redis: Redis = self._connector.client(
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
@@ -280,6 +327,10 @@ class RedisPrefixStore:
     def _task_base(self, tenant: str, task: str) -> str:
         return f"{self._tenant_base(tenant)}:task:{validate_name(task, 'task')}"
 
+    @property
+    def _blob_prefix(self) -> str:
+        return f"{self._prefix}:blob:"
+
     @staticmethod
     def _message(tenant: str, task: str, version: int | None) -> str:
         return json.dumps({"tenant": tenant, "task": task, "version": version})
@@ -297,6 +348,8 @@ class RedisPrefixStore:
                 f"prefix store unavailable: redis at {self._url} failed during {op} ({type(e).__name__}: {e})"
             ) from e
         except RedisError as e:
+            if any(code in str(e) for code in ("NOREPLICAS", "MASTERDOWN")):  # min-replicas-to-write
+                raise StoreUnavailable(f"prefix store unavailable during {op}: {e}") from e
             raise StoreError(f"prefix store {op}: redis error: {e}") from e
 
     # ---- writes -----------------------------------------------------------------------------
@@ -312,21 +365,42 @@ class RedisPrefixStore:
         except (TypeError, ValueError) as e:
             raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
         sha256 = hashlib.sha256(data).hexdigest()
+        blob = self._blob_prefix + sha256
         with self._errors("put"):
             version = int(await self._redis.incr(f"{base}:seq"))
             info = VersionInfo(tenant, task, version, sha256, len(data), time.time(), metadata)
-            await self._redis.set(f"{base}:v:{version}:blob", data, ex=STAGING_TTL_S)
-            await self._commit(
-                keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
-                args=[
-                    base,
-                    str(version),
-                    json.dumps(info.to_json_dict()),
-                    self._keep_versions,
-                    task,
-                    self._channel,
-                    self._message(tenant, task, version),
-                ],
+            for attempt in range(2):
+                if attempt or not await self._redis.exists(blob):  # identical bytes: not sent again
+                    await self._redis.set(blob, data, ex=STAGING_TTL_S, nx=True)
+                pipe = self._redis.pipeline(transaction=False)  # WAIT covers this connection's writes
+                await self._commit(
+                    keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
+                    args=[
+                        base,
+                        str(version),
+                        json.dumps(info.to_json_dict()),
+                        self._keep_versions,
+                        task,
+                        self._channel,
+                        self._message(tenant, task, version),
+                        sha256,
+                        self._blob_prefix,
+                    ],
+                    client=pipe,
+                )
+                if self._min_replicas:
+                    pipe.execute_command("WAIT", self._min_replicas, int(self._replication_timeout_s * 1000))
+                try:
+                    replies = await pipe.execute()
+                except RedisError as e:
+                    if "STAGED" in str(e) and not attempt:
+                        continue  # the blob's last other reference went between EXISTS and commit
+                    raise
+                break
+        if self._min_replicas and int(replies[-1]) < self._min_replicas:
+            raise StoreUnavailable(
+                f"prefix store: {tenant}/{task} v{version} reached {int(replies[-1])} of "
+                f"{self._min_replicas} replica(s) in {self._replication_timeout_s}s; it may still appear"
             )
         logger.info("stored prefix %s/%s v%d (%d bytes)", tenant, task, version, len(data))
         return info
@@ -355,7 +429,7 @@ class RedisPrefixStore:
         with self._errors("delete"):
             done = await self._delete(
                 keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
-                args=[base, task, self._channel, self._message(tenant, task, None)],
+                args=[base, task, self._channel, self._message(tenant, task, None), self._blob_prefix],
             )
         if not done:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
@@ -410,11 +484,16 @@ class RedisPrefixStore:
                 pipe = self._redis.pipeline(transaction=True)
                 pipe.get(f"{base}:current")
                 pipe.get(f"{base}:v:{wanted}:meta")
-                pipe.get(f"{base}:v:{wanted}:blob")
-                current, meta, data = await pipe.execute()
+                pipe.get(f"{base}:v:{wanted}:cas")
+                pipe.get(f"{base}:v:{wanted}:blob")  # written before content addressing
+                current, meta, sha, data = await pipe.execute()
                 if current is None:
                     raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+                if sha is not None:  # None only if the version was pruned since the transaction
+                    data = await self._redis.get(self._blob_prefix + sha.decode())
                 if meta is not None and data is not None:
+                    self.blob_reads += 1
+                    self.blob_read_bytes += len(data)
                     break
                 if version is not None:
                     raise VersionNotFound(
@@ -470,6 +549,18 @@ class RedisPrefixStore:
         next_cursor = names[limit - 1] if len(names) > limit else None
         return TaskPage(items=items, next_cursor=next_cursor)
 
+    # ---- usage counts (warm starts) ----------------------------------------------------------
+
+    async def record_uses(self, uses: dict[tuple[str, str], int]) -> None:
+        """Add to the per-task request counts (`prefix_store.usage`), one round trip."""
+        with self._errors("record_uses"):
+            await redis_record_uses(self._redis, f"{self._prefix}:usage", uses)
+
+    async def most_used(self, limit: int) -> list[tuple[str, str]]:
+        """The tasks with the highest request counts, most used first."""
+        with self._errors("most_used"):
+            return await redis_most_used(self._redis, f"{self._prefix}:usage", limit)
+
     # ---- change notifications ---------------------------------------------------------------
 
     def subscribe(self, callback: ChangeCallback) -> None:
@@ -507,6 +598,7 @@ class RedisPrefixStore:
         for client in (self._listener_redis, self._redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
+        await self._connector.aclose()
 
     async def resync(self) -> list[ChangeEvent]:
         """Compare the versions known to subscribers with Redis; emit and return the differences."""

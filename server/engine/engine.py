@@ -76,6 +76,8 @@ from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
+USES_FLUSH_INTERVAL_S = 5.0  # how often a replica adds its per-task request counts to the store
+
 # `_idle` wakes this long after the earliest queue deadline (a timeout is "waited more than").
 _DEADLINE_SLACK_S = 0.001
 
@@ -203,6 +205,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._accepting = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._uses_task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -219,6 +222,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run(), name="prefixserve-engine-loop")
+        if self.prefix_cache is not None:
+            self._uses_task = asyncio.create_task(self._flush_uses_forever(), name="prefixserve-task-uses")
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting; let queued and running requests finish for up to `drain_timeout_s`, then
@@ -231,6 +236,12 @@ class Engine:
             self._finish_outside(state, "cancelled")
         for load in list(self._prefix_loads):
             load.cancel()
+        if self._uses_task is not None:
+            self._uses_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._uses_task
+            self._uses_task = None
+            await self._flush_uses()  # what this replica served since the last flush
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -305,13 +316,33 @@ class Engine:
         if self.prefix_cache is None or not self.healthy:
             return False
         try:
-            found = await self.prefix_cache.locate(tenant, task)
+            found = await self.prefix_cache.warm(tenant, task)
             if not found.on_device and found.artifact.nbytes <= self.prefix_cache.free_bytes("device"):
                 await self.prefix_cache.to_device(tenant, task, found)
         except Exception as exc:  # a warm start is best effort: the first request reads it again
             logger.info("warming %s/%s failed: %s", tenant, task, type(exc).__name__)
             return False
         return True
+
+    async def _flush_uses_forever(self) -> None:
+        while True:
+            await asyncio.sleep(USES_FLUSH_INTERVAL_S)
+            await self._flush_uses()
+
+    async def _flush_uses(self) -> None:
+        """Add the requests served per task since the last flush to the store's counts (which warm
+        starts read); on failure they are kept for the next flush."""
+        if self.prefix_cache is None:
+            return
+        uses = self.prefix_cache.take_uses()
+        if not uses:
+            return
+        try:
+            await self.prefix_cache.store.record_uses(uses)
+        except Exception as exc:
+            logger.debug("recording task uses failed (%s); retried at the next flush", type(exc).__name__)
+            for key, n in uses.items():
+                self.prefix_cache.add_uses(key, n)
 
     def _task_labels(self, ids: list[str]) -> list[str]:
         labels = {self._requests[r].task_label for r in ids if r in self._requests}

@@ -91,7 +91,9 @@ def _strict_fields(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
         raise PickerConfigError(f"the configuration is invalid - {where} must be an object")
     unknown = set(obj) - allowed
     if unknown:
-        raise PickerConfigError(f'the configuration is invalid - unknown field(s) {sorted(unknown)} in {where}')
+        raise PickerConfigError(
+            f"the configuration is invalid - unknown field(s) {sorted(unknown)} in {where}"
+        )
     return obj
 
 
@@ -143,11 +145,15 @@ def _check_parameters(plugin_type: str, parameters: Any) -> None:
     if fields is None or parameters is None:
         return
     if not isinstance(parameters, dict):
-        raise PickerConfigError(f"failed to instantiate the plugin type '{plugin_type}' - parameters not an object")
+        raise PickerConfigError(
+            f"failed to instantiate the plugin type '{plugin_type}' - parameters not an object"
+        )
     for key, value in parameters.items():
         expected = fields.get(key)  # json.Unmarshal ignores unknown keys
         if expected is not None and (isinstance(value, bool) or not isinstance(value, expected)):
-            raise PickerConfigError(f"failed to instantiate the plugin type '{plugin_type}' - {key} must be an int")
+            raise PickerConfigError(
+                f"failed to instantiate the plugin type '{plugin_type}' - {key} must be an int"
+            )
 
 
 def load_config(text: str) -> SchedulerConfig:
@@ -210,12 +216,16 @@ def load_config(text: str) -> SchedulerConfig:
         if profile["name"] == "":
             raise PickerConfigError("SchedulingProfile must have a name")
         if profile["name"] in seen:
-            raise PickerConfigError(f"the name '{profile['name']}' has been specified for more than one SchedulingProfile")
+            raise PickerConfigError(
+                f"the name '{profile['name']}' has been specified for more than one SchedulingProfile"
+            )
         seen.add(profile["name"])
         for ref in profile["plugins"]:
             name = ref.get("pluginRef") or ""
             if not name:
-                raise PickerConfigError(f"SchedulingProfile '{profile['name']}' plugins must have a plugin reference")
+                raise PickerConfigError(
+                    f"SchedulingProfile '{profile['name']}' plugins must have a plugin reference"
+                )
             if name not in configured:
                 raise PickerConfigError(f"{name} is a reference to an undefined Plugin")
 
@@ -239,7 +249,9 @@ def load_config(text: str) -> SchedulerConfig:
         built[profile["name"]] = result
     handlers = [n for n in types if "profile-handler" in roles(n)]
     if len(handlers) > 1:
-        raise PickerConfigError(f"only one profile handler is allowed. Both {handlers[0]} and {handlers[1]} are profile handlers")
+        raise PickerConfigError(
+            f"only one profile handler is allowed. Both {handlers[0]} and {handlers[1]} are profile handlers"
+        )
     if not handlers:
         raise PickerConfigError("no profile handler was specified")
     return SchedulerConfig(handlers[0], built, types)

@@ -342,7 +342,9 @@ def test_picker_config_passes_the_pickers_loader_and_routes_by_task():
     # Adapter affinity (the task's prefix resident on the pod) next to the load scorers, and it
     # outweighs each of them: a pod holding the task beats one whose device tier is full.
     assert set(by_type) == {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer"}
-    assert by_type["lora-affinity-scorer"] > max(by_type["queue-scorer"], by_type["kv-cache-utilization-scorer"])
+    assert by_type["lora-affinity-scorer"] > max(
+        by_type["queue-scorer"], by_type["kv-cache-utilization-scorer"]
+    )
     assert min(by_type.values()) > 0
     assert config.plugin_types[profile.picker or ""] == "max-score-picker"
 

@@ -97,8 +97,12 @@ class SentinelCluster:
         for port in self.data_ports:
             self.servers[port] = self._server(port, None if port == master else master).start()
         for port in self.data_ports:
-            self.servers[port].wait_until(lambda p=port: _command(p, "PING").startswith(b"+PONG"), timeout_s, f"redis {port}")  # type: ignore[misc]
-        self.wait_until(lambda: self.connected_replicas(master) == len(self.data_ports) - 1, timeout_s, "replication")
+            self.servers[port].wait_until(
+                lambda p=port: _command(p, "PING").startswith(b"+PONG"), timeout_s, f"redis {port}"
+            )  # type: ignore[misc]
+        self.wait_until(
+            lambda: self.connected_replicas(master) == len(self.data_ports) - 1, timeout_s, "replication"
+        )
         for port in self.sentinel_ports:
             self.sentinels.append(self._sentinel(port).start())
         # Every sentinel knows the master and has found the other sentinels (so a quorum can form).
@@ -134,7 +138,9 @@ class SentinelCluster:
     def master_port(self) -> int | None:
         """The master's port as the sentinels name it now (the first sentinel that answers)."""
         for port in self.sentinel_ports:
-            reply = _command(port, "SENTINEL", "get-master-addr-by-name", self.service).decode(errors="replace")
+            reply = _command(port, "SENTINEL", "get-master-addr-by-name", self.service).decode(
+                errors="replace"
+            )
             lines = [line for line in reply.splitlines() if line and line[0] not in "*$"]
             if len(lines) == 2 and lines[1].isdigit():
                 return int(lines[1])
@@ -168,10 +174,14 @@ class SentinelCluster:
         self.wait_until(lambda: self.master_port() not in (None, old_port), timeout_s, "a new master")
         new = self.master_port()
         assert new is not None
-        self.wait_until(lambda: _command(new, "ROLE").find(b"master") >= 0, timeout_s, "the new master's role")
+        self.wait_until(
+            lambda: _command(new, "ROLE").find(b"master") >= 0, timeout_s, "the new master's role"
+        )
         return new
 
     def restart(self, port: int, timeout_s: float = 30.0) -> None:
         """Start a killed server again (the sentinels reconfigure it as a replica of the new master)."""
         self.servers[port] = self._server(port, None).start()
-        self.servers[port].wait_until(lambda: _command(port, "PING").startswith(b"+PONG"), timeout_s, f"redis {port}")
+        self.servers[port].wait_until(
+            lambda: _command(port, "PING").startswith(b"+PONG"), timeout_s, f"redis {port}"
+        )

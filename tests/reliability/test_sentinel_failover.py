@@ -96,7 +96,11 @@ def test_failover_keeps_serving_and_loses_no_acknowledged_upload(
         assert failed, "no upload overlapped the failover: the test did not test it"
         assert all(retry is not None and int(retry) > 0 for _, retry in failed), failed
         # 503 only while there was no writable master with a replica (slack: one request in flight).
-        assert all(killed_at - 1.0 <= t <= recovered_at + 10.0 for t, _ in failed), (killed_at, recovered_at, failed)
+        assert all(killed_at - 1.0 <= t <= recovered_at + 10.0 for t, _ in failed), (
+            killed_at,
+            recovered_at,
+            failed,
+        )
         assert uploads[-1][1] == 201
         assert generations and set(generations) == {200}, sorted(set(generations))
 

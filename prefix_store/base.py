@@ -292,3 +292,11 @@ class PrefixStore(Protocol):
     async def close(self) -> None:
         """Stop background work and release connections. Idempotent."""
         ...
+
+    async def record_uses(self, uses: dict[tuple[str, str], int]) -> None:
+        """Add requests served per (tenant, task) to the store's counts (`prefix_store.usage`)."""
+        ...
+
+    async def most_used(self, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` (0-1000) (tenant, task) pairs with the highest counts, most used first."""
+        ...

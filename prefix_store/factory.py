@@ -18,8 +18,11 @@ def make_store(
     socket_timeout: float = 2.0,
     retries: int = 3,
     resync_interval_s: float = 5.0,
+    min_replicas: int = 0,
+    replication_timeout_s: float = 2.0,
 ) -> PrefixStore:
-    """A `RedisPrefixStore` when `redis_url` is set (shared by replicas), else a `LocalPrefixStore`.
+    """A `RedisPrefixStore` when `redis_url` is set (shared by replicas; `redis+sentinel://` for a
+    Sentinel-managed master), else a `LocalPrefixStore`.
 
     The Redis-only arguments are ignored for the local store. Call `await store.start()` before use
     and `await store.close()` on shutdown.
@@ -35,5 +38,7 @@ def make_store(
             socket_timeout=socket_timeout,
             retries=retries,
             resync_interval_s=resync_interval_s,
+            min_replicas=min_replicas,
+            replication_timeout_s=replication_timeout_s,
         )
     return LocalPrefixStore(Path(local_dir), keep_versions=keep_versions)

@@ -67,6 +67,7 @@ from prefix_store.base import (
     validate_name,
 )
 from prefix_store.traffic import split_to_json, validate_split
+from prefix_store.usage import LocalUsage
 
 __all__ = ["LocalPrefixStore"]
 
@@ -75,6 +76,7 @@ logger = logging.getLogger(__name__)
 MAX_PAGE_LIMIT = 1000
 _VERSION_META_RE = re.compile(r"v([0-9]+)\.json")
 _TMP_PREFIX = ".tmp-"
+USAGE_FILE = ".usage.json"  # per-task request counts (`prefix_store.usage`); never a tenant's name
 _STALE_TMP_S = 3600  # temp files older than this are leftovers of a crashed writer
 _READ_ATTEMPTS = 5  # re-reads of the pointer when a concurrent prune removes what it named
 _TOMBSTONES = ".deleted"  # per tenant; not a valid task name, so listings never see it
@@ -506,6 +508,15 @@ class LocalPrefixStore:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+    async def record_uses(self, uses: dict[tuple[str, str], int]) -> None:
+        """Add to the per-task request counts in `usage.json` (`prefix_store.usage`)."""
+        with self._errors("record_uses"):
+            await asyncio.to_thread(LocalUsage(self.root / USAGE_FILE).record, uses, _atomic_write)
+
+    async def most_used(self, limit: int) -> list[tuple[str, str]]:
+        with self._errors("most_used"):
+            return await asyncio.to_thread(LocalUsage(self.root / USAGE_FILE).most_used, limit)
 
     async def _emit(self, event: ChangeEvent) -> None:
         for cb in list(self._callbacks):

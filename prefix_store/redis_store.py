@@ -6,8 +6,12 @@ Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they n
     P:t:T:task:K:seq            version counter (INCR); removed by delete (its value goes to P:t:T:deleted)
     P:t:T:task:K:current        the current version number
     P:t:T:task:K:versions       sorted set of committed versions (score = version)
-    P:t:T:task:K:v:N:blob       the artifact bytes of version N
+    P:t:T:task:K:v:N:cas        the sha256 of version N's bytes: its blob is P:blob:<sha256>
+    P:t:T:task:K:v:N:blob       (stores written before content addressing) the bytes of version N
     P:t:T:task:K:v:N:meta       JSON of `VersionInfo` for version N
+    P:blob:<sha256>             artifact bytes, content-addressed: identical uploads are stored once
+    P:blob:<sha256>:refs        how many versions (any task, any tenant) name that blob
+    P:usage                     sorted set "T/K" -> requests served (warm start reads the top)
     P:t:T:task:K:split          traffic split JSON {"<version>": percent} (issue 18; absent = none)
     P:t:T:deleted               sorted set: deleted task names, score = the last version handed out
     P:t:T:deleted_floor         versions of names pushed out of P:t:T:deleted (over MAX_TOMBSTONES)
@@ -27,12 +31,18 @@ Every public call is bounded by `call_timeout_s` (retries included): a Redis tha
 
 Every key is derived from the tenant passed to the call, so no call can reach another tenant's keys.
 
-Publishing a version (`put`): INCR the counter (a script: see the tombstones above), SET the blob with a staging TTL (a writer that dies
-here leaves nothing behind for long), then one Lua script that atomically persists the blob, writes
+Publishing a version (`put`): INCR the counter (a script: see the tombstones above), SET the
+content-addressed blob with a staging TTL unless it exists (a writer that dies here leaves nothing
+behind for long; an identical blob is not sent again), then one Lua script that atomically persists the
+blob and counts the reference, writes
 its metadata, adds it to the versions set, moves "current", prunes versions beyond `keep_versions`
-(never the current one) and PUBLISHes the change. A read gets the pointer, then the metadata and
-blob of that version in one MULTI/EXEC; if a concurrent prune removed that version in between, it
-reads the pointer again. So a reader never sees a pointer to a missing blob or a blob without
+(never the current one; a pruned version's blob goes when its last reference does) and PUBLISHes
+the change. With `min_replicas` > 0 the commit is followed by `WAIT` on the same connection: `put`
+returns only once that many replicas have the version, else it raises `StoreUnavailable` (the
+version may still appear: at-least-once, never an acknowledged upload lost with the master). A read
+gets the pointer, then the metadata and blob reference of that version in one MULTI/EXEC, then the
+blob (gone only if the version was pruned meanwhile); if a concurrent prune removed that version in
+between, it reads the pointer again. So a reader never sees a pointer to a missing blob or a blob without
 metadata, even while versions are being pruned. The scripts build version keys from their arguments, which is fine
 on a single Redis (and its replicas / Sentinel) but not on Redis Cluster.
 
@@ -86,7 +96,9 @@ from prefix_store.base import (
     parse_stored_version,
     validate_name,
 )
+from prefix_store.redis_connect import RedisConnector
 from prefix_store.traffic import split_to_json, validate_split
+from prefix_store.usage import redis_most_used, redis_record_uses
 
 __all__ = ["RedisPrefixStore"]
 
@@ -123,14 +135,33 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return {redis.call('INCR', KEYS[1]), garbage and 1 or 0}
 """
 
-# KEYS: tasks, current, versions. ARGV: task_base, version, meta_json, keep, task, channel, message.
-_COMMIT_LUA = """
+# Drops version `v` of the task at `base`: its metadata, its blob reference (the blob itself with the
+# last reference), and the per-version blob of stores written before content addressing.
+_DROP_VERSION_LUA = """
+local function drop_version(base, v, blob_prefix)
+  local vbase = base .. ':v:' .. v
+  local sha = redis.call('GET', vbase .. ':cas')
+  if sha then
+    local blob = blob_prefix .. sha
+    if redis.call('DECR', blob .. ':refs') <= 0 then redis.call('DEL', blob, blob .. ':refs') end
+  end
+  redis.call('DEL', vbase .. ':blob', vbase .. ':meta', vbase .. ':cas')
+end
+"""
+
+# KEYS: tasks, current, versions. ARGV: task_base, version, meta_json, keep, task, channel, message,
+# sha256, blob key prefix.
+_COMMIT_LUA = (
+    _DROP_VERSION_LUA
+    + """
 local base, v, keep = ARGV[1], ARGV[2], tonumber(ARGV[4])
-local blob = base .. ':v:' .. v .. ':blob'
+local blob = ARGV[9] .. ARGV[8]
 if redis.call('EXISTS', blob) == 0 then
   return redis.error_reply('STAGED staged blob ' .. blob .. ' is missing (expired before commit?)')
 end
 redis.call('PERSIST', blob)
+redis.call('INCR', blob .. ':refs')
+redis.call('SET', base .. ':v:' .. v .. ':cas', ARGV[8])
 redis.call('SET', base .. ':v:' .. v .. ':meta', ARGV[3])
 redis.call('ZADD', KEYS[3], v, v)
 redis.call('SET', KEYS[2], v)
@@ -159,7 +190,7 @@ end
 if n > keep then
   for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, n - keep - 1)) do
     if old ~= v and not weighted[old] then
-      redis.call('DEL', base .. ':v:' .. old .. ':blob', base .. ':v:' .. old .. ':meta')
+      drop_version(base, old, ARGV[9])
       redis.call('ZREM', KEYS[3], old)
     end
   end
@@ -167,6 +198,7 @@ end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
 """
+)
 
 # KEYS: current, versions. ARGV: task_base. Returns {} or {current, meta...} (ascending versions).
 _DESCRIBE_LUA = """
@@ -222,8 +254,11 @@ return {2}
 """
 
 # KEYS: tasks, current, versions, seq, deleted, floor. ARGV: task_base, task, channel, message,
-# max_tombstones. Returns 0 no task, 1 done. The counter's value moves to the tenant's tombstones.
-_DELETE_LUA = """
+# max_tombstones, blob key prefix. Returns 0 no task, 1 done. The counter's value moves to the
+# tenant's tombstones.
+_DELETE_LUA = (
+    _DROP_VERSION_LUA
+    + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local function num(v)
   if v and #v <= 18 and string.match(v, '^[0-9]+$') then return tonumber(v) end
@@ -232,7 +267,7 @@ end
 local last = math.max(num(redis.call('GET', KEYS[4])), num(redis.call('GET', KEYS[2])))
 for _, v in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   last = math.max(last, num(v))
-  redis.call('DEL', ARGV[1] .. ':v:' .. v .. ':blob', ARGV[1] .. ':v:' .. v .. ':meta')
+  drop_version(ARGV[1], v, ARGV[6])
 end
 last = math.max(last, tonumber(redis.call('ZSCORE', KEYS[5], ARGV[2]) or '0') or 0)
 redis.call('ZADD', KEYS[5], last, ARGV[2])
@@ -248,6 +283,7 @@ redis.call('ZREM', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
+)
 
 
 _P = ParamSpec("_P")
@@ -303,6 +339,12 @@ class RedisPrefixStore:
         resync_interval_s: period of the backstop resync of known tasks' versions.
         reconnect_backoff_s: (first, max) delay between listener reconnect attempts.
         call_timeout_s: deadline of each public call, retries included (`StoreUnavailable` past it).
+        min_replicas: replicas that must have a write before it is acknowledged (`WAIT`); 0: the
+            master's reply is enough (a failover may lose the last writes).
+        replication_timeout_s: how long a write waits for them before `StoreUnavailable`.
+
+    `url` may also name a Sentinel-managed master: `redis+sentinel://host:26379,.../service`
+    (`prefix_store.redis_connect`).
     """
 
     def __init__(
@@ -315,6 +357,8 @@ class RedisPrefixStore:
         resync_interval_s: float = 5.0,
         reconnect_backoff_s: tuple[float, float] = (0.2, 2.0),
         call_timeout_s: float = 5.0,
+        min_replicas: int = 0,
+        replication_timeout_s: float = 2.0,
     ) -> None:
         if not key_prefix or any(c.isspace() for c in key_prefix):
             raise ValueError(f"key_prefix must be non-empty without whitespace, got {key_prefix!r}")
@@ -323,6 +367,12 @@ class RedisPrefixStore:
         if not call_timeout_s > 0:
             raise ValueError(f"call_timeout_s must be > 0, got {call_timeout_s}")
         self.call_timeout_s = call_timeout_s
+        if min_replicas < 0 or replication_timeout_s <= 0:
+            raise ValueError("min_replicas must be >= 0 and replication_timeout_s > 0")
+        self._min_replicas, self._replication_timeout_s = min_replicas, replication_timeout_s
+        self._connector = RedisConnector(url)
+        self.blob_reads = 0  # blobs read from Redis by `get` (per process: the fan-out of an upload)
+        self.blob_read_bytes = 0
         self._url = _redact(url)
         self._prefix = key_prefix
         self._keep_versions = keep_versions
@@ -333,8 +383,7 @@ class RedisPrefixStore:
         # Distinguishes this replica's connections in CLIENT LIST (ops can see who is listening).
         self.instance_id = uuid.uuid4().hex[:12]
         # redis-py's defaults for timeouts and retries have changed across versions: set them all.
-        self._redis: Redis = Redis.from_url(
-            url,
+        self._redis: Redis = self._connector.client(
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
@@ -342,8 +391,7 @@ class RedisPrefixStore:
         )
         # The listener's connection must not reconnect silently inside redis-py: we need to see
         # every disconnect to resync afterwards, so it gets no retries and we reconnect ourselves.
-        self._listener_redis: Redis = Redis.from_url(
-            url,
+        self._listener_redis: Redis = self._connector.client(
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
@@ -388,6 +436,10 @@ class RedisPrefixStore:
     def _task_base(self, tenant: str, task: str) -> str:
         return f"{self._tenant_base(tenant)}:task:{validate_name(task, 'task')}"
 
+    @property
+    def _blob_prefix(self) -> str:
+        return f"{self._prefix}:blob:"
+
     @staticmethod
     def _message(tenant: str, task: str, version: int | None) -> str:
         return json.dumps({"tenant": tenant, "task": task, "version": version})
@@ -405,6 +457,8 @@ class RedisPrefixStore:
                 f"prefix store unavailable: redis at {self._url} failed during {op} ({type(e).__name__}: {e})"
             ) from e
         except RedisError as e:
+            if any(code in str(e) for code in ("NOREPLICAS", "MASTERDOWN")):  # min-replicas-to-write
+                raise StoreUnavailable(f"prefix store unavailable during {op}: {e}") from e
             raise StoreError(f"prefix store {op}: redis error: {e}") from e
 
     # ---- writes -----------------------------------------------------------------------------
@@ -421,21 +475,42 @@ class RedisPrefixStore:
         except (TypeError, ValueError) as e:
             raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
         sha256 = hashlib.sha256(data).hexdigest()
+        blob = self._blob_prefix + sha256
         with self._errors("put"):
             version = await self._new_version(tenant, task)
             info = VersionInfo(tenant, task, version, sha256, len(data), time.time(), metadata)
-            await self._redis.set(f"{base}:v:{version}:blob", data, ex=STAGING_TTL_S)
-            await self._commit(
-                keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
-                args=[
-                    base,
-                    str(version),
-                    json.dumps(info.to_json_dict()),
-                    self._keep_versions,
-                    task,
-                    self._channel,
-                    self._message(tenant, task, version),
-                ],
+            for attempt in range(2):
+                if attempt or not await self._redis.exists(blob):  # identical bytes: not sent again
+                    await self._redis.set(blob, data, ex=STAGING_TTL_S, nx=True)
+                pipe = self._redis.pipeline(transaction=False)  # WAIT covers this connection's writes
+                await self._commit(
+                    keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
+                    args=[
+                        base,
+                        str(version),
+                        json.dumps(info.to_json_dict()),
+                        self._keep_versions,
+                        task,
+                        self._channel,
+                        self._message(tenant, task, version),
+                        sha256,
+                        self._blob_prefix,
+                    ],
+                    client=pipe,
+                )
+                if self._min_replicas:
+                    pipe.execute_command("WAIT", self._min_replicas, int(self._replication_timeout_s * 1000))
+                try:
+                    replies = await pipe.execute()
+                except RedisError as e:
+                    if "STAGED" in str(e) and not attempt:
+                        continue  # the blob's last other reference went between EXISTS and commit
+                    raise
+                break
+        if self._min_replicas and int(replies[-1]) < self._min_replicas:
+            raise StoreUnavailable(
+                f"prefix store: {tenant}/{task} v{version} reached {int(replies[-1])} of "
+                f"{self._min_replicas} replica(s) in {self._replication_timeout_s}s; it may still appear"
             )
         logger.info("stored prefix %s/%s v%d (%d bytes)", tenant, task, version, len(data))
         return info
@@ -492,7 +567,14 @@ class RedisPrefixStore:
                     f"{tenant_base}:deleted",
                     f"{tenant_base}:deleted_floor",
                 ],
-                args=[base, task, self._channel, self._message(tenant, task, None), MAX_TOMBSTONES],
+                args=[
+                    base,
+                    task,
+                    self._channel,
+                    self._message(tenant, task, None),
+                    MAX_TOMBSTONES,
+                    self._blob_prefix,
+                ],
             )
         if not done:
             raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
@@ -550,11 +632,16 @@ class RedisPrefixStore:
                 pipe = self._redis.pipeline(transaction=True)
                 pipe.get(f"{base}:current")
                 pipe.get(f"{base}:v:{wanted}:meta")
-                pipe.get(f"{base}:v:{wanted}:blob")
-                current, meta, data = await pipe.execute()
+                pipe.get(f"{base}:v:{wanted}:cas")
+                pipe.get(f"{base}:v:{wanted}:blob")  # written before content addressing
+                current, meta, sha, data = await pipe.execute()
                 if current is None:
                     raise TaskNotFound(f"tenant {tenant!r} has no task {task!r}")
+                if sha is not None:  # None only if the version was pruned since the transaction
+                    data = await self._redis.get(self._blob_prefix + sha.decode())
                 if meta is not None and data is not None:
+                    self.blob_reads += 1
+                    self.blob_read_bytes += len(data)
                     break
                 if version is not None:
                     raise VersionNotFound(
@@ -635,6 +722,20 @@ class RedisPrefixStore:
         next_cursor = names[limit - 1] if len(names) > limit else None
         return TaskPage(items=items, next_cursor=next_cursor, broken=broken)
 
+    # ---- usage counts (warm starts) ----------------------------------------------------------
+
+    @_deadline("record_uses")
+    async def record_uses(self, uses: dict[tuple[str, str], int]) -> None:
+        """Add to the per-task request counts (`prefix_store.usage`), one round trip."""
+        with self._errors("record_uses"):
+            await redis_record_uses(self._redis, f"{self._prefix}:usage", uses)
+
+    @_deadline("most_used")
+    async def most_used(self, limit: int) -> list[tuple[str, str]]:
+        """The tasks with the highest request counts, most used first."""
+        with self._errors("most_used"):
+            return await redis_most_used(self._redis, f"{self._prefix}:usage", limit)
+
     # ---- change notifications ---------------------------------------------------------------
 
     def subscribe(self, callback: ChangeCallback) -> None:
@@ -672,6 +773,7 @@ class RedisPrefixStore:
         for client in (self._listener_redis, self._redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
+        await self._connector.aclose()
 
     async def resync(self) -> list[ChangeEvent]:
         """Compare the versions known to subscribers with Redis; emit and return the differences."""

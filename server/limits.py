@@ -64,6 +64,10 @@ class Limits:
     vllm_prefix_table_bytes: int = 128 << 20
     vllm_max_queued: int = 8
     host_prefix_cache_bytes: int = 1 << 30
+    # Warm start: before readiness, load the most used tasks (store's request counts) into the tiers,
+    # at most this many and for at most this long (0 tasks: start cold)
+    warm_start_tasks: int = 64
+    warm_start_timeout_s: float = 60.0
     # --- tenants (0 = off) ---------------------------------------------------------------------
     tenant_max_concurrent: int = 0
     tenant_rps: float = 0.0

@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("could not load the model %r: %s", settings.model, exc)
         return EXIT_CONFIG
     store = make_store(
-        settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.limits.keep_versions
-    )
+        settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.limits.keep_versions,
+        min_replicas=settings.redis_min_replicas, replication_timeout_s=settings.redis_replication_timeout_s,
+    )  # fmt: skip
     metrics = metrics_for(settings, loaded.spec)  # the engine's observer, then the app's metrics
     try:
         engine = build_engine(settings, loaded, store, metrics)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(
-        settings, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(),
+        settings, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(loaded.dtype if settings.store_served_dtype else None),
         device_type=loaded.device.type, metrics=metrics, on_fatal=on_fatal,
     )  # fmt: skip
     config = uvicorn_config(app, settings)

@@ -189,6 +189,18 @@ class Metrics(EngineObserver):
             ["outcome"],
             registry=r,
         )
+        self.store_reads = Counter(
+            f"{p}prefix_store_reads", "Prefix blobs read from the store, by reason (request, warm).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.store_read_bytes = Counter(
+            f"{p}prefix_store_read_bytes", "Bytes of prefix blobs read from the store, by reason (request, warm).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.warm_start_tasks = Counter(
+            f"{p}warm_start_tasks", "Tasks a warm start tried to load before readiness, by outcome (loaded, failed).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.kv_cache_usage = Gauge(f"{p}kv_cache_usage_ratio", "Share of KV cache slots in use.", registry=r)
         self.task_requests = Counter(
             f"{p}task_requests", "Generation requests by tenant and task (bounded labels, rest 'other').",
@@ -226,6 +238,11 @@ class Metrics(EngineObserver):
         for tier in ("device", "host"):
             self.prefix_cache_hits.labels(tier=tier)
             self.prefix_cache_evictions.labels(tier=tier)
+        for reason in ("request", "warm"):
+            self.store_reads.labels(reason=reason)
+            self.store_read_bytes.labels(reason=reason)
+        for outcome in ("loaded", "failed"):
+            self.warm_start_tasks.labels(outcome=outcome)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation=operation)
         for outcome in UPLOAD_OUTCOMES:
@@ -337,6 +354,10 @@ class Metrics(EngineObserver):
     def on_prefix_load(self, seconds: float) -> None:
         self.prefix_load.observe(seconds)
         self.store_up.set(1)  # a load is a successful store read
+
+    def on_store_read(self, reason: str, nbytes: int) -> None:
+        self.store_reads.labels(reason=reason).inc()
+        self.store_read_bytes.labels(reason=reason).inc(nbytes)
 
     def on_cache_event(self, kind: str, tier: str) -> None:
         if kind == "hit":

@@ -81,6 +81,18 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="Redis URL; unset: a local directory store.")
     local_store_dir: Path = Path("./prefix-store")
     redis_key_prefix: str = "prefixserve"
+    redis_min_replicas: int = Field(
+        default=0, ge=0,
+        description="Replicas that must have a prefix write (WAIT) before it is acknowledged; 0: the master's reply.",
+    )  # fmt: skip
+    redis_replication_timeout_s: float = Field(
+        default=2.0, gt=0, description="How long a write waits for redis_min_replicas before 503."
+    )
+    store_served_dtype: bool = Field(
+        default=True,
+        description="Store uploads in a wider dtype than the model serves (float32 on a bfloat16 server) "
+        "in the served dtype: half the bytes, the same served values.",
+    )
     keep_versions: int = Field(default=_L.keep_versions, ge=1)
     max_artifact_bytes: int = Field(default=_L.max_artifact_bytes, ge=1024)
     max_prefix_length: int = Field(default=_L.max_prefix_length, ge=1)
@@ -106,6 +118,13 @@ class Settings(BaseSettings):
     )
     host_prefix_cache_bytes: int = Field(
         default=_L.host_prefix_cache_bytes, ge=0, description="Prefix cache in host memory."
+    )
+    warm_start_tasks: int = Field(
+        default=_L.warm_start_tasks, ge=0, le=1000,
+        description="Most used tasks loaded into the prefix cache before readiness (0: start cold).",
+    )  # fmt: skip
+    warm_start_timeout_s: float = Field(
+        default=_L.warm_start_timeout_s, ge=0, description="Longest warm start; then ready anyway."
     )
     # issue 15 (engine v2): the GPT-2 paged KV pool in bytes (a limit, in `Limits`) and its block size.
     kv_budget_bytes: int | None = Field(

@@ -8,7 +8,7 @@ The endpoint picker (EPP) of an `InferencePool` scrapes each pod and reads, by v
 | `vllm:num_requests_waiting{model_name}` | requests queued (= `prefixserve_requests_waiting`) |
 | `vllm:kv_cache_usage_perc{model_name}` | KV positions reserved, as a fraction 0..1 (vLLM's unit, despite the name) |
 | `vllm:gpu_cache_usage_perc{model_name}` | the same, under the name older EPP releases read |
-| `vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}` | value: scrape time |
+| `vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}` | value: scrape time; see below |
 
 The colons break our own naming rule on purpose: they are the names those routers look up.
 
@@ -36,6 +36,15 @@ observations, as vLLM did while it deprecated it):
 The vLLM source followed: vllm-project/vllm `vllm/v1/metrics/loggers.py` at commit 005a810 (the
 copy we could read; the project pins vLLM 0.32 for its vLLM backend, whose tag was out of reach);
 `inter_token_latency_seconds` and its buckets as later releases name them.
+
+Residency. vLLM lists the adapters loaded on the GPU; the EPP's `lora-affinity-scorer` gives a pod 1.0
+when the request's `model` is in `running_lora_adapters`, 0.8 when the pod lists fewer adapters than
+`max_lora` (room to load one more), 0.6 when it is in `waiting_lora_adapters`, else 0. So here:
+`running_lora_adapters` = tasks whose prefix is resident in the device tier now
+(`Engine.resident_prefixes`, whether or not a request is running), `waiting_lora_adapters` = tasks with
+requests running or queued whose prefix is not resident (being loaded), and `max_lora` =
+`Engine.resident_prefix_capacity` (prefixes the device tier holds). Pods then differ by what they hold,
+which is what affinity needs; the batch size would make every pod look alike.
 
 Adapter names. The EPP matches a request's `model` (a task name here) against the comma lists of
 `vllm:lora_requests_info` to prefer a pod whose device prefix cache already holds the task. `/metrics`
@@ -119,6 +128,7 @@ class TaskListsInfo(Collector):
         self.max_value = max_value
         self.name_of = name_of
         self.source: Callable[[], tuple[Iterable[str], Iterable[str]]] | None = None
+        self.max_source: Callable[[], int] | None = None  # read at scrape time when set (else max_value)
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self.name, self.doc, labels=list(self.labels))
@@ -133,13 +143,16 @@ class TaskListsInfo(Collector):
     def collect(self) -> Iterator[Metric]:
         running: Iterable[str] = ()
         waiting: Iterable[str] = ()
-        if self.source is not None:
-            try:
+        max_value = self.max_value
+        try:
+            if self.source is not None:
                 running, waiting = self.source()
-            except Exception:  # a scrape must never fail because the engine is mid-shutdown
-                running, waiting = (), ()
+            if self.max_source is not None:
+                max_value = self.max_source()
+        except Exception:  # a scrape must never fail because the engine is mid-shutdown
+            running, waiting = (), ()
         family = self._family()
-        family.add_metric([str(self.max_value), self._names(running), self._names(waiting)], time.time())
+        family.add_metric([str(max_value), self._names(running), self._names(waiting)], time.time())
         yield family
 
 
@@ -169,7 +182,8 @@ class VllmMetrics:
         self.gpu_cache_usage = gauge("vllm:gpu_cache_usage_perc", "KV-cache use, fraction 0..1 (old name).")
         self.lora_info = TaskListsInfo(
             "vllm:lora_requests_info",
-            "Running/waiting adapters (prefixserve: tasks) on this replica; value: unix time of the scrape.",
+            "Adapters (prefixserve: tasks) resident on the device / loading, and how many the device holds;"
+            " value: unix time of the scrape.",
             ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
             max_lora,
             lambda label: adapter_name(label, adapter_names),
@@ -242,7 +256,8 @@ class VllmMetrics:
         self.waiting.labels(model_name=m).set_function(lambda: float(engine.num_waiting))
         for gauge in (self.kv_usage, self.gpu_cache_usage):
             gauge.labels(model_name=m).set_function(lambda: float(engine.kv_usage_ratio))
-        self.lora_info.source = lambda: (engine.running_tasks, engine.waiting_tasks)
+        self.lora_info.source = lambda: residency_lists(engine)
+        self.lora_info.max_source = lambda: int(engine.resident_prefix_capacity)
 
     # --- fed by `Metrics` (the engine's observer) ------------------------------------------------
 
@@ -269,3 +284,10 @@ class VllmMetrics:
 
     def observe_n(self, n: int) -> None:
         self.request_params_n.observe(n)
+
+
+def residency_lists(engine: Any) -> tuple[list[str], list[str]]:
+    """("tenant/task" labels resident on the device, those with requests whose prefix is not)."""
+    resident = [f"{tenant}/{task}" for tenant, task in engine.resident_prefixes]
+    wanted = set(engine.running_tasks) | set(engine.waiting_tasks)
+    return resident, sorted(wanted - set(resident))

@@ -29,6 +29,7 @@ from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
 from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
+from server.api.warm_start import warm_start
 from server.engine.chat_render import ChatRenderPool, RenderLimits
 from server.metrics import Metrics
 from server.settings import Settings
@@ -143,8 +144,9 @@ def create_app(
         state.background = [
             asyncio.create_task(_watchdog(state, on_fatal), name="prefixserve-watchdog"),
             asyncio.create_task(_probe_store(state), name="prefixserve-store-probe"),
+            asyncio.create_task(_warm_then_ready(state, settings), name="prefixserve-warm-start"),
         ]
-        logger.info("ready", extra={"model_id": state.config.model_id})
+        logger.info("started", extra={"model_id": state.config.model_id})
         try:
             yield
         finally:
@@ -175,6 +177,19 @@ def create_app(
     app.add_middleware(AdmissionMiddleware, state=state)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
+
+
+async def _warm_then_ready(state: AppState, settings: Settings) -> None:
+    """`/ready` answers 503 "warming up" until the warm start ends (bounded: see `warm_start`)."""
+    state.warming = True
+    try:
+        await warm_start(
+            state.engine, state.store, state.metrics,
+            settings.limits.warm_start_tasks, settings.limits.warm_start_timeout_s,
+        )  # fmt: skip
+    finally:
+        state.warming = False
+    logger.info("ready", extra={"model_id": state.config.model_id})
 
 
 def start_draining(app: FastAPI) -> None:

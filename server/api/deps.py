@@ -53,6 +53,10 @@ class EngineLike(Protocol):
 
     async def stop(self, drain_timeout_s: float = ...) -> None: ...
 
+    async def warm(self, tenant: str, task: str) -> bool:
+        """Load the task's prefix into the engine's tiers without a request; False if it could not."""
+        ...
+
 
 @dataclass(frozen=True)
 class ApiConfig:
@@ -82,6 +86,7 @@ class AppState:
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
+    warming: bool = False  # the warm start is loading the most used tasks (`/ready` waits for it)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
 

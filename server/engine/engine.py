@@ -76,6 +76,8 @@ from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
+USES_FLUSH_INTERVAL_S = 5.0  # how often a replica adds its per-task request counts to the store
+
 # `_idle` wakes this long after the earliest queue deadline (a timeout is "waited more than").
 _DEADLINE_SLACK_S = 0.001
 
@@ -207,6 +209,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._accepting = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._uses_task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -223,6 +226,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run(), name="prefixserve-engine-loop")
+        if self.prefix_cache is not None:
+            self._uses_task = asyncio.create_task(self._flush_uses_forever(), name="prefixserve-task-uses")
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting; let queued and running requests finish for up to `drain_timeout_s`, then
@@ -235,6 +240,12 @@ class Engine:
             self._finish_outside(state, "cancelled")
         for load in list(self._prefix_loads):
             load.cancel()
+        if self._uses_task is not None:
+            self._uses_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._uses_task
+            self._uses_task = None
+            await self._flush_uses()  # what this replica served since the last flush
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -279,6 +290,63 @@ class Engine:
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         return None if self.prefix_cache is None else self.prefix_cache.stats
+
+    # ---- device residency and warm start (what routers and a restarted replica use) -------------
+    @property
+    def resident_prefixes(self) -> list[tuple[str, str]]:
+        """(tenant, task) pairs whose prefix is on the device now (the prefix cache's device tier)."""
+        return [] if self.prefix_cache is None else self.prefix_cache.resident_tasks()
+
+    @property
+    def resident_prefix_capacity(self) -> int:
+        """How many prefixes the device tier holds: its bytes // the bytes of one prefix of
+        `max_prefix_length` positions (every prefix kind the model has) in the serving dtype. Shorter
+        prefixes fit more, so this is a floor; never below what is resident now."""
+        if self.prefix_cache is None:
+            return 0
+        spec, length = self.loaded.spec, self.config.limits.max_prefix_length
+        positions = spec.num_layers * spec.num_heads  # decoder self-attention
+        if spec.kind == "encoder-decoder":  # encoder self-attention and decoder cross-attention too
+            positions += spec.num_encoder_layers * spec.num_encoder_heads + spec.num_layers * spec.num_heads
+        element_bytes = torch.tensor([], dtype=self.loaded.dtype).element_size()
+        one_prefix = positions * 2 * length * spec.head_dim * element_bytes  # K and V
+        capacity = self.prefix_cache.budget_bytes("device") // max(1, one_prefix)
+        return max(capacity, len(self.resident_prefixes))
+
+    async def warm(self, tenant: str, task: str) -> bool:
+        """Load the task's prefix (the version a request would get) into the host tier, and into the
+        device tier if it fits there without evicting anything, without a request. False (never
+        raises) if it could not: no store, unknown task, store down, blob invalid, engine failed."""
+        if self.prefix_cache is None or not self.healthy:
+            return False
+        try:
+            found = await self.prefix_cache.warm(tenant, task)
+            if not found.on_device and found.artifact.nbytes <= self.prefix_cache.free_bytes("device"):
+                await self.prefix_cache.to_device(tenant, task, found)
+        except Exception as exc:  # a warm start is best effort: the first request reads it again
+            logger.info("warming %s/%s failed: %s", tenant, task, type(exc).__name__)
+            return False
+        return True
+
+    async def _flush_uses_forever(self) -> None:
+        while True:
+            await asyncio.sleep(USES_FLUSH_INTERVAL_S)
+            await self._flush_uses()
+
+    async def _flush_uses(self) -> None:
+        """Add the requests served per task since the last flush to the store's counts (which warm
+        starts read); on failure they are kept for the next flush."""
+        if self.prefix_cache is None:
+            return
+        uses = self.prefix_cache.take_uses()
+        if not uses:
+            return
+        try:
+            await self.prefix_cache.store.record_uses(uses)
+        except Exception as exc:
+            logger.debug("recording task uses failed (%s); retried at the next flush", type(exc).__name__)
+            for key, n in uses.items():
+                self.prefix_cache.add_uses(key, n)
 
     def _task_labels(self, ids: list[str]) -> list[str]:
         labels = {self._requests[r].task_label for r in ids if r in self._requests}

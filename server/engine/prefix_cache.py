@@ -60,6 +60,7 @@ Key = tuple[str, str, int]  # (tenant, task, version)
 class CacheListener(Protocol):
     def on_prefix_load(self, seconds: float) -> None: ...
     def on_cache_event(self, kind: str, tier: str) -> None: ...
+    def on_store_read(self, reason: str, nbytes: int) -> None: ...
 
 
 @dataclass
@@ -71,6 +72,7 @@ class PrefixCacheStats:
     evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     loads: int = 0
+    store_reads: dict[str, int] = field(default_factory=dict)  # reason ("request", "warm") -> blobs read
 
 
 class _LRU:
@@ -87,11 +89,16 @@ class _LRU:
             self.nbytes -= artifact.nbytes
         return artifact
 
-    def put(self, key: Key, artifact: PrefixArtifact) -> list[tuple[Key, PrefixArtifact]]:
-        """Insert as most recent; returns what was evicted to make room (maybe `artifact` itself)."""
+    def put(
+        self, key: Key, artifact: PrefixArtifact, least_recent: bool = False
+    ) -> list[tuple[Key, PrefixArtifact]]:
+        """Insert as most recent (or as least recent: first to go, so it never pushes out anything
+        that was there); returns what was evicted to make room (maybe `artifact` itself)."""
         if artifact.nbytes > self.budget:
             return [(key, artifact)]
         self.items[key] = artifact
+        if least_recent:
+            self.items.move_to_end(key, last=False)
         self.nbytes += artifact.nbytes
         evicted = []
         while self.nbytes > self.budget:
@@ -148,6 +155,10 @@ class PrefixCache:
         self._ready: dict[Key, Any] = {}  # device-tier key -> the CUDA event its copy completes at
         self._host_copies: dict[Key, PrefixArtifact] = {}  # device-tier key -> the host copy it came from
         self._subscribed = False
+        # Warm start: tasks being warmed enter the host tier as least recent (see `warming`).
+        self._warming: set[tuple[str, str]] = set()
+        # Requests per task since the last `flush_uses` (the store keeps the totals for warm starts).
+        self._uses: dict[tuple[str, str], int] = {}
 
     def start(self) -> None:
         """Subscribe to the store's change notifications (idempotent)."""
@@ -188,6 +199,11 @@ class PrefixCache:
 
         Raises `UnknownTask`, `StoreUnavailable` (store down and not cached), `InvalidPrefix`.
         """
+        found = await self._locate(tenant, task, route_key)
+        self.add_uses((tenant, task), 1)  # tasks that exist only
+        return found
+
+    async def _locate(self, tenant: str, task: str, route_key: str | None) -> ResolvedPrefix:
         split = await self._split(tenant, task)
         if split:
             version = pick_version(split, tenant, task, route_key or "")
@@ -276,6 +292,7 @@ class PrefixCache:
             stored = await self.store.get(tenant, task, version)
         except TaskNotFound:
             raise UnknownTask(f"tenant {tenant!r} has no task {task!r}") from None
+        self._read(tenant, task, stored.data)
         artifact = await self._validated(stored.data, tenant, task, version)
         self.stats.loads += 1
         if self.listener is not None:
@@ -339,6 +356,7 @@ class PrefixCache:
             stored = await self.store.get(tenant, task)
         except TaskNotFound:
             raise UnknownTask(f"tenant {tenant!r} has no task {task!r}") from None
+        self._read(tenant, task, stored.data)
         artifact = await self._validated(stored.data, tenant, task, stored.info.version)
         version = stored.info.version
         self.stats.loads += 1
@@ -378,12 +396,19 @@ class PrefixCache:
         self._update_gauges()
 
     def _insert_host(self, key: Key, artifact: PrefixArtifact) -> None:
-        for _ in self._tiers["host"].put(key, artifact):
+        for _ in self._tiers["host"].put(key, artifact, least_recent=key[:2] in self._warming):
             self.stats.evictions["host"] += 1
             self._notify("eviction", "host")
         self._update_gauges()
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _read(self, tenant: str, task: str, data: bytes) -> None:
+        """Count a blob read from the store (the metric a warm start is checked by)."""
+        reason = "warm" if (tenant, task) in self._warming else "request"
+        self.stats.store_reads[reason] = self.stats.store_reads.get(reason, 0) + 1
+        if self.listener is not None:
+            self.listener.on_store_read(reason, len(data))
+
     def _notify(self, kind: str, tier: str) -> None:
         if self.listener is not None:
             self.listener.on_cache_event(kind, tier)
@@ -394,6 +419,42 @@ class PrefixCache:
         device_keys = self._tiers["device"].items
         self._ready = {key: event for key, event in self._ready.items() if key in device_keys}
         self._host_copies = {key: copy for key, copy in self._host_copies.items() if key in device_keys}
+
+    async def warm(self, tenant: str, task: str) -> ResolvedPrefix:
+        """`locate` without a request: a store read enters the host tier as least recent, so warming
+        the most used tasks first never pushes one of them out for a less used one (the tier's
+        budget bounds the memory), and it does not count as a use. Raises what `locate` raises."""
+        self._warming.add((tenant, task))
+        try:
+            found = await self.locate(tenant, task)
+        finally:
+            self._warming.discard((tenant, task))
+            count = self._uses.get((tenant, task), 0) - 1
+            if count > 0:
+                self._uses[(tenant, task)] = count
+            else:
+                self._uses.pop((tenant, task), None)
+        return found
+
+    def add_uses(self, task: tuple[str, str], n: int) -> None:
+        self._uses[task] = self._uses.get(task, 0) + n
+
+    def take_uses(self) -> dict[tuple[str, str], int]:
+        """Requests per task since the last call (the engine adds them to the store's counts)."""
+        uses, self._uses = self._uses, {}
+        return uses
+
+    def resident_tasks(self) -> list[tuple[str, str]]:
+        """(tenant, task) pairs with a version in the device tier, sorted."""
+        return sorted({key[:2] for key in self._tiers["device"].items})
+
+    def free_bytes(self, tier: str) -> int:
+        """What a tier can still take without evicting anything."""
+        lru = self._tiers[tier]
+        return max(0, lru.budget - lru.nbytes)
+
+    def budget_bytes(self, tier: str) -> int:
+        return self._tiers[tier].budget
 
     def cached_versions(self, tier: str) -> list[Key]:
         """Keys held in a tier, least recently used first (for tests and debugging)."""

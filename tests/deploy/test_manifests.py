@@ -252,17 +252,28 @@ def test_only_server_pods_reach_redis(overlay):
         for p in find(objects, "NetworkPolicy")
         if selects(p["spec"]["podSelector"]["matchLabels"], redis_labels)
     ]
-    assert len(policies) == 1
-    spec = policies[0]["spec"]
-    assert "Ingress" in spec["policyTypes"]
-    for rule in spec["ingress"]:
-        assert [p["port"] for p in rule["ports"]] == [6379]
-        for peer in rule["from"]:
-            # No namespaceSelector / ipBlock: nothing outside this namespace's server pods.
-            assert set(peer) == {"podSelector"}
-            selector = peer["podSelector"]["matchLabels"]
-            assert selects(selector, server_labels)
-            assert not selects(selector, redis_labels)
+    assert policies
+    # Redis (6379) and, with the Sentinel component, Sentinel (26379): reached by server pods, and by
+    # the Redis pods themselves (replication, sentinel gossip), nothing else.
+    sentinel = any(c["name"] == "sentinel" for c in redis["spec"]["template"]["spec"]["containers"])
+    allowed_ports = {6379, 26379} if sentinel else {6379}
+    server_ports: set[int] = set()
+    for policy in policies:
+        spec = policy["spec"]
+        assert "Ingress" in spec["policyTypes"]
+        for rule in spec["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            assert ports <= allowed_ports
+            for peer in rule["from"]:
+                # No namespaceSelector / ipBlock: nothing outside this namespace's server and Redis pods.
+                assert set(peer) == {"podSelector"}
+                selector = peer["podSelector"]["matchLabels"]
+                if selects(selector, server_labels):
+                    assert not selects(selector, redis_labels)
+                    server_ports |= ports
+                else:
+                    assert sentinel and selects(selector, redis_labels), selector
+    assert server_ports == allowed_ports
 
     server_policy = next(
         p
@@ -313,13 +324,136 @@ def test_inference_pool_overlay_wires_the_endpoint_picker_to_the_servers():
     assert {("inference.networking.k8s.io", "inferencepools"), ("", "pods")} <= granted
     assert find(objects, "ClusterRole") == [] and find(objects, "ClusterRoleBinding") == []
 
-    # Task names are listed for the picker (they are off by default), and the gateway routes to the pool.
+    # Task names are listed for the picker (they are off by default).
     assert server_config(objects)["PREFIXSERVE_METRICS_ADAPTER_NAMES"] == "task"
+
+
+def picker_config_text(objects) -> str:
+    """The EndpointPickerConfig the EPP reads: its --config-file, followed through the volume mount to
+    the ConfigMap key (as the kubelet would project it)."""
+    container = one(objects, "Deployment", "prefixserve-epp")["spec"]["template"]["spec"]
+    epp = container["containers"][0]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in epp["args"] if "=" in a)
+    assert "config-text" in flags or "config-file" in flags, "the EPP refuses to start without a config"
+    if "config-text" in flags:
+        return flags["config-text"]
+    path = Path(flags["config-file"])
+    mount = next(m for m in epp["volumeMounts"] if path.parent == Path(m["mountPath"]))
+    volume = next(v for v in container["volumes"] if v["name"] == mount["name"])
+    return one(objects, "ConfigMap", volume["configMap"]["name"])["data"][path.name]
+
+
+def test_picker_config_passes_the_pickers_loader_and_routes_by_task():
+    from tests.deploy.epp_config_rules import load_config
+
+    config = load_config(picker_config_text(render("inference-pool")))
+    assert config.profile_handler == "single-profile-handler"
+    [profile] = config.profiles.values()
+    by_type = {config.plugin_types[name]: weight for name, weight in profile.scorers.items()}
+    # Adapter affinity (the task's prefix resident on the pod) next to the load scorers, and it
+    # outweighs each of them: a pod holding the task beats one whose device tier is full.
+    assert set(by_type) == {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer"}
+    assert by_type["lora-affinity-scorer"] > max(
+        by_type["queue-scorer"], by_type["kv-cache-utilization-scorer"]
+    )
+    assert min(by_type.values()) > 0
+    assert config.plugin_types[profile.picker or ""] == "max-score-picker"
+
+
+GOOD_PICKER_CONFIG = {
+    "apiVersion": "inference.networking.x-k8s.io/v1alpha1",
+    "kind": "EndpointPickerConfig",
+    "plugins": [{"type": "lora-affinity-scorer"}, {"type": "max-score-picker"}],
+    "schedulingProfiles": [{"name": "default", "plugins": [{"pluginRef": "lora-affinity-scorer"}]}],
+}
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda c: c.update(kind="PickerConfig"), "no kind"),
+        (lambda c: c.pop("kind"), "Kind' is missing"),
+        (lambda c: c.update(scorers=[]), "unknown field"),
+        (lambda c: c["plugins"].append({"type": "lora-affinity"}), "not found in registry"),
+        (lambda c: c["plugins"].append({"type": "lora-affinity-scorer"}), "used more than once"),
+        (lambda c: c["plugins"].append({"name": "x"}), "missing a type"),
+        (lambda c: c["schedulingProfiles"][0]["plugins"].append({"pluginRef": "queue"}), "undefined Plugin"),
+        (lambda c: c["schedulingProfiles"][0]["plugins"][0].update(weigth=2), "unknown field"),
+        (lambda c: c["schedulingProfiles"].append({"name": "default", "plugins": []}), "more than one"),
+        (lambda c: c["schedulingProfiles"].append({"name": "other", "plugins": []}), "no profile handler"),
+        (
+            lambda c: (
+                c["plugins"].append({"type": "random-picker"}),
+                c["schedulingProfiles"][0]["plugins"][:0].clear(),
+                c["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "random-picker"}),
+                c["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "max-score-picker"}),
+            ),
+            "already have a registered picker",
+        ),
+        (lambda c: c["plugins"][1].update(parameters={"maxNumOfEndpoints": "2"}), "must be an int"),
+    ],
+)
+def test_picker_rules_refuse_what_the_picker_refuses(change, error):
+    """The ported loader rules fail where the Go loader does (so the check above can fail)."""
+    import copy
+
+    from tests.deploy.epp_config_rules import PickerConfigError, dumps, load_config
+
+    load_config(dumps(GOOD_PICKER_CONFIG))  # the baseline loads
+    config = copy.deepcopy(GOOD_PICKER_CONFIG)
+    change(config)
+    with pytest.raises(PickerConfigError, match=error):
+        load_config(dumps(config))
+
+
+def route_backend(route: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The backendRef the Gateway sends `path` to, by Gateway API HTTPRoute precedence: an Exact match
+    beats any PathPrefix, a longer prefix beats a shorter; PathPrefix matches whole path elements."""
+
+    def matches(match: dict[str, Any]) -> int | None:  # precedence rank, None: no match
+        rule = match.get("path", {"type": "PathPrefix", "value": "/"})
+        value = rule["value"]
+        if rule["type"] == "Exact":
+            return 10**6 if path == value else None
+        assert rule["type"] == "PathPrefix", rule
+        prefix = value.rstrip("/")
+        if path == prefix or path.startswith(prefix + "/") or value == "/":
+            return len(prefix)
+        return None
+
+    best: tuple[int, dict[str, Any]] | None = None
+    for rule in route["spec"]["rules"]:
+        for match in rule.get("matches", [{}]):
+            rank = matches(match)
+            if rank is not None and (best is None or rank > best[0]):
+                [backend] = rule["backendRefs"]
+                best = (rank, backend)
+    return None if best is None else best[1]
+
+
+def test_route_sends_only_openai_generation_through_the_picker():
+    objects = render("inference-pool")
     route = one(objects, "HTTPRoute", "prefixserve")
-    backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
-    assert backends == [
-        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "prefixserve"}
-    ]
+    service = one(objects, "Service", "prefixserve")
+    pool = {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "prefixserve"}
+    # Every path the server answers (from its route table) goes somewhere.
+    from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
+
+    modules = (generate, openai, chat, tokenize, prefixes, canary, health)  # as server.api.app mounts them
+    paths = {route.path for module in modules for route in module.router.routes}
+    assert {"/v1/completions", "/v1/chat/completions", "/generate", "/v1/prefixes/{task}"} <= set(paths)
+    for template in paths:
+        path = template.replace("{task}", "summarize")
+        backend = route_backend(route, path)
+        if template in ("/v1/completions", "/v1/chat/completions"):
+            assert backend == pool, template
+        else:  # bodies without `model`: the picker would answer 400
+            assert backend is not None and backend.get("kind", "Service") == "Service", template
+            assert backend["name"] == service["metadata"]["name"], template
+            assert backend["port"] in [p["port"] for p in service["spec"]["ports"]], template
+    # Precedence is what sends them apart: a near miss of an Exact path goes to the Service.
+    assert route_backend(route, "/v1/completions/") != pool
+    assert route_backend(route, "/v1/completionsx") != pool
 
 
 def render_own_overlay(tmp_path: Path, files: dict[str, str] | None = None, **kustomization) -> tuple:
@@ -640,3 +774,39 @@ def test_promtool_unit_tests_catch_a_wrong_expectation(tmp_path):
     shutil.copy(DEPLOY / "prometheus" / "alerts_test.yaml", tmp_path / "alerts_test.yaml")
     tested = promtool("test", "rules", str(tmp_path / "alerts_test.yaml"))
     assert tested.returncode != 0 and "PrefixserveHighErrorRate" in tested.stdout + tested.stderr
+
+
+def test_gpu_overlay_runs_redis_under_sentinel_with_acknowledged_writes():
+    from prefix_store.redis_connect import parse_sentinel_url
+
+    objects = render("gpu")
+    redis = one(objects, "StatefulSet", "prefixserve-redis")
+    pod = redis["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert redis["spec"]["replicas"] == 3 and set(containers) == {"redis", "sentinel"}
+    redis_script = " ".join(containers["redis"]["args"])
+    for flag in (
+        "--appendonly yes",
+        "--min-replicas-to-write 1",
+        "--masterauth",
+        "--replicaof",
+        "noeviction",
+    ):
+        assert flag in redis_script, flag
+    sentinel_script = " ".join(containers["sentinel"]["args"])
+    assert "sentinel monitor prefixserve $master 6379 2" in sentinel_script  # quorum 2 of 3
+    service = one(objects, "Service", "prefixserve-redis")
+    assert {p["port"] for p in service["spec"]["ports"]} == {6379, 26379}
+    # The server finds the master through all three sentinels, by the pods' stable names, and waits
+    # for a replica before acknowledging an upload.
+    env = {e["name"]: e for e in server_container(objects)["env"]}
+    address = parse_sentinel_url(env["PREFIXSERVE_REDIS_URL"]["value"])
+    assert address is not None and address.service_name == "prefixserve"
+    assert address.sentinels == tuple(
+        (f"prefixserve-redis-{i}.{service['metadata']['name']}", 26379) for i in range(3)
+    )
+    assert server_config(objects)["PREFIXSERVE_REDIS_MIN_REPLICAS"] == "1"
+    pdb = one(objects, "PodDisruptionBudget", "prefixserve-redis")
+    assert pdb["spec"]["maxUnavailable"] == 1 and selects(
+        pdb["spec"]["selector"]["matchLabels"], redis["spec"]["template"]["metadata"]["labels"]
+    )

@@ -20,7 +20,9 @@ def documented_names() -> set[str]:
     return set(re.findall(r"^\| `(prefixserve_[a-z0-9_]+)`", section, flags=re.M))
 
 
-def scrape(metrics: Metrics) -> dict[str, list]:
+def scrape(metrics: Metrics, bind: object = None) -> dict[str, list]:
+    if bind is not None:
+        metrics.bind_engine(bind)
     text = generate_latest(metrics.registry).decode()
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
@@ -142,15 +144,18 @@ def test_task_names_are_private_by_default():
 def _engine(**overrides):
     fields = dict(
         num_running=0, num_waiting=0, healthy=True, kv_usage_ratio=0.0, running_tasks=[], waiting_tasks=[],
-        prefix_cache_stats=None,
+        prefix_cache_stats=None, resident_prefixes=[], resident_prefix_capacity=0,
     )  # fmt: skip
     return SimpleNamespace(**(fields | overrides))
 
 
 def test_vllm_named_gauges_follow_the_engine_with_adapter_names_by_mode():
+    # Adapter lists are device residency (what the picker's affinity scorer needs), not requests:
+    # globex/sql is resident with no request; acme/poems has a queued request while its prefix loads.
     engine = _engine(
         num_running=2, num_waiting=3, kv_usage_ratio=0.5,
-        running_tasks=["acme/sql", "globex/sql"], waiting_tasks=["acme/poems"],
+        running_tasks=["acme/sql"], waiting_tasks=["acme/poems", "acme/sql"],
+        resident_prefixes=[("acme", "sql"), ("globex", "sql")], resident_prefix_capacity=6,
     )  # fmt: skip
     expected = {
         "off": ("", ""),
@@ -168,8 +173,15 @@ def test_vllm_named_gauges_follow_the_engine_with_adapter_names_by_mode():
         assert samples["vllm:gpu_cache_usage_perc"][0].value == 0.5
         info = samples["vllm:lora_requests_info"][0]
         assert info.labels == {
-            "max_lora": "16", "running_lora_adapters": running, "waiting_lora_adapters": waiting,
+            "max_lora": "6", "running_lora_adapters": running, "waiting_lora_adapters": waiting,
         }, mode  # fmt: skip
+        # prefixserve's own series keeps listing requests (bounded labels), not residency.
+        assert samples["prefixserve_task_requests_info"][0].labels["max_tasks"] == "16"
+    # Residency follows the engine at scrape time: evicted tasks leave the list.
+    engine.resident_prefixes = [("globex", "sql")]
+    info = scrape(Metrics(adapter_names="tenant_task"), bind=engine)["vllm:lora_requests_info"][0]
+    assert info.labels["running_lora_adapters"] == "globex/sql"
+    assert info.labels["waiting_lora_adapters"] == "acme/poems,acme/sql"
 
 
 def test_unknown_adapter_name_mode_is_refused():

@@ -316,7 +316,7 @@ async def completions(request: Request, state: State, caller: Caller, body: Comp
     created = int(time.time())
 
     def reason(engine_reason: str | None) -> Literal["length", "stop"] | None:
-        if echo_only and engine_reason is not None:
+        if echo_only and engine_reason is not None and engine_reason not in ABORTED:
             return "length"  # max_tokens (0) reached before anything was generated
         return finish_reason(engine_reason)
 

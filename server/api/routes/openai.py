@@ -375,7 +375,7 @@ async def completions(request: Request, state: State, caller: Caller, body: Comp
         if echo_only:  # nothing generated: only the end of the choice is sent
             if event.finish_reason is None:
                 return None
-            return response([CompletionChoice(index=i, text="", finish_reason="length")])
+            return response([CompletionChoice(index=i, text="", finish_reason=reason(event.finish_reason))])
         logprobs = None
         if body.logprobs is not None and event.token_id is not None:
             top = None

@@ -28,6 +28,7 @@ right one without being listed here.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from fastapi import params
@@ -76,6 +77,7 @@ class AdmissionMiddleware:
         self.limits = state.config.limits
         self._policies: dict[int, RoutePolicy] = {}  # by id() of the (long-lived) route object
         self._in_flight: dict[str, int] = {}  # tenant -> its requests past admission, not yet answered
+        self.pending: dict[str, int] = {}  # tenant -> generation requests admitted, not yet in the engine
         self._default = RoutePolicy(
             needs_key=False, generation=False, max_body_bytes=_json_limit(self.limits)
         )
@@ -95,12 +97,16 @@ class AdmissionMiddleware:
         limit: int | None = None
         received = 0
         holder: str | None = None  # the tenant whose connection count this request holds
+        pending: _Pending | None = None  # its place among generation requests not yet in the engine
 
         async def admitted_receive() -> Message:
-            nonlocal limit, received, holder
+            nonlocal limit, received, holder, pending
             if limit is None:  # the first read: the router has matched, nothing is read yet
                 policy = self.policy(scope.get("route"))
                 holder = self._admit(scope, policy)
+                if holder is not None and policy.generation:
+                    pending = _Pending(self.pending, holder)
+                    _pending_release.set(pending)  # start_generation releases it once queued
                 limit = policy.max_body_bytes
             message = await receive()
             if message["type"] == "http.request":
@@ -114,10 +120,24 @@ class AdmissionMiddleware:
         finally:
             if holder is not None:
                 self._release_connection(holder)
+            if pending is not None:
+                pending.release()  # if it never reached the engine (refused, or failed before)
+
+    def _burst_refusal(self, tenant: str) -> str | None:
+        """A burst arrives before any of it is queued: the engine's queue looks empty to each request
+        while hundreds are still being parsed and tokenised. So the requests admitted but not yet in
+        the engine (`pending`) count too: a tenant may have at most as many as there is room for in
+        the queue and the free batch rows; beyond that it is refused now, before any work."""
+        engine, limits = self.state.engine, self.limits
+        room = max(0, limits.max_waiting - engine.num_waiting)
+        room += max(0, limits.max_batch_size - engine.num_running)
+        if self.pending.get(tenant, 0) >= room:
+            return f"server overloaded: {room} requests fit the queue and batch now, all taken"
+        return None
 
     def _hold_connection(self, tenant: str) -> None:
         """Count one more request of `tenant` in flight, or 429 when it already has its bound."""
-        bound = self.limits.tenant_max_connections
+        bound = 0 if self.state.auth.single_tenant else self.limits.tenant_max_connections
         held = self._in_flight.get(tenant, 0)
         if bound and held >= bound:
             raise ApiError(
@@ -154,6 +174,8 @@ class AdmissionMiddleware:
             refusal = self.state.engine.queue_refusal(
                 tenant
             )  # fair scheduling: would *this tenant* be refused
+            if refusal is None:
+                refusal = self._burst_refusal(tenant)
             if refusal is not None:  # it says which bound: the tenant's own or the server's
                 raise ApiError(429, refusal, "overloaded", retry_after=RETRY_AFTER_OVERLOADED_S)
         if _declared_length(headers.get(b"content-length")) > policy.max_body_bytes:
@@ -162,6 +184,37 @@ class AdmissionMiddleware:
             return None
         self._hold_connection(tenant)  # last: a refusal above holds nothing
         return tenant
+
+
+class _Pending:
+    """One admitted generation request not yet in the engine; `release()` once it is (or is done)."""
+
+    def __init__(self, counts: dict[str, int], tenant: str) -> None:
+        counts[tenant] = counts.get(tenant, 0) + 1
+        self._counts: dict[str, int] | None = counts
+        self._tenant = tenant
+
+    def release(self) -> None:
+        counts, self._counts = self._counts, None
+        if counts is None:
+            return
+        left = counts.get(self._tenant, 1) - 1
+        if left > 0:
+            counts[self._tenant] = left
+        else:
+            counts.pop(self._tenant, None)
+
+
+# The current request's place among the pending ones (set at admission, in the request's context).
+_pending_release: ContextVar[_Pending | None] = ContextVar("prefixserve_pending", default=None)
+
+
+def left_engine_queue() -> None:
+    """The current request no longer counts as pending admission: its engine request was added (or
+    refused), or the request is over. Idempotent; a no-op outside a request."""
+    pending = _pending_release.get()
+    if pending is not None:
+        pending.release()
 
 
 def _json_limit(limits: Limits) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 from starlette.types import Receive
 
+from server.api.admission import left_engine_queue
 from server.api.auth import Principal
 from server.api.deps import AppState
 from server.api.errors import ApiError, Draining
@@ -256,7 +257,10 @@ async def start_generation(
             # Issue 18: a traffic split pins by the client's key, else by the (client-visible) request id.
             route_key=principal.route_key or (ctx.request_id if ctx is not None else request_id),
         )
-        handle = await state.engine.add_request(request)
+        try:
+            handle = await state.engine.add_request(request)
+        finally:
+            left_engine_queue()  # queued (or refused): no longer counted by admission's burst check
         first = await anext(handle)
     except BaseException:
         await lease.release()

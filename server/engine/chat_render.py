@@ -22,15 +22,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.chat_render_worker import FRAME_HEADER
-
 logger = logging.getLogger(__name__)
 
-WORKER_MODULE = "server.engine.chat_render_worker"
+WORKER_MODULE = "server.engine.chat_render_worker"  # run, never imported here (it imports transformers)
+FRAME_HEADER = struct.Struct(">I")  # each message: this length, then that many bytes of JSON
 WORKER_START_TIMEOUT_S = 120.0  # python + transformers' chat-template module on a loaded machine
 # A template whose loops over literal ranges run more often than this is refused at upload.
 STATIC_MAX_ITERATIONS = 1_000_000

@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import resource
-import struct
 import sys
 from typing import Any, BinaryIO
 
+from server.engine.chat_render import FRAME_HEADER
+
 NICENESS = 10  # below the server's own priority (the engine's steps come first)
-FRAME_HEADER = struct.Struct(">I")
 
 
 def read_frame(stream: BinaryIO) -> dict[str, Any] | None:

@@ -371,3 +371,59 @@ def test_openai_streams_cut_by_shutdown_never_say_stop(spawn_server, long_gpt2_d
         # The stream says why it ended: an in-band error (then [DONE]), or the connection was cut.
         last = events[path][-2:] if events[path][-1:] == ["[DONE]"] else events[path][-1:]
         assert "error" in last[0] or last[0].startswith("cut:"), (path, events[path][-3:])
+
+
+def _raw(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _mixed_burst(port: int, requests: list[bytes]) -> list[tuple[int, float, bytes]]:
+    """Every request at once, each on a connection opened beforehand; (status, seconds until the
+    response head arrived, the head) in request order. Raw sockets keep the client's own work out."""
+    import selectors
+
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=300) for _ in requests]
+    answers: dict[int, tuple[int, float, bytes]] = {}
+    try:
+        with selectors.DefaultSelector() as selector:
+            start = time.perf_counter()
+            for i, (sock, request) in enumerate(zip(socks, requests, strict=True)):
+                sock.sendall(request)
+                selector.register(sock, selectors.EVENT_READ, i)
+            received = [b""] * len(socks)
+            while len(answers) < len(socks):
+                events = selector.select(timeout=300)
+                assert events, "the server stopped answering"
+                for key, _ in events:
+                    i = key.data
+                    chunk = socks[i].recv(65536)
+                    received[i] += chunk
+                    if b"\r\n\r\n" in received[i] or not chunk:
+                        head = received[i].split(b"\r\n\r\n", 1)[0]
+                        answers[i] = (int(head.split(b" ", 2)[1]), time.perf_counter() - start, head)
+                        selector.unregister(socks[i])
+    finally:
+        for sock in socks:
+            sock.close()
+    return [answers[i] for i in range(len(requests))]
+
+
+def test_overload_refusals_cost_what_health_costs(spawn_server):
+    server = spawn_server(max_waiting=32, queue_timeout_s=300, tenant_max_connections=0)
+    body = json.dumps({"inputs": "hello " * 400, "parameters": {"max_new_tokens": 32}}).encode()
+    generate = _raw("POST", "/v1/generate", body, {**ACME, "Content-Type": "application/json"})
+    health = _raw("GET", "/health")
+    requests = [generate] * 300
+    for i in range(0, 300, 10):  # /health calls spread through the same burst
+        requests.insert(i + i // 10, health)
+    answers = _mixed_burst(server.port, requests)
+    health_s = [t for (status, t, _), r in zip(answers, requests, strict=True) if r is health]
+    refused = [(t, head) for (status, t, head), r in zip(answers, requests, strict=True) if status == 429]
+    statuses = {status for (status, _, _), r in zip(answers, requests, strict=True) if r is generate}
+    assert statuses <= {200, 429} and 200 in statuses, statuses  # every accepted request finished
+    assert {status for (status, _, _), r in zip(answers, requests, strict=True) if r is health} == {200}
+    assert len(refused) >= 100 and all(b"retry-after" in head.lower() for _, head in refused)
+    refused_p50 = statistics.median(t for t, _ in refused)
+    assert refused_p50 <= 2 * statistics.median(health_s), (refused_p50, statistics.median(health_s))

@@ -113,7 +113,11 @@ async def test_echo_alternatives_match_greedy_requests_and_max_tokens_zero(serve
                 stream_options={"include_usage": True},
             )
         )  # fmt: skip
-        return {"scored": scored, "greedy": greedy, "streamed": streamed}
+        # Echo with generated tokens, whole and streamed: the same logprobs and text offsets.
+        args = {"model": model, "prompt": ids, "max_tokens": 3, "echo": True, "logprobs": 2, "temperature": 0}
+        whole = client.completions.create(**args)
+        pieces = list(client.completions.create(**args, stream=True))
+        return {"scored": scored, "greedy": greedy, "streamed": streamed, "whole": whole, "pieces": pieces}
 
     for model in ("poems", api.app.state.prefixserve.config.model_id):
         out = await asyncio.to_thread(run, model)
@@ -143,6 +147,11 @@ async def test_echo_alternatives_match_greedy_requests_and_max_tokens_zero(serve
         assert "".join(c.choices[0].text for c in chunks if c.choices) == text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens == len(ids)
+        whole = out["whole"].choices[0].logprobs
+        streamed_lp = [c.choices[0].logprobs for c in out["pieces"] if c.choices and c.choices[0].logprobs]
+        assert [t for lp in streamed_lp for t in lp.tokens] == whole.tokens
+        assert [o for lp in streamed_lp for o in lp.text_offset] == whole.text_offset
+        assert len(whole.tokens) == len(ids) + 3 and whole.text_offset[len(ids)] == len(text)
 
 
 async def test_sse_framing_openai_with_a_space_tgi_without(served):  # noqa: F811

@@ -30,6 +30,7 @@ LIMITS = Limits(
     max_body_bytes=3 << 20,
     max_json_body_bytes=2 << 20,
     max_prompt_chars=200_000,
+    max_prompts_per_request=5,
     timeout_keep_alive_s=30,
     timeout_request_header_s=60.0,
     max_connections=500,
@@ -117,6 +118,12 @@ def test_configured_limits_hold_from_upload_to_generation(
         # Request body: the configured limit (413 before the body is parsed).
         body = client.post("/v1/generate", content=b"x" * (LIMITS.max_body_bytes + 1), headers=ACME)
         assert body.status_code == 413, body.text
+
+        # Prompts per completions request: a list of one more than configured is refused, naming both.
+        prompts = ["x"] * (LIMITS.max_prompts_per_request + 1)
+        listed = client.post("/v1/completions", json={"model": "long", "prompt": prompts}, headers=ACME)
+        assert listed.status_code == 422 and f"{len(prompts)} prompts" in listed.text, listed.text
+        assert f"at most {LIMITS.max_prompts_per_request}" in listed.text
 
         # KV budget: a row's own tokens (prompt + max_new_tokens; the prefix is shared, stored once per
         # task) beyond 3000 (still within the model's 4096 with the prefix). The pool is whole blocks,

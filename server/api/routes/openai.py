@@ -371,6 +371,8 @@ async def completions(request: Request, state: State, caller: Caller, body: Comp
             )
         return response([CompletionChoice(index=i, text=echo, logprobs=logprobs)])
 
+    offsets = [len(echoes[j // n]) for j in range(len(generations))]  # each choice's text so far
+
     def chunk(i: int, event: StreamEvent) -> dict[str, Any] | None:
         if echo_only:  # nothing generated: only the end of the choice is sent
             if event.finish_reason is None:
@@ -382,8 +384,10 @@ async def completions(request: Request, state: State, caller: Caller, body: Comp
             if event.token_logprob is not None:
                 top = _alternatives(state, event.token_id, event.token_logprob, event.top_tokens[:top_n])
             logprobs = CompletionLogprobs(
-                tokens=[event.text], token_logprobs=[event.token_logprob], top_logprobs=[top]
-            )
+                tokens=[event.text], token_logprobs=[event.token_logprob], top_logprobs=[top],
+                text_offset=[offsets[i]],
+            )  # fmt: skip
+        offsets[i] += len(event.text)
         return response(
             [
                 CompletionChoice(

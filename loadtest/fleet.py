@@ -459,6 +459,11 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"| cold (`warm_start_tasks=0`) | {cold['ready_s']:.1f} s | {ms(cold['ttft_s'])} | {cold['request_store_reads']:.0f} | {cold['warm_store_reads']:.0f} |",
         f"| warm (`warm_start_tasks={WARM_TASKS}`) | {warm['ready_s']:.1f} s | {ms(warm['ttft_s'])} | {warm['request_store_reads']:.0f} | {warm['warm_store_reads']:.0f} |",
         "",
+        "Reading: what the warm start removes is the store read (counted: 0 for the warm replica's first "
+        "requests); with these 66 KB prefixes a read costs about a millisecond, so the TTFT difference here "
+        "is mostly the loaded 2-core machine's noise and first-request effects. With gpt2-medium prefixes of "
+        'L = 200 in bfloat16 each read moves 19.7 MB (docs/architecture.md, "Fleet").',
+        "",
         "## Store bytes read per replica process (`prefixserve_prefix_store_read_bytes_total`)",
         "",
         "| replica | bytes read |",

@@ -5,7 +5,7 @@
 
 What runs (every process is local, on free loopback ports, and stopped at the end):
 
-- Redis: a master, a replica and three sentinels (`loadtest.redis_sentinel`); servers use
+- Redis: a master, two replicas and three sentinels (`loadtest.redis_sentinel`); servers use
   `redis+sentinel://` with `redis_min_replicas=1` (a write is acknowledged once the replica has it).
 - 3 replicas of `python -m server.main` (the tiny random GPT-2 unless `--model`), each with a warm start
   of the `WARM_TASKS` most used tasks, behind HAProxy with `deploy/haproxy/haproxy.cfg` (least
@@ -52,12 +52,14 @@ from loadtest.redis_sentinel import SentinelCluster
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = REPO_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 REPLICAS = 3
+REDIS_REPLICAS = 2  # as deploy/k8s/components/redis-sentinel: writes stay available after a failover
 TASKS = 8
 WARM_TASKS = 4
 CLIENTS = 3
 PREFIX_LENGTH = 64
 WARMUP_S = 15.0  # load before the first fault (use counts reach the store every 5 s)
-AFTER_S = 15.0  # load after the Redis failover
+AFTER_S = 10.0  # load after the Redis failover and the fan-out measurement
+FAN_OUT_S = 8.0  # load after a new version of the most used task, before each replica's reads are read
 UPLOAD_EVERY_S = 1.0
 MAX_RETRIES = 5
 START_TIMEOUT_S = 400.0
@@ -187,7 +189,7 @@ class Fleet:
     def __init__(self, workdir: Path, model_dir: Path) -> None:
         self.workdir = workdir
         self.model_dir = model_dir
-        self.cluster = SentinelCluster(workdir / "redis")
+        self.cluster = SentinelCluster(workdir / "redis", replicas=REDIS_REPLICAS)
         self.replicas: list[ServerProcess] = []
         self.proxy: HAProxy | None = None
         self.bytes_read: dict[str, float] = {}  # replica instance -> store bytes read (at its end)
@@ -213,7 +215,7 @@ class Fleet:
 
     def start(self) -> None:
         self.cluster.start()
-        self.log(f"redis: master + replica + 3 sentinels, {self.cluster.url}")
+        self.log(f"redis: master + {REDIS_REPLICAS} replicas + 3 sentinels, {self.cluster.url}")
         self.replicas = [self.server(i + 1) for i in range(REPLICAS)]
         for r in self.replicas:
             r.start()
@@ -279,8 +281,38 @@ class Fleet:
             metric(after, reads) - metric(before, reads),
             metric(after, 'prefixserve_prefix_store_reads_total{reason="warm"}'),
         )
-        self.log(f"replica r{index + 1} restarted ({'warm' if warm else 'cold'}): {result}")
+        self.log(
+            f"replica r{index + 1} restarted ({'warm' if warm else 'cold'}) and ready after {ready_s:.1f} s; "
+            f"its first requests: TTFT {', '.join(f'{t * 1000:.0f}' for t in times)} ms, "
+            f"{result.request_store_reads:.0f} store reads (warm start: {result.warm_store_reads:.0f})"
+        )
         return result
+
+    def upload_fan_out(self, spec: Any) -> dict[str, Any]:
+        """A new version of the most used task under load: what each replica reads from the store in
+        the next `FAN_OUT_S` (each should read the new blob once, lazily, on its next request for it)."""
+        assert self.proxy is not None
+        before = {f"r{i + 1}": scrape(r.url) for i, r in enumerate(self.replicas)}
+        data = artifact(spec, 500)
+        files = {"artifact": ("p.safetensors", data, "application/octet-stream")}
+        with httpx.Client(base_url=self.proxy.url, timeout=60) as client:
+            status, _ = send(
+                client, "POST", "/v1/prefixes", data={"task": task_name(0)}, files=files, headers=HEADERS
+            )
+        self.log(f"new version of {task_name(0)} uploaded ({status}, {len(data)} bytes)")
+        time.sleep(FAN_OUT_S)
+        reads = 'prefixserve_prefix_store_reads_total{reason="request"}'
+        byte_reads = 'prefixserve_prefix_store_read_bytes_total{reason="request"}'
+        per_replica = {}
+        for i, r in enumerate(self.replicas):
+            after = scrape(r.url)
+            name = f"r{i + 1}"
+            per_replica[name] = {
+                "reads": metric(after, reads) - metric(before[name], reads),
+                "bytes": metric(after, byte_reads) - metric(before[name], byte_reads),
+            }
+        self.log(f"fan-out over {FAN_OUT_S:.0f} s: {per_replica}")
+        return {"blob_bytes": len(data), "seconds": FAN_OUT_S, "replicas": per_replica}
 
     def fail_over_redis(self) -> float:
         started = time.monotonic()
@@ -291,7 +323,7 @@ class Fleet:
         self.log(f"sentinels promoted port {new} after {seconds:.1f}s; restarting the old master")
         self.cluster.restart(old)
         self.cluster.wait_until(
-            lambda: self.cluster.connected_replicas(new) == 1, 60, "the old master to rejoin"
+            lambda: self.cluster.connected_replicas(new) == REDIS_REPLICAS, 60, "the old master to rejoin"
         )
         self.log("old master rejoined as a replica")
         return seconds
@@ -350,6 +382,7 @@ def run(workdir: Path, model_dir: Path) -> dict[str, Any]:
         time.sleep(6.0)  # the restarted replica serves (and its use counts reach the store)
         warm = fleet.restart_and_time(1, warm=True)
         failover_s = fleet.fail_over_redis()
+        fan_out = fleet.upload_fan_out(spec)
         time.sleep(AFTER_S)
         stop.set()
         for t in threads:
@@ -369,6 +402,7 @@ def run(workdir: Path, model_dir: Path) -> dict[str, Any]:
         "restart_cold": cold.__dict__,
         "restart_warm": warm.__dict__,
         "redis_failover_s": failover_s,
+        "fan_out": fan_out,
         "store_bytes_read": fleet.bytes_read,
         "blob_bytes": blob_bytes,
         "events": fleet.events,
@@ -392,7 +426,7 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         f"- Setup: {REPLICAS} replicas of the tiny random GPT-2 on CPU, {TASKS} tasks (prefix length "
         f"{PREFIX_LENGTH}, {result['blob_bytes']} bytes each), {CLIENTS} clients (Zipf-like task mix), "
         f"an upload every {UPLOAD_EVERY_S:.0f} s; warm start of the {WARM_TASKS} most used tasks; "
-        "Redis master + 1 replica + 3 sentinels, writes acknowledged after WAIT 1.",
+        f"Redis master + {REDIS_REPLICAS} replicas + 3 sentinels, writes acknowledged after WAIT 1.",
         "",
         "## Requests (through HAProxy; a client retries connection errors and 502/503/504, up to "
         f"{MAX_RETRIES} times)",
@@ -404,6 +438,19 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         "",
         f"Redis failover (master SIGKILLed to a new master accepting writes): {result['redis_failover_s']:.1f} s.",
         "",
+        "## Fan-out of an upload (a new version of the most used task, under load)",
+        "",
+        f"Blob: {result['fan_out']['blob_bytes']:,} bytes. Store reads by requests in the "
+        f"{result['fan_out']['seconds']:.0f} s after the upload, per replica (the new version is read "
+        "lazily, once per replica; other reads are tasks that replica had not cached yet):",
+        "",
+        "| replica | blobs read | bytes read |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {v['reads']:.0f} | {v['bytes']:,.0f} |"
+            for name, v in result["fan_out"]["replicas"].items()
+        ],
+        "",
         f"## The restarted replica's first requests (one per each of the {WARM_TASKS} most used tasks, "
         "sent to it directly while the proxy holds it out)",
         "",
@@ -411,6 +458,11 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|",
         f"| cold (`warm_start_tasks=0`) | {cold['ready_s']:.1f} s | {ms(cold['ttft_s'])} | {cold['request_store_reads']:.0f} | {cold['warm_store_reads']:.0f} |",
         f"| warm (`warm_start_tasks={WARM_TASKS}`) | {warm['ready_s']:.1f} s | {ms(warm['ttft_s'])} | {warm['request_store_reads']:.0f} | {warm['warm_store_reads']:.0f} |",
+        "",
+        "Reading: what the warm start removes is the store read (counted: 0 for the warm replica's first "
+        "requests); with these 66 KB prefixes a read costs about a millisecond, so the TTFT difference here "
+        "is mostly the loaded 2-core machine's noise and first-request effects. With gpt2-medium prefixes of "
+        'L = 200 in bfloat16 each read moves 19.7 MB (docs/architecture.md, "Fleet").',
         "",
         "## Store bytes read per replica process (`prefixserve_prefix_store_read_bytes_total`)",
         "",

@@ -482,7 +482,9 @@ class RedisPrefixStore:
             for attempt in range(2):
                 if attempt or not await self._redis.exists(blob):  # identical bytes: not sent again
                     await self._redis.set(blob, data, ex=STAGING_TTL_S, nx=True)
-                pipe = self._redis.pipeline(transaction=False)  # WAIT covers this connection's writes
+                # WAIT counts replicas that reached this connection's last write (the commit); the blob,
+                # written before it, is earlier in the one replication stream, so it is there too.
+                pipe = self._redis.pipeline(transaction=False)
                 await self._commit(
                     keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
                     args=[

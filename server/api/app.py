@@ -140,13 +140,17 @@ def create_app(
             logger.warning("no API keys configured: single-tenant mode, every request is tenant 'default'")
         await store.start()
         await engine.start()
+        # Before readiness (uvicorn listens once start-up is done): load the most used tasks, bounded
+        # in time and memory (`warm_start`); never fails start-up.
+        await warm_start(
+            engine, store, metrics, settings.limits.warm_start_tasks, settings.limits.warm_start_timeout_s
+        )
         state.started = True
         state.background = [
             asyncio.create_task(_watchdog(state, on_fatal), name="prefixserve-watchdog"),
             asyncio.create_task(_probe_store(state), name="prefixserve-store-probe"),
-            asyncio.create_task(_warm_then_ready(state, settings), name="prefixserve-warm-start"),
         ]
-        logger.info("started", extra={"model_id": state.config.model_id})
+        logger.info("ready", extra={"model_id": state.config.model_id})
         try:
             yield
         finally:
@@ -177,19 +181,6 @@ def create_app(
     app.add_middleware(AdmissionMiddleware, state=state)
     app.add_middleware(RequestMiddleware, metrics=metrics)
     return app
-
-
-async def _warm_then_ready(state: AppState, settings: Settings) -> None:
-    """`/ready` answers 503 "warming up" until the warm start ends (bounded: see `warm_start`)."""
-    state.warming = True
-    try:
-        await warm_start(
-            state.engine, state.store, state.metrics,
-            settings.limits.warm_start_tasks, settings.limits.warm_start_timeout_s,
-        )  # fmt: skip
-    finally:
-        state.warming = False
-    logger.info("ready", extra={"model_id": state.config.model_id})
 
 
 def start_draining(app: FastAPI) -> None:

@@ -86,7 +86,6 @@ class AppState:
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
-    warming: bool = False  # the warm start is loading the most used tasks (`/ready` waits for it)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
 

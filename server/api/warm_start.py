@@ -2,9 +2,9 @@
 
 A replica that starts cold makes the first request of every task pay a store read (and on a fleet,
 every replica reads the same hot blobs from Redis at once after a rollout). So the lifespan, after
-the engine starts, asks the store for the `warm_start_tasks` most used tasks (the counts every
-replica adds to, `prefix_store.usage`) and calls `Engine.warm` for each, most used first, while
-`/ready` answers 503 "warming up". Bounded:
+the engine starts and before the server listens (so before `/ready` can answer 200), asks the store
+for the `warm_start_tasks` most used tasks (the counts every replica adds to, `prefix_store.usage`)
+and calls `Engine.warm` for each, most used first. Bounded:
 
 - time: `warm_start_timeout_s` for the whole warm start; then the replica becomes ready anyway (the
   tasks not yet loaded are read by their first request, as without a warm start);

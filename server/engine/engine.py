@@ -245,7 +245,10 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._uses_task
             self._uses_task = None
-            await self._flush_uses()  # what this replica served since the last flush
+            # What this replica served since the last flush; a store that is down must not hold up
+            # the shutdown (those counts are lost: they only rank warm starts).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._flush_uses(), USES_FLUSH_INTERVAL_S)
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -155,7 +155,7 @@ class PrefixCache:
         self._ready: dict[Key, Any] = {}  # device-tier key -> the CUDA event its copy completes at
         self._host_copies: dict[Key, PrefixArtifact] = {}  # device-tier key -> the host copy it came from
         self._subscribed = False
-        # Warm start: tasks being warmed enter the host tier as least recent (see `warming`).
+        # Warm start: tasks being warmed enter the host tier as least recent (see `warm`).
         self._warming: set[tuple[str, str]] = set()
         # Requests per task since the last `flush_uses` (the store keeps the totals for warm starts).
         self._uses: dict[tuple[str, str], int] = {}

@@ -29,10 +29,6 @@ async def ready(state: State) -> HealthResponse:
         raise ApiError(503, "not ready: draining for shutdown", "unavailable", retry_after=5)
     if not state.started:
         raise ApiError(503, "not ready: starting up", "unavailable", retry_after=5)
-    if state.warming:
-        raise ApiError(
-            503, "not ready: warming up (loading the most used tasks)", "unavailable", retry_after=2
-        )
     if not state.engine.healthy:
         raise ApiError(503, "not ready: the engine loop has stopped", "unavailable", retry_after=5)
     return HealthResponse(status="ready")

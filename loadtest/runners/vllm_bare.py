@@ -76,11 +76,15 @@ def server_argv(
 
 def vllm_cpu_env(device: str, threads: int | None) -> dict[str, str]:
     """vLLM's CPU settings (none on CUDA): its KV cache space and the cores its OpenMP threads are
-    bound to (`threads` of them, else every core). Our server's vLLM backend gets the same."""
+    bound to (`threads` of them, else every core), unless the caller's environment sets them. Our
+    server's vLLM backend gets the same."""
     if device.startswith("cuda"):
         return {}
     cores = threads or os.cpu_count() or 1
-    return {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_GIB), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB)),
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}"),
+    }
 
 
 def server_env(device: str, threads: int | None) -> dict[str, str]:

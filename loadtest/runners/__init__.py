@@ -7,6 +7,9 @@
 | http          | the prefixserve server as a subprocess, streamed over loopback HTTP       |
 | naive_peft    | HF PEFT, one request at a time, switching adapters per request            |
 | static_batch  | HF PEFT, one task's requests per batch, the batch runs to its longest one |
+| vllm_bare     | stock vLLM's OpenAI server on the same model, bare model, over HTTP       |
+| server_vllm   | `http` with PREFIXSERVE_ENGINE=vllm (our server on the vLLM backend)      |
+| server_native | `http` with PREFIXSERVE_ENGINE=native (our server on our own engine)      |
 
 Every runner makes exactly `max_new_tokens` tokens per request (EOS cannot stop it early where the
 runner allows that; otherwise the short outputs are counted as they are, see `num_short_outputs`).

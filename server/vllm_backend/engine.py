@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 # capped at this many rows whatever its byte budget, so sampling stays cheap.
 MAX_PREFIX_ROWS = 16384
 _DEADLINE_SLACK_S = 0.001
+_HEALTH_CHECK_S = 1.0
 _VLLM_DTYPES: dict[torch.dtype, Literal["float32", "bfloat16", "float16"]] = {
     torch.float32: "float32",
     torch.bfloat16: "bfloat16",
@@ -596,6 +597,8 @@ class VllmEngine:
                         self.observer.on_queue_time(time.monotonic() - state.arrival)
                         state.drive = asyncio.create_task(self._drive(state), name=f"vllm-{rid}")
                 await self._idle()
+                if self.llm is not None and self.llm.errored:  # its engine core process died
+                    self._die(self.llm.dead_error)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -603,10 +606,14 @@ class VllmEngine:
             self._die(exc)
 
     async def _idle(self) -> None:
+        """Sleep until woken, the oldest waiting request's queue deadline, or `_HEALTH_CHECK_S`
+        (vLLM's engine core is checked that often even when nothing runs)."""
         deadline = self.scheduler.next_deadline()
-        if deadline is None:
-            await self._wake.wait()
-            return
+        deadline = (
+            min(deadline, time.monotonic() + _HEALTH_CHECK_S)
+            if deadline
+            else time.monotonic() + _HEALTH_CHECK_S
+        )
         waiter = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({waiter}, timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_SLACK_S)

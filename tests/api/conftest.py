@@ -1,5 +1,10 @@
 """API test fixtures: a real tiny GPT-2, a real engine, real stores (local dir; Redis where named).
 
+The engine backend is the native one, or vLLM's with `PREFIXSERVE_TEST_ENGINE=vllm` (`make test` runs
+the API tests a second time that way when vLLM is installed): then the model is the tiny GPT-2 with
+head_dim 32 (vLLM's CPU attention needs it) and every `make_api` starts its own vLLM engine (eager, no
+compile: ~20-40 s each on the shared 2-core machine).
+
 `make_api(...)` builds an app with the given setting overrides, runs its lifespan (store + engine
 start/stop) and returns an httpx client bound to it in-process (ASGI transport).
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -24,7 +30,7 @@ import pytest
 import torch
 
 from modeling.model_spec import ModelSpec
-from modeling.models import LoadedModel, load_model
+from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.base import PrefixStore
 from prefix_store.factory import make_store
@@ -48,9 +54,35 @@ ACME_GEN = {"Authorization": "Bearer acme-generate-key"}
 GLOBEX = {"Authorization": "Bearer globex-manage-key"}
 
 
+TEST_ENGINE = os.environ.get("PREFIXSERVE_TEST_ENGINE", "native")
+if TEST_ENGINE == "vllm":
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
 @pytest.fixture(scope="session")
-def loaded(tiny_gpt2_dir: Path) -> LoadedModel:
-    return load_model(str(tiny_gpt2_dir), device="cpu", dtype="float32")
+def api_model_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model the API tests serve: the tiny GPT-2 (head_dim 32 on the vLLM backend)."""
+    if TEST_ENGINE == "vllm":
+        return make_model_dir("tiny-gpt2-h32", tmp_path_factory.mktemp("tiny-gpt2-h32"), seed=0)
+    return tiny_gpt2_dir
+
+
+@pytest.fixture(scope="session")
+def loaded(api_model_dir: Path) -> LoadedModel:
+    return load_model(str(api_model_dir), device="cpu", dtype="float32")
+
+
+def build_test_engine(
+    loaded: LoadedModel, model_dir: Path, store: PrefixStore, config: EngineConfig, observer: Metrics
+) -> Any:
+    """The backend `PREFIXSERVE_TEST_ENGINE` names, built as `server.main` builds it."""
+    if TEST_ENGINE == "vllm":
+        from server.vllm_backend.engine import VllmEngine, VllmOptions
+
+        options = VllmOptions(model_dir=str(model_dir), enforce_eager=True)
+        return VllmEngine(loaded, store, config, observer=observer, options=options)
+    return Engine(loaded, store, config, observer=observer)
 
 
 def artifact_bytes(spec: ModelSpec, seed: int, length: int = 4, scale: float = 3.0) -> bytes:
@@ -88,7 +120,7 @@ MakeApi = Callable[..., Awaitable[Api]]
 
 
 @pytest.fixture
-async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi]:
+async def make_api(loaded: LoadedModel, api_model_dir: Path, tmp_path: Path) -> AsyncIterator[MakeApi]:
     """Factory of running apps; everything is stopped (and Redis keys removed) at teardown."""
     async with AsyncExitStack() as stack:
         prefixes: list[str] = []
@@ -121,11 +153,12 @@ async def make_api(loaded: LoadedModel, tmp_path: Path) -> AsyncIterator[MakeApi
                     settings.redis_url, settings.local_store_dir, key_prefix, settings.keep_versions
                 )
             metrics = metrics_for(settings, loaded.spec)
-            engine = Engine(
+            engine = build_test_engine(
                 loaded,
+                api_model_dir,
                 store,
                 engine_config or EngineConfig(Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30)),
-                observer=metrics,
+                metrics,
             )
             app = create_app(
                 settings,
@@ -180,7 +213,7 @@ async def serve_asgi(app: Any) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    deadline = asyncio.get_running_loop().time() + 30
+    deadline = asyncio.get_running_loop().time() + (300 if TEST_ENGINE == "vllm" else 30)  # vLLM: its start
     while not server.started:
         assert not serving.done(), "uvicorn exited during start-up"
         assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start"

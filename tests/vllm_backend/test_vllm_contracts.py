@@ -1,0 +1,89 @@
+"""The vLLM backend keeps the engine contract: selection, abort, warm start, device residency."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from modeling.models import LoadedModel, load_model
+from prefix_store.local_store import LocalPrefixStore
+from server.engine import Engine, EngineError, GenerationRequest, SamplingParams
+from server.main import build_engine
+from server.metrics import Metrics
+from server.settings import Settings
+from server.vllm_backend.engine import VllmEngine
+from tests.vllm_backend.conftest import MAX_PREFIX_LENGTH, TABLE_ROWS
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def settings_for(model: Path, engine: str, tmp_path: Path) -> Settings:
+    return Settings(_env_file=None, model=str(model), engine=engine, local_store_dir=tmp_path)  # type: ignore[call-arg]
+
+
+async def test_selection_auto_vllm_native(
+    h32: LoadedModel, h32_dir: Path, tiny_gpt2_dir: Path, tiny_bart_dir: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    store = LocalPrefixStore(tmp_path / "store")
+    metrics = Metrics()
+    assert isinstance(build_engine(settings_for(h32_dir, "auto", tmp_path), h32, store, metrics), VllmEngine)
+    assert isinstance(build_engine(settings_for(h32_dir, "native", tmp_path), h32, store, metrics), Engine)
+    small = load_model(str(tiny_gpt2_dir), "cpu", "float32")  # head_dim 16
+    with caplog.at_level(logging.INFO, logger="prefixserve.main"):
+        chosen = build_engine(settings_for(tiny_gpt2_dir, "auto", tmp_path), small, store, metrics)
+    assert isinstance(chosen, Engine)
+    lines = [r.getMessage() for r in caplog.records if "engine: native" in r.getMessage()]
+    assert len(lines) == 1 and "head_dim >= 32" in lines[0]
+    with pytest.raises(EngineError, match="head_dim >= 32"):
+        build_engine(settings_for(tiny_gpt2_dir, "vllm", tmp_path), small, store, metrics)
+    bart = load_model(str(tiny_bart_dir), "cpu", "float32")
+    with pytest.raises(EngineError, match="GPT-2 only"):
+        build_engine(settings_for(tiny_bart_dir, "vllm", tmp_path), bart, store, metrics)
+    assert isinstance(
+        build_engine(settings_for(tiny_bart_dir, "auto", tmp_path), bart, store, metrics), Engine
+    )
+
+
+async def test_abort_ends_the_request_and_frees_its_place(vllm_engine: VllmEngine) -> None:
+    params = SamplingParams(max_new_tokens=400, ignore_eos=True)
+    handle = await vllm_engine.add_request(
+        GenerationRequest("long", "Tell me a story", params, task="task-10")
+    )
+    first = await handle.__anext__()
+    assert first.token_id is not None and vllm_engine.num_running == 1
+    handle.abort()
+    events = [event async for event in handle]
+    assert events[-1].finish_reason == "cancelled" and events[-1].num_generated_tokens < 400
+    assert vllm_engine.num_running == 0 and vllm_engine.num_waiting == 0
+    # Its prefix rows are unpinned again: a later task may evict them.
+    entry = vllm_engine.rows.get(("default", "task-10", 1))
+    assert entry is not None and entry.pins == 0
+
+
+async def test_vllm_queue_stays_bounded_and_everything_finishes(vllm_engine: VllmEngine) -> None:
+    limits = vllm_engine.config.limits
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    seen_running: list[int] = []
+
+    async def one(i: int) -> int:
+        events = [
+            e async for e in vllm_engine.generate(GenerationRequest(f"q{i}", "Hi", params, task="task-5"))
+        ]
+        seen_running.append(vllm_engine.num_running)
+        return events[-1].num_generated_tokens
+
+    counts = await asyncio.gather(*(one(i) for i in range(30)))
+    assert counts == [6] * 30
+    assert max(seen_running) <= limits.max_batch_size + limits.vllm_max_queued
+
+
+async def test_warm_start_and_residency(vllm_engine: VllmEngine) -> None:
+    assert vllm_engine.resident_prefix_capacity == TABLE_ROWS // MAX_PREFIX_LENGTH
+    assert await vllm_engine.warm("default", "task-1") is True
+    assert ("default", "task-1") in vllm_engine.resident_prefixes
+    assert await vllm_engine.warm("default", "no-such-task") is False
+    assert await vllm_engine.warm("bad name!", "task-1") is False

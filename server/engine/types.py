@@ -143,6 +143,3 @@ class StreamEvent:
     prompt_top_tokens: list[list[tuple[int, float]]] | None = None
     # Issue 18: "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
     prefix_variant: str | None = None
-    # First event only, with `prompt_logprobs` and `top_n_tokens` N > 0: for each prompt position the N
-    # most likely tokens (id, logprob), most likely first; `[]` for the first position.
-    prompt_top_tokens: list[list[tuple[int, float]]] | None = None

@@ -30,6 +30,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -387,6 +388,9 @@ class Bench:
         self.peak: dict[str, Any] = {}  # the profile dtype's matmul peak (measured in `main`)
         self._peaks: dict[str, dict[str, Any]] = {}  # other dtypes' (sections in another dtype)
         self.threads: int | None = None  # --threads: also the vLLM server's OpenMP threads
+        # Called after each runner with its section's part so far and the notes (`main` writes
+        # results.json then, so a run cut short keeps what it measured).
+        self.checkpoint: Callable[[dict[str, Any], list[str]], None] | None = None
 
     def log(self, msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -425,6 +429,7 @@ class Bench:
             self._runners(section), key=lambda r: (r in PEFT_RUNNERS) + 2 * (r == "transformers_cb")
         )
         scaling: list[dict[str, Any]] = []
+        results: dict[str, dict[str, Any]] = {}
         for name in order:
             if name in (*PEFT_RUNNERS, "transformers_cb") and do_scaling and section.scaling and not scaling:
                 scaling = self._scaling(loaded, section, prefixes.artifacts, vocab)
@@ -491,29 +496,15 @@ class Bench:
             self.log(
                 f"  {name}: {runs[name].wall_s:.1f} s, {sum(r.num_output_tokens for r in runs[name].records)} tokens"
             )
-        results = {}
-        for name, run in runs.items():
-            summary = summarize(run, self.profile.slo)
-            flops = _flops(loaded, workload, run, with_prefix=name not in ("no_prefix", "vllm_bare"))
-            summary["model_flop_s"] = flops / run.wall_s if run.wall_s > 0 else None
-            summary["fraction_of_peak"] = (
-                summary["model_flop_s"] / self._peak(dtype)["flop_s"] if summary["model_flop_s"] else None
-            )
-            results[name] = summary
-            short = summary["num_short_outputs"]
+            results[name] = self._summary(name, runs[name], loaded, workload, dtype)
+            short = results[name]["num_short_outputs"]
             if short:
                 notes.append(
                     f"{section.preset}: `{name}` stopped {short} request(s) before max_new_tokens (EOS)"
                 )
-        part: dict[str, Any] = {
-            "name": section.name,
-            "model": f"{section.preset} ({dtype}, random weights)",
-            "workload": workload.summary(),
-            "results": results,
-            "ratios": report.ratios(results),
-        }
-        goals = dict(section.targets) if section.targets is not None else None
-        part["targets"] = report.targets(part["ratios"], goals)
+            if self.checkpoint is not None:  # what ran so far, in case the run is cut short
+                self.checkpoint(self._part(section, dtype, workload, results), notes)
+        part = self._part(section, dtype, workload, results)
         if do_scaling and section.scaling and not scaling and "engine" in self._runners(section):
             scaling = self._scaling(loaded, section, prefixes.artifacts, vocab)
         if scaling:
@@ -521,6 +512,34 @@ class Bench:
         del loaded
         gc.collect()
         return part, runs, notes
+
+    def _summary(
+        self, name: str, run: RunResult, loaded: LoadedModel, workload: Workload, dtype: str
+    ) -> dict[str, Any]:
+        """A runner's metrics, with the model FLOP/s its useful tokens took and their share of the peak."""
+        summary = summarize(run, self.profile.slo)
+        flops = _flops(loaded, workload, run, with_prefix=name not in ("no_prefix", "vllm_bare"))
+        summary["model_flop_s"] = flops / run.wall_s if run.wall_s > 0 else None
+        summary["fraction_of_peak"] = (
+            summary["model_flop_s"] / self._peak(dtype)["flop_s"] if summary["model_flop_s"] else None
+        )
+        return summary
+
+    @staticmethod
+    def _part(
+        section: Section, dtype: str, workload: Workload, results: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A section's part of `results.json`: its workload, every runner's metrics, ratios, targets."""
+        ratios = report.ratios(results)
+        goals = dict(section.targets) if section.targets is not None else None
+        return {
+            "name": section.name,
+            "model": f"{section.preset} ({dtype}, random weights)",
+            "workload": workload.summary(),
+            "results": results,
+            "ratios": ratios,
+            "targets": report.targets(ratios, goals),
+        }
 
     def _peak(self, dtype: str) -> dict[str, Any]:
         """The matmul peak in `dtype`: a section in another dtype than the profile's is compared with its own."""
@@ -666,29 +685,44 @@ def main(argv: list[str] | None = None) -> int:
         )
     bench.peak = measure_matmul_peak(device, DTYPES[profile.dtype])
     bench.log(f"matmul peak {bench.peak['flop_s'] / 1e9:.1f} GFLOP/s ({bench.peak['dtype']})")
+    doc: dict[str, Any] = {
+        "profile": profile.name,
+        "command": command,
+        "machine": machine,
+        "slo": dataclasses.asdict(profile.slo),
+        "flops": {
+            "matmul_peak_flop_s": bench.peak["flop_s"],
+            "matmul_dtype": bench.peak["dtype"],
+            "matmul_size": bench.peak["size"],
+            "formula": "forward matmul + attention FLOPs of the useful tokens (loadtest.machine)",
+        },
+        "notes": [busy_note] if busy_note else [],
+    }
+    sections: list[dict[str, Any]] = []
+
+    def main_so_far(part: dict[str, Any], notes: list[str]) -> None:
+        report.write_json(
+            out_dir / "results.json", {**doc, **part, "notes": doc["notes"] + notes, "partial": True}
+        )
+
+    def section_so_far(part: dict[str, Any], notes: list[str]) -> None:
+        report.write_json(
+            out_dir / "results.json",
+            {**doc, "sections": [*sections, {**part, "notes": notes}], "partial": True},
+        )
+
     with tempfile.TemporaryDirectory(prefix="prefixserve-bench-") as scratch:
+        bench.checkpoint = main_so_far
         part, runs, notes = bench.run_section(profile.main, Path(scratch), not args.no_scaling)
-        doc: dict[str, Any] = {
-            "profile": profile.name,
-            "command": command,
-            "machine": machine,
-            "slo": dataclasses.asdict(profile.slo),
-            "flops": {
-                "matmul_peak_flop_s": bench.peak["flop_s"],
-                "matmul_dtype": bench.peak["dtype"],
-                "matmul_size": bench.peak["size"],
-                "formula": "forward matmul + attention FLOPs of the useful tokens (loadtest.machine)",
-            },
-            **{k: v for k, v in part.items() if k != "scaling"},
-            "scaling": part.get("scaling", []),
-            "notes": ([busy_note] if busy_note else []) + notes,
-        }
-        sections = []
+        doc.update({k: v for k, v in part.items() if k != "scaling"})
+        doc["scaling"] = part.get("scaling", [])
+        doc["notes"] = doc["notes"] + notes
+        bench.checkpoint = section_so_far
         for section in profile.sections:
             more, _, more_notes = bench.run_section(section, Path(scratch), False)
             more["notes"] = more_notes
             sections.append(more)
-            report.write_json(out_dir / "results.json", {**doc, "sections": sections})  # as it goes
+        bench.checkpoint = None
         doc["sections"] = sections
         if profile.bart is not None:
             bart_part, bart_runs, bart_notes = bench.run_section(profile.bart, Path(scratch), False)

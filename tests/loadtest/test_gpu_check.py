@@ -38,16 +38,19 @@ def test_decode_anatomy_splits_the_engines_steps_by_kind(tmp_path: Path) -> None
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the script; on CUDA it runs for real")
 def test_gpu_check_writes_one_json_per_step_within_its_time_limit(tmp_path: Path) -> None:
+    """Here (no CUDA) the bench steps must end at once saying why; on a loaded machine a step may also
+    hit its timeout, which its JSON then says, and the steps after it still run and write theirs."""
     out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "OUT": str(out),
-        "PYTHON": sys.executable,
-        "TOTAL_S": "150",
-        "GPU_CHECK_PRESET": "tiny-gpt2",
-    }
+    total_s = 240
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TOTAL_S": str(total_s),
+           "GPU_CHECK_PRESET": "tiny-gpt2"}  # fmt: skip
     done = subprocess.run(
-        ["bash", "loadtest/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+        ["bash", "loadtest/gpu_check.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=total_s + 120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     names = ["00-env", "01-decode-anatomy", "02-gpu-tests", "03-bench-c64", "04-bench-c256"]
@@ -57,17 +60,17 @@ def test_gpu_check_writes_one_json_per_step_within_its_time_limit(tmp_path: Path
         assert (
             set(doc) == {"step", "rc", "timed_out", "seconds", "log_tail", "result"} and doc["step"] == name
         )
+        assert doc["timed_out"] == (doc["rc"] in (124, 137))
     assert steps["00-env"]["rc"] == 0 and steps["00-env"]["result"]["torch"] == torch.__version__
     anatomy = steps["01-decode-anatomy"]
-    assert anatomy["rc"] == 0 and anatomy["result"]["steps"] > 0
-    tests = steps["02-gpu-tests"]["result"]["tests"]
-    assert tests and {t["outcome"] for t in tests} == {"skipped"}  # no CUDA here
-    for name in ("03-bench-c64", "04-bench-c256"):  # the bench says why it cannot run, and the rest ran
-        assert (
-            steps[name]["rc"] == 2
-            and "needs CUDA" in steps[name]["log_tail"]
-            and steps[name]["result"] is None
-        )
+    assert anatomy["timed_out"] or (anatomy["rc"] == 0 and anatomy["result"]["steps"] > 0)
+    gpu_tests = steps["02-gpu-tests"]
+    assert gpu_tests["timed_out"] or {t["outcome"] for t in gpu_tests["result"]["tests"]} == {"skipped"}
+    for name in ("03-bench-c64", "04-bench-c256"):  # the bench says why it cannot run
+        bench_step = steps[name]
+        cannot = bench_step["rc"] == 2 and "needs CUDA" in bench_step["log_tail"]
+        assert cannot or bench_step["timed_out"] or bench_step["rc"] == -1, bench_step
+        assert bench_step["result"] is None
     summary = json.loads((out / "05-summary.json").read_text())
-    assert [s["step"] for s in summary["steps"]] == names
-    assert summary["total_seconds"] <= 150 + 10
+    assert [(s["step"], s["rc"]) for s in summary["steps"]] == [(n, steps[n]["rc"]) for n in names]
+    assert summary["total_seconds"] <= total_s + 10

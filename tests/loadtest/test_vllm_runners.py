@@ -189,10 +189,26 @@ def test_a_profile_with_more_sections_reports_each_in_its_own_dtype(
         ),
     )
     monkeypatch.setitem(bench.PROFILES, "tiny-sections", tiny)
+    written: list[dict[str, object]] = []  # every results.json as written: after each runner, then whole
+    write_json = report.write_json
+    monkeypatch.setattr(
+        report,
+        "write_json",
+        lambda path, doc: (written.append(json.loads(json.dumps(doc))), write_json(path, doc)),
+    )
     out = tmp_path / "out"
     argv = ["--profile", "tiny-sections", "--out", str(out), "--models-dir", str(tmp_path / "models")]
     assert bench.main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
+    assert [sorted(w["results"]) for w in written[:2]] == [
+        ["engine"],
+        ["engine", "no_prefix"],
+    ]  # main section
+    assert [sorted(w["sections"][0]["results"]) for w in written[2:4]] == [
+        ["engine"],
+        ["engine", "no_prefix"],
+    ]
+    assert all(w["partial"] for w in written[:4]) and "partial" not in doc and written[-1] == doc
     assert doc["name"] == "tiny-fp32" and "float32" in doc["model"]
     [more] = doc["sections"]
     assert more["name"] == "tiny-bf16" and "bfloat16" in more["model"]

@@ -18,10 +18,12 @@ def make_store(
     socket_timeout: float = 2.0,
     retries: int = 3,
     resync_interval_s: float = 5.0,
+    call_timeout_s: float = 5.0,
 ) -> PrefixStore:
     """A `RedisPrefixStore` when `redis_url` is set (shared by replicas), else a `LocalPrefixStore`.
 
-    The Redis-only arguments are ignored for the local store. Call `await store.start()` before use
+    The Redis-only arguments (`call_timeout_s`: the deadline of each call) are ignored for the local
+    store, whose calls are bounded by the disk. Call `await store.start()` before use
     and `await store.close()` on shutdown.
     """
     if redis_url:
@@ -35,5 +37,6 @@ def make_store(
             socket_timeout=socket_timeout,
             retries=retries,
             resync_interval_s=resync_interval_s,
+            call_timeout_s=call_timeout_s,
         )
     return LocalPrefixStore(Path(local_dir), keep_versions=keep_versions)

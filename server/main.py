@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("could not load the model %r: %s", settings.model, exc)
         return EXIT_CONFIG
     store = make_store(
-        settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.limits.keep_versions
+        settings.redis_url,
+        settings.local_store_dir,
+        settings.redis_key_prefix,
+        settings.limits.keep_versions,
+        call_timeout_s=settings.limits.store_timeout_s,
     )
     metrics = metrics_for(settings)  # the engine's observer, then the app's metrics
     engine = Engine(

@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 from prefix_store.base import MAX_NAME_LENGTH, validate_name
 from server.api.deps import Caller, Manager, State
 from server.api.errors import error_responses
-from server.api.prefix_admin import detail_out, store_call, validate_upload, version_out
+from server.api.prefix_admin import detail_out, note_broken, store_call, validate_upload, version_out
 from server.api.quotas import check_capacity
 from server.api.schemas import PrefixDetail, PrefixPage, PrefixVersion, RollbackRequest
 from server.logging import request_context
@@ -71,11 +71,13 @@ async def list_prefixes(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PrefixPage:
-    """The caller's tasks in name order, one page at a time."""
+    """The caller's tasks in name order, one page at a time (a task whose stored data is corrupt is
+    left out, logged and counted in `prefixserve_store_corrupt_total`)."""
     if cursor is not None:
         validate_name(cursor, "cursor")
     with store_call(state, "list_tasks"):
         page = await state.store.list_tasks(caller.tenant, cursor, limit)
+    note_broken(state, caller.tenant, page)
     return PrefixPage(items=[version_out(v) for v in page.items], next_cursor=page.next_cursor)
 
 

@@ -20,11 +20,13 @@ def make_store(
     resync_interval_s: float = 5.0,
     min_replicas: int = 0,
     replication_timeout_s: float = 2.0,
+    call_timeout_s: float = 5.0,
 ) -> PrefixStore:
     """A `RedisPrefixStore` when `redis_url` is set (shared by replicas; `redis+sentinel://` for a
     Sentinel-managed master), else a `LocalPrefixStore`.
 
-    The Redis-only arguments are ignored for the local store. Call `await store.start()` before use
+    The Redis-only arguments (`call_timeout_s`: the deadline of each call) are ignored for the local
+    store, whose calls are bounded by the disk. Call `await store.start()` before use
     and `await store.close()` on shutdown.
     """
     if redis_url:
@@ -40,5 +42,6 @@ def make_store(
             resync_interval_s=resync_interval_s,
             min_replicas=min_replicas,
             replication_timeout_s=replication_timeout_s,
+            call_timeout_s=call_timeout_s,
         )
     return LocalPrefixStore(Path(local_dir), keep_versions=keep_versions)

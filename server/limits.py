@@ -44,6 +44,8 @@ class Limits:
     max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
     keep_versions: int = 5  # versions kept per task; older ones are pruned on upload (never the current)
     max_prefix_length: int = 512  # longest prefix accepted (per kind)
+    # every prefix store call (Redis: all its commands and retries) answers or fails (503) within this
+    store_timeout_s: float = 5.0
     # --- engine --------------------------------------------------------------------------------
     max_batch_size: int = 32  # rows of one step (running requests)
     max_waiting: int = 256  # queue bound; beyond it requests get 429

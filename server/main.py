@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     store = make_store(
         settings.redis_url, settings.local_store_dir, settings.redis_key_prefix, settings.limits.keep_versions,
         min_replicas=settings.redis_min_replicas, replication_timeout_s=settings.redis_replication_timeout_s,
+        call_timeout_s=settings.limits.store_timeout_s,
     )  # fmt: skip
     metrics = metrics_for(settings, loaded.spec)  # the engine's observer, then the app's metrics
     try:

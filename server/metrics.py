@@ -183,6 +183,13 @@ class Metrics(EngineObserver):
         self.store_errors = Counter(
             f"{p}store_errors", "Prefix store failures by operation.", ["operation"], registry=r
         )
+        self.store_corrupt = Counter(
+            f"{p}store_corrupt",
+            "Store reads that found data the server did not write (a task's garbled pointer, metadata, "
+            "split or blob), by operation; listings count each corrupt task they leave out.",
+            ["operation"],
+            registry=r,
+        )
         self.prefix_uploads = Counter(
             f"{p}prefix_uploads",
             "Prefix uploads by outcome (created, invalid, error).",
@@ -245,6 +252,7 @@ class Metrics(EngineObserver):
             self.warm_start_tasks.labels(outcome=outcome)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation=operation)
+            self.store_corrupt.labels(operation=operation)
         for outcome in UPLOAD_OUTCOMES:
             self.prefix_uploads.labels(outcome=outcome)
 
@@ -309,6 +317,10 @@ class Metrics(EngineObserver):
         else:
             self.store_errors.labels(operation=operation).inc()
             self.store_up.set(0)
+
+    def observe_store_corrupt(self, operation: str, count: int = 1) -> None:
+        """Corrupt data found: counted per operation; the store answered, so it is not marked down."""
+        self.store_corrupt.labels(operation=operation).inc(count)
 
     def observe_upload(self, outcome: str) -> None:
         self.prefix_uploads.labels(outcome=outcome).inc()

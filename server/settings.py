@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     keep_versions: int = Field(default=_L.keep_versions, ge=1)
     max_artifact_bytes: int = Field(default=_L.max_artifact_bytes, ge=1024)
     max_prefix_length: int = Field(default=_L.max_prefix_length, ge=1)
+    store_timeout_s: float = Field(
+        default=_L.store_timeout_s,
+        gt=0,
+        description="Deadline of each prefix store call (Redis: retries included); past it 503.",
+    )
 
     # --- engine --------------------------------------------------------------------------------
     max_batch_size: int = Field(default=_L.max_batch_size, ge=1)

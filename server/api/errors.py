@@ -21,7 +21,14 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_store.artifact_types import ArtifactError
-from prefix_store.base import InvalidName, StoreError, StoreUnavailable, TaskNotFound, VersionNotFound
+from prefix_store.base import (
+    InvalidName,
+    StoreCorrupt,
+    StoreError,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionNotFound,
+)
 from server.engine.errors import (
     EngineStopped,
     InvalidPrefix,
@@ -103,6 +110,7 @@ _MAPPINGS: list[tuple[type[Exception], _Mapping]] = [
     (VersionNotFound, _Mapping(404, "not_found")),
     (QueueFull, _Mapping(429, "overloaded", RETRY_AFTER_OVERLOADED_S)),
     (QueueTimeout, _Mapping(503, "overloaded", RETRY_AFTER_OVERLOADED_S)),
+    (StoreCorrupt, _Mapping(503, "unavailable", RETRY_AFTER_UNAVAILABLE_S)),
     (StoreUnavailable, _Mapping(503, "unavailable", RETRY_AFTER_UNAVAILABLE_S)),
     (EngineStopped, _Mapping(503, "unavailable", RETRY_AFTER_UNAVAILABLE_S)),
     (RequestFailed, _Mapping(424, "generation")),
@@ -111,6 +119,8 @@ _MAPPINGS: list[tuple[type[Exception], _Mapping]] = [
 
 # 5xx failures whose exception text describes our infrastructure: the message clients get instead.
 _CLIENT_MESSAGES: dict[type[Exception], str] = {
+    StoreCorrupt: "this task's stored data is corrupt (logged for the operator); uploading a new "
+    "version of the task repairs it",
     StoreUnavailable: "the prefix store is unavailable; retry later",
     EngineStopped: "the engine is not accepting requests; retry later or on another replica",
     StoreError: "internal prefix store error",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -20,17 +21,23 @@ import anyio
 from fastapi import UploadFile
 
 from prefix_store.artifact_types import ArtifactError
-from prefix_store.base import StoreUnavailable, VersionInfo, validate_name
+from prefix_store.base import StoreCorrupt, StoreUnavailable, TaskPage, VersionInfo, validate_name
 from server.api.deps import AppState
 from server.api.errors import ApiError
 from server.api.schemas import PrefixDetail, PrefixVersion
 
+logger = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def store_call(state: AppState, operation: str) -> Iterator[None]:
-    """Count store failures (`prefixserve_store_errors_total`) and track `prefixserve_store_up`."""
+    """Count store failures (`prefixserve_store_errors_total`) and track `prefixserve_store_up`; corrupt
+    data (`prefixserve_store_corrupt_total`) is one task's problem, not the store being down."""
     try:
         yield
+    except StoreCorrupt:
+        state.metrics.observe_store_corrupt(operation)
+        raise
     except StoreUnavailable:
         state.metrics.observe_store(operation, ok=False)
         raise
@@ -140,15 +147,34 @@ def detail_out(current: VersionInfo, versions: list[VersionInfo]) -> PrefixDetai
     )
 
 
-async def list_all_tasks(state: AppState, tenant: str, max_items: int) -> list[VersionInfo]:
-    """Up to `max_items` of the tenant's tasks (current versions), following the store's pages."""
+def note_broken(state: AppState, tenant: str, page: TaskPage) -> None:
+    """A listing leaves out the tasks whose stored data is corrupt (each was logged with its key or path
+    where it was found): say which in one line and count them, so the rest of the listing serves."""
+    if page.broken:
+        logger.warning(
+            "listing of tenant %s leaves out %d task(s) with corrupt store data: %s",
+            tenant,
+            len(page.broken),
+            ", ".join(page.broken[:20]),
+        )
+        state.metrics.observe_store_corrupt("list_tasks", len(page.broken))
+
+
+async def list_all_tasks(state: AppState, tenant: str, max_items: int) -> tuple[list[VersionInfo], list[str]]:
+    """Up to `max_items` of the tenant's tasks, following the store's pages: (current versions of the
+    readable ones, names of those whose data is corrupt; they exist, but cannot be shown)."""
     items: list[VersionInfo] = []
+    broken: list[str] = []
     cursor: str | None = None
     with store_call(state, "list_tasks"):
-        while len(items) < max_items:
-            page = await state.store.list_tasks(tenant, cursor, min(1000, max_items - len(items)))
+        while len(items) + len(broken) < max_items:
+            page = await state.store.list_tasks(
+                tenant, cursor, min(1000, max_items - len(items) - len(broken))
+            )
+            note_broken(state, tenant, page)
             items += page.items
+            broken += page.broken
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor
-    return items
+    return items, broken

@@ -10,7 +10,7 @@ same moment can exceed a quota by one upload; the next one is refused.
 
 from __future__ import annotations
 
-from prefix_store.base import TaskNotFound
+from prefix_store.base import StoreCorrupt, TaskNotFound
 from server.api.deps import AppState
 from server.api.errors import ApiError
 from server.api.prefix_admin import list_all_tasks, store_call
@@ -31,8 +31,8 @@ async def check_capacity(state: AppState, tenant: str, task: str, new_bytes: int
         return
     # One more than the cap is enough to know the cap is reached.
     wanted = max_tasks + 1 if max_bytes <= 0 else 1 << 30
-    tasks = await list_all_tasks(state, tenant, wanted)
-    names = {info.task for info in tasks}
+    tasks, broken = await list_all_tasks(state, tenant, wanted)
+    names = {info.task for info in tasks} | set(broken)  # a corrupt task still holds its place
     if max_tasks > 0 and task not in names and len(names) >= max_tasks:
         raise QuotaExceeded(
             429, f"tenant has {len(names)} tasks, the quota is {max_tasks}: delete a task to upload a new one"
@@ -45,6 +45,8 @@ async def check_capacity(state: AppState, tenant: str, task: str, new_bytes: int
                     info = await state.store.describe(tenant, name)
                 except TaskNotFound:  # deleted since it was listed
                     continue
+                except StoreCorrupt:  # logged; its size is unknown, and the upload that repairs it
+                    continue  # (or its deletion) must not be refused for it
                 stored += sum(v.size_bytes for v in info.versions)
         if stored + new_bytes > max_bytes:
             raise QuotaExceeded(

@@ -45,7 +45,14 @@ import torch
 
 from modeling.model_spec import ModelSpec
 from prefix_store.artifact import ArtifactError, PrefixArtifact, load_artifact
-from prefix_store.base import ChangeEvent, PrefixStore, StoreUnavailable, TaskNotFound, VersionNotFound
+from prefix_store.base import (
+    ChangeEvent,
+    PrefixStore,
+    StoreCorrupt,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionNotFound,
+)
 from prefix_store.traffic import pick_version, primary_version
 from server.engine.errors import InvalidPrefix, UnknownTask
 from server.engine.prefix_transfer import DevicePrefix, PrefixTransfer
@@ -146,10 +153,11 @@ class PrefixCache:
         }
         self._current: dict[tuple[str, str], int] = {}  # task -> current version, as last heard
         self._loading: dict[tuple[str, str], asyncio.Future[ResolvedPrefix]] = {}  # single-flight loads
-        # Issue 18: traffic splits as last read ({} = none), and a per-task change count so a read
-        # that raced a change notification is not kept.
+        # Issue 18: traffic splits as last read ({} = none), and a count of change notifications so a
+        # read that raced one is not kept (one counter for all tasks: a per-task count would keep an
+        # entry for every task name ever changed; a race with another task's change only costs a re-read).
         self._splits: dict[tuple[str, str], dict[int, int]] = {}
-        self._changes: dict[tuple[str, str], int] = {}
+        self._changes = 0
         self._version_loads: dict[Key, asyncio.Future[PrefixArtifact]] = {}
         self._transfers: dict[Key, asyncio.Future[DevicePrefix]] = {}  # single-flight host->device copies
         self._ready: dict[Key, Any] = {}  # device-tier key -> the CUDA event its copy completes at
@@ -177,7 +185,7 @@ class PrefixCache:
         """
         task = (event.tenant, event.task)
         self._splits.pop(task, None)
-        self._changes[task] = self._changes.get(task, 0) + 1
+        self._changes += 1
         self._current.pop(task, None)
         for tier in self._tiers.values():
             for key in [k for k in tier.items if k[:2] == task and k[2] != event.version]:
@@ -261,14 +269,24 @@ class PrefixCache:
         split = self._splits.get(key)
         if split is not None:
             return split
-        changes = self._changes.get(key, 0)
+        changes = self._changes
         try:
             split = await self.store.get_split(tenant, task)
+        except StoreCorrupt:
+            # A split nobody can read: serving the current version instead would send every request
+            # to what is often the canary. The task answers 503 until the split is ended or replaced.
+            raise
         except StoreUnavailable:
-            return {}  # serve what the current-version path can (cached versions keep serving)
-        if self._changes.get(key, 0) == changes:  # no change notification raced this read
+            if self._cached_current(tenant, task):
+                return {}  # serve the cached current version while the store is away
+            raise  # now, not after a second store call's deadline: the load would fail the same way
+        if self._changes == changes:  # no change notification raced this read
             self._splits[key] = split
         return split
+
+    def _cached_current(self, tenant: str, task: str) -> bool:
+        version = self._current.get((tenant, task))
+        return version is not None and any((tenant, task, version) in t.items for t in self._tiers.values())
 
     async def _version(self, tenant: str, task: str, version: int) -> PrefixArtifact:
         """One specific version's artifact: cached, or loaded once however many requests want it."""

@@ -39,6 +39,7 @@ LIMITS = Limits(
     max_artifact_bytes=800_000,  # fits a 600-long prefix of this model (~615 kB), not a 1000-long one
     max_prefix_length=1024,
     keep_versions=2,
+    store_timeout_s=9.0,
     max_batch_size=3,
     max_waiting=17,
     tenant_max_waiting=2,

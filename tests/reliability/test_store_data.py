@@ -1,21 +1,30 @@
-"""Store data a server did not write, against a real server process and a real Redis: spoofed change
-messages are hints the server checks against the store (they cannot disable caching or move a task's
-version), garbage in `current`/`meta` keys is a 503 with a logged reason (never a 500) and changes
-nothing, and the local store's files are private to the server's user (0600 files, 0700 dirs).
+"""Store data a server did not write, and a store that stops answering, against a real server process
+and a real Redis or local store: spoofed change messages are hints the server checks against the
+store (they cannot disable caching or move a task's version); garbage in one task's `current`/`meta`
+/`split` or a damaged blob is a 503 with a logged reason for that task alone (never a 500): listings
+skip it, other uploads work, a new version repairs it; a hung Redis (SIGSTOP) is a 503 within the
+store deadline; churning task names leaves no memory or files behind; and the local store's files
+are private to the server's user (0600 files, 0700 dirs).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 
 from tests.api.conftest import artifact_bytes
+from tests.processes import RedisProcess, free_port
 from tests.reliability.conftest import ACME, generate, metric_value, upload
 
 pytestmark = pytest.mark.timeout(300)
@@ -91,7 +100,6 @@ def test_garbage_in_store_keys_is_503_with_a_logged_reason(spawn_server, loaded,
             ("generate badcur", lambda: generate(client, "badcur")),
             ("describe badmeta", lambda: client.get("/v1/prefixes/badmeta", headers=ACME)),
             ("generate badmeta", lambda: generate(client, "badmeta")),
-            ("list", lambda: client.get("/v1/prefixes", headers=ACME)),
         ]
         for name, call in calls:
             response = call()
@@ -100,6 +108,9 @@ def test_garbage_in_store_keys_is_503_with_a_logged_reason(spawn_server, loaded,
             assert "9999" not in response.text and "not json" not in response.text, name
             assert redis_snapshot(r, key_prefix) == before, name
         assert generate(client, "good").status_code == 200  # other tasks keep working
+        listing = client.get("/v1/prefixes", headers=ACME)  # the corrupt tasks are left out
+        assert listing.status_code == 200 and [i["task"] for i in listing.json()["items"]] == ["good"]
+        assert redis_snapshot(r, key_prefix) == before
         assert "corrupt" in server.log_tail(200)
     r.close()
 
@@ -115,3 +126,179 @@ def test_local_store_files_are_private(spawn_server, loaded):
     wrong = {p: oct(m) for p, m in modes.items() if m != (0o700 if (root / p).is_dir() else 0o600)}
     assert not wrong, wrong
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+class StoredData:
+    """Writes into one tenant's stored data behind the server's back (bit rot, a hand edit), for either
+    backend: `part` is "current", "split", "meta:N" or "blob:N"."""
+
+    def __init__(self, server, key_prefix: str | None) -> None:  # type: ignore[no-untyped-def]
+        self.root = Path(server.env["PREFIXSERVE_LOCAL_STORE_DIR"]) / "acme"
+        self.key_prefix = key_prefix
+        self.redis = redis.Redis.from_url(SHARED_REDIS) if key_prefix else None
+
+    def _path_or_key(self, task: str, part: str) -> tuple[Path, str]:
+        kind, _, version = part.partition(":")
+        name = {"meta": f"v{version}.json", "blob": f"v{version}.safetensors"}.get(kind, kind)
+        key = f"{self.key_prefix}:t:acme:task:{task}:" + (f"v:{version}:{kind}" if version else kind)
+        return self.root / task / name, key
+
+    def read(self, task: str, part: str) -> bytes:
+        path, key = self._path_or_key(task, part)
+        if self.redis is None:
+            return path.read_bytes()
+        value = self.redis.get(key)
+        assert isinstance(value, bytes), key
+        return value
+
+    def write(self, task: str, part: str, value: bytes) -> None:
+        path, key = self._path_or_key(task, part)
+        if self.redis is None:
+            path.write_bytes(value)
+        else:
+            self.redis.set(key, value)
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+
+
+@pytest.fixture(params=["local", "redis"])
+def store_server(request, spawn_server, key_prefix) -> Iterator[tuple[Any, StoredData]]:  # type: ignore[no-untyped-def]
+    """A server on each store backend (its own directory, or the shared Redis under its own key
+    prefix) with a quota of 4 tasks, and a handle on its stored data."""
+    settings: dict[str, Any] = {"tenant_max_tasks": "4"}
+    if request.param == "redis":
+        settings |= {"redis_url": SHARED_REDIS, "redis_key_prefix": key_prefix}
+    server = spawn_server(**settings)
+    data = StoredData(server, key_prefix if request.param == "redis" else None)
+    yield server, data
+    data.close()
+
+
+def task_names(response: httpx.Response, field: str = "task") -> list[str]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return [item[field] for item in body.get("items", body.get("data", []))]
+
+
+def test_a_corrupt_task_fails_alone_and_an_upload_of_it_repairs_it(store_server, loaded):
+    server, stored = store_server
+    with server.client(timeout=120) as client:
+        for task in ("alpha", "bad", "zeta"):
+            assert upload(client, task, artifact_bytes(loaded.spec, 1)).status_code == 201
+        stored.write("bad", "current", "\u0661".encode() + b"9" * 500)  # not a version number
+
+        # Listings skip it (logged, counted) instead of failing the whole tenant.
+        assert task_names(client.get("/v1/prefixes", headers=ACME)) == ["alpha", "zeta"]
+        models = task_names(client.get("/v1/models", headers=ACME), field="id")
+        assert "alpha" in models and "zeta" in models and "bad" not in models
+        # Uploads of other names work; the broken task still holds its place in the quota of 4.
+        assert upload(client, "fresh", artifact_bytes(loaded.spec, 2)).status_code == 201
+        refused = upload(client, "extra", artifact_bytes(loaded.spec, 2))
+        assert refused.status_code == 429 and refused.json()["error_type"] == "quota_exceeded"
+        # The broken task alone answers 503, with a reason a client can act on and no stored bytes.
+        for response in (generate(client, "bad"), client.get("/v1/prefixes/bad", headers=ACME)):
+            assert response.status_code == 503, response.text
+            assert response.json()["error_type"] == "unavailable" and response.headers["retry-after"]
+            assert "corrupt" in response.text and "999" not in response.text
+        assert generate(client, "alpha").status_code == 200
+        metrics = client.get("/metrics").text
+        assert (metric_value(metrics, 'prefixserve_store_corrupt_total{operation="list_tasks"}') or 0) >= 2
+        assert metric_value(metrics, "prefixserve_store_up") == 1.0  # the store answered: not down
+        assert "bad" in server.log_tail(300) and "corrupt" in server.log_tail(300)
+
+        # A new version of the broken task repairs it.
+        repaired = upload(client, "bad", artifact_bytes(loaded.spec, 3))
+        assert repaired.status_code == 201 and repaired.json()["version"] == 2, repaired.text
+        assert generate(client, "bad").status_code == 200
+        assert task_names(client.get("/v1/prefixes", headers=ACME)) == ["alpha", "bad", "fresh", "zeta"]
+
+
+def test_a_damaged_blob_or_split_is_503_for_its_task_only(store_server, loaded):
+    server, stored = store_server
+    with server.client(timeout=120) as client:
+        for task in ("flipped", "truncated", "split", "good"):
+            assert upload(client, task, artifact_bytes(loaded.spec, 1)).status_code == 201
+        assert upload(client, "split", artifact_bytes(loaded.spec, 2)).status_code == 201
+        blob = bytearray(stored.read("flipped", "blob:1"))
+        blob[len(blob) // 2] ^= 0x01  # one flipped bit in the tensor data
+        stored.write("flipped", "blob:1", bytes(blob))
+        stored.write("truncated", "blob:1", stored.read("truncated", "blob:1")[:-100])
+        stored.write("split", "split", b'{"2": 10, "1": "ninety"}')
+
+        for task in ("flipped", "truncated", "split"):
+            response = generate(client, task)
+            assert response.status_code == 503, (task, response.status_code, response.text[:300])
+            assert response.json()["error_type"] == "unavailable", task
+        for path in ("/v1/prefixes/split", "/v1/prefixes/split/traffic"):
+            response = client.get(path, headers=ACME)
+            assert response.status_code == 503 and response.json()["error_type"] == "unavailable", path
+        assert generate(client, "good").status_code == 200
+        assert task_names(client.get("/v1/prefixes", headers=ACME)) == [
+            "flipped",
+            "good",
+            "split",
+            "truncated",
+        ]
+
+        # Ending the split repairs it: the current version serves everyone again.
+        assert client.delete("/v1/prefixes/split/traffic", headers=ACME).status_code == 204
+        assert generate(client, "split").status_code == 200
+        assert client.get("/v1/prefixes/split/traffic", headers=ACME).json() == {"weights": {}}
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"\u0661": 100},
+        {" 2": 100},
+        {"1_0": 100},
+        {"01": 100},
+        {"+1": 100},
+        {"1": True},
+        {"1": "100"},
+        {"1": 100.0},
+    ],
+)
+def test_traffic_weights_take_only_canonical_version_numbers(spawn_server, loaded, weights):
+    server = spawn_server()
+    with server.client(timeout=120) as client:
+        assert upload(client, "sum", artifact_bytes(loaded.spec, 1)).status_code == 201
+        response = client.put("/v1/prefixes/sum/traffic", json={"weights": weights}, headers=ACME)
+        assert response.status_code == 422 and response.json()["error_type"] == "validation", response.text
+        assert client.get("/v1/prefixes/sum/traffic", headers=ACME).json() == {"weights": {}}
+
+
+def test_a_hung_redis_gives_503_within_the_store_deadline(spawn_server, loaded):
+    deadline_s = 1.5  # PREFIXSERVE_STORE_TIMEOUT_S
+    hung = RedisProcess(free_port())
+    hung.start()
+    try:
+        server = spawn_server(redis_url=hung.url, store_timeout_s=str(deadline_s))
+        with server.client(timeout=120) as client:
+            assert upload(client, "cold", artifact_bytes(loaded.spec, 1)).status_code == 201  # not loaded
+            assert upload(client, "warm", artifact_bytes(loaded.spec, 2)).status_code == 201
+            assert generate(client, "warm").status_code == 200  # now cached
+            os.kill(hung.process.pid, signal.SIGSTOP)  # accepts connections, never answers
+            calls = {
+                "generate an uncached task": lambda: generate(client, "cold"),
+                "upload": lambda: upload(client, "new", artifact_bytes(loaded.spec, 3)),
+                "list": lambda: client.get("/v1/prefixes", headers=ACME),
+                "describe": lambda: client.get("/v1/prefixes/warm", headers=ACME),
+            }
+            for name, call in calls.items():
+                started = time.monotonic()
+                response = call()
+                took = time.monotonic() - started
+                assert response.status_code == 503, (name, response.text)
+                assert response.json()["error_type"] == "unavailable" and response.headers["retry-after"]
+                # The deadline plus generous slack for a loaded machine (today: 8-17 s of retries).
+                assert took < deadline_s + 3.0, f"{name} took {took:.1f} s (deadline {deadline_s} s)"
+            assert generate(client, "warm").status_code == 200  # what is cached keeps serving
+            started = time.monotonic()
+            assert client.get("/health").status_code == 200
+            assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(hung.process.pid, signal.SIGCONT)
+        hung.stop()

@@ -422,7 +422,8 @@ async def list_models(state: State, caller: Caller) -> ModelList:
         ModelCard(id=model_id, created=0, owned_by="prefixserve", root=model_id, max_model_len=positions)
     ]
     decoder_only = state.spec.kind == "decoder-only"
-    for item in await list_all_tasks(state, caller.tenant, MAX_LISTED_TASKS):
+    items, _broken = await list_all_tasks(state, caller.tenant, MAX_LISTED_TASKS)  # broken: logged
+    for item in items:
         taken = int((item.metadata.get("prefix_lengths") or {}).get("decoder", 0)) if decoder_only else 0
         cards.append(
             ModelCard(

@@ -14,7 +14,7 @@ from prefix_store.base import MAX_NAME_LENGTH, validate_name
 from server.api.chat_templates import check_uploaded_template
 from server.api.deps import Caller, Manager, State
 from server.api.errors import error_responses
-from server.api.prefix_admin import detail_out, store_call, validate_upload, version_out
+from server.api.prefix_admin import detail_out, note_broken, store_call, validate_upload, version_out
 from server.api.quotas import check_capacity
 from server.api.schemas import PrefixDetail, PrefixPage, PrefixVersion, RollbackRequest
 from server.logging import request_context
@@ -73,11 +73,13 @@ async def list_prefixes(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PrefixPage:
-    """The caller's tasks in name order, one page at a time."""
+    """The caller's tasks in name order, one page at a time (a task whose stored data is corrupt is
+    left out, logged and counted in `prefixserve_store_corrupt_total`)."""
     if cursor is not None:
         validate_name(cursor, "cursor")
     with store_call(state, "list_tasks"):
         page = await state.store.list_tasks(caller.tenant, cursor, limit)
+    note_broken(state, caller.tenant, page)
     return PrefixPage(items=[version_out(v) for v in page.items], next_cursor=page.next_cursor)
 
 

@@ -37,6 +37,7 @@ _MUL_A = 0x7FEB352D
 _MUL_B = 0x2C1B3C6D
 _GOLDEN = 0x9E3779B1
 _UNIFORM_BITS = 24  # float32 represents (k + 0.5) / 2**24 exactly
+_PROMPT_BLOCK = 256  # prompt positions scored at once (a [256, V] float32 block: 51 MB for GPT-2)
 
 
 def new_seed() -> int:
@@ -217,14 +218,19 @@ def prompt_scores(
     logits: [P, V], row i predicting token i + 1 -> P values (and P lists)."""
     if len(prompt_ids) < 2:
         return [None] * len(prompt_ids), ([[] for _ in prompt_ids] if top_n else None)
-    logp = logits[:-1].float().log_softmax(dim=-1)  # [P-1, V]
     targets = torch.tensor(prompt_ids[1:], device=logits.device)  # [P-1]
-    packed = [logp.gather(1, targets[:, None]).double()]  # [P-1, 1]
-    num_top = min(top_n, logp.shape[-1])
-    if num_top:
-        top_values, top_ids = logp.topk(num_top, dim=-1)  # [P-1, n] each
-        packed += [top_ids.double(), top_values.double()]
-    host = torch.cat(packed, dim=1).tolist()  # one device->host transfer; [P-1, 1 + 2n]
+    num_top = min(top_n, logits.shape[-1])
+    rows = []
+    # In blocks of positions: a long prompt's log-softmax is never held whole next to its logits.
+    for start in range(0, len(prompt_ids) - 1, _PROMPT_BLOCK):
+        end = min(start + _PROMPT_BLOCK, len(prompt_ids) - 1)
+        logp = logits[start:end].float().log_softmax(dim=-1)  # [b, V]
+        packed = [logp.gather(1, targets[start:end, None]).double()]  # [b, 1]
+        if num_top:
+            top_values, top_ids = logp.topk(num_top, dim=-1)  # [b, n] each
+            packed += [top_ids.double(), top_values.double()]
+        rows.append(torch.cat(packed, dim=1))  # [b, 1 + 2n]
+    host = torch.cat(rows).tolist()  # one device->host transfer; [P-1, 1 + 2n]
     scores: list[float | None] = [None, *(h[0] for h in host)]
     if not num_top:
         return scores, None

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from server.engine.errors import InvalidRequest
-from server.engine.sampling import Sampler, filter_logits, make_row, prompt_logprobs
+from server.engine.sampling import Sampler, filter_logits, make_row, prompt_logprobs, prompt_scores
 from server.engine.types import SamplingParams
 
 V = 12
@@ -187,6 +187,23 @@ def test_prompt_logprobs_score_each_token_given_the_ones_before() -> None:
     assert got[0] is None
     for i in range(1, 4):
         assert math.isclose(got[i], float(logp[i - 1, ids[i]]), abs_tol=1e-5)
+
+
+def test_prompt_scores_give_each_positions_top_tokens_across_blocks() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(600, V, generator=g) * 3  # [P, V]: more positions than one scoring block
+    ids = torch.randint(0, V, (600,), generator=g).tolist()
+    scores, top = prompt_scores(logits, ids, 3)
+    logp = logits.log_softmax(-1)
+    assert scores[0] is None and top is not None and top[0] == [] and len(top) == 600
+    for i in (1, 255, 256, 257, 599):  # around the block boundary
+        assert math.isclose(scores[i], float(logp[i - 1, ids[i]]), abs_tol=1e-5)
+        values, indices = logp[i - 1].topk(3)
+        assert [t for t, _ in top[i]] == indices.tolist()
+        assert all(
+            math.isclose(lp, float(v), abs_tol=1e-5) for (_, lp), v in zip(top[i], values, strict=True)
+        )
+    assert prompt_scores(logits, ids, 0) == (scores, None)
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPr
 from server.engine.sampling import new_seed
 from server.engine.scheduler import LeaveReason, ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
-from server.vllm_backend.params import refuse_unsupported, vllm_sampling_params
+from server.vllm_backend.params import vllm_sampling_params
 from server.vllm_backend.plugin import ARCHITECTURE
 from server.vllm_backend.rows import Key, PrefixRows, RowEntry
 from server.vllm_backend.support import unsupported_reason
@@ -234,6 +234,7 @@ class VllmEngine:
             seed=0,
             max_logprobs=20,
             worker_extension_cls="server.vllm_backend.worker.PrefixRowsExtension",
+            logits_processors=["server.vllm_backend.typical:TypicalLogitsProcessor"],
             hf_overrides={
                 "architectures": [ARCHITECTURE],
                 "vocab_size": self.vocab_size + self.prefix_rows,
@@ -267,7 +268,7 @@ class VllmEngine:
             self._loop_task = None
         if self.llm is not None:
             llm, self.llm = self.llm, None
-            await asyncio.to_thread(llm.shutdown)
+            llm.shutdown()  # on the loop: it cancels its output handler task (a few seconds at most)
 
     # ---- gauges -------------------------------------------------------------------------------
     @property
@@ -388,7 +389,6 @@ class VllmEngine:
             raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
         params = request.params
         params.validate()
-        refuse_unsupported(params)
         prompt_ids = self.tokenize(request.prompt)
         if request.task is not None:
             if self.prefix_cache is None:

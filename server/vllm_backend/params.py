@@ -9,25 +9,16 @@ unless it is set; with the tokenizer skipped vLLM knows no EOS of its own). Stop
 also checked by our detokenizer, which decides the finish reason and the text (vLLM is told to stop).
 n / best_of and truncate are the API layer's (one engine request per sequence; prompt cut before).
 
-Not mapped: `typical_p` (vLLM has no typical sampling): a request with typical_p < 1 is refused with
-`InvalidRequest` (HTTP 422) naming the native engine, which serves it.
+typical_p: vLLM has none; a sampled request with typical_p < 1 hands its top-k, top-p and typical-p
+to our logits processor (`typical.py`, the native sampler's own filter, in the native order) instead
+of vLLM's top-k/top-p.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from server.engine.errors import InvalidRequest
 from server.engine.types import SamplingParams
-
-
-def refuse_unsupported(params: SamplingParams) -> None:
-    """Raise `InvalidRequest` for a parameter the vLLM backend cannot serve."""
-    if params.typical_p != 1.0:
-        raise InvalidRequest(
-            "typical_p is not supported by the vLLM engine backend (vLLM has no typical sampling); "
-            "leave it at 1.0, or serve with PREFIXSERVE_ENGINE=native"
-        )
 
 
 def vllm_sampling_params(params: SamplingParams, seed: int, eos_token_id: int | None) -> Any:
@@ -35,13 +26,17 @@ def vllm_sampling_params(params: SamplingParams, seed: int, eos_token_id: int | 
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from server.vllm_backend.typical import EXTRA_ARG
+
     sampled = params.do_sample
+    typical = sampled and params.typical_p < 1.0  # our processor filters: top-k, top-p, typical-p
+    extra = {EXTRA_ARG: {"top_k": params.top_k, "top_p": params.top_p, "typical_p": params.typical_p}}
     stop_ids = [] if params.ignore_eos or eos_token_id is None else [eos_token_id]
     return VllmSamplingParams(
         max_tokens=params.max_new_tokens,
         temperature=params.temperature if sampled else 0.0,
-        top_k=params.top_k if sampled else 0,
-        top_p=params.top_p if sampled else 1.0,
+        top_k=params.top_k if sampled and not typical else 0,
+        top_p=params.top_p if sampled and not typical else 1.0,
         repetition_penalty=params.repetition_penalty,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
@@ -53,4 +48,5 @@ def vllm_sampling_params(params: SamplingParams, seed: int, eos_token_id: int | 
         stop_token_ids=stop_ids,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        extra_args=extra if typical else None,
     )

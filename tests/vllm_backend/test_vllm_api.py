@@ -3,7 +3,7 @@
 What a user sees must not depend on the backend: uploads then generation with the task's prefix
 (output equal to HF PEFT's), usage and prompt logprobs net of the prefix's virtual positions, TGI and
 OpenAI routes, n / seeds / logit_bias / stop, clear errors (unknown task 404, typical_p and too-long
-prompts 422), and the metrics fed by the same observer hooks as the native engine's.
+prompts 422), typical_p through our logits processor, and the metrics fed by the same observer hooks as the native engine's.
 """
 
 from __future__ import annotations
@@ -147,11 +147,24 @@ async def test_sampling_parameters_map_to_vllm(client: httpx.AsyncClient) -> Non
     assert a[0]["text"] != a[1]["text"]  # n: each sequence its own seed
 
 
+async def test_typical_p_filters_inside_vllm(client: httpx.AsyncClient) -> None:
+    """typical_p that keeps only the most typical token makes sampling deterministic whatever the seed;
+    without it the same seeds sample different texts."""
+    texts = {}
+    for typical_p in (1.0, 1e-9):
+        for seed in (1, 2, 3):
+            r = await generate(
+                client, "Once upon", do_sample=True, temperature=2.0, seed=seed, typical_p=typical_p
+            )
+            assert r.status_code == 200, r.text
+            texts[typical_p, seed] = r.json()["generated_text"]
+    assert len({texts[1e-9, s] for s in (1, 2, 3)}) == 1
+    assert len({texts[1.0, s] for s in (1, 2, 3)}) == 3
+
+
 async def test_clear_errors(client: httpx.AsyncClient, h32: LoadedModel) -> None:
     unknown = await generate(client, "Hi", task="no-such-task")
     assert unknown.status_code == 404
-    typical = await generate(client, "Hi", do_sample=True, typical_p=0.5)
-    assert typical.status_code == 422 and "typical_p" in typical.text and "native" in typical.text
     assert (await upload(client, "long", artifact_bytes(h32.spec, seed=6, length=200))).status_code == 201
     prompt = " ".join(["word"] * 300)  # 300 tokens: fits the model alone, not with 200 prefix positions
     too_long = await generate(client, prompt, task="long", max_new_tokens=20)

@@ -37,9 +37,10 @@ behind for long; an identical blob is not sent again), then one Lua script that 
 blob and counts the reference, writes
 its metadata, adds it to the versions set, moves "current", prunes versions beyond `keep_versions`
 (never the current one; a pruned version's blob goes when its last reference does) and PUBLISHes
-the change. With `min_replicas` > 0 the commit is followed by `WAIT` on the same connection: `put`
-returns only once that many replicas have the version, else it raises `StoreUnavailable` (the
-version may still appear: at-least-once, never an acknowledged upload lost with the master). A read
+the change. With `min_replicas` > 0 every write script (put's commit, rollback, delete, split) is
+followed by `WAIT` on the same connection: the call returns only once that many replicas have the
+write, else it raises `StoreUnavailable` (the write may still stand: at least once, never an
+acknowledged write lost with the master). A read
 gets the pointer, then the metadata and blob reference of that version in one MULTI/EXEC, then the
 blob (gone only if the version was pruned meanwhile); if a concurrent prune removed that version in
 between, it reads the pointer again. So a reader never sees a pointer to a missing blob or a blob without
@@ -463,6 +464,24 @@ class RedisPrefixStore:
 
     # ---- writes -----------------------------------------------------------------------------
 
+    async def _replicated(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a write script; with `min_replicas`, then `WAIT` for them on the same connection (WAIT
+        counts replicas that reached this connection's last write; anything written before it, such as
+        a staged blob on another connection, is earlier in the one replication stream). Too few in
+        `replication_timeout_s`: `StoreUnavailable` (the write may still stand: at least once)."""
+        if not self._min_replicas:
+            return await script(keys=keys, args=args)
+        pipe = self._redis.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self._min_replicas, int(self._replication_timeout_s * 1000))
+        result, acked = await pipe.execute()
+        if int(acked) < self._min_replicas:
+            raise StoreUnavailable(
+                f"prefix store {op}: reached {int(acked)} of {self._min_replicas} replica(s) in "
+                f"{self._replication_timeout_s}s; it may still take effect"
+            )
+        return result
+
     @_deadline("put")
     async def put(self, tenant: str, task: str, data: bytes, metadata: dict[str, Any]) -> VersionInfo:
         """Store `data` as a new version and make it current (see the module docstring for how)."""
@@ -482,38 +501,28 @@ class RedisPrefixStore:
             for attempt in range(2):
                 if attempt or not await self._redis.exists(blob):  # identical bytes: not sent again
                     await self._redis.set(blob, data, ex=STAGING_TTL_S, nx=True)
-                # WAIT counts replicas that reached this connection's last write (the commit); the blob,
-                # written before it, is earlier in the one replication stream, so it is there too.
-                pipe = self._redis.pipeline(transaction=False)
-                await self._commit(
-                    keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
-                    args=[
-                        base,
-                        str(version),
-                        json.dumps(info.to_json_dict()),
-                        self._keep_versions,
-                        task,
-                        self._channel,
-                        self._message(tenant, task, version),
-                        sha256,
-                        self._blob_prefix,
-                    ],
-                    client=pipe,
-                )
-                if self._min_replicas:
-                    pipe.execute_command("WAIT", self._min_replicas, int(self._replication_timeout_s * 1000))
                 try:
-                    replies = await pipe.execute()
+                    await self._replicated(
+                        "put",
+                        self._commit,
+                        keys=[f"{self._tenant_base(tenant)}:tasks", f"{base}:current", f"{base}:versions"],
+                        args=[
+                            base,
+                            str(version),
+                            json.dumps(info.to_json_dict()),
+                            self._keep_versions,
+                            task,
+                            self._channel,
+                            self._message(tenant, task, version),
+                            sha256,
+                            self._blob_prefix,
+                        ],
+                    )
                 except RedisError as e:
                     if "STAGED" in str(e) and not attempt:
                         continue  # the blob's last other reference went between EXISTS and commit
                     raise
                 break
-        if self._min_replicas and int(replies[-1]) < self._min_replicas:
-            raise StoreUnavailable(
-                f"prefix store: {tenant}/{task} v{version} reached {int(replies[-1])} of "
-                f"{self._min_replicas} replica(s) in {self._replication_timeout_s}s; it may still appear"
-            )
         logger.info("stored prefix %s/%s v%d (%d bytes)", tenant, task, version, len(data))
         return info
 
@@ -544,7 +553,9 @@ class RedisPrefixStore:
         if version < 1:
             raise VersionNotFound(f"{tenant}/{task} has no version {version}")
         with self._errors("rollback"):
-            res = await self._rollback(
+            res = await self._replicated(
+                "rollback",
+                self._rollback,
                 keys=[f"{base}:current", f"{base}:versions"],
                 args=[base, str(version), self._channel, self._message(tenant, task, version)],
             )
@@ -560,7 +571,9 @@ class RedisPrefixStore:
         """Delete the task and all its versions and notify subscribers (version None)."""
         base, tenant_base = self._task_base(tenant, task), self._tenant_base(tenant)
         with self._errors("delete"):
-            done = await self._delete(
+            done = await self._replicated(
+                "delete",
+                self._delete,
                 keys=[
                     f"{tenant_base}:tasks",
                     f"{base}:current",
@@ -590,7 +603,9 @@ class RedisPrefixStore:
         split = validate_split(split) if split else {}
         current = await self.current_version(tenant, task)
         with self._errors("set_split"):
-            res = await self._split(
+            res = await self._replicated(
+                "set_split",
+                self._split,
                 keys=[f"{base}:current", f"{base}:versions", f"{base}:split"],
                 args=[
                     json.dumps(split_to_json(split)) if split else "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 from modeling.models import load_model
 from prefix_store.artifact import dump_artifact, load_artifact, new_artifact
 from prefix_store.artifact_types import ArtifactError
-from prefix_store.base import InvalidName, PrefixStore
+from prefix_store.base import InvalidName, PrefixStore, StoreUnavailable
 from prefix_store.redis_connect import parse_sentinel_url
 from prefix_store.redis_store import RedisPrefixStore
 from prefix_store.uploads import ArtifactUploadChecks
@@ -25,8 +26,10 @@ async def open_store(key_prefix: str) -> AsyncIterator[Callable[..., RedisPrefix
     """Factory of RedisPrefixStores on this test's key prefix, closed after the test."""
     opened: list[RedisPrefixStore] = []
 
-    def make(keep_versions: int = 5) -> RedisPrefixStore:
-        opened.append(RedisPrefixStore(REDIS_URL, key_prefix=key_prefix, keep_versions=keep_versions))
+    def make(keep_versions: int = 5, **kwargs: Any) -> RedisPrefixStore:
+        opened.append(
+            RedisPrefixStore(REDIS_URL, key_prefix=key_prefix, keep_versions=keep_versions, **kwargs)
+        )
         return opened[-1]
 
     yield make
@@ -169,3 +172,20 @@ def test_a_bfloat16_blob_is_half_the_bytes_of_the_float32_one(spec) -> None:  # 
 def test_a_float32_prefix_that_overflows_the_serving_dtype_is_refused(spec) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ArtifactError, match="overflow"):
         ArtifactUploadChecks(torch.float16).artifact(artifact_in(spec, torch.float32, scale=1e6), spec, None)
+
+
+async def test_a_write_no_replica_acknowledged_is_not_reported_as_done(
+    open_store: Callable[..., RedisPrefixStore],
+) -> None:
+    # The test Redis has no replicas: with min_replicas=1 no write can be acknowledged.
+    plain = open_store()
+    await plain.put("acme", "sql", blob(100, seed=1), {})
+    store = open_store(min_replicas=1, replication_timeout_s=0.2)
+    for write in (
+        lambda: store.put("acme", "sql", blob(100, seed=2), {}),
+        lambda: store.rollback("acme", "sql", 1),
+        lambda: store.set_split("acme", "sql", {}),
+        lambda: store.delete("acme", "sql"),
+    ):
+        with pytest.raises(StoreUnavailable, match="0 of 1 replica"):
+            await write()

@@ -9,8 +9,10 @@ bytes it does not read.
 - **Bodies** (trickled uploads): once a request's headers are in, its body must keep coming at
   `min_body_rate` bytes/s on average after a grace of `body_timeout_s`: a body not complete by
   `headers + body_timeout_s + received / min_body_rate` gets its connection closed (the app sees a
-  disconnect). A response sent before the body was read (a 401, 413 or 429 from admission) closes the
-  connection once it is flushed: the rest of that body is never read, so the connection is no use.
+  disconnect). After a response sent before the body was read (a 401, 413 or 429 from admission) the
+  server ends its side of the stream and drops what still arrives for `refused_body_timeout_s`, then
+  closes: long enough for a client that is still sending to read the answer (closing at once would
+  reset the connection under it), short enough that refused requests do not hold connection slots.
 - **Writes** (a client that never reads a finished stream): bytes that sit unsent (the transport's
   buffer plus the kernel's send queue) with no progress for `write_timeout_s` abort the connection
   with a reset, dropping them (`transport.close()` alone, or a plain close of the socket, would keep
@@ -48,6 +50,7 @@ class DeadlineH11Protocol(H11Protocol):
     body_timeout_s: float = 30.0
     min_body_rate: float = 16384.0
     write_timeout_s: float = 30.0
+    refused_body_timeout_s: float = 1.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +60,7 @@ class DeadlineH11Protocol(H11Protocol):
         self._body_bytes = 0
         self._write_buffered = 0  # send-buffer size at the last check
         self._write_stalled_since: float | None = None
+        self._refused_at: float | None = None  # when a response went out before its body was read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -86,8 +90,10 @@ class DeadlineH11Protocol(H11Protocol):
         super().on_response_complete()
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.SEND_BODY:  # answered before its body was read: never read it
-            self.transport.close()
+        if self.conn.their_state is h11.SEND_BODY:  # answered before its body was read (401, 413, 429)
+            self._refused_at = time.monotonic()  # the rest is dropped for a moment, then we close
+            if self.transport.can_write_eof():
+                self.transport.write_eof()  # the client reads the answer, then end of stream
         elif self.conn.their_state is h11.IDLE:
             self._body_started = None
             self._arm_header_timer()  # the next request's headers get the same deadline
@@ -114,7 +120,12 @@ class DeadlineH11Protocol(H11Protocol):
     # --- bodies and writes ---------------------------------------------------------------------
 
     def _arm_watch(self) -> None:
-        interval = min(WATCH_INTERVAL_S, self.body_timeout_s / 2, self.write_timeout_s / 2)
+        interval = min(
+            WATCH_INTERVAL_S,
+            self.body_timeout_s / 2,
+            self.write_timeout_s / 2,
+            self.refused_body_timeout_s / 2,
+        )
         self._watch_timer = self.loop.call_later(interval, self._watch)
 
     def _watch(self) -> None:
@@ -124,7 +135,8 @@ class DeadlineH11Protocol(H11Protocol):
             logger.warning("closing a connection whose client reads nothing", extra={"client": self.client})
             self._abort()  # drops the unsent bytes; connection_lost follows
             return
-        if self._body_late(now) and not self.transport.is_closing():
+        refused_over = self._refused_at is not None and now - self._refused_at > self.refused_body_timeout_s
+        if (refused_over or self._body_late(now)) and not self.transport.is_closing():
             logger.warning(
                 "closing a connection whose request body is too slow", extra={"client": self.client}
             )
@@ -180,5 +192,6 @@ def with_deadlines(limits: Limits) -> type[DeadlineH11Protocol]:
             "body_timeout_s": limits.timeout_request_body_s,
             "min_body_rate": float(limits.min_request_body_bytes_per_s),
             "write_timeout_s": limits.timeout_write_s,
+            "refused_body_timeout_s": limits.timeout_refused_body_s,
         },
     )

@@ -224,6 +224,11 @@ class Settings(BaseSettings):
     min_request_body_bytes_per_s: int = Field(
         default=_L.min_request_body_bytes_per_s, ge=1, description="Slower request bodies are cut off."
     )
+    timeout_refused_body_s: float = Field(
+        default=_L.timeout_refused_body_s,
+        gt=0,
+        description="After a refusal sent before the body was read, the rest is dropped this long, then close.",
+    )
     tenant_max_connections: int = Field(
         default=_L.tenant_max_connections,
         ge=0,

@@ -56,6 +56,15 @@ LIMITS = Limits(
     tenant_max_tasks=50,
     tenant_max_stored_bytes=1 << 30,
     max_training_metadata_bytes=32 << 10,
+    timeout_request_body_s=45.0,
+    min_request_body_bytes_per_s=4096,
+    timeout_refused_body_s=2.0,
+    tenant_max_connections=400,
+    timeout_write_s=40.0,
+    max_tokenize_chars=150_000,
+    chat_template_workers=1,
+    chat_template_timeout_s=3.0,
+    chat_template_max_memory_bytes=192 << 20,
 )
 # GPT-2's paged pool is sized by kv_budget_bytes when set, else by kv_budget_tokens' worth: this test
 # sets the tokens form (whose refusal it checks), so the bytes form stays at its default (None).

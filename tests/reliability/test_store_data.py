@@ -250,10 +250,10 @@ def test_a_damaged_blob_or_split_is_503_for_its_task_only(store_server, loaded):
         assert client.get("/v1/prefixes/split/traffic", headers=ACME).json() == {"weights": {}}
 
 
-@pytest.mark.parametrize(
-    "weights",
-    [
-        {"\u0661": 100},
+def test_traffic_weights_take_only_canonical_version_numbers(spawn_server, loaded):
+    server = spawn_server()
+    loose = [
+        {"\u0661": 100},  # ARABIC-INDIC DIGIT ONE, which int() reads as 1
         {" 2": 100},
         {"1_0": 100},
         {"01": 100},
@@ -261,15 +261,16 @@ def test_a_damaged_blob_or_split_is_503_for_its_task_only(store_server, loaded):
         {"1": True},
         {"1": "100"},
         {"1": 100.0},
-    ],
-)
-def test_traffic_weights_take_only_canonical_version_numbers(spawn_server, loaded, weights):
-    server = spawn_server()
+    ]
     with server.client(timeout=120) as client:
         assert upload(client, "sum", artifact_bytes(loaded.spec, 1)).status_code == 201
-        response = client.put("/v1/prefixes/sum/traffic", json={"weights": weights}, headers=ACME)
-        assert response.status_code == 422 and response.json()["error_type"] == "validation", response.text
-        assert client.get("/v1/prefixes/sum/traffic", headers=ACME).json() == {"weights": {}}
+        for weights in loose:
+            response = client.put("/v1/prefixes/sum/traffic", json={"weights": weights}, headers=ACME)
+            assert response.status_code == 422, (weights, response.text)
+            assert response.json()["error_type"] == "validation", weights
+            assert client.get("/v1/prefixes/sum/traffic", headers=ACME).json() == {"weights": {}}
+        ok = client.put("/v1/prefixes/sum/traffic", json={"weights": {"1": 100}}, headers=ACME)
+        assert ok.status_code == 200 and ok.json() == {"weights": {"1": 100}}
 
 
 def test_a_hung_redis_gives_503_within_the_store_deadline(spawn_server, loaded):
@@ -304,3 +305,30 @@ def test_a_hung_redis_gives_503_within_the_store_deadline(spawn_server, loaded):
     finally:
         os.kill(hung.process.pid, signal.SIGCONT)
         hung.stop()
+
+
+def test_task_churn_leaves_no_files_and_no_memory_behind(spawn_server, loaded):
+    """Upload -> generate -> delete of a new task name, a few hundred times (a tenant's CI making a
+    task per run): deleted tasks leave no directory or counter file (only the tenant's bounded
+    tombstone), versions are still never reused, and the server's memory stays flat once warm."""
+    server = spawn_server()
+    root = Path(server.env["PREFIXSERVE_LOCAL_STORE_DIR"]) / "acme"
+    data = artifact_bytes(loaded.spec, 1)
+    with server.client(timeout=120) as client:
+
+        def churn(first: int, cycles: int) -> None:
+            for i in range(first, first + cycles):
+                assert upload(client, f"churn-{i}", data).status_code == 201
+                assert generate(client, f"churn-{i}", max_new_tokens=2).status_code == 200
+                assert client.delete(f"/v1/prefixes/churn-{i}", headers=ACME).status_code == 204
+
+        churn(0, 60)  # caches, pools and allocator arenas reach their working size
+        warm_kib = server.rss_kib()
+        cycles = 300
+        churn(60, cycles)
+        grown_kib = server.rss_kib() - warm_kib
+        assert sorted(os.listdir(root)) == [".deleted"], sorted(os.listdir(root))[:5]
+        again = upload(client, "churn-0", data)
+        assert again.status_code == 201 and again.json()["version"] == 2  # never reused
+    # Measured here: ~1.5 KiB per cycle of noise once warm; the reported leak was 35-50 KiB per cycle.
+    assert grown_kib < cycles * 16, f"RSS grew {grown_kib} KiB over {cycles} churn cycles"

@@ -65,7 +65,7 @@ class Limits:
     # prefixes no request uses), and how many admitted requests may wait in vLLM's own queue beyond
     # the batch (our fair queue orders everything else)
     vllm_prefix_table_bytes: int = 128 << 20
-    vllm_max_queued: int = 2
+    vllm_max_queued: int = 1
     host_prefix_cache_bytes: int = 1 << 30
     # Warm start: before readiness, load the most used tasks (store's request counts) into the tiers,
     # at most this many and for at most this long (0 tasks: start cold)

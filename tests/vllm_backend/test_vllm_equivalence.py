@@ -14,6 +14,7 @@ from prefix_store.local_store import LocalPrefixStore
 from server.engine import GenerationRequest, SamplingParams, StreamEvent
 from server.vllm_backend.engine import VllmEngine
 from tests.engine.conftest import PeftReference
+from tests.engine.test_engine_equivalence import run_staggered
 from tests.vllm_backend.conftest import TABLE_ROWS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -33,29 +34,6 @@ def greedy(max_new: int) -> SamplingParams:
 
 async def collect(engine: VllmEngine, request: GenerationRequest) -> list[StreamEvent]:
     return [event async for event in engine.generate(request)]
-
-
-async def run_staggered(
-    engine: VllmEngine, requests: list[GenerationRequest], join_after: int
-) -> dict[str, list[StreamEvent]]:
-    """Start request i once request i-1 has streamed `join_after` tokens (joins land mid-generation)."""
-    results: dict[str, list[StreamEvent]] = {}
-    gates = [asyncio.Event() for _ in requests]
-    gates[0].set()
-
-    async def consume(i: int) -> None:
-        await gates[i].wait()
-        events: list[StreamEvent] = []
-        async for event in engine.generate(requests[i]):
-            events.append(event)
-            if len(events) == join_after and i + 1 < len(gates):
-                gates[i + 1].set()
-        if i + 1 < len(gates):
-            gates[i + 1].set()
-        results[requests[i].request_id] = events
-
-    await asyncio.gather(*(consume(i) for i in range(len(requests))))
-    return results
 
 
 def check_against_peft(
@@ -100,7 +78,7 @@ async def test_greedy_equals_peft_mixed_tasks_staggered(
         GenerationRequest(f"st{i}", PROMPTS[i % len(PROMPTS)], greedy(max_new[i]), task=task)
         for i, task in enumerate(tasks)
     ]
-    results = await run_staggered(vllm_engine, requests, join_after=2)
+    results = await run_staggered(vllm_engine, requests, join_after=2)  # type: ignore[arg-type]
     check_against_peft(vllm_engine, h32_peft, requests, by_task(h32_artifacts), results)
 
 

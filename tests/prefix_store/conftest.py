@@ -184,7 +184,12 @@ class RedisBackend(StoreBackend):
     async def overwrite(self, tenant: str, task: str, part: str, value: bytes) -> None:
         kind, _, version = part.partition(":")
         suffix = f"v:{version}:{kind}" if version else kind
-        await self.admin.set(f"{self.key_prefix}:t:{tenant}:task:{task}:{suffix}", value)
+        key = f"{self.key_prefix}:t:{tenant}:task:{task}:{suffix}"
+        if kind == "blob":  # content-addressed: the version names its blob by sha256
+            sha = await self.admin.get(f"{self.key_prefix}:t:{tenant}:task:{task}:v:{version}:cas")
+            if sha is not None:
+                key = f"{self.key_prefix}:blob:{sha.decode()}"
+        await self.admin.set(key, value)
 
 
 @pytest.fixture(params=["local", "redis"])

@@ -212,15 +212,18 @@ class LocalPrefixStore:
         if created:  # a new directory's entry survives a crash only once its parent is fsynced
             _fsync_dir(task_dir.parent)
             _fsync_dir(self.root)
-        # max() with what is on disk guards against a lost seq file, the tombstone against reusing
-        # a deleted incarnation's numbers.
+        # max() with what is on disk guards against a lost seq file; a new task (no counter, or a
+        # garbled one) starts after its deleted incarnations (the tombstones) as well.
         on_disk = self._versions_on_disk(task_dir)
-        floor, deleted = _read_tombstones(task_dir.parent)
         try:
-            seq = _read_int(task_dir / "seq") or 0
-        except StoreCorrupt:  # logged; the highest number still on disk is the best left to go by
-            seq = 0
-        version = max(seq, on_disk[-1] if on_disk else 0, floor, deleted.get(task, 0)) + 1
+            seq = _read_int(task_dir / "seq")
+        except StoreCorrupt:  # logged; restart after every number still known
+            seq = None
+        deleted: dict[str, int] = {}
+        if seq is None:
+            floor, deleted = _read_tombstones(task_dir.parent)
+            seq = max(floor, deleted.get(task, 0))
+        version = max(seq, on_disk[-1] if on_disk else 0) + 1
         _atomic_write(task_dir / "seq", f"{version}\n".encode())
         if task in deleted:  # the task's own counter carries on from here
             self._update_tombstones(task_dir.parent, lambda tasks: tasks.pop(task, None))

@@ -10,9 +10,10 @@ bytes it does not read.
   `min_body_rate` bytes/s on average after a grace of `body_timeout_s`: a body not complete by
   `headers + body_timeout_s + received / min_body_rate` gets its connection closed (the app sees a
   disconnect). After a response sent before the body was read (a 401, 413 or 429 from admission) the
-  server ends its side of the stream and drops what still arrives for `refused_body_timeout_s`, then
-  closes: long enough for a client that is still sending to read the answer (closing at once would
-  reset the connection under it), short enough that refused requests do not hold connection slots.
+  rest of the body is read and dropped, and must arrive with the same minimum rate after a grace of
+  only `refused_body_timeout_s`: a client that sends it promptly keeps its keep-alive connection
+  (closing at once would reset the connection under a client still sending), a trickler is cut off
+  soon, so refused requests do not hold connection slots.
 - **Writes** (a client that never reads a finished stream): bytes that sit unsent (the transport's
   buffer plus the kernel's send queue) with no progress for `write_timeout_s` abort the connection
   with a reset, dropping them (`transport.close()` alone, or a plain close of the socket, would keep
@@ -60,7 +61,7 @@ class DeadlineH11Protocol(H11Protocol):
         self._body_bytes = 0
         self._write_buffered = 0  # send-buffer size at the last check
         self._write_stalled_since: float | None = None
-        self._refused_at: float | None = None  # when a response went out before its body was read
+        self._refused = False  # the current request was answered before its body was read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -82,6 +83,7 @@ class DeadlineH11Protocol(H11Protocol):
             self._cancel_header_timer()
             if was_idle or self._body_started is None:
                 self._body_started, self._body_bytes = time.monotonic(), 0
+                self._refused = False
             self._body_bytes += len(data)
         elif self._header_timer is None:  # a new cycle began here (the rest of a refused body arrived)
             self._arm_header_timer()
@@ -91,9 +93,8 @@ class DeadlineH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         if self.conn.their_state is h11.SEND_BODY:  # answered before its body was read (401, 413, 429)
-            self._refused_at = time.monotonic()  # the rest is dropped for a moment, then we close
-            if self.transport.can_write_eof():
-                self.transport.write_eof()  # the client reads the answer, then end of stream
+            self._body_started, self._body_bytes = time.monotonic(), 0  # the rest: a short deadline
+            self._refused = True
         elif self.conn.their_state is h11.IDLE:
             self._body_started = None
             self._arm_header_timer()  # the next request's headers get the same deadline
@@ -135,8 +136,7 @@ class DeadlineH11Protocol(H11Protocol):
             logger.warning("closing a connection whose client reads nothing", extra={"client": self.client})
             self._abort()  # drops the unsent bytes; connection_lost follows
             return
-        refused_over = self._refused_at is not None and now - self._refused_at > self.refused_body_timeout_s
-        if (refused_over or self._body_late(now)) and not self.transport.is_closing():
+        if self._body_late(now) and not self.transport.is_closing():
             logger.warning(
                 "closing a connection whose request body is too slow", extra={"client": self.client}
             )
@@ -146,7 +146,8 @@ class DeadlineH11Protocol(H11Protocol):
     def _body_late(self, now: float) -> bool:
         if self._body_started is None or self.conn.their_state is not h11.SEND_BODY:
             return False
-        allowed = self.body_timeout_s + self._body_bytes / self.min_body_rate
+        grace = self.refused_body_timeout_s if self._refused else self.body_timeout_s
+        allowed = grace + self._body_bytes / self.min_body_rate
         return now - self._body_started > allowed
 
     def _unsent_bytes(self) -> int:

@@ -34,11 +34,11 @@ class Limits:
     # issue 24: what one hostile tenant may cost (server.http_protocol, server.engine.chat_render)
     timeout_request_body_s: float = 30.0  # a body must arrive within this plus its bytes at the rate below
     min_request_body_bytes_per_s: int = 16384  # (a slower body's connection is closed)
-    timeout_refused_body_s: float = 1.0  # the rest of a body refused before it was read: dropped, then close
+    timeout_refused_body_s: float = 1.0  # the same, shorter grace for the rest of a body refused unread
     tenant_max_connections: int = 256  # requests in flight per tenant, counted before the body: 429
     timeout_write_s: float = 30.0  # a response the client reads none of for this long: connection closed
     max_tokenize_chars: int | None = None  # /tokenize input; None: the prompt limit (max_prompt_chars)
-    chat_template_workers: int = 2  # processes that render chat templates (a tenant may hold all but one)
+    chat_template_workers: int = 2  # render processes; a tenant holds at most all but one (the one, if 1)
     chat_template_timeout_s: float = 2.0  # a render still running then is killed: 422
     chat_template_max_memory_bytes: int = 256 << 20  # a render's memory (worker address space): 422
     # --- uploads (and every later load of what was uploaded) -----------------------------------

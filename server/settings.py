@@ -227,7 +227,7 @@ class Settings(BaseSettings):
     timeout_refused_body_s: float = Field(
         default=_L.timeout_refused_body_s,
         gt=0,
-        description="After a refusal sent before the body was read, the rest is dropped this long, then close.",
+        description="After a refusal sent before the body was read, the rest must come this soon (+ rate).",
     )
     tenant_max_connections: int = Field(
         default=_L.tenant_max_connections,

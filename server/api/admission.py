@@ -17,7 +17,7 @@ route, `scope["route"]`, says what applies) and before anything is read:
    flight (admitted, not yet answered), so one tenant's slow bodies or long streams cannot take every
    connection slot (bodies also have a read deadline: `server.http_protocol`).
 4. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
-   smaller `max_json_body_bytes`. 413 at once from `Content-Length`, or by counting the bytes of a
+   smaller `max_json_body_bytes` (`/tokenize`: no more than its longest input can take as JSON). 413 at once from `Content-Length`, or by counting the bytes of a
    chunked (or lying) body as they arrive.
 
 A refusal is raised from `receive()` as an `HTTPException`, which FastAPI's body reading passes on
@@ -59,12 +59,21 @@ def _is_form(route: APIRoute) -> bool:
     return any(isinstance(p.field_info, params.Form) for p in route.dependant.body_params)
 
 
-def route_policy(route: APIRoute, limits: Limits) -> RoutePolicy:
-    """What admission checks before `route`'s body (see the module docstring)."""
+# The most JSON bytes one character of a string can take (`\\uXXXX`), and room for the other fields.
+JSON_BYTES_PER_CHAR = 6
+JSON_ENVELOPE_BYTES = 4096
+
+
+def route_policy(route: APIRoute, limits: Limits, tokenize_chars: int | None = None) -> RoutePolicy:
+    """What admission checks before `route`'s body (see the module docstring). `tokenize_chars`: the
+    longest `/tokenize` input; a body that cannot hold less is refused before it is read."""
+    max_body = limits.max_body_bytes if _is_form(route) else _json_limit(limits)
+    if tokenize_chars is not None and route.path_format == "/tokenize":
+        max_body = min(max_body, tokenize_chars * JSON_BYTES_PER_CHAR + JSON_ENVELOPE_BYTES)
     return RoutePolicy(
         needs_key=_calls(route.dependant, authenticate),
         generation="POST" in (route.methods or ()) and bool(GENERATION_TAGS & set(map(str, route.tags))),
-        max_body_bytes=limits.max_body_bytes if _is_form(route) else _json_limit(limits),
+        max_body_bytes=max_body,
     )
 
 
@@ -87,7 +96,8 @@ class AdmissionMiddleware:
             return self._default
         policy = self._policies.get(id(route))
         if policy is None:
-            policy = self._policies[id(route)] = route_policy(route, self.limits)
+            tokenize_chars = self.limits.max_tokenize_chars or self.state.max_prompt_chars
+            policy = self._policies[id(route)] = route_policy(route, self.limits, tokenize_chars)
         return policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

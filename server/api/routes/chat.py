@@ -97,15 +97,15 @@ async def chat_completions(
             body.add_generation_prompt,
             body.continue_final_message,
         )
+        top_n = (body.top_logprobs or 0) if body.logprobs else 0
+        max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
+        n = body.n or 1
+        params = sampling(body, max_tokens, top_n, False)
+        if body.max_completion_tokens is None and body.max_tokens is None:
+            params.max_new_tokens = 16  # vLLM fills the context; a bounded default keeps GPT-2 sensible
     except BaseException:
         await lease.release()
         raise
-    top_n = (body.top_logprobs or 0) if body.logprobs else 0
-    max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
-    n = body.n or 1
-    params = sampling(body, max_tokens, top_n, False)
-    if body.max_completion_tokens is None and body.max_tokens is None:
-        params.max_new_tokens = 16  # vLLM fills the context; a bounded default keeps GPT-2 sensible
     generations = await start_sequences(state, caller, task, prompt, params, n, lease)
     chat_id = f"chatcmpl-{current_request_id()}"
     created = int(time.time())

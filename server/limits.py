@@ -63,9 +63,9 @@ class Limits:
     device_prefix_cache_bytes: int = 256 << 20
     # The vLLM backend (issue 23): its prefix table (rows of prefix K/V inside vLLM's model; an LRU over
     # prefixes no request uses), and how many admitted requests may wait in vLLM's own queue beyond
-    # the batch (our fair queue orders everything else)
+    # the batch (0: our fair queue decides every admission; vLLM serves its own queue FCFS)
     vllm_prefix_table_bytes: int = 128 << 20
-    vllm_max_queued: int = 1
+    vllm_max_queued: int = 0
     host_prefix_cache_bytes: int = 1 << 30
     # Warm start: before readiness, load the most used tasks (store's request counts) into the tiers,
     # at most this many and for at most this long (0 tasks: start cold)

@@ -194,6 +194,10 @@ class PrefixCache:
         # requests already waiting on it, but requests from now on start a new load, and the stale
         # one must not put what it read into the cache (see `_load`).
         self._loading.pop(task, None)
+        if event.version is None:
+            # Deleted: its uses not yet flushed would only bring its name back into the store's counts
+            # (and keep one entry per deleted name here while the store is unreachable).
+            self._uses.pop(task, None)
         self._update_gauges()
 
     # ---- lookups ------------------------------------------------------------------------------

@@ -443,16 +443,21 @@ class VllmEngine:
         request = state.request
         assert self.prefix_cache is not None and request.task is not None
         try:
-            found = await self.prefix_cache.locate(request.tenant, request.task, request.route_key)
+            route_key = request.route_key or request.request_id  # pins a traffic split, as the native engine
+            found = await self.prefix_cache.locate(request.tenant, request.task, route_key)
             length = found.artifact.prefix_length()
             self._check_lengths(len(state.prompt_ids), request.params.max_new_tokens, length)
-            if state.done:
-                return
-            state.prefix = found
-            assert state.handle is not None
-            state.handle.prefix_version, state.handle.prefix_variant = found.version, found.variant
-            key = state.prefix_key
-            assert key is not None
+        except Exception as exc:  # unknown task, store down, bad prefix, too long: refused as at admission
+            self._fail(state, exc, observe=False)
+            return
+        if state.done:
+            return
+        state.prefix = found
+        assert state.handle is not None
+        state.handle.prefix_version, state.handle.prefix_variant = found.version, found.variant
+        key = state.prefix_key
+        assert key is not None
+        try:
             while True:
                 entry = self._take_rows(key, length)
                 if entry is not None:
@@ -474,10 +479,8 @@ class VllmEngine:
             self._wake.set()
         except asyncio.CancelledError:
             raise
-        except EngineError as exc:
-            self._fail(state, exc, observe=False)
         except Exception as exc:
-            logger.exception("placing the prefix of request %s failed", state.request_id)
+            logger.exception("writing the prefix of request %s into vLLM failed", state.request_id)
             failure = RequestFailed(f"loading this request's prefix failed ({type(exc).__name__})")
             failure.__cause__ = exc
             self._fail(state, failure)

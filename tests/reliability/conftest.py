@@ -31,6 +31,7 @@ from tests.api.conftest import (  # noqa: F401  (fixtures and keys re-exported f
     ACME_GEN,
     GLOBEX,
     KEYS,
+    api_model_dir,
     loaded,
     make_api,
 )

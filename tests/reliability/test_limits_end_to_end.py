@@ -65,6 +65,10 @@ LIMITS = Limits(
     chat_template_workers=1,
     chat_template_timeout_s=3.0,
     chat_template_max_memory_bytes=192 << 20,
+    vllm_prefix_table_bytes=256 << 20,  # this model runs on the native engine: accepted, not exercised
+    vllm_max_queued=1,
+    warm_start_tasks=8,
+    warm_start_timeout_s=30.0,
 )
 # GPT-2's paged pool is sized by kv_budget_bytes when set, else by kv_budget_tokens' worth: this test
 # sets the tokens form (whose refusal it checks), so the bytes form stays at its default (None).

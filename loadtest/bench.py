@@ -360,7 +360,11 @@ def server_settings(runner: str, section: Section, loaded: LoadedModel) -> dict[
     """PREFIXSERVE_* settings of a server runner: its engine backend, and for a section with small
     device tiers (`device_tier_prefixes`) the native prefix cache's and the vLLM prefix table's bytes,
     both sized in prefixes of the workload's longest prefix (so both backends hold as many)."""
+    from server.limits import Limits
+
     settings = {"engine": SERVER_BACKENDS[runner]} if runner in SERVER_BACKENDS else {}
+    if section.workload.num_tasks > Limits().tenant_max_tasks:  # one tenant uploads every task
+        settings["tenant_max_tasks"] = str(section.workload.num_tasks)
     if section.device_tier_prefixes is not None:
         spec = loaded.spec
         positions = section.device_tier_prefixes * max(section.workload.prefix_lengths)

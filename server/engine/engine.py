@@ -157,6 +157,8 @@ class _StepResult:
 class Engine:
     """Serves `generate` requests for many tasks over one model. See the module docstring."""
 
+    backend = "native"  # the vLLM backend's engine says "vllm"
+
     def __init__(
         self,
         loaded: LoadedModel,

@@ -45,6 +45,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     top_n_tokens: int = 0  # alternatives reported per generated token
     prompt_logprobs: bool = False  # report the prompt tokens' log-probabilities (first event)
+    # The caller reads each sampled token's logprob (TGI's tokens, OpenAI `logprobs`, best_of's ranking).
+    # False lets a backend skip computing it (vLLM then computes no log-softmax over the vocabulary);
+    # the event's token_logprob may then be None.
+    token_logprobs: bool = True
     seed: int | None = None
     # Keep generating past EOS until max_new_tokens (vLLM's `ignore_eos`): for benchmarks that need
     # exact output lengths, and for callers that treat EOS as an ordinary token.

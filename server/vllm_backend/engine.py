@@ -11,9 +11,10 @@ A request for a task runs as `[L virtual ids] + prompt ids` (see `model.py`): wh
 task (`_place_prefix`) locates the prefix (store read and validation on a miss, as the native
 engine), takes rows of the model's prefix table (`rows.PrefixRows`, LRU over unpinned prefixes) and,
 unless the prefix is resident already, writes it there (a utility call into vLLM's worker); only then
-may the scheduler admit it. Its vLLM `cache_salt` is "tenant/task@version", so vLLM's prefix cache
-shares a task's prefix blocks across its requests and never serves a request blocks computed from
-another prefix that sat in the same rows. The virtual positions never reach the caller: usage,
+may the scheduler admit it. Its vLLM `cache_salt` is "tenant/task@version#engine", so vLLM's prefix
+cache shares a task's prefix blocks across its requests and never serves a request blocks computed
+from another prefix that sat in the same rows (nor, on a core shared by several engines in turn,
+another engine's bytes under the same name). vLLM itself runs in a `VllmCore` (`core.py`). The virtual positions never reach the caller: usage,
 echo, logprobs and text count the prompt alone; `PromptTooLong` counts prefix + prompt + new tokens.
 """
 
@@ -24,9 +25,10 @@ import contextlib
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -51,39 +53,21 @@ from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPr
 from server.engine.sampling import new_seed
 from server.engine.scheduler import LeaveReason, ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
+from server.vllm_backend.core import VllmCore, VllmOptions, prefix_row_bytes, table_rows
 from server.vllm_backend.params import vllm_sampling_params
-from server.vllm_backend.plugin import ARCHITECTURE
 from server.vllm_backend.rows import Key, PrefixRows, RowEntry
 from server.vllm_backend.support import unsupported_reason
 from server.vllm_backend.worker import encode_prefix
 
 logger = logging.getLogger(__name__)
 
-# Each table row is also a vocabulary entry that vLLM samples over (with logit -inf): the table is
-# capped at this many rows whatever its byte budget, so sampling stays cheap.
-MAX_PREFIX_ROWS = 16384
 _DEADLINE_SLACK_S = 0.001
 _HEALTH_CHECK_S = 1.0
-_VLLM_DTYPES: dict[torch.dtype, Literal["float32", "bfloat16", "float16"]] = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-}
 _LEAVE_REASONS: dict[FinishReason, LeaveReason] = {
     "length": "length",
     "eos_token": "eos",
     "stop_sequence": "stop",
 }
-
-
-@dataclass
-class VllmOptions:
-    """How vLLM runs (not limits: these tune vLLM itself)."""
-
-    model_dir: str  # the HF model directory vLLM loads (the same one `loaded` came from)
-    block_size: int = 32  # vLLM's KV block (CPU: a multiple of 32; only full blocks are shared)
-    enforce_eager: bool = False  # skip vLLM's torch.compile (faster start, slower steps)
-    max_num_batched_tokens: int | None = None  # vLLM's per-step token budget (None: its default)
 
 
 @dataclass
@@ -120,31 +104,6 @@ class _Request:
         return (self.request.tenant, self.request.task, self.prefix.version)
 
 
-class _StepStats:
-    """vLLM stat logger: each engine step's batch size and KV usage reach our observer."""
-
-    def __init__(self, engine: VllmEngine) -> None:
-        self.engine = engine
-
-    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        stats = self
-
-        class Logger(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
-
-            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
-                if scheduler_stats is not None:
-                    stats.engine._on_vllm_step(scheduler_stats)
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        return Logger(vllm_config, engine_index)
-
-
 class VllmEngine:
     """The vLLM backend; see the module docstring. Same public API as `server.engine.Engine`."""
 
@@ -157,8 +116,9 @@ class VllmEngine:
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
         options: VllmOptions | None = None,
+        core: VllmCore | None = None,
     ) -> None:
-        if options is None:
+        if options is None and core is None:
             raise EngineError("VllmEngine needs VllmOptions(model_dir=...): vLLM loads the model itself")
         reason = unsupported_reason(loaded)
         if reason is not None:
@@ -173,13 +133,17 @@ class VllmEngine:
         self.vocab_size = spec.vocab_size  # text vocabulary; virtual ids start here
         self.max_positions = spec.max_positions
         limits = self.config.limits
-        row_bytes = spec.num_layers * 2 * spec.num_heads * spec.head_dim * loaded.dtype.itemsize
-        self.prefix_rows = min(limits.vllm_prefix_table_bytes // row_bytes, MAX_PREFIX_ROWS)
-        if self.prefix_rows < limits.max_prefix_length:
-            raise EngineError(
-                f"vllm_prefix_table_bytes={limits.vllm_prefix_table_bytes} holds {self.prefix_rows} prefix "
-                f"positions of this model, fewer than max_prefix_length={limits.max_prefix_length}"
-            )
+        # A core given here is shared (tests): it outlives this engine and fixes the table's size.
+        self._shared_core = core
+        if core is not None:
+            core.check_serves(loaded, limits)
+            self.prefix_rows = core.prefix_rows
+        else:
+            self.prefix_rows = table_rows(loaded, limits)
+        self.core: VllmCore | None = None
+        # Part of every cache_salt: vLLM's prefix cache outlives an engine on a shared core, whose next
+        # engine may hold other bytes under the same (tenant, task, version) in the same rows.
+        self._salt_nonce = uuid.uuid4().hex[:12]
         self.rows = PrefixRows(self.prefix_rows)
         max_running = limits.max_batch_size + limits.vllm_max_queued
         self.scheduler = Scheduler(
@@ -217,33 +181,13 @@ class VllmEngine:
         """Start vLLM (its engine core process; tens of seconds: it compiles the model) and our loop."""
         if self._loop_task is not None:
             return
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        limits = self.config.limits
-        args = AsyncEngineArgs(
-            model=self.options.model_dir,
-            skip_tokenizer_init=True,  # we tokenize and detokenize (the virtual ids have no text)
-            dtype=_VLLM_DTYPES[self.loaded.dtype],
-            max_model_len=self.max_positions,
-            max_num_seqs=limits.max_batch_size,
-            max_num_batched_tokens=self.options.max_num_batched_tokens,
-            block_size=self.options.block_size,
-            enable_prefix_caching=True,
-            enforce_eager=self.options.enforce_eager,
-            seed=0,
-            max_logprobs=20,
-            worker_extension_cls="server.vllm_backend.worker.PrefixRowsExtension",
-            logits_processors=["server.vllm_backend.typical:TypicalLogitsProcessor"],
-            hf_overrides={
-                "architectures": [ARCHITECTURE],
-                "vocab_size": self.vocab_size + self.prefix_rows,
-                "prefixserve_text_vocab_size": self.vocab_size,
-                "prefixserve_prefix_rows": self.prefix_rows,
-            },
-            disable_log_stats=False,
-        )
-        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_StepStats(self).factory])
+        if self._shared_core is not None:
+            self.core = self._shared_core
+        else:
+            assert self.options is not None
+            self.core = VllmCore.start(self.loaded, self.config.limits, self.options)
+        self.core.step_listeners.append(self._on_vllm_step)
+        self.llm = self.core.llm
         if self.prefix_cache is not None:
             self.prefix_cache.start()
         self._wake = asyncio.Event()
@@ -266,9 +210,13 @@ class VllmEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
             self._loop_task = None
-        if self.llm is not None:
-            llm, self.llm = self.llm, None
-            llm.shutdown()  # on the loop: it cancels its output handler task (a few seconds at most)
+        self.llm = None
+        core, self.core = self.core, None
+        if core is not None:
+            with contextlib.suppress(ValueError):
+                core.step_listeners.remove(self._on_vllm_step)
+            if core is not self._shared_core:
+                core.shutdown()  # on the loop: it cancels its output handler task (a few seconds at most)
 
     # ---- gauges -------------------------------------------------------------------------------
     @property
@@ -296,9 +244,7 @@ class VllmEngine:
         return self._kv_usage
 
     def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
-        row_bytes = (
-            2 * self.spec.num_layers * self.spec.num_heads * self.spec.head_dim * self.loaded.dtype.itemsize
-        )
+        row_bytes = prefix_row_bytes(self.loaded)
         return {
             "prefix_bytes": self.rows.used_rows * row_bytes,
             "prefix_entries": len(self.rows.resident()),
@@ -345,11 +291,19 @@ class VllmEngine:
         labels = {self._requests[r].task_label for r in ids if r in self._requests}
         return sorted(label for label in labels if label)
 
-    def _on_vllm_step(self, stats: Any) -> None:
-        self._kv_usage = float(stats.kv_cache_usage)
-        running = int(stats.num_running_reqs)
-        if running:
-            self.observer.on_step(running, len(self.running_tasks), self._kv_usage)
+    def _on_vllm_step(self, scheduler: Any, iteration: Any) -> None:
+        """vLLM's stats of one step: batch size and KV usage; tokens computed and generated (as vLLM's
+        own iteration_tokens: prompt positions computed, virtual ones included, plus new tokens)."""
+        if scheduler is not None:
+            self._kv_usage = float(scheduler.kv_cache_usage)
+            running = int(scheduler.num_running_reqs)
+            if running:
+                self.observer.on_step(running, len(self.running_tasks), self._kv_usage)
+        if iteration is not None:
+            computed = int(iteration.prompt_token_stats.computed)
+            generated = int(iteration.num_generation_tokens)
+            if computed or generated:
+                self.observer.on_iteration(computed, generated)
 
     # ---- requests -----------------------------------------------------------------------------
     async def add_request(self, request: GenerationRequest) -> RequestHandle:
@@ -639,7 +593,7 @@ class VllmEngine:
         prompt: dict[str, Any] = {"prompt_token_ids": state.virtual_ids + state.prompt_ids}
         key = state.prefix_key
         if key is not None:
-            prompt["cache_salt"] = f"{key[0]}/{key[1]}@{key[2]}"
+            prompt["cache_salt"] = f"{key[0]}/{key[1]}@{key[2]}#{self._salt_nonce}"
         state.vllm_id = f"{state.request_id}#{next(self._ids)}"
         sampling = vllm_sampling_params(params, state.seed, self.tokenizer.eos_token_id)
         first = True

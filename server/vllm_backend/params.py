@@ -41,7 +41,8 @@ def vllm_sampling_params(params: SamplingParams, seed: int, eos_token_id: int | 
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
         logit_bias=dict(params.logit_bias) or None,
-        logprobs=params.top_n_tokens,  # 0: the sampled token's own logprob only
+        # 0: the sampled token's own logprob only; None: none (a log-softmax over the vocabulary saved)
+        logprobs=params.top_n_tokens if params.token_logprobs or params.top_n_tokens else None,
         prompt_logprobs=params.top_n_tokens if params.prompt_logprobs else None,
         seed=seed if sampled else None,
         ignore_eos=params.ignore_eos,

@@ -1,9 +1,11 @@
 """API test fixtures: a real tiny GPT-2, a real engine, real stores (local dir; Redis where named).
 
 The engine backend is the native one, or vLLM's with `PREFIXSERVE_TEST_ENGINE=vllm` (`make test` runs
-the API tests a second time that way when vLLM is installed): then the model is the tiny GPT-2 with
-head_dim 32 (vLLM's CPU attention needs it) and every `make_api` starts its own vLLM engine (eager, no
-compile: ~20-40 s each on the shared 2-core machine).
+the API tests a second time that way when vLLM is installed; `make test-vllm` alone): then the
+model is the tiny GPT-2 with head_dim 32 (vLLM's CPU attention needs it), one vLLM core (`VllmCore`:
+~30-60 s to start on the shared 2-core machine) serves the whole session, and every `make_api` builds
+a fresh `VllmEngine` over it. vLLM's engine-core client binds to one event loop, so that pass runs every
+test and fixture on the session's loop (`VLLM_PYTEST_ARGS`, checked in `pytest_configure`).
 
 `make_api(...)` builds an app with the given setting overrides, runs its lifespan (store + engine
 start/stop) and returns an httpx client bound to it in-process (ASGI transport).
@@ -27,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 import torch
 
 from modeling.model_spec import ModelSpec
@@ -55,16 +58,31 @@ GLOBEX = {"Authorization": "Bearer globex-manage-key"}
 
 
 TEST_ENGINE = os.environ.get("PREFIXSERVE_TEST_ENGINE", "native")
+VLLM_PYTEST_ARGS = "-o asyncio_default_test_loop_scope=session -o asyncio_default_fixture_loop_scope=session"
 if TEST_ENGINE == "vllm":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_ENGINE != "vllm":
+        return
+    scopes = [config.getini(f"asyncio_default_{kind}_loop_scope") for kind in ("test", "fixture")]
+    if scopes != ["session", "session"]:
+        raise pytest.UsageError(
+            "PREFIXSERVE_TEST_ENGINE=vllm shares one vLLM core, bound to one event loop: run pytest with "
+            + VLLM_PYTEST_ARGS
+        )
+
+
 @pytest.fixture(scope="session")
 def api_model_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model the API tests serve: the tiny GPT-2 (head_dim 32 on the vLLM backend)."""
+    """The model the API tests serve: the tiny GPT-2 (head_dim 32 on the vLLM backend, with a large
+    init: peaked distributions, so greedy choices have clear margins, as the eval-harness test needs)."""
     if TEST_ENGINE == "vllm":
-        return make_model_dir("tiny-gpt2-h32", tmp_path_factory.mktemp("tiny-gpt2-h32"), seed=0)
+        return make_model_dir(
+            "tiny-gpt2-h32", tmp_path_factory.mktemp("tiny-gpt2-h32"), seed=0, initializer_range=0.3
+        )
     return tiny_gpt2_dir
 
 
@@ -73,15 +91,43 @@ def loaded(api_model_dir: Path) -> LoadedModel:
     return load_model(str(api_model_dir), device="cpu", dtype="float32")
 
 
+if TEST_ENGINE == "vllm":
+
+    @pytest_asyncio.fixture(scope="session", loop_scope="session")
+    async def vllm_core(api_model_dir: Path) -> AsyncIterator[Any]:
+        """The session's one vLLM core; each app's engine is built over it (`build_test_engine`).
+        It loads the model itself: a module may override `loaded` (same files, narrower scope)."""
+        from server.vllm_backend.core import VllmCore, VllmOptions
+
+        model = load_model(str(api_model_dir), device="cpu", dtype="float32")
+        # Wider than any test's batch: each engine's own scheduler bounds what enters vLLM.
+        limits = Limits(max_batch_size=16)
+        core = VllmCore.start(model, limits, VllmOptions(model_dir=str(api_model_dir), enforce_eager=True))
+        yield core
+        core.shutdown()
+
+else:
+
+    @pytest.fixture(scope="session")
+    def vllm_core() -> None:
+        return None
+
+
 def build_test_engine(
-    loaded: LoadedModel, model_dir: Path, store: PrefixStore, config: EngineConfig, observer: Metrics
+    loaded: LoadedModel,
+    model_dir: Path,
+    store: PrefixStore,
+    config: EngineConfig,
+    observer: Metrics,
+    core: Any = None,
 ) -> Any:
-    """The backend `PREFIXSERVE_TEST_ENGINE` names, built as `server.main` builds it."""
+    """The backend `PREFIXSERVE_TEST_ENGINE` names, built as `server.main` builds it. On vLLM the engine
+    runs on `core` (shared), or starts a core of its own on the loop that starts it when none is given."""
     if TEST_ENGINE == "vllm":
         from server.vllm_backend.engine import VllmEngine, VllmOptions
 
         options = VllmOptions(model_dir=str(model_dir), enforce_eager=True)
-        return VllmEngine(loaded, store, config, observer=observer, options=options)
+        return VllmEngine(loaded, store, config, observer=observer, options=options, core=core)
     return Engine(loaded, store, config, observer=observer)
 
 
@@ -120,7 +166,9 @@ MakeApi = Callable[..., Awaitable[Api]]
 
 
 @pytest.fixture
-async def make_api(loaded: LoadedModel, api_model_dir: Path, tmp_path: Path) -> AsyncIterator[MakeApi]:
+async def make_api(
+    loaded: LoadedModel, api_model_dir: Path, tmp_path: Path, vllm_core: Any
+) -> AsyncIterator[MakeApi]:
     """Factory of running apps; everything is stopped (and Redis keys removed) at teardown."""
     async with AsyncExitStack() as stack:
         prefixes: list[str] = []
@@ -159,6 +207,7 @@ async def make_api(loaded: LoadedModel, api_model_dir: Path, tmp_path: Path) -> 
                 store,
                 engine_config or EngineConfig(Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30)),
                 metrics,
+                vllm_core,
             )
             app = create_app(
                 settings,
@@ -235,7 +284,7 @@ def serve_http_in_thread(app: Any) -> Iterator[str]:
     thread.start()
     serving = serve_asgi(app)
     try:
-        url = asyncio.run_coroutine_threadsafe(serving.__aenter__(), loop).result(timeout=60)
+        url = asyncio.run_coroutine_threadsafe(serving.__aenter__(), loop).result(timeout=360)
         try:
             yield url
         finally:

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from modeling.models import LoadedModel, load_model, make_model_dir
 from prefix_store.artifact import PrefixArtifact, dump_artifact
-from tests.api.conftest import ACME, serve_http
+from tests.api.conftest import ACME, TEST_ENGINE, serve_http
 from tests.engine.conftest import TINY_OVERRIDES, PeftReference, random_artifact
 
 TASK = "quiz"
@@ -51,7 +51,9 @@ MAX_GEN_TOKS = 6
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, api_model_dir: Path) -> Path:
+    if TEST_ENGINE == "vllm":  # the shared vLLM core's model (it has the same large init)
+        return api_model_dir
     # Large init: peaked distributions, so greedy choices have clear margins and outputs vary.
     return make_model_dir("tiny-gpt2", tmp_path_factory.mktemp("eval-gpt2"), **TINY_OVERRIDES)
 

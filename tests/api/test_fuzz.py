@@ -26,28 +26,26 @@ from schemathesis.checks import (
 from prefix_store.factory import make_store
 from prefix_store.uploads import ArtifactUploadChecks
 from server.api import create_app, metrics_for
-from server.engine import Engine, EngineConfig
+from server.engine import EngineConfig
 from server.limits import Limits
 from server.settings import Settings
-from tests.api.conftest import KEYS, artifact_bytes, serve_http_in_thread
+from tests.api.conftest import KEYS, artifact_bytes, build_test_engine, serve_http_in_thread
 
 AUTH = {"Authorization": "Bearer acme-manage-key"}
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(loaded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A running server with one task ("fuzz-task"); yields its base URL."""
+def fuzz_server(loaded, api_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running server with one task ("fuzz-task"); yields its base URL. On the vLLM pass its engine
+    starts a vLLM core of its own: the server runs on another event loop than the shared core's."""
     root: Path = tmp_path_factory.mktemp("fuzz-store")
     s = Settings(
         _env_file=None, model="tiny-gpt2", local_store_dir=root, api_keys=json.dumps(KEYS), log_level="ERROR"
     )  # type: ignore[call-arg]
     store = make_store(None, root)
     metrics = metrics_for(s)
-    engine = Engine(
-        loaded,
-        store,
-        EngineConfig(Limits(max_batch_size=8, max_waiting=64)),
-        observer=metrics,
+    engine = build_test_engine(
+        loaded, api_model_dir, store, EngineConfig(Limits(max_batch_size=8, max_waiting=64)), metrics
     )
     app = create_app(
         s, engine=engine, store=store, spec=loaded.spec, uploads=ArtifactUploadChecks(), metrics=metrics

@@ -59,12 +59,12 @@ async def test_upload_generate_replace_rollback(make_api, loaded, backend):
 
 
 @pytest.fixture
-def peft_files(tmp_path: Path, tiny_gpt2_dir: Path) -> tuple[bytes, bytes]:
+def peft_files(tmp_path: Path, api_model_dir: Path) -> tuple[bytes, bytes]:
     from peft import PrefixTuningConfig, get_peft_model
 
     from modeling.models import load_model
 
-    base = load_model(str(tiny_gpt2_dir), device="cpu", trainable=True).model
+    base = load_model(str(api_model_dir), device="cpu", trainable=True).model
     model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))
     torch.manual_seed(3)
     with torch.no_grad():

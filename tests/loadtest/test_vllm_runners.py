@@ -89,6 +89,7 @@ def test_server_runners_choose_their_backend_and_size_both_device_tiers_alike() 
         "engine": "vllm",
         "device_prefix_cache_bytes": str(64 * one_prefix),
         bench.VLLM_PREFIX_TABLE_SETTING: str(64 * one_prefix),
+        "tenant_max_tasks": "1024",  # the bench's one tenant uploads all 1,024 tasks (default quota 1,000)
     }
     bf16 = bench.server_settings("server_native", many, SimpleNamespace(spec=gpt2, dtype=torch.bfloat16))
     assert bf16["engine"] == "native" and bf16["device_prefix_cache_bytes"] == str(32 * one_prefix)

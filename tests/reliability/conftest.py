@@ -31,9 +31,11 @@ from tests.api.conftest import (  # noqa: F401  (fixtures and keys re-exported f
     ACME_GEN,
     GLOBEX,
     KEYS,
+    TEST_ENGINE,
     api_model_dir,
     loaded,
     make_api,
+    vllm_core,
 )
 from tests.processes import RedisProcess, free_port
 
@@ -63,7 +65,8 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 class ServerProcess(process.ServerProcess):
-    """One `python -m server.main` process (see the module docstring; the launcher is `loadtest.process`)."""
+    """One `python -m server.main` process (see the module docstring; the launcher is `loadtest.process`).
+    With `PREFIXSERVE_TEST_ENGINE=vllm` it serves on the vLLM backend (eager: no compile at start)."""
 
     def __init__(self, model_dir: Path, work_dir: Path, **settings: Any) -> None:
         port = free_port()
@@ -75,9 +78,13 @@ class ServerProcess(process.ServerProcess):
             "api_keys": json.dumps(KEYS),
             "shutdown_grace_s": "30",
         }
+        if TEST_ENGINE == "vllm":
+            defaults.update({"engine": "vllm", "vllm_enforce_eager": "true"})
         super().__init__({**defaults, **settings}, work_dir / f"server-{port}.log", cwd=REPO_ROOT, port=port)
         # several servers share a 2-core machine with other suites
         self.env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+        if TEST_ENGINE == "vllm":
+            self.env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 
     def start(self, wait_ready: bool = True, argv: list[str] | None = None) -> ServerProcess:  # type: ignore[override]
         super().start(argv)
@@ -115,11 +122,25 @@ class ServerProcess(process.ServerProcess):
 LONG_POSITIONS = 4096
 
 
+# On the vLLM pass the servers' models have head_dim 32 (vLLM's CPU attention needs it): the tiny
+# GPT-2 here is then the API tests' model (the same preset, seed and init, so artifacts built for
+# `loaded` fit it).
+TINY_PRESET = "tiny-gpt2-h32" if TEST_ENGINE == "vllm" else "tiny-gpt2"
+
+if TEST_ENGINE == "vllm":
+
+    @pytest.fixture(scope="session")
+    def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return make_model_dir(
+            TINY_PRESET, tmp_path_factory.mktemp("tiny-gpt2-h32"), seed=0, initializer_range=0.3
+        )
+
+
 @pytest.fixture(scope="session")
 def long_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2 with 4096 positions: a generation that lasts seconds even on a fast CPU."""
     return make_model_dir(
-        "tiny-gpt2", tmp_path_factory.mktemp("long-gpt2"), seed=0, n_positions=LONG_POSITIONS
+        TINY_PRESET, tmp_path_factory.mktemp("long-gpt2"), seed=0, n_positions=LONG_POSITIONS
     )
 
 

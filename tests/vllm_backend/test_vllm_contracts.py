@@ -87,3 +87,18 @@ async def test_warm_start_and_residency(vllm_engine: VllmEngine) -> None:
     assert ("default", "task-1") in vllm_engine.resident_prefixes
     assert await vllm_engine.warm("default", "no-such-task") is False
     assert await vllm_engine.warm("bad name!", "task-1") is False
+
+
+async def test_a_request_that_reads_no_logprobs_gets_none_computed(vllm_engine: VllmEngine) -> None:
+    """OpenAI requests without `logprobs` ask vLLM for none (no log-softmax over the vocabulary each
+    step); the tokens are the same, and a request that reads them still gets every token's logprob."""
+
+    async def run(token_logprobs: bool) -> list:
+        params = SamplingParams(max_new_tokens=6, token_logprobs=token_logprobs)
+        request = GenerationRequest(f"lp-{token_logprobs}", "Hello there", params, task="task-5")
+        return [e async for e in vllm_engine.generate(request) if e.token_id is not None]
+
+    without, with_ = await run(False), await run(True)
+    assert [e.token_id for e in without] == [e.token_id for e in with_]
+    assert all(e.token_logprob is None for e in without)
+    assert all(e.token_logprob is not None and e.token_logprob <= 0 for e in with_)

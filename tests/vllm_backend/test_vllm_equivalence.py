@@ -5,10 +5,12 @@ table row reused for another task or version never serves the old prefix."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
 
+from modeling.models import LoadedModel
 from prefix_store.artifact import PrefixArtifact, dump_artifact, new_artifact
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import GenerationRequest, SamplingParams, StreamEvent
@@ -141,3 +143,39 @@ async def test_reused_rows_never_serve_the_old_prefix(
     assert len({tuple(outputs[r]) for r in ("f1", "f2", "f3")}) == 3, "the prefixes must answer differently"
     assert [e.prefix_version for e in (first[0], second[0], fourth[0])] == [1, 2, 2]
     assert ("default", "flip") in vllm_engine.resident_prefixes
+
+
+async def test_an_engine_on_a_shared_core_never_serves_the_last_engines_prefix(
+    vllm_engine: VllmEngine,
+    h32: LoadedModel,
+    h32_peft: PeftReference,
+    tmp_path: Path,
+) -> None:
+    """Two engines in turn over the session's vLLM core (as the API tests' vLLM pass builds them), each
+    with its own store holding different bytes under the same (tenant, task, version): the second
+    engine's fresh row allocator puts its prefix in the same rows, and vLLM's prefix cache, which
+    outlives the first engine, must not hand it the first one's blocks."""
+    prompt = PROMPTS[2]
+    length = 64  # two full KV blocks of virtual ids
+    outputs = []
+    for seed in (11, 12):
+        store = LocalPrefixStore(tmp_path / f"store-{seed}")
+        await store.start()
+        artifact = strong_artifact(vllm_engine, length, seed)
+        await store.put("default", "same-name", dump_artifact(artifact), {})
+        assert vllm_engine.core is not None
+        engine = VllmEngine(h32, store, vllm_engine.config, core=vllm_engine.core)
+        await engine.start()
+        try:
+            request = GenerationRequest(f"shared-{seed}", prompt, greedy(8), task="same-name")
+            events = await collect(engine, request)
+            rows = engine.rows.get(("default", "same-name", 1)).rows  # type: ignore[union-attr]
+            tokens = check_against_peft(
+                engine, h32_peft, [request], {"same-name": artifact}, {request.request_id: events}
+            )[request.request_id]
+            outputs.append((tokens, rows))
+        finally:
+            await engine.stop(drain_timeout_s=0)
+            await store.close()
+    assert outputs[0][1] == outputs[1][1], "both engines used the same rows"
+    assert outputs[0][0] != outputs[1][0], "the two prefixes must answer differently"

@@ -100,7 +100,7 @@ async def chat_completions(
         top_n = (body.top_logprobs or 0) if body.logprobs else 0
         max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
         n = body.n or 1
-        params = sampling(body, max_tokens, top_n, False)
+        params = sampling(body, max_tokens, top_n, False, bool(body.logprobs))
         if body.max_completion_tokens is None and body.max_tokens is None:
             params.max_new_tokens = 16  # vLLM fills the context; a bounded default keeps GPT-2 sensible
     except BaseException:

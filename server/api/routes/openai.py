@@ -77,8 +77,11 @@ def model_task(state: State, model: str) -> str | None:
     return None if model == state.config.model_id else validate_name(model, "model (task)")
 
 
-def sampling(body: _Sampling, max_tokens: int, top_n: int, prompt_logprobs: bool) -> SamplingParams:
-    """OpenAI (+ vLLM) request fields -> engine parameters."""
+def sampling(
+    body: _Sampling, max_tokens: int, top_n: int, prompt_logprobs: bool, token_logprobs: bool
+) -> SamplingParams:
+    """OpenAI (+ vLLM) request fields -> engine parameters. `token_logprobs`: the response reports or
+    ranks by each token's logprob (else the engine may skip computing them)."""
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature < GREEDY_TEMPERATURE_EPS:
         temperature = 0.0  # OpenAI: 0 is greedy; a denormal one would overflow the logits
@@ -95,6 +98,7 @@ def sampling(body: _Sampling, max_tokens: int, top_n: int, prompt_logprobs: bool
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         top_n_tokens=top_n,
         prompt_logprobs=prompt_logprobs,
+        token_logprobs=token_logprobs,
         seed=body.seed,
         stop=stop,
         ignore_eos=body.ignore_eos,
@@ -307,9 +311,10 @@ async def completions(request: Request, state: State, caller: Caller, body: Comp
     echo_only = body.max_tokens == 0  # the schema allows 0 only with echo
     top_n = body.logprobs or 0
     max_tokens = 16 if body.max_tokens is None else max(body.max_tokens, 1)  # 0: one prefill step
-    params = sampling(body, max_tokens, top_n, bool(body.echo) and body.logprobs is not None)
     n = body.n or 1
     count = max(n, body.best_of or n)
+    reads_logprobs = body.logprobs is not None or count > n  # best_of ranks by cumulative logprob
+    params = sampling(body, max_tokens, top_n, bool(body.echo) and body.logprobs is not None, reads_logprobs)
     echoes = await anyio.to_thread.run_sync(_echo_texts, state, prompts) if body.echo else [""] * len(prompts)
     generations = await start_prompts(state, caller, task, prompts, params, count)
     completion_id = f"cmpl-{current_request_id()}"

@@ -71,12 +71,12 @@ from server.engine.scheduler import (
     SchedulerPlan,
     StepOutput,
 )
+from server.engine.task_uses import TaskUses
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 from server.limits import Limits
 
 logger = logging.getLogger(__name__)
 
-USES_FLUSH_INTERVAL_S = 5.0  # how often a replica adds its per-task request counts to the store
 
 # `_idle` wakes this long after the earliest queue deadline (a timeout is "waited more than").
 _DEADLINE_SLACK_S = 0.001
@@ -211,7 +211,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._accepting = False
         self._loop_task: asyncio.Task[None] | None = None
-        self._uses_task: asyncio.Task[None] | None = None
+        self._uses = TaskUses(self.prefix_cache) if self.prefix_cache is not None else None
         self._executor: ThreadPoolExecutor | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -228,8 +228,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run(), name="prefixserve-engine-loop")
-        if self.prefix_cache is not None:
-            self._uses_task = asyncio.create_task(self._flush_uses_forever(), name="prefixserve-task-uses")
+        if self._uses is not None:
+            self._uses.start()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting; let queued and running requests finish for up to `drain_timeout_s`, then
@@ -242,15 +242,8 @@ class Engine:
             self._finish_outside(state, "cancelled")
         for load in list(self._prefix_loads):
             load.cancel()
-        if self._uses_task is not None:
-            self._uses_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._uses_task
-            self._uses_task = None
-            # What this replica served since the last flush; a store that is down must not hold up
-            # the shutdown (those counts are lost: they only rank warm starts).
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._flush_uses(), USES_FLUSH_INTERVAL_S)
+        if self._uses is not None:
+            await self._uses.stop()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -332,26 +325,6 @@ class Engine:
             logger.info("warming %s/%s failed: %s", tenant, task, type(exc).__name__)
             return False
         return True
-
-    async def _flush_uses_forever(self) -> None:
-        while True:
-            await asyncio.sleep(USES_FLUSH_INTERVAL_S)
-            await self._flush_uses()
-
-    async def _flush_uses(self) -> None:
-        """Add the requests served per task since the last flush to the store's counts (which warm
-        starts read); on failure they are kept for the next flush."""
-        if self.prefix_cache is None:
-            return
-        uses = self.prefix_cache.take_uses()
-        if not uses:
-            return
-        try:
-            await self.prefix_cache.store.record_uses(uses)
-        except Exception as exc:
-            logger.debug("recording task uses failed (%s); retried at the next flush", type(exc).__name__)
-            for key, n in uses.items():
-                self.prefix_cache.add_uses(key, n)
 
     def _task_labels(self, ids: list[str]) -> list[str]:
         labels = {self._requests[r].task_label for r in ids if r in self._requests}

@@ -52,6 +52,7 @@ from server.engine.observer import EngineObserver
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.sampling import new_seed
 from server.engine.scheduler import LeaveReason, ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
+from server.engine.task_uses import TaskUses
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
 from server.vllm_backend.core import VllmCore, VllmOptions, prefix_row_bytes, table_rows
 from server.vllm_backend.params import vllm_sampling_params
@@ -163,6 +164,7 @@ class VllmEngine:
             self.prefix_cache = PrefixCache(
                 store, spec, torch.device("cpu"), loaded.dtype, limits, self.observer
             )
+        self._uses = TaskUses(self.prefix_cache) if self.prefix_cache is not None else None
         self.healthy = True
         self.failure: BaseException | None = None
         self.llm: Any = None
@@ -193,6 +195,8 @@ class VllmEngine:
         self._wake = asyncio.Event()
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run(), name="prefixserve-vllm-loop")
+        if self._uses is not None:
+            self._uses.start()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting; let queued and running requests finish for up to `drain_timeout_s`, then
@@ -205,6 +209,8 @@ class VllmEngine:
             self._finish_outside(state, "cancelled")
         for load in list(self._prefix_loads):
             load.cancel()
+        if self._uses is not None:
+            await self._uses.stop()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -273,7 +279,7 @@ class VllmEngine:
         try:
             validate_name(tenant, "tenant")
             validate_name(task, "task")
-            found = await self.prefix_cache.locate(tenant, task)
+            found = await self.prefix_cache.warm(tenant, task)
             key = (tenant, task, found.version)
             entry = self._take_rows(key, found.artifact.prefix_length())
             if entry is None:

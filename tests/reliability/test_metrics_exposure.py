@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.limits import Limits
 from tests.api.conftest import artifact_bytes
-from tests.reliability.conftest import ACME, GLOBEX, generate, upload, wait_until
+from tests.reliability.conftest import ACME, GLOBEX, TEST_ENGINE, generate, upload, wait_until
 
 LONG = 400  # tokens: about a second or more per request on the 4096-position tiny model
 
@@ -66,10 +67,19 @@ def test_vllm_gauges_follow_requests_as_they_run_and_wait(spawn_server, long_gpt
         idle = samples(client)
         assert idle["vllm:num_requests_running"][0].labels == {"model_name": "gpt2-test"}
         assert idle["vllm:num_requests_running"][0].value == 0
-        # max_lora: prefixes of max_prefix_length the device tier holds (defaults: 256 MiB, 512, fp32).
-        one_prefix = long_spec.num_layers * 2 * long_spec.num_heads * 512 * long_spec.head_dim * 4
+        # max_lora: prefixes of max_prefix_length the device tier holds (the native engine's prefix
+        # cache, the vLLM backend's prefix table: default sizes, fp32).
+        limits = Limits()
+        row = long_spec.num_layers * 2 * long_spec.num_heads * long_spec.head_dim * 4  # one position
+        if TEST_ENGINE == "vllm":
+            from server.vllm_backend.core import MAX_PREFIX_ROWS
+
+            rows = min(limits.vllm_prefix_table_bytes // row, MAX_PREFIX_ROWS)
+            max_lora = rows // limits.max_prefix_length
+        else:
+            max_lora = limits.device_prefix_cache_bytes // (row * limits.max_prefix_length)
         assert idle["vllm:lora_requests_info"][0].labels == {
-            "max_lora": str((256 << 20) // one_prefix), "running_lora_adapters": "", "waiting_lora_adapters": "",
+            "max_lora": str(max_lora), "running_lora_adapters": "", "waiting_lora_adapters": "",
         }  # fmt: skip
 
         statuses: list[int] = []

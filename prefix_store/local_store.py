@@ -9,10 +9,11 @@ Layout (names are validated, so they are plain path components, never "..", "/" 
     {root}/{tenant}/{task}/split              traffic split JSON {"<version>": percent} (issue 18)
     {root}/{tenant}/.deleted                  JSON {"floor": N, "tasks": {task: last version}}
 
-Deleting a task removes its directory; its last version number goes to the tenant's `.deleted`
-tombstone (at most `MAX_TOMBSTONES` names; beyond that the smallest numbers fold into `floor`), and a
-new task of that name continues after max(its tombstone, floor). So version numbers are never reused
-and a deleted task leaves a bounded record, not a directory per name ever used.
+Deleting a task removes its directory and its use count; its last version number goes to the
+tenant's `.deleted` tombstone (at most `MAX_TOMBSTONES` names; beyond that the smallest numbers fold
+into `floor`), and a new task of that name continues after max(its tombstone, floor). So version
+numbers are never reused and a deleted task leaves a bounded record, not a directory (or a use count)
+per name ever used.
 
 Data the store did not write (garbage in `current`, a version's JSON, `split`, `seq`; a blob whose
 bytes do not match its recorded sha256) is `StoreCorrupt`, for that task only: listings skip it and
@@ -158,6 +159,7 @@ class LocalPrefixStore:
         # (task -> (lock, holders)), so churning task names leaves nothing behind.
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
         self._tombstone_lock = threading.Lock()  # `.deleted` read-modify-writes (worker threads)
+        self._usage_lock = threading.Lock()  # the same for the use counts (flushes and deletes)
         self._callbacks: list[ChangeCallback] = []
 
     # ---- paths ------------------------------------------------------------------------------
@@ -416,6 +418,15 @@ class LocalPrefixStore:
         self._update_tombstones(task_dir.parent, remember)
         shutil.rmtree(task_dir)
         _fsync_dir(task_dir.parent)
+        try:  # the task is gone: its use count goes too (a name that comes and goes leaves nothing)
+            with self._usage_lock:
+                LocalUsage(self.root / USAGE_FILE).forget(tenant, task, _atomic_write)
+        except OSError as exc:  # the delete itself is done; a stale count only ranks a warm start
+            logger.warning("prefix store: could not drop the use count of %s/%s (%s)", tenant, task, exc)
+
+    def _record_uses_sync(self, uses: dict[tuple[str, str], int]) -> None:
+        with self._usage_lock:
+            LocalUsage(self.root / USAGE_FILE).record(uses, _atomic_write)
 
     # ---- PrefixStore ------------------------------------------------------------------------
 
@@ -515,7 +526,7 @@ class LocalPrefixStore:
     async def record_uses(self, uses: dict[tuple[str, str], int]) -> None:
         """Add to the per-task request counts in `usage.json` (`prefix_store.usage`)."""
         with self._errors("record_uses"):
-            await asyncio.to_thread(LocalUsage(self.root / USAGE_FILE).record, uses, _atomic_write)
+            await asyncio.to_thread(self._record_uses_sync, uses)
 
     async def most_used(self, limit: int) -> list[tuple[str, str]]:
         with self._errors("most_used"):

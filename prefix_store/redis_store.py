@@ -11,7 +11,7 @@ Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they n
     P:t:T:task:K:v:N:meta       JSON of `VersionInfo` for version N
     P:blob:<sha256>             artifact bytes, content-addressed: identical uploads are stored once
     P:blob:<sha256>:refs        how many versions (any task, any tenant) name that blob
-    P:usage                     sorted set "T/K" -> requests served (warm start reads the top)
+    P:usage                     sorted set "T/K" -> requests served (warm start reads the top; delete drops K's)
     P:t:T:task:K:split          traffic split JSON {"<version>": percent} (issue 18; absent = none)
     P:t:T:deleted               sorted set: deleted task names, score = the last version handed out
     P:t:T:deleted_floor         versions of names pushed out of P:t:T:deleted (over MAX_TOMBSTONES)
@@ -99,6 +99,7 @@ from prefix_store.base import (
 )
 from prefix_store.redis_connect import RedisConnector
 from prefix_store.traffic import split_to_json, validate_split
+from prefix_store.usage import member as usage_member
 from prefix_store.usage import redis_most_used, redis_record_uses
 
 __all__ = ["RedisPrefixStore"]
@@ -254,9 +255,9 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {2}
 """
 
-# KEYS: tasks, current, versions, seq, deleted, floor. ARGV: task_base, task, channel, message,
-# max_tombstones, blob key prefix. Returns 0 no task, 1 done. The counter's value moves to the
-# tenant's tombstones.
+# KEYS: tasks, current, versions, seq, deleted, floor, usage. ARGV: task_base, task, channel, message,
+# max_tombstones, blob key prefix, usage member. Returns 0 no task, 1 done. The counter's value moves
+# to the tenant's tombstones; the task's use count goes.
 _DELETE_LUA = (
     _DROP_VERSION_LUA
     + """
@@ -281,6 +282,7 @@ if n > tonumber(ARGV[5]) then
 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], ARGV[1] .. ':split')
 redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[7], ARGV[7])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
@@ -581,6 +583,7 @@ class RedisPrefixStore:
                     f"{base}:seq",
                     f"{tenant_base}:deleted",
                     f"{tenant_base}:deleted_floor",
+                    f"{self._prefix}:usage",
                 ],
                 args=[
                     base,
@@ -589,6 +592,7 @@ class RedisPrefixStore:
                     self._message(tenant, task, None),
                     MAX_TOMBSTONES,
                     self._blob_prefix,
+                    usage_member(tenant, task),
                 ],
             )
         if not done:

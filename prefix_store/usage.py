@@ -6,8 +6,11 @@ returns the tasks with the highest counts, most used first. Redis: one sorted se
 "tenant/task", score = count; names never contain "/"), trimmed to `MAX_TRACKED_TASKS` members on
 every write. Local store: `usage.json` in the store's root, written atomically.
 
-Counts never decay: a task that was hot long ago keeps its place until others overtake it. A deleted
-task keeps its count until it is trimmed; warming it fails harmlessly (unknown task).
+Counts never decay: a task that was hot long ago keeps its place until others overtake it. Deleting a
+task drops its count (Redis: in the delete script; local store: `LocalUsage.forget`), so names that
+come and go (a tenant's CI making a task per run) leave no count behind and never crowd the live
+tasks out of a warm start. A count a replica flushes just after the delete (uses it took before) can
+bring a name back; the cap bounds those, and warming one fails harmlessly (unknown task).
 """
 
 from __future__ import annotations
@@ -94,6 +97,12 @@ class LocalUsage:
                 counts[name] = counts.get(name, 0) + n
         kept = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:MAX_TRACKED_TASKS])
         write(self.path, json.dumps(kept).encode())
+
+    def forget(self, tenant: str, task: str, write: Any) -> None:
+        """Drop a deleted task's count; the file is rewritten only when it held one."""
+        counts = self._read()
+        if counts.pop(member(tenant, task), None) is not None:
+            write(self.path, json.dumps(counts).encode())
 
     def most_used(self, limit: int) -> list[tuple[str, str]]:
         check_limit(limit)

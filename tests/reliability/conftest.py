@@ -7,12 +7,15 @@
   on the same port.
 - The in-process `make_api` / `loaded` fixtures of tests/api are re-exported here for tests that need
   to reach inside (fault injection into the model runner).
+- `Victim`: another tenant's traffic (`/health` and a short generation, in turn) from its own process
+  while a test attacks the server; `assert_victim_unaffected` checks it against its quiet value.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -240,3 +243,83 @@ class HealthProbe:
     @property
     def worst(self) -> float:
         return max(self.latencies)
+
+
+_VICTIM = """
+import json, sys, time, httpx
+url, key, task = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 4}}
+if task is not None:
+    body["task"] = task
+with httpx.Client(base_url=url, timeout=120) as client:
+    while True:
+        start = time.perf_counter()
+        status = client.get("/health").status_code
+        print("health", status, time.perf_counter() - start, flush=True)
+        start = time.perf_counter()
+        status = client.post("/v1/generate", json=body, headers={"Authorization": key}).status_code
+        print("generate", status, time.perf_counter() - start, flush=True)
+        time.sleep(0.05)
+"""
+
+
+class Victim:
+    """Another tenant's traffic from its own process (so the attacking client's CPU use does not count):
+    `/health` and a short generation, in turn. `task`: a task of that tenant's (one the server has
+    cached, so it needs no store read), or None for the base model."""
+
+    def __init__(self, url: str, task: str | None = None, headers: dict[str, str] = GLOBEX) -> None:
+        self.url = url
+        self.task = task
+        self.key = headers["Authorization"]
+        self.samples: dict[str, list[float]] = {"health": [], "generate": []}
+        self.statuses: set[int] = set()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            kind, status, seconds = line.split()
+            self.statuses.add(int(status))
+            self.samples[kind].append(float(seconds))
+
+    def run(self, min_generations: int) -> Victim:
+        """Start; returns once `min_generations` were measured (the caller then attacks)."""
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _VICTIM, self.url, self.key, json.dumps(self.task)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True)
+        self._reader.start()
+        wait_until(lambda: len(self.samples["generate"]) >= min_generations, 120, "the victim's requests")
+        return self
+
+    def reset(self) -> None:
+        """Forget what was measured so far (what follows is the window that counts)."""
+        self.samples = {"health": [], "generate": []}
+        self.statuses = set()
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+
+    def median(self, kind: str) -> float:
+        return statistics.median(self.samples[kind])
+
+
+def quiet_generation_s(url: str, task: str | None = None, headers: dict[str, str] = GLOBEX) -> float:
+    """The victim's median generation latency with nothing else running (12 generations)."""
+    quiet = Victim(url, task, headers).run(min_generations=12)
+    quiet.stop()
+    assert quiet.statuses == {200}, quiet.statuses
+    return quiet.median("generate")
+
+
+def assert_victim_unaffected(victim: Victim, quiet_s: float) -> None:
+    """While the attack ran: every victim request answered 200, its median generation latency stayed
+    within 2x of its quiet value, and `/health` answered in under 100 ms at the median."""
+    assert victim.statuses == {200}, victim.statuses
+    assert len(victim.samples["generate"]) >= 3, victim.samples
+    assert victim.median("generate") < 2 * quiet_s, (victim.median("generate"), quiet_s)
+    assert victim.median("health") < 0.1, sorted(victim.samples["health"])

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +22,16 @@ import httpx
 import pytest
 
 from prefix_store.artifact import dump_artifact, new_artifact
-from tests.reliability.conftest import ACME, GLOBEX, ServerProcess, upload, wait_until
+from tests.reliability.conftest import (
+    ACME,
+    GLOBEX,
+    ServerProcess,
+    Victim,
+    assert_victim_unaffected,
+    quiet_generation_s,
+    upload,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -57,76 +64,6 @@ def server(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     proc.start()
     yield proc
     proc.stop()
-
-
-_VICTIM = """
-import sys, time, httpx
-body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 4}}
-with httpx.Client(base_url=sys.argv[1], timeout=120) as client:
-    while True:
-        start = time.perf_counter()
-        status = client.get("/health").status_code
-        print("health", status, time.perf_counter() - start, flush=True)
-        start = time.perf_counter()
-        status = client.post("/v1/generate", json=body, headers={"Authorization": sys.argv[2]}).status_code
-        print("generate", status, time.perf_counter() - start, flush=True)
-        time.sleep(0.05)
-"""
-
-
-class Victim:
-    """globex's traffic from its own process: `/health` and a short generation, in turn."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.samples: dict[str, list[float]] = {"health": [], "generate": []}
-        self.statuses: set[int] = set()
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            kind, status, seconds = line.split()
-            self.statuses.add(int(status))
-            self.samples[kind].append(float(seconds))
-
-    def run(self, min_generations: int) -> Victim:
-        """Start; returns once `min_generations` were measured (the caller then attacks)."""
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", _VICTIM, self.url, GLOBEX["Authorization"]],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True)
-        self._reader.start()
-        wait_until(lambda: len(self.samples["generate"]) >= min_generations, 120, "the victim's requests")
-        return self
-
-    def reset(self) -> None:
-        """Forget what was measured so far (what follows is the window that counts)."""
-        self.samples = {"health": [], "generate": []}
-        self.statuses = set()
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        self._proc.wait(timeout=30)
-        self._reader.join(timeout=30)
-
-    def median(self, kind: str) -> float:
-        return statistics.median(self.samples[kind])
-
-
-def quiet_generation_s(server: ServerProcess) -> float:
-    quiet = Victim(server.url).run(min_generations=8)
-    quiet.stop()
-    assert quiet.statuses == {200}, quiet.statuses
-    return quiet.median("generate")
-
-
-def assert_victim_unaffected(victim: Victim, quiet_s: float) -> None:
-    assert victim.statuses == {200}, victim.statuses
-    assert len(victim.samples["generate"]) >= 3, victim.samples
-    assert victim.median("generate") < 2 * quiet_s, (victim.median("generate"), quiet_s)
-    assert victim.median("health") < 0.1, sorted(victim.samples["health"])
 
 
 def chat_task(loaded, task: str, template: str) -> bytes:
@@ -167,7 +104,7 @@ def test_chat_templates_are_bounded_and_cost_only_their_tenant(server, loaded):
             assert upload(client, task, chat_task(loaded, task, template)).status_code == 201
         assert chat(client, base_model(client)).status_code == 200  # the server's template; workers started
 
-        quiet_s = quiet_generation_s(server)
+        quiet_s = quiet_generation_s(server.url)
         rss_before = server.rss_kib()
         victim = Victim(server.url).run(min_generations=1)
         statuses: list[int] = []
@@ -208,7 +145,7 @@ def test_tokenize_is_admitted_and_bounded(server):
     with server.client(timeout=120) as client:
         r = client.post("/tokenize", json={"inputs": big})  # no key: refused before its body
         assert r.status_code == 401
-        quiet_s = quiet_generation_s(server)
+        quiet_s = quiet_generation_s(server.url)
         rss_before = server.rss_kib()
         victim = Victim(server.url).run(min_generations=1)
         try:
@@ -252,7 +189,7 @@ def _trickler(url: str, path: str, headers: dict[str, str]) -> socket.socket:
 
 
 def test_trickled_bodies_cannot_take_every_connection(server):
-    quiet_s = quiet_generation_s(server)
+    quiet_s = quiet_generation_s(server.url)
     attackers: list[socket.socket] = []
     closed_at: dict[int, float] = {}
 

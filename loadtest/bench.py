@@ -10,7 +10,7 @@ Profiles (sizes chosen to fit their time budgets on the machines named):
             1 -> 128; then bart-base-shaped: 512-token sources, 32-64 new tokens, 16 requests over 4
             tasks, with engine / no_prefix / naive_peft / static_batch.
 - `gpu`     (CUDA, bfloat16): gpt2-medium and bart-large shapes, larger workloads.
-- `vllm`    (issue 23, CPU, about an hour): stock vLLM on the bare model (`vllm_bare`) and our server
+- `vllm`    (issue 23, CPU, about half an hour): stock vLLM on the bare model (`vllm_bare`) and our server
             on each engine backend (`server_vllm`, `server_native`), 16 tasks / 4 tasks at L=200 /
             1,024 Zipf tasks, each in fp32 and bf16 (six sections, one report); `gpu-vllm` on CUDA.
 Also `long-prefix`, `many-tasks` and `overhead` (issue 15); docs/benchmarks.md has the table.

@@ -160,7 +160,16 @@ class Scheduler:
     def refusal(self, tenant: str) -> str | None:
         """Why `add` of a request of `tenant` would raise `QueueFull` now, naming the bound (the tenant's
         own or the global one); None if it would not (the queue policy decides)."""
+        self._bound_waiting()
         return self._waiting.refusal(tenant)
+
+    def _bound_waiting(self) -> None:
+        """`max_waiting` bounds the requests that wait beyond the batch's free rows: a request added
+        while a step runs (the rows free, but not yet filled) takes a row at the next `schedule`, so it
+        does not count against the queue. Without this a burst admitted by the API for those rows was
+        refused after its body was parsed and tokenised, the expensive way."""
+        free_rows = max(0, self.config.max_running - len(self._running))
+        self._waiting.max_waiting = self.config.max_waiting + free_rows
 
     def next_deadline(self) -> float | None:
         """The clock time at which the oldest waiting request times out (None: nobody waits)."""
@@ -185,6 +194,7 @@ class Scheduler:
         self._check_fits(request.reserved_tokens)
         if not request.arrival_time:
             request.arrival_time = self._clock()
+        self._bound_waiting()
         for old in self._waiting.push(request):
             self._left.append(RowLeft(old.request_id, "pushed_out", was_running=False))
 

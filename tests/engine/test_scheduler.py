@@ -88,14 +88,20 @@ def test_request_larger_than_the_whole_budget_is_refused_at_add() -> None:
         s.add(req("x", reserved=51))
 
 
-def test_queue_full() -> None:
-    s, _ = make(max_waiting=2)
-    s.add(req("a"))
+def test_queue_full_counts_the_requests_beyond_the_free_rows() -> None:
+    """max_waiting bounds what waits beyond the rows the next step fills: requests added while a
+    step runs (rows free, not yet filled) are not refused for them."""
+    s, _ = make(max_waiting=2, max_running=1)
+    s.add(req("a"))  # takes the free row at the next schedule
     s.add(req("b"))
-    with pytest.raises(QueueFull):
-        s.add(req("c"))
-    s.schedule()  # both admitted: room again
     s.add(req("c"))
+    with pytest.raises(QueueFull):
+        s.add(req("d"))
+    s.schedule()  # a runs, b and c wait: the queue is full
+    with pytest.raises(QueueFull):
+        s.add(req("d"))
+    s.abort("b", "aborted")
+    s.add(req("d"))  # room again
 
 
 def test_duplicate_request_id_refused() -> None:

@@ -448,7 +448,7 @@ def test_task_churn_leaves_no_files_and_no_memory_behind(spawn_server, loaded):
     task per run): deleted tasks leave no directory or counter file (only the tenant's bounded
     tombstone) and next to no use counts, versions are still never reused, and the server's memory
     stays flat once warm."""
-    from server.engine.engine import USES_FLUSH_INTERVAL_S
+    from server.engine.task_uses import USES_FLUSH_INTERVAL_S
 
     server = spawn_server()
     root = Path(server.env["PREFIXSERVE_LOCAL_STORE_DIR"]) / "acme"

@@ -129,6 +129,15 @@ def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, ob
 
         assert settings.model is not None
         logger.info("engine: vLLM", extra={"engine": "vllm"})
+        ignored = settings.native_engine_only_set()
+        if ignored:
+            logger.warning(
+                "engine: vLLM ignores %s (our engine's settings: vLLM chunks prompts and sizes its KV "
+                "cache itself, VLLM_CPU_KVCACHE_SPACE on CPU; its device tier is "
+                "PREFIXSERVE_VLLM_PREFIX_TABLE_BYTES)",
+                ", ".join(ignored),
+                extra={"engine": "vllm"},
+            )
         options = VllmOptions(model_dir=settings.model, enforce_eager=settings.vllm_enforce_eager)
         return VllmEngine(loaded, store, engine_config(settings), observer=observer, options=options)
     if why_not is not None:

@@ -50,6 +50,22 @@ class ApiKeyEntry(BaseModel):
             raise ValueError(str(exc)) from None
 
 
+# Settings of our engine's own machinery. The vLLM backend has no use for them: vLLM chunks prompts,
+# sizes and pages its KV cache (VLLM_CPU_KVCACHE_SPACE on CPU) and captures its graphs itself, and its
+# device tier is the prefix table (`vllm_prefix_table_bytes`).
+NATIVE_ENGINE_ONLY = (
+    "max_prefill_tokens",
+    "kv_budget_tokens",
+    "kv_budget_bytes",
+    "kv_block_size",
+    "static_prefix_arena_tokens",
+    "max_cuda_graphs",
+    "cuda_graphs",
+    "torch_compile",
+    "device_prefix_cache_bytes",
+)
+
+
 class Settings(BaseSettings):
     """All server settings (env prefix `PREFIXSERVE_`). See README "Configuration" for the table."""
 
@@ -332,6 +348,11 @@ class Settings(BaseSettings):
     def limits(self) -> Limits:
         """The one `Limits` object (issue 14): same-named fields, built once, handed down by `server.main`."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
+    def native_engine_only_set(self) -> list[str]:
+        """The environment names of the `NATIVE_ENGINE_ONLY` settings given explicitly (env, .env,
+        arguments): what a server on the vLLM backend tells the operator it ignores."""
+        return [f"PREFIXSERVE_{name.upper()}" for name in NATIVE_ENGINE_ONLY if name in self.model_fields_set]
 
     def read_chat_template(self) -> str | None:
         """The chat template's text (read once at start-up; an unreadable file is a config error)."""

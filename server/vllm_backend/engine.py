@@ -146,6 +146,7 @@ class VllmEngine:
         # engine may hold other bytes under the same (tenant, task, version) in the same rows.
         self._salt_nonce = uuid.uuid4().hex[:12]
         self.rows = PrefixRows(self.prefix_rows)
+        self._row_bytes = prefix_row_bytes(loaded)
         max_running = limits.max_batch_size + limits.vllm_max_queued
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -259,7 +260,13 @@ class VllmEngine:
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
-        return None if self.prefix_cache is None else self.prefix_cache.stats
+        """The host tier's statistics, with the device tier's bytes read from the prefix table now
+        (the table is this backend's device tier; the prefix cache's own device tier stays unused)."""
+        if self.prefix_cache is None:
+            return None
+        stats = self.prefix_cache.stats
+        stats.bytes["device"] = self.rows.written_rows * self._row_bytes
+        return stats
 
     @property
     def resident_prefixes(self) -> list[tuple[str, str]]:

@@ -48,6 +48,11 @@ class PrefixRows:
     def used_rows(self) -> int:
         return self.capacity_rows - len(self._free)
 
+    @property
+    def written_rows(self) -> int:
+        """Rows that hold a prefix now (the table's resident bytes, in rows)."""
+        return sum(len(entry.rows) for entry in self._entries.values() if entry.written)
+
     def get(self, key: Key) -> RowEntry | None:
         return self._entries.get(key)
 

@@ -19,6 +19,7 @@ from tests.api.conftest import artifact_bytes
 from tests.reliability.conftest import (
     ACME,
     GLOBEX,
+    TEST_ENGINE,
     generate,
     metric_value,
     upload,
@@ -150,14 +151,7 @@ def test_overload_queue_timeout_and_disconnect(spawn_server, long_gpt2_dir):
 async def test_one_request_failing_fails_alone(make_api, loaded):
     api = await make_api()
     poison = loaded.tokenizer.encode(" poisoned request", add_special_tokens=False)
-    real_step = api.engine.runner.step
-
-    def step(tokens, items):  # a request the runner cannot handle, recognised by its prompt
-        if any(list(item.input_ids) == list(poison) for item in items):
-            raise RuntimeError("injected: this request breaks the model runner")
-        return real_step(tokens, items)
-
-    api.engine.runner.step = step
+    _fail_requests_for(api, poison)
     alone = (await api.generate("Hello there", max_new_tokens=6)).json()["generated_text"]
     results = await asyncio.gather(
         *(api.generate("Hello there", max_new_tokens=6) for _ in range(3)),
@@ -178,15 +172,7 @@ async def test_one_request_failing_fails_alone(make_api, loaded):
 async def test_engine_loop_crash_turns_readiness_off_and_takes_the_exit_path(make_api):
     fatal = asyncio.Event()
     api = await make_api(on_fatal=fatal.set)
-
-    real_step = api.engine.runner.step
-
-    def step(tokens, items):
-        if tokens:
-            raise RuntimeError("injected: device lost")
-        return real_step(tokens, items)
-
-    api.engine.runner.step = step  # every decode step now fails: the loop dies
+    _kill_the_model(api)  # every step now fails (native) or vLLM's engine core is dead (vLLM)
     r = await api.generate("x", max_new_tokens=5)
     assert r.status_code == 503 and r.json()["error_type"] == "unavailable", r.text
     await asyncio.wait_for(fatal.wait(), timeout=10)  # main's on_fatal: exit status 1
@@ -195,6 +181,72 @@ async def test_engine_loop_crash_turns_readiness_off_and_takes_the_exit_path(mak
     later = await api.generate("y", max_new_tokens=2)
     assert later.status_code == 503
     api.engine.healthy = True  # let the fixture's teardown stop it normally
+
+
+def _fail_requests_for(api, poison: list[int]) -> None:
+    """The model fails on any request whose prompt is `poison`: the native runner's step raises for a
+    batch holding it; on vLLM, vLLM raises for that one request (as it does for one it rejects)."""
+    if TEST_ENGINE == "vllm":
+        api.engine.llm = _FailingVllm(api.engine.llm, poison=poison)
+        return
+    real_step = api.engine.runner.step
+
+    def step(tokens, items):  # a request the runner cannot handle, recognised by its prompt
+        if any(list(item.input_ids) == list(poison) for item in items):
+            raise RuntimeError("injected: this request breaks the model runner")
+        return real_step(tokens, items)
+
+    api.engine.runner.step = step
+
+
+def _kill_the_model(api) -> None:
+    """Native: every decode step raises (a lost device), so the engine loop dies. vLLM: its engine core
+    is dead (the in-process view of a killed core; test_vllm_engine_core.py kills a real one)."""
+    if TEST_ENGINE == "vllm":
+        api.engine.llm = _FailingVllm(api.engine.llm, dead=True)
+        return
+    real_step = api.engine.runner.step
+
+    def step(tokens, items):
+        if tokens:
+            raise RuntimeError("injected: device lost")
+        return real_step(tokens, items)
+
+    api.engine.runner.step = step
+
+
+class _FailingVllm:
+    """vLLM's `AsyncLLM` as one engine sees it (the shared core itself stays healthy): a `poison` prompt
+    raises inside `generate`, or (`dead`) every `generate` raises vLLM's EngineDeadError and `errored`
+    turns true, as after its engine core process died."""
+
+    def __init__(self, llm, poison: list[int] | None = None, dead: bool = False) -> None:
+        self._llm, self._poison, self._dead, self._died = llm, poison, dead, False
+
+    def __getattr__(self, name: str):
+        return getattr(self._llm, name)
+
+    @property
+    def errored(self) -> bool:
+        return self._died or self._llm.errored
+
+    @property
+    def dead_error(self) -> BaseException:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        return EngineDeadError() if self._died else self._llm.dead_error
+
+    async def generate(self, prompt, *args, **kwargs):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        ids = list(prompt["prompt_token_ids"])
+        if self._poison and ids[-len(self._poison) :] == self._poison:
+            raise ValueError("injected: vLLM cannot run this request")
+        if self._dead:
+            self._died = True
+            raise EngineDeadError()
+        async for output in self._llm.generate(prompt, *args, **kwargs):
+            yield output
 
 
 def test_engine_loop_crash_exits_the_process_non_zero(spawn_server):

@@ -48,6 +48,27 @@ async def test_selection_auto_vllm_native(
     )
 
 
+async def test_native_engine_settings_given_to_vllm_are_named_as_ignored(
+    h32: LoadedModel, h32_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LocalPrefixStore(tmp_path / "store")
+
+    def warnings_for(**given: object) -> list[str]:
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None, model=str(h32_dir), engine="vllm", local_store_dir=tmp_path, **given
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="prefixserve.main"):
+            assert isinstance(build_engine(settings, h32, store, Metrics()), VllmEngine)
+        return [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+
+    assert warnings_for() == []
+    assert warnings_for(max_batch_size=4, host_prefix_cache_bytes=1 << 20) == []  # both backends use these
+    (line,) = warnings_for(kv_budget_tokens=3000, max_prefill_tokens=64, cuda_graphs=False)
+    assert "PREFIXSERVE_MAX_PREFILL_TOKENS, PREFIXSERVE_KV_BUDGET_TOKENS, PREFIXSERVE_CUDA_GRAPHS" in line
+    assert "DEVICE_PREFIX_CACHE_BYTES" not in line  # only what was given
+
+
 async def test_abort_ends_the_request_and_frees_its_place(vllm_engine: VllmEngine) -> None:
     params = SamplingParams(max_new_tokens=400, ignore_eos=True)
     handle = await vllm_engine.add_request(

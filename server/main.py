@@ -15,6 +15,7 @@ overridden on the command line. Shutdown:
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -145,6 +146,18 @@ def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, ob
     return Engine(loaded, store, engine_config(settings), observer=observer)
 
 
+def release_model_weights(engine: Any, loaded: LoadedModel) -> None:
+    """On the vLLM backend, vLLM's engine core process loads the weights itself, and this process needs
+    only the model's spec (its weights digest was taken at load) and tokenizer: the HF copy would double
+    the model's memory, so its parameters are dropped (moved to the meta device)."""
+    if getattr(engine, "backend", None) != "vllm":
+        return
+    import torch
+
+    torch.nn.Module.to(loaded.model, "meta")  # PreTrainedModel.to's wrapper hides the overloads from mypy
+    gc.collect()
+
+
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     """uvicorn with the connection limits of `settings.limits`: idle keep-alive connections close,
     headers must arrive in time (slowloris), header size and open connections are bounded."""
@@ -203,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         logger.error("%s", exc)
         return EXIT_CONFIG
+    release_model_weights(engine, loaded)
     exit_code = EXIT_OK
     server: _Server | None = None
 

@@ -60,6 +60,7 @@ from server.engine.observer import EngineObserver
 from server.engine.paged_kv import PagedKVCache
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
 from server.engine.prefix_transfer import DevicePrefix, wait_until_ready
+from server.engine.request_state import RequestEndings, RequestState, failure_note, tokenize_prompt
 from server.engine.runner import ModelRunner, PrefillItem
 from server.engine.sampling import RowSampling, SampleOutput, Sampler, make_row, new_seed, prompt_scores
 from server.engine.scheduler import (
@@ -103,30 +104,13 @@ class EngineConfig:
     )
 
 
-@dataclass
-class _Request:
-    """Engine-side state of one request (event loop thread only)."""
+@dataclass(kw_only=True)
+class _Request(RequestState):
+    """Engine-side state of one request (event loop thread only); `prefix` is on the host until on the
+    device (`on_device`)."""
 
-    request: GenerationRequest
-    prompt_ids: list[int]
-    prefix: ResolvedPrefix | None  # None until located; on the host until on the device (`on_device`)
-    seed: int
     sampling: RowSampling
-    detok: IncrementalDetokenizer
-    arrival: float
-    events: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
     next_token: int | None = None  # sampled, not yet fed to the model
-    last_token_time: float | None = None
-    done: bool = False
-    handle: RequestHandle | None = None  # the caller's side, made at admission
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def task_label(self) -> str:
-        return f"{self.request.tenant}/{self.request.task}" if self.request.task else ""
 
 
 @dataclass
@@ -154,7 +138,7 @@ class _StepResult:
     )
 
 
-class Engine:
+class Engine(RequestEndings):
     """Serves `generate` requests for many tasks over one model. See the module docstring."""
 
     backend = "native"  # the vLLM backend's engine says "vllm"
@@ -357,7 +341,7 @@ class Engine:
     async def _admit(self, request: GenerationRequest) -> _Request:
         """Checks that need no store read, then queue the request at once (see `_load_prefix`)."""
         if not self._accepting or not self.healthy:
-            raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
+            raise EngineStopped("the engine is not accepting requests" + failure_note(self.failure))
         params = request.params
         params.validate()
         prompt_ids = self.tokenize(request.prompt)
@@ -454,40 +438,7 @@ class Engine:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids (ids are checked against the vocabulary). Safe in worker threads: the
         API tokenises long prompts off the event loop and submits the ids."""
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        else:
-            ids = list(prompt)
-            vocab = self.runner.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
-        if not ids:
-            # Like HF generate without input: start from the BOS token.
-            bos = self.tokenizer.bos_token_id
-            if bos is None:
-                raise InvalidRequest("the prompt is empty and the model has no BOS token")
-            ids = [int(bos)]
-        return ids
-
-    def _finish_outside(self, state: _Request, reason: FinishReason) -> None:
-        """End a request for a reason outside the model (cancelled): abort it, free its row next step."""
-        if state.done:
-            return
-        self._end(state, "aborted")
-        text = state.detok.finish(reason)
-        state.events.put_nowait(self._event(state, None, text, reason))
-        self._observe_finish(state, reason)
-
-    def _fail(self, state: _Request, exc: BaseException, observe: bool = True) -> None:
-        """End the request with `exc` (its handle raises it). `observe=False`: a refusal at admission
-        (unknown task, store down, ...), which the metrics do not count as a finished request."""
-        if state.done:
-            return
-        self._end(state, "failed")
-        state.events.put_nowait(exc)
-        if observe:
-            self._observe_finish(state, "error")
+        return tokenize_prompt(self.tokenizer, prompt, self.runner.vocab_size)
 
     def _end(self, state: _Request, reason: LeaveReason) -> None:
         """The request is over for its caller; the scheduler reports it in the next plan's `left`."""
@@ -704,43 +655,6 @@ class Engine:
             self.observer.on_step(len(result.request_ids), len(tasks), self.scheduler.kv_usage_ratio)
         if result.prompt_tokens or outputs:
             self.observer.on_iteration(result.prompt_tokens, len(outputs))
-
-    # ---- events -------------------------------------------------------------------------------
-    def _event(
-        self,
-        state: _Request,
-        token: int | None,
-        text: str,
-        reason: FinishReason | None,
-        logprob: float | None = None,
-    ) -> StreamEvent:
-        return StreamEvent(
-            request_id=state.request_id,
-            token_id=token,
-            text=text,
-            finish_reason=reason,
-            num_prompt_tokens=len(state.prompt_ids),
-            num_generated_tokens=state.detok.num_generated,
-            seed=state.seed,
-            prefix_version=None if state.prefix is None else state.prefix.version,
-            prefix_variant=None if state.prefix is None else state.prefix.variant,
-            generated_text=state.detok.text if reason is not None else None,
-            token_logprob=logprob,
-        )
-
-    def _observe_finish(self, state: _Request, reason: str) -> None:
-        self.observer.on_finish(
-            reason,
-            len(state.prompt_ids),
-            state.detok.num_generated,
-            time.monotonic() - state.arrival,
-            state.request.tenant,
-            state.request.task,
-        )
-
-
-def _failure_note(failure: BaseException | None) -> str:
-    return "" if failure is None else f" (engine failed: {failure!r})"
 
 
 def _default_runner(loaded: LoadedModel, config: EngineConfig) -> ModelRunner:

@@ -49,7 +49,8 @@ from server.engine.errors import (
 )
 from server.engine.handle import RequestHandle
 from server.engine.observer import EngineObserver
-from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, ResolvedPrefix
+from server.engine.prefix_cache import PrefixCache, PrefixCacheStats
+from server.engine.request_state import RequestEndings, RequestState, failure_note, tokenize_prompt
 from server.engine.sampling import new_seed
 from server.engine.scheduler import LeaveReason, ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
 from server.engine.task_uses import TaskUses
@@ -71,32 +72,14 @@ _LEAVE_REASONS: dict[FinishReason, LeaveReason] = {
 }
 
 
-@dataclass
-class _Request:
+@dataclass(kw_only=True)
+class _Request(RequestState):
     """Engine-side state of one request (event loop only)."""
 
-    request: GenerationRequest
-    prompt_ids: list[int]
-    seed: int
-    detok: IncrementalDetokenizer
-    arrival: float
-    events: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
-    handle: RequestHandle | None = None
-    prefix: ResolvedPrefix | None = None
     rows: RowEntry | None = None  # pinned while the request lives
     virtual_ids: list[int] = field(default_factory=list)
-    last_token_time: float | None = None
-    done: bool = False
     drive: asyncio.Task[None] | None = None  # streams its vLLM request once admitted
     vllm_id: str = ""
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def task_label(self) -> str:
-        return f"{self.request.tenant}/{self.request.task}" if self.request.task else ""
 
     @property
     def prefix_key(self) -> Key | None:
@@ -105,7 +88,7 @@ class _Request:
         return (self.request.tenant, self.request.task, self.prefix.version)
 
 
-class VllmEngine:
+class VllmEngine(RequestEndings):
     """The vLLM backend; see the module docstring. Same public API as `server.engine.Engine`."""
 
     backend = "vllm"
@@ -335,25 +318,11 @@ class VllmEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids, checked against the text vocabulary (never a virtual id)."""
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequest(
-                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
-                )
-        if not ids:
-            bos = self.tokenizer.bos_token_id
-            if bos is None:
-                raise InvalidRequest("the prompt is empty and the model has no BOS token")
-            ids = [int(bos)]
-        return ids
+        return tokenize_prompt(self.tokenizer, prompt, self.vocab_size)
 
     def _admit(self, request: GenerationRequest) -> _Request:
         if not self._accepting or not self.healthy:
-            raise EngineStopped("the engine is not accepting requests" + _failure_note(self.failure))
+            raise EngineStopped("the engine is not accepting requests" + failure_note(self.failure))
         params = request.params
         params.validate()
         prompt_ids = self.tokenize(request.prompt)
@@ -506,22 +475,6 @@ class VllmEngine:
         return entry
 
     # ---- endings ------------------------------------------------------------------------------
-    def _finish_outside(self, state: _Request, reason: FinishReason) -> None:
-        if state.done:
-            return
-        self._end(state, "aborted")
-        text = state.detok.finish(reason)
-        state.events.put_nowait(self._event(state, None, text, reason))
-        self._observe_finish(state, reason)
-
-    def _fail(self, state: _Request, exc: BaseException, observe: bool = True) -> None:
-        if state.done:
-            return
-        self._end(state, "failed")
-        state.events.put_nowait(exc)
-        if observe:
-            self._observe_finish(state, "error")
-
     def _end(self, state: _Request, reason: LeaveReason) -> None:
         """The request is over for its caller: it leaves our scheduler, vLLM and its rows."""
         state.done = True
@@ -681,38 +634,6 @@ class VllmEngine:
         if top_n > 0:
             event.prompt_top_tokens = tops
 
-    def _event(
-        self,
-        state: _Request,
-        token: int | None,
-        text: str,
-        reason: FinishReason | None,
-        logprob: float | None = None,
-    ) -> StreamEvent:
-        return StreamEvent(
-            request_id=state.request_id,
-            token_id=token,
-            text=text,
-            finish_reason=reason,
-            num_prompt_tokens=len(state.prompt_ids),
-            num_generated_tokens=state.detok.num_generated,
-            seed=state.seed,
-            prefix_version=None if state.prefix is None else state.prefix.version,
-            prefix_variant=None if state.prefix is None else state.prefix.variant,
-            generated_text=state.detok.text if reason is not None else None,
-            token_logprob=logprob,
-        )
-
-    def _observe_finish(self, state: _Request, reason: str) -> None:
-        self.observer.on_finish(
-            reason,
-            len(state.prompt_ids),
-            state.detok.num_generated,
-            time.monotonic() - state.arrival,
-            state.request.tenant,
-            state.request.task,
-        )
-
 
 def _top(entry: Any, n: int) -> list[tuple[int, float]]:
     """The `n` most likely tokens of a vLLM logprobs entry as (id, logprob), most likely first."""
@@ -726,7 +647,3 @@ def _top(entry: Any, n: int) -> list[tuple[int, float]]:
         )
     )
     return [(tok, logprob) for _, tok, logprob in ranked[:n]]
-
-
-def _failure_note(failure: BaseException | None) -> str:
-    return "" if failure is None else f" (engine failed: {failure!r})"

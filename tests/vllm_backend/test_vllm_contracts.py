@@ -11,7 +11,7 @@ import pytest
 from modeling.models import LoadedModel, load_model
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import Engine, EngineError, GenerationRequest, SamplingParams
-from server.main import build_engine
+from server.main import build_engine, release_model_weights
 from server.metrics import Metrics
 from server.settings import Settings
 from server.vllm_backend.engine import VllmEngine
@@ -67,6 +67,20 @@ async def test_native_engine_settings_given_to_vllm_are_named_as_ignored(
     (line,) = warnings_for(kv_budget_tokens=3000, max_prefill_tokens=64, cuda_graphs=False)
     assert "PREFIXSERVE_MAX_PREFILL_TOKENS, PREFIXSERVE_KV_BUDGET_TOKENS, PREFIXSERVE_CUDA_GRAPHS" in line
     assert "DEVICE_PREFIX_CACHE_BYTES" not in line  # only what was given
+
+
+async def test_a_server_on_vllm_keeps_no_copy_of_the_weights(h32_dir: Path, tmp_path: Path) -> None:
+    """vLLM's engine core loads the weights; the API process drops its own (`server.main`), keeping
+    what it serves with: the spec and its weights digest, the tokenizer."""
+    store = LocalPrefixStore(tmp_path / "store")
+    for backend in ("vllm", "native"):
+        loaded = load_model(str(h32_dir), "cpu", "float32")
+        spec = loaded.spec
+        engine = build_engine(settings_for(h32_dir, backend, tmp_path), loaded, store, Metrics())
+        release_model_weights(engine, loaded)
+        devices = {p.device.type for p in loaded.model.parameters()}
+        assert devices == ({"meta"} if backend == "vllm" else {"cpu"}), backend
+        assert loaded.spec == spec and loaded.tokenizer.encode("Hello") == [15496]
 
 
 async def test_abort_ends_the_request_and_frees_its_place(vllm_engine: VllmEngine) -> None:

@@ -87,6 +87,8 @@ bench-gpu: $(STAMP)
 
 soak: $(STAMP) test-services
 	$(PY) -m pytest -q -m soak tests/reliability
+	@if $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)'; then \
+	  PREFIXSERVE_TEST_ENGINE=vllm $(PY) -m pytest -q -m soak tests/reliability $(VLLM_PYTEST_ARGS); fi
 
 # The multi-replica load test (3 servers, HAProxy, Redis Sentinel failover; several minutes; needs
 # haproxy and redis-server from Debian). `python -m loadtest.fleet --out docs/bench/fleet-cpu-report.md`

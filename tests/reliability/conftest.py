@@ -107,6 +107,19 @@ class ServerProcess(process.ServerProcess):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS in /proc status")
 
+    def tree_rss_kib(self) -> int:
+        """RSS of the server and every process under it (on vLLM: its engine core), in KiB."""
+        import psutil
+
+        root = psutil.Process(self.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total >> 10
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)

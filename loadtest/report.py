@@ -3,7 +3,7 @@
 Keys of `results.json` (see docs/benchmarks.md): `workload`, `machine`, `command`, `results`
 (runner -> metrics), `ratios`, `targets`, `scaling`, `flops`, and `bart` (its own `workload`,
 `results`, `ratios`, `notes`) when the profile has a BART section, and `sections` (a list of the same
-per-section keys plus `name`) when it has more comparisons (issue 23: beside vLLM in fp32 and bf16).
+per-section keys plus `name`) when it has more comparisons (beside vLLM in fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ RUNNER_ORDER = (
     "server_vllm",
     "server_native",
 )
-# Issue 23: each of these runners' output tokens/s over stock vLLM's on the bare model
+# Each of these runners' output tokens/s over stock vLLM's on the bare model
 # (`<runner>_vs_vllm_bare`).
 VS_VLLM_BARE = ("server_vllm", "server_native", "http", "engine")
 # Targets of the engine issues: engine output tokens/s relative to each baseline.

@@ -6,7 +6,7 @@
 d_model 768; `--layers/--width` do not apply): `--batch` rows over `--tasks` tasks (round robin), each
 task with encoder, decoder and cross prefixes of `--prefix-len`, every row's encoder input
 `--source-len` tokens (bos + source + eos); e.g. `--model bart --batch 16 --tasks 4 --prefix-len 200
---source-len 512`. It runs against the slot-cache BART runner of before issue 15 too.
+--source-len 512`. It runs against the slot-cache BART runner of before the shared-prefix pools too.
 
 `--tasks 0` runs the same rows without prefixes (the no-prefix baseline of the same shape). The figure
 is the median *thread CPU time* per step (`time.thread_time`), which other processes on a shared

@@ -45,7 +45,7 @@ BART_SPECIAL_TOKENS = {
 # Presets: exact shapes of the public checkpoints, and tiny ones for tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-gpt2": {"arch": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 512},
-    # vLLM's CPU attention needs head_dim >= 32 (issue 23): the tiny model the vLLM backend's tests serve.
+    # vLLM's CPU attention needs head_dim >= 32: the tiny model the vLLM backend's tests serve.
     "tiny-gpt2-h32": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 512},
     "gpt2": {"arch": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024},
     "gpt2-medium": {"arch": "gpt2", "n_layer": 24, "n_head": 16, "n_embd": 1024, "n_positions": 1024},

@@ -1,7 +1,7 @@
 """The torch-free half of the artifact contract: its error and the limits protocol its checks read.
 
 Split from `prefix_store.artifact` (which builds tensors) so that the torch-free API layer can name
-them (issue 14: `server.api` imports no torch, not even indirectly).
+them (`server.api` imports no torch, not even indirectly).
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ class TaskInfo:
 
     current: VersionInfo
     versions: list[VersionInfo]
-    split: dict[int, int] = field(default_factory=dict)  # issue 18: version -> percent; {} = none
+    split: dict[int, int] = field(default_factory=dict)  # version -> percent; {} = none
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Layout (names are validated, so they are plain path components, never "..", "/" 
     {root}/{tenant}/{task}/v{N}.json          JSON of `VersionInfo` (written after the blob)
     {root}/{tenant}/{task}/current            the current version number
     {root}/{tenant}/{task}/seq                the last version number handed out
-    {root}/{tenant}/{task}/split              traffic split JSON {"<version>": percent} (issue 18)
+    {root}/{tenant}/{task}/split              traffic split JSON {"<version>": percent}
     {root}/{tenant}/.deleted                  JSON {"floor": N, "tasks": {task: last version}}
 
 Deleting a task removes its directory and its use count; its last version number goes to the
@@ -494,7 +494,7 @@ class LocalPrefixStore:
         await self._emit(ChangeEvent(tenant, task, None))
 
     async def set_split(self, tenant: str, task: str, split: dict[int, int]) -> None:
-        """Set (or with `{}` end) the task's traffic split; notifies subscribers (issue 18)."""
+        """Set (or with `{}` end) the task's traffic split; notifies subscribers."""
         self._task_dir(tenant, task)
         split = validate_split(split) if split else {}
         async with self._lock(tenant, task):  # serialised with put's pruning and rollback

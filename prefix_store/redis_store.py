@@ -12,7 +12,7 @@ Key layout (P = key_prefix, T = tenant, K = task; names are validated, so they n
     P:blob:<sha256>             artifact bytes, content-addressed: identical uploads are stored once
     P:blob:<sha256>:refs        how many versions (any task, any tenant) name that blob
     P:usage                     sorted set "T/K" -> requests served (warm start reads the top; delete drops K's)
-    P:t:T:task:K:split          traffic split JSON {"<version>": percent} (issue 18; absent = none)
+    P:t:T:task:K:split          traffic split JSON {"<version>": percent} (absent = none)
     P:t:T:deleted               sorted set: deleted task names, score = the last version handed out
     P:t:T:deleted_floor         versions of names pushed out of P:t:T:deleted (over MAX_TOMBSTONES)
     P:changes                   pub/sub channel; message = JSON {"tenant", "task", "version"}
@@ -244,7 +244,7 @@ return {2, m}
 """
 
 # KEYS: current, versions, split. ARGV: split_json ('' = end the split), channel, message, versions...
-# Returns {0} no task, {1, v} version v not kept, {2} done. (Issue 18: canary traffic splits.)
+# Returns {0} no task, {1, v} version v not kept, {2} done. (canary traffic splits)
 _SPLIT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 for i = 4, #ARGV do
@@ -415,7 +415,7 @@ class RedisPrefixStore:
         self._seen: dict[tuple[str, str], int] = {}
         self._seen_splits: dict[
             tuple[str, str], bytes | str | None
-        ] = {}  # issue 18: last split read per task
+        ] = {}  # last split read per task
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -602,7 +602,7 @@ class RedisPrefixStore:
     @_deadline("set_split")
     async def set_split(self, tenant: str, task: str, split: dict[int, int]) -> None:
         """Set (or with `{}` end) the task's traffic split atomically with the check that every
-        weighted version is kept; notifies subscribers (issue 18)."""
+        weighted version is kept; notifies subscribers."""
         base = self._task_base(tenant, task)
         split = validate_split(split) if split else {}
         current = await self.current_version(tenant, task)
@@ -820,7 +820,7 @@ class RedisPrefixStore:
         return events
 
     async def _resync_splits(self) -> list[ChangeEvent]:
-        """Issue 18: a traffic split changed while the listener was away (the split is not part of
+        """A traffic split changed while the listener was away (the split is not part of
         `current`): report the task as changed, so subscribers re-read its split."""
         known = {**dict.fromkeys(self._seen), **self._seen_splits}  # tasks that exist, or had a split
         snapshot = list(known.items())

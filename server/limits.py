@@ -23,7 +23,7 @@ class Limits:
     # --- HTTP ----------------------------------------------------------------------------------
     max_body_bytes: int = 64 << 20  # larger request bodies get 413
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long in-flight generations may finish
-    # issue 13: what one HTTP client may send (server.api.admission, server.http_protocol)
+    # What one HTTP client may send (server.api.admission, server.http_protocol)
     max_json_body_bytes: int = 1 << 20  # body limit of every route but uploads (capped by max_body_bytes)
     max_prompt_chars: int | None = None  # longer prompts: 422 before tokenising; None: derived from the model
     max_prompts_per_request: int = 64  # prompts in one /v1/completions request (a list); more: 422
@@ -31,7 +31,7 @@ class Limits:
     timeout_request_header_s: float = 10.0  # request line + headers must arrive within this (slowloris)
     max_connections: int = 1000  # open connections beyond this get 503 (uvicorn limit_concurrency)
     max_request_header_bytes: int = 16384  # request line + headers beyond this get 400 (h11)
-    # issue 24: what one hostile tenant may cost (server.http_protocol, server.engine.chat_render)
+    # What one hostile tenant may cost (server.http_protocol, server.engine.chat_render)
     timeout_request_body_s: float = 30.0  # a body must arrive within this plus its bytes at the rate below
     min_request_body_bytes_per_s: int = 16384  # (a slower body's connection is closed)
     timeout_refused_body_s: float = 1.0  # the same, shorter grace for the rest of a body refused unread
@@ -54,14 +54,14 @@ class Limits:
     queue_timeout_s: float = 30.0  # longest wait in the queue before a clear error
     max_prefill_tokens: int = 256  # prompt tokens computed per step (GPT-2: chunked prefill)
     kv_budget_tokens: int | None = None  # KV positions reserved by running requests; None: batch x positions
-    kv_budget_bytes: int | None = None  # GPT-2's paged KV pool; None: kv_budget_tokens' worth (issue 15)
+    kv_budget_bytes: int | None = None  # GPT-2's paged KV pool; None: kv_budget_tokens' worth
     # GPT-2's static decode path (CUDA graphs, or torch.compile): the device arena that holds decoding
     # rows' prefixes at fixed addresses (positions; its bytes count in the KV budget), and how many
     # decode buckets are captured as CUDA graphs (beyond it, buckets run the static step eagerly)
     static_prefix_arena_tokens: int = 2048
     max_cuda_graphs: int = 64
     device_prefix_cache_bytes: int = 256 << 20
-    # The vLLM backend (issue 23): its prefix table (rows of prefix K/V inside vLLM's model; an LRU over
+    # The vLLM backend: its prefix table (rows of prefix K/V inside vLLM's model; an LRU over
     # prefixes no request uses), and how many admitted requests may wait in vLLM's own queue beyond
     # the batch (0: our fair queue decides every admission; vLLM serves its own queue FCFS)
     vllm_prefix_table_bytes: int = 128 << 20
@@ -75,7 +75,7 @@ class Limits:
     tenant_max_concurrent: int = 0
     tenant_rps: float = 0.0
     tenant_upload_rps: float = 0.0  # prefix uploads per second per tenant
-    tenant_max_tasks: int = 1000  # tasks per tenant (issue 13): a new task beyond it gets 429
+    tenant_max_tasks: int = 1000  # tasks per tenant: a new task beyond it gets 429
     tenant_max_stored_bytes: int = 8 << 30  # artifact bytes per tenant, all kept versions: 413
     max_training_metadata_bytes: int = 16 << 10  # JSON of an artifact's `training` metadata: 422
 

@@ -106,10 +106,10 @@ def engine_config(settings: Settings) -> EngineConfig:
     weights, bounds = settings.tenant_weights()
     return EngineConfig(
         limits=settings.limits,
-        kv_block_size=settings.kv_block_size,  # issue 15
+        kv_block_size=settings.kv_block_size,
         cuda_graphs=settings.cuda_graphs,
         torch_compile=settings.torch_compile,
-        fair_queue=FairQueueConfig(  # issue 18
+        fair_queue=FairQueueConfig(
             enabled=settings.fair_scheduling,
             tenant_weights=weights,
             tenant_max_waiting=bounds,
@@ -119,7 +119,7 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, observer: Metrics) -> Any:
-    """The engine `settings.engine` asks for (issue 23): vLLM or ours, the same public API and the same
+    """The engine `settings.engine` asks for: vLLM or ours, the same public API and the same
     observer hooks. `auto` logs once why it did not pick vLLM; `vllm` raises `EngineError` if it cannot."""
     from server.engine import Engine
     from server.vllm_backend.support import choose_backend
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**parse_args(argv))  # type: ignore[arg-type]
         api_keys = settings.resolve_api_keys()
-        settings.tenant_weights()  # issue 18: keys of one tenant must agree on its share
+        settings.tenant_weights()  # keys of one tenant must agree on its share
     except (ValidationError, ValueError) as exc:
         print(f"prefixserve: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

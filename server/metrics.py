@@ -213,7 +213,7 @@ class Metrics(EngineObserver):
             f"{p}task_requests", "Generation requests by tenant and task (bounded labels, rest 'other').",
             ["tenant", "task"], registry=r,
         )  # fmt: skip
-        self.variant_requests = Counter(  # issue 18: canary rollouts; variant is current|primary|canary
+        self.variant_requests = Counter(  # canary rollouts; variant is current|primary|canary
             f"{p}prefix_variant_requests", "Generation requests by the variant of the task version served.",
             ["tenant", "task", "variant"], registry=r,
         )  # fmt: skip
@@ -300,7 +300,7 @@ class Metrics(EngineObserver):
         ).inc()
 
     def observe_variant(self, tenant: str | None, task: str | None, variant: str | None) -> None:
-        """Which variant of a task's versions served a request (issue 18: canary vs primary)."""
+        """Which variant of a task's versions served a request (Canary vs primary)."""
         if task is not None and variant is not None:
             self.variant_requests.labels(
                 tenant=self.labeler.tenant(tenant), task=self.labeler.task(tenant, task), variant=variant

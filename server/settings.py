@@ -33,7 +33,7 @@ class ApiKeyEntry(BaseModel):
     tenant: str
     # "generate": generate and list models/prefixes; "manage": also upload, delete and roll back prefixes.
     role: Role = "generate"
-    # Issue 18: the tenant's share of the batch under contention (relative to other tenants' weights;
+    # The tenant's share of the batch under contention (relative to other tenants' weights;
     # every key of a tenant must agree), the class of its requests unless they send `X-Priority`, and
     # its own queue bound (None: `tenant_max_waiting`).
     weight: float = Field(default=1.0, gt=0, le=1000)
@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     warm_start_timeout_s: float = Field(
         default=_L.warm_start_timeout_s, ge=0, description="Longest warm start; then ready anyway."
     )
-    # issue 15 (engine v2): the GPT-2 paged KV pool in bytes (a limit, in `Limits`) and its block size.
+    # The GPT-2 paged KV pool in bytes (a limit, in `Limits`) and its block size.
     kv_budget_bytes: int | None = Field(
         default=_L.kv_budget_bytes,
         ge=1,
@@ -169,7 +169,7 @@ class Settings(BaseSettings):
         default=False, description="torch.compile the decode step's block output (GPT-2; on|off)."
     )
 
-    # --- issue 23: the engine backend ----------------------------------------------------------
+    # --- The engine backend ----------------------------------------------------------
     engine: Literal["auto", "vllm", "native"] = Field(
         default="auto",
         description="auto: vLLM for GPT-2 where it is installed and can run the model, else native; "
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         default=_L.tenant_rps, ge=0, description="Requests/second per tenant; 0 = unlimited."
     )
 
-    # --- issue 13: hostile HTTP clients (defaults in server.limits.Limits) -------------------
+    # --- Hostile HTTP clients (defaults in server.limits.Limits) -------------------
     max_json_body_bytes: int = Field(
         default=_L.max_json_body_bytes,
         ge=1024,
@@ -231,7 +231,7 @@ class Settings(BaseSettings):
     max_request_header_bytes: int = Field(
         default=_L.max_request_header_bytes, ge=1024, description="Request line + headers beyond: 400."
     )
-    # --- issue 24: hostile tenants (defaults in server.limits.Limits) ----------------------------
+    # --- Hostile tenants (defaults in server.limits.Limits) ----------------------------
     timeout_request_body_s: float = Field(
         default=_L.timeout_request_body_s,
         gt=0,
@@ -272,7 +272,7 @@ class Settings(BaseSettings):
         description="Memory one chat template render may use; beyond it the request gets 422.",
     )
 
-    # --- issue 18: fair scheduling across tenants ----------------------------------------------
+    # --- Fair scheduling across tenants ----------------------------------------------
     fair_scheduling: bool = Field(
         default=True, description="Weighted fair admission across tenants; false: one FCFS queue."
     )
@@ -282,7 +282,7 @@ class Settings(BaseSettings):
         description="Queued requests per tenant (a key's max_waiting wins); 0 = global only.",
     )
 
-    # --- upload quotas (issue 13); the upload rate is tenant_upload_rps ------------------------
+    # --- upload quotas; the upload rate is tenant_upload_rps ------------------------
     tenant_max_tasks: int = Field(
         default=_L.tenant_max_tasks, ge=0, description="Tasks per tenant; 0 = unlimited (429 beyond)."
     )
@@ -310,7 +310,7 @@ class Settings(BaseSettings):
         description="Without an allow-list: the first N busy tasks get labels (0: none; /metrics is public).",
     )
 
-    # --- issue 16: metrics for routers (vLLM names), per-tenant upload rate (admin CLI) ---------
+    # --- Metrics for routers (vLLM names), per-tenant upload rate (admin CLI) ---------
     metrics_adapter_names: Literal["off", "task", "tenant_task"] = Field(
         default="off",
         description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
@@ -321,7 +321,7 @@ class Settings(BaseSettings):
         description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited.",
     )
 
-    # --- API compatibility (issue 16, clients) --------------------------------------------------
+    # --- API compatibility --------------------------------------------------
     chat_template: Path | None = Field(
         default=None,
         description="Jinja chat template file for /v1/chat/completions (vLLM's --chat-template); "
@@ -346,7 +346,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def limits(self) -> Limits:
-        """The one `Limits` object (issue 14): same-named fields, built once, handed down by `server.main`."""
+        """The one `Limits` object: same-named fields, built once, handed down by `server.main`."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def native_engine_only_set(self) -> list[str]:
@@ -378,14 +378,14 @@ class Settings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"PREFIXSERVE_API_KEYS_FILE {self.api_keys_file}: {exc}") from None
             keys.update(_require_keys(_parse_keys(text, source), source))
-        if self.api_keys is not None:  # set but empty ("") fails closed too (issue 13)
+        if self.api_keys is not None:  # set but empty ("") fails closed too
             keys.update(
                 _require_keys(_parse_keys(self.api_keys, "PREFIXSERVE_API_KEYS"), "PREFIXSERVE_API_KEYS")
             )
         return keys
 
     def tenant_weights(self) -> tuple[dict[str, float], dict[str, int]]:
-        """Per-tenant fair-queue weights and queue bounds from the API keys (issue 18).
+        """Per-tenant fair-queue weights and queue bounds from the API keys.
 
         Raises `ValueError` when two keys of one tenant disagree: a tenant has one share.
         """

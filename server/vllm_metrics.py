@@ -49,7 +49,7 @@ which is what affinity needs; the batch size would make every pod look alike.
 Adapter names. The EPP matches a request's `model` (a task name here) against the comma lists of
 `vllm:lora_requests_info` to prefer a pod whose device prefix cache already holds the task. `/metrics`
 needs no key, so by default (`adapter_names="off"`) the lists stay empty and no task name is shown to
-anyone (issue 13); `max_lora` is still exported. Operators opt in:
+anyone; `max_lora` is still exported. Operators opt in:
 
 - `"task"`: the task name, exactly what clients send as `model` and what the EPP matches. Only a
   tenant's own request ever uses its prefix; two tenants' tasks of the same name share one adapter

@@ -1,4 +1,4 @@
-"""FutureWarnings caused by our code are errors in the suite (issue 14).
+"""FutureWarnings caused by our code are errors in the suite.
 
 A deprecation warning that transformers raises for a kwarg we pass (`past_key_values`, removed in
 transformers 5.40) is attributed to transformers' own module, so a plain `error::FutureWarning:<module>`

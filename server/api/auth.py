@@ -32,7 +32,7 @@ class Principal:
 
     tenant: str
     role: Role
-    # Issue 18: the fair-queue class of this caller's requests (the key's default or `X-Priority`)
+    # The fair-queue class of this caller's requests (the key's default or `X-Priority`)
     # and the key pinning it to one version of a traffic-split task (`X-Route-Key`; None: request id).
     priority: str = "interactive"
     route_key: str | None = None

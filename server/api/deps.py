@@ -66,7 +66,7 @@ class ApiConfig:
     limits: Limits  # the one limits object (`Settings.limits`)
     model_dtype: str = "float32"
     device_type: str = "cpu"
-    chat_template: str | None = None  # issue 16: Jinja text of PREFIXSERVE_CHAT_TEMPLATE
+    chat_template: str | None = None  # Jinja text of PREFIXSERVE_CHAT_TEMPLATE
 
 
 @dataclass
@@ -79,7 +79,7 @@ class AppState:
     spec: ModelSpec
     metrics: Metrics
     auth: Authenticator
-    uploads: UploadChecks  # the artifact checks (torch code, injected: issue 14)
+    uploads: UploadChecks  # the artifact checks (torch code, injected: the API imports no torch)
     limiter: TenantLimiter
     max_prompt_chars: int  # longer prompts cannot fit the model (`generation.prompt_char_limit`)
     chat_renderer: ChatRenderPool  # renders chat templates in worker processes (server.api.chat_templates)
@@ -109,7 +109,7 @@ def authenticate(
         principal = state.auth.authenticate(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(401, str(exc), "unauthorized", headers={"WWW-Authenticate": "Bearer"}) from None
-    principal = routing_headers(request.headers, principal)  # issue 18: X-Priority, X-Route-Key
+    principal = routing_headers(request.headers, principal)  # X-Priority, X-Route-Key
     ctx = request_context.get()
     if ctx is not None:
         ctx.tenant = principal.tenant

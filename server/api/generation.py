@@ -254,7 +254,7 @@ async def start_generation(
             tenant=principal.tenant,
             task=task,
             priority=principal.priority,
-            # Issue 18: a traffic split pins by the client's key, else by the (client-visible) request id.
+            # A traffic split pins by the client's key, else by the (client-visible) request id.
             route_key=principal.route_key or (ctx.request_id if ctx is not None else request_id),
         )
         try:
@@ -269,7 +269,7 @@ async def start_generation(
         raise
     # Counted once accepted: unknown task names (typos, probes) never take a metrics label slot.
     state.metrics.observe_task_request(principal.tenant, task)
-    state.metrics.observe_variant(principal.tenant, task, first.prefix_variant)  # issue 18
+    state.metrics.observe_variant(principal.tenant, task, first.prefix_variant)
     if ctx is not None and first.prefix_variant is not None:
         ctx.extra["prefix_variant"] = first.prefix_variant
     return Generation(first, handle, lease, ctx, start)

@@ -1,6 +1,6 @@
 """Request and response bodies (pydantic) of the native and TGI/LoRAX routes, and shared helpers.
 
-Compatibility (issue 16): a client written for TGI, LoRAX, vLLM or OpenAI works unchanged, so request
+Compatibility: a client written for TGI, LoRAX, vLLM or OpenAI works unchanged, so request
 models declare every field those APIs define. Each field is either supported, or accepted only at
 its neutral value (null/false/empty) with a 422 naming the reason otherwise (`neutral_only`). Fields
 no API defines are kept aside by pydantic (`extra="allow"`): the compatibility routes ignore them

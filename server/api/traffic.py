@@ -1,4 +1,4 @@
-"""Request headers that steer scheduling and canary routing (issue 18).
+"""Request headers that steer scheduling and canary routing.
 
 - `X-Priority: interactive | batch`: the request's class within its tenant's fair-queue share
   (default: the API key's `priority`). A class only splits the tenant's own share, so any caller

@@ -8,7 +8,7 @@ fastapi or redis; `Engine`, `EngineConfig` and `PrefixCacheStats` (torch) load o
 
 from typing import TYPE_CHECKING, Any
 
-# Torch-free parts, imported eagerly: the API layer uses them without loading torch (issue 14).
+# Torch-free parts, imported eagerly: the API layer uses them without loading torch.
 from server.engine.errors import (
     EngineError,
     EngineStopped,

@@ -5,7 +5,7 @@ tensor work (freeing rows, one decode of every running row, one prefill of the n
 sampling) runs in a single worker thread via `run_in_executor`, so the event loop stays free to accept
 and stream requests. Scheduler, request states and detokenizers are touched only on the event loop.
 
-The contract (issue 15): `add_request(request)` raises every admission error itself and returns a
+The contract: `add_request(request)` raises every admission error itself and returns a
 `RequestHandle` whose events stream (`async for event in handle`) and which `abort()`s the request;
 `generate()` is a thin wrapper over it, kept for callers that want a plain async iterator.
 
@@ -95,8 +95,8 @@ class EngineConfig:
     """The engine's limits (the one `Limits` object, built from the settings) plus internal tuning."""
 
     limits: Limits = field(default_factory=Limits)
-    fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: tenant weights, bounds
-    kv_block_size: int = 16  # issue 15: tokens per block of the paged KV pools (GPT-2, BART)
+    fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # tenant weights, bounds
+    kv_block_size: int = 16  # tokens per block of the paged KV pools (GPT-2, BART)
     cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs (ignored off CUDA; gpt2_runner)
     torch_compile: bool = False  # GPT-2: torch.compile the static decode step's block output
     static_decode: bool | None = (
@@ -405,7 +405,7 @@ class Engine(RequestEndings):
         request = state.request
         assert request.task is not None
         try:
-            route_key = request.route_key or request.request_id  # issue 18: pins a traffic split
+            route_key = request.route_key or request.request_id  # pins a traffic split
             located = await self.prefix_cache.locate(request.tenant, request.task, route_key)
             if state.done:  # timed out or aborted during the store read
                 return

@@ -3,7 +3,7 @@
 Pure bookkeeping over ids, tenants and costs (no tensors, no clock): the scheduler asks `peek()` for
 the next request, checks its own limits (rows, prefill tokens, KV budget) and calls `pop(item)`.
 
-`peek(eligible)` skips requests that cannot run yet (issue 15: their prefix is still being loaded to
+`peek(eligible)` skips requests that cannot run yet (their prefix is still being loaded to
 the device): the policy's order is kept among the others, and a skipped request keeps its place: its
 tenant's and class's virtual times do not move, so it goes first as soon as it is eligible. Within a
 tenant's class an eligible request may thus pass an earlier one that is still loading; nothing

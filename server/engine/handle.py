@@ -29,7 +29,7 @@ class RequestHandle:
     ) -> None:
         self.request_id = request_id
         self.prefix_version = prefix_version  # the version of the task's prefix it runs with
-        self.prefix_variant = prefix_variant  # issue 18: "current", or a split's "primary" / "canary"
+        self.prefix_variant = prefix_variant  # "current", or a split's "primary" / "canary"
         self._events = events
         self._on_abort = on_abort
         self._ended = False

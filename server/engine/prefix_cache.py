@@ -5,7 +5,7 @@ host tier (pinned memory on CUDA); moving it to the device (`to_device`) promote
 device-tier eviction demotes the entry back to the host tier. Each tier is an LRU bounded in bytes;
 an entry larger than a tier's whole budget is still returned to its caller, just not kept there.
 
-Two steps per request (issue 15), so the engine can queue a request before its prefix is on the
+Two steps per request, so the engine can queue a request before its prefix is on the
 device: `locate` finds the version and its artifact in the nearest tier (reading the store on a
 miss; this is where `UnknownTask`, `StoreUnavailable` and `InvalidPrefix` come from), and
 `to_device` brings it to the device: a copy issued from a worker thread, on a side CUDA stream with an
@@ -21,7 +21,7 @@ and one validation serve them all. Blobs are validated with `load_artifact(data,
 configured upload limits) before use.
 With the store down, cached current versions keep serving and uncached tasks raise `StoreUnavailable`.
 
-Traffic splits (issue 18, canary rollouts): a task whose store keeps a split serves each request
+Traffic splits: a task whose store keeps a split serves each request
 the version `pick_version(split, ..., route_key)` names; the split is read from the store once per
 task and forgotten on every change notification of the task (re-read on the next request), so
 every replica follows the store's split. A split's versions are loaded and cached like current ones.
@@ -119,7 +119,7 @@ class _LRU:
 class ResolvedPrefix:
     version: int
     artifact: PrefixArtifact  # in the serving dtype; on the device when `on_device`, else on the host
-    variant: str = "current"  # issue 18: "current" (no split), or the split's "primary" / "canary"
+    variant: str = "current"  # "current" (no split), or the split's "primary" / "canary"
     on_device: bool = True
     ready: Any = None  # CUDA: the event the device copy completes at (see `prefix_transfer`)
 
@@ -153,7 +153,7 @@ class PrefixCache:
         }
         self._current: dict[tuple[str, str], int] = {}  # task -> current version, as last heard
         self._loading: dict[tuple[str, str], asyncio.Future[ResolvedPrefix]] = {}  # single-flight loads
-        # Issue 18: traffic splits as last read ({} = none), and a count of change notifications so a
+        # Traffic splits as last read ({} = none), and a count of change notifications so a
         # read that raced one is not kept (one counter for all tasks: a per-task count would keep an
         # entry for every task name ever changed; a race with another task's change only costs a re-read).
         self._splits: dict[tuple[str, str], dict[int, int]] = {}

@@ -1,4 +1,4 @@
-"""Moving prefix artifacts between the host tier and the device (issue 15).
+"""Moving prefix artifacts between the host tier and the device.
 
 On CUDA the host tier keeps its tensors in pinned memory, and a host->device copy is queued on a
 side stream (`non_blocking`) with an event recorded after it: the copy overlaps the model's steps,

@@ -20,7 +20,7 @@ admitted ahead of it (no starvation of long prompts).
 
 Which waiting request is considered next is one call, `self._waiting.peek(ready)` (the queue
 policy); the plan lists decoding rows (prompt fully computed) and prefill chunks `[start, end)`
-separately. Issue 15: a request whose prefix is not resident on the device yet (`prefix_ready`
+separately. A request whose prefix is not resident on the device yet (`prefix_ready`
 False; the engine prefetches it and calls `mark_ready`) is not admitted: it keeps its place in the
 policy's order while requests whose prefix is resident go ahead, so a load never stalls a step.
 
@@ -53,8 +53,8 @@ class SchedulerConfig:
     kv_budget_tokens: int
     max_waiting: int
     queue_timeout_s: float
-    fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # issue 18: waiting-queue policy
-    chunked_prefill: bool = False  # issue 15: split prompts into chunks under max_prefill_tokens
+    fair_queue: FairQueueConfig = field(default_factory=FairQueueConfig)  # waiting-queue policy
+    chunked_prefill: bool = False  # split prompts into chunks under max_prefill_tokens
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,12 @@ class ScheduledRequest:
     reserved_tokens: int  # prefix + prompt + max_new_tokens: KV positions held while running
     arrival_time: float = 0.0
     num_generated_tokens: int = 0
-    # Issue 18: who waits in which fair-queue line, and how much of its tenant's share it takes.
+    # Who waits in which fair-queue line, and how much of its tenant's share it takes.
     tenant: str = "default"
     priority: str = "interactive"
     cost: int = 1  # decode steps it may take (max_new_tokens)
-    num_computed_tokens: int = 0  # issue 15: prompt tokens scheduled for computation so far (chunked)
-    prefix_ready: bool = True  # issue 15: its prefix is on the device (False while it is prefetched)
+    num_computed_tokens: int = 0  # prompt tokens scheduled for computation so far (chunked)
+    prefix_ready: bool = True  # its prefix is on the device (False while it is prefetched)
 
     @property
     def prefilling(self) -> bool:

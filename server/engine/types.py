@@ -109,7 +109,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     tenant: str = "default"
     task: str | None = None
-    # Issue 18: the request's class in its tenant's fair-queue share ("interactive" | "batch"), and
+    # The request's class in its tenant's fair-queue share ("interactive" | "batch"), and
     # the key that pins it to one version of a task under a traffic split (default: request_id).
     priority: str = "interactive"
     route_key: str | None = None
@@ -145,5 +145,5 @@ class StreamEvent:
     # With `prompt_logprobs` and `top_n_tokens` = N > 0: for each prompt position the N most likely
     # tokens (id, logprob), most likely first; `[]` for the first position (nothing precedes it).
     prompt_top_tokens: list[list[tuple[int, float]]] | None = None
-    # Issue 18: "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
+    # "current" (no traffic split), or under a split "primary" / "canary"; None: no task.
     prefix_variant: str | None = None

@@ -1,4 +1,4 @@
-"""The vLLM engine backend: prefix-tuned GPT-2 served by vLLM's engine (issue 23).
+"""The vLLM engine backend: prefix-tuned GPT-2 served by vLLM's engine.
 
 Layout:
 - `model.py`: our prefix GPT-2 for vLLM (virtual tokens carry each task's prefix K/V), registered with

@@ -1,4 +1,4 @@
-"""Which engine serves a model: `PREFIXSERVE_ENGINE=auto|vllm|native` (issue 23).
+"""Which engine serves a model: `PREFIXSERVE_ENGINE=auto|vllm|native`.
 
 `auto` (the default) serves GPT-2 on vLLM where vLLM is installed and can run the model, and otherwise
 on the native engine, with the reason in one log line (BART: vLLM has no BART of ours; vLLM's CPU

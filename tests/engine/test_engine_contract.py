@@ -1,4 +1,4 @@
-"""The engine's contract (issue 15): `add_request` raises admission errors and returns a handle that
+"""The engine's contract: `add_request` raises admission errors and returns a handle that
 streams and aborts; departures are reported with their reasons; prefixes are prefetched while
 requests wait, so a load never holds back requests of resident tasks."""
 

@@ -230,7 +230,7 @@ def test_would_refuse_agrees_with_push_and_changes_nothing() -> None:
 
 
 def test_a_request_that_cannot_run_yet_keeps_its_tenants_place() -> None:
-    # Issue 15: "a" is next by the policy but its prefix still loads; "b" goes meanwhile, and once
+    # "a" is next by the policy but its prefix still loads; "b" goes meanwhile, and once
     # "a" can run it goes before "b"'s next request (a's virtual time did not move while it waited).
     q: FairQueue[R] = FairQueue(100)
     a0, b0, b1, a1 = r("a"), r("b"), r("b"), r("a")

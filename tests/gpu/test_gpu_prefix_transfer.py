@@ -1,4 +1,4 @@
-"""GPU checks of the prefix host tier and its side-stream copies (issue 15; marker `gpu`, skipped
+"""GPU checks of the prefix host tier and its side-stream copies (marker `gpu`, skipped
 cleanly without CUDA): host-tier tensors are pinned, a copy to the device is queued on a side stream
 with an event, the compute stream that waits on the event reads exactly the host values, and an
 engine whose prefixes all come through the host tier generates what the CPU engine generates."""

@@ -1,4 +1,4 @@
-"""The runners beside vLLM (issue 23): the command line and environment `vllm_bare` starts vLLM with,
+"""The runners beside vLLM: the command line and environment `vllm_bare` starts vLLM with,
 token counting from SSE chunks, the server runners' settings, ratios and targets against `vllm_bare`,
 the report with more sections, our server driven through the shared client path, and (slow, where
 vLLM is installed) a real stock vLLM server run."""

@@ -1,5 +1,5 @@
 """Against real server processes: no single HTTP client can stall, bloat or crash the server for
-everyone (issue 13). Stalls are measured as `/health` latency during the attack, memory as the server
+everyone. Stalls are measured as `/health` latency during the attack, memory as the server
 process's RSS, connection limits on raw sockets."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Against a real server process: one hostile tenant (acme) attacks through the API while another
-(globex) keeps generating; the attack is the test (issue 24).
+(globex) keeps generating; the attack is the test.
 
 Each attack must get clear 4xx answers (or a closed connection) and leave the server and the other
 tenant unaffected: globex's generation latency stays within 2x of its quiet value measured just

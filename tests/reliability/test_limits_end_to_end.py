@@ -1,6 +1,6 @@
 """Every configurable limit set to a non-default value reaches every layer of one real server process.
 
-The regression this guards (issue 14): the API validated uploads with the configured limits while the
+The regression this guards: the API validated uploads with the configured limits while the
 engine loaded them with default ones, so with `PREFIXSERVE_MAX_PREFIX_LENGTH` above 512 an upload
 succeeded and every generation for it failed. Now one `Limits` object is built from the settings and
 handed to both. Batch size, queue bound and queue timeout are driven through a real server in

@@ -1,5 +1,5 @@
 """Against real server processes: a full queue is answered as cheaply as `/health` (before the body is
-read or the prompt tokenised), and 5xx bodies never describe the infrastructure (issue 13)."""
+read or the prompt tokenised), and 5xx bodies never describe the infrastructure."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Canary rollouts (issue 18): traffic weights over a task's versions, promote in one call.
+"""Canary rollouts: traffic weights over a task's versions, promote in one call.
 
     GET    /v1/prefixes/{task}/traffic     the split ({} = every request gets the current version)
     PUT    /v1/prefixes/{task}/traffic     {"weights": {"3": 10, "2": 90}}  (manage)

@@ -413,9 +413,7 @@ class RedisPrefixStore:
         # (tenant, task) -> the version subscribers were last told about, or that was last fetched
         # as current. Resync compares this with Redis.
         self._seen: dict[tuple[str, str], int] = {}
-        self._seen_splits: dict[
-            tuple[str, str], bytes | str | None
-        ] = {}  # last split read per task
+        self._seen_splits: dict[tuple[str, str], bytes | str | None] = {}  # last split read per task
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False

@@ -459,7 +459,6 @@ class Bench:
                     runs[name] = run_transformers_cb(loaded, workload, section.max_batch_size)
                 elif name in ("http", *SERVER_BACKENDS):
                     from loadtest.runners.http_runner import run_http
-                    from loadtest.runners.vllm_bare import vllm_cpu_env
 
                     log = self.out_dir / f"{name}-{section.name or section.preset}.log"
                     runs[name] = run_http(
@@ -473,8 +472,7 @@ class Bench:
                         name,
                         server_settings(name, section, loaded),
                         section.max_warm_tasks,
-                        vllm_cpu_env(str(self.device), self.threads),
-                    )
+                    )  # started as a user's default start: no vLLM environment variables of its own
                 elif name == "vllm_bare":
                     from loadtest.runners.vllm_bare import run_vllm_bare
 

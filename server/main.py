@@ -125,21 +125,30 @@ def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, ob
     from server.vllm_backend.support import choose_backend
 
     backend, why_not = choose_backend(settings.engine, loaded)
+    ignored = settings.ignored_by(backend)
+    if ignored:
+        logger.warning(
+            "engine: %s ignores %s (the other engine backend's settings)",
+            "vLLM" if backend == "vllm" else "native",
+            ", ".join(ignored),
+            extra={"engine": backend},
+        )
     if backend == "vllm":
         from server.vllm_backend.engine import VllmEngine, VllmOptions
 
         assert settings.model is not None
         logger.info("engine: vLLM", extra={"engine": "vllm"})
-        ignored = settings.native_engine_only_set()
-        if ignored:
-            logger.warning(
-                "engine: vLLM ignores %s (our engine's settings: vLLM chunks prompts and sizes its KV "
-                "cache itself, VLLM_CPU_KVCACHE_SPACE on CPU; its device tier is "
-                "PREFIXSERVE_VLLM_PREFIX_TABLE_BYTES)",
-                ", ".join(ignored),
-                extra={"engine": "vllm"},
-            )
-        options = VllmOptions(model_dir=settings.model, enforce_eager=settings.vllm_enforce_eager)
+        options = VllmOptions(
+            model_dir=settings.model,
+            block_size=settings.vllm_block_size,
+            enforce_eager=settings.vllm_enforce_eager,
+            cuda_graph_mode=settings.vllm_cuda_graph_mode,
+            cpu_threads=settings.vllm_cpu_threads,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            tensor_parallel_size=settings.vllm_tensor_parallel_size,
+            data_parallel_size=settings.vllm_data_parallel_size,
+        )
+        options.check()
         return VllmEngine(loaded, store, engine_config(settings), observer=observer, options=options)
     if why_not is not None:
         logger.info("engine: native (not vLLM: %s)", why_not, extra={"engine": "native"})
@@ -156,6 +165,8 @@ def release_model_weights(engine: Any, loaded: LoadedModel) -> None:
 
     torch.nn.Module.to(loaded.model, "meta")  # PreTrainedModel.to's wrapper hides the overloads from mypy
     gc.collect()
+    if loaded.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the freed blocks back, for vLLM's engine core in its own process
 
 
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:

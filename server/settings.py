@@ -13,14 +13,15 @@ import dataclasses
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic.config import JsonDict
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from prefix_store.base import InvalidName, validate_name
-from server.limits import DEFAULT_LIMITS as _L
-from server.limits import Limits
+from server.limits import NATIVE_ONLY, Limits
 
 Role = Literal["generate", "manage"]
 
@@ -50,24 +51,13 @@ class ApiKeyEntry(BaseModel):
             raise ValueError(str(exc)) from None
 
 
-# Settings of our engine's own machinery. The vLLM backend has no use for them: vLLM chunks prompts,
-# sizes and pages its KV cache (VLLM_CPU_KVCACHE_SPACE on CPU) and captures its graphs itself, and its
-# device tier is the prefix table (`vllm_prefix_table_bytes`).
-NATIVE_ENGINE_ONLY = (
-    "max_prefill_tokens",
-    "kv_budget_tokens",
-    "kv_budget_bytes",
-    "kv_block_size",
-    "static_prefix_arena_tokens",
-    "max_cuda_graphs",
-    "cuda_graphs",
-    "torch_compile",
-    "device_prefix_cache_bytes",
-)
+# Which engine backend reads a setting (the rest: both); limits say it in their declaration.
+_NATIVE: JsonDict = {"engine": NATIVE_ONLY}
+_VLLM: JsonDict = {"engine": "vllm"}
 
 
-class Settings(BaseSettings):
-    """All server settings (env prefix `PREFIXSERVE_`). See README "Configuration" for the table."""
+class _SettingsBase(BaseSettings):
+    """The settings that are not limits (env prefix `PREFIXSERVE_`); `Settings` adds one per limit."""
 
     model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", env_file=".env", extra="ignore")
 
@@ -84,14 +74,6 @@ class Settings(BaseSettings):
     # --- HTTP --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    max_body_bytes: int = Field(
-        default=_L.max_body_bytes, ge=1024, description="Request bodies above this get 413."
-    )
-    shutdown_grace_s: float = Field(
-        default=_L.shutdown_grace_s,
-        ge=0,
-        description="On SIGTERM, how long in-flight generations may take to finish.",
-    )
 
     # --- prefix store --------------------------------------------------------------------------
     redis_url: str | None = Field(default=None, description="Redis URL; unset: a local directory store.")
@@ -109,192 +91,84 @@ class Settings(BaseSettings):
         description="Store uploads in a wider dtype than the model serves (float32 on a bfloat16 server) "
         "in the served dtype: half the bytes, the same served values.",
     )
-    keep_versions: int = Field(default=_L.keep_versions, ge=1)
-    max_artifact_bytes: int = Field(default=_L.max_artifact_bytes, ge=1024)
-    max_prefix_length: int = Field(default=_L.max_prefix_length, ge=1)
-    store_timeout_s: float = Field(
-        default=_L.store_timeout_s,
-        gt=0,
-        description="Deadline of each prefix store call (Redis: retries included); past it 503.",
-    )
 
-    # --- engine --------------------------------------------------------------------------------
-    max_batch_size: int = Field(default=_L.max_batch_size, ge=1)
-    max_waiting: int = Field(
-        default=_L.max_waiting, ge=0, description="Queue bound; beyond it requests get 429."
-    )
-    queue_timeout_s: float = Field(default=_L.queue_timeout_s, gt=0)
-    max_prefill_tokens: int = Field(
-        default=_L.max_prefill_tokens,
-        ge=1,
-        description="Prompt tokens computed per step (chunked on GPT-2); lower = shorter decode stalls.",
-    )
-    kv_budget_tokens: int | None = Field(
-        default=_L.kv_budget_tokens,
-        ge=1,
-        description="KV positions reserved by running requests; unset: batch x positions.",
-    )
-    device_prefix_cache_bytes: int = Field(
-        default=_L.device_prefix_cache_bytes, ge=0, description="Prefix cache on the device."
-    )
-    host_prefix_cache_bytes: int = Field(
-        default=_L.host_prefix_cache_bytes, ge=0, description="Prefix cache in host memory."
-    )
-    warm_start_tasks: int = Field(
-        default=_L.warm_start_tasks, ge=0, le=1000,
-        description="Most used tasks loaded into the prefix cache before readiness (0: start cold).",
-    )  # fmt: skip
-    warm_start_timeout_s: float = Field(
-        default=_L.warm_start_timeout_s, ge=0, description="Longest warm start; then ready anyway."
-    )
-    # The GPT-2 paged KV pool in bytes (a limit, in `Limits`) and its block size.
-    kv_budget_bytes: int | None = Field(
-        default=_L.kv_budget_bytes,
-        ge=1,
-        description="Paged KV pool (rows' own tokens); unset: kv_budget_tokens (or batch x positions) of tokens.",
-    )
-    kv_block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block (GPT-2).")
-    static_prefix_arena_tokens: int = Field(
-        default=_L.static_prefix_arena_tokens,
-        ge=1,
-        description="Prefix positions of the static decode path's arena (GPT-2; counted in the KV budget).",
-    )
-    max_cuda_graphs: int = Field(
-        default=_L.max_cuda_graphs, ge=0, description="Decode buckets captured as CUDA graphs (GPT-2)."
-    )
-    cuda_graphs: bool = Field(
-        default=True, description="Decode steps replayed as CUDA graphs per batch bucket (CUDA only; on|off)."
-    )
-    torch_compile: bool = Field(
-        default=False, description="torch.compile the decode step's block output (GPT-2; on|off)."
-    )
-
-    # --- The engine backend ----------------------------------------------------------
+    # --- the engine backend, and our engine's own machinery --------------------------------------
     engine: Literal["auto", "vllm", "native"] = Field(
         default="auto",
         description="auto: vLLM for GPT-2 where it is installed and can run the model, else native; "
         "vllm: vLLM or refuse to start; native: our engine.",
     )
-    vllm_prefix_table_bytes: int = Field(
-        default=_L.vllm_prefix_table_bytes,
-        ge=1,
-        description="vLLM backend: the prefix table inside vLLM's model (LRU over prefixes not in use).",
+    kv_block_size: int = Field(
+        default=16, ge=1, le=1024, description="Tokens per KV block (GPT-2).", json_schema_extra=_NATIVE
     )
-    vllm_max_queued: int = Field(
-        default=_L.vllm_max_queued,
-        ge=0,
-        description="vLLM backend: admitted requests waiting in vLLM's own queue beyond the batch.",
+    cuda_graphs: bool = Field(
+        default=True,
+        description="Decode steps replayed as CUDA graphs per batch bucket (CUDA only; on|off).",
+        json_schema_extra=_NATIVE,
     )
-    vllm_enforce_eager: bool = Field(
-        default=False, description="vLLM backend: skip vLLM's torch.compile (faster start, slower steps)."
+    torch_compile: bool = Field(
+        default=False,
+        description="torch.compile the decode step's block output (GPT-2; on|off).",
+        json_schema_extra=_NATIVE,
     )
 
-    # --- tenants and limits --------------------------------------------------------------------
+    # --- how vLLM runs (the vLLM backend; its memory is the limit `vllm_kv_cache_bytes`) ---------
+    vllm_enforce_eager: bool = Field(
+        default=False,
+        description="vLLM backend: no torch.compile and no CUDA graphs (faster start, slower steps).",
+        json_schema_extra=_VLLM,
+    )
+    vllm_cuda_graph_mode: Literal[
+        "auto", "none", "piecewise", "full", "full_decode_only", "full_and_piecewise"
+    ] = Field(
+        default="auto",
+        description="vLLM backend on CUDA: vLLM's cudagraph_mode (auto: vLLM's default for the model).",
+        json_schema_extra=_VLLM,
+    )
+    vllm_block_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="vLLM backend: tokens per KV block (unset: 32 on CPU, vLLM's default on CUDA).",
+        json_schema_extra=_VLLM,
+    )
+    vllm_cpu_threads: str = Field(
+        default="auto",
+        pattern=r"^(auto|vllm|none|\d+(-\d+)?(,\d+(-\d+)?)*)$",
+        description="vLLM backend on CPU: the cores vLLM's threads are bound to. auto: every core this "
+        "process may use (CPU affinity, capped by a cgroup CPU quota); vllm: vLLM's own binding; or a "
+        "list like 0-3,8. An explicit VLLM_CPU_OMP_THREADS_BIND wins.",
+        json_schema_extra=_VLLM,
+    )
+    vllm_gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="vLLM backend on CUDA: the fraction of GPU memory vLLM may take, its KV cache sized "
+        "from it (unset: the KV cache is vllm_kv_cache_bytes).",
+        json_schema_extra=_VLLM,
+    )
+    vllm_tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="vLLM backend: tensor-parallel ranks (1 only, for now).",
+        json_schema_extra=_VLLM,
+    )
+    vllm_data_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="vLLM backend: data-parallel engines (1 only, for now).",
+        json_schema_extra=_VLLM,
+    )
+
+    # --- tenants ---------------------------------------------------------------------------------
     api_keys_file: Path | None = Field(
         default=None, description='JSON file: {"<key>": {"tenant": "acme", "role": "generate"|"manage"}}'
     )
     api_keys: str | None = Field(default=None, description="The same JSON as api_keys_file, inline.")
-    tenant_max_concurrent: int = Field(
-        default=_L.tenant_max_concurrent, ge=0, description="Per tenant; 0 = unlimited."
-    )
-    tenant_rps: float = Field(
-        default=_L.tenant_rps, ge=0, description="Requests/second per tenant; 0 = unlimited."
-    )
 
-    # --- Hostile HTTP clients (defaults in server.limits.Limits) -------------------
-    max_json_body_bytes: int = Field(
-        default=_L.max_json_body_bytes,
-        ge=1024,
-        description="Body limit of every route but uploads (those: max_body_bytes); 413 beyond it.",
-    )
-    max_prompt_chars: int | None = Field(
-        default=_L.max_prompt_chars,
-        ge=1,
-        description="Longer prompts get 422 before tokenisation; unset: positions x longest token's bytes.",
-    )
-    max_prompts_per_request: int = Field(
-        default=_L.max_prompts_per_request,
-        ge=1,
-        description="Prompts in one /v1/completions request (a list of them); more get 422.",
-    )
-    timeout_keep_alive_s: int = Field(
-        default=_L.timeout_keep_alive_s, ge=1, description="Idle keep-alive connections are closed."
-    )
-    timeout_request_header_s: float = Field(
-        default=_L.timeout_request_header_s,
-        gt=0,
-        description="A connection without complete request headers by then is closed (slowloris).",
-    )
-    max_connections: int = Field(
-        default=_L.max_connections, ge=1, description="Connections beyond this get 503 (limit_concurrency)."
-    )
-    max_request_header_bytes: int = Field(
-        default=_L.max_request_header_bytes, ge=1024, description="Request line + headers beyond: 400."
-    )
-    # --- Hostile tenants (defaults in server.limits.Limits) ----------------------------
-    timeout_request_body_s: float = Field(
-        default=_L.timeout_request_body_s,
-        gt=0,
-        description="A request body must arrive within this plus its size at MIN_REQUEST_BODY_BYTES_PER_S.",
-    )
-    min_request_body_bytes_per_s: int = Field(
-        default=_L.min_request_body_bytes_per_s, ge=1, description="Slower request bodies are cut off."
-    )
-    timeout_refused_body_s: float = Field(
-        default=_L.timeout_refused_body_s,
-        gt=0,
-        description="After a refusal sent before the body was read, the rest must come this soon (+ rate).",
-    )
-    tenant_max_connections: int = Field(
-        default=_L.tenant_max_connections,
-        ge=0,
-        description="Requests in flight per tenant, checked before the body is read (429); 0 = unlimited.",
-    )
-    timeout_write_s: float = Field(
-        default=_L.timeout_write_s,
-        gt=0,
-        description="A response the client reads nothing of for this long: the connection is closed.",
-    )
-    max_tokenize_chars: int | None = Field(
-        default=_L.max_tokenize_chars,
-        ge=1,
-        description="/tokenize inputs longer than this get 422; unset: the prompt limit.",
-    )
-    chat_template_workers: int = Field(
-        default=_L.chat_template_workers, ge=1, description="Processes that render chat templates."
-    )
-    chat_template_timeout_s: float = Field(
-        default=_L.chat_template_timeout_s, gt=0, description="A longer chat template render gets 422."
-    )
-    chat_template_max_memory_bytes: int = Field(
-        default=_L.chat_template_max_memory_bytes,
-        ge=16 << 20,
-        description="Memory one chat template render may use; beyond it the request gets 422.",
-    )
-
-    # --- Fair scheduling across tenants ----------------------------------------------
+    # --- fair scheduling across tenants ----------------------------------------------------------
     fair_scheduling: bool = Field(
         default=True, description="Weighted fair admission across tenants; false: one FCFS queue."
-    )
-    tenant_max_waiting: int = Field(
-        default=_L.tenant_max_waiting,
-        ge=0,
-        description="Queued requests per tenant (a key's max_waiting wins); 0 = global only.",
-    )
-
-    # --- upload quotas; the upload rate is tenant_upload_rps ------------------------
-    tenant_max_tasks: int = Field(
-        default=_L.tenant_max_tasks, ge=0, description="Tasks per tenant; 0 = unlimited (429 beyond)."
-    )
-    tenant_max_stored_bytes: int = Field(
-        default=_L.tenant_max_stored_bytes,
-        ge=0,
-        description="Artifact bytes per tenant, all kept versions; 0 = unlimited (413 beyond).",
-    )
-    max_training_metadata_bytes: int = Field(
-        default=_L.max_training_metadata_bytes,
-        ge=0,
-        description="JSON size of an artifact's `training` metadata (422 beyond).",
     )
 
     # --- observability ------------------------------------------------------------------------
@@ -310,18 +184,13 @@ class Settings(BaseSettings):
         description="Without an allow-list: the first N busy tasks get labels (0: none; /metrics is public).",
     )
 
-    # --- Metrics for routers (vLLM names), per-tenant upload rate (admin CLI) ---------
+    # --- metrics for routers (vLLM names) ---------------------------------------------------------
     metrics_adapter_names: Literal["off", "task", "tenant_task"] = Field(
         default="off",
         description="Task names in vllm:lora_requests_info (InferencePool affinity): off | task | tenant_task.",
     )
-    tenant_upload_rps: float = Field(
-        default=_L.tenant_upload_rps,
-        ge=0,
-        description="Prefix uploads/second per tenant (0.1 = one per 10 s); 0 = unlimited.",
-    )
 
-    # --- API compatibility --------------------------------------------------
+    # --- API compatibility ---------------------------------------------------------------------
     chat_template: Path | None = Field(
         default=None,
         description="Jinja chat template file for /v1/chat/completions (vLLM's --chat-template); "
@@ -349,10 +218,14 @@ class Settings(BaseSettings):
         """The one `Limits` object: same-named fields, built once, handed down by `server.main`."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
-    def native_engine_only_set(self) -> list[str]:
-        """The environment names of the `NATIVE_ENGINE_ONLY` settings given explicitly (env, .env,
-        arguments): what a server on the vLLM backend tells the operator it ignores."""
-        return [f"PREFIXSERVE_{name.upper()}" for name in NATIVE_ENGINE_ONLY if name in self.model_fields_set]
+    def ignored_by(self, backend: str) -> list[str]:
+        """The environment names of the settings given explicitly (env, .env, arguments) that only the
+        other engine backend reads: what a server on `backend` tells the operator it ignores."""
+        return [
+            f"PREFIXSERVE_{name.upper()}"
+            for name, info in type(self).model_fields.items()
+            if name in self.model_fields_set and _engine_of(info) not in (None, backend)
+        ]
 
     def read_chat_template(self) -> str | None:
         """The chat template's text (read once at start-up; an unreadable file is a config error)."""
@@ -428,3 +301,36 @@ def _parse_keys(text: str, source: str) -> dict[str, ApiKeyEntry]:
             detail = "; ".join(e["msg"] for e in exc.errors())
             raise ValueError(f"{source}: entry #{len(keys) + 1}: {detail}") from None
     return keys
+
+
+def _engine_of(info: FieldInfo) -> str | None:
+    extra = info.json_schema_extra
+    return extra.get("engine") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+def _limit_settings() -> dict[str, Any]:
+    """One setting per `Limits` field: its type, default, bounds and description as declared there."""
+    types = get_type_hints(Limits)
+    fields: dict[str, Any] = {}
+    for declared in dataclasses.fields(Limits):
+        meta = dict(declared.metadata)
+        doc, engine = meta.pop("doc"), meta.pop("engine")
+        extra = None if engine is None else {"engine": engine}
+        fields[declared.name] = (
+            types[declared.name],
+            Field(default=declared.default, description=doc, json_schema_extra=extra, **meta),
+        )
+    return fields
+
+
+if TYPE_CHECKING:  # the limits' settings are read through `Settings.limits`
+
+    class Settings(_SettingsBase):
+        pass
+
+else:
+    Settings = create_model("Settings", __base__=_SettingsBase, __module__=__name__, **_limit_settings())
+    Settings.__doc__ = (
+        "All server settings (env prefix `PREFIXSERVE_`): `_SettingsBase` and one per limit in "
+        '`server.limits.Limits`. README "Configuration" has the table.'
+    )

@@ -75,9 +75,9 @@ def server_argv(
 
 
 def vllm_cpu_env(device: str, threads: int | None) -> dict[str, str]:
-    """vLLM's CPU settings (none on CUDA): its KV cache space and the cores its OpenMP threads are
-    bound to (`threads` of them, else every core), unless the caller's environment sets them. Our
-    server's vLLM backend gets the same."""
+    """vLLM's CPU settings as its CPU docs recommend (none on CUDA): its KV cache space and the cores
+    its OpenMP threads are bound to (`threads` of them, else every core), unless the caller's
+    environment sets them. Our server gets none of these: it starts as a user's default start does."""
     if device.startswith("cuda"):
         return {}
     cores = threads or os.cpu_count() or 1

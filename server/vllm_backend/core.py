@@ -11,17 +11,28 @@ vLLM's engine-core client binds to the event loop it first runs on, so a core se
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import psutil
 import torch
 
 from modeling.models import LoadedModel
 from server.engine.errors import EngineError
 from server.limits import Limits
+from server.vllm_backend.cpu_threads import omp_threads_bind
 from server.vllm_backend.plugin import ARCHITECTURE
 
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+CPU_BLOCK_SIZE = 32  # vLLM's CPU attention kernels want a multiple of 32; only full blocks are shared
+_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 # Each table row is also a vocabulary entry that vLLM samples over (with logit -inf): the table is
 # capped at this many rows whatever its byte budget, so sampling stays cheap.
 MAX_PREFIX_ROWS = 16384
@@ -34,18 +45,66 @@ _VLLM_DTYPES: dict[torch.dtype, Literal["float32", "bfloat16", "float16"]] = {
 
 @dataclass
 class VllmOptions:
-    """How vLLM runs (not limits: these tune vLLM itself)."""
+    """How vLLM runs (not limits: these tune vLLM itself; `server.main` fills them from the settings)."""
 
     model_dir: str  # the HF model directory vLLM loads (the same one `loaded` came from)
-    block_size: int = 32  # vLLM's KV block (CPU: a multiple of 32; only full blocks are shared)
-    enforce_eager: bool = False  # skip vLLM's torch.compile (faster start, slower steps)
+    block_size: int | None = None  # vLLM's KV block; None: 32 on CPU (its kernels' multiple), vLLM's on CUDA
+    enforce_eager: bool = False  # no torch.compile, no CUDA graphs (faster start, slower steps)
     max_num_batched_tokens: int | None = None  # vLLM's per-step token budget (None: its default)
+    cuda_graph_mode: str = "auto"  # vLLM's cudagraph_mode on CUDA ("auto": vLLM's default)
+    cpu_threads: str = "auto"  # cores for vLLM's CPU threads (`cpu_threads.omp_threads_bind`)
+    gpu_memory_utilization: float | None = None  # CUDA: vLLM sizes its KV cache from it when set
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def check(self) -> None:
+        """Refuse what the prefix table cannot follow yet (raises `EngineError` with the reason)."""
+        if self.tensor_parallel_size > 1:
+            raise EngineError(
+                f"PREFIXSERVE_VLLM_TENSOR_PARALLEL_SIZE={self.tensor_parallel_size}: the vLLM backend runs "
+                "one rank only (vLLM would shard each layer's keys and values by heads, and the prefix "
+                "table is not sharded with them); serve a larger model on one device, or several "
+                "replicas behind a router"
+            )
+        if self.data_parallel_size > 1:
+            raise EngineError(
+                f"PREFIXSERVE_VLLM_DATA_PARALLEL_SIZE={self.data_parallel_size}: the vLLM backend runs one "
+                "engine (prefix rows are written to one engine core); run one replica per device behind "
+                "a router instead (every replica serves every task)"
+            )
 
 
 def prefix_row_bytes(loaded: LoadedModel) -> int:
     """Bytes of one table row: one prefix position's k and v in every layer."""
     spec = loaded.spec
     return spec.num_layers * 2 * spec.num_heads * spec.head_dim * loaded.dtype.itemsize
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    """Bytes of one token's keys and values in every layer (what vLLM's KV cache holds per token)."""
+    return prefix_row_bytes(loaded)  # a table row is exactly one position's k and v
+
+
+def max_model_len(loaded: LoadedModel, limits: Limits) -> int:
+    """The longest sequence vLLM serves: prefix + prompt + new tokens."""
+    positions = loaded.spec.max_positions
+    return positions if limits.vllm_max_model_len is None else min(limits.vllm_max_model_len, positions)
+
+
+def kv_cache_bytes(loaded: LoadedModel, limits: Limits) -> int:
+    """vLLM's KV cache: the limit, or room for `max_batch_size` sequences of `max_model_len` tokens
+    (every row of a full batch at the longest length; vLLM's prefix cache reuses what is free). Refuses
+    a cache that cannot hold one sequence of `max_model_len` (vLLM would refuse it later, less clearly)."""
+    per_token = kv_bytes_per_token(loaded)
+    length = max_model_len(loaded, limits)
+    size = limits.vllm_kv_cache_bytes or limits.max_batch_size * length * per_token
+    if size < length * per_token:
+        raise EngineError(
+            f"PREFIXSERVE_VLLM_KV_CACHE_BYTES={size} holds {size // per_token} tokens of this model, fewer "
+            f"than one sequence of {length} (PREFIXSERVE_VLLM_MAX_MODEL_LEN): raise it to at least "
+            f"{length * per_token}"
+        )
+    return size
 
 
 def table_rows(loaded: LoadedModel, limits: Limits) -> int:
@@ -58,6 +117,56 @@ def table_rows(loaded: LoadedModel, limits: Limits) -> int:
             f"positions of this model, fewer than max_prefix_length={limits.max_prefix_length}"
         )
     return rows
+
+
+def _memory_args(loaded: LoadedModel, limits: Limits, options: VllmOptions) -> dict[str, Any]:
+    """vLLM's memory arguments. Its KV cache is ours to size (`kv_cache_bytes`): without it vLLM's CPU
+    build reserves `gpu_memory_utilization` (0.92) of the machine's RAM and refuses to start when less
+    is free. On CUDA an explicit `gpu_memory_utilization` lets vLLM size it instead. An explicit
+    `VLLM_CPU_KVCACHE_SPACE` in the environment overrides both inside vLLM (its own legacy switch)."""
+    if options.gpu_memory_utilization is not None and loaded.device.type != "cpu":
+        return {"gpu_memory_utilization": options.gpu_memory_utilization}
+    size = kv_cache_bytes(loaded, limits)
+    if loaded.device.type == "cpu" and not _env(_KV_SPACE_ENV):
+        free = psutil.virtual_memory().available
+        if size > free:
+            raise EngineError(
+                f"vLLM's KV cache needs {size / GiB:.2f} GiB of host memory and {free / GiB:.2f} GiB is free: "
+                "lower PREFIXSERVE_VLLM_KV_CACHE_BYTES (or MAX_BATCH_SIZE / VLLM_MAX_MODEL_LEN)"
+            )
+    return {"kv_cache_memory_bytes": size}
+
+
+def _describe_memory(loaded: LoadedModel, memory: dict[str, Any]) -> str:
+    if _env(_KV_SPACE_ENV) and loaded.device.type == "cpu":
+        return f"KV cache {_env(_KV_SPACE_ENV)} GiB ({_KV_SPACE_ENV} from the environment)"
+    if "kv_cache_memory_bytes" in memory:
+        size = memory["kv_cache_memory_bytes"]
+        tokens = size // kv_bytes_per_token(loaded)
+        return f"KV cache reserved {size / GiB:.2f} GiB ({tokens} tokens)"
+    return f"KV cache sized by vLLM from gpu_memory_utilization={memory['gpu_memory_utilization']}"
+
+
+def _env(name: str) -> str | None:
+    """vLLM's own switches, read where we hand vLLM its settings (nowhere else reads them)."""
+    return os.environ.get(name) or None
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """`name=value` while vLLM starts its processes (None: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class VllmCore:
@@ -82,16 +191,26 @@ class VllmCore:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        options.check()
         rows = table_rows(loaded, limits)
         vocab = loaded.spec.vocab_size
+        on_cpu = loaded.device.type == "cpu"
+        memory = _memory_args(loaded, limits, options)
+        extra = dict(memory)
+        if options.cuda_graph_mode != "auto" and not on_cpu:
+            from vllm.config import CompilationConfig
+            from vllm.config.compilation import CUDAGraphMode
+
+            mode = CUDAGraphMode[options.cuda_graph_mode.upper()]
+            extra["compilation_config"] = CompilationConfig(cudagraph_mode=mode)
         args = AsyncEngineArgs(
             model=options.model_dir,
             skip_tokenizer_init=True,  # we tokenize and detokenize (the virtual ids have no text)
             dtype=_VLLM_DTYPES[loaded.dtype],
-            max_model_len=loaded.spec.max_positions,
+            max_model_len=max_model_len(loaded, limits),
             max_num_seqs=limits.max_batch_size,
             max_num_batched_tokens=options.max_num_batched_tokens,
-            block_size=options.block_size,
+            block_size=options.block_size or (CPU_BLOCK_SIZE if on_cpu else None),
             enable_prefix_caching=True,
             enforce_eager=options.enforce_eager,
             seed=0,
@@ -105,9 +224,18 @@ class VllmCore:
                 "prefixserve_prefix_rows": rows,
             },
             disable_log_stats=False,
+            **extra,  # memory, and the CUDA graph mode when one is asked for
         )
         core = cls(None, loaded, rows, limits.max_batch_size, options.model_dir)
-        core.llm = AsyncLLM.from_engine_args(args, stat_loggers=[core._stat_logger])
+        bind, threads = (None, "") if not on_cpu else omp_threads_bind(options.cpu_threads, _env(_BIND_ENV))
+        logger.info(
+            "vLLM: %s; %s",
+            _describe_memory(loaded, memory),
+            f"CPU threads bound to {threads}" if on_cpu else f"device {loaded.device}",
+        )
+        # vLLM's engine core process reads the binding from its environment when it starts.
+        with _environment(_BIND_ENV, bind):
+            core.llm = AsyncLLM.from_engine_args(args, stat_loggers=[core._stat_logger])
         return core
 
     def check_serves(self, loaded: LoadedModel, limits: Limits) -> None:

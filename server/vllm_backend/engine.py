@@ -55,7 +55,7 @@ from server.engine.sampling import new_seed
 from server.engine.scheduler import LeaveReason, ScheduledRequest, Scheduler, SchedulerConfig, StepOutput
 from server.engine.task_uses import TaskUses
 from server.engine.types import FinishReason, GenerationRequest, StreamEvent
-from server.vllm_backend.core import VllmCore, VllmOptions, prefix_row_bytes, table_rows
+from server.vllm_backend.core import VllmCore, VllmOptions, max_model_len, prefix_row_bytes, table_rows
 from server.vllm_backend.params import vllm_sampling_params
 from server.vllm_backend.rows import Key, PrefixRows, RowEntry
 from server.vllm_backend.support import unsupported_reason
@@ -115,8 +115,8 @@ class VllmEngine(RequestEndings):
         spec = loaded.spec
         self.spec = spec
         self.vocab_size = spec.vocab_size  # text vocabulary; virtual ids start here
-        self.max_positions = spec.max_positions
         limits = self.config.limits
+        self.max_positions = max_model_len(loaded, limits)  # prefix + prompt + new tokens
         # A core given here is shared (tests): it outlives this engine and fixes the table's size.
         self._shared_core = core
         if core is not None:

@@ -60,7 +60,6 @@ GLOBEX = {"Authorization": "Bearer globex-manage-key"}
 TEST_ENGINE = os.environ.get("PREFIXSERVE_TEST_ENGINE", "native")
 VLLM_PYTEST_ARGS = "-o asyncio_default_test_loop_scope=session -o asyncio_default_fixture_loop_scope=session"
 if TEST_ENGINE == "vllm":
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 

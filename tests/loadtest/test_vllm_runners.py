@@ -56,8 +56,7 @@ def test_vllm_bare_env_sets_the_cpu_kv_space_and_binds_threads_without_prefixser
     all_cores = vllm_bare.server_env("cpu", threads=None)["VLLM_CPU_OMP_THREADS_BIND"]
     assert all_cores == f"0-{(os.cpu_count() or 1) - 1}"
     assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_bare.server_env("cuda", threads=None)
-    # the same CPU settings go to our server (its vLLM backend), so both vLLMs run alike
-    assert vllm_bare.vllm_cpu_env("cpu", 2).items() <= env.items() and vllm_bare.vllm_cpu_env("cuda", 2) == {}
+    assert vllm_bare.vllm_cpu_env("cuda", 2) == {}
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the caller's own choice wins
     assert vllm_bare.vllm_cpu_env("cpu", 2)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
 

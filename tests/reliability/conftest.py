@@ -82,12 +82,11 @@ class ServerProcess(process.ServerProcess):
             "shutdown_grace_s": "30",
         }
         if TEST_ENGINE == "vllm":
-            defaults.update({"engine": "vllm", "vllm_enforce_eager": "true"})
+            # several servers share 2 cores: vLLM's threads unbound, one each (OMP_NUM_THREADS below)
+            defaults.update({"engine": "vllm", "vllm_enforce_eager": "true", "vllm_cpu_threads": "none"})
         super().__init__({**defaults, **settings}, work_dir / f"server-{port}.log", cwd=REPO_ROOT, port=port)
         # several servers share a 2-core machine with other suites
         self.env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-        if TEST_ENGINE == "vllm":
-            self.env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 
     def start(self, wait_ready: bool = True, argv: list[str] | None = None) -> ServerProcess:  # type: ignore[override]
         super().start(argv)

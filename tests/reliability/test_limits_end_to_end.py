@@ -20,7 +20,7 @@ import torch
 
 from prefix_store.artifact import dump_artifact, new_artifact
 from server.limits import Limits
-from server.settings import NATIVE_ENGINE_ONLY
+from server.settings import Settings
 from tests.api.conftest import artifact_bytes
 from tests.reliability.conftest import ACME, GLOBEX, TEST_ENGINE, generate, metric_value, upload
 
@@ -68,6 +68,8 @@ LIMITS = Limits(
     chat_template_max_memory_bytes=192 << 20,
     vllm_prefix_table_bytes=256 << 20,  # the vLLM pass serves the long prefix from this table
     vllm_max_queued=1,
+    vllm_kv_cache_bytes=8 << 20,  # 8,192 tokens of this model: three rows of 3,900
+    vllm_max_model_len=3900,
     warm_start_tasks=8,
     warm_start_timeout_s=30.0,
 )
@@ -140,15 +142,21 @@ def test_configured_limits_hold_from_upload_to_generation(
         assert listed.status_code == 422 and f"{len(prompts)} prompts" in listed.text, listed.text
         assert f"at most {LIMITS.max_prompts_per_request}" in listed.text
 
+        # Each backend's own machinery means nothing to the other: the operator is told at start, in
+        # one warning, which of the settings given the backend in use ignores.
+        log = server.log_path.read_text(errors="replace")
+        backend = "vLLM" if TEST_ENGINE == "vllm" else "native"
+        ignored = [line for line in log.splitlines() if f"engine: {backend} ignores" in line]
+        assert len(ignored) == 1, server.log_tail(100)
+        other = "native" if TEST_ENGINE == "vllm" else "vllm"
+        for name, info in Settings.model_fields.items():
+            given = dataclasses.asdict(LIMITS).get(name) is not None
+            marked = (info.json_schema_extra or {}).get("engine") == other  # type: ignore[union-attr]
+            assert (f"PREFIXSERVE_{name.upper()}" in ignored[0]) == (given and marked), (name, ignored[0])
         if TEST_ENGINE == "vllm":
-            # Our engine's machinery (KV budget, prefill chunks, device tier, graphs) is not vLLM's:
-            # the operator is told at start which of the settings given the vLLM backend ignores.
-            log = server.log_path.read_text(errors="replace")
-            ignored = [line for line in log.splitlines() if "engine: vLLM ignores" in line]
-            assert len(ignored) == 1, server.log_tail(100)
-            for name in NATIVE_ENGINE_ONLY:
-                given = dataclasses.asdict(LIMITS).get(name) is not None
-                assert (f"PREFIXSERVE_{name.upper()}" in ignored[0]) == given, (name, ignored[0])
+            # vLLM's sequences stop at the configured length, prefix included.
+            too_long = generate(client, "long", max_new_tokens=LIMITS.vllm_max_model_len - LONG_PREFIX)
+            assert too_long.status_code == 422, too_long.text
         else:
             # KV budget: a row's own tokens (prompt + max_new_tokens; the prefix is shared, stored once
             # per task) beyond 3000 (still within the model's 4096 with the prefix). The pool is whole

@@ -28,7 +28,6 @@ from server.vllm_backend.engine import VllmEngine  # noqa: E402
 from tests.api.conftest import KEYS  # noqa: E402
 from tests.engine.conftest import TINY_OVERRIDES, PeftReference, random_artifact  # noqa: E402
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -441,14 +441,14 @@ class VllmEngine(RequestEndings):
         kv = prefix.permute(0, 1, 3, 2, 4).reshape(
             layers, 2, length, heads * head_dim
         )  # [layers, 2, L, hidden]
-        data, shape = await asyncio.to_thread(encode_prefix, kv)
+        data, dtype, shape, digest = await asyncio.to_thread(encode_prefix, kv, self.loaded.dtype)
         try:
-            await self.llm.collective_rpc("prefixserve_write_rows", args=(entry.rows, data, shape))
+            await self.llm.collective_rpc("prefixserve_write_rows", args=(entry.rows, data, dtype, shape))
         except BaseException:
             self.rows.drop(key)  # its rows hold nothing usable
             self._rows_freed.set()
             raise
-        entry.written = True
+        entry.digest, entry.written = digest, True
 
     def _release(self, state: _Request) -> None:
         key = state.prefix_key
@@ -476,26 +476,27 @@ class VllmEngine(RequestEndings):
 
     # ---- endings ------------------------------------------------------------------------------
     def _end(self, state: _Request, reason: LeaveReason) -> None:
-        """The request is over for its caller: it leaves our scheduler, vLLM and its rows."""
+        """The request is over for its caller: it leaves our scheduler and vLLM, then its rows."""
         state.done = True
         if self._requests.get(state.request_id) is state:
             del self._requests[state.request_id]
         self.scheduler.abort(state.request_id, reason)
         drive = state.drive
-        if drive is not None and not drive.done() and drive is not asyncio.current_task():
-            drive.cancel()  # vLLM's generate aborts its request when cancelled
-        self._release(state)
+        if drive is None:
+            self._release(state)  # vLLM never had it
+        elif not drive.done() and drive is not asyncio.current_task():
+            drive.cancel()  # vLLM's generate sends the abort, then `_drive` releases the rows
         self._wake.set()
 
     def _finished(self, state: _Request, reason: FinishReason) -> None:
-        """Finished by the model (length, EOS, stop sequence): leaves the running set."""
+        """Finished by the model (length, EOS, stop sequence): leaves the running set (its rows go when
+        `_drive` has closed its vLLM request)."""
         state.done = True
         if self._requests.get(state.request_id) is state:
             del self._requests[state.request_id]
         self.scheduler.update(
             [StepOutput(state.request_id, state.detok.num_generated, _LEAVE_REASONS[reason])]
         )
-        self._release(state)
         self._observe_finish(state, reason)
         self._wake.set()
 
@@ -558,13 +559,16 @@ class VllmEngine(RequestEndings):
         params = state.request.params
         prompt: dict[str, Any] = {"prompt_token_ids": state.virtual_ids + state.prompt_ids}
         key = state.prefix_key
-        if key is not None:
-            prompt["cache_salt"] = f"{key[0]}/{key[1]}@{key[2]}#{self._salt_nonce}"
+        if key is not None and state.rows is not None:
+            # The rows' bytes, not only the version: blocks vLLM caches under this salt were computed
+            # from exactly these rows (see rows.py).
+            prompt["cache_salt"] = f"{key[0]}/{key[1]}@{key[2]}:{state.rows.digest}#{self._salt_nonce}"
         state.vllm_id = f"{state.request_id}#{next(self._ids)}"
         sampling = vllm_sampling_params(params, state.seed, self.tokenizer.eos_token_id)
         first = True
+        stream = self.llm.generate(TokensPrompt(**prompt), sampling, state.vllm_id)  # type: ignore[typeddict-item]
         try:
-            async for output in self.llm.generate(TokensPrompt(**prompt), sampling, state.vllm_id):  # type: ignore[typeddict-item]
+            async for output in stream:
                 completion = output.outputs[0]
                 logprobs = completion.logprobs or []
                 for i, token in enumerate(completion.token_ids):
@@ -602,6 +606,14 @@ class VllmEngine(RequestEndings):
             failure = RequestFailed(f"the model failed on this request ({type(exc).__name__})")
             failure.__cause__ = exc
             self._fail(state, failure)
+        finally:
+            # Closing vLLM's stream of a request it has not finished sends vLLM the abort (awaited); only
+            # then may the rows be written with another prefix: a prompt whose virtual positions were
+            # still being computed would otherwise read the new rows, and vLLM would cache them under
+            # this request's salt.
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+            self._release(state)
 
     def _token_event(self, state: _Request, token: int, logprobs: Any, top_n: int) -> StreamEvent:
         now = time.monotonic()

@@ -7,9 +7,10 @@ keyed by (tenant, task, version) and is *pinned* while requests that use it are 
 are evicted least recently used first when rows are needed. Pure bookkeeping: the engine copies the
 rows' contents (through the worker extension) after `allocate` and before any request uses them.
 
-Because the table's rows are reused, a request's vLLM `cache_salt` names (tenant, task, version):
-vLLM's prefix cache then never hands a request blocks computed from another prefix that sat in the
-same rows before.
+Because the table's rows are reused, a request's vLLM `cache_salt` names (tenant, task, version) and
+the digest of the bytes written into its rows: vLLM's prefix cache then never hands a request blocks
+computed from another prefix that sat in the same rows before, not even one a store reissued under
+the same version number (a Redis failover that lost writes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class RowEntry:
     rows: list[int]
     pins: int = 0
     written: bool = False  # its rows hold the prefix (the copy finished)
+    digest: str = ""  # of the bytes written into its rows (part of its requests' cache_salt)
 
 
 @dataclass

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from modeling.models import LoadedModel, load_model
+from prefix_store.artifact import PrefixArtifact
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import Engine, EngineError, GenerationRequest, SamplingParams
 from server.main import build_engine, release_model_weights
 from server.metrics import Metrics
 from server.settings import Settings
 from server.vllm_backend.engine import VllmEngine
+from server.vllm_backend.worker import encode_prefix
 from tests.vllm_backend.conftest import MAX_PREFIX_LENGTH, TABLE_ROWS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -65,7 +67,8 @@ async def test_native_engine_settings_given_to_vllm_are_named_as_ignored(
     assert warnings_for() == []
     assert warnings_for(max_batch_size=4, host_prefix_cache_bytes=1 << 20) == []  # both backends use these
     (line,) = warnings_for(kv_budget_tokens=3000, max_prefill_tokens=64, cuda_graphs=False)
-    assert "PREFIXSERVE_MAX_PREFILL_TOKENS, PREFIXSERVE_KV_BUDGET_TOKENS, PREFIXSERVE_CUDA_GRAPHS" in line
+    for name in ("PREFIXSERVE_MAX_PREFILL_TOKENS", "PREFIXSERVE_KV_BUDGET_TOKENS", "PREFIXSERVE_CUDA_GRAPHS"):
+        assert name in line
     assert "DEVICE_PREFIX_CACHE_BYTES" not in line  # only what was given
 
 
@@ -94,9 +97,72 @@ async def test_abort_ends_the_request_and_frees_its_place(vllm_engine: VllmEngin
     events = [event async for event in handle]
     assert events[-1].finish_reason == "cancelled" and events[-1].num_generated_tokens < 400
     assert vllm_engine.num_running == 0 and vllm_engine.num_waiting == 0
-    # Its prefix rows are unpinned again: a later task may evict them.
+    # Its prefix rows are unpinned again (once vLLM has the abort): a later task may evict them.
     entry = vllm_engine.rows.get(("default", "task-10", 1))
+    for _ in range(500):
+        if entry is None or entry.pins == 0:
+            break
+        await asyncio.sleep(0.01)
     assert entry is not None and entry.pins == 0
+
+
+async def test_a_request_ends_in_vllm_before_its_rows_can_be_reused(vllm_engine: VllmEngine) -> None:
+    """Table rows freed while vLLM still ran the request (its prompt's virtual positions not all computed
+    yet) could be rewritten with another task's prefix under it, and vLLM would cache the wrong keys under
+    this task's salt: rows are released only once vLLM has the abort."""
+    order: list[str] = []
+    llm, rows = vllm_engine.llm, vllm_engine.rows
+    real_abort, real_release = llm.abort, rows.release
+
+    async def abort(*args: object, **kwargs: object) -> None:
+        await real_abort(*args, **kwargs)
+        order.append("vLLM aborted")
+
+    def release(key: object) -> None:
+        order.append("rows released")
+        real_release(key)
+
+    llm.abort, rows.release = abort, release
+    try:
+        params = SamplingParams(max_new_tokens=400, ignore_eos=True)
+        handle = await vllm_engine.add_request(GenerationRequest("ended", "Once", params, task="task-5"))
+        assert (await handle.__anext__()).token_id is not None  # running in vLLM
+        handle.abort()
+        assert [event async for event in handle][-1].finish_reason == "cancelled"
+        for _ in range(500):
+            if "rows released" in order:
+                break
+            await asyncio.sleep(0.01)
+        assert order == ["vLLM aborted", "rows released"]
+    finally:
+        del llm.abort, rows.release  # the instances' own methods again
+
+
+async def test_a_requests_cache_salt_names_the_bytes_in_its_rows(
+    vllm_engine: VllmEngine, h32_artifacts: dict[int, PrefixArtifact]
+) -> None:
+    """vLLM shares cached blocks between requests of one salt: a version number a store reissued with
+    other bytes (a failover that lost writes) must not share them, so the salt carries the digest of
+    the prefix bytes its rows were written with."""
+    salts: list[str] = []
+    llm = vllm_engine.llm
+    real_generate = llm.generate
+
+    def generate(prompt: dict[str, object], *args: object, **kwargs: object) -> object:
+        salts.append(str(prompt.get("cache_salt")))
+        return real_generate(prompt, *args, **kwargs)
+
+    llm.generate = generate
+    try:
+        request = GenerationRequest("salted", "Hi", SamplingParams(max_new_tokens=2), task="task-5")
+        _ = [event async for event in await vllm_engine.add_request(request)]
+    finally:
+        del llm.generate
+    prefix = h32_artifacts[5].prefixes["decoder"]  # [layers, 2, H, L, D] -> rows [layers, 2, L, hidden]
+    layers, _, heads, length, head_dim = prefix.shape
+    rows = prefix.permute(0, 1, 3, 2, 4).reshape(layers, 2, length, heads * head_dim)
+    digest = encode_prefix(rows, vllm_engine.loaded.dtype)[3]
+    assert len(salts) == 1 and salts[0].startswith(f"default/task-5@1:{digest}#"), salts
 
 
 async def test_vllm_queue_stays_bounded_and_everything_finishes(vllm_engine: VllmEngine) -> None:

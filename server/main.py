@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config 
     from modeling.models import LoadedModel
     from prefix_store.base import PrefixStore
     from server.engine import EngineConfig
+    from server.engine.frontend import EngineFrontEnd
     from server.metrics import Metrics
 
 logger = logging.getLogger("prefixserve.main")
@@ -106,9 +107,6 @@ def engine_config(settings: Settings) -> EngineConfig:
     weights, bounds = settings.tenant_weights()
     return EngineConfig(
         limits=settings.limits,
-        kv_block_size=settings.kv_block_size,
-        cuda_graphs=settings.cuda_graphs,
-        torch_compile=settings.torch_compile,
         fair_queue=FairQueueConfig(
             enabled=settings.fair_scheduling,
             tenant_weights=weights,
@@ -118,10 +116,13 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
-def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, observer: Metrics) -> Any:
+def build_engine(
+    settings: Settings, loaded: LoadedModel, store: PrefixStore, observer: Metrics
+) -> EngineFrontEnd:
     """The engine `settings.engine` asks for: vLLM or ours, the same public API and the same
     observer hooks. `auto` logs once why it did not pick vLLM; `vllm` raises `EngineError` if it cannot."""
     from server.engine import Engine
+    from server.engine.native_backend import NativeOptions
     from server.vllm_backend.support import choose_backend
 
     backend, why_not = choose_backend(settings.engine, loaded)
@@ -138,7 +139,7 @@ def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, ob
 
         assert settings.model is not None
         logger.info("engine: vLLM", extra={"engine": "vllm"})
-        options = VllmOptions(
+        vllm_options = VllmOptions(
             model_dir=settings.model,
             block_size=settings.vllm_block_size,
             enforce_eager=settings.vllm_enforce_eager,
@@ -148,11 +149,16 @@ def build_engine(settings: Settings, loaded: LoadedModel, store: PrefixStore, ob
             tensor_parallel_size=settings.vllm_tensor_parallel_size,
             data_parallel_size=settings.vllm_data_parallel_size,
         )
-        options.check()
-        return VllmEngine(loaded, store, engine_config(settings), observer=observer, options=options)
+        vllm_options.check()
+        return VllmEngine(loaded, store, engine_config(settings), observer=observer, options=vllm_options)
     if why_not is not None:
         logger.info("engine: native (not vLLM: %s)", why_not, extra={"engine": "native"})
-    return Engine(loaded, store, engine_config(settings), observer=observer)
+    options = NativeOptions(
+        kv_block_size=settings.kv_block_size,
+        cuda_graphs=settings.cuda_graphs,
+        torch_compile=settings.torch_compile,
+    )
+    return Engine(loaded, store, engine_config(settings), observer=observer, options=options)
 
 
 def release_model_weights(engine: Any, loaded: LoadedModel) -> None:

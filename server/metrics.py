@@ -22,7 +22,6 @@ from __future__ import annotations
 import platform
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,6 +32,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from server.engine.interface import ServingEngine
 from server.engine.observer import EngineObserver
 from server.vllm_metrics import TaskListsInfo, VllmMetrics
 
@@ -267,7 +267,7 @@ class Metrics(EngineObserver):
             names.add(family.name + "_total" if family.type == "counter" else family.name)
         return sorted(names)
 
-    def bind_engine(self, engine: Any) -> None:
+    def bind_engine(self, engine: ServingEngine) -> None:
         """Read gauges from the engine at scrape time (running/waiting, up, task lists)."""
         self.requests_running.set_function(lambda: float(engine.num_running))
         self.requests_waiting.set_function(lambda: float(engine.num_waiting))
@@ -277,11 +277,7 @@ class Metrics(EngineObserver):
         self.task_info.source = lambda: (engine.running_tasks, engine.waiting_tasks)
 
         def cache_bytes(tier: str) -> Callable[[], float]:
-            def read() -> float:
-                stats = engine.prefix_cache_stats
-                return 0.0 if stats is None else float(stats.bytes.get(tier, 0))
-
-            return read
+            return lambda: float(engine.prefix_cache_bytes(tier))
 
         for tier in ("device", "host"):
             self.prefix_cache_bytes.labels(tier=tier).set_function(cache_bytes(tier))

@@ -68,6 +68,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine.interface import ServingEngine
+
 AdapterNames = Literal["off", "task", "tenant_task"]
 ADAPTER_NAME_MODES: tuple[AdapterNames, ...] = ("off", "task", "tenant_task")
 
@@ -250,7 +252,7 @@ class VllmMetrics:
             registry=registry,
         ).labels(**info).set(1)
 
-    def bind_engine(self, engine: Any) -> None:
+    def bind_engine(self, engine: ServingEngine) -> None:
         m = self.model_name
         self.running.labels(model_name=m).set_function(lambda: float(engine.num_running))
         self.waiting.labels(model_name=m).set_function(lambda: float(engine.num_waiting))

@@ -22,7 +22,7 @@ from prefix_store.artifact_types import UploadChecks
 from prefix_store.base import PrefixStore, StoreUnavailable
 from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
-from server.api.deps import ApiConfig, AppState, EngineLike
+from server.api.deps import ApiConfig, AppState
 from server.api.errors import install_error_handlers
 from server.api.generation import prompt_char_limit
 from server.api.middleware import RequestMiddleware
@@ -31,6 +31,7 @@ from server.api.routes import canary, chat, generate, health, openai, prefixes, 
 from server.api.version import __version__
 from server.api.warm_start import warm_start
 from server.engine.chat_render import ChatRenderPool, RenderLimits
+from server.engine.interface import ServingEngine
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -74,7 +75,7 @@ def metrics_for(settings: Settings, spec: ModelSpec | None = None) -> Metrics:
 def create_app(
     settings: Settings,
     *,
-    engine: EngineLike,
+    engine: ServingEngine,
     store: PrefixStore,
     spec: ModelSpec,
     uploads: UploadChecks,

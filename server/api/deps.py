@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,41 +21,10 @@ from server.api.errors import ApiError
 from server.api.ratelimit import NoLimiter, TenantLimiter
 from server.api.traffic import routing_headers
 from server.engine.chat_render import ChatRenderPool
+from server.engine.interface import ServingEngine
 from server.limits import Limits
 from server.logging import request_context
 from server.metrics import Metrics
-
-
-class EngineLike(Protocol):
-    """What the API uses of `server.engine.Engine` (kept structural so tests can read it at a glance)."""
-
-    @property
-    def healthy(self) -> bool: ...
-
-    @property
-    def num_running(self) -> int: ...
-
-    @property
-    def num_waiting(self) -> int: ...
-
-    def queue_refusal(self, tenant: str) -> str | None: ...
-
-    def tokenize(self, prompt: str | list[int]) -> list[int]: ...
-
-    async def add_request(self, request: Any) -> Any:
-        """Admit (raising the admission errors) and return a handle: async-iterable events, `abort()`."""
-        ...
-
-    @property
-    def tokenizer(self) -> Any: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self, drain_timeout_s: float = ...) -> None: ...
-
-    async def warm(self, tenant: str, task: str) -> bool:
-        """Load the task's prefix into the engine's tiers without a request; False if it could not."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +43,7 @@ class AppState:
     """Everything one app instance serves with."""
 
     config: ApiConfig
-    engine: EngineLike
+    engine: ServingEngine
     store: PrefixStore
     spec: ModelSpec
     metrics: Metrics

@@ -22,27 +22,34 @@ CONTEXT_TOKENS = 5  # tokens of left context for decoding (byte-level BPE merges
 
 
 class IncrementalDetokenizer:
-    """Turns one request's token stream into text deltas and decides when it stops."""
+    """Turns one request's token stream into text deltas and decides when it stops.
+
+    `ids` is the request's own list of token ids (its prompt so far), not a copy: `add_token` appends
+    each generated token to it, the one place a request's tokens are recorded."""
 
     def __init__(
         self,
         tokenizer: Any,
-        prompt_ids: list[int],
+        ids: list[int],
         max_new_tokens: int,
         stop: list[str],
         eos_token_id: int | None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
+        self.ids = ids
+        self.num_prompt_tokens = len(ids)
         self.prefix_offset = max(len(self.ids) - CONTEXT_TOKENS, 0)
         self.read_offset = len(self.ids)
         self.max_new_tokens = max_new_tokens
         self.stop = list(stop)
         self.eos_token_id = eos_token_id
-        self.num_generated = 0
         self.text = ""  # all generated text decoded so far
         self.emitted = 0  # characters of `text` already returned as deltas
         self.finish_reason: FinishReason | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.ids) - self.num_prompt_tokens
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -56,11 +63,11 @@ class IncrementalDetokenizer:
         return ""
 
     def add_token(self, token_id: int) -> str:
-        """Account for a new token; returns the text delta to stream (possibly ""). Sets `finish_reason`."""
-        self.num_generated += 1
+        """Record a new token; returns the text delta to stream (possibly ""). Sets `finish_reason`."""
         if self.eos_token_id is not None and token_id == self.eos_token_id:
+            self._drain_pending()  # what is held for an incomplete character, before the EOS is added
+            self.ids.append(token_id)
             self.finish_reason = "eos_token"
-            self._drain_pending()
             return self._flush()
         self.ids.append(token_id)
         previous = len(self.text)

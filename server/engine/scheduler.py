@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from server.engine.errors import InvalidRequest
 from server.engine.fair_queue import FairQueueConfig, WaitingQueue, make_waiting_queue
@@ -66,9 +66,41 @@ class PrefillChunk:
     end: int
 
 
+class Schedulable(Protocol):
+    """What the scheduler reads of a request (the engine's `request.Request`; `ScheduledRequest` here)."""
+
+    reserved_tokens: int
+    num_computed_tokens: int
+    prefix_ready: bool
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def num_prompt_tokens(self) -> int: ...
+
+    @property
+    def arrival_time(self) -> float: ...
+
+    @property
+    def num_generated_tokens(self) -> int: ...
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def priority(self) -> str: ...
+
+    @property
+    def cost(self) -> int: ...
+
+    @property
+    def prefilling(self) -> bool: ...
+
+
 @dataclass
 class ScheduledRequest:
-    """What the scheduler knows about a request: ids and counts only."""
+    """A request reduced to what the scheduler reads: ids and counts only (tests, tools)."""
 
     request_id: str
     num_prompt_tokens: int
@@ -116,10 +148,9 @@ class SchedulerPlan:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """A request's result of one step: how many tokens it produced and, when it finished, why."""
+    """A request's result of one step: whether it finished, and why (its tokens are on its record)."""
 
     request_id: str
-    num_new_tokens: int = 1
     finish_reason: LeaveReason | None = None
 
 
@@ -129,10 +160,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        self._waiting: WaitingQueue[ScheduledRequest] = make_waiting_queue(
-            config.max_waiting, config.fair_queue
-        )
-        self._running: dict[str, ScheduledRequest] = {}  # insertion order = admission order
+        self._waiting: WaitingQueue[Schedulable] = make_waiting_queue(config.max_waiting, config.fair_queue)
+        self._running: dict[str, Schedulable] = {}  # insertion order = admission order
         self._left: list[RowLeft] = []  # reported by the next `schedule`
         self.reserved_tokens = 0  # sum over running requests
 
@@ -185,15 +214,15 @@ class Scheduler:
         return request_id in self._waiting or request_id in self._running
 
     # ---- changes -------------------------------------------------------------------------------
-    def add(self, request: ScheduledRequest) -> None:
+    def add(self, request: Schedulable) -> None:
         """Queue a request. Raises `QueueFull` when its tenant's or the global queue is full,
         `InvalidRequest` if it can never fit. Waiting requests the policy pushes out to make room
         leave with reason "pushed_out" (the caller answers them as if they had met a full queue)."""
         if request.request_id in self:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         self._check_fits(request.reserved_tokens)
-        if not request.arrival_time:
-            request.arrival_time = self._clock()
+        if not request.arrival_time:  # a `ScheduledRequest` made without one: now
+            request.arrival_time = self._clock()  # type: ignore[misc]
         self._bound_waiting()
         for old in self._waiting.push(request):
             self._left.append(RowLeft(old.request_id, "pushed_out", was_running=False))
@@ -230,7 +259,7 @@ class Scheduler:
         self._leave(req, reason)
         return True
 
-    def _leave(self, req: ScheduledRequest, reason: LeaveReason) -> None:
+    def _leave(self, req: Schedulable, reason: LeaveReason) -> None:
         """A running request leaves: its KV reservation is returned and its unused cost refunded."""
         self.reserved_tokens -= req.reserved_tokens
         self._waiting.on_finished(req, req.num_generated_tokens)
@@ -267,7 +296,7 @@ class Scheduler:
             budget -= self._chunk(plan, req, budget)
         return plan
 
-    def _chunk(self, plan: SchedulerPlan, req: ScheduledRequest, budget: int) -> int:
+    def _chunk(self, plan: SchedulerPlan, req: Schedulable, budget: int) -> int:
         """Schedule the request's next prompt chunk within `budget` (whole prompt without chunking)."""
         start = req.num_computed_tokens
         remaining = req.num_prompt_tokens - start
@@ -284,7 +313,6 @@ class Scheduler:
             req = self._running.get(out.request_id)
             if req is None:  # aborted while the step ran
                 continue
-            req.num_generated_tokens += out.num_new_tokens
             if out.finish_reason is not None:
                 del self._running[out.request_id]
                 self._leave(req, out.finish_reason)
@@ -292,5 +320,5 @@ class Scheduler:
         return finished
 
 
-def _ready(req: ScheduledRequest) -> bool:
+def _ready(req: Schedulable) -> bool:
     return req.prefix_ready

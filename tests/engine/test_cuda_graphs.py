@@ -21,6 +21,7 @@ from prefix_store.artifact import PrefixArtifact
 from server.engine import Engine, EngineConfig, GenerationRequest
 from server.engine.cuda_graphs import Replay, StaticDecoder
 from server.engine.gpt2_runner import GPT2Runner
+from server.engine.native_backend import NativeOptions
 from server.engine.paged_kv import PagedKVCache, PrefixPool
 from server.engine.prefix_arena import PrefixArena
 from server.engine.runner import PrefillItem
@@ -221,7 +222,9 @@ def test_the_static_paths_buffers_count_in_the_kv_budget(tiny: LoadedModel) -> N
     limits = Limits(
         max_batch_size=8, kv_budget_bytes=budget, static_prefix_arena_tokens=64, max_cuda_graphs=3
     )
-    static = Engine(tiny, None, EngineConfig(limits, kv_block_size=4, static_decode=True))
+    static = Engine(
+        tiny, None, EngineConfig(limits), options=NativeOptions(kv_block_size=4, static_decode=True)
+    )
     decoder = static.runner.static_decoder
     assert isinstance(decoder, StaticDecoder)
     assert decoder.arena.capacity == 64 and decoder.max_graphs == 3  # the Limits fields reach the decoder
@@ -232,10 +235,17 @@ def test_the_static_paths_buffers_count_in_the_kv_budget(tiny: LoadedModel) -> N
     assert stats["static_bytes"] == allocated == 16 * per_block + logits
     assert stats["capacity_bytes"] + stats["static_bytes"] <= budget  # all it allocates, within the budget
     assert stats["capacity_bytes"] == 40 * per_block and stats["bytes"] == stats["static_bytes"]
-    eager = Engine(tiny, None, EngineConfig(limits, kv_block_size=4, static_decode=False)).kv_stats()
+    eager = Engine(
+        tiny, None, EngineConfig(limits), options=NativeOptions(kv_block_size=4, static_decode=False)
+    ).kv_stats()
     assert eager["static_bytes"] == 0 and eager["capacity_bytes"] == budget // per_block * per_block
     with pytest.raises(ValueError, match="PREFIXSERVE_STATIC_PREFIX_ARENA_TOKENS"):
-        Engine(tiny, None, EngineConfig(replace(limits, kv_budget_bytes=allocated), static_decode=True))
+        Engine(
+            tiny,
+            None,
+            EngineConfig(replace(limits, kv_budget_bytes=allocated)),
+            options=NativeOptions(static_decode=True),
+        )
 
 
 def short_decode(runner: GPT2Runner) -> list[torch.Tensor]:

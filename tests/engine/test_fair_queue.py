@@ -199,7 +199,7 @@ def test_scheduler_admits_the_quiet_tenant_at_the_next_free_row() -> None:
         add(f"a{i}", "a")
     assert s.schedule().prefill_ids == ["a0", "a1"]
     add("b0", "b")
-    s.update([StepOutput("a0", 1, finish_reason="length")])
+    s.update([StepOutput("a0", finish_reason="length")])
     assert s.schedule().prefill_ids == ["b0"]  # not behind a2..a19
 
 

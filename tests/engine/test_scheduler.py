@@ -34,7 +34,7 @@ def test_admits_fcfs_up_to_max_running_then_decodes() -> None:
     assert plan.prefill_ids == ["a", "b"] and plan.decode_ids == []
     plan = s.schedule()
     assert plan.prefill_ids == [] and plan.decode_ids == ["a", "b"]
-    assert s.update([StepOutput("a", 1, finish_reason="length"), StepOutput("b", 1)]) == ["a"]
+    assert s.update([StepOutput("a", finish_reason="length"), StepOutput("b")]) == ["a"]
     plan = s.schedule()
     assert plan.prefill_ids == ["c"] and plan.decode_ids == ["b"]
 
@@ -77,7 +77,7 @@ def test_kv_budget_blocks_head_and_never_lets_a_smaller_later_request_jump_ahead
     assert s.schedule().prefill_ids == ["a"]  # "big" does not fit; "small" would, but must wait
     assert s.kv_usage_ratio == pytest.approx(0.6)
     assert s.schedule().prefill_ids == []
-    s.update([StepOutput("a", 1, finish_reason="length")])
+    s.update([StepOutput("a", finish_reason="length")])
     assert s.schedule().prefill_ids == ["big", "small"]
     assert s.reserved_tokens == 70
 
@@ -141,16 +141,7 @@ def test_abort_waiting_and_running() -> None:
     assert s.schedule().left == []
     assert not s.abort("a")
     # A step's output for a request aborted meanwhile is ignored.
-    assert s.update([StepOutput("a", 1, finish_reason="length")]) == []
-
-
-def test_generated_token_counts() -> None:
-    s, _ = make()
-    s.add(req("a"))
-    s.schedule()
-    s.update([StepOutput("a", 1)])
-    s.update([StepOutput("a", 2)])
-    assert s._running["a"].num_generated_tokens == 3
+    assert s.update([StepOutput("a", finish_reason="length")]) == []
 
 
 def test_every_departure_is_reported_once_with_its_reason() -> None:
@@ -159,7 +150,7 @@ def test_every_departure_is_reported_once_with_its_reason() -> None:
         s.add(req(rid))
     s.schedule()
     s.add(req("waits"))  # no free row: it waits, then times out
-    s.update([StepOutput("eos", 1, finish_reason="eos"), StepOutput("stop", 1, finish_reason="stop")])
+    s.update([StepOutput("eos", finish_reason="eos"), StepOutput("stop", finish_reason="stop")])
     s.abort("failed", "failed")
     clock.now += 6
     plan = s.schedule()

@@ -24,6 +24,7 @@ from prefix_store.artifact import dump_artifact, new_artifact
 from prefix_store.local_store import LocalPrefixStore
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from server.engine.gpt2_runner import GPT2Runner
+from server.engine.native_backend import NativeOptions
 from server.engine.runner import PrefillItem
 from server.limits import Limits
 from tests.engine.conftest import random_artifact
@@ -50,8 +51,9 @@ async def _run(
         )
         artifact = new_artifact({"decoder": prefix * 0.5}, loaded.spec, f"t{i}")
         await store.put("default", f"t{i}", dump_artifact(artifact), {})
-    config = EngineConfig(Limits(max_batch_size=8, max_prefill_tokens=64, **limits), cuda_graphs=cuda_graphs)
-    engine = Engine(loaded, store, config)
+    config = EngineConfig(Limits(max_batch_size=8, max_prefill_tokens=64, **limits))
+    options = NativeOptions(cuda_graphs=cuda_graphs)
+    engine = Engine(loaded, store, config, options=options)
     await engine.start()
     try:
 

@@ -59,7 +59,7 @@ def test_engine_observer_and_scrape_time_gauges():
         kv_usage_ratio=0.25,
         running_tasks=["acme/sql", "acme/poems"],
         waiting_tasks=["acme/sql"],
-        prefix_cache_stats=SimpleNamespace(bytes={"device": 1024, "host": 0}),
+        prefix_cache_bytes={"device": 1024, "host": 0}.__getitem__,
     )
     m.bind_engine(engine)
     m.on_step(batch_size=3, num_distinct_tasks=2, kv_usage_ratio=0.25)
@@ -144,7 +144,7 @@ def test_task_names_are_private_by_default():
 def _engine(**overrides):
     fields = dict(
         num_running=0, num_waiting=0, healthy=True, kv_usage_ratio=0.0, running_tasks=[], waiting_tasks=[],
-        prefix_cache_stats=None, resident_prefixes=[], resident_prefix_capacity=0,
+        prefix_cache_bytes=lambda tier: 0, resident_prefixes=[], resident_prefix_capacity=0,
     )  # fmt: skip
     return SimpleNamespace(**(fields | overrides))
 

@@ -57,6 +57,7 @@ class _Slot:
     virtual_ids: list[int] = field(default_factory=list)  # [L]: the ids naming those rows
     drive: asyncio.Task[None] | None = None  # streams it through vLLM once admitted
     vllm_id: str = ""
+    ended_in_vllm: bool = False  # vLLM reported it finished: nothing left to abort
 
 
 class VllmBackend:
@@ -294,7 +295,7 @@ class VllmBackend:
         drive = slot.drive
         if drive is None:
             self._release_rows(request)
-        elif not drive.done() and drive is not asyncio.current_task():
+        elif not (drive.done() or slot.ended_in_vllm) and drive is not asyncio.current_task():
             drive.cancel()
 
     async def step(
@@ -345,6 +346,9 @@ class VllmBackend:
         stream = self.llm.generate(TokensPrompt(**prompt), sampling, slot.vllm_id)  # type: ignore[typeddict-item]
         try:
             async for output in stream:
+                if output.finished:  # vLLM is done with it: its rows may go before its last tokens do
+                    slot.ended_in_vllm = True
+                    self._release_rows(request)
                 completion = output.outputs[0]
                 logprobs = completion.logprobs or []
                 for i, token in enumerate(completion.token_ids):

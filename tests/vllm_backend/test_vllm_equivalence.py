@@ -101,7 +101,7 @@ async def test_greedy_equals_peft_all_in_one_batch(
 
 def strong_artifact(engine: VllmEngine, length: int, seed: int) -> PrefixArtifact:
     """A prefix that steers the tiny model's greedy output away from other seeds'."""
-    spec = engine.spec
+    spec = engine.loaded.spec
     g = torch.Generator().manual_seed(seed)
     shape = (spec.num_layers, 2, spec.num_heads, length, spec.head_dim)
     return new_artifact({"decoder": torch.randn(shape, generator=g) * 1.5}, spec)
@@ -119,6 +119,8 @@ async def test_reused_rows_never_serve_the_old_prefix(
     length = 250
     assert 2 * length > TABLE_ROWS
     v1, v2, other = (strong_artifact(vllm_engine, length, seed) for seed in (7, 8, 9))
+    for key in vllm_engine.rows.resident():  # evict what earlier tests left: each prefix starts at row 0
+        vllm_engine.rows.drop(key)
     await vllm_store.put("default", "flip", dump_artifact(v1), {})
     first = await collect(vllm_engine, GenerationRequest("f1", prompt, greedy(8), task="flip"))
     rows_v1 = vllm_engine.rows.get(("default", "flip", 1)).rows  # type: ignore[union-attr]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config 
     from prefix_store.base import PrefixStore
     from server.engine import EngineConfig
     from server.engine.frontend import EngineFrontEnd
+    from server.engine.native_backend import NativeOptions
     from server.metrics import Metrics
 
 logger = logging.getLogger("prefixserve.main")
@@ -116,13 +117,21 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
+def native_options(settings: Settings) -> NativeOptions:
+    """How our own engine runs (its KV block, CUDA graphs, torch.compile)."""
+    from server.engine.native_backend import NativeOptions
+
+    return NativeOptions(
+        kv_block_size=settings.kv_block_size, cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile
+    )
+
+
 def build_engine(
     settings: Settings, loaded: LoadedModel, store: PrefixStore, observer: Metrics
 ) -> EngineFrontEnd:
     """The engine `settings.engine` asks for: vLLM or ours, the same public API and the same
     observer hooks. `auto` logs once why it did not pick vLLM; `vllm` raises `EngineError` if it cannot."""
     from server.engine import Engine
-    from server.engine.native_backend import NativeOptions
     from server.vllm_backend.support import choose_backend
 
     backend, why_not = choose_backend(settings.engine, loaded)
@@ -153,12 +162,7 @@ def build_engine(
         return VllmEngine(loaded, store, engine_config(settings), observer=observer, options=vllm_options)
     if why_not is not None:
         logger.info("engine: native (not vLLM: %s)", why_not, extra={"engine": "native"})
-    options = NativeOptions(
-        kv_block_size=settings.kv_block_size,
-        cuda_graphs=settings.cuda_graphs,
-        torch_compile=settings.torch_compile,
-    )
-    return Engine(loaded, store, engine_config(settings), observer=observer, options=options)
+    return Engine(loaded, store, engine_config(settings), observer=observer, options=native_options(settings))
 
 
 def release_model_weights(engine: Any, loaded: LoadedModel) -> None:

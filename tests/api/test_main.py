@@ -98,11 +98,11 @@ def test_engine_limits_come_from_the_environment(monkeypatch):
 
 
 def test_cuda_graphs_and_torch_compile_switches_come_from_the_environment(monkeypatch):
-    from server.main import engine_config
+    from server.main import native_options
     from server.settings import Settings
 
-    assert (engine_config(Settings()).cuda_graphs, engine_config(Settings()).torch_compile) == (True, False)
+    assert (native_options(Settings()).cuda_graphs, native_options(Settings()).torch_compile) == (True, False)
     monkeypatch.setenv("PREFIXSERVE_CUDA_GRAPHS", "off")
     monkeypatch.setenv("PREFIXSERVE_TORCH_COMPILE", "on")
-    config = engine_config(Settings())
+    config = native_options(Settings())
     assert (config.cuda_graphs, config.torch_compile) == (False, True)

@@ -44,17 +44,31 @@ test: $(STAMP) test-services
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-vllm
 
-# The API, fairness, canary and client tests (tests/api) and every reliability test (drain, overload,
-# faults, uploads, hostile HTTP/requests/tenants, quotas, store data, limits, canary replicas, Sentinel
-# failover, metrics, warm start, vLLM's engine core dying) again on the vLLM backend. The in-process tests
-# share one vLLM core (tests/api/conftest.py), so every test and fixture runs on the session's event
-# loop; each server process starts its own vLLM. Left out: the native engine's crash script
-# (crashing_server.py breaks our model runner; the vLLM pass kills vLLM's engine core instead,
-# test_vllm_engine_core.py). Where vLLM is not installed (`make VLLM_SPEC= install`) the pass says so
-# and is skipped.
+# The second pass: what differs on the vLLM backend, over one vLLM core shared by the in-process
+# tests (tests/api/conftest.py) and a server process of its own for each process-level test. Both
+# backends sit under one engine front end (admission, queue, prefixes, detokenizer, events, metrics),
+# so the routes, uploads, stores, quotas and hostile-HTTP tests run once, in the first pass; this pass
+# keeps generation through every route and the real clients, n/best_of, fairness of vLLM's admission,
+# vLLM's metrics, lm-eval's scores, and the process-level behaviour that depends on the backend:
+# vLLM's engine core dying, a request vLLM fails, drain on SIGTERM, overload refusals as cheap as
+# /health, queue timeouts, metrics under load, warm start into the prefix table, the configured
+# limits, and the admission holes of hostile tenants. Where vLLM is not installed
+# (`make VLLM_SPEC= install`) the pass says so and is skipped.
 VLLM_PYTEST_ARGS := -o asyncio_default_test_loop_scope=session -o asyncio_default_fixture_loop_scope=session
-VLLM_TESTS := tests/api tests/reliability \
-	--deselect tests/reliability/test_faults.py::test_engine_loop_crash_exits_the_process_non_zero
+VLLM_TESTS := tests/api/test_generate.py tests/api/test_compat.py tests/api/test_clients.py \
+	tests/api/test_batch_prompts.py tests/api/test_fairness.py tests/api/test_vllm_metrics.py \
+	tests/api/test_eval_harness.py \
+	tests/reliability/test_vllm_engine_core.py tests/reliability/test_limits_end_to_end.py \
+	tests/reliability/test_faults.py::test_one_request_failing_fails_alone \
+	tests/reliability/test_faults.py::test_engine_loop_crash_turns_readiness_off_and_takes_the_exit_path \
+	tests/reliability/test_faults.py::test_overload_queue_timeout_and_disconnect \
+	tests/reliability/test_shutdown.py::test_sigterm_drains_the_in_flight_stream_then_exits_0 \
+	tests/reliability/test_overload_and_errors.py::test_full_queue_is_answered_429_as_fast_as_health \
+	tests/reliability/test_metrics_exposure.py::test_vllm_gauges_follow_requests_as_they_run_and_wait \
+	tests/reliability/test_warm_start.py::test_restarted_replica_serves_its_warm_tasks_without_a_store_read \
+	tests/reliability/test_hostile_tenants_api.py::test_overload_refusals_cost_what_health_costs \
+	tests/reliability/test_hostile_tenants_api.py::test_trickled_bodies_cannot_take_every_connection \
+	tests/reliability/test_hostile_tenants_api.py::test_tokenize_is_admitted_and_bounded
 test-vllm: $(STAMP) test-services
 	@if $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)'; then \
 	  PREFIXSERVE_TEST_ENGINE=vllm $(PY) -m pytest -q $(VLLM_TESTS) $(VLLM_PYTEST_ARGS); \

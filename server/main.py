@@ -122,7 +122,9 @@ def native_options(settings: Settings) -> NativeOptions:
     from server.engine.native_backend import NativeOptions
 
     return NativeOptions(
-        kv_block_size=settings.kv_block_size, cuda_graphs=settings.cuda_graphs, torch_compile=settings.torch_compile
+        kv_block_size=settings.kv_block_size,
+        cuda_graphs=settings.cuda_graphs,
+        torch_compile=settings.torch_compile,
     )
 
 

@@ -18,8 +18,11 @@ def encode_prefix(kv: torch.Tensor) -> tuple[bytes, list[int]]:
 class PrefixRowsExtension:
     """Methods added to vLLM's worker (`self` is the worker)."""
 
-    def prefixserve_write_rows(self, rows: list[int], data: bytes, shape: list[int]) -> None:
-        """Write a prefix (`encode_prefix`'s bytes and shape) into rows `rows` of the prefix table."""
+    def prefixserve_write_rows(
+        self, rows: list[int], data: bytes, shape: list[int], kind: str = "decoder"
+    ) -> None:
+        """Write a prefix (`encode_prefix`'s bytes and shape) into rows `rows` of the prefix table.
+        `kind` is the prefix kind ("decoder" for GPT-2; BART also has "encoder" and "cross")."""
         kv = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        model.write_prefix_rows(list(rows), kv)
+        model.write_prefix_rows(list(rows), kv, kind)

@@ -1,8 +1,9 @@
 """A BART request as our vLLM BART (`bart_model.py`) takes it: which table rows, which prompt.
 
 A task's prefix takes `max(Le, Ld, Lc)` rows of the prefix table (`table_positions`); each kind is
-written (`PrefixRowsExtension.prefixserve_write_rows(rows[:L], data, shape, kind)`) into the first L of
-them, and a request names them in its prompt (`vllm_prompt`):
+written into the first L of them (`row_writes`: the arguments of one
+`collective_rpc("prefixserve_write_rows", args=...)` per kind), and a request names them in its
+prompt (`vllm_prompt`):
 
 ```
 encoder prompt: [0]  + encoder item {source_ids: [bos] + prompt + [eos], encoder_prefix_rows: rows[:Le],
@@ -21,7 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from server.vllm_backend.bart_inputs import MODALITY, PLACEHOLDER, source_item
+from server.vllm_backend.worker import encode_prefix
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,20 @@ class BartPrefixRows:
 def table_positions(lengths: Mapping[str, int]) -> int:
     """Rows a prefix with these kind -> length takes: the kinds share rows, position by position."""
     return max(lengths.values(), default=0)
+
+
+def row_writes(
+    prefixes: Mapping[str, Tensor], rows: Sequence[int]
+) -> list[tuple[list[int], bytes, list[int], str]]:
+    """The worker calls that copy a prefix (kind -> `[layers, 2, H, L, D]`, an artifact's `prefixes`)
+    into its `table_positions` rows: `prefixserve_write_rows(rows[:L], data, shape, kind)` per kind."""
+    writes = []
+    for kind, kv in prefixes.items():
+        layers, _, _, length, _ = kv.shape
+        flat = kv.permute(0, 1, 3, 2, 4).reshape(layers, 2, length, -1)  # [layers, 2, L, H*D]
+        data, shape = encode_prefix(flat)
+        writes.append((list(rows[:length]), data, shape, kind))
+    return writes
 
 
 def vllm_prompt(

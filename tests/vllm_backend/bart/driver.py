@@ -17,9 +17,8 @@ from transformers import BartForConditionalGeneration
 
 from modeling import bart_prefix
 from modeling.models import LoadedModel
-from server.vllm_backend.bart_prompt import BartPrefixRows, table_positions, vllm_prompt
+from server.vllm_backend.bart_prompt import BartPrefixRows, row_writes, table_positions, vllm_prompt
 from server.vllm_backend.core import VllmCore
-from server.vllm_backend.worker import encode_prefix
 
 Prefixes = Mapping[str, Tensor]  # kind -> [layers, 2, H, L, D]
 LOGPROB_TOLERANCE = 1e-3  # fp32: vLLM's kernels and ours sum in different orders
@@ -51,12 +50,8 @@ class BartVllm:
             rows = list(range(self._next_row, self._next_row + count))
             self._next_row += count
             assert self._next_row <= self.core.prefix_rows, "the test table is too small"
-        for kind, kv in prefixes.items():
-            flat = kv.permute(0, 1, 3, 2, 4).reshape(kv.shape[0], 2, kv.shape[3], -1)  # [layers, 2, L, H*D]
-            data, shape = encode_prefix(flat)
-            await self.core.llm.collective_rpc(
-                "prefixserve_write_rows", args=(rows[: lengths[kind]], data, shape, kind)
-            )
+        for args in row_writes(prefixes, rows):
+            await self.core.llm.collective_rpc("prefixserve_write_rows", args=args)
         return BartPrefixRows.of(rows, lengths)
 
     async def generate(

@@ -42,6 +42,7 @@ from loadtest.bench_models import GPT2_TEXT_VOCAB, ensure_model
 from loadtest.machine import bart_flops, gpt2_flops, machine_info, measure_matmul_peak
 from loadtest.metrics import SLO, RunResult, summarize
 from loadtest.prefixes import make_task_prefixes
+from loadtest.runners.bart_baselines import BART_BASELINES
 from loadtest.workload import Workload, WorkloadSpec, make_workload
 from modeling.models import DTYPES, LoadedModel, load_model, resolve_device
 
@@ -56,6 +57,7 @@ ALL_RUNNERS = (
     "vllm_bare",
     "server_vllm",
     "server_native",
+    *BART_BASELINES,
 )
 # Stock vLLM on the bare model, and our server on each engine backend, all over HTTP.
 VLLM_RUNNERS = ("vllm_bare", "server_vllm", "server_native")
@@ -473,6 +475,10 @@ class Bench:
                         server_settings(name, section, loaded),
                         section.max_warm_tasks,
                     )  # started as a user's default start: no vLLM environment variables of its own
+                elif name in BART_BASELINES:
+                    from loadtest.runners.bart_baselines import run_bart_baseline
+
+                    runs[name] = run_bart_baseline(name, loaded, model_dir, workload, section.max_batch_size)
                 elif name == "vllm_bare":
                     from loadtest.runners.vllm_bare import run_vllm_bare
 

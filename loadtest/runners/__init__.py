@@ -10,6 +10,8 @@
 | vllm_bare     | stock vLLM's OpenAI server on the same model, bare model, over HTTP       |
 | server_vllm   | `http` with PREFIXSERVE_ENGINE=vllm (our server on the vLLM backend)      |
 | server_native | `http` with PREFIXSERVE_ENGINE=native (our server on our own engine)      |
+| ctranslate2_fp32, ctranslate2_int8 | BART: CTranslate2's `translate_batch`, static batches, bare |
+| hf_generate   | BART: HF `generate`, static batches, bare                                 |
 
 Every runner makes exactly `max_new_tokens` tokens per request (EOS cannot stop it early where the
 runner allows that; otherwise the short outputs are counted as they are, see `num_short_outputs`).

@@ -1,4 +1,5 @@
-"""`VllmCore`: vLLM's `AsyncLLM` running our prefix GPT-2 (`model.py`), its prefix table and KV cache.
+"""`VllmCore`: vLLM's `AsyncLLM` running our prefix GPT-2 (`model.py`) or BART (`bart_model.py`), its
+prefix table and KV cache.
 
 A server has one core, started and shut down by its `VllmEngine`. The core is separate from the engine
 because what it fixes at start (the model, its dtype, the table's row count, vLLM's batch width) is
@@ -25,7 +26,7 @@ from modeling.models import LoadedModel
 from server.engine.errors import EngineError
 from server.limits import Limits
 from server.vllm_backend.cpu_threads import omp_threads_bind
-from server.vllm_backend.plugin import ARCHITECTURE
+from server.vllm_backend.plugin import ARCHITECTURE, BART_ARCHITECTURE
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ _VLLM_DTYPES: dict[torch.dtype, Literal["float32", "bfloat16", "float16"]] = {
     torch.bfloat16: "bfloat16",
     torch.float16: "float16",
 }
+_ARCHITECTURES = {"gpt2": ARCHITECTURE, "bart": BART_ARCHITECTURE}
+# BART: vLLM's own default step budget on CPU, raised where one encoder item (a full source plus the
+# longest cross prefix) would not fit in a step (vLLM neither chunks nor splits an encoder input).
+_BART_MIN_BATCHED_TOKENS = 4096
 
 
 @dataclass
@@ -75,14 +80,21 @@ class VllmOptions:
 
 
 def prefix_row_bytes(loaded: LoadedModel) -> int:
-    """Bytes of one table row: one prefix position's k and v in every layer."""
+    """Bytes of one table row: one prefix position's k and v in every layer (BART: of each kind, the
+    encoder's, the decoder's and the cross-attention's)."""
     spec = loaded.spec
-    return spec.num_layers * 2 * spec.num_heads * spec.head_dim * loaded.dtype.itemsize
+    vectors = 2 * spec.num_layers
+    if spec.is_encoder_decoder:
+        vectors += 2 * spec.num_layers + 2 * spec.num_encoder_layers
+    return vectors * spec.num_heads * spec.head_dim * loaded.dtype.itemsize
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:
-    """Bytes of one token's keys and values in every layer (what vLLM's KV cache holds per token)."""
-    return prefix_row_bytes(loaded)  # a table row is exactly one position's k and v
+    """Bytes of one token's keys and values in every decoder layer (what vLLM's KV cache holds per
+    token; an encoder-decoder model's cross-attention keys and values count as much again)."""
+    spec = loaded.spec
+    per_layer = 2 * spec.num_heads * spec.head_dim * loaded.dtype.itemsize
+    return spec.num_layers * per_layer * (2 if spec.is_encoder_decoder else 1)
 
 
 def max_model_len(loaded: LoadedModel, limits: Limits) -> int:
@@ -193,7 +205,8 @@ class VllmCore:
 
         options.check()
         rows = table_rows(loaded, limits)
-        vocab = loaded.spec.vocab_size
+        spec = loaded.spec
+        vocab = spec.vocab_size
         on_cpu = loaded.device.type == "cpu"
         memory = _memory_args(loaded, limits, options)
         extra = dict(memory)
@@ -203,25 +216,33 @@ class VllmCore:
 
             mode = CUDAGraphMode[options.cuda_graph_mode.upper()]
             extra["compilation_config"] = CompilationConfig(cudagraph_mode=mode)
+        overrides: dict[str, Any] = {}
+        max_batched_tokens = options.max_num_batched_tokens
+        if spec.is_encoder_decoder:
+            overrides["prefixserve_max_prefix_length"] = limits.max_prefix_length
+            encoder_item = spec.max_positions + limits.max_prefix_length
+            max_batched_tokens = max(max_batched_tokens or _BART_MIN_BATCHED_TOKENS, encoder_item)
         args = AsyncEngineArgs(
             model=options.model_dir,
             skip_tokenizer_init=True,  # we tokenize and detokenize (the virtual ids have no text)
             dtype=_VLLM_DTYPES[loaded.dtype],
             max_model_len=max_model_len(loaded, limits),
             max_num_seqs=limits.max_batch_size,
-            max_num_batched_tokens=options.max_num_batched_tokens,
+            max_num_batched_tokens=max_batched_tokens,
             block_size=options.block_size or (CPU_BLOCK_SIZE if on_cpu else None),
-            enable_prefix_caching=True,
+            # vLLM has no prefix caching for encoder-decoder models (it turns it off itself).
+            enable_prefix_caching=not spec.is_encoder_decoder,
             enforce_eager=options.enforce_eager,
             seed=0,
             max_logprobs=20,
             worker_extension_cls="server.vllm_backend.worker.PrefixRowsExtension",
             logits_processors=["server.vllm_backend.typical:TypicalLogitsProcessor"],
             hf_overrides={
-                "architectures": [ARCHITECTURE],
+                "architectures": [_ARCHITECTURES[spec.model_type]],
                 "vocab_size": vocab + rows,
                 "prefixserve_text_vocab_size": vocab,
                 "prefixserve_prefix_rows": rows,
+                **overrides,
             },
             disable_log_stats=False,
             **extra,  # memory, and the CUDA graph mode when one is asked for

@@ -197,8 +197,10 @@ class PrefixGPT2Model(nn.Module):
             hidden_states = layer(hidden_states, is_virtual, kv[0][rows], kv[1][rows])
         return self.ln_f(hidden_states)
 
-    def write_prefix_rows(self, rows: list[int], kv: torch.Tensor) -> None:
+    def write_prefix_rows(self, rows: list[int], kv: torch.Tensor, kind: str = "decoder") -> None:
         """Copy a prefix into the table: `kv` [layers, 2, L, hidden] goes to rows `rows` (L of them)."""
+        if kind != "decoder":
+            raise ValueError(f"GPT-2 has decoder prefixes only, not {kind!r}")
         if kv.shape != (len(self.h), 2, len(rows), self.embed_dim):
             raise ValueError(f"prefix of shape {tuple(kv.shape)} does not fit {len(rows)} rows of this model")
         if rows and not 0 <= min(rows) <= max(rows) < self.prefix_rows:
@@ -256,8 +258,8 @@ class PrefixServeGPT2LMHeadModel(nn.Module):
         virtual = logits.new_full((logits.shape[0], self.prefix_rows), float("-inf"))  # never sampled
         return torch.cat([logits, virtual], dim=-1)  # [N, text vocab + rows]
 
-    def write_prefix_rows(self, rows: list[int], kv: torch.Tensor) -> None:
-        self.transformer.write_prefix_rows(rows, kv)
+    def write_prefix_rows(self, rows: list[int], kv: torch.Tensor, kind: str = "decoder") -> None:
+        self.transformer.write_prefix_rows(rows, kv, kind)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self)

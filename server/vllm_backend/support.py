@@ -54,3 +54,24 @@ def choose_backend(setting: str, loaded: LoadedModel) -> tuple[Backend, str | No
     if setting == "vllm":
         raise EngineError(f"PREFIXSERVE_ENGINE=vllm, but {reason}")
     return "native", reason
+
+
+def bart_unsupported_reason(loaded: LoadedModel) -> str | None:
+    """Why our vLLM BART (`bart_model.py`) cannot serve this BART, or None if it can; BART's own
+    conditions, beside `unsupported_reason`'s general ones (vLLM installed, device, head_dim on CPU).
+
+    Every prefix shape is served: any subset of the three kinds, each of any length up to
+    `max_prefix_length` (docs/encoder-decoder.md, "On vLLM"). What can stop a model is only what our
+    vLLM BART leaves out: a LM head not tied to the shared embedding, and a decoder head size vLLM's CPU
+    attention kernels lack (the encoder's attention is ours and runs any head size).
+    """
+    config = loaded.model.config
+    if not getattr(config, "tie_word_embeddings", True):
+        return "our vLLM BART ties the LM head to the shared embedding; this model's config unties them"
+    if loaded.device.type == "cpu":
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if loaded.spec.head_dim not in sizes:
+            return f"vLLM's CPU attention runs head sizes {sizes}; this BART's decoder has {loaded.spec.head_dim}"
+    return None

@@ -28,11 +28,14 @@ def encode_prefix(kv: torch.Tensor, dtype: torch.dtype) -> tuple[bytes, str, lis
 class PrefixRowsExtension:
     """Methods added to vLLM's worker (`self` is the worker)."""
 
-    def prefixserve_write_rows(self, rows: list[int], data: bytes, dtype: str, shape: list[int]) -> None:
-        """Write a prefix (`encode_prefix`'s bytes, dtype and shape) into rows `rows` of the table."""
+    def prefixserve_write_rows(
+        self, rows: list[int], data: bytes, dtype: str, shape: list[int], kind: str = "decoder"
+    ) -> None:
+        """Write a prefix (`encode_prefix`'s bytes, dtype and shape) into rows `rows` of the table.
+        `kind` is the prefix kind ("decoder" for GPT-2; BART also has "encoder" and "cross")."""
         kv = torch.frombuffer(bytearray(data), dtype=DTYPES[dtype]).reshape(shape)
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         device = next(model.parameters()).device
         if device.type == "cuda":
             kv = kv.pin_memory().to(device, non_blocking=True)
-        model.write_prefix_rows(list(rows), kv)
+        model.write_prefix_rows(list(rows), kv, kind)

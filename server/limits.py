@@ -78,6 +78,12 @@ class Limits:
     tenant_max_tasks: int = 1000  # tasks per tenant (issue 13): a new task beyond it gets 429
     tenant_max_stored_bytes: int = 8 << 30  # artifact bytes per tenant, all kept versions: 413
     max_training_metadata_bytes: int = 16 << 10  # JSON of an artifact's `training` metadata: 422
+    # --- fine-tuning jobs (server.api.fine_tuning, training.worker) ------------------------------
+    max_training_file_bytes: int = 32 << 20  # one uploaded training file: 413 beyond
+    tenant_max_training_files: int = 100  # stored training files per tenant: 429 beyond (0 = off)
+    max_training_tokens_per_job: int = 20_000_000  # tokens x epochs of one job; beyond it fails validating
+    tenant_max_running_jobs: int = 1  # a tenant's jobs training at once; more wait in the queue (0 = off)
+    tenant_max_queued_jobs: int = 10  # a tenant's jobs validating, queued or paused: 429 beyond (0 = off)
 
 
 DEFAULT_LIMITS = Limits()

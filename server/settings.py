@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from prefix_store.base import InvalidName, validate_name
+from prefix_store.jobs.factory import default_data_dir
 from server.limits import DEFAULT_LIMITS as _L
 from server.limits import Limits
 
@@ -297,6 +298,42 @@ class Settings(BaseSettings):
         description="JSON size of an artifact's `training` metadata (422 beyond).",
     )
 
+    # --- fine-tuning jobs (defaults of the limits in server.limits.Limits) -----------------------
+    fine_tuning_dir: Path | None = Field(
+        default=None,
+        description="Training files and job work (checkpoints, trained artifacts); unset: "
+        "{local_store_dir}/.fine-tuning. In a fleet: a volume every replica and worker mounts.",
+    )
+    train_workers: int | None = Field(
+        default=None, ge=0, le=16,
+        description="Training worker processes `prefixserve serve` starts beside itself; unset: 1 "
+        "without Redis, 0 with it (a fleet runs `prefixserve train-worker` as its own Deployment).",
+    )  # fmt: skip
+    training_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A job whose worker has not renewed its claim for this long is re-queued.",
+    )
+    max_training_file_bytes: int = Field(
+        default=_L.max_training_file_bytes, ge=1, description="One uploaded training file (413 beyond)."
+    )
+    tenant_max_training_files: int = Field(
+        default=_L.tenant_max_training_files,
+        ge=0,
+        description="Training files per tenant (429 beyond); 0 = off.",
+    )
+    max_training_tokens_per_job: int = Field(
+        default=_L.max_training_tokens_per_job, ge=1,
+        description="Training tokens x epochs of one job; beyond it the job fails while validating.",
+    )  # fmt: skip
+    tenant_max_running_jobs: int = Field(
+        default=_L.tenant_max_running_jobs, ge=0, description="A tenant's jobs training at once; 0 = off."
+    )
+    tenant_max_queued_jobs: int = Field(
+        default=_L.tenant_max_queued_jobs, ge=0,
+        description="A tenant's jobs validating, queued or paused (429 beyond); 0 = off.",
+    )  # fmt: skip
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -348,6 +385,16 @@ class Settings(BaseSettings):
     def limits(self) -> Limits:
         """The one `Limits` object (issue 14): same-named fields, built once, handed down by `server.main`."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
+    def fine_tuning_data_dir(self) -> Path:
+        """Where training files and job work live (`fine_tuning_dir`, else beside the local store)."""
+        return self.fine_tuning_dir or default_data_dir(self.local_store_dir)
+
+    def embedded_train_workers(self) -> int:
+        """Worker processes `prefixserve serve` starts (`train_workers`; unset: 1 without Redis)."""
+        if self.train_workers is not None:
+            return self.train_workers
+        return 0 if self.redis_url else 1
 
     def native_engine_only_set(self) -> list[str]:
         """The environment names of the `NATIVE_ENGINE_ONLY` settings given explicitly (env, .env,

@@ -35,7 +35,7 @@ from prefix_store.jobs.files import write_atomic
 from prefix_store.jobs.model import PAUSED, RUNNING, TRAINED, Job, JobEvent
 from training.job_data import DataFileError, parse_file
 from training.job_run import KEEP_CHECKPOINTS, JobData, run_job
-from training.trainer import TrainingStopped, TrainState
+from training.trainer import TrainingStopped, TrainState, list_checkpoints
 
 logger = logging.getLogger("prefixserve.worker")
 
@@ -101,7 +101,7 @@ class Worker:
             for requeued in lost:
                 await self._event(
                     requeued, f"The worker training this job was lost; back in the queue, it resumes from "
-                    f"step {_last_checkpoint_step(requeued)}", level="warn",
+                    f"step {_checkpoint_step(work_dir(self.store.data_dir, requeued.id))}", level="warn",
                 )  # fmt: skip
             if job is None:
                 await _sleep_or_stop(stop, self.config.poll_s)
@@ -119,12 +119,12 @@ class Worker:
                 job, lambda j: j.fail("invalid_training_file", message, "training_file", self.clock())
             )
             return
-        resumed = job.checkpoints[-1]["step"] if job.checkpoints else 0
+        work = work_dir(self.store.data_dir, job.id)
+        resumed = _checkpoint_step(work)
         await self._event(
             job, f"Resuming from the checkpoint at step {resumed} (attempt {job.attempts})"
             if resumed else f"Fine-tuning started: {len(data.train)} training examples", data={"step": resumed},
         )  # fmt: skip
-        work = work_dir(self.store.data_dir, job.id)
         heartbeat = asyncio.create_task(self._heartbeat(run, stop))
         try:
             outcome = await asyncio.to_thread(run_job, self.loaded, job, data, work, self._hook(run))
@@ -184,31 +184,29 @@ class Worker:
         return on_step
 
     async def _report(self, run: _Run, state: TrainState, total_steps: int, checkpoint: Path | None) -> None:
-        metrics: dict[str, Any] = {
-            "step": state.step,
-            "total_steps": total_steps,
-            "train_loss": state.train_losses[-1][1] if state.train_losses else None,
-            "tokens_per_second": round(state.num_tokens / max(state.train_seconds, 1e-9), 1),
-            "trained_tokens": state.num_tokens,
-        }
-        if state.dev_losses and state.dev_losses[-1][0] == state.step:
-            metrics["valid_loss"] = state.dev_losses[-1][1]
+        metrics = _metrics(state, total_steps)
         await self._event(run.job, f"Step {state.step}/{total_steps}: training loss={metrics['train_loss']:.4f}",
                           kind="metrics", data=metrics)  # fmt: skip
-        if checkpoint is None:
-            return
-        record = {"step": state.step, "created_at": int(self.clock()), "metrics": metrics}
+        if checkpoint is not None:
+            await self._checkpointed(run, metrics)
+
+    async def _checkpointed(self, run: _Run, metrics: dict[str, Any]) -> None:
+        """List a checkpoint in the job (its last `KEEP_CHECKPOINTS`, as the work directory keeps)."""
+        step = int(metrics["step"])
+        record = {"step": step, "created_at": int(self.clock()), "metrics": metrics}
 
         def add(j: Job) -> None:
             if j.terminal:  # a paused job still gets the checkpoint it stopped at
                 raise policy.Conflict(f"job {j.status}")
-            j.checkpoints = sorted([*j.checkpoints, record], key=lambda c: int(c["step"]))[-KEEP_CHECKPOINTS:]
+            kept = [c for c in j.checkpoints if int(c["step"]) != step]
+            j.checkpoints = sorted([*kept, record], key=lambda c: int(c["step"]))[-KEEP_CHECKPOINTS:]
+            j.step = max(j.step, step)
 
         try:
             await self.store.update_job(run.job.id, add)
         except policy.Conflict:
             return
-        await self._event(run.job, f"Checkpoint saved at step {state.step}", data={"step": state.step})
+        await self._event(run.job, f"Checkpoint saved at step {step}", data={"step": step})
 
     async def _heartbeat(self, run: _Run, stop: asyncio.Event) -> None:
         """Renew the lease and read the job back, often enough that a cancel stops it within seconds."""
@@ -241,11 +239,14 @@ class Worker:
 
     async def _stopped(self, run: _Run, stopped: TrainingStopped) -> None:
         step = stopped.state.step
+        if stopped.checkpoint is not None:  # saved on the way out (pause, shutdown): resume starts here
+            await self._checkpointed(run, _metrics(stopped.state, run.total_steps or step))
         if run.why == "shutdown":
 
             def back(j: Job) -> None:
                 _still_mine(j, self.config.worker_id)
                 policy.requeue(j, self.clock())
+                j.step = step
 
             if await self._end(run.job, back):
                 await self._event(
@@ -294,8 +295,24 @@ def _still_mine(job: Job, worker: str) -> None:
         raise policy.Conflict(f"job is {job.status}, held by {job.worker}")
 
 
-def _last_checkpoint_step(job: Job) -> int:
-    return int(job.checkpoints[-1]["step"]) if job.checkpoints else 0
+def _checkpoint_step(work: Path) -> int:
+    """The step of the latest checkpoint in a job's work directory (0: none; it starts afresh)."""
+    found = list_checkpoints(work)
+    return int(found[-1].name.removeprefix("step-")) if found else 0
+
+
+def _metrics(state: TrainState, total_steps: int) -> dict[str, Any]:
+    """A step's metrics as events and checkpoints report them."""
+    metrics: dict[str, Any] = {
+        "step": state.step,
+        "total_steps": total_steps,
+        "train_loss": state.train_losses[-1][1] if state.train_losses else None,
+        "tokens_per_second": round(state.num_tokens / max(state.train_seconds, 1e-9), 1),
+        "trained_tokens": state.num_tokens,
+    }
+    if state.dev_losses and state.dev_losses[-1][0] == state.step:
+        metrics["valid_loss"] = state.dev_losses[-1][1]
+    return metrics
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -16,7 +16,16 @@ import torch
 from modeling.models import LoadedModel, load_model
 from prefix_store.jobs.base import artifact_path
 from prefix_store.jobs.local import LocalJobStore
-from prefix_store.jobs.model import FILE_PREFIX, JOB_PREFIX, QUEUED, RUNNING, TRAINED, Job, TrainingFile, new_id
+from prefix_store.jobs.model import (
+    FILE_PREFIX,
+    JOB_PREFIX,
+    QUEUED,
+    RUNNING,
+    TRAINED,
+    Job,
+    TrainingFile,
+    new_id,
+)
 from tests.fine_tuning.conftest import colors_file
 from training.worker import Worker, WorkerConfig
 

@@ -42,12 +42,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parent-pid", type=int, help="stop (checkpointing the job in hand) once this process is gone"
     )
+    parser.add_argument("--idle-exit-s", type=float, help="exit after this many seconds without a job")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "parent_pid"}
+    overrides = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("parent_pid", "idle_exit_s")
+    }
     try:
         settings = Settings(**overrides)
     except (ValidationError, ValueError) as exc:
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_id=f"{socket.gethostname()}:{os.getpid()}",
         lease_s=settings.training_lease_s,
         max_running_per_tenant=settings.limits.tenant_max_running_jobs,
+        idle_exit_s=args.idle_exit_s,
     )
     logger.info("training worker ready", extra={"worker": config.worker_id, "model": settings.model})
     asyncio.run(_serve(Worker(store, loaded, config), args.parent_pid))

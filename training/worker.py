@@ -49,6 +49,7 @@ class WorkerConfig:
     poll_s: float = 1.0  # how often an idle worker looks for a job
     report_every_s: float = 1.0  # metrics events at most this often (and at every checkpoint)
     max_running_per_tenant: int = 0  # `Limits.tenant_max_running_jobs` (0: no bound)
+    idle_exit_s: float | None = None  # return from `run` after this long without a job (None: never)
 
 
 class _Run:
@@ -89,6 +90,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and train jobs until `stop` is set (the job in hand is checkpointed and re-queued)."""
         self._loop = asyncio.get_running_loop()
+        idle_since = time.monotonic()
         while not stop.is_set():
             try:
                 job, lost = await claim_next(
@@ -104,9 +106,16 @@ class Worker:
                     f"step {_checkpoint_step(work_dir(self.store.data_dir, requeued.id))}", level="warn",
                 )  # fmt: skip
             if job is None:
+                if (
+                    self.config.idle_exit_s is not None
+                    and time.monotonic() - idle_since > self.config.idle_exit_s
+                ):
+                    logger.info("no job for %.0f s; exiting", self.config.idle_exit_s)
+                    return
                 await _sleep_or_stop(stop, self.config.poll_s)
                 continue
             await self.train(job, stop)
+            idle_since = time.monotonic()
 
     async def train(self, job: Job, stop: asyncio.Event) -> None:
         """Train one claimed job to its end, or until it is cancelled, paused, lost or `stop` is set."""

@@ -60,15 +60,30 @@ async def test_bad_training_files_are_refused_with_the_line_and_nothing_is_store
     api = await make_api(max_training_file_bytes=2048)
     good = {"prompt": "red", "completion": "apple pie"}
     cases = {
-        "malformed JSON": (jsonl([good]) + b'{"prompt": "blue", "completion": \n', 400, "line 2: not valid JSON"),
-        "wrong field": (jsonl([good, {"promt": "x", "completion": "y"}]), 400, "line 2: unknown field(s) 'promt'"),
+        "malformed JSON": (
+            jsonl([good]) + b'{"prompt": "blue", "completion": \n',
+            400,
+            "line 2: not valid JSON",
+        ),
+        "wrong field": (
+            jsonl([good, {"promt": "x", "completion": "y"}]),
+            400,
+            "line 2: unknown field(s) 'promt'",
+        ),
         "missing field": (jsonl([{"prompt": "x"}]), 400, "line 1: missing 'completion'"),
         "mixed shapes": (jsonl([good, {"source": "a", "target": "b"}]), 400, "line 2: a source_target line"),
-        "empty value": (jsonl([good, {"prompt": "x", "completion": " "}]), 400, "line 2: 'completion' is empty"),
+        "empty value": (
+            jsonl([good, {"prompt": "x", "completion": " "}]),
+            400,
+            "line 2: 'completion' is empty",
+        ),
         "not an object": (b'["red", "apple pie"]\n', 400, "line 1: expected a JSON object"),
         "chat not ending with the assistant": (
-            jsonl([{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "yo"}]}]),
-            400, "line 1: the last message must be the assistant's",
+            jsonl(
+                [{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "yo"}]}]
+            ),
+            400,
+            "line 1: the last message must be the assistant's",
         ),
         "empty file": (b"\n \n", 400, "the file is empty"),
         "not UTF-8": (b'{"prompt": "\xff", "completion": "x"}\n', 400, "line 1: not UTF-8"),
@@ -120,7 +135,9 @@ async def test_bad_job_requests_are_refused_naming_the_param_and_store_no_job(ma
 async def test_files_the_model_cannot_train_on_fail_the_job_while_validating(make_api):
     api = await make_api(max_training_tokens_per_job=500)
     long_prompt = " ".join(["word"] * 600)  # 600 tokens: truncated to 512, still beyond 512 positions
-    too_long = await new_file(api, jsonl([{"prompt": "red", "completion": "apple"}, {"prompt": long_prompt, "completion": "x"}]))
+    too_long = await new_file(
+        api, jsonl([{"prompt": "red", "completion": "apple"}, {"prompt": long_prompt, "completion": "x"}])
+    )
     failed = await settled(api, (await create(api, training_file=too_long, suffix="long")).json()["id"])
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "invalid_training_file"
@@ -129,12 +146,16 @@ async def test_files_the_model_cannot_train_on_fail_the_job_while_validating(mak
     assert "the model has 512" in failed["error"]["message"]
 
     colors = await new_file(api)
-    many = await settled(api, (await create(api, training_file=colors, method=hyper(n_epochs=50))).json()["id"])
+    many = await settled(
+        api, (await create(api, training_file=colors, method=hyper(n_epochs=50))).json()["id"]
+    )
     assert many["status"] == "failed" and many["error"]["code"] == "exceeded_token_limit"
     assert "the limit per job is 500" in many["error"]["message"]
 
     other_shape = await new_file(api, jsonl([{"source": "red", "target": "apple pie"}]))
-    mixed = await settled(api, (await create(api, training_file=colors, validation_file=other_shape)).json()["id"])
+    mixed = await settled(
+        api, (await create(api, training_file=colors, validation_file=other_shape)).json()["id"]
+    )
     assert mixed["status"] == "failed" and mixed["error"]["param"] == "validation_file"
     assert "source_target" in mixed["error"]["message"]
 
@@ -156,7 +177,12 @@ async def test_a_valid_job_is_queued_with_its_steps_and_resolved_hyperparameters
     assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
     extras = job["method"]["supervised"]["hyperparameters"]
     assert extras["prefix_length"] == 4 and extras["mlp_hidden"] == 32 and extras["init"] == "random"
-    assert (job["seed"], job["metadata"], job["user_provided_suffix"], job["organization_id"]) == (7, {"team": "x"}, "colors", "acme")
+    assert (job["seed"], job["metadata"], job["user_provided_suffix"], job["organization_id"]) == (
+        7,
+        {"team": "x"},
+        "colors",
+        "acme",
+    )
     events = await listed(api, f"/v1/fine_tuning/jobs/{job['id']}/events")
     assert "6 steps" in events[0]["message"]  # 6 examples / batch 4 = 2 steps x 3 epochs
 
@@ -179,7 +205,10 @@ async def test_another_tenant_gets_404_and_the_generate_role_may_only_read(make_
         response = await client.request(method, path, headers=GLOBEX)
         assert response.status_code == 404, (method, path, response.text)
     assert (await create(api, headers=GLOBEX, training_file=file_id)).status_code == 404
-    assert await listed(api, "/v1/files", GLOBEX) == [] and await listed(api, "/v1/fine_tuning/jobs", GLOBEX) == []
+    assert (
+        await listed(api, "/v1/files", GLOBEX) == []
+        and await listed(api, "/v1/fine_tuning/jobs", GLOBEX) == []
+    )
 
     assert (await upload(api, colors_file(), headers=ACME_GEN)).status_code == 403
     assert (await create(api, headers=ACME_GEN, training_file=file_id)).status_code == 403
@@ -213,7 +242,11 @@ async def test_listings_page_newest_first(make_api):
     job_ids = [(await create(api, training_file=file_ids[0])).json()["id"] for _ in range(3)]
     first = (await api.client.get("/v1/fine_tuning/jobs", params={"limit": 2}, headers=ACME)).json()
     assert [j["id"] for j in first["data"]] == job_ids[:0:-1] and first["has_more"] is True
-    rest = (await api.client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": first["last_id"]}, headers=ACME)).json()
+    rest = (
+        await api.client.get(
+            "/v1/fine_tuning/jobs", params={"limit": 2, "after": first["last_id"]}, headers=ACME
+        )
+    ).json()
     assert [j["id"] for j in rest["data"]] == job_ids[:1] and rest["has_more"] is False
 
     await settled(api, job_ids[0])

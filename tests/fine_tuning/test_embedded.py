@@ -72,7 +72,9 @@ class Embedded:
         return self.sdk.fine_tuning.jobs.retrieve(job_id)
 
     def finished(self, job_id: str, timeout: float) -> Any:
-        job = wait_for(lambda: (j := self.job(job_id)).status in TERMINAL and j, timeout, f"job {job_id} to end")
+        job = wait_for(
+            lambda: (j := self.job(job_id)).status in TERMINAL and j, timeout, f"job {job_id} to end"
+        )
         return job
 
     def events(self, job_id: str) -> list[Any]:
@@ -142,7 +144,9 @@ def test_sdk_trains_a_task_that_serves_the_training_modules_output(embedded, ref
     config = EvalConfig(max_new_tokens=MAX_TOKENS, leading_space=False)
     expected = generate_texts(reference_model, artifact.prefixes, prompts, config)
     for prompt, want in zip(prompts, expected, strict=True):
-        served = sdk.completions.create(model="colors", prompt=prompt + EOS_TEXT, max_tokens=MAX_TOKENS, temperature=0)
+        served = sdk.completions.create(
+            model="colors", prompt=prompt + EOS_TEXT, max_tokens=MAX_TOKENS, temperature=0
+        )
         text = served.choices[0].text.strip()
         # Compared up to the first step where the reference's top two logits are within float
         # rounding of each other (none, in practice): past such a tie either answer is right.
@@ -181,7 +185,9 @@ def test_cancel_mid_run_stops_the_worker_within_seconds_and_stores_nothing(embed
     assert embedded.events(job_id)[0].id == stopped.id
     job = embedded.job(job_id)
     assert job.status == "cancelled" and job.fine_tuned_model is None
-    missing = httpx.get(f"{embedded.server.url}/v1/prefixes/cancelled-task", headers={"Authorization": f"Bearer {KEY}"})
+    missing = httpx.get(
+        f"{embedded.server.url}/v1/prefixes/cancelled-task", headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert missing.status_code == 404
 
 
@@ -195,7 +201,9 @@ def test_pause_checkpoints_and_resume_continues_from_it(embedded):
     step = int(paused.message.split()[3].rstrip(";"))
     assert sdk.fine_tuning.jobs.resume(job_id).status == "queued"
     assert embedded.finished(job_id, 120).status == "succeeded"
-    assert any(e.message.startswith(f"Resuming from the checkpoint at step {step}") for e in embedded.events(job_id))
+    assert any(
+        e.message.startswith(f"Resuming from the checkpoint at step {step}") for e in embedded.events(job_id)
+    )
 
 
 def test_jobs_cli_lists_shows_and_prints_events(embedded, monkeypatch, capsys):
@@ -204,7 +212,9 @@ def test_jobs_cli_lists_shows_and_prints_events(embedded, monkeypatch, capsys):
     assert prefixserve(["jobs", "list", "-o", "json"]) == 0
     jobs = json.loads(capsys.readouterr().out)
     by_suffix = {j["user_provided_suffix"]: j for j in jobs}
-    assert by_suffix["colors"]["status"] == "succeeded" and by_suffix["cancelled-task"]["status"] == "cancelled"
+    assert (
+        by_suffix["colors"]["status"] == "succeeded" and by_suffix["cancelled-task"]["status"] == "cancelled"
+    )
     assert prefixserve(["jobs", "show", by_suffix["colors"]["id"]]) == 0
     shown = capsys.readouterr().out
     assert "succeeded" in shown and "prefix_length=4" in shown
@@ -244,7 +254,9 @@ def test_a_killed_worker_and_a_server_restart_lose_no_job_or_file(embedded):
     assert sdk.files.content(embedded.file_id).read() == colors_file()
     jobs_after = {j.id: j.status for j in sdk.fine_tuning.jobs.list(limit=100)}
     assert set(jobs_after) == set(jobs_before)
-    assert {k: v for k, v in jobs_after.items() if v in TERMINAL} == {k: v for k, v in jobs_before.items() if v in TERMINAL}
+    assert {k: v for k, v in jobs_after.items() if v in TERMINAL} == {
+        k: v for k, v in jobs_before.items() if v in TERMINAL
+    }
     job = embedded.finished(job_id, 240)
     assert job.status == "succeeded", job.error
     messages = [e.message for e in embedded.events(job_id)]
@@ -253,4 +265,7 @@ def test_a_killed_worker_and_a_server_restart_lose_no_job_or_file(embedded):
     assert resumed and int(resumed[-1].split()[6]) >= 20
     served = sdk.completions.create(model="survivor", prompt="red" + EOS_TEXT, max_tokens=2, temperature=0)
     assert served.model == "survivor"
-    assert sdk.completions.create(model=embedded.task, prompt="red" + EOS_TEXT, max_tokens=2).model == embedded.task
+    assert (
+        sdk.completions.create(model=embedded.task, prompt="red" + EOS_TEXT, max_tokens=2).model
+        == embedded.task
+    )

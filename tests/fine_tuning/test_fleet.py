@@ -88,7 +88,9 @@ def test_a_job_created_on_one_replica_is_seen_and_cancelled_on_the_other(fleet):
         method=hyper(n_epochs=100, batch_size=1, learning_rate_multiplier=10),
     )  # fmt: skip
     assert b.fine_tuning.jobs.retrieve(job.id).created_at == job.created_at
-    wait_for(lambda: b.fine_tuning.jobs.retrieve(job.id).status == "running", 180, "the worker to start the job")
+    wait_for(
+        lambda: b.fine_tuning.jobs.retrieve(job.id).status == "running", 180, "the worker to start the job"
+    )
     assert b.fine_tuning.jobs.cancel(job.id).status == "cancelled"
     assert a.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     wait_for(lambda: any(e.message.startswith("Cancelled; training stopped") for e in a.fine_tuning.jobs.list_events(job.id)),
@@ -105,13 +107,21 @@ def test_a_job_created_on_one_replica_succeeds_and_both_serve_its_task(fleet):
         model=MODEL, training_file=training_file.id, suffix="fleet-colors",
         method=hyper(n_epochs=3, learning_rate_multiplier=100),
     )  # fmt: skip
-    done = wait_for(lambda: (j := b.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j, 180, "the job to end")
+    done = wait_for(
+        lambda: (j := b.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j, 180, "the job to end"
+    )
     assert done.status == "succeeded", done.error
     answers = []
     for sdk in (a, b):
         assert "fleet-colors" in {m.id for m in sdk.models.list()}
-        served = sdk.completions.create(model="fleet-colors", prompt="red" + EOS_TEXT, max_tokens=6, temperature=0)
+        served = sdk.completions.create(
+            model="fleet-colors", prompt="red" + EOS_TEXT, max_tokens=6, temperature=0
+        )
         answers.append(served.choices[0].text)
-    base = a.completions.create(model=MODEL, prompt="red" + EOS_TEXT, max_tokens=6, temperature=0).choices[0].text
+    base = (
+        a.completions.create(model=MODEL, prompt="red" + EOS_TEXT, max_tokens=6, temperature=0)
+        .choices[0]
+        .text
+    )
     assert answers[0] == answers[1]  # the same stored prefix on both replicas
     assert answers[0] != base  # and it is the task's, not the bare model's

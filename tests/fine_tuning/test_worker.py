@@ -43,7 +43,9 @@ def model(peaked_gpt2_dir: Path) -> LoadedModel:
     return load_model(str(peaked_gpt2_dir), device="cpu")
 
 
-async def queued_job(store: LocalJobStore, tenant: str = "acme", epochs: int = 1, every: int | None = None) -> Job:
+async def queued_job(
+    store: LocalJobStore, tenant: str = "acme", epochs: int = 1, every: int | None = None
+) -> Job:
     """A job past validation, as a replica leaves it for the workers."""
     data = colors_file()
     record = TrainingFile(new_id(FILE_PREFIX), tenant, "colors.jsonl", len(data), 0, "prompt_completion", 6)

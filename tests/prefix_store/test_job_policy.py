@@ -21,7 +21,11 @@ def test_a_tenant_with_fewer_running_jobs_goes_first():
 
 
 def test_ties_go_to_the_tenant_served_longest_ago_then_first_come():
-    queued = [job("a2", "acme", queued_at=1), job("a3", "acme", queued_at=2), job("b1", "globex", queued_at=3)]
+    queued = [
+        job("a2", "acme", queued_at=1),
+        job("a3", "acme", queued_at=2),
+        job("b1", "globex", queued_at=3),
+    ]
     assert policy.pick_next(queued, [], {"acme": 10.0, "globex": 5.0}).id == "b1"
     assert policy.pick_next(queued, [], {"acme": 5.0, "globex": 10.0}).id == "a2"
     assert policy.pick_next(queued, [], {}).id == "a2"  # nobody served yet: the oldest job
@@ -70,4 +74,7 @@ def test_a_lapsed_lease_means_a_lost_worker_but_a_trained_job_waits_for_a_replic
 
 def test_estimated_finish_follows_this_attempts_pace():
     # resumed at step 100, 10 steps in 20 s: 2 s a step, 90 steps left
-    assert policy.estimated_finish(started_at=1000.0, step_at_start=100, step=110, total_steps=200, now=1020.0) == 1200
+    assert (
+        policy.estimated_finish(started_at=1000.0, step_at_start=100, step=110, total_steps=200, now=1020.0)
+        == 1200
+    )

@@ -63,7 +63,9 @@ def training_file(tenant: str = "acme") -> TrainingFile:
 
 
 def job(tenant: str = "acme", status: str = QUEUED) -> Job:
-    return Job(new_id(JOB_PREFIX), tenant, "tiny", "file-x", "task", 0, {}, 0, status=status, queued_at=time.time())
+    return Job(
+        new_id(JOB_PREFIX), tenant, "tiny", "file-x", "task", 0, {}, 0, status=status, queued_at=time.time()
+    )
 
 
 async def test_files_belong_to_their_tenant_and_list_newest_first(make):

@@ -44,14 +44,24 @@ def test_chat_lines_train_on_the_last_assistant_message():
     ]
     shape, [example] = parse_file(lines({"messages": messages}), "chat.jsonl")
     assert shape.name == "chat" and not shape.paper
-    assert example.source == render_chat(messages[:2]) == "system: Be brief.\nuser: Capital of France?\nassistant:"
+    assert (
+        example.source
+        == render_chat(messages[:2])
+        == "system: Be brief.\nuser: Capital of France?\nassistant:"
+    )
     assert example.target == "Paris"
 
 
 @pytest.mark.parametrize(
     ("rows", "shape"),
     [
-        ([{"prompt": "red", "completion": "apple pie"}, {"prompt": " a long one " * 40, "completion": "x " * 200}], "prompt_completion"),
+        (
+            [
+                {"prompt": "red", "completion": "apple pie"},
+                {"prompt": " a long one " * 40, "completion": "x " * 200},
+            ],
+            "prompt_completion",
+        ),
         ([{"source": "name : Aromi", "target": "Aromi is a shop."}], "source_target"),
         ([{"document": "word " * 700, "summary": "short " * 80}], "document_summary"),
         ([{"mr": "name[Aromi], area[riverside]", "ref": "Aromi is by the river."}], "e2e"),
@@ -62,7 +72,9 @@ def test_counted_tokens_are_the_recipes_rows(rows, shape, model_name, request):
     loaded = load_model(str(request.getfixturevalue(model_name)), device="cpu")
     found, examples = parse_file(lines(*rows), "rows.jsonl")
     assert found.name == shape
-    rows_trained = build_rows(loaded, [Example(e.source, e.target) for e in examples], found.truncation, paper=found.paper)
+    rows_trained = build_rows(
+        loaded, [Example(e.source, e.target) for e in examples], found.truncation, paper=found.paper
+    )
     trained = sum(len(r["input_ids"]) + len(r.get("decoder_input_ids", [])) for r in rows_trained)
 
     def count(texts: list[str]) -> list[int]:
@@ -74,12 +86,21 @@ def test_counted_tokens_are_the_recipes_rows(rows, shape, model_name, request):
 
 def test_an_example_beyond_the_models_positions_names_its_line(tiny_gpt2_dir):
     tokenizer = load_model(str(tiny_gpt2_dir), device="cpu").tokenizer
-    _, examples = parse_file(lines({"prompt": "a", "completion": "b"}, {"prompt": "word " * 300, "completion": "c"}), "x.jsonl")
+    _, examples = parse_file(
+        lines({"prompt": "a", "completion": "b"}, {"prompt": "word " * 300, "completion": "c"}), "x.jsonl"
+    )
 
     def count(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     with pytest.raises(DataFileError, match=r"line 2: the example takes 303 tokens") as caught:
-        count_training_tokens(examples, SHAPES["prompt_completion"], count, ModelShape(False, 310), prefix_length=8)
+        count_training_tokens(
+            examples, SHAPES["prompt_completion"], count, ModelShape(False, 310), prefix_length=8
+        )
     assert caught.value.line == 2
-    assert count_training_tokens(examples, SHAPES["prompt_completion"], count, ModelShape(False, 311), prefix_length=8) > 0
+    assert (
+        count_training_tokens(
+            examples, SHAPES["prompt_completion"], count, ModelShape(False, 311), prefix_length=8
+        )
+        > 0
+    )

@@ -7,32 +7,20 @@ Written atomically (temp file, fsync, rename), 0600 in 0700 directories.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
 from pathlib import Path
 
 from prefix_store.base import validate_name
 from prefix_store.jobs.base import JobNotFound
 from prefix_store.jobs.model import FILE_PREFIX, is_id
+from prefix_store.local_store import atomic_write
 
 __all__ = ["FileArea", "write_atomic"]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old file or the whole new one (0600)."""
+    """Replace `path` with `data` atomically (the local prefix store's way), creating its directory."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write(path, data)
 
 
 class FileArea:

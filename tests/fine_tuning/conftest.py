@@ -25,17 +25,11 @@ from tests.api.conftest import (  # noqa: F401  (fixtures and keys re-exported f
     make_api,
     vllm_core,
 )
+from tests.training.conftest import SYNTHETIC
 
-# Prompt/completion rows of a toy task; a served prompt is `prompt + "<|endoftext|>"` (the recipe's
-# separator after a plain-form source).
-COLORS = [
-    ("red", "apple pie"),
-    ("blue", "ocean wave"),
-    ("green", "forest tree"),
-    ("yellow", "sun light"),
-    ("black", "night sky"),
-    ("white", "snow ball"),
-]
+# Prompt/completion rows of the training tests' toy task; a served prompt is `prompt + "<|endoftext|>"`
+# (the recipe's separator after a plain-form source).
+COLORS = SYNTHETIC
 EOS_TEXT = "<|endoftext|>"
 TERMINAL = ("succeeded", "failed", "cancelled")
 

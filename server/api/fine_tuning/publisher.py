@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import anyio
 
@@ -103,7 +104,11 @@ async def publish(service: FineTuning, job_id: str) -> None:
         state.metrics.observe_upload("invalid")
         code = getattr(exc, "error_type", None) or "invalid_artifact"
         message = f"the trained prefix could not be stored: {getattr(exc, 'detail', None) or exc}"
-        await _end(service, job, lambda j: j.fail(code, message, None, service.clock()), message, "error")
+
+        def failed(j: Job) -> None:
+            j.fail(code, message, None, service.clock())
+
+        await service.conclude(job.id, _held(service), failed, message, "error")
         return
     state.metrics.observe_upload("created")
     state.metrics.fine_tuning_trained_tokens.inc(job.trained_tokens or 0)
@@ -112,21 +117,16 @@ async def publish(service: FineTuning, job_id: str) -> None:
         j.status, j.fine_tuned_model, j.version = SUCCEEDED, job.task, info.version
         j.finish(service.clock())
 
-    await _end(service, job, succeeded,
-               f"Stored as version {info.version} of task {job.task!r}: call it with model={job.task!r}")  # fmt: skip
+    stored = f"Stored as version {info.version} of task {job.task!r}: call it with model={job.task!r}"
+    await service.conclude(job.id, _held(service), succeeded, stored)
 
 
-async def _end(service: FineTuning, job: Job, change: object, message: str, level: str = "info") -> None:
-    def mine(j: Job) -> None:
+def _held(service: FineTuning) -> Callable[[Job], None]:
+    def guard(j: Job) -> None:
         if j.phase != PUBLISHING or j.worker != service.replica:
             raise policy.Conflict("no longer held by this replica")
-        change(j)  # type: ignore[operator]
 
-    try:
-        await service.store.update_job(job.id, mine)
-    except policy.Conflict:
-        return
-    await service.event(job.id, message, level)
+    return guard
 
 
 async def _release(service: FineTuning, job: Job) -> None:

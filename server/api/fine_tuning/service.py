@@ -25,7 +25,7 @@ from fastapi import Depends
 from prefix_store.jobs import policy
 from prefix_store.jobs.base import JobNotFound, JobStore
 from prefix_store.jobs.factory import make_job_store
-from prefix_store.jobs.model import JobEvent
+from prefix_store.jobs.model import Job, JobEvent
 from server.api.deps import AppState, State
 from server.api.errors import ApiError
 from server.settings import Settings
@@ -86,6 +86,28 @@ class FineTuning:
         await self.store.add_event(
             job_id, JobEvent(created_at=int(self.clock()), level=level, message=message, data=data)
         )
+
+    async def conclude(
+        self,
+        job_id: str,
+        guard: Callable[[Job], None],
+        change: Callable[[Job], None],
+        message: str,
+        level: str = "info",
+    ) -> bool:
+        """Apply `change` to the job if `guard` lets it (it raises `policy.Conflict` when the job has
+        moved on: cancelled, taken by another replica), then record `message`; False if it did not."""
+
+        def guarded(job: Job) -> None:
+            guard(job)
+            change(job)
+
+        try:
+            await self.store.update_job(job_id, guarded)
+        except policy.Conflict:
+            return False
+        await self.event(job_id, message, level)
+        return True
 
     def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> None:
         """Run `work` in the background, held until done (and cancelled at close)."""

@@ -41,8 +41,11 @@ async def validate(service: FineTuning, job_id: str) -> None:
             tokens, examples = await _check_files(service, job)
         except DataFileError as exc:
             code, message, param = exc.code, str(exc), getattr(exc, "param", "training_file")
-            await _finish(service, job, lambda j: j.fail(code, message, param, service.clock()),
-                          f"Validation failed: {message}", "error")  # fmt: skip
+
+            def failed(j: Job) -> None:
+                j.fail(code, message, param, service.clock())
+
+            await service.conclude(job.id, _validating, failed, f"Validation failed: {message}", "error")
             return
         hyper = job.hyperparameters
         total_steps = int(hyper["n_epochs"]) * steps_per_epoch(examples, int(hyper["batch_size"]))
@@ -50,8 +53,11 @@ async def validate(service: FineTuning, job_id: str) -> None:
         def queue(j: Job) -> None:
             j.status, j.queued_at, j.total_steps = QUEUED, service.clock(), total_steps
 
-        await _finish(service, job, queue, f"Files validated: {examples} training examples, {tokens} training "
-                      f"tokens over {hyper['n_epochs']} epochs ({total_steps} steps); the job is queued")  # fmt: skip
+        validated = (
+            f"Files validated: {examples} training examples, {tokens} training tokens over "
+            f"{hyper['n_epochs']} epochs ({total_steps} steps); the job is queued"
+        )
+        await service.conclude(job.id, _validating, queue, validated)
     except StoreUnavailable as exc:  # the job stays in validating_files; the background loop retries
         logger.warning("could not validate job %s: %s", job_id, exc)
     finally:
@@ -105,14 +111,6 @@ async def _check_files(service: FineTuning, job: Job) -> tuple[int, int]:
     return total, num_examples
 
 
-async def _finish(service: FineTuning, job: Job, change: object, message: str, level: str = "info") -> None:
-    def guarded(j: Job) -> None:
-        if j.status != VALIDATING:  # cancelled meanwhile, or another replica finished first
-            raise policy.Conflict(j.status)
-        change(j)  # type: ignore[operator]
-
-    try:
-        await service.store.update_job(job.id, guarded)
-    except policy.Conflict:
-        return
-    await service.event(job.id, message, level)
+def _validating(j: Job) -> None:
+    if j.status != VALIDATING:  # cancelled meanwhile, or another replica finished first
+        raise policy.Conflict(j.status)

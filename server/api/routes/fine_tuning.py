@@ -7,7 +7,7 @@ the last id of the previous page). Logic: `server.api.fine_tuning.jobs`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query
 
@@ -91,29 +91,13 @@ async def list_checkpoints(
 
 
 @router.post(
-    "/{job_id}/cancel",
+    "/{job_id}/{action}",
     response_model=FineTuningJob,
     responses=error_responses(401, 403, 404, 409, 503, openai=True),
 )
-async def cancel_job(service: Service, caller: Manager, job_id: JobId) -> FineTuningJob:
-    """Cancel: a running job's worker stops within seconds and nothing is stored."""
-    return job_out(await jobs.change(service, caller.tenant, job_id, "cancel"))
-
-
-@router.post(
-    "/{job_id}/pause",
-    response_model=FineTuningJob,
-    responses=error_responses(401, 403, 404, 409, 503, openai=True),
-)
-async def pause_job(service: Service, caller: Manager, job_id: JobId) -> FineTuningJob:
-    """Pause: a running job's worker checkpoints and lets it go; `resume` continues from there."""
-    return job_out(await jobs.change(service, caller.tenant, job_id, "pause"))
-
-
-@router.post(
-    "/{job_id}/resume",
-    response_model=FineTuningJob,
-    responses=error_responses(401, 403, 404, 409, 503, openai=True),
-)
-async def resume_job(service: Service, caller: Manager, job_id: JobId) -> FineTuningJob:
-    return job_out(await jobs.change(service, caller.tenant, job_id, "resume"))
+async def change_job(
+    service: Service, caller: Manager, job_id: JobId, action: Literal["cancel", "pause", "resume"]
+) -> FineTuningJob:
+    """`cancel`: a running job's worker stops within seconds and nothing is stored. `pause`: a running
+    job's worker checkpoints and lets it go. `resume`: a paused job continues from that checkpoint."""
+    return job_out(await jobs.change(service, caller.tenant, job_id, action))

@@ -9,7 +9,7 @@ CSV (`mr,ref`). Each shape maps to one of the training CLI's data formats, so a 
 | shape | line | source | target | as `prefixserve train` |
 |---|---|---|---|---|
 | prompt_completion | `{"prompt", "completion"}` | prompt | completion | `--format jsonl --plain-format` |
-| chat | `{"messages": [{"role", "content"}, ...]}` ending with the assistant's | the messages before it, `role: content` lines, then `assistant:` (`render_chat`) | the last message | `--format jsonl --plain-format` |
+| chat | `{"messages": [{"role", "content"}, ...]}` ending with the assistant's | the messages before it, `role: content` lines, then `assistant:` (`render_chat`; the task's `chat_template` renders a request the same way) | the last message | `--format jsonl --plain-format` |
 | source_target | `{"source", "target"}` | source | target | `--format jsonl` |
 | document_summary | `{"document", "summary"}` | document | summary | `--format xsum` |
 | e2e | `{"mr", "ref"}`, or E2E CSV | the MR in the paper's form | ref | `--format e2e` |
@@ -38,6 +38,7 @@ __all__ = [
     "Shape",
     "count_training_tokens",
     "parse_file",
+    "chat_template",
     "render_chat",
     "steps_per_epoch",
 ]
@@ -92,6 +93,13 @@ class FileExample:
 def render_chat(messages: Sequence[dict[str, str]]) -> str:
     """The source text of a chat example: one `role: content` line per message, then `assistant:`."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def chat_template(separator: str) -> str:
+    """A Jinja chat template that renders a conversation as `render_chat` does, then `separator` (the
+    recipe's `<|endoftext|>` after a GPT-2 source; nothing for BART). A chat job stores it with its
+    prefix, so `/v1/chat/completions` calls the task with the prompt it trained on."""
+    return "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:" + separator
 
 
 def parse_file(data: bytes, filename: str) -> tuple[Shape, list[FileExample]]:

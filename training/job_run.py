@@ -24,7 +24,7 @@ from prefix_store.artifact import dump_artifact
 from training.cli import build_rows
 from training.data import Example
 from training.export import build_artifact, training_metadata
-from training.job_data import FileExample, Shape, steps_per_epoch
+from training.job_data import FileExample, Shape, chat_template, steps_per_epoch
 from training.prefix import PrefixConfig, make_tuner
 from training.trainer import StepHook, TrainConfig, list_checkpoints, train
 
@@ -110,6 +110,8 @@ def run_job(
     }
     prefix_meta = asdict(prefix_cfg) | {"kinds": list(tuner.kinds), "source_prepend": None}
     meta = training_metadata(prefix_meta, loop_cfg, shape.truncation, dataset, job.model, result)
+    if shape.name == "chat":  # /v1/chat/completions renders a request as this job's sources were
+        meta["chat_template"] = chat_template("" if loaded.spec.is_encoder_decoder else loaded.tokenizer.eos_token)
     artifact = dump_artifact(build_artifact(tuner, job.task, meta))
     state = result.state
     return JobOutcome(

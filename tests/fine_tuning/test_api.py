@@ -13,8 +13,11 @@ import time
 from typing import Any
 
 import httpx
+import torch
 
+from prefix_store.artifact import dump_artifact, new_artifact
 from tests.fine_tuning.conftest import ACME, ACME_GEN, GLOBEX, colors_file, hyper, jsonl
+from training.job_data import chat_template, render_chat
 
 MODEL = "tiny-gpt2"  # make_api's served model id
 
@@ -282,3 +285,21 @@ async def test_cancel_pause_and_resume_follow_the_jobs_state(make_api):
     deleted = await api.client.delete(f"/v1/files/{file_id}", headers=ACME)
     assert deleted.status_code == 200 and deleted.json() == {"id": file_id, "object": "file", "deleted": True}
     assert (await api.client.get(f"/v1/files/{file_id}", headers=ACME)).status_code == 404
+
+
+async def test_a_chat_tasks_stored_template_serves_chat_with_the_prompt_it_trained_on(make_api, loaded):
+    # What a chat job stores with its prefix (`training.job_run`): the template of its sources.
+    api = await make_api()
+    prefix = torch.randn(loaded.spec.num_layers, 2, loaded.spec.num_heads, 4, loaded.spec.head_dim,
+                         generator=torch.Generator().manual_seed(0)) * 3  # fmt: skip
+    training = {"chat_template": chat_template("<|endoftext|>")}
+    data = dump_artifact(new_artifact({"decoder": prefix}, loaded.spec, task="chatty", training=training))
+    assert (await api.upload("chatty", data)).status_code == 201
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    common = {"model": "chatty", "max_tokens": 6, "temperature": 0}
+    chat = await api.client.post("/v1/chat/completions", json={**common, "messages": messages}, headers=ACME)
+    prompt = render_chat(messages) + "<|endoftext|>"
+    completion = await api.client.post("/v1/completions", json={**common, "prompt": prompt}, headers=ACME)
+    assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
+    assert chat.json()["usage"]["prompt_tokens"] == completion.json()["usage"]["prompt_tokens"]
+    assert chat.json()["choices"][0]["message"]["content"] == completion.json()["choices"][0]["text"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from modeling.models import LoadedModel, load_model
+from prefix_store.artifact import load_artifact
 from prefix_store.jobs.base import artifact_path
 from prefix_store.jobs.local import LocalJobStore
 from prefix_store.jobs.model import (
@@ -26,7 +27,8 @@ from prefix_store.jobs.model import (
     TrainingFile,
     new_id,
 )
-from tests.fine_tuning.conftest import colors_file
+from tests.fine_tuning.conftest import COLORS, colors_file, jsonl
+from training.job_data import chat_template
 from training.worker import Worker, WorkerConfig
 
 
@@ -44,10 +46,14 @@ def model(peaked_gpt2_dir: Path) -> LoadedModel:
 
 
 async def queued_job(
-    store: LocalJobStore, tenant: str = "acme", epochs: int = 1, every: int | None = None
+    store: LocalJobStore,
+    tenant: str = "acme",
+    epochs: int = 1,
+    every: int | None = None,
+    data: bytes | None = None,
 ) -> Job:
     """A job past validation, as a replica leaves it for the workers."""
-    data = colors_file()
+    data = data or colors_file()
     record = TrainingFile(new_id(FILE_PREFIX), tenant, "colors.jsonl", len(data), 0, "prompt_completion", 6)
     await store.add_file(record, data)
     hyper = {"n_epochs": epochs, "batch_size": 1, "learning_rate_multiplier": 10.0, "prefix_length": 4,
@@ -124,3 +130,19 @@ async def test_a_free_worker_takes_tenants_in_turn(model, tmp_path):
     await asyncio.wait_for(task, 30)
     order = sorted([await store.get_job(j.id) for j in [*acme, globex]], key=lambda j: j.started_at or 0)
     assert [j.tenant for j in order] == ["acme", "globex", "acme", "acme"]
+
+
+async def test_a_chat_job_stores_the_template_of_its_sources(model, tmp_path):
+    store = LocalJobStore(tmp_path)
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in COLORS
+    ]
+    job = await queued_job(store, data=jsonl(rows))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker(store, model, "chat").run(stop))
+    await until(store, job.id, lambda j: j.phase == TRAINED)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    artifact = load_artifact(artifact_path(store.data_dir, job.id).read_bytes(), model.spec)
+    assert artifact.metadata.training["chat_template"] == chat_template("<|endoftext|>")
+    assert artifact.metadata.training["dataset"]["shape"] == "chat"

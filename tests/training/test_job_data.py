@@ -17,6 +17,7 @@ from training.job_data import (
     DataFileError,
     ModelShape,
     count_training_tokens,
+    chat_template,
     parse_file,
     render_chat,
 )
@@ -50,6 +51,18 @@ def test_chat_lines_train_on_the_last_assistant_message():
         == "system: Be brief.\nuser: Capital of France?\nassistant:"
     )
     assert example.target == "Paris"
+
+
+def test_a_chat_tasks_template_renders_a_request_as_its_training_sources():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    conversations = [
+        [{"role": "user", "content": "Capital of France?"}],
+        [{"role": "system", "content": "Two\nlines, {{ braces }} and <tags>"}, {"role": "user", "content": " spaced "}],
+    ]
+    for messages in conversations:
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=chat_template("<|endoftext|>"))
+        assert rendered[0] == render_chat(messages) + "<|endoftext|>"
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,9 @@ def run_job(
     prefix_meta = asdict(prefix_cfg) | {"kinds": list(tuner.kinds), "source_prepend": None}
     meta = training_metadata(prefix_meta, loop_cfg, shape.truncation, dataset, job.model, result)
     if shape.name == "chat":  # /v1/chat/completions renders a request as this job's sources were
-        meta["chat_template"] = chat_template("" if loaded.spec.is_encoder_decoder else loaded.tokenizer.eos_token)
+        meta["chat_template"] = chat_template(
+            "" if loaded.spec.is_encoder_decoder else loaded.tokenizer.eos_token
+        )
     artifact = dump_artifact(build_artifact(tuner, job.task, meta))
     state = result.state
     return JobOutcome(

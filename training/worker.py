@@ -30,7 +30,7 @@ from typing import Any
 from modeling.models import LoadedModel
 from prefix_store.base import StoreUnavailable
 from prefix_store.jobs import policy
-from prefix_store.jobs.base import JobStore, artifact_path, claim_next, work_dir
+from prefix_store.jobs.base import JobStore, artifact_path, claim_next, remove_work, work_dir
 from prefix_store.jobs.files import write_atomic
 from prefix_store.jobs.model import PAUSED, RUNNING, TRAINED, Job, JobEvent
 from training.job_data import DataFileError, parse_file
@@ -38,6 +38,8 @@ from training.job_run import KEEP_CHECKPOINTS, JobData, run_job
 from training.trainer import TrainingStopped, TrainState, list_checkpoints
 
 logger = logging.getLogger("prefixserve.worker")
+
+MAX_METRICS_EVENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class Worker:
         except Exception as exc:  # the recipe failed on this job: the job fails, the worker goes on
             logger.exception("job %s failed", job.id)
             message = f"training failed: {type(exc).__name__}: {exc}"[:500]
-            await self._end(job, lambda j: j.fail("training_error", message, None, self.clock()))
+            if await self._end(job, lambda j: j.fail("training_error", message, None, self.clock())):
+                await asyncio.to_thread(remove_work, self.store.data_dir, job.id)
             return
         finally:
             heartbeat.cancel()
@@ -181,11 +184,10 @@ class Worker:
                 run.step, run.total_steps = state.step, total_steps
                 signal = run.signal
             now = time.monotonic()
-            if (
-                checkpoint is not None
-                or now - last_report[0] >= self.config.report_every_s
-                or state.step == total_steps
-            ):
+            # At most ~MAX_METRICS_EVENTS per job, and one a second: a long job's log stays small.
+            spaced = state.step % max(1, total_steps // MAX_METRICS_EVENTS) == 0
+            due = spaced and now - last_report[0] >= self.config.report_every_s
+            if checkpoint is not None or due or state.step == total_steps:
                 last_report[0] = now
                 self._from_thread(self._report(run, state, total_steps, checkpoint))
             return signal
@@ -266,6 +268,7 @@ class Worker:
                 run.job, f"Paused at step {step}; a checkpoint was saved, resume continues from it"
             )
         elif run.why == "cancelled":
+            await asyncio.to_thread(remove_work, self.store.data_dir, run.job.id)
             await self._event(run.job, f"Cancelled; training stopped at step {step}, nothing was stored")
 
     async def _end(self, job: Job, change: Callable[[Job], None]) -> bool:

@@ -15,6 +15,7 @@ A tenant is part of every read a client makes: another tenant's id is simply not
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,12 @@ class JobStore(Protocol):
 def work_dir(data_dir: Path, job_id: str) -> Path:
     """Where a job's checkpoints and trained artifact live (shared by every worker that may resume it)."""
     return data_dir / "jobs" / job_id / "work"
+
+
+def remove_work(data_dir: Path, job_id: str) -> None:
+    """Delete a finished job's work directory: its checkpoints (with optimizer state, several times the
+    prefix's size) and artifact are of no use once the job has ended; its records stay."""
+    shutil.rmtree(work_dir(data_dir, job_id), ignore_errors=True)
 
 
 def artifact_path(data_dir: Path, job_id: str) -> Path:

@@ -26,6 +26,7 @@ import pytest
 from loadtest.process import ChildProcess
 from modeling.models import LoadedModel, load_model
 from prefix_store.artifact import load_artifact
+from prefix_store.jobs.base import work_dir
 from prefix_store.jobs.local import LocalJobStore
 from prefix_store.local_store import LocalPrefixStore
 from prefixserve.cli import main as prefixserve
@@ -67,6 +68,9 @@ class Embedded:
     @property
     def jobs_store(self) -> LocalJobStore:
         return LocalJobStore(self.work / "store" / ".fine-tuning")
+
+    def work_dir(self, job_id: str) -> Path:
+        return work_dir(self.work / "store" / ".fine-tuning", job_id)
 
     def job(self, job_id: str) -> Any:
         return self.sdk.fine_tuning.jobs.retrieve(job_id)
@@ -135,6 +139,7 @@ def test_sdk_trains_a_task_that_serves_the_training_modules_output(embedded, ref
     checkpoints = list(sdk.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in checkpoints] == [9, 8, 6]  # the last three, newest first
     assert checkpoints[0].metrics.train_loss is not None
+    assert not embedded.work_dir(job.id).exists()  # stored: its checkpoint files are deleted
 
     # The training module's own check of this artifact: `prefixserve eval`'s greedy generation from
     # the stored prefix (the reference forward, equal to PEFT's) against what the server serves.
@@ -185,6 +190,7 @@ def test_cancel_mid_run_stops_the_worker_within_seconds_and_stores_nothing(embed
     assert embedded.events(job_id)[0].id == stopped.id
     job = embedded.job(job_id)
     assert job.status == "cancelled" and job.fine_tuned_model is None
+    assert not embedded.work_dir(job_id).exists()
     missing = httpx.get(
         f"{embedded.server.url}/v1/prefixes/cancelled-task", headers={"Authorization": f"Bearer {KEY}"}
     )

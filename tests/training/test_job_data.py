@@ -9,20 +9,28 @@ from pathlib import Path
 
 import pytest
 
-from modeling.models import load_model
+from modeling.models import LoadedModel, load_model
 from training.cli import build_rows
 from training.data import Example, load_e2e
 from training.job_data import (
     SHAPES,
     DataFileError,
     ModelShape,
-    count_training_tokens,
     chat_template,
+    count_training_tokens,
     parse_file,
     render_chat,
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_gpt2_dir: Path, tiny_bart_dir: Path) -> dict[str, LoadedModel]:
+    return {
+        "gpt2": load_model(str(tiny_gpt2_dir), device="cpu"),
+        "bart": load_model(str(tiny_bart_dir), device="cpu"),
+    }
 
 
 def lines(*rows: dict) -> bytes:
@@ -58,10 +66,15 @@ def test_a_chat_tasks_template_renders_a_request_as_its_training_sources():
 
     conversations = [
         [{"role": "user", "content": "Capital of France?"}],
-        [{"role": "system", "content": "Two\nlines, {{ braces }} and <tags>"}, {"role": "user", "content": " spaced "}],
+        [
+            {"role": "system", "content": "Two\nlines, {{ braces }} and <tags>"},
+            {"role": "user", "content": " spaced "},
+        ],
     ]
     for messages in conversations:
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=chat_template("<|endoftext|>"))
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=chat_template("<|endoftext|>")
+        )
         assert rendered[0] == render_chat(messages) + "<|endoftext|>"
 
 
@@ -80,9 +93,9 @@ def test_a_chat_tasks_template_renders_a_request_as_its_training_sources():
         ([{"mr": "name[Aromi], area[riverside]", "ref": "Aromi is by the river."}], "e2e"),
     ],
 )
-@pytest.mark.parametrize("model_name", ["tiny_gpt2_dir", "tiny_bart_dir"])
-def test_counted_tokens_are_the_recipes_rows(rows, shape, model_name, request):
-    loaded = load_model(str(request.getfixturevalue(model_name)), device="cpu")
+@pytest.mark.parametrize("model_name", ["gpt2", "bart"])
+def test_counted_tokens_are_the_recipes_rows(rows, shape, model_name, models):
+    loaded = models[model_name]
     found, examples = parse_file(lines(*rows), "rows.jsonl")
     assert found.name == shape
     rows_trained = build_rows(
@@ -97,8 +110,8 @@ def test_counted_tokens_are_the_recipes_rows(rows, shape, model_name, request):
     assert count_training_tokens(examples, found, count, model, prefix_length=10) == trained
 
 
-def test_an_example_beyond_the_models_positions_names_its_line(tiny_gpt2_dir):
-    tokenizer = load_model(str(tiny_gpt2_dir), device="cpu").tokenizer
+def test_an_example_beyond_the_models_positions_names_its_line(models):
+    tokenizer = models["gpt2"].tokenizer
     _, examples = parse_file(
         lines({"prompt": "a", "completion": "b"}, {"prompt": "word " * 300, "completion": "c"}), "x.jsonl"
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from pydantic import ValidationError
 
 from prefix_store.base import InvalidName
 from prefix_store.jobs import policy
-from prefix_store.jobs.base import JobNotFound
+from prefix_store.jobs.base import JobNotFound, remove_work
 from prefix_store.jobs.model import JOB_PREFIX, WAITING, Job, new_id
 from server.api.errors import ApiError
 from server.api.fine_tuning.schemas import (
@@ -147,7 +148,7 @@ async def change(service: FineTuning, tenant: str, job_id: str, action: str) -> 
     """Cancel, pause or resume the tenant's job (`policy`): 404 another tenant's, 409 when the job's
     state does not allow it."""
     with api_errors():
-        await service.store.get_job(job_id, tenant)
+        before = await service.store.get_job(job_id, tenant)
         now = service.clock
         apply = {
             "cancel": lambda job: policy.cancel(job, now()),
@@ -161,4 +162,7 @@ async def change(service: FineTuning, tenant: str, job_id: str, action: str) -> 
         "resume": "Job resumed: back in the queue, it continues from its last checkpoint",
     }
     await service.event(job_id, messages[action])
+    if action == "cancel" and before.worker is None and not before.terminal:
+        # No worker holds it (queued, paused): nobody else will clear its checkpoints.
+        await anyio.to_thread.run_sync(remove_work, service.store.data_dir, job_id)
     return job

@@ -23,7 +23,7 @@ import anyio
 from prefix_store.artifact_types import ArtifactError
 from prefix_store.base import InvalidName, StoreUnavailable
 from prefix_store.jobs import policy
-from prefix_store.jobs.base import artifact_path
+from prefix_store.jobs.base import artifact_path, remove_work
 from prefix_store.jobs.model import PUBLISHING, RUNNING, SUCCEEDED, TRAINED, VALIDATING, Job
 from server.api.chat_templates import check_uploaded_template
 from server.api.errors import ApiError
@@ -108,7 +108,8 @@ async def publish(service: FineTuning, job_id: str) -> None:
         def failed(j: Job) -> None:
             j.fail(code, message, None, service.clock())
 
-        await service.conclude(job.id, _held(service), failed, message, "error")
+        if await service.conclude(job.id, _held(service), failed, message, "error"):
+            await anyio.to_thread.run_sync(remove_work, store.data_dir, job.id)
         return
     state.metrics.observe_upload("created")
     state.metrics.fine_tuning_trained_tokens.inc(job.trained_tokens or 0)
@@ -118,7 +119,10 @@ async def publish(service: FineTuning, job_id: str) -> None:
         j.finish(service.clock())
 
     stored = f"Stored as version {info.version} of task {job.task!r}: call it with model={job.task!r}"
-    await service.conclude(job.id, _held(service), succeeded, stored)
+    if await service.conclude(job.id, _held(service), succeeded, stored):
+        await anyio.to_thread.run_sync(
+            remove_work, store.data_dir, job.id
+        )  # stored: checkpoints no longer needed
 
 
 def _held(service: FineTuning) -> Callable[[Job], None]:

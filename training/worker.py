@@ -30,7 +30,7 @@ from typing import Any
 from modeling.models import LoadedModel
 from prefix_store.base import StoreUnavailable
 from prefix_store.jobs import policy
-from prefix_store.jobs.base import JobStore, artifact_path, claim_next, remove_work, work_dir
+from prefix_store.jobs.base import JobNotFound, JobStore, artifact_path, claim_next, remove_work, work_dir
 from prefix_store.jobs.files import write_atomic
 from prefix_store.jobs.model import PAUSED, RUNNING, TRAINED, Job, JobEvent
 from training.job_data import DataFileError, parse_file
@@ -116,7 +116,10 @@ class Worker:
                     return
                 await _sleep_or_stop(stop, self.config.poll_s)
                 continue
-            await self.train(job, stop)
+            try:
+                await self.train(job, stop)
+            except StoreUnavailable as exc:  # its lease lapses; this or another worker resumes it
+                logger.warning("job store unavailable while handling %s: %s", job.id, exc)
             idle_since = time.monotonic()
 
     async def train(self, job: Job, stop: asyncio.Event) -> None:
@@ -124,7 +127,7 @@ class Worker:
         run = _Run(job)
         try:
             data = await self._read_data(job)
-        except (DataFileError, KeyError, OSError) as exc:
+        except (DataFileError, JobNotFound, KeyError, OSError) as exc:
             message = str(exc)
             await self._end(
                 job, lambda j: j.fail("invalid_training_file", message, "training_file", self.clock())
@@ -239,11 +242,12 @@ class Worker:
             try:
                 await self.store.update_job(run.job.id, renew)
             except policy.Conflict:
-                current = await self.store.get_job(run.job.id)
-                if current.status == PAUSED:
-                    run.ask("checkpoint", "paused")
-                else:
-                    run.ask("stop", current.status if current.status != RUNNING else "lost")
+                with contextlib.suppress(StoreUnavailable):  # if so, the next renewal asks again
+                    current = await self.store.get_job(run.job.id)
+                    if current.status == PAUSED:
+                        run.ask("checkpoint", "paused")
+                    else:
+                        run.ask("stop", current.status if current.status != RUNNING else "lost")
             except StoreUnavailable as exc:
                 logger.warning("could not renew the lease of %s: %s", run.job.id, exc)
             await asyncio.sleep(interval)

@@ -99,7 +99,11 @@ class RedisJobStore:
                 await pipe.execute()
             return file
 
-        return await self._call("add_file", add())
+        try:
+            return await self._call("add_file", add())
+        except BaseException:  # no record: the bytes must not linger on the shared volume
+            await asyncio.to_thread(self._files.delete, file.tenant, file.id)
+            raise
 
     async def get_file(self, tenant: str, file_id: str) -> TrainingFile:
         raw = await self._call("get_file", self._redis.get(self._file_key(file_id)))

@@ -303,3 +303,19 @@ async def test_a_chat_tasks_stored_template_serves_chat_with_the_prompt_it_train
     assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
     assert chat.json()["usage"]["prompt_tokens"] == completion.json()["usage"]["prompt_tokens"]
     assert chat.json()["choices"][0]["message"]["content"] == completion.json()["choices"][0]["text"]
+
+
+async def test_a_job_store_that_is_down_is_a_503_within_the_store_deadline(make_api):
+    from tests.api.conftest import DEAD_REDIS_URL
+
+    api = await make_api(redis=True, redis_url=DEAD_REDIS_URL, store_timeout_s=1.0)
+    started = time.monotonic()
+    for response in (
+        await api.client.get("/v1/fine_tuning/jobs", headers=ACME),
+        await upload(api, colors_file()),
+    ):
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] and openai_error(response)["type"] == "unavailable"
+    assert time.monotonic() - started < 10
+    files = api.settings.fine_tuning_data_dir() / "files"
+    assert not files.exists() or not any(files.rglob("file-*"))  # the refused upload left no bytes

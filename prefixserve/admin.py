@@ -21,7 +21,8 @@ TABLE_COLUMNS = ("task", "version", "prefix_length", "num_parameters", "size_byt
 MAX_PAGES = 10_000  # a server that keeps returning a cursor must not loop us forever
 
 
-def _parser() -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
+    """The options every admin command takes (server, key file, output, timeout, retries)."""
     # No abbreviations: `--api-key SECRET` must be refused, not read as `--api-key-file SECRET`.
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument(
@@ -36,24 +37,36 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--output", "-o", choices=("table", "json"), default="table")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt")
     common.add_argument("--retries", type=int, default=5, help="retries on 429/503 (honouring Retry-After)")
+    return common
 
-    parser = argparse.ArgumentParser(
-        prog="prefixserve prefixes", description="Manage a server's prefixes.", allow_abbrev=False
-    )
+
+def action_parser(
+    prog: str, description: str, actions: dict[str, tuple[tuple[str, ...], str]]
+) -> argparse.ArgumentParser:
+    """A parser of `prog <action> [positionals] [common options]`; `actions`: action -> (positional
+    arguments, help). A positional named `version` is an integer."""
+    common = common_options()
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     sub = parser.add_subparsers(dest="action", required=True, metavar="action")
-    # action -> (positional arguments, help)
-    actions: dict[str, tuple[tuple[str, ...], str]] = {
-        "list": ((), "the tenant's tasks and their current versions"),
-        "show": (("task",), "a task's current version and kept versions"),
-        "upload": (("task", "path"), "upload an artifact (.safetensors) or a PEFT folder"),
-        "delete": (("task",), "delete a task and all its versions"),
-        "rollback": (("task", "version"), "make a kept earlier version current"),
-    }
     for action, (positionals, help_text) in actions.items():
         sub_parser = sub.add_parser(action, parents=[common], allow_abbrev=False, help=help_text)
         for name in positionals:
             sub_parser.add_argument(name, type=int if name == "version" else str)
     return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    return action_parser(
+        "prefixserve prefixes",
+        "Manage a server's prefixes.",
+        {
+            "list": ((), "the tenant's tasks and their current versions"),
+            "show": (("task",), "a task's current version and kept versions"),
+            "upload": (("task", "path"), "upload an artifact (.safetensors) or a PEFT folder"),
+            "delete": (("task",), "delete a task and all its versions"),
+            "rollback": (("task", "version"), "make a kept earlier version current"),
+        },
+    )
 
 
 def _list(client: ApiClient, _: argparse.Namespace) -> list[dict[str, Any]]:
@@ -100,8 +113,12 @@ def render(action: str, result: Any, output: str) -> str:
     return table([result])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(
+    args: argparse.Namespace,
+    actions: dict[str, Callable[[ApiClient, argparse.Namespace], Any]],
+    show: Callable[[str, Any, str], str],
+) -> int:
+    """Run `args.action` against the server and print its result; the exit status."""
     environ = os.environ  # the edge: nothing below reads the environment
     try:
         client = ApiClient(
@@ -111,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             retries=args.retries,
             on_retry=lambda message: print(f"prefixserve: {message}", file=sys.stderr),
         )
-        result = ACTIONS[args.action](client, args)
+        result = actions[args.action](client, args)
     except (UploadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(render(args.action, result, args.output))
+    print(show(args.action, result, args.output))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_parser().parse_args(argv), ACTIONS, render)

@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "eval": "generate on a dev/test file and score BLEU/ROUGE",
     "upload": "upload an artifact to a running server",
     "prefixes": "manage a server's prefixes: list, show, upload, delete, rollback",
+    "jobs": "a server's fine-tuning jobs: list, show, events, cancel",
+    "train-worker": "train queued fine-tuning jobs (a worker process; settings as serve)",
     "import-peft": "convert a PEFT prefix-tuning adapter to an artifact",
     "bench": "run the benchmark harness (profiles: quick, default, gpu)",
 }
@@ -44,6 +46,14 @@ def owner_main(command: str) -> Callable[[list[str]], int | None]:
         from prefixserve.admin import main as admin_main
 
         return admin_main
+    if command == "jobs":
+        from prefixserve.jobs import main as jobs_main
+
+        return jobs_main
+    if command == "train-worker":
+        from prefixserve.train_worker import main as worker_main
+
+        return worker_main
     if command == "bench":
         from loadtest.bench import main as bench_main
 

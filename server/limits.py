@@ -168,6 +168,18 @@ class Limits:
     max_training_metadata_bytes: int = limit(
         16 << 10, "JSON size of an artifact's `training` metadata (422 beyond).", ge=0
     )
+    # --- fine-tuning jobs (server.api.fine_tuning, training.worker) ------------------------------
+    max_training_file_bytes: int = limit(32 << 20, "One uploaded training file (413 beyond).", ge=1)
+    tenant_max_training_files: int = limit(100, "Training files per tenant (429 beyond); 0 = off.", ge=0)
+    max_training_tokens_per_job: int = limit(
+        20_000_000, "Training tokens x epochs of one job; beyond it the job fails while validating.", ge=1
+    )
+    tenant_max_running_jobs: int = limit(
+        1, "A tenant's jobs training at once; more wait in the queue. 0 = off.", ge=0
+    )
+    tenant_max_queued_jobs: int = limit(
+        10, "A tenant's jobs validating, queued or paused (429 beyond); 0 = off.", ge=0
+    )
 
 
 DEFAULT_LIMITS = Limits()

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from server.http_protocol import with_deadlines
 from server.logging import configure_logging
 from server.settings import Settings
+from server.train_workers import EmbeddedWorkers
 
 if TYPE_CHECKING:  # the engine (torch) is imported lazily: `--help` and config errors stay fast
     from modeling.models import LoadedModel
@@ -257,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     server = _Server(
         config, on_signal=lambda: start_draining(app), engine=engine, grace_s=settings.limits.shutdown_grace_s
     )
-    server.run()
+    # Fine-tuning jobs train in worker processes beside the server (the embedded default; a fleet
+    # runs them as their own Deployment and sets PREFIXSERVE_TRAIN_WORKERS=0).
+    workers = EmbeddedWorkers(settings, settings.embedded_train_workers()).start()
+    try:
+        server.run()
+    finally:
+        workers.stop()
     if not server.started and exit_code == EXIT_OK:
         return EXIT_ENGINE_FAILED  # start-up failed (e.g. port in use); uvicorn logged why
     return exit_code

@@ -32,6 +32,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from prefix_store.jobs.model import STATUSES as JOB_STATUSES
 from server.engine.interface import ServingEngine
 from server.engine.observer import EngineObserver
 from server.vllm_metrics import TaskListsInfo, VllmMetrics
@@ -217,6 +218,17 @@ class Metrics(EngineObserver):
             f"{p}prefix_variant_requests", "Generation requests by the variant of the task version served.",
             ["tenant", "task", "variant"], registry=r,
         )  # fmt: skip
+        # Fine-tuning jobs: read from the job store by every replica (the same values on each).
+        self.fine_tuning_jobs = Gauge(
+            f"{p}fine_tuning_jobs", "Fine-tuning jobs by status, all tenants.", ["status"], registry=r
+        )
+        self.fine_tuning_queue_length = Gauge(
+            f"{p}fine_tuning_queue_length", "Fine-tuning jobs queued for a training worker.", registry=r
+        )
+        self.fine_tuning_trained_tokens = Counter(
+            f"{p}fine_tuning_trained_tokens", "Tokens trained by the fine-tuning jobs this replica stored.",
+            registry=r,
+        )  # fmt: skip
         self.engine_up = Gauge(f"{p}engine_up", "1 while the engine loop runs.", registry=r)
         self.store_up = Gauge(f"{p}store_up", "1 while the prefix store answers.", registry=r)
         self.store_up.set(1)
@@ -255,6 +267,8 @@ class Metrics(EngineObserver):
             self.store_corrupt.labels(operation=operation)
         for outcome in UPLOAD_OUTCOMES:
             self.prefix_uploads.labels(outcome=outcome)
+        for status in JOB_STATUSES:
+            self.fine_tuning_jobs.labels(status=status)
 
     # --- introspection ----------------------------------------------------------------------
 
@@ -320,6 +334,12 @@ class Metrics(EngineObserver):
 
     def observe_upload(self, outcome: str) -> None:
         self.prefix_uploads.labels(outcome=outcome).inc()
+
+    def observe_fine_tuning(self, counts: dict[str, int]) -> None:
+        """The job store's jobs per status (the queue is the `queued` ones)."""
+        for status in JOB_STATUSES:
+            self.fine_tuning_jobs.labels(status=status).set(counts.get(status, 0))
+        self.fine_tuning_queue_length.set(counts.get("queued", 0))
 
     # --- EngineObserver (called on the engine's event loop; cheap, never raise) --------------
 

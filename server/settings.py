@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from prefix_store.base import InvalidName, validate_name
+from prefix_store.jobs.factory import default_data_dir
 from server.limits import NATIVE_ONLY, Limits
 
 Role = Literal["generate", "manage"]
@@ -171,6 +172,23 @@ class _SettingsBase(BaseSettings):
         default=True, description="Weighted fair admission across tenants; false: one FCFS queue."
     )
 
+    # --- fine-tuning jobs (their limits: server.limits.Limits) ----------------------------------
+    fine_tuning_dir: Path | None = Field(
+        default=None,
+        description="Training files and job work (checkpoints, trained artifacts); unset: "
+        "{local_store_dir}/.fine-tuning. In a fleet: a volume every replica and worker mounts.",
+    )
+    train_workers: int | None = Field(
+        default=None, ge=0, le=16,
+        description="Training worker processes `prefixserve serve` starts beside itself; unset: 1 "
+        "without Redis, 0 with it (a fleet runs `prefixserve train-worker` as its own Deployment).",
+    )  # fmt: skip
+    training_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A job whose worker has not renewed its claim for this long is re-queued.",
+    )
+
     # --- observability ------------------------------------------------------------------------
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -226,6 +244,16 @@ class _SettingsBase(BaseSettings):
             for name, info in type(self).model_fields.items()
             if name in self.model_fields_set and _engine_of(info) not in (None, backend)
         ]
+
+    def fine_tuning_data_dir(self) -> Path:
+        """Where training files and job work live (`fine_tuning_dir`, else beside the local store)."""
+        return self.fine_tuning_dir or default_data_dir(self.local_store_dir)
+
+    def embedded_train_workers(self) -> int:
+        """Worker processes `prefixserve serve` starts (`train_workers`; unset: 1 without Redis)."""
+        if self.train_workers is not None:
+            return self.train_workers
+        return 0 if self.redis_url else 1
 
     def read_chat_template(self) -> str | None:
         """The chat template's text (read once at start-up; an unreadable file is a config error)."""

@@ -172,7 +172,7 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     # Heavy imports here so `--help` stays fast.
     from modeling.models import load_model
-    from training.export import export
+    from training.export import export, training_metadata
     from training.prefix import PrefixConfig, make_tuner
     from training.trainer import TrainConfig, evaluate_loss, resolve_checkpoint, train
 
@@ -248,30 +248,20 @@ def train_main(argv: list[str] | None = None) -> int:
         tuner, train_rows, dev_rows, loop_cfg, args.out, pad_id, resume=args.resume, dev_bleu=dev_bleu
     )
     state = result.state
-    training_meta: dict[str, Any] = {
-        "prefix": asdict(prefix_cfg) | {"kinds": list(tuner.kinds), "init": init, "source_prepend": prepend},
-        "loop": asdict(loop_cfg),
-        "truncation": asdict(trunc),
-        "dataset": {
+    training_meta = training_metadata(
+        asdict(prefix_cfg) | {"kinds": list(tuner.kinds), "init": init, "source_prepend": prepend},
+        loop_cfg,
+        trunc,
+        {
             "train": str(args.data),
             "dev": args.dev,
             "format": args.format,
             "source_form": "paper" if paper else "plain",
             "num_train": len(train_rows),
         },
-        "base_model": args.model,
-        "steps": state.step,
-        "epochs_completed": state.epoch,
-        "exported_step": result.exported_step,
-        "stopped_early": result.stopped_early,
-        "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
-        "final_dev_loss": state.dev_losses[-1][1] if state.dev_losses else None,
-        "best_dev_loss": state.best_dev_loss,
-        "best_dev_bleu": state.best_dev_bleu,
-        "train_seconds": round(state.train_seconds, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "world_size": rank_world()[1],
-    }
+        args.model,
+        result,
+    ) | {"world_size": rank_world()[1]}
     if rank_world()[0] != 0:  # data-parallel: every rank holds the same prefix; rank 0 writes it
         shutdown()
         return 0

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from training.formats import Truncation as Truncation
+from training.formats import default_truncation as default_truncation
 from training.formats import e2e_source, triples_source
 
 FORMATS = ("e2e", "webnlg", "dart", "xsum", "jsonl")
@@ -169,19 +171,6 @@ def group_references(examples: Sequence[Example]) -> list[EvalItem]:
 
 
 # ------------------------------------------------------------------------------------------ tokenisation
-
-
-@dataclass(frozen=True)
-class Truncation:
-    """Token limits; sources and targets both keep their first tokens (see module docstring)."""
-
-    max_source_tokens: int = 512
-    max_target_tokens: int = 128
-
-
-def default_truncation(fmt: str) -> Truncation:
-    """Per-format defaults: XSum 1024/60 (the paper's summarisation code), else 512/128."""
-    return Truncation(1024, 60) if fmt == "xsum" else Truncation()
 
 
 def encode_causal(

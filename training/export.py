@@ -9,6 +9,8 @@ BART runs get the artifact only.
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ import torch
 
 from prefix_store.artifact import PrefixArtifact, dump_artifact, new_artifact
 from prefix_store.peft_format import artifact_to_peft
+from training.formats import Truncation
 from training.prefix import GPT2PrefixTuner, PrefixTuner
+from training.trainer import TrainConfig, TrainResult
 
 ARTIFACT_NAME = "artifact.safetensors"
 PEFT_DIR = "peft"
@@ -49,3 +53,32 @@ def export(tuner: PrefixTuner, out_dir: str | Path, task: str, training: dict[st
         (peft_dir / "adapter_model.safetensors").write_bytes(model_bytes)
         written["peft"] = str(peft_dir)
     return written
+
+
+def training_metadata(
+    prefix: dict[str, Any],
+    loop: TrainConfig,
+    truncation: Truncation,
+    dataset: dict[str, Any],
+    base_model: str,
+    result: TrainResult,
+) -> dict[str, Any]:
+    """The artifact's `training` metadata for a run: its settings, data, and how it went."""
+    state = result.state
+    return {
+        "prefix": prefix,
+        "loop": asdict(loop),
+        "truncation": asdict(truncation),
+        "dataset": dataset,
+        "base_model": base_model,
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "exported_step": result.exported_step,
+        "stopped_early": result.stopped_early,
+        "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
+        "final_dev_loss": state.dev_losses[-1][1] if state.dev_losses else None,
+        "best_dev_loss": state.best_dev_loss,
+        "best_dev_bleu": state.best_dev_bleu,
+        "train_seconds": round(state.train_seconds, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # The E2E attribute names of the paper's data release (the others are spelled as in the MR).
 E2E_PAPER_ATTRIBUTES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
@@ -56,3 +57,17 @@ def triples_source(triples: Sequence[Sequence[str]], fmt: str, paper: bool = Tru
     if fmt == "dart":
         return " | ".join(f"{s} : {p.lower()} : {o}" for s, p, o in parts)
     return "".join(f" | {s} : {p} : {o}" for s, p, o in parts)
+
+
+# Truncation lives here, torch-free, so that the API can count a job file's tokens as training will.
+@dataclass(frozen=True)
+class Truncation:
+    """Token limits; sources and targets both keep their first tokens (see training.data)."""
+
+    max_source_tokens: int = 512
+    max_target_tokens: int = 128
+
+
+def default_truncation(fmt: str) -> Truncation:
+    """Per-format defaults: XSum 1024/60 (the paper's summarisation code), else 512/128."""
+    return Truncation(1024, 60) if fmt == "xsum" else Truncation()

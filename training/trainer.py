@@ -78,6 +78,20 @@ class TrainState:
     train_seconds: float = 0.0
 
 
+class TrainingStopped(Exception):
+    """`train`'s `on_step` asked it to stop before the end (a cancelled, paused or lost job)."""
+
+    def __init__(self, state: TrainState, checkpoint: Path | None) -> None:
+        super().__init__(f"training stopped at step {state.step}")
+        self.state = state
+        self.checkpoint = checkpoint  # the checkpoint of the step it stopped at, if it saved one
+
+
+# `train`'s per-step hook: (state after the step, total steps, the checkpoint saved at this step or
+# None) -> None to go on, "stop" to stop now, "checkpoint" to save a checkpoint (if none was) and stop.
+StepHook = Callable[[TrainState, int, Path | None], str | None]
+
+
 @dataclass
 class TrainResult:
     state: TrainState
@@ -221,10 +235,13 @@ def train(
     pad_id: int,
     resume: str | Path | None = None,
     dev_bleu: Callable[[PrefixTuner], float] | None = None,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train `tuner`'s prefix on `train_rows`; with `dev_rows`, evaluate, early-stop and finish on the
     best dev state (the one that gets exported): lowest dev loss, or with `cfg.select_on == "bleu"`
-    highest `dev_bleu(tuner)` (the paper selects on dev BLEU). Checkpoints go under `out_dir`."""
+    highest `dev_bleu(tuner)` (the paper selects on dev BLEU). Checkpoints go under `out_dir`.
+    `on_step` is called after every optimizer step and may stop the run (`StepHook`): then
+    `TrainingStopped` is raised."""
     if cfg.select_on == "bleu" and dev_bleu is None:
         raise ValueError('select_on="bleu" needs a dev_bleu function')
     out = Path(out_dir)
@@ -299,8 +316,21 @@ def train(
                     tuner, dev_rows, cfg, pad_id, state, best_state, dev_bleu
                 )
                 _write(log, _dev_record(state))
+            saved = None
             if rank == 0 and (state.step % ckpt_every == 0 or state.step == total_steps or stopped_early):
-                save_checkpoint(out, tuner, optimizer, scheduler, state, cfg.keep_checkpoints, best_state)
+                saved = save_checkpoint(
+                    out, tuner, optimizer, scheduler, state, cfg.keep_checkpoints, best_state
+                )
+            action = on_step(state, total_steps, saved) if on_step is not None else None
+            if action == "checkpoint" and saved is None:
+                saved = save_checkpoint(
+                    out, tuner, optimizer, scheduler, state, cfg.keep_checkpoints, best_state
+                )
+            if action in ("stop", "checkpoint"):
+                bar.close()
+                if log is not None:
+                    log.close()
+                raise TrainingStopped(state, saved)
             if stopped_early:
                 break
         if state.batch_in_epoch >= len(batches):

@@ -24,10 +24,12 @@ from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
 from server.api.deps import ApiConfig, AppState
 from server.api.errors import install_error_handlers
+from server.api.fine_tuning.publisher import start as start_fine_tuning
+from server.api.fine_tuning.service import attach as attach_fine_tuning
 from server.api.generation import prompt_char_limit
 from server.api.middleware import RequestMiddleware
 from server.api.ratelimit import LimitConfig, TenantLimiter, make_limiter
-from server.api.routes import canary, chat, generate, health, openai, prefixes, tokenize
+from server.api.routes import canary, chat, files, fine_tuning, generate, health, openai, prefixes, tokenize
 from server.api.version import __version__
 from server.api.warm_start import warm_start
 from server.engine.chat_render import ChatRenderPool, RenderLimits
@@ -134,6 +136,7 @@ def create_app(
             )
         ),
     )
+    jobs = attach_fine_tuning(settings, state)  # training files and jobs (trained by worker processes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -146,6 +149,7 @@ def create_app(
         await warm_start(
             engine, store, metrics, settings.limits.warm_start_tasks, settings.limits.warm_start_timeout_s
         )
+        await start_fine_tuning(jobs)
         state.started = True
         state.background = [
             asyncio.create_task(_watchdog(state, on_fatal), name="prefixserve-watchdog"),
@@ -160,6 +164,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*state.background, return_exceptions=True)
             await engine.stop(drain_timeout_s=settings.limits.shutdown_grace_s)
+            await jobs.close()
             await store.close()
             await limiter.close()
             await upload_limiter.close()
@@ -175,7 +180,7 @@ def create_app(
     )
     app.state.prefixserve = state
     install_error_handlers(app)
-    for module in (generate, openai, chat, tokenize, prefixes, canary, health):
+    for module in (generate, openai, chat, tokenize, prefixes, canary, files, fine_tuning, health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost. RequestMiddleware must see everything
     # (including 413s) to stamp the request id and log.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -53,6 +53,9 @@ class AppState:
     max_prompt_chars: int  # longer prompts cannot fit the model (`generation.prompt_char_limit`)
     chat_renderer: ChatRenderPool  # renders chat templates in worker processes (server.api.chat_templates)
     upload_limiter: TenantLimiter = field(default_factory=NoLimiter)  # per-tenant upload rate
+    # The fine-tuning jobs' side of the app (`server.api.fine_tuning.service.FineTuning`, which builds on
+    # this state: typed loosely here to keep the dependency one-way).
+    fine_tuning: Any = None
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)

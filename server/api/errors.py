@@ -63,12 +63,14 @@ class ApiError(HTTPException):
         error_type: str,
         retry_after: int | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         all_headers = dict(headers or {})
         if retry_after is not None:
             all_headers["Retry-After"] = str(retry_after)
         super().__init__(status_code=status_code, detail=message, headers=all_headers or None)
         self.error_type = error_type
+        self.param = param  # OpenAI's `param`: the request field at fault, on the OpenAI routes
 
 
 class Draining(ApiError):
@@ -134,6 +136,7 @@ _HTTP_ERROR_TYPES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    409: "conflict",
     422: "validation",
     429: "rate_limited",
     503: "unavailable",
@@ -143,7 +146,7 @@ _HTTP_ERROR_TYPES = {
 # TGI's 424 elsewhere), and errors use OpenAI's body shape: the `openai` client raises the right
 # exception class from the status alone, but puts the reason into the exception's text only from
 # `{"error": {"message": ...}}`.
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/files", "/v1/fine_tuning")
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -163,21 +166,29 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PATHS)
 
 
-def error_body(status: int, message: str, error_type: str, path: str = "") -> dict[str, Any]:
+def error_body(
+    status: int, message: str, error_type: str, path: str = "", param: str | None = None
+) -> dict[str, Any]:
     """Our `{"error", "error_type"}`, or OpenAI's shape on the OpenAI routes."""
     if is_openai_path(path):
-        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+        return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
     return {"error": message, "error_type": error_type}
 
 
 def error_response(
-    status: int, message: str, error_type: str, headers: dict[str, str] | None = None, path: str = ""
+    status: int,
+    message: str,
+    error_type: str,
+    headers: dict[str, str] | None = None,
+    path: str = "",
+    param: str | None = None,
 ) -> JSONResponse:
     """A JSON error response (see `error_body` for the shape)."""
     ctx = request_context.get()
     if ctx is not None:
         ctx.error_type = error_type
-    return JSONResponse(error_body(status, message, error_type, path), status_code=status, headers=headers)
+    body = error_body(status, message, error_type, path, param)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def describe_exception(exc: Exception, path: str = "") -> tuple[int, str, str, dict[str, str] | None]:
@@ -235,7 +246,8 @@ def install_error_handlers(app: FastAPI) -> None:
             logger.error("request failed: %s", exc, exc_info=exc)
         elif status >= 500:  # transient (store down, engine stopped): the reason, without a traceback
             logger.warning("request failed: %s", exc)
-        return error_response(status, message, error_type, headers, path=request.url.path)
+        param = getattr(exc, "param", None)
+        return error_response(status, message, error_type, headers, path=request.url.path, param=param)
 
     app.add_exception_handler(RequestValidationError, handle_validation)
     app.add_exception_handler(StarletteHTTPException, handle_known)
@@ -250,6 +262,7 @@ def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dic
         401: "Missing or invalid API key",
         403: "The key's role does not allow this",
         404: "No such task (or it belongs to another tenant)",
+        409: "The object's state does not allow it (e.g. cancelling a finished job)",
         413: "Request body too large",
         422: "Invalid request (names the problem)",
         424: "Generation failed",

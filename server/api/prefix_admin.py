@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from fastapi import UploadFile
 
-from prefix_store.artifact_types import ArtifactError
+from prefix_store.artifact_types import ArtifactError, CheckedUpload
 from prefix_store.base import StoreCorrupt, StoreUnavailable, TaskPage, VersionInfo, validate_name
 from server.api.deps import AppState
 from server.api.errors import ApiError
@@ -62,14 +62,7 @@ async def validate_upload(
     adapter_model: UploadFile | None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Check one upload form and return (artifact bytes to store, metadata to store with them)."""
-    validate_name(task, "task")
-    if task == state.config.model_id:  # `model` in /v1/completions would name the base model, not it
-        raise ApiError(
-            422,
-            f"task name '{task}' is the served model's id, which selects the base model in "
-            "/v1/completions: the task could not be reached there; choose another name",
-            "validation",
-        )
+    check_task_name(state, task)
     limits = state.config.limits  # the engine loads what is stored with these same limits
     peft_parts = (adapter_config is not None, adapter_model is not None)
     if artifact is not None and any(peft_parts):
@@ -102,6 +95,31 @@ async def validate_upload(
             "no file: send 'artifact' (safetensors) or 'adapter_config' + 'adapter_model' (PEFT)",
             "validation",
         )
+    return stored_form(state, checked, source)
+
+
+def check_task_name(state: AppState, task: str) -> None:
+    """A name a task can be stored and called under (422 otherwise)."""
+    validate_name(task, "task")
+    if task == state.config.model_id:  # `model` in /v1/completions would name the base model, not it
+        raise ApiError(
+            422,
+            f"task name '{task}' is the served model's id, which selects the base model in "
+            "/v1/completions: the task could not be reached there; choose another name",
+            "validation",
+        )
+
+
+async def validate_artifact(state: AppState, task: str, data: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The checks of an uploaded artifact file, for artifact bytes from elsewhere (a fine-tuning job)."""
+    check_task_name(state, task)
+    limits = state.config.limits
+    checked = await anyio.to_thread.run_sync(lambda: state.uploads.artifact(data, state.spec, limits))
+    return stored_form(state, checked, "artifact")
+
+
+def stored_form(state: AppState, checked: CheckedUpload, source: str) -> tuple[bytes, dict[str, Any]]:
+    """(bytes, metadata) to store for a checked upload (`UploadChecks`' result)."""
     data, summary = checked.data, checked.summary
     # Stored with every version and returned by describe/list: bounded, so listing stays cheap.
     training_bytes = len(json.dumps(summary["training"], separators=(",", ":")))

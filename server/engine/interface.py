@@ -23,7 +23,14 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str | list[str]: ...
 
-    def __call__(self, text: str, text_pair: None = None, text_target: None = None) -> Any: ...
+    def __call__(
+        self,
+        text: str | list[str],
+        text_pair: None = None,
+        text_target: None = None,
+        text_pair_target: None = None,
+        add_special_tokens: bool = True,
+    ) -> Any: ...
 
 
 class ServingEngine(Protocol):

@@ -239,11 +239,12 @@ def test_service_pdb_and_autoscaler_target_the_server(overlay):
 
 
 @pytest.mark.parametrize("overlay", ["gpu", "cpu"])
-def test_only_server_pods_reach_redis(overlay):
+def test_only_server_and_training_worker_pods_reach_redis(overlay):
     objects = render(overlay)
     redis = one(objects, "StatefulSet", "prefixserve-redis")
     redis_labels = redis["spec"]["template"]["metadata"]["labels"]
     server_labels = one(objects, "Deployment", "prefixserve")["spec"]["template"]["metadata"]["labels"]
+    worker = one(objects, "Deployment", "prefixserve-train-worker")["spec"]["template"]["metadata"]["labels"]
     assert "appendonly" in " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
     assert redis["spec"]["volumeClaimTemplates"], "Redis holds the prefixes: it needs a persistent volume"
 
@@ -253,11 +254,13 @@ def test_only_server_pods_reach_redis(overlay):
         if selects(p["spec"]["podSelector"]["matchLabels"], redis_labels)
     ]
     assert policies
-    # Redis (6379) and, with the Sentinel component, Sentinel (26379): reached by server pods, and by
-    # the Redis pods themselves (replication, sentinel gossip), nothing else.
+    # Redis (6379) and, with the Sentinel component, Sentinel (26379): reached by server pods, by the
+    # training workers (their jobs are in Redis), and by the Redis pods themselves (replication,
+    # sentinel gossip), nothing else.
     sentinel = any(c["name"] == "sentinel" for c in redis["spec"]["template"]["spec"]["containers"])
     allowed_ports = {6379, 26379} if sentinel else {6379}
     server_ports: set[int] = set()
+    worker_ports: set[int] = set()
     for policy in policies:
         spec = policy["spec"]
         assert "Ingress" in spec["policyTypes"]
@@ -271,9 +274,12 @@ def test_only_server_pods_reach_redis(overlay):
                 if selects(selector, server_labels):
                     assert not selects(selector, redis_labels)
                     server_ports |= ports
+                elif selects(selector, worker):
+                    assert not selects(selector, redis_labels) and not selects(selector, server_labels)
+                    worker_ports |= ports
                 else:
                     assert sentinel and selects(selector, redis_labels), selector
-    assert server_ports == allowed_ports
+    assert server_ports == worker_ports == allowed_ports
 
     server_policy = next(
         p

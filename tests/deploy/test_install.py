@@ -34,7 +34,7 @@ from packaging.version import Version
 
 from tests.deploy.test_workloads import DOCKER, dockerfile_install
 
-pytestmark = pytest.mark.install
+pytestmark = [pytest.mark.install, pytest.mark.timeout(3600)]  # a real install takes minutes
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "install-python-env"

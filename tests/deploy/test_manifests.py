@@ -32,7 +32,18 @@ OVERLAYS = ("gpu", "cpu", "external-redis", "inference-pool")
 KUBERNETES_VERSION = "1.32.0"
 # CRDs have no schema in kubernetes-validate (it only warns on them). Only these API groups may be
 # schema-less; any other missing schema is a typo'd apiVersion/kind and fails the test.
-CRD_GROUPS = {"monitoring.coreos.com", "keda.sh", "inference.networking.k8s.io", "gateway.networking.k8s.io"}
+CRD_GROUPS = {
+    "monitoring.coreos.com",
+    "keda.sh",
+    "inference.networking.k8s.io",
+    "inference.networking.x-k8s.io",
+    "gateway.networking.k8s.io",
+    "networking.istio.io",
+    "networking.gke.io",
+}
+
+# Kinds without a namespace (the picker's RBAC for its metrics endpoint is cluster-wide).
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 
 # ---------------------------------------------------------------------------------------------------
 # Rendering and validation helpers
@@ -146,8 +157,10 @@ def test_every_object_is_labelled_and_namespaced(overlay):
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         assert labels.get("app.kubernetes.io/name") == "prefixserve", name
         assert labels.get("app.kubernetes.io/component"), name
-        if obj["kind"] != "Namespace":
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"].get("namespace") == "prefixserve", name
+        else:
+            assert "namespace" not in obj["metadata"], name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -315,7 +328,7 @@ def test_inference_pool_overlay_wires_the_endpoint_picker_to_the_servers():
     epp = one(objects, "Deployment", "prefixserve-epp")["spec"]["template"]
     assert selects(epp_service["spec"]["selector"], epp["metadata"]["labels"])
     assert not selects(pool["spec"]["selector"]["matchLabels"], epp["metadata"]["labels"])
-    flags = dict(a.removeprefix("--").split("=", 1) for a in epp["spec"]["containers"][0]["args"])
+    flags = picker_flags(one(objects, "Deployment", "prefixserve-epp"))
     assert flags["pool-name"] == pool["metadata"]["name"]
     assert flags["pool-namespace"] == pool["metadata"]["namespace"]
     exported = exported_metric_names()
@@ -328,10 +341,29 @@ def test_inference_pool_overlay_wires_the_endpoint_picker_to_the_servers():
     rules = one(objects, "Role", binding["roleRef"]["name"])["rules"]
     granted = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
     assert {("inference.networking.k8s.io", "inferencepools"), ("", "pods")} <= granted
-    assert find(objects, "ClusterRole") == [] and find(objects, "ClusterRoleBinding") == []
+    # Cluster-wide, only what its metrics endpoint's authentication needs (test_picker.py).
+    for role in find(objects, "ClusterRole"):
+        for rule in role["rules"]:
+            assert rule["verbs"] == ["create"] or rule.get("nonResourceURLs") == ["/metrics"], rule
 
     # Task names are listed for the picker (they are off by default).
     assert server_config(objects)["PREFIXSERVE_METRICS_ADAPTER_NAMES"] == "task"
+
+
+def picker_flags(deployment: dict[str, Any]) -> dict[str, str]:
+    """The EPP container's `--flag=value` arguments, with `$(VAR)` expanded as the kubelet expands it
+    from the container's env (a value, or the pod's namespace through the downward API)."""
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {}
+    for var in container.get("env", []):
+        field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[var["name"]] = (
+            deployment["metadata"]["namespace"] if field == "metadata.namespace" else var.get("value")
+        )
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"] if "=" in a)
+    return {
+        k: re.sub(r"\$\((\w+)\)", lambda m: str(env.get(m.group(1), m.group(0))), v) for k, v in flags.items()
+    }
 
 
 def picker_config_text(objects) -> str:
@@ -453,6 +485,8 @@ def test_route_sends_only_openai_generation_through_the_picker():
         backend = route_backend(route, path)
         if template in ("/v1/completions", "/v1/chat/completions"):
             assert backend == pool, template
+        elif template == "/metrics":  # in-cluster only (test_exposure.py)
+            assert backend is None, template
         else:  # bodies without `model`: the picker would answer 400
             assert backend is not None and backend.get("kind", "Service") == "Service", template
             assert backend["name"] == service["metadata"]["name"], template
@@ -462,8 +496,11 @@ def test_route_sends_only_openai_generation_through_the_picker():
     assert route_backend(route, "/v1/completionsx") != pool
 
 
-def render_own_overlay(tmp_path: Path, files: dict[str, str] | None = None, **kustomization) -> tuple:
-    """Render an overlay of the gpu overlay, as deploy/README.md tells users to write one."""
+def render_own_overlay(
+    tmp_path: Path, files: dict[str, str] | None = None, base: str = "gpu", **kustomization
+) -> tuple:
+    """Render an overlay of one of ours (the gpu overlay by default), as deploy/README.md tells users to
+    write one."""
     for name, content in (files or {}).items():
         (tmp_path / name).write_text(content)
     # kustomize refuses absolute paths to other kustomizations.
@@ -471,7 +508,7 @@ def render_own_overlay(tmp_path: Path, files: dict[str, str] | None = None, **ku
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": "prefixserve",
-        "resources": [os.path.relpath(DEPLOY / "k8s" / "overlays" / "gpu", tmp_path)],
+        "resources": [os.path.relpath(DEPLOY / "k8s" / "overlays" / base, tmp_path)],
     }
     for key, value in kustomization.items():
         spec[key] = [os.path.relpath(DEPLOY / v, tmp_path) for v in value] if key == "components" else value

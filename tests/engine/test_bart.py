@@ -190,13 +190,13 @@ def test_runner_with_peft_imported_prefix_matches_peft_generate(loaded: LoadedMo
     for rid in ("p0", "p1"):
         source = bart_prefix.wrap_source(prompts[rid], loaded.model.config)
         with torch.no_grad():
-            # PEFT 0.21 + transformers 5.24: plain generate drops the prefix; pass it as `cache=`.
+            # The prefix passed explicitly, as the PEFT baselines do (loadtest/runners/peft_runners.py).
             peft_out = model.generate(
                 input_ids=torch.tensor([source]),
                 max_new_tokens=len(got[rid]),
                 do_sample=False,
                 num_beams=1,
-                cache=model.get_prompt(1),
+                past_key_values=model.get_prompt(1),
             )
         assert got[rid] == peft_out[0, 1:].tolist(), rid
     assert got["p0"] != got["bare"]

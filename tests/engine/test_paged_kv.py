@@ -29,7 +29,7 @@ def reference_kv(
         loaded.model(
             input_ids=torch.tensor([ids]),
             position_ids=torch.arange(length, length + len(ids))[None],
-            cache=cache,
+            past_key_values=cache,
             use_cache=True,
         )
     keys = torch.stack([layer.keys[0] for layer in cache.layers])

@@ -111,7 +111,7 @@ def test_failed_request_counts_as_error_not_throughput() -> None:
 
 
 def test_peft_baseline_generates_the_engines_tokens(tmp_path: Path) -> None:
-    """The PEFT runners (with the explicit `cache=` workaround) and the engine compute one function."""
+    """The PEFT runners (with the prefix passed to `generate` explicitly) and the engine compute one function."""
     from loadtest.prefixes import make_task_prefixes
     from loadtest.runners.engine_runner import TENANT, exact_length_params
     from loadtest.runners.peft_runners import PeftBaseline

@@ -1,9 +1,9 @@
 """Importing HF PEFT seq2seq (BART) prefix-tuning adapters: the layout matches what PEFT really runs.
 
-Reference: PEFT 0.21 with transformers 5.24 on a tiny random BART. Note: on this stack plain
-`PeftModel.generate` silently drops a prefix-tuning prefix (PEFT passes it as `past_key_values`,
-transformers 5.24 renamed the argument to `cache` and ignores the old name when both are set), so the
-references here are PEFT's forward pass, and `generate` with the prefix passed as `cache=` explicitly.
+Reference: PEFT 0.21 with transformers 5.19 on a tiny random BART. The references are PEFT's forward
+pass, and `generate` with the prefix passed as `past_key_values` explicitly (as the PEFT baselines
+pass it, loadtest/runners/peft_runners.py: with transformers 5.24, which renamed the argument to
+`cache`, plain `PeftModel.generate` silently dropped the prefix).
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def _peft_adapter(loaded_path: str, tmp_path: Path, num_virtual_tokens: int, see
 
 
 def _peft_generate(model, source: list[int], max_new_tokens: int) -> list[int]:  # noqa: ANN001
-    """PEFT generate with the prefix passed as `cache=` (see the module docstring for why)."""
+    """PEFT generate with the prefix passed explicitly (see the module docstring for why)."""
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([source]),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
-            cache=model.get_prompt(1),
+            past_key_values=model.get_prompt(1),
         )
     return out[0, 1:].tolist()  # drop the decoder start token
 

@@ -1,4 +1,4 @@
-"""Beam search equals HF `generate` (transformers 5.24 `_beam_search`), with and without a prefix.
+"""Beam search equals HF `generate` (transformers 5.19 `_beam_search`), with and without a prefix.
 
 The reference is HF's own `model.generate(num_beams=..., early_stopping=...)` on the same random tiny
 GPT-2. With a prefix, HF gets it as its cache: a `DynamicCache` holding the prefix for each of the
@@ -56,7 +56,7 @@ def hf_generate(
     ids = torch.tensor([prompt])  # [1, S]
     extra: dict[str, object] = {}
     if prefix is not None:
-        extra["cache"] = hf_prefix_cache(prefix, num_beams)
+        extra["past_key_values"] = hf_prefix_cache(prefix, num_beams)
         extra["attention_mask"] = torch.ones(1, prefix.shape[3] + len(prompt), dtype=torch.long)  # [1, L+S]
     out = model.generate(
         ids,

@@ -64,7 +64,10 @@ class Limits:
         1.0, "After a refusal sent before the body was read, the rest must come this soon (+ rate).", gt=0
     )
     tenant_max_connections: int = limit(
-        256, "Requests in flight per tenant, counted before the body is read (429); 0 = unlimited.", ge=0
+        256,
+        "Requests in flight per tenant, counted before the body is read (429); never more than half of "
+        "max_connections (0: that half alone).",
+        ge=0,
     )
     timeout_write_s: float = limit(
         30.0, "A response the client reads nothing of for this long: the connection is closed.", gt=0

@@ -14,8 +14,9 @@ route, `scope["route"]`, says what applies) and before anything is read:
    `overloaded` with `Retry-After` when the engine's queue would refuse the caller's tenant now (full,
    and with fair scheduling no other tenant's request to push out): what TGI's router does.
 3. Every route with a key: 429 when the tenant already has `tenant_max_connections` requests in
-   flight (admitted, not yet answered), so one tenant's slow bodies or long streams cannot take every
-   connection slot (bodies also have a read deadline: `server.http_protocol`).
+   flight (admitted, not yet answered), or half of `max_connections`, whichever is less, so one
+   tenant's slow bodies or long streams cannot take every connection slot (bodies also have a read
+   deadline: `server.http_protocol`).
 4. The body limit that fits the route: multipart uploads `max_body_bytes`, every other route the much
    smaller `max_json_body_bytes` (`/tokenize`: no more than its longest input can take as JSON). 413 at once from `Content-Length`, or by counting the bytes of a
    chunked (or lying) body as they arrive.
@@ -145,9 +146,18 @@ class AdmissionMiddleware:
             return f"server overloaded: {room} requests fit the queue and batch now, all taken"
         return None
 
+    def _tenant_connection_bound(self) -> int:
+        """A tenant's requests in flight: `tenant_max_connections`, and never more than half of
+        `max_connections`, so that one tenant's slow bodies or long streams always leave another
+        tenant connections to be served on (uvicorn answers 503 past `max_connections`). 0: none."""
+        if self.state.auth.single_tenant:
+            return 0
+        share = max(1, self.limits.max_connections // 2)
+        return min(self.limits.tenant_max_connections or share, share)
+
     def _hold_connection(self, tenant: str) -> None:
         """Count one more request of `tenant` in flight, or 429 when it already has its bound."""
-        bound = 0 if self.state.auth.single_tenant else self.limits.tenant_max_connections
+        bound = self._tenant_connection_bound()
         held = self._in_flight.get(tenant, 0)
         if bound and held >= bound:
             raise ApiError(

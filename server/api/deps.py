@@ -56,6 +56,7 @@ class AppState:
     # The fine-tuning jobs' side of the app (`server.api.fine_tuning.service.FineTuning`, which builds on
     # this state: typed loosely here to keep the dependency one-way).
     fine_tuning: Any = None
+    tokenizer_thread: Any = None  # the tokenizer routes' one worker thread (`tokens.tokenizer_routes_thread`)
     draining: bool = False  # set on SIGTERM: readiness false, new generations refused
     started: bool = False  # lifespan start-up finished (store + engine running)
     background: list[asyncio.Task[None]] = field(default_factory=list)

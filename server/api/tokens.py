@@ -32,9 +32,21 @@ def encode(state: AppState, text: str) -> list[int]:
     return list(tokenizer(state).encode(text, add_special_tokens=False))
 
 
-async def in_thread(func: Any, *args: Any) -> Any:
-    """Tokenizer work takes time proportional to the text: never on the event loop."""
-    return await anyio.to_thread.run_sync(func, *args)
+async def in_thread(func: Any, *args: Any, limiter: anyio.CapacityLimiter | None = None) -> Any:
+    """Tokenizer work takes time proportional to the text: never on the event loop (`limiter`: the
+    threads it may take, anyio's default pool otherwise)."""
+    return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+
+
+def tokenizer_routes_thread(state: AppState) -> anyio.CapacityLimiter:
+    """The one worker thread of the tokenizer routes' work. Their answers are built in Python (a span
+    per token of inputs up to a MiB), which holds the GIL: run side by side, a burst of them would take
+    the interpreter from the event loop, and `/health` and every stream with it. One at a time, the
+    loop keeps its share; requests beyond it wait (their tenant's concurrency still counts them)."""
+    if state.tokenizer_thread is None:
+        state.tokenizer_thread = anyio.CapacityLimiter(1)
+    limiter: anyio.CapacityLimiter = state.tokenizer_thread
+    return limiter
 
 
 async def truncate_prompt(state: AppState, text: str, keep: int | None) -> str | list[int]:

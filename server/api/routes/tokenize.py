@@ -27,7 +27,14 @@ from server.api.openai_schemas import (
 from server.api.ratelimit import Lease
 from server.api.routes.openai import model_task
 from server.api.schemas import TokenizeRequest, TokenSpan, valid_unicode
-from server.api.tokens import check_fields, encode, in_thread, prefix_positions, tokenizer
+from server.api.tokens import (
+    check_fields,
+    encode,
+    in_thread,
+    prefix_positions,
+    tokenizer,
+    tokenizer_routes_thread,
+)
 from server.api.version import __version__
 
 router = APIRouter(tags=["tokenize"])
@@ -73,9 +80,12 @@ async def tokenize(state: State, caller: Caller, body: TokenizeRequest | VllmTok
         raise ApiError(422, str(exc), "validation") from None
     lease = await _tenant_work(state, caller, len(text), "input")
     try:
+        thread = tokenizer_routes_thread(state)
         if isinstance(body, TokenizeRequest):
-            return Response(await in_thread(_spans, state, text), media_type="application/json")
-        ids = await in_thread(encode, state, text)
+            return Response(
+                await in_thread(_spans, state, text, limiter=thread), media_type="application/json"
+            )
+        ids = await in_thread(encode, state, text, limiter=thread)
         task = None if body.model is None else model_task(state, body.model)
         taken = await prefix_positions(state, caller.tenant, task)
     finally:
@@ -101,7 +111,9 @@ async def detokenize(state: State, caller: Caller, body: DetokenizeRequest) -> D
         raise ApiError(422, f"token ids must be in [0, {vocab}), got {bad[:5]}", "validation")
     lease = await state.limiter.acquire(caller.tenant)
     try:
-        return DetokenizeResponse(prompt=str(await in_thread(tokenizer(state).decode, body.tokens)))
+        decode = tokenizer(state).decode
+        text = await in_thread(decode, body.tokens, limiter=tokenizer_routes_thread(state))
+        return DetokenizeResponse(prompt=str(text))
     finally:
         await lease.release()
 

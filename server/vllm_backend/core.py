@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
 CPU_BLOCK_SIZE = 32  # vLLM's CPU attention kernels want a multiple of 32; only full blocks are shared
+# Tokens of KV cache beyond the sequences it must hold: vLLM keeps a block of its pool for itself and
+# counts in whole blocks (seen: a cache of exactly one 4,096-token sequence held 4,064).
+KV_HEADROOM_TOKENS = 4 * 128
 _BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 # Each table row is also a vocabulary entry that vLLM samples over (with logit -inf): the table is
@@ -109,12 +112,16 @@ def kv_cache_bytes(loaded: LoadedModel, limits: Limits) -> int:
     a cache that cannot hold one sequence of `max_model_len` (vLLM would refuse it later, less clearly)."""
     per_token = kv_bytes_per_token(loaded)
     length = max_model_len(loaded, limits)
-    size = limits.vllm_kv_cache_bytes or limits.max_batch_size * length * per_token
-    if size < length * per_token:
+    least = (length + KV_HEADROOM_TOKENS) * per_token
+    size = (
+        limits.vllm_kv_cache_bytes
+        or limits.max_batch_size * length * per_token + KV_HEADROOM_TOKENS * per_token
+    )
+    if size < least:
         raise EngineError(
             f"PREFIXSERVE_VLLM_KV_CACHE_BYTES={size} holds {size // per_token} tokens of this model, fewer "
-            f"than one sequence of {length} (PREFIXSERVE_VLLM_MAX_MODEL_LEN): raise it to at least "
-            f"{length * per_token}"
+            f"than one sequence of {length} (PREFIXSERVE_VLLM_MAX_MODEL_LEN) and vLLM's spare blocks: "
+            f"raise it to at least {least}"
         )
     return size
 

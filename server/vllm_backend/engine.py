@@ -54,6 +54,10 @@ class VllmEngine(EngineFrontEnd):
     def llm(self) -> Any:
         return self.model.llm
 
+    @llm.setter
+    def llm(self, llm: Any) -> None:  # tests wrap vLLM's client to inject faults
+        self.model.llm = llm
+
     @property
     def rows(self) -> PrefixRows:
         return self.model.rows

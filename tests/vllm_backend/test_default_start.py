@@ -17,7 +17,7 @@ from loadtest.process import ServerProcess
 from modeling.models import LoadedModel
 from server.engine.errors import EngineError
 from server.limits import Limits
-from server.vllm_backend.core import VllmOptions, kv_bytes_per_token, kv_cache_bytes
+from server.vllm_backend.core import KV_HEADROOM_TOKENS, VllmOptions, kv_bytes_per_token, kv_cache_bytes
 from server.vllm_backend.cpu_threads import (
     cgroup_cpu_quota,
     format_cpu_list,
@@ -86,11 +86,12 @@ def test_the_kv_cache_holds_a_full_batch_unless_configured(h32: LoadedModel) -> 
     per_token = kv_bytes_per_token(h32)
     spec = h32.spec
     assert per_token == spec.num_layers * 2 * spec.num_heads * spec.head_dim * 4  # fp32 k and v
+    spare = KV_HEADROOM_TOKENS * per_token  # vLLM keeps a block for itself, and counts whole blocks
     limits = Limits(max_batch_size=8)
-    assert kv_cache_bytes(h32, limits) == 8 * spec.max_positions * per_token
+    assert kv_cache_bytes(h32, limits) == 8 * spec.max_positions * per_token + spare
     assert kv_cache_bytes(h32, Limits(vllm_kv_cache_bytes=10 << 20)) == 10 << 20
     shorter = Limits(max_batch_size=8, vllm_max_model_len=100)
-    assert kv_cache_bytes(h32, shorter) == 8 * 100 * per_token
+    assert kv_cache_bytes(h32, shorter) == 8 * 100 * per_token + spare
     with pytest.raises(EngineError, match="PREFIXSERVE_VLLM_KV_CACHE_BYTES"):
         kv_cache_bytes(h32, Limits(vllm_kv_cache_bytes=per_token * 10))  # not one sequence
 

@@ -41,6 +41,11 @@ class Limits:
     chat_template_workers: int = 2  # render processes; a tenant holds at most all but one (the one, if 1)
     chat_template_timeout_s: float = 2.0  # a render still running then is killed: 422
     chat_template_max_memory_bytes: int = 256 << 20  # a render's memory (worker address space): 422
+    # structured output (server.engine.grammar): grammars compile in worker processes, bounded per request
+    grammar_workers: int = 2  # compile processes; a tenant holds at most all but one (the one, if 1)
+    grammar_compile_timeout_s: float = 5.0  # a compile still running then is killed: 400
+    grammar_compile_max_memory_bytes: int = 512 << 20  # a compile's memory (worker address space): 400
+    grammar_cache_bytes: int = 256 << 20  # compiled grammars kept (LRU), per engine
     # --- uploads (and every later load of what was uploaded) -----------------------------------
     max_artifact_bytes: int = 64 << 20  # per uploaded file; also the engine's limit on stored blobs
     keep_versions: int = 5  # versions kept per task; older ones are pruned on upload (never the current)

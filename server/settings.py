@@ -271,6 +271,20 @@ class Settings(BaseSettings):
         ge=16 << 20,
         description="Memory one chat template render may use; beyond it the request gets 422.",
     )
+    grammar_workers: int = Field(
+        default=_L.grammar_workers, ge=1, description="Processes that compile structured-output grammars."
+    )
+    grammar_compile_timeout_s: float = Field(
+        default=_L.grammar_compile_timeout_s, gt=0, description="A longer grammar compile gets 400."
+    )
+    grammar_compile_max_memory_bytes: int = Field(
+        default=_L.grammar_compile_max_memory_bytes,
+        ge=16 << 20,
+        description="Memory one grammar compile may use (worker address space); beyond it 400.",
+    )
+    grammar_cache_bytes: int = Field(
+        default=_L.grammar_cache_bytes, ge=0, description="Compiled grammars kept (LRU), per engine."
+    )
 
     # --- issue 18: fair scheduling across tenants ----------------------------------------------
     fair_scheduling: bool = Field(

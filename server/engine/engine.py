@@ -55,6 +55,7 @@ from server.engine.errors import (
     UnknownTask,
 )
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.grammar import GrammarCompiler, RowGrammar
 from server.engine.handle import RequestHandle
 from server.engine.observer import EngineObserver
 from server.engine.paged_kv import PagedKVCache
@@ -158,6 +159,10 @@ class Engine(RequestEndings):
         self.runner = runner or _default_runner(loaded, self.config)
         self.sampler = Sampler()
         limits = self.config.limits
+        # Structured output: constraints compiled (bounded, cached) to grammars the sampler masks with.
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer, self.runner.vocab_size, self.runner.eos_token_id, limits, self.observer
+        )
         # GPT-2 sizes its own paged pool from the budget in bytes; BART's pools fit max_batch_size full
         # rows, and the config's budget (in `reserved_tokens` units) admits.
         kv_budget = (
@@ -233,6 +238,7 @@ class Engine(RequestEndings):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
             self._loop_task = None
+        await self.grammars.close()
         if self._executor is not None:
             # The step in flight (if any) completes first; wait for it off the event loop.
             await asyncio.to_thread(self._executor.shutdown, True)
@@ -318,13 +324,19 @@ class Engine(RequestEndings):
     async def add_request(self, request: GenerationRequest) -> RequestHandle:
         """Admit a request and return its handle (see `handle`).
 
-        Raises what needs no store read here, before any event: `InvalidRequest`, `PromptTooLong`,
-        `QueueFull`, `EngineStopped` (and `UnknownTask` on an engine without a store). What needs the
+        Raises what needs no store read here, before any event: `InvalidRequest` (`InvalidConstraint`
+        for a structured-output constraint that does not compile), `PromptTooLong`, `QueueFull`,
+        `EngineStopped` (and `UnknownTask` on an engine without a store). What needs the
         task's prefix is checked while the request waits and raised by the handle's first iteration,
         before any event: `UnknownTask`, `StoreUnavailable`, `InvalidPrefix`, `PromptTooLong` (with the
         prefix's length); so are the later errors (`QueueTimeout`, `RequestFailed`, `EngineStopped`).
         """
-        state = await self._admit(request)
+        grammar = None
+        if request.params.structured is not None:  # compiled first: its refusals come before queueing
+            self._check_accepting()
+            request.params.validate()
+            grammar = RowGrammar(await self.grammars.prepare(request.tenant, request.params.structured))
+        state = await self._admit(request, grammar)
         assert state.handle is not None
         return state.handle
 
@@ -338,10 +350,9 @@ class Engine(RequestEndings):
         finally:
             handle.abort()
 
-    async def _admit(self, request: GenerationRequest) -> _Request:
+    async def _admit(self, request: GenerationRequest, grammar: RowGrammar | None = None) -> _Request:
         """Checks that need no store read, then queue the request at once (see `_load_prefix`)."""
-        if not self._accepting or not self.healthy:
-            raise EngineStopped("the engine is not accepting requests" + failure_note(self.failure))
+        self._check_accepting()
         params = request.params
         params.validate()
         prompt_ids = self.tokenize(request.prompt)
@@ -367,7 +378,7 @@ class Engine(RequestEndings):
             prompt_ids=prompt_ids,
             prefix=None,
             seed=seed,
-            sampling=make_row(params, seed, prompt_ids),
+            sampling=make_row(params, seed, prompt_ids, grammar=grammar),
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.max_new_tokens, params.stop, eos),
             arrival=time.monotonic(),
         )
@@ -393,6 +404,10 @@ class Engine(RequestEndings):
             load.add_done_callback(self._prefix_loads.discard)
         self._wake.set()
         return state
+
+    def _check_accepting(self) -> None:
+        if not self._accepting or not self.healthy:
+            raise EngineStopped("the engine is not accepting requests" + failure_note(self.failure))
 
     async def _load_prefix(self, state: _Request) -> None:
         """While the request waits in the queue: locate its prefix (a store read on a miss, then

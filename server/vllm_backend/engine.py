@@ -47,6 +47,7 @@ from server.engine.errors import (
     RequestFailed,
     UnknownTask,
 )
+from server.engine.grammar import GrammarCompiler
 from server.engine.handle import RequestHandle
 from server.engine.observer import EngineObserver
 from server.engine.prefix_cache import PrefixCache, PrefixCacheStats
@@ -80,6 +81,7 @@ class _Request(RequestState):
     virtual_ids: list[int] = field(default_factory=list)
     drive: asyncio.Task[None] | None = None  # streams its vLLM request once admitted
     vllm_id: str = ""
+    grammar: str | None = None  # structured output: the constraint as EBNF (vLLM enforces it)
 
     @property
     def prefix_key(self) -> Key | None:
@@ -161,6 +163,16 @@ class VllmEngine(RequestEndings):
         self._loop_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self._kv_usage = 0.0
+        # Structured output: compiled by us (bounded, cached: the same grammar as the native engine's),
+        # enforced by vLLM (its bitmask); no token masks of our own.
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer,
+            self.vocab_size,
+            self.tokenizer.eos_token_id,
+            limits,
+            self.observer,
+            token_masks=False,
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -200,6 +212,7 @@ class VllmEngine(RequestEndings):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
             self._loop_task = None
+        await self.grammars.close()
         self.llm = None
         core, self.core = self.core, None
         if core is not None:
@@ -304,7 +317,12 @@ class VllmEngine(RequestEndings):
     # ---- requests -----------------------------------------------------------------------------
     async def add_request(self, request: GenerationRequest) -> RequestHandle:
         """As `Engine.add_request` (the same errors, at the same points)."""
-        state = self._admit(request)
+        grammar = None
+        if request.params.structured is not None:  # compiled first: its refusals come before queueing
+            self._check_accepting()
+            request.params.validate()
+            grammar = (await self.grammars.prepare(request.tenant, request.params.structured)).ebnf
+        state = self._admit(request, grammar)
         assert state.handle is not None
         return state.handle
 
@@ -320,9 +338,12 @@ class VllmEngine(RequestEndings):
         """The prompt's token ids, checked against the text vocabulary (never a virtual id)."""
         return tokenize_prompt(self.tokenizer, prompt, self.vocab_size)
 
-    def _admit(self, request: GenerationRequest) -> _Request:
+    def _check_accepting(self) -> None:
         if not self._accepting or not self.healthy:
             raise EngineStopped("the engine is not accepting requests" + failure_note(self.failure))
+
+    def _admit(self, request: GenerationRequest, grammar: str | None = None) -> _Request:
+        self._check_accepting()
         params = request.params
         params.validate()
         prompt_ids = self.tokenize(request.prompt)
@@ -346,6 +367,7 @@ class VllmEngine(RequestEndings):
             seed=seed,
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.max_new_tokens, params.stop, eos),
             arrival=time.monotonic(),
+            grammar=grammar,
         )
         self.scheduler.add(
             ScheduledRequest(
@@ -561,7 +583,7 @@ class VllmEngine(RequestEndings):
         if key is not None:
             prompt["cache_salt"] = f"{key[0]}/{key[1]}@{key[2]}#{self._salt_nonce}"
         state.vllm_id = f"{state.request_id}#{next(self._ids)}"
-        sampling = vllm_sampling_params(params, state.seed, self.tokenizer.eos_token_id)
+        sampling = vllm_sampling_params(params, state.seed, self.tokenizer.eos_token_id, state.grammar)
         first = True
         try:
             async for output in self.llm.generate(TokensPrompt(**prompt), sampling, state.vllm_id):  # type: ignore[typeddict-item]

@@ -13,8 +13,12 @@ or "memory". The first frame is `{"tokenizer_info": ...}` (xgrammar's serialized
 
 JSON: the schema is checked against its JSON Schema meta-schema (`jsonschema`), then for keywords
 xgrammar would ignore (`json_schema_support`), then converted with xgrammar's strict mode (as vLLM
-does: `additionalProperties` defaults to false). `whitespace_pattern` replaces each of the grammar's
-whitespace places (found by their rule body; a grammar without any is refused, never served loose).
+does: `additionalProperties` defaults to false). Whitespace between JSON tokens is any JSON whitespace,
+at most `MAX_JSON_WHITESPACE` characters in a row: vLLM allows unbounded runs, where a model can loop
+on newlines until max_tokens cuts the answer (a known failure of constrained decoding); the bound keeps
+every answer of a finite schema finite and still lets pretty-printed JSON through. `whitespace_pattern`
+replaces each of the grammar's whitespace places (found by their rule body; a grammar without any is
+refused, never served loose).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ _WHITESPACE_BODY = '("" | ([ \\n\\r\\t]))'
 # Rule names and the quoted literals / character classes they must not be confused with.
 _EBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[A-Za-z_][A-Za-z0-9_]*')
 _WHITESPACE_RULE = "whitespace_pattern"
+MAX_JSON_WHITESPACE = 8  # whitespace characters in a row between JSON tokens: a newline, 7 spaces of indent
 
 _compiler: Any = None
 
@@ -62,7 +67,7 @@ def _json_grammar(request: dict[str, Any]) -> Any:
         any_whitespace=not compact,
         separators=(",", ":") if compact else None,
         strict_mode=True,
-        max_whitespace_cnt=1 if pattern is not None else None,
+        max_whitespace_cnt=1 if pattern is not None else MAX_JSON_WHITESPACE,
     )
     return grammar if pattern is None else _with_whitespace(str(grammar), pattern)
 

@@ -19,6 +19,12 @@ on newlines until max_tokens cuts the answer (a known failure of constrained dec
 every answer of a finite schema finite and still lets pretty-printed JSON through. `whitespace_pattern`
 replaces each of the grammar's whitespace places (found by their rule body; a grammar without any is
 refused, never served loose).
+
+Two fixes to xgrammar 0.2.8's JSON grammars (`_fix_json`), so that every answer is JSON: a string with
+`minLength`/`maxLength` takes any character but quote, backslash and newlines, raw control characters
+included, which JSON forbids (a random model wrote "tro\x07" inside one); compact JSON
+(`disable_any_whitespace`) still puts ", " between array items and extra properties (xgrammar issue
+945, noted in vLLM). The grammar is patched as text and parsed again, which is also what vLLM gets.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ _WHITESPACE_BODY = '("" | ([ \\n\\r\\t]))'
 # Rule names and the quoted literals / character classes they must not be confused with.
 _EBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[A-Za-z_][A-Za-z0-9_]*')
 _WHITESPACE_RULE = "whitespace_pattern"
+# xgrammar's character class of length-bounded JSON strings, and the one its plain strings use.
+_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
+_COMPACT_RULES = ("basic_array_items ::= ", "basic_object_properties ::= ")
 MAX_JSON_WHITESPACE = 8  # whitespace characters in a row between JSON tokens: a newline, 7 spaces of indent
 
 _compiler: Any = None
@@ -69,7 +79,19 @@ def _json_grammar(request: dict[str, Any]) -> Any:
         strict_mode=True,
         max_whitespace_cnt=1 if pattern is not None else MAX_JSON_WHITESPACE,
     )
-    return grammar if pattern is None else _with_whitespace(str(grammar), pattern)
+    ebnf = _fix_json(str(grammar), compact)
+    return xgr.Grammar.from_ebnf(ebnf) if pattern is None else _with_whitespace(ebnf, pattern)
+
+
+def _fix_json(ebnf: str, compact: bool) -> str:
+    """xgrammar's JSON grammar without its two known ways to leave JSON (see the module docstring)."""
+    lines = []
+    for line in ebnf.splitlines():
+        line = line.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+        if compact and line.startswith(_COMPACT_RULES):
+            line = line.replace('", "', '","')
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _check_schema(schema: dict[str, Any]) -> None:

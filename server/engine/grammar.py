@@ -9,7 +9,9 @@ request's `StructuredOutput` into a `CompiledConstraint`:
   compiles wait for its own to end), and a caller waits at most the queue timeout. The engine's callers compile inside the tenant's rate-limit lease,
   so compiles count against the tenant's concurrency. Refusals are `InvalidConstraint` (400);
 - cached by the constraint (every field; the tokenizer is the engine's, one per compiler), LRU under
-  `grammar_cache_bytes`, and compiled once however many requests ask at the same time;
+  `grammar_cache_bytes`, and compiled once however many requests ask at the same time; a constraint
+  refused as invalid or too large is remembered too (`MAX_REFUSED`), so sending it again costs no
+  worker (one that ran out of time is compiled again: that depends on the machine's load);
 - the result is the constraint as one EBNF grammar (what the vLLM backend passes to vLLM's own
   xgrammar backend: both backends enforce the same grammar) and, with `token_masks` (the native
   engine), the compiled grammar for the tokenizer.
@@ -38,6 +40,7 @@ from server.limits import Limits
 logger = logging.getLogger(__name__)
 
 WORKER_MODULE = "server.engine.grammar_worker"  # run, never imported here
+MAX_REFUSED = 1024  # constraints remembered as refused (their messages), LRU
 
 
 @dataclass
@@ -118,6 +121,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, CompiledConstraint] = OrderedDict()
         self._cache_bytes = 0
         self._compiling: dict[str, asyncio.Future[CompiledConstraint]] = {}
+        self._refused: OrderedDict[str, InvalidConstraint] = OrderedDict()
         self._info: Any = None  # xgrammar's TokenizerInfo, built on the first compile
         self._info_ready = asyncio.Lock()
 
@@ -131,6 +135,10 @@ class GrammarCompiler:
             self._cache.move_to_end(key)
             self.observer.on_grammar_cache(hit=True)
             return found
+        refused = self._refused.get(key)
+        if refused is not None:
+            self._refused.move_to_end(key)
+            raise InvalidConstraint(str(refused))
         self.observer.on_grammar_cache(hit=False)
         compiling = self._compiling.get(key)
         if compiling is None:
@@ -161,7 +169,12 @@ class GrammarCompiler:
         outcome = str(answer.get("reason", "ok"))
         self.observer.on_grammar_compile(time.perf_counter() - start, outcome)
         if "ebnf" not in answer:
-            raise _refusal(outcome, str(answer.get("error")))
+            refusal = _refusal(outcome, str(answer.get("error")))
+            if isinstance(refusal, InvalidConstraint):  # invalid or too large: the same again next time
+                self._refused[constraint.key] = refusal
+                while len(self._refused) > MAX_REFUSED:
+                    self._refused.popitem(last=False)
+            raise refusal
         result = CompiledConstraint(constraint.kind, str(answer["ebnf"]), len(answer["ebnf"]))
         if self.token_masks:
             result.compiled = await asyncio.to_thread(self._load, str(answer["compiled"]))

@@ -186,6 +186,11 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
     except ConstraintError as exc:
         return {"error": str(exc), "reason": "invalid"}
     except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's parse and conversion errors
+        if "bad_alloc" in str(exc):  # its C++ side ran into the memory cap
+            return {
+                "error": f"compiling {what} needed more memory than a constraint may use",
+                "reason": "memory",
+            }
         return {"error": f"{what} does not compile: {_message(exc)}", "reason": "invalid"}
 
 

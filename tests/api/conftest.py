@@ -182,12 +182,12 @@ async def make_api(
             redis: bool = False,
             start: bool = True,
             on_fatal: Callable[[], None] | None = None,
-            model: tuple[LoadedModel, Path] | None = None,
+            serve_model: tuple[LoadedModel, Path] | None = None,
             **overrides: Any,
         ) -> Api:
-            """`model`: (loaded, its directory) to serve instead of the session's GPT-2, on our engine
+            """`serve_model`: (loaded, its directory) to serve instead of the session's GPT-2, on our engine
             (BART, which vLLM cannot serve)."""
-            served, served_dir = model or (loaded, api_model_dir)
+            served, served_dir = serve_model or (loaded, api_model_dir)
             key_prefix = overrides.pop("redis_key_prefix", None) or f"pstest-{uuid.uuid4().hex[:10]}"
             prefixes.append(key_prefix)
             fields: dict[str, Any] = {
@@ -214,7 +214,7 @@ async def make_api(
                 engine_config or EngineConfig(Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30)),
                 metrics,
                 vllm_core,
-                native=model is not None,
+                native=serve_model is not None,
             )
             app = create_app(
                 settings,

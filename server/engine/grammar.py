@@ -175,6 +175,10 @@ class GrammarCompiler:
                 while len(self._refused) > MAX_REFUSED:
                     self._refused.popitem(last=False)
             raise refusal
+        logger.info(
+            "compiled a %s constraint in %.3f s (compile %.3f s, %d bytes)",
+            constraint.kind, time.perf_counter() - start, float(answer["seconds"]), int(answer["bytes"]),
+        )  # fmt: skip
         result = CompiledConstraint(constraint.kind, str(answer["ebnf"]), len(answer["ebnf"]))
         if self.token_masks:
             result.compiled = await asyncio.to_thread(self._load, str(answer["compiled"]))

@@ -128,12 +128,12 @@ class GrammarCompiler:
     async def prepare(self, tenant: str, constraint: StructuredOutput) -> CompiledConstraint:
         """The compiled constraint, from the cache or compiled now (see the module docstring)."""
         constraint.validate()
-        self.observer.on_structured_request(constraint.kind)
         key = constraint.key
         found = self._cache.get(key)
         if found is not None:
             self._cache.move_to_end(key)
             self.observer.on_grammar_cache(hit=True)
+            self.observer.on_structured_request(constraint.kind)
             return found
         refused = self._refused.get(key)
         if refused is not None:
@@ -144,10 +144,18 @@ class GrammarCompiler:
         if compiling is None:
             compiling = asyncio.ensure_future(self._compile(tenant, constraint))
             self._compiling[key] = compiling
-            compiling.add_done_callback(lambda _: self._compiling.pop(key, None))
+
+            def done(future: asyncio.Future[CompiledConstraint]) -> None:
+                self._compiling.pop(key, None)
+                if not future.cancelled():
+                    future.exception()  # retrieved: its waiters may all have gone away
+
+            compiling.add_done_callback(done)
         # Shielded: a caller that goes away does not stop a compile other callers wait for (the
         # worker's deadline bounds it, and its result is cached).
-        return await asyncio.shield(compiling)
+        result = await asyncio.shield(compiling)
+        self.observer.on_structured_request(constraint.kind)
+        return result
 
     async def _compile(self, tenant: str, constraint: StructuredOutput) -> CompiledConstraint:
         async with self._info_ready:
@@ -159,6 +167,7 @@ class GrammarCompiler:
             "choices": list(constraint.choices),
             "disable_any_whitespace": constraint.disable_any_whitespace,
             "whitespace_pattern": constraint.whitespace_pattern,
+            "masks": self.token_masks,  # vLLM needs only the grammar: no compiled bytes through the pipe
         }
         start = time.perf_counter()
         try:

@@ -1,15 +1,16 @@
 """One grammar compile worker: `python -m server.engine.grammar_worker MEMORY_BYTES`.
 
 A structured-output constraint is input a tenant wrote, and compiling it costs what the tenant chose:
-a 20,000-value enum or `[a-z]{1,20000}` takes seconds and tens of MB, and xgrammar's compiler cannot
-be interrupted. The server therefore never compiles in its own process: `server.engine.grammar`
+a JSON schema with a 30,000-value enum takes many seconds and more than 512 MB against GPT-2's
+vocabulary, and xgrammar's compiler cannot be interrupted. The server therefore never compiles in its own process: `server.engine.grammar`
 keeps a few of these workers (`worker_pool`: deadline, memory cap, lower priority, a tenant's share).
 
-A request is a `StructuredOutput` as a dict; the answer is `{"ebnf", "compiled", "bytes", "seconds"}`:
-the constraint as one EBNF grammar (what vLLM gets, so both backends enforce the same grammar), the
-grammar compiled for the tokenizer (xgrammar's serialized `CompiledGrammar`: the native engine's token
-masks) and its size; or `{"error", "reason"}` with reason "invalid" (the message says what is wrong)
-or "memory". The first frame is `{"tokenizer_info": ...}` (xgrammar's serialized `TokenizerInfo`).
+A request is a `StructuredOutput` as a dict (and `masks`: whether the compiled grammar is wanted); the
+answer is `{"ebnf", "compiled", "bytes", "seconds"}`: the constraint as one EBNF grammar (what vLLM
+gets, so both backends enforce the same grammar), the grammar compiled for the tokenizer (xgrammar's
+serialized `CompiledGrammar`: the native engine's token masks; compiled either way, so the bounds hold
+for vLLM's own compile too) and its size; or `{"error", "reason"}` with reason "invalid" (the message
+says what is wrong) or "memory". The first frame is `{"tokenizer_info": ...}` (xgrammar's serialized `TokenizerInfo`).
 
 JSON: the schema is checked against its JSON Schema meta-schema (`jsonschema`), then for keywords
 xgrammar would ignore (`json_schema_support`), then converted with xgrammar's strict mode (as vLLM
@@ -175,7 +176,7 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         return {
             "ebnf": str(grammar),
-            "compiled": compiled.serialize_json(),
+            "compiled": compiled.serialize_json() if request.get("masks", True) else None,
             "bytes": int(compiled.memory_size_bytes),
             "seconds": seconds,
         }

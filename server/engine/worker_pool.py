@@ -65,7 +65,11 @@ class _Worker:
         self.proc = proc
 
     @classmethod
-    async def start(cls, module: str, memory_bytes: int, init: dict[str, Any] | None) -> _Worker:
+    async def start(
+        cls, module: str, memory_bytes: int, init: dict[str, Any] | None, spawned: set[_Worker]
+    ) -> _Worker:
+        """Spawn a worker (added to `spawned` at once, so a pool closing meanwhile still reaps it) and
+        wait for its `{"ready": true}`."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -75,6 +79,7 @@ class _Worker:
             stdout=asyncio.subprocess.PIPE,
         )
         worker = cls(proc)
+        spawned.add(worker)
         try:
             if init is not None:
                 await worker.send(init)
@@ -156,6 +161,8 @@ class WorkerPool:
         self._slot_freed = asyncio.Event()
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: set[_Worker] = set()
+        self._spawned: set[_Worker] = set()  # every process started and not yet reaped
+        self._reapers: set[asyncio.Task[None]] = set()
         self._held: dict[str, int] = {}  # tenant -> workers it holds (calling, or being replaced)
         self._starting: set[asyncio.Task[None]] = set()
         self._started = False
@@ -230,7 +237,7 @@ class WorkerPool:
                 ) from None
             if worker.alive:
                 return worker
-            self._workers.discard(worker)  # died while idle (killed from outside): replace it
+            self._retire(worker)  # died while idle (killed from outside): replace it
             self._spawn(None)
 
     def _ensure_started(self) -> None:
@@ -240,10 +247,22 @@ class WorkerPool:
                 self._spawn(None)
 
     def _replace(self, worker: _Worker, slot: _Slot) -> None:
-        worker.kill()
-        self._workers.discard(worker)
+        self._retire(worker)
         slot.handed_over = True
         self._spawn(slot)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Kill `worker` and reap its process in the background (forgotten once it exited)."""
+        worker.kill()
+        self._workers.discard(worker)
+
+        async def reap() -> None:
+            with contextlib.suppress(Exception):
+                await worker.proc.wait()
+            self._spawned.discard(worker)
+
+        self._reapers.add(task := asyncio.ensure_future(reap()))
+        task.add_done_callback(self._reapers.discard)
 
     def _spawn(self, slot: _Slot | None) -> None:
         task = asyncio.ensure_future(self._start_one(slot))
@@ -252,7 +271,7 @@ class WorkerPool:
 
     async def _start_one(self, slot: _Slot | None) -> None:
         try:
-            worker = await _Worker.start(self.module, self.limits.memory_bytes, self.init)
+            worker = await _Worker.start(self.module, self.limits.memory_bytes, self.init, self._spawned)
         except Exception as exc:
             self._last_start_error = f"{type(exc).__name__}: {exc}"
             logger.error(f"{self.what} worker failed to start", extra={"error": self._last_start_error})
@@ -271,11 +290,15 @@ class WorkerPool:
         for task in list(self._starting):
             task.cancel()
         await asyncio.gather(*self._starting, return_exceptions=True)
-        for worker in self._workers:
+        # Every process not reaped yet, starting ones too: reaped here, while the event loop still runs
+        # (a transport collected after the loop closed would complain).
+        await asyncio.gather(*self._reapers, return_exceptions=True)
+        for worker in list(self._spawned):
             worker.kill()
             with contextlib.suppress(Exception):
                 await worker.proc.wait()
         self._workers.clear()
+        self._spawned.clear()
 
 
 # ---- the worker side -------------------------------------------------------------------------------

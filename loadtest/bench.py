@@ -10,7 +10,10 @@ Profiles (sizes chosen to fit their time budgets on the machines named):
             1 -> 128; then bart-base-shaped: 512-token sources, 32-64 new tokens, 16 requests over 4
             tasks, with engine / no_prefix / naive_peft / static_batch.
 - `gpu`     (CUDA, bfloat16): gpt2-medium and bart-large shapes, larger workloads.
-- `vllm`: stock vLLM on the bare model (`vllm_bare`) and our server
+- `structured` (CPU, about 15 minutes): a 64-request burst over 16 tasks through our server on each
+            backend, with a JSON schema on half the requests (`server_native_json`, `server_vllm_json`)
+            and on none (`server_native`, `server_vllm`), in fp32 (`loadtest.structured_load`).
+- `vllm`    (CPU, about half an hour): stock vLLM on the bare model (`vllm_bare`) and our server
             on each engine backend (`server_vllm`, `server_native`), 16 tasks / 4 tasks at L=200 /
             1,024 Zipf tasks, each in fp32 and bf16 (six sections, one report); `gpu-vllm` on CUDA.
 Also `long-prefix`, `many-tasks` and `overhead`; docs/benchmarks.md has the table.
@@ -43,6 +46,7 @@ from loadtest.machine import bart_flops, gpt2_flops, machine_info, measure_matmu
 from loadtest.metrics import SLO, RunResult, summarize
 from loadtest.prefixes import make_task_prefixes
 from loadtest.runners.bart_baselines import BART_BASELINES
+from loadtest.structured_load import SCHEMA_FIELDS, STRUCTURED_RUNNERS, schema_on_every_other
 from loadtest.workload import Workload, WorkloadSpec, make_workload
 from modeling.models import DTYPES, LoadedModel, load_model, resolve_device
 
@@ -58,10 +62,17 @@ ALL_RUNNERS = (
     "server_vllm",
     "server_native",
     *BART_BASELINES,
+    "server_vllm_json",
+    "server_native_json",
 )
 # Stock vLLM on the bare model, and our server on each engine backend, all over HTTP.
 VLLM_RUNNERS = ("vllm_bare", "server_vllm", "server_native")
-SERVER_BACKENDS = {"server_vllm": "vllm", "server_native": "native"}  # runner -> PREFIXSERVE_ENGINE
+SERVER_BACKENDS = {  # runner -> PREFIXSERVE_ENGINE
+    "server_vllm": "vllm",
+    "server_native": "native",
+    "server_vllm_json": "vllm",  # the same, a JSON schema on half the requests (loadtest.structured_load)
+    "server_native_json": "native",
+}
 # The vLLM backend's prefix table size (bytes), a server setting; `many-tasks` sections make it smaller
 # than the working set. Its name is the vLLM backend's (server.settings): change it here if it moves.
 VLLM_PREFIX_TABLE_SETTING = "vllm_prefix_table_bytes"
@@ -287,6 +298,21 @@ PROFILES: dict[str, Profile] = {
         slo=SLO(ttft_s=10.0, tpot_s=0.5),
     ),
     # Beside vLLM on CUDA (loadtest/gpu_check.sh runs it at --concurrency 64 and 256).
+    # Structured output: the 16-task burst with a JSON schema on half the requests vs none, both backends.
+    "structured": Profile(
+        name="structured",
+        device="cpu",
+        dtype="float32",
+        main=Section(
+            preset="gpt2",
+            workload=VLLM_WORKLOADS["16-tasks"],
+            runners=("server_native", "server_native_json", "server_vllm", "server_vllm_json"),
+            max_batch_size=64,
+            name="structured-fp32",
+            targets=(("server_native_json_vs_server_native", 0.8), ("server_vllm_json_vs_server_vllm", 0.8)),
+        ),
+        slo=SLO(ttft_s=10.0, tpot_s=0.5),
+    ),
     "gpu-vllm": Profile(
         name="gpu-vllm",
         device="cuda",
@@ -474,6 +500,8 @@ class Bench:
                         name,
                         server_settings(name, section, loaded),
                         section.max_warm_tasks,
+                        fields=schema_on_every_other if name in STRUCTURED_RUNNERS else None,
+                        warm_fields=SCHEMA_FIELDS if name in STRUCTURED_RUNNERS else None,
                     )  # started as a user's default start: no vLLM environment variables of its own
                 elif name in BART_BASELINES:
                     from loadtest.runners.bart_baselines import run_bart_baseline

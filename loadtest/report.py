@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.metrics import RunResult
+from loadtest.structured_load import STRUCTURED_RUNNERS
 
 RUNNER_ORDER = (
     "engine",
@@ -56,6 +57,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         out[key] = engine / other if engine and other else None
     http = results.get("http", {}).get("output_tok_s")
     out["http_vs_engine"] = http / engine if http and engine else None
+    for constrained, free in STRUCTURED_RUNNERS.items():  # structured output: schemas on half vs none
+        mine, base = (results.get(n, {}).get("output_tok_s") for n in (constrained, free))
+        if constrained in results or free in results:
+            out[f"{constrained}_vs_{free}"] = mine / base if mine and base else None
     if "vllm_bare" in results:  # (a section whose vllm_bare failed shows its targets as not measured)
         bare = results["vllm_bare"].get("output_tok_s")
         for name in VS_VLLM_BARE:

@@ -84,6 +84,17 @@ class Limits:
     chat_template_max_memory_bytes: int = limit(
         256 << 20, "Memory one chat template render may use (worker address space): 422 beyond.", ge=16 << 20
     )
+    # --- structured output (server.engine.grammar): grammars compile in worker processes ----------
+    grammar_workers: int = limit(
+        2, "Grammar compile processes; a tenant holds at most all but one (the one, if 1).", ge=1
+    )
+    grammar_compile_timeout_s: float = limit(
+        5.0, "A structured-output constraint still compiling then is refused (400).", gt=0
+    )
+    grammar_compile_max_memory_bytes: int = limit(
+        512 << 20, "Memory one grammar compile may use (worker address space): 400 beyond.", ge=16 << 20
+    )
+    grammar_cache_bytes: int = limit(256 << 20, "Compiled grammars kept (LRU), per engine.", ge=0)
     # --- uploads (and every later load of what was uploaded) -----------------------------------
     max_artifact_bytes: int = limit(
         64 << 20, "Per uploaded file; also the engine's limit on stored blobs.", ge=1024

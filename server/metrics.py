@@ -57,6 +57,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Prompt / generation lengths in tokens (1-2-5 steps up to the longest context we serve).
 LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 STORE_OPERATIONS = ("put", "list_tasks", "describe", "delete", "rollback", "probe")
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+GRAMMAR_COMPILE_OUTCOMES = ("ok", "invalid", "timeout", "memory", "busy", "tenant", "unavailable")
+# Grammar compiles: a cached tokenizer's simple schema takes milliseconds, a hostile one hits the
+# deadline (5 s by default): 1 ms .. 30 s.
+COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 UPLOAD_OUTCOMES = ("created", "invalid", "error")
 # Probes and the scrape itself: counting them would let a draining pod's /ready 503s fire the 5xx
 # alert, and would make the request rate a function of the scrape and probe intervals.
@@ -229,6 +234,26 @@ class Metrics(EngineObserver):
             f"{p}fine_tuning_trained_tokens", "Tokens trained by the fine-tuning jobs this replica stored.",
             registry=r,
         )  # fmt: skip
+        self.structured_requests = Counter(
+            f"{p}structured_requests", "Requests with a structured-output constraint, by its kind.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.grammar_cache_hits = Counter(
+            f"{p}grammar_cache_hits", "Constrained requests whose compiled grammar was cached.", registry=r
+        )
+        self.grammar_cache_misses = Counter(
+            f"{p}grammar_cache_misses", "Constrained requests that compiled (or waited for) their grammar.",
+            registry=r,
+        )  # fmt: skip
+        self.grammar_compile = Histogram(
+            f"{p}grammar_compile_seconds", "Wall time of a grammar compile (worker round trip included).",
+            buckets=COMPILE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.grammar_compile_outcomes = Counter(
+            f"{p}grammar_compiles",
+            "Grammar compiles by outcome (ok, invalid, timeout, memory, busy, tenant, unavailable).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.engine_up = Gauge(f"{p}engine_up", "1 while the engine loop runs.", registry=r)
         self.store_up = Gauge(f"{p}store_up", "1 while the prefix store answers.", registry=r)
         self.store_up.set(1)
@@ -269,6 +294,10 @@ class Metrics(EngineObserver):
             self.prefix_uploads.labels(outcome=outcome)
         for status in JOB_STATUSES:
             self.fine_tuning_jobs.labels(status=status)
+        for kind in CONSTRAINT_KINDS:
+            self.structured_requests.labels(kind=kind)
+        for outcome in GRAMMAR_COMPILE_OUTCOMES:
+            self.grammar_compile_outcomes.labels(outcome=outcome)
 
     # --- introspection ----------------------------------------------------------------------
 
@@ -394,3 +423,16 @@ class Metrics(EngineObserver):
             self.prefix_cache_misses.inc()
         elif kind == "eviction":
             self.prefix_cache_evictions.labels(tier=tier).inc()
+
+    def on_structured_request(self, kind: str) -> None:
+        if kind in CONSTRAINT_KINDS:
+            self.structured_requests.labels(kind=kind).inc()
+
+    def on_grammar_cache(self, hit: bool) -> None:
+        (self.grammar_cache_hits if hit else self.grammar_cache_misses).inc()
+
+    def on_grammar_compile(self, seconds: float, outcome: str) -> None:
+        if outcome in ("ok", "invalid", "timeout", "memory"):  # a worker compiled (the others never began)
+            self.grammar_compile.observe(seconds)
+        if outcome in GRAMMAR_COMPILE_OUTCOMES:
+            self.grammar_compile_outcomes.labels(outcome=outcome).inc()

@@ -14,6 +14,9 @@ the chunk's arrival time.
 
 The reported peak RSS is the server's, its worker processes included (vLLM's engine core runs in its
 own process), reset after warm-up where Linux allows it.
+
+`fields` adds request fields to some requests (`prefixserve bench --profile structured`: a JSON schema
+on every other one); the warm-up requests carry `warm_fields`, so a constraint compiles before timing.
 """
 
 from __future__ import annotations
@@ -85,8 +88,18 @@ class ServerProcess(process.ServerProcess):
             self._store.cleanup()
 
 
+# More body fields for a request (its constraint, ...), or none.
+Fields = Callable[[RequestSpec], dict[str, object]]
+
+
 async def _complete(
-    client: httpx.AsyncClient, model: str, req: RequestSpec, task: str | None, arrival: float, clock: RunClock
+    client: httpx.AsyncClient,
+    model: str,
+    req: RequestSpec,
+    task: str | None,
+    arrival: float,
+    clock: RunClock,
+    fields: dict[str, object] | None = None,
 ) -> RequestRecord:
     rec = RequestRecord.of(req, task, arrival)
     body = {
@@ -97,6 +110,7 @@ async def _complete(
         "stream": True,
         "stream_options": {"continuous_usage_stats": True},  # tokens per chunk (see the module doc)
         "ignore_eos": True,  # exact output lengths, like every other runner
+        **(fields or {}),
     }
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
@@ -144,15 +158,20 @@ async def stream_workload(
     route: Route,
     warm_models: list[str],
     after_warm: Callable[[], None] | None = None,
+    fields: Fields | None = None,
+    warm_fields: dict[str, object] | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """Warm each of `warm_models` with one short request (all at once), call `after_warm`, then stream
-    the workload (open or closed loop, as `engine` drives it); returns the records and the wall time."""
+    """Warm each of `warm_models` with one short request (all at once; `warm_fields` added), call
+    `after_warm`, then stream the workload (open or closed loop, as `engine` drives it; `fields(req)`
+    added to each request); returns the records and the wall time."""
     concurrency = workload.spec.effective_concurrency
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
         warm = RunClock()
         warm_req = RequestSpec(-1, "warm", "", [100] * WARMUP_PROMPT_LEN, WARMUP_NEW_TOKENS)
-        warm_recs = await asyncio.gather(*(_complete(client, m, warm_req, m, 0.0, warm) for m in warm_models))
+        warm_recs = await asyncio.gather(
+            *(_complete(client, m, warm_req, m, 0.0, warm, warm_fields) for m in warm_models)
+        )
         failed = [r.error for r in warm_recs if r.error]
         if failed:
             raise RuntimeError(f"warm-up requests failed: {failed[0]}")
@@ -162,7 +181,7 @@ async def stream_workload(
 
         def send(req: RequestSpec, arrival: float) -> Awaitable[RequestRecord]:
             model, task = route(req)
-            return _complete(client, model, req, task, arrival, clock)
+            return _complete(client, model, req, task, arrival, clock, fields(req) if fields else None)
 
         records = await drive(workload, clock, send)
         return records, clock.now()
@@ -205,11 +224,14 @@ def run_http(
     settings: dict[str, str] | None = None,
     max_warm_tasks: int | None = None,
     process_env: dict[str, str] | None = None,
+    fields: Fields | None = None,
+    warm_fields: dict[str, object] | None = None,
 ) -> RunResult:
     """Serve `workload` through our server; `settings` are more PREFIXSERVE_* settings (the engine
     backend, tier sizes), `max_warm_tasks` warms only the first tasks (the rest load during the run),
     `process_env` more environment variables (`vllm_bare.vllm_cpu_env`: vLLM inside our server gets
-    the same CPU settings as `vllm_bare`)."""
+    the same CPU settings as `vllm_bare`), `fields` / `warm_fields` more request fields (see the
+    module docstring)."""
     server = ServerProcess(
         model_dir,
         max_batch_size,
@@ -231,7 +253,9 @@ def run_http(
         base_model = asyncio.run(upload_prefixes(server.base_url, artifacts))
         warm = list(artifacts)[:max_warm_tasks]
         records, wall = asyncio.run(
-            stream_workload(server.base_url, workload, lambda r: (r.task, r.task), warm, after_warm)
+            stream_workload(
+                server.base_url, workload, lambda r: (r.task, r.task), warm, after_warm, fields, warm_fields
+            )
         )
         return RunResult(
             name,

@@ -31,6 +31,7 @@ from prefix_store.base import (
 )
 from server.engine.errors import (
     EngineStopped,
+    InvalidConstraint,
     InvalidPrefix,
     InvalidRequest,
     QueueFull,
@@ -103,6 +104,8 @@ class _Mapping:
 
 # Order matters: the first class that matches wins (subclasses before their bases).
 _MAPPINGS: list[tuple[type[Exception], _Mapping]] = [
+    # A structured-output constraint that cannot be served (OpenAI's and vLLM's 400).
+    (InvalidConstraint, _Mapping(400, "invalid_request_error")),
     (InvalidRequest, _Mapping(422, "validation")),  # includes PromptTooLong
     (InvalidName, _Mapping(422, "validation")),
     (ArtifactError, _Mapping(422, "validation")),

@@ -17,8 +17,11 @@ from server.api.schemas import (
     MAX_SEED,
     MAX_SEQUENCES,
     MIN_REPETITION_PENALTY,
+    JsonSchemaValue,
     Penalty,
+    ResponseFormat,
     StopList,
+    StructuredOutputsSpec,
     _Request,
     neutral_only,
     valid_unicode,
@@ -52,6 +55,20 @@ class _Sampling(_Request):
     top_k: int | None = Field(None, ge=-1, le=1_000_000, description="vLLM: -1 or 0 is off.")
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=100)
     ignore_eos: bool = Field(False, description="Generate max_tokens even past EOS (vLLM extension).")
+    # Structured output, at most one of these (`server.api.structured`): OpenAI's response_format,
+    # vLLM's structured_outputs, and vLLM's older guided_* names that older clients still send.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsSpec | None = None
+    guided_json: JsonSchemaValue | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = Field(
+        None,
+        max_length=64,
+        description="Accepted, ignored: one grammar library (xgrammar) serves every constraint.",
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -175,7 +192,6 @@ class ChatCompletionRequest(_Sampling):
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
     # Accepted only when neutral.
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -191,12 +207,6 @@ class ChatCompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _rules(self) -> ChatCompletionRequest:
-        fmt = self.response_format
-        neutral_only(
-            None if fmt in (None, {"type": "text"}) else fmt,
-            (None,),
-            "structured output (response_format json) is not supported",
-        )
         neutral_only(self.tools or None, (None,), "tool calling is not supported")
         neutral_only(self.functions or None, (None,), "function calling is not supported")
         neutral_only(self.tool_choice, (None, "none"), "tool calling is not supported")

@@ -87,6 +87,65 @@ def neutral_only(value: Any, neutral: tuple[Any, ...], reason: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
+# Structured output (the request fields; `server.api.structured` turns them into the engine's constraint)
+
+JsonSchemaValue = dict[str, Any] | str  # a schema object, or its JSON text (vLLM accepts both)
+
+
+class StructuredOutputsSpec(_Request):
+    """vLLM's `structured_outputs` extra (and the shape of its older `guided_*` fields): exactly one of
+    `json`, `regex`, `choice`, `grammar`, `json_object`, with JSON whitespace options."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    json_schema: JsonSchemaValue | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = Field(None, description="The answer fully matches this regular expression.")
+    choice: list[str] | None = Field(None, description="The answer is exactly one of these strings.")
+    grammar: str | None = Field(None, description="An EBNF (GBNF) grammar, start rule `root`.")
+    json_object: bool | None = Field(None, description="Any JSON object.")
+    disable_any_whitespace: bool = Field(False, description="JSON without whitespace between tokens.")
+    whitespace_pattern: str | None = Field(None, description="A regex each JSON whitespace place matches.")
+    disable_additional_properties: bool = Field(
+        False, description="Accepted: additionalProperties defaults to false already (strict mode)."
+    )
+    structural_tag: Any = None
+
+    @model_validator(mode="after")
+    def _neutral(self) -> StructuredOutputsSpec:
+        neutral_only(self.structural_tag, (None,), "structural tags (tool-call formats) are not supported")
+        return self
+
+
+class JsonSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = Field(None, max_length=256)
+    description: str | None = None
+    schema_: JsonSchemaValue | None = Field(None, alias="schema")
+    strict: bool | None = Field(None, description="Accepted; schemas are always enforced exactly.")
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format` (`text`, `json_object`, `json_schema`), and LoRAX's (`json_object`
+    with a `schema`)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: JsonSchemaValue | None = Field(None, alias="schema", description="LoRAX: json_object's schema.")
+
+
+class TgiGrammar(_Request):
+    """TGI's `parameters.grammar`: `{"type": "json", "value": schema}` or `{"type": "regex", "value": ...}`."""
+
+    type: Literal["json", "regex"]
+    value: JsonSchemaValue
+
+
+# --------------------------------------------------------------------------------------------------
 # TGI / LoRAX / native generation
 
 
@@ -119,11 +178,15 @@ class GenerateParameters(_Request):
     ignore_eos_token: bool = Field(False, description="LoRAX's name for ignore_eos.")
     adapter_id: str | None = Field(None, description="The task (LoRAX/TGI style); `task` takes precedence.")
     api_token: str | None = Field(None, description="LoRAX: hub credentials; ignored (tasks are local).")
+    # Structured output: at most one of these (`server.api.structured`).
+    grammar: TgiGrammar | None = Field(None, description="TGI: json schema or regex constraint.")
+    response_format: ResponseFormat | None = Field(None, description="LoRAX / OpenAI response format.")
+    structured_outputs: StructuredOutputsSpec | None = Field(
+        None, description="vLLM's structured outputs: json, regex, choice, grammar, json_object."
+    )
     # Accepted only when neutral (see `_neutral`).
     adapter_source: str | None = None
     merged_adapters: Any = None
-    response_format: Any = None
-    grammar: Any = None
     watermark: bool = False
     num_beams: int | None = Field(None, ge=1, le=1, description="Beam search is not supported (1 only).")
 
@@ -138,8 +201,6 @@ class GenerateParameters(_Request):
         neutral_only(
             self.merged_adapters, (None,), "merging adapters is not supported (one prefix per request)"
         )
-        neutral_only(self.response_format, (None,), "structured output (response_format) is not supported")
-        neutral_only(self.grammar, (None,), "grammar-constrained decoding is not supported")
         neutral_only(self.watermark, (False,), "watermarking is not supported")
         if (self.best_of or 1) > 1:
             # TGI's and LoRAX's own rules: best_of picks among *samples*, and one seed would make them equal.

@@ -13,44 +13,15 @@ calls: the sandboxed Jinja environment, `raise_exception`, `tojson`, `{% generat
 template renders here exactly as in transformers and vLLM. Only transformers' chat-template module is
 imported: no torch, no tokenizer.
 
-Protocol on stdin/stdout: frames of a 4-byte big-endian length and UTF-8 JSON. After start-up the
-worker sends `{"ready": true}`; then one reply per request (see `_answer`). stdout is kept for the
-frames only (anything the template machinery prints goes to stderr).
+The frame protocol, the memory cap and the priority are `server.engine.worker_pool.run_worker`'s;
+the answers are `_answer`'s.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import sys
-from typing import Any, BinaryIO
+from typing import Any
 
-from server.engine.chat_render import FRAME_HEADER
-
-NICENESS = 10  # below the server's own priority (the engine's steps come first)
-
-
-def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
-    header = stream.read(FRAME_HEADER.size)
-    if len(header) < FRAME_HEADER.size:
-        return None  # the server closed the pipe: exit
-    (length,) = FRAME_HEADER.unpack(header)
-    return dict(json.loads(stream.read(length)))
-
-
-def write_frame(stream: BinaryIO, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload).encode()  # ASCII: a lone surrogate travels escaped
-    stream.write(FRAME_HEADER.pack(len(data)) + data)
-    stream.flush()
-
-
-def _virtual_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from server.engine.worker_pool import run_worker
 
 
 def _render(request: dict[str, Any]) -> str:
@@ -126,13 +97,8 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
     return {"text": text}
 
 
-def main() -> None:
-    os.nice(NICENESS)  # first: even start-up (imports) yields to the server
-    memory_bytes = int(sys.argv[1])
-    frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the frames
-    frames_in = sys.stdin.buffer
-    _answer(  # import and warm everything before the cap, so the cap is for the template alone
+def _warm(init: dict[str, Any] | None) -> None:
+    _answer(
         {
             "messages": [{"role": "user", "content": "hi"}],
             "template": "{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}",
@@ -142,15 +108,10 @@ def main() -> None:
             "max_chars": 100,
         }
     )
-    if memory_bytes > 0:
-        cap = _virtual_bytes() + memory_bytes
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    write_frame(frames_out, {"ready": True})
-    while (request := read_frame(frames_in)) is not None:
-        answer = _answer(request)
-        write_frame(frames_out, answer)
-        if answer.get("reason") == "memory":
-            return  # a fresh worker replaces this one (its heap may be fragmented near the cap)
+
+
+def main() -> None:
+    run_worker(_answer, _warm)
 
 
 if __name__ == "__main__":

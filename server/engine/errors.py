@@ -11,6 +11,7 @@ from prefix_store.base import StoreUnavailable
 __all__ = [
     "EngineError",
     "EngineStopped",
+    "InvalidConstraint",
     "InvalidPrefix",
     "InvalidRequest",
     "PromptTooLong",
@@ -28,6 +29,12 @@ class EngineError(Exception):
 
 class InvalidRequest(EngineError, ValueError):
     """A request parameter is out of range (the message names it)."""
+
+
+class InvalidConstraint(InvalidRequest):
+    """A structured-output constraint that cannot be served as asked: an invalid JSON schema, a keyword
+    the grammar library cannot enforce, a regex or grammar that does not compile (or not within the
+    compile bounds), two constraints at once. The message names the reason."""
 
 
 class PromptTooLong(InvalidRequest):

@@ -49,6 +49,7 @@ from server.engine.errors import (
     UnknownTask,
 )
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.grammar import CompiledConstraint, GrammarCompiler
 from server.engine.handle import RequestHandle
 from server.engine.interface import ServingEngine
 from server.engine.observer import EngineObserver
@@ -116,6 +117,16 @@ class EngineFrontEnd:
                 store, loaded.spec, device, loaded.dtype, tier_limits, listener=self.observer
             )
         self._uses = TaskUses(self.prefix_cache) if self.prefix_cache is not None else None
+        # Structured output: constraints compiled (bounded, cached) once for either backend; ours masks
+        # its rows' tokens with them, vLLM gets the grammar and applies its own bitmask.
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer,
+            model.vocab_size,
+            model.eos_token_id,
+            limits,
+            self.observer,
+            token_masks=model.name == "native",
+        )
         self.healthy = True
         self.failure: BaseException | None = None
         self._requests: dict[str, Request] = {}
@@ -156,6 +167,7 @@ class EngineFrontEnd:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
             self._loop_task = None
+        await self.grammars.close()
         await self.model.stop()
 
     # ---- gauges -------------------------------------------------------------------------------
@@ -246,13 +258,19 @@ class EngineFrontEnd:
     async def add_request(self, request: GenerationRequest) -> RequestHandle:
         """Admit a request and return its handle (see `handle`).
 
-        Raises what needs no store read here, before any event: `InvalidRequest`, `PromptTooLong`,
-        `QueueFull`, `EngineStopped` (and `UnknownTask` on an engine without a store). What needs the
+        Raises what needs no store read here, before any event: `InvalidRequest` (`InvalidConstraint`
+        for a structured-output constraint that does not compile), `PromptTooLong`, `QueueFull`,
+        `EngineStopped` (and `UnknownTask` on an engine without a store). What needs the
         task's prefix is checked while the request waits and raised by the handle's first iteration,
         before any event: `UnknownTask`, `StoreUnavailable`, `InvalidPrefix`, `PromptTooLong` (with the
         prefix's length); so are the later errors (`QueueTimeout`, `RequestFailed`, `EngineStopped`).
         """
-        state = self._admit(request)
+        grammar = None
+        if request.params.structured is not None:  # compiled first: its refusals come before queueing
+            self._check_accepting()
+            request.params.validate()
+            grammar = await self.grammars.prepare(request.tenant, request.params.structured)
+        state = self._admit(request, grammar)
         assert state.handle is not None
         return state.handle
 
@@ -271,10 +289,13 @@ class EngineFrontEnd:
         the API tokenises long prompts off the event loop and submits the ids."""
         return tokenize_prompt(self.tokenizer, prompt, self.model.vocab_size)
 
-    def _admit(self, request: GenerationRequest) -> Request:
-        """Checks that need no store read, then queue the request at once (see `_load_prefix`)."""
+    def _check_accepting(self) -> None:
         if not self._accepting or not self.healthy:
             raise EngineStopped("the engine is not accepting requests" + failure_note(self.failure))
+
+    def _admit(self, request: GenerationRequest, grammar: CompiledConstraint | None = None) -> Request:
+        """Checks that need no store read, then queue the request at once (see `_load_prefix`)."""
+        self._check_accepting()
         params = request.params
         params.validate()
         token_ids = self.tokenize(request.prompt)
@@ -305,6 +326,7 @@ class EngineFrontEnd:
             detok=IncrementalDetokenizer(self.tokenizer, token_ids, params.max_new_tokens, params.stop, eos),
             reserved_tokens=self.model.reserved_tokens(num_prompt, params.max_new_tokens, None),
             prefix_ready=request.task is None,
+            grammar=grammar,
         )
         state.slot = self.model.new_slot(state)
         state.handle = RequestHandle(

@@ -29,6 +29,7 @@ from modeling.models import LoadedModel
 from server.engine.backend import PromptScores, StepResult, TokenOutput
 from server.engine.errors import EngineError
 from server.engine.fair_queue import FairQueueConfig
+from server.engine.grammar import RowGrammar
 from server.engine.paged_kv import PagedKVCache
 from server.engine.prefix_cache import PrefixCache, ResolvedPrefix
 from server.engine.prefix_transfer import DevicePrefix, wait_until_ready
@@ -126,8 +127,10 @@ class NativeBackend:
         return self.runner.reserved_tokens(num_prompt, max_new_tokens, artifact)
 
     def new_slot(self, request: Request) -> _Row:
-        params = request.params
-        return _Row(RowSampling(params, request.seed, request.num_prompt_tokens, request.token_ids))
+        grammar = None if request.grammar is None else RowGrammar(request.grammar)
+        return _Row(
+            RowSampling(request.params, request.seed, request.num_prompt_tokens, request.token_ids, grammar)
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self, observer: Any, running_tasks: Callable[[], int]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.errors import InvalidRequest
+from server.engine.grammar import CompiledConstraint
 from server.engine.handle import RequestHandle
 from server.engine.prefix_cache import ResolvedPrefix
 from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
@@ -42,6 +43,7 @@ class Request:
     # prefix is where the backend reads it (requests wait in the queue until it is).
     num_computed_tokens: int = 0
     prefix_ready: bool = True
+    grammar: CompiledConstraint | None = None  # structured output: its compiled constraint
     slot: Any = None  # the backend's own state of this request
 
     # ---- views ------------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ signed overflow is involved.
 
 Reported log-probabilities (chosen token and the top-n alternatives) are those of the model's own
 distribution, before bias, penalties and filters (vLLM's default "raw" logprobs).
+
+Structured output: a row with a grammar (`RowSampling.grammar`, `server.engine.grammar`) first has the
+tokens its grammar does not allow next set to -inf (vLLM applies its grammar bitmask at the same
+point, before everything else), and its grammar then advances by the chosen token. Constrained and
+free rows share the batch: the mask touches only the constrained rows, so a free row's choice is the
+same with or without constrained batch-mates. Its reported logprobs stay the model's own.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.grammar import RowGrammar, allowed_tokens
 from server.engine.types import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -53,6 +60,7 @@ class RowSampling:
     seed: int
     num_prompt_tokens: int
     seen_ids: list[int] = field(default_factory=list)  # prompt + generated ids; the engine appends
+    grammar: RowGrammar | None = None  # structured output: advanced by the sampler after each choice
 
     @property
     def step(self) -> int:
@@ -65,9 +73,21 @@ class RowSampling:
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def make_row(params: SamplingParams, seed: int, prompt_ids: list[int], device: object = None) -> RowSampling:
+def make_row(
+    params: SamplingParams,
+    seed: int,
+    prompt_ids: list[int],
+    device: object = None,
+    grammar: RowGrammar | None = None,
+) -> RowSampling:
     """A row's sampling state (`device` is accepted for old call sites; nothing is allocated per row)."""
-    return RowSampling(params=params, seed=seed, num_prompt_tokens=len(prompt_ids), seen_ids=list(prompt_ids))
+    return RowSampling(
+        params=params,
+        seed=seed,
+        num_prompt_tokens=len(prompt_ids),
+        seen_ids=list(prompt_ids),
+        grammar=grammar,
+    )
 
 
 @dataclass
@@ -248,7 +268,14 @@ class Sampler:
         dev, vocab = logits.device, logits.shape[-1]
         clean = torch.nan_to_num(logits.float(), nan=float("-inf"))  # [B, V]
         logprobs = clean.log_softmax(dim=-1)  # [B, V] the model's own distribution
-        scores = apply_penalties(apply_logit_bias(clean.clone(), rows), rows)  # [B, V]
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None and r.grammar.active]
+        allowed = clean  # [B, V] what each row may choose from before bias and penalties
+        if constrained:
+            at = torch.tensor(constrained, device=dev)  # [C]
+            mask = allowed_tokens([rows[i].grammar for i in constrained], vocab, dev)  # type: ignore[misc]
+            allowed = clean.clone()
+            allowed[at] = allowed[at].masked_fill(~mask, float("-inf"))
+        scores = apply_penalties(apply_logit_bias(allowed.clone(), rows), rows)  # [B, V]
         chosen = scores.argmax(dim=-1)  # [B] greedy choice
         sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
         if sampled:  # filters and noise only for the rows that sample (the greedy ones are done)
@@ -260,10 +287,10 @@ class Sampler:
             )  # [M, 3]
             chosen[index] = (filtered + gumbel_noise(keys, vocab)).argmax(dim=-1)  # [M]
             scores[index] = filtered
-        # A row whose distribution degenerated (all -inf/NaN) takes the raw argmax instead of a
-        # meaningless index; no host sync to find out.
+        # A row whose distribution degenerated (all -inf/NaN) takes the argmax of what it may choose
+        # from (the raw logits; its grammar's tokens) instead of a meaningless index; no host sync.
         usable = torch.isfinite(scores).any(dim=-1) & torch.isfinite(scores.gather(1, chosen[:, None]))[:, 0]
-        chosen = torch.where(usable, chosen, clean.argmax(dim=-1))  # [B]
+        chosen = torch.where(usable, chosen, allowed.argmax(dim=-1))  # [B]
         token_logprobs = logprobs.gather(1, chosen[:, None])  # [B, 1]
         num_top = min(max(r.params.top_n_tokens for r in rows), vocab)
         packed = [chosen[:, None].double(), token_logprobs.double()]
@@ -275,7 +302,10 @@ class Sampler:
             [(int(h[2 + j]), h[2 + num_top + j]) for j in range(r.params.top_n_tokens)] if num_top else []
             for h, r in zip(host, rows, strict=True)
         ]
-        return SampleOutput([int(h[0]) for h in host], [h[1] for h in host], top_tokens)
+        token_ids = [int(h[0]) for h in host]
+        for i in constrained:
+            rows[i].grammar.accept(token_ids[i])  # type: ignore[union-attr]
+        return SampleOutput(token_ids, [h[1] for h in host], top_tokens)
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[float]]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.engine.errors import InvalidRequest
+from server.engine.errors import InvalidConstraint, InvalidRequest
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
 
@@ -18,6 +19,57 @@ MIN_REPETITION_PENALTY = 0.01
 MAX_TOP_N_TOKENS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one bias
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit on logit_bias entries
+
+
+ConstraintKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+CONSTRAINT_KINDS: tuple[ConstraintKind, ...] = ("json", "json_object", "regex", "choice", "grammar")
+MAX_CHOICES = 1024  # alternatives of one `choice` constraint
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text (structured output, vLLM's `structured_outputs` semantics):
+    JSON valid against a schema (`json`: `value` is the schema as JSON text), any JSON object
+    (`json_object`), a full match of a regular expression (`regex`), exactly one of `choices`
+    (`choice`), or a sentence of an EBNF grammar (`grammar`, xgrammar's dialect of GBNF, start rule
+    `root`). JSON whitespace between tokens is free by default, none with `disable_any_whitespace`
+    (compact separators), or matches `whitespace_pattern` (a regex) at each place it may appear.
+
+    The engine compiles it (`server.engine.grammar`): what cannot be enforced is refused there
+    (`InvalidConstraint`), never dropped."""
+
+    kind: ConstraintKind
+    value: str = ""
+    choices: tuple[str, ...] = ()
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The compiled grammar's cache key: every field, as one string (the schema's text as sent:
+        property order is part of what xgrammar generates)."""
+        return json.dumps(
+            [self.kind, self.value, list(self.choices), self.disable_any_whitespace, self.whitespace_pattern]
+        )
+
+    def validate(self) -> None:
+        """Raise `InvalidConstraint` for what needs no compiler to refuse."""
+        if self.kind not in CONSTRAINT_KINDS:
+            raise InvalidConstraint(
+                f"unknown constraint kind {self.kind!r}; one of {', '.join(CONSTRAINT_KINDS)}"
+            )
+        if self.kind == "choice":
+            if not self.choices or len(self.choices) > MAX_CHOICES:
+                raise InvalidConstraint(f"choice needs 1 to {MAX_CHOICES} strings, got {len(self.choices)}")
+            if not all(isinstance(c, str) for c in self.choices):
+                raise InvalidConstraint("choice must be a list of strings")
+        elif self.kind != "json_object" and not self.value.strip():
+            raise InvalidConstraint(f"the {self.kind} constraint is empty")
+        if self.whitespace_pattern is not None:
+            if self.kind not in ("json", "json_object"):
+                raise InvalidConstraint("whitespace_pattern applies to JSON constraints only")
+            if self.disable_any_whitespace:
+                raise InvalidConstraint("whitespace_pattern and disable_any_whitespace exclude each other")
 
 
 @dataclass
@@ -54,6 +106,8 @@ class SamplingParams:
     # exact output lengths, and for callers that treat EOS as an ordinary token.
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
+    # Structured output: the answer must match this constraint (None: free text).
+    structured: StructuredOutput | None = None
 
     def validate(self) -> None:
         """Raise `InvalidRequest` naming the first out-of-range field."""
@@ -98,6 +152,11 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_LENGTH:
                 raise InvalidRequest(f"stop sequences must be 1-{MAX_STOP_LENGTH} characters, got {s!r}")
+        if self.structured is not None:
+            self.structured.validate()
+            if self.ignore_eos:
+                # A finished grammar allows only EOS; generating past it would leave the constraint.
+                raise InvalidConstraint("ignore_eos cannot be combined with structured output")
 
 
 @dataclass

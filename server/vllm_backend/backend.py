@@ -341,7 +341,8 @@ class VllmBackend:
             prompt["cache_salt"] = f"{key[0]}/{key[1]}@{key[2]}:{slot.rows.digest}#{self._salt_nonce}"
         self._ids += 1
         slot.vllm_id = f"{request.request_id}#{self._ids}"
-        sampling = vllm_sampling_params(params, request.seed, self.eos_token_id)
+        grammar = None if request.grammar is None else request.grammar.ebnf  # vLLM enforces it
+        sampling = vllm_sampling_params(params, request.seed, self.eos_token_id, grammar)
         first, ended = True, False
         stream = self.llm.generate(TokensPrompt(**prompt), sampling, slot.vllm_id)  # type: ignore[typeddict-item]
         try:

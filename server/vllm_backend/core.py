@@ -207,6 +207,7 @@ class VllmCore:
     def start(cls, loaded: LoadedModel, limits: Limits, options: VllmOptions) -> VllmCore:
         """Start vLLM (its engine core process; tens of seconds: it compiles the model). Call it on
         the event loop the core will serve."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -231,7 +232,11 @@ class VllmCore:
             max_batched_tokens = max(max_batched_tokens or _BART_MIN_BATCHED_TOKENS, encoder_item)
         args = AsyncEngineArgs(
             model=options.model_dir,
-            skip_tokenizer_init=True,  # we tokenize and detokenize (the virtual ids have no text)
+            # We tokenize and detokenize (requests ask for no detokenization: the virtual ids have no
+            # text); vLLM loads the tokenizer for structured output, whose grammars match token texts.
+            skip_tokenizer_init=False,
+            # One grammar library on both backends; requests bring EBNF compiled by us (params.py).
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
             dtype=_VLLM_DTYPES[loaded.dtype],
             max_model_len=max_model_len(loaded, limits),
             max_num_seqs=limits.max_batch_size,

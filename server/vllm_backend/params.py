@@ -9,6 +9,12 @@ unless it is set; with the tokenizer skipped vLLM knows no EOS of its own). Stop
 also checked by our detokenizer, which decides the finish reason and the text (vLLM is told to stop).
 n / best_of and truncate are the API layer's (one engine request per sequence; prompt cut before).
 
+Structured output: the constraint, compiled by us to one EBNF grammar (`server.engine.grammar`, the
+same grammar the native engine enforces), is vLLM's `StructuredOutputsParams(grammar=...)`; vLLM's
+xgrammar backend (`core.py` selects it) masks the request's logits with it. vLLM sizes that bitmask
+by the model's enlarged vocabulary (text + prefix rows), and the tokenizer has no entries there, so
+xgrammar treats those ids as special tokens, which no grammar allows (tests/vllm_backend).
+
 typical_p: vLLM has none; a sampled request with typical_p < 1 hands its top-k, top-p and typical-p
 to our logits processor (`typical.py`, the native sampler's own filter, in the native order) instead
 of vLLM's top-k/top-p.
@@ -21,10 +27,13 @@ from typing import Any
 from server.engine.types import SamplingParams
 
 
-def vllm_sampling_params(params: SamplingParams, seed: int, eos_token_id: int | None) -> Any:
-    """vLLM's `SamplingParams` for one of our requests (streamed as deltas, token ids only)."""
+def vllm_sampling_params(
+    params: SamplingParams, seed: int, eos_token_id: int | None, grammar: str | None = None
+) -> Any:
+    """vLLM's `SamplingParams` for one of our requests (streamed as deltas, token ids only); `grammar`:
+    the request's structured-output constraint as EBNF."""
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     from server.vllm_backend.typical import EXTRA_ARG
 
@@ -50,4 +59,5 @@ def vllm_sampling_params(params: SamplingParams, seed: int, eos_token_id: int | 
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra if typical else None,
+        structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
     )

@@ -119,10 +119,12 @@ def build_test_engine(
     config: EngineConfig,
     observer: Metrics,
     core: Any = None,
+    native: bool = False,
 ) -> Any:
     """The backend `PREFIXSERVE_TEST_ENGINE` names, built as `server.main` builds it. On vLLM the engine
-    runs on `core` (shared), or starts a core of its own on the loop that starts it when none is given."""
-    if TEST_ENGINE == "vllm":
+    runs on `core` (shared), or starts a core of its own on the loop that starts it when none is given.
+    `native`: our engine whatever the pass (BART: vLLM cannot serve it)."""
+    if TEST_ENGINE == "vllm" and not native:
         from server.vllm_backend.engine import VllmEngine, VllmOptions
 
         options = VllmOptions(model_dir=str(model_dir), enforce_eager=True)
@@ -179,8 +181,12 @@ async def make_api(
             redis: bool = False,
             start: bool = True,
             on_fatal: Callable[[], None] | None = None,
+            serve_model: tuple[LoadedModel, Path] | None = None,
             **overrides: Any,
         ) -> Api:
+            """`serve_model`: (loaded, its directory) to serve instead of the session's GPT-2, on our engine
+            (BART, which vLLM cannot serve)."""
+            served, served_dir = serve_model or (loaded, api_model_dir)
             key_prefix = overrides.pop("redis_key_prefix", None) or f"pstest-{uuid.uuid4().hex[:10]}"
             prefixes.append(key_prefix)
             fields: dict[str, Any] = {
@@ -199,20 +205,21 @@ async def make_api(
                 store = make_store(
                     settings.redis_url, settings.local_store_dir, key_prefix, settings.keep_versions
                 )
-            metrics = metrics_for(settings, loaded.spec)
+            metrics = metrics_for(settings, served.spec)
             engine = build_test_engine(
-                loaded,
-                api_model_dir,
+                served,
+                served_dir,
                 store,
                 engine_config or EngineConfig(Limits(max_batch_size=8, max_waiting=16, queue_timeout_s=30)),
                 metrics,
                 vllm_core,
+                native=serve_model is not None,
             )
             app = create_app(
                 settings,
                 engine=engine,
                 store=store,
-                spec=loaded.spec,
+                spec=served.spec,
                 uploads=ArtifactUploadChecks(),
                 metrics=metrics,
                 on_fatal=on_fatal,

@@ -131,9 +131,7 @@ async def test_neutral_values_accepted_others_refused_with_the_reason(make_api):
     refused = {
         "adapter_source": ("hub", "loading from hub"),
         "merged_adapters": ({"ids": ["a", "b"], "weights": [0.5, 0.5], "density": 1.0}, "merging adapters"),
-        "response_format": ({"type": "json_object", "schema": {}}, "response_format"),
         "watermark": (True, "watermarking"),
-        "grammar": ({"type": "json", "value": {}}, "grammar"),
     }
     for field, (value, reason) in refused.items():
         r = await api.client.post(

@@ -71,6 +71,10 @@ LIMITS = Limits(
     chat_template_workers=1,
     chat_template_timeout_s=3.0,
     chat_template_max_memory_bytes=192 << 20,
+    grammar_workers=3,
+    grammar_compile_timeout_s=1.5,
+    grammar_compile_max_memory_bytes=384 << 20,
+    grammar_cache_bytes=32 << 20,
     vllm_prefix_table_bytes=256 << 20,  # the vLLM pass serves the long prefix from this table
     vllm_max_queued=1,
     vllm_kv_cache_bytes=16 << 20,  # 16,384 tokens of this model: three rows of 3,900 and vLLM's spare
@@ -170,6 +174,15 @@ def test_configured_limits_hold_from_upload_to_generation(
             over_budget = generate(client, "long", max_new_tokens=LIMITS.kv_budget_tokens + 10)
             assert over_budget.status_code == 422, over_budget.text
             assert "more than the whole KV budget of" in over_budget.json()["error"]
+
+        # Structured output: a compile is killed at the configured deadline (named), a small one passes.
+        enum = {"enum": [f"v{k}" for k in range(30_000)]}  # seconds (and hundreds of MB) to compile
+        body = {"model": "long", "prompt": "x", "max_tokens": 4}
+        slow = client.post("/v1/completions", json={**body, "guided_json": enum}, headers=ACME)
+        assert slow.status_code == 400, slow.text
+        assert f"did not compile within {LIMITS.grammar_compile_timeout_s:g} s" in slow.text, slow.text
+        choice = client.post("/v1/completions", json={**body, "guided_choice": ["a", "b"]}, headers=ACME)
+        assert choice.status_code == 200 and choice.json()["choices"][0]["text"] in ("a", "b"), choice.text
 
         # Batch size as advertised to TGI clients; prefix cache tiers as the engine sized them.
         assert client.get("/info").json()["max_concurrent_requests"] == LIMITS.max_batch_size

@@ -84,6 +84,13 @@ async def chat_completions(
     check_fields(body, "/v1/chat/completions", strict=False)
     task = model_task(state, body.model)
     kwargs = check_template_kwargs(body.chat_template_kwargs)
+    # The parameters first: a refused one (a constraint that cannot be served...) costs no render.
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
+    n = body.n or 1
+    params = sampling(body, max_tokens, top_n, False, bool(body.logprobs))
+    if body.max_completion_tokens is None and body.max_tokens is None:
+        params.max_new_tokens = 16  # vLLM fills the context; a bounded default keeps GPT-2 sensible
     template = await chat_template(state, caller.tenant, task)
     lease = await state.limiter.acquire(caller.tenant)  # rendering is the tenant's work: counted first
     try:
@@ -97,12 +104,6 @@ async def chat_completions(
             body.add_generation_prompt,
             body.continue_final_message,
         )
-        top_n = (body.top_logprobs or 0) if body.logprobs else 0
-        max_tokens = body.max_completion_tokens or body.max_tokens or state.spec.max_positions
-        n = body.n or 1
-        params = sampling(body, max_tokens, top_n, False, bool(body.logprobs))
-        if body.max_completion_tokens is None and body.max_tokens is None:
-            params.max_new_tokens = 16  # vLLM fills the context; a bounded default keeps GPT-2 sensible
     except BaseException:
         await lease.release()
         raise

@@ -37,6 +37,7 @@ from server.api.schemas import (
     Token,
 )
 from server.api.sse import SSE_CONTENT, sse_data, sse_response
+from server.api.structured import tgi_constraint
 from server.api.tokens import check_fields, prefix_positions, token_text, truncate_prompt
 from server.api.version import __version__
 from server.engine.types import SamplingParams
@@ -71,6 +72,7 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
         seed=p.seed,
         stop=list(p.stop),
         ignore_eos=p.ignore_eos or p.ignore_eos_token,
+        structured=tgi_constraint(p),
     )
 
 

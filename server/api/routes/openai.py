@@ -53,6 +53,7 @@ from server.api.prefix_admin import list_all_tasks
 from server.api.ratelimit import Lease
 from server.api.schemas import GREEDY_TEMPERATURE_EPS, valid_unicode
 from server.api.sse import SSE_CONTENT, openai_sse_data, sse_response
+from server.api.structured import openai_constraint
 from server.api.tokens import check_fields, token_text
 from server.engine.errors import InvalidRequest
 from server.engine.types import SamplingParams, StreamEvent
@@ -102,6 +103,7 @@ def sampling(
         seed=body.seed,
         stop=stop,
         ignore_eos=body.ignore_eos,
+        structured=openai_constraint(body),
     )
 
 

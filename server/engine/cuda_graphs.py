@@ -46,7 +46,7 @@ from server.engine.static_decode import (
 from server.limits import DEFAULT_LIMITS
 
 if TYPE_CHECKING:
-    from server.engine.gpt2_runner import GPT2Runner
+    from server.engine.gpt2_parts import GPT2Parts
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class StaticDecoder:
 
     def __init__(
         self,
-        runner: GPT2Runner,
+        runner: GPT2Parts,
         capture: GraphCapture | None = None,
         torch_compile: bool = False,
         arena_tokens: int = DEFAULT_LIMITS.static_prefix_arena_tokens,

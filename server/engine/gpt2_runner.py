@@ -158,7 +158,7 @@ class GPT2Runner:
     @property
     def request_ids(self) -> list[str]:
         """Rows that finished prefill (they decode), in row order: grouped by prefix."""
-        return self._grouped([r for r, row in self.cache.rows.items() if row.prefilled])
+        return self.grouped([r for r, row in self.cache.rows.items() if row.prefilled])
 
     def kv_stats(self, reset_peaks: bool = False) -> dict[str, int]:
         """Pool and prefix memory: in use now, peaks since start (or the last reset), capacity."""
@@ -184,7 +184,7 @@ class GPT2Runner:
             if rid in self.cache.rows:
                 self.cache.remove(rid)
 
-    def _grouped(self, request_ids: list[str]) -> list[str]:
+    def grouped(self, request_ids: list[str]) -> list[str]:
         """`request_ids` reordered so rows of one prefix are contiguous (first appearance order)."""
         return self.cache.grouped(request_ids)
 

@@ -1,6 +1,6 @@
 """Where each row of an attention call reads its prefix: one batched product for every task (host side).
 
-Rows of a step come grouped by prefix (contiguous runs; `GPT2Runner._grouped`). Looping over the
+Rows of a step come grouped by prefix (contiguous runs; `GPT2Runner.grouped`). Looping over the
 groups costs a dozen small ops per task per layer, which on CPU (and in launches on a GPU) outweighs
 the arithmetic of short prefixes. Instead every group's prefix part is one batched matmul per layer, in
 one of two layouts, both exact (a prefix column a row may not see gets -inf before the softmax):

@@ -37,7 +37,7 @@ from modeling import gpt2
 from server.engine.prefix_arena import PrefixArena
 
 if TYPE_CHECKING:
-    from server.engine.gpt2_runner import GPT2Runner
+    from server.engine.gpt2_parts import GPT2Parts
 
 BlockOutput = Callable[[nn.Module, Tensor, Tensor, bool], Tensor]  # gpt2.block_output or its compiled form
 NUM_ROW_FIELDS = 7  # token, position, write slot, write source, length, prefix lo, prefix hi
@@ -79,7 +79,7 @@ class StaticStep(NamedTuple):
 
 
 def build_static_step(
-    runner: GPT2Runner,
+    runner: GPT2Parts,
     arena: PrefixArena,
     decode_tokens: dict[str, int],
     row_buckets: list[int],
@@ -128,7 +128,7 @@ def build_static_step(
 
 
 def static_forward(
-    runner: GPT2Runner, arena: PrefixArena, ints: Tensor, key: BucketKey, block_output: BlockOutput
+    runner: GPT2Parts, arena: PrefixArena, ints: Tensor, key: BucketKey, block_output: BlockOutput
 ) -> Tensor:
     """The decode step over static shapes. ints: [7 * B + B * W] on the device. -> logits [B, V] float32."""
     B, W, A = key

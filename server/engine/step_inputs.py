@@ -27,7 +27,7 @@ from server.engine.prefix_layout import attention_bias, plan_layout
 from server.engine.runner import PrefillItem
 
 if TYPE_CHECKING:
-    from server.engine.gpt2_runner import GPT2Runner
+    from server.engine.gpt2_parts import GPT2Parts
 
 
 @dataclass
@@ -61,12 +61,12 @@ class StepInputs:
     prompt_spans: list[tuple[str, int, int]]  # packed token range of each chunk whose prompt logits are kept
 
     @classmethod
-    def build(cls, runner: GPT2Runner, decode_tokens: dict[str, int], items: list[PrefillItem]) -> StepInputs:
+    def build(cls, runner: GPT2Parts, decode_tokens: dict[str, int], items: list[PrefillItem]) -> StepInputs:
         cache = runner.cache
         rows = cache.rows
-        decode_ids = runner._grouped(list(decode_tokens))
+        decode_ids = runner.grouped(list(decode_tokens))
         by_id = {it.request_id: it for it in items}
-        prefill_ids = runner._grouped(list(by_id))
+        prefill_ids = runner.grouped(list(by_id))
         for rid in decode_ids:
             if not rows[rid].prefilled:
                 raise ValueError(f"request {rid!r} is still prefilling; it cannot decode")

@@ -4,7 +4,6 @@ against this (not the runner's class) keeps the runner their one importer, with 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -32,4 +31,3 @@ class GPT2Parts(Protocol):
     def grouped(self, request_ids: list[str]) -> list[str]:
         """`request_ids` ordered so rows of one prefix are contiguous."""
         ...
-

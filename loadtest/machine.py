@@ -74,6 +74,22 @@ def tree_peak_rss_bytes(pid: int) -> int:
     return sum(process_peak_rss_bytes(p) or 0 for p in process_tree(pid))
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by `pid` and its living descendants (vLLM's engine core and
+    worker included). A difference of two readings is what the tree spent in between."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+    return total
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def reset_tree_peak_rss(pid: int) -> None:
     """Reset the high-water marks of `pid` and its descendants where Linux allows it."""
     for p in process_tree(pid):

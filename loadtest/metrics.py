@@ -161,4 +161,10 @@ def summarize(result: RunResult, slo: SLO) -> dict[str, Any]:
         "peak_rss_bytes": result.peak_rss_bytes,
         "peak_device_bytes": result.peak_device_bytes,
         **result.extra,
+        # CPU the server's process tree spent per 1,000 output tokens (HTTP runners; None: not measured)
+        "server_cpu_s_per_1k_tokens": (
+            1000 * result.extra["server_cpu_s"] / out_tokens
+            if result.extra.get("server_cpu_s") is not None and out_tokens
+            else None
+        ),
     }

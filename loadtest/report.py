@@ -106,8 +106,8 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     header = (
         "| runner | out tok/s | req/s | TTFT p50 / p90 / p99 (s) | TPOT p50 (ms) | ITL p50 / p99 (ms) "
         "| e2e p50 / p90 / p99 (s) | goodput (req/s) | peak RSS (GiB) | peak KV / prefix (MiB) "
-        "| FLOP/s (G) | of peak |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| FLOP/s (G) | of peak | server CPU-s / 1k tok |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [header]
     for name in [n for n in RUNNER_ORDER if n in results] + [n for n in results if n not in RUNNER_ORDER]:
@@ -119,7 +119,8 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
             f"| {_fmt(r['e2e_p50_s'])} / {_fmt(r['e2e_p90_s'])} / {_fmt(r['e2e_p99_s'])} "
             f"| {_fmt(r['goodput_req_s'])} | {_fmt(r['peak_rss_bytes'], 1 / 2**30)} "
             f"| {_fmt(r.get('peak_kv_bytes'), 1 / 2**20, 1)} / {_fmt(r.get('peak_prefix_bytes'), 1 / 2**20, 1)} "
-            f"| {_fmt(r.get('model_flop_s'), 1e-9, 1)} | {_fmt(r.get('fraction_of_peak'), 100, 1)}% |"
+            f"| {_fmt(r.get('model_flop_s'), 1e-9, 1)} | {_fmt(r.get('fraction_of_peak'), 100, 1)}% "
+            f"| {_fmt(r.get('server_cpu_s_per_1k_tokens'), digits=1)} |"
         )
     return "\n".join(rows)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from loadtest import process
-from loadtest.machine import process_titles, reset_tree_peak_rss, tree_peak_rss_bytes
+from loadtest.machine import process_titles, reset_tree_peak_rss, tree_cpu_seconds, tree_peak_rss_bytes
 from loadtest.metrics import RequestRecord, RunResult
 from loadtest.runners.common import WARMUP_NEW_TOKENS, WARMUP_PROMPT_LEN, RunClock
 from loadtest.runners.engine_runner import drive
@@ -244,9 +244,12 @@ def run_http(
     )
     backend = (settings or {}).get("engine")
 
+    cpu_before: list[float] = []
+
     def after_warm() -> None:
         check_backend(server.pid, backend)
         server.reset_peak_rss()
+        cpu_before.append(tree_cpu_seconds(server.pid))
 
     try:
         server.wait_ready()
@@ -257,12 +260,18 @@ def run_http(
                 server.base_url, workload, lambda r: (r.task, r.task), warm, after_warm, fields, warm_fields
             )
         )
+        cpu_s = tree_cpu_seconds(server.pid) - cpu_before[0] if cpu_before else None
         return RunResult(
             name,
             records,
             wall,
             server.peak_rss_bytes(),
-            extra={"server_log": str(log_path), "base_model_id": base_model, "settings": settings or {}},
+            extra={
+                "server_log": str(log_path),
+                "base_model_id": base_model,
+                "settings": settings or {},
+                "server_cpu_s": cpu_s,  # the server's process tree, from after the warm-up to the end
+            },
         )
     finally:
         server.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from loadtest import process
-from loadtest.machine import reset_tree_peak_rss, tree_peak_rss_bytes
+from loadtest.machine import reset_tree_peak_rss, tree_cpu_seconds, tree_peak_rss_bytes
 from loadtest.metrics import RunResult
 from loadtest.runners.http_runner import stream_workload
 from loadtest.workload import Workload
@@ -149,6 +149,12 @@ def run_vllm_bare(
     max_len = max_model_len_for(spec.prompt_len[1], spec.output_len[1])
     server = VllmServer(model_dir, dtype, max_batch_size, max_len, device, log_path, threads, eager)
     server.start()
+    cpu_before: list[float] = []
+
+    def after_warm() -> None:
+        reset_tree_peak_rss(server.pid)
+        cpu_before.append(tree_cpu_seconds(server.pid))
+
     try:
         server.wait_ready()
         records, wall = asyncio.run(
@@ -159,15 +165,16 @@ def run_vllm_bare(
                 # Warmed like our server (one short request per task it serves, all at once): a batch
                 # of warm-up requests, so the first timed steps are not vLLM's first batched ones.
                 [SERVED_NAME] * min(WARM_REQUESTS, spec.effective_concurrency),
-                lambda: reset_tree_peak_rss(server.pid),
+                after_warm,
             )
         )
+        cpu_s = tree_cpu_seconds(server.pid) - cpu_before[0] if cpu_before else None
         return RunResult(
             "vllm_bare",
             records,
             wall,
             tree_peak_rss_bytes(server.pid),
-            extra={"server_log": str(log_path), "vllm_argv": server.argv[1:]},
+            extra={"server_log": str(log_path), "vllm_argv": server.argv[1:], "server_cpu_s": cpu_s},
         )
     finally:
         server.stop()

@@ -203,7 +203,7 @@ def test_pause_checkpoints_and_resume_continues_from_it(embedded):
     wait_for(lambda: reached_step(embedded, job_id, 12), 120, "a checkpoint")
     assert sdk.fine_tuning.jobs.pause(job_id).status == "paused"
     paused = wait_for(lambda: next((e for e in embedded.events(job_id) if e.message.startswith("Paused at step")), None),
-                      10, "the worker to pause")  # fmt: skip
+                      60, "the worker to pause")  # fmt: skip
     step = int(paused.message.split()[3].rstrip(";"))
     assert sdk.fine_tuning.jobs.resume(job_id).status == "queued"
     assert embedded.finished(job_id, 120).status == "succeeded"
@@ -240,7 +240,7 @@ def test_metrics_count_jobs_by_status_and_trained_tokens(embedded):
 
     # The gauges follow the job store once a second: the last job ended moments ago.
     found = wait_for(lambda: (s := samples())['prefixserve_fine_tuning_jobs{status="succeeded"}'] >= 2 and s,
-                     10, "the gauges to count the finished jobs")  # fmt: skip
+                     60, "the gauges to count the finished jobs")  # fmt: skip
     assert found['prefixserve_fine_tuning_jobs{status="cancelled"}'] >= 1
     assert found['prefixserve_fine_tuning_jobs{status="running"}'] == 0
     assert found["prefixserve_fine_tuning_queue_length"] == 0

@@ -6,14 +6,14 @@
 #   00-env.json             GPU, driver, package versions; writes the model directory (gpt2-medium)
 #   01-decode-anatomy.json  native engine decode steps: CUDA-event times per step kind, graph replays
 #   02-gpu-tests.json       pytest -m gpu tests/gpu: outcome per test
-#   03-bench-c64.json       our server (native engine) vs vllm_bare, concurrency 64
+#   03-bench-c64.json       our server (vLLM backend, and native engine) vs vllm_bare, concurrency 64
 #   04-bench-c256.json      the same at concurrency 256
 #   05-summary.json         every step's exit status and seconds
 # Each step file holds {step, rc, timed_out, seconds, log_tail, result}: `result` is the step's own
 # JSON (null when it wrote none: see log_tail), `rc` 124/137 a timeout, -1 a step skipped (no time).
 #   device run: carry [".whl"], command "bash loadtest/gpu_check.sh", timeout_s 480
-# GPU_CHECK_RUNNERS overrides the bench runners (default vllm_bare,server_native; server_vllm needs
-# vLLM in the image and another server start's time); GPU_CHECK_PRESET the anatomy's model (default
+# GPU_CHECK_RUNNERS overrides the bench runners (default vllm_bare,server_vllm,server_native: stock vLLM,
+# our server on vLLM as a default start runs it, and on our engine); GPU_CHECK_PRESET the anatomy's model (default
 # gpt2-medium, the gpu-vllm profile's; tests use tiny-gpt2).
 set -uo pipefail
 OUT=${OUT:-/tmp/prefixserve-gpu}
@@ -128,9 +128,9 @@ export -f run_gpu_tests
 export PY WORK
 step 02-gpu-tests 105 "$WORK/tests.json" -- bash -c run_gpu_tests
 
-# 03, 04: our server on the native engine vs stock vLLM on the bare model, the same HTTP client path
+# 03, 04: our server on each backend vs stock vLLM on the bare model, the same HTTP client path
 # (profile gpu-vllm: gpt2-medium shape, bf16, 16 tasks with prefixes of 5-20, 64-128 new tokens)
-runners=${GPU_CHECK_RUNNERS:-vllm_bare,server_native}
+runners=${GPU_CHECK_RUNNERS:-vllm_bare,server_vllm,server_native}
 if ! "$PY" -c "import fastapi, uvicorn, pydantic_settings, redis, multipart" 2>/dev/null; then
   runners=${runners//server_native/engine}  # no server packages here: the in-process engine instead
   runners=${runners//,server_vllm/}

@@ -79,6 +79,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from prefix_store.background import stop_tasks
 from prefix_store.base import (
     ChangeCallback,
     ChangeEvent,
@@ -783,11 +784,7 @@ class RedisPrefixStore:
         if self._closed:
             return
         self._closed = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await stop_tasks(self._tasks, self._socket_timeout + 2.0)
         self._tasks = []
         for client in (self._listener_redis, self._redis):
             with contextlib.suppress(Exception):
@@ -897,7 +894,7 @@ class RedisPrefixStore:
                 await self.resync()
                 self._subscribed.set()
                 failures = 0
-                while True:
+                while not self._closed:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
                         await self._on_message(msg["data"])

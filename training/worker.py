@@ -168,6 +168,14 @@ class Worker:
                 kind="metrics", data={"step": outcome.steps, "train_loss": outcome.train_loss,
                                       "full_valid_loss": outcome.valid_loss, "total_steps": outcome.steps},
             )  # fmt: skip
+        elif await self._status(job) == PAUSED:
+            # The pause reached the store after the last step, before the heartbeat saw it: the job
+            # stays paused as its owner was told, and resume continues from the latest checkpoint.
+            step = _checkpoint_step(work)
+            await self._event(
+                job, f"Paused at step {step}; the pause came as training ended, resume continues from "
+                f"the checkpoint at step {step}",
+            )  # fmt: skip
 
     async def _read_data(self, job: Job) -> JobData:
         async def examples(file_id: str) -> tuple[Any, list[Any]]:
@@ -274,6 +282,13 @@ class Worker:
         elif run.why == "cancelled":
             await asyncio.to_thread(remove_work, self.store.data_dir, run.job.id)
             await self._event(run.job, f"Cancelled; training stopped at step {step}, nothing was stored")
+
+    async def _status(self, job: Job) -> str | None:
+        """The job's status as the store has it now (None when the store cannot say)."""
+        try:
+            return (await self.store.get_job(job.id)).status
+        except (StoreUnavailable, JobNotFound):
+            return None
 
     async def _end(self, job: Job, change: Callable[[Job], None]) -> bool:
         """Apply the last change of this worker's hold on `job`; False when it is no longer ours."""

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from modeling.model_spec import ModelSpec
 from prefix_store.artifact_types import UploadChecks
+from prefix_store.background import stop_tasks
 from prefix_store.base import PrefixStore, StoreUnavailable
 from server.api.admission import AdmissionMiddleware
 from server.api.auth import Authenticator
@@ -160,9 +161,7 @@ def create_app(
             yield
         finally:
             state.draining = True
-            for task in state.background:
-                task.cancel()
-            await asyncio.gather(*state.background, return_exceptions=True)
+            await stop_tasks(state.background)
             await engine.stop(drain_timeout_s=settings.limits.shutdown_grace_s)
             await jobs.close()
             await store.close()

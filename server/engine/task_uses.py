@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 
+from prefix_store.background import stop_tasks
 from server.engine.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,7 @@ class TaskUses:
         hold up the shutdown: those counts are then lost (they only rank warm starts)."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        await stop_tasks([self._task])
         self._task = None
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.flush(), self.interval_s)

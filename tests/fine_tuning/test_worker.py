@@ -15,11 +15,13 @@ import torch
 
 from modeling.models import LoadedModel, load_model
 from prefix_store.artifact import load_artifact
+from prefix_store.jobs import policy
 from prefix_store.jobs.base import artifact_path
 from prefix_store.jobs.local import LocalJobStore
 from prefix_store.jobs.model import (
     FILE_PREFIX,
     JOB_PREFIX,
+    PAUSED,
     QUEUED,
     RUNNING,
     TRAINED,
@@ -146,3 +148,45 @@ async def test_a_chat_job_stores_the_template_of_its_sources(model, tmp_path):
     artifact = load_artifact(artifact_path(store.data_dir, job.id).read_bytes(), model.spec)
     assert artifact.metadata.training["chat_template"] == chat_template("<|endoftext|>")
     assert artifact.metadata.training["dataset"]["shape"] == "chat"
+
+
+class _PausedAsItEnds(Worker):
+    """A worker whose job is paused in the store just after its last step, before the heartbeat
+    reads the job back: the race a pause sent near a job's end runs into."""
+
+    async def _end(self, job: Job, change):  # type: ignore[no-untyped-def]
+        if getattr(change, "__name__", "") == "trained":
+            await self.store.update_job(job.id, policy.pause)
+        return await super()._end(job, change)
+
+
+async def test_a_pause_that_lands_as_training_ends_is_kept_and_resume_finishes(model, tmp_path):
+    store = LocalJobStore(tmp_path)
+    job = await queued_job(store, epochs=2, every=4)
+    stop = asyncio.Event()
+    first = asyncio.create_task(
+        _PausedAsItEnds(store, model, WorkerConfig("first", 2.0, 0.05, 0.0)).run(stop)
+    )
+    messages: list[str] = []
+
+    async def paused_event() -> bool:
+        messages[:] = [e.message for e in (await store.list_events(job.id, None, 1000)).items]
+        return any(m.startswith("Paused at step 12;") for m in messages)
+
+    deadline = time.monotonic() + 60
+    while not await paused_event():
+        assert time.monotonic() < deadline, messages
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(first, 30)
+    assert (await store.get_job(job.id)).status == PAUSED  # what its owner was told, not succeeded
+
+    await store.update_job(job.id, lambda j: policy.resume(j, time.time()))
+    stop = asyncio.Event()
+    second = asyncio.create_task(worker(store, model, "second").run(stop))
+    done = await until(store, job.id, lambda j: j.phase == TRAINED)
+    stop.set()
+    await asyncio.wait_for(second, 30)
+    assert done.step == 12 and artifact_path(store.data_dir, job.id).stat().st_size > 0
+    messages = [e.message for e in (await store.list_events(job.id, None, 1000)).items]
+    assert "Resuming from the checkpoint at step 12 (attempt 2)" in messages

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends
 
+from prefix_store.background import stop_tasks
 from prefix_store.jobs import policy
 from prefix_store.jobs.base import JobNotFound, JobStore
 from prefix_store.jobs.factory import make_job_store
@@ -116,9 +117,7 @@ class FineTuning:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(list(self._tasks))
         await self.store.close()
 
 

@@ -1,9 +1,9 @@
 """A prefix trained with HF PEFT's seq2seq prefix tuning (decoder self-attention only), imported, gives
 on our BART on vLLM exactly what PEFT gives: alone, and beside other tasks and bare requests.
 
-PEFT 0.21.2 + transformers 5.24: plain `PeftModel.generate` drops the prefix, so PEFT's greedy tokens
-come from `generate(..., cache=model.get_prompt(1))`, and its logprobs from its forward (which applies
-the prefix); see docs/encoder-decoder.md.
+PEFT 0.21.2 + transformers 5.19 (the version vLLM 0.32 pins): plain `PeftModel.generate` drops the
+prefix, so PEFT's greedy tokens come from `generate(..., past_key_values=model.get_prompt(1))`, and
+its logprobs from its forward (which applies the prefix); see docs/encoder-decoder.md.
 """
 
 from __future__ import annotations
@@ -51,10 +51,14 @@ def peft_model(bart_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 @torch.no_grad()
 def peft_reference(model: Any, source_ids: list[int]) -> Generated:
-    """PEFT's greedy tokens (generate with the prefix as `cache=`) and their logprobs (its forward)."""
+    """PEFT's greedy tokens (generate with the prefix as `past_key_values=`) and their logprobs (its forward)."""
     source = torch.tensor([bart_prefix.wrap_source(source_ids, model.config)])  # [1, S]
     out = model.generate(
-        input_ids=source, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1, cache=model.get_prompt(1)
+        input_ids=source,
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        num_beams=1,
+        past_key_values=model.get_prompt(1),
     )
     tokens = out[0, 1:].tolist()  # the decoder start token dropped
     target = torch.tensor([[int(model.config.decoder_start_token_id), *tokens[:-1]]])  # [1, T]

@@ -6,7 +6,7 @@ Profiles (sizes chosen to fit their time budgets on the machines named):
 - `quick`   (< 3 min, 2 CPU cores): gpt2-shaped fp32, 16 requests over 4 tasks, short prompts and
             outputs, all five runners, engine scaling at concurrency 1, 4, 16.
 - `default` (< 15 min, 2 CPU cores): gpt2-shaped fp32, 64 concurrent requests over 16 tasks, prompts
-            32-128, outputs 16-64 (the engine issue's workload), all five runners, engine scaling
+            32-128, outputs 16-64 (the workload the engine was built for), all five runners, engine scaling
             1 -> 128; then bart-base-shaped: 512-token sources, 32-64 new tokens, 16 requests over 4
             tasks, with engine / no_prefix / naive_peft / static_batch.
 - `gpu`     (CUDA, bfloat16): gpt2-medium and bart-large shapes, larger workloads.
@@ -155,7 +155,7 @@ VLLM_WORKLOADS = {
 
 
 def _vllm_section(kind: str, dtype: str, goal: float) -> Section:
-    """One issue-23 comparison: `kind` of VLLM_WORKLOADS in `dtype`, our vLLM backend's goal vs vllm_bare."""
+    """One comparison with stock vLLM: `kind` of VLLM_WORKLOADS in `dtype`, our vLLM backend's goal vs vllm_bare."""
     many = kind == "many-tasks"
     return Section(
         preset="gpt2",
@@ -282,7 +282,7 @@ PROFILES: dict[str, Profile] = {
     ),
     # Our server on both engine backends beside stock vLLM serving the bare model, over HTTP:
     # 16 tasks (L 5-20), 4 tasks at L=200, and 1,024 Zipf tasks with device tiers of 64 prefixes, each
-    # in fp32 and bf16 (the issue's burst: 64 requests, prompts 32-160, 64 new tokens each).
+    # in fp32 and bf16 (one burst: 64 requests, prompts 32-160, 64 new tokens each).
     "vllm": Profile(
         name="vllm",
         device="cpu",

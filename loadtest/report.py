@@ -31,7 +31,7 @@ RUNNER_ORDER = (
 # Each of these runners' output tokens/s over stock vLLM's on the bare model
 # (`<runner>_vs_vllm_bare`).
 VS_VLLM_BARE = ("server_vllm", "server_native", "http", "engine")
-# Targets of the engine issues: engine output tokens/s relative to each baseline.
+# Our goals: engine output tokens/s relative to each baseline.
 TARGETS = {
     "engine_vs_naive": 5.0,
     "engine_vs_static": 1.5,

@@ -144,12 +144,20 @@ def test_prometheus_scrapes_the_server_and_every_panel_and_alert_evaluates(
 
         wait_until(scraped_the_503, 30, "Prometheus to scrape the 503", 0.5)
         time.sleep(2)  # two more scrapes: every rate() has the 503 and the load inside its window
-        at = time.time()
+        # The queries read one instant whose latest scrape succeeded: on a loaded 2-core machine one
+        # scrape of a server busy with a long generation can pass its timeout (the 1 s interval).
+        instants: list[float] = []
+
+        def latest_scrape_up() -> bool:
+            instants.append(time.time())
+            up = prom.query(f'up{{job="prefixserve", pod="{POD}"}}', instants[-1])
+            return [s["value"][1] for s in up] == ["1"]
+
+        wait_until(latest_scrape_up, 30, "a successful scrape after the 503", 0.25)
+        at = instants[-1]
     server.stop()  # a second SIGTERM: stop draining now (the queries below read stored samples)
     long_request.join(timeout=60)
 
-    up = prom.query(f'up{{job="prefixserve", pod="{POD}"}}', at)
-    assert [s["value"][1] for s in up] == ["1"]
     empty = {}
     for where, expr in dashboard_expressions().items():
         match = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\s*\)\s*", expr, re.S)

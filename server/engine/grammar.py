@@ -174,11 +174,13 @@ class GrammarCompiler:
             answer = await self.pool.call(tenant, request)
         except WorkerError as exc:
             self.observer.on_grammar_compile(time.perf_counter() - start, exc.reason)
-            raise _refusal(exc.reason, str(exc)) from None
+            raise _refusal(exc.reason, str(exc), self.limits.grammar_compile_max_memory_bytes) from None
         outcome = str(answer.get("reason", "ok"))
         self.observer.on_grammar_compile(time.perf_counter() - start, outcome)
         if "ebnf" not in answer:
-            refusal = _refusal(outcome, str(answer.get("error")))
+            refusal = _refusal(
+                outcome, str(answer.get("error")), self.limits.grammar_compile_max_memory_bytes
+            )
             if isinstance(refusal, InvalidConstraint):  # invalid or too large: the same again next time
                 self._refused[constraint.key] = refusal
                 while len(self._refused) > MAX_REFUSED:
@@ -229,8 +231,9 @@ class GrammarCompiler:
         await self.pool.close()
 
 
-def _refusal(reason: str, message: str) -> Exception:
-    """A compile that failed, as the engine error its caller gets."""
+def _refusal(reason: str, message: str, memory_bytes: int) -> Exception:
+    """A compile that failed, as the engine error its caller gets (`memory_bytes`: the compile's cap,
+    named in its refusal)."""
     if reason in ("busy", "tenant"):
         return QueueFull(f"structured output: {message}")
     if reason == "unavailable":
@@ -238,5 +241,5 @@ def _refusal(reason: str, message: str) -> Exception:
     if reason == "timeout":
         message += " (PREFIXSERVE_GRAMMAR_COMPILE_TIMEOUT_S); simplify the constraint"
     elif reason == "memory":
-        message += " (PREFIXSERVE_GRAMMAR_COMPILE_MAX_MEMORY_BYTES); simplify the constraint"
+        message += f" (PREFIXSERVE_GRAMMAR_COMPILE_MAX_MEMORY_BYTES={memory_bytes}); simplify the constraint"
     return InvalidConstraint(message)

@@ -4,7 +4,7 @@ load, then every Grafana panel query and every alert expression is run through P
 Prometheus (Debian's `prometheus` package; `make test` installs it) runs on a free loopback port with a
 temporary config and storage directory, scraping every second and evaluating deploy/prometheus/alerts.yaml.
 The load: uploads (one invalid), generations for two tasks and the bare model, a stream, a completion,
-an unknown task (404), and, after SIGTERM while a long generation drains, a refused request (503), so
+an unknown task (404), and, after SIGTERM while long generations drain, a refused request (503), so
 the error panels have data too. Queries are evaluated at one instant while the server still ran, so the
 check does not race the server's exit (after which its series go stale).
 """
@@ -31,6 +31,7 @@ from tests.reliability.conftest import ACME, GLOBEX, LONG_POSITIONS, generate, u
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 NAMESPACE, POD = "prefixserve", "prefixserve-e2e"
+LONG_REQUESTS = 4  # generations of LONG_POSITIONS - 64 tokens each, in flight when the drain starts
 RATE_WINDOW = "1m"  # the load fits in it; Grafana's $__rate_interval at a 1 s scrape interval
 
 
@@ -122,19 +123,27 @@ def mixed_load(client: httpx.Client, spec: Any) -> None:
 def test_prometheus_scrapes_the_server_and_every_panel_and_alert_evaluates(
     spawn_server, prometheus_for, long_gpt2_dir, long_spec
 ):
-    server = spawn_server(model_dir=long_gpt2_dir, shutdown_grace_s=300)
+    # One row at a time: the long generations below run one after another, so the drain lasts several
+    # of them (one alone ended within seconds on a fast CPU, and the server exited before the queries).
+    server = spawn_server(model_dir=long_gpt2_dir, shutdown_grace_s=300, max_batch_size=1)
     prom = prometheus_for(f"127.0.0.1:{server.port}")
     with server.client() as client:
         mixed_load(client, long_spec)
-        # A long generation keeps the draining server (and its /metrics) up while a request is refused.
-        long_request = threading.Thread(
-            target=lambda: generate(
-                server.client(timeout=300), "sql", max_new_tokens=LONG_POSITIONS - 64, ignore_eos=True
+        # Long generations keep the draining server (and its /metrics) up while a request is refused.
+        long_requests = [
+            threading.Thread(
+                target=lambda: generate(
+                    server.client(timeout=300), "sql", max_new_tokens=LONG_POSITIONS - 64, ignore_eos=True
+                )
             )
-        )
-        long_request.start()
+            for _ in range(LONG_REQUESTS)
+        ]
+        for thread in long_requests:
+            thread.start()
         wait_until(
-            lambda: client.get("/metrics").text.count("prefixserve_requests_running 1.0") == 1, 60, "run"
+            lambda: f"prefixserve_requests_waiting {LONG_REQUESTS - 1:.1f}" in client.get("/metrics").text,
+            60,
+            "one running, the rest waiting",
         )
         server.signal()
         wait_until(lambda: generate(client, "sql").status_code == 503, 30, "a 503 while draining")
@@ -156,7 +165,8 @@ def test_prometheus_scrapes_the_server_and_every_panel_and_alert_evaluates(
         wait_until(latest_scrape_up, 30, "a successful scrape after the 503", 0.25)
         at = instants[-1]
     server.stop()  # a second SIGTERM: stop draining now (the queries below read stored samples)
-    long_request.join(timeout=60)
+    for thread in long_requests:
+        thread.join(timeout=60)
 
     empty = {}
     for where, expr in dashboard_expressions().items():

@@ -90,8 +90,8 @@ def http_client(url: str) -> httpx.AsyncClient:
 async def test_a_flooding_tenant_does_not_delay_or_refuse_a_trickling_one(make_api) -> None:
     """A sends 96 long requests at once into a 72-slot queue (far over 10x B's rate); B sends one
     request at a time. B's first tokens come more than 5x sooner than A's (measured 10-20x; B's own
-    floor, HTTP and one step, does not shrink with a faster CPU as A's backlog does), within a few of
-    its idle first-token times, and B never gets 429 (A's own overflow does)."""
+    floor, HTTP and one step, does not shrink with a faster CPU as A's backlog does), and B never gets
+    429 (A's own overflow does)."""
     api = await make_api(
         keys=keys(), engine_config=engine_config(keys(), max_waiting=72, rows=8), start=False
     )
